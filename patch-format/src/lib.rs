@@ -1,0 +1,1 @@
+//! The hot-patch file format (see docs/patch-format.md).

@@ -1,0 +1,1 @@
+//! The VMM library: VM plumbing, vCPU control, control API.
