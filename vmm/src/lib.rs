@@ -1,1 +1,17 @@
-//! The VMM library: VM plumbing, vCPU control, control API.
+//! The VMM library: VM plumbing, vCPU control, the control API and its client.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; integration tests and
+//! benchmarks use the same pieces.
+
+pub mod api;
+pub mod bench;
+pub mod boot;
+pub mod client;
+pub mod cpuid;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod pagetables;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;

@@ -1,1 +1,257 @@
-fn main() {}
+//! The `vmm` command: run a guest, control it through its API socket, build hot patches.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use vmm::api::ApiServer;
+use vmm::bench;
+use vmm::boot::Image;
+use vmm::client::ApiClient;
+use vmm::devices::StopReason;
+use vmm::vm::{ConsoleSink, Vm, VmConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about = "A KVM VMM that hot-patches the code of running guests from outside")]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `vmm=debug`. Also read from RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest and run it until it powers off (exit status = the guest's).
+    Run(RunArgs),
+    /// Pause every vCPU of a running VM (through its API socket).
+    Pause(SockArgs),
+    /// Resume a paused VM.
+    Resume(SockArgs),
+    /// Show a VM's state, vCPUs and guest reports.
+    Status(StatusArgs),
+    /// Benchmarks (used by scripts/bench).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest image: an x86-64 ELF (PVH note → 32-bit PVH entry, otherwise 64-bit entry).
+    /// Without it, the built-in test guest runs.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Kernel command line (the test guest understands reports=N, batch=N).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Serve the control API on this Unix socket (created mode 0600).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// KVM device to use.
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    kvm_device: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct SockArgs {
+    /// The VM's API socket (`vmm run --api-sock PATH`).
+    #[arg(long)]
+    api_sock: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    sock: SockArgs,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Pause/resume cycles on the built-in guest: park latency and blackout (the patching floor).
+    Pause {
+        /// vCPU counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        vcpus: Vec<usize>,
+        /// Pause/resume cycles per vCPU count.
+        #[arg(long, default_value_t = 1000)]
+        cycles: usize,
+        /// Microseconds the guest runs between cycles.
+        #[arg(long, default_value_t = 500)]
+        gap_us: u64,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_terminate(signum: libc::c_int) {
+    SIGNALLED.store(signum, Ordering::SeqCst);
+}
+
+fn install_terminate_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_terminate as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let image = match &args.kernel {
+        Some(path) => Image::from_file(path)?,
+        None => Image {
+            name: "built-in test guest (v1)".into(),
+            bytes: guest_tools::test_guest(guest_tools::GuestBuild::V1).into(),
+        },
+    };
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        image,
+        cmdline: args.cmdline,
+        kvm_device: args.kvm_device,
+        console: ConsoleSink::Stdout,
+        keep_console: false,
+    };
+    install_terminate_handlers();
+    let vm = Vm::start(config)?;
+    let _api = match &args.api_sock {
+        Some(path) => Some(ApiServer::start(path, vm.clone())?),
+        None => None,
+    };
+    let reason = loop {
+        if let Some(reason) = vm.wait_timeout(Duration::from_millis(100)) {
+            break reason;
+        }
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            vm.request_stop(StopReason::Requested(format!("signal {sig}")));
+        }
+    };
+    vm.join();
+    match reason {
+        StopReason::PoweredOff(status) => {
+            tracing::info!(status, "guest powered off");
+            Ok(ExitCode::from(status.min(255) as u8))
+        }
+        StopReason::Requested(why) => {
+            eprintln!("vmm: {why}");
+            let sig = SIGNALLED.load(Ordering::SeqCst);
+            Ok(ExitCode::from(if sig != 0 { (128 + sig).min(255) as u8 } else { 0 }))
+        }
+        other => {
+            eprintln!("vmm: {other}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let v = ApiClient::new(&args.sock.api_sock).status()?;
+    if args.json {
+        return print_json(&v);
+    }
+    let s = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    println!(
+        "state {}  vcpus {}  memory {} MiB  uptime {} ms  pauses {}  last park {} µs  last blackout {} µs",
+        s("state"),
+        s("vcpus"),
+        s("memory_mib"),
+        s("uptime_ms"),
+        s("pauses"),
+        s("last_park_us"),
+        s("last_blackout_us")
+    );
+    for cpu in v.get("vcpu").and_then(|x| x.as_array()).into_iter().flatten() {
+        let r = cpu.pointer("/reports/last");
+        let g = |p: &str| r.and_then(|r| r.pointer(p)).map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        let rip = cpu.pointer("/regs/rip").and_then(|x| x.as_str()).unwrap_or("-");
+        println!(
+            "  vcpu {} {:<8} rip {:<18} seq {} calls {} v1 {} v2 {} bad {}",
+            cpu.get("id").map(|x| x.to_string()).unwrap_or_default(),
+            cpu.get("phase").and_then(|x| x.as_str()).unwrap_or("?"),
+            rip,
+            g("/seq"),
+            g("/calls"),
+            g("/v1"),
+            g("/v2"),
+            g("/bad")
+        );
+    }
+    Ok(())
+}
+
+fn bench_pause(vcpus: Vec<usize>, cycles: usize, gap_us: u64, out: Option<PathBuf>) -> Result<()> {
+    let mut runs = Vec::new();
+    for n in vcpus {
+        eprintln!("bench: {n} vCPU(s), {cycles} pause/resume cycles…");
+        runs.push(bench::pause_resume(n, cycles, Duration::from_micros(gap_us))?);
+    }
+    print!("{}", bench::pause_table(&runs));
+    if let Some(path) = out {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let json = serde_json::json!({ "benchmark": "pause", "runs": runs });
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Pause(args) => ApiClient::new(&args.api_sock)
+            .pause()
+            .map_err(Into::into)
+            .and_then(|v| print_json(&v))
+            .map(|_| ExitCode::SUCCESS),
+        Command::Resume(args) => ApiClient::new(&args.api_sock)
+            .resume()
+            .map_err(Into::into)
+            .and_then(|v| print_json(&v))
+            .map(|_| ExitCode::SUCCESS),
+        Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Pause {
+            vcpus,
+            cycles,
+            gap_us,
+            out,
+        }) => bench_pause(vcpus, cycles, gap_us, out).map(|_| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

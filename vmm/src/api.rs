@@ -1,0 +1,176 @@
+//! The operator's control API: HTTP/1.1 + JSON on a Unix socket (so `curl --unix-socket` works).
+//!
+//! Routes (all JSON):
+//! - `GET  /v1/vm`          status: state, vCPUs (phase, registers when paused, guest reports)
+//! - `POST /v1/vm/pause`    park every vCPU; returns the park latency and each vCPU's registers
+//! - `POST /v1/vm/resume`   release them; returns the blackout
+//! - `GET  /v1/metrics`     pause/resume latency percentiles
+//!
+//! Errors are `{"error": "..."}` with a 4xx/5xx status. The socket is created mode 0600: whoever
+//! can connect can pause the guest, so only its owner may.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde_json::{Value, json};
+use thiserror::Error;
+
+use crate::vcpu::ControlError;
+use crate::vm::Vm;
+
+/// Request bodies larger than this are refused (patch files come later and are bounded too).
+pub const MAX_BODY: usize = 16 << 20;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("another process is already serving {0}; choose another --api-sock path or stop it")]
+    InUse(String),
+    #[error("cannot create the API socket {path}: {source}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the API server on {path}: {message}")]
+    Server { path: String, message: String },
+}
+
+/// A running API server; dropping it stops the server and removes the socket.
+pub struct ApiServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, ApiError> {
+        let shown = path.display().to_string();
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(shown));
+            }
+            // A socket left by a VMM that died: nobody listens, so it is safe to replace.
+            std::fs::remove_file(path).map_err(|source| ApiError::Bind {
+                path: shown.clone(),
+                source,
+            })?;
+        }
+        // Create the socket with no group/other permissions from the start (no window where
+        // another user could connect), then make the mode explicit.
+        // SAFETY: umask only changes this process's file-creation mask; restored right after.
+        let old = unsafe { libc::umask(0o177) };
+        let server = tiny_http::Server::http_unix(path);
+        // SAFETY: restores the previous mask.
+        unsafe { libc::umask(old) };
+        let server = Arc::new(server.map_err(|e| ApiError::Server {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| ApiError::Bind {
+            path: shown.clone(),
+            source,
+        })?;
+        let s = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(&s, &vm))
+            .map_err(|source| ApiError::Bind { path: shown, source })?;
+        tracing::info!(socket = %path.display(), "control API listening");
+        Ok(ApiServer {
+            server,
+            thread: Some(thread),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(server: &tiny_http::Server, vm: &Vm) {
+    for mut request in server.incoming_requests() {
+        let started = std::time::Instant::now();
+        let method = request.method().clone();
+        let url = request.url().to_string();
+        let (status, body) = match read_body(&mut request) {
+            Ok(body) => route(vm, &method, &url, &body),
+            Err(resp) => resp,
+        };
+        let text = body.to_string();
+        let mut response = tiny_http::Response::from_string(text).with_status_code(status);
+        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
+            response.add_header(h);
+        }
+        if let Err(e) = request.respond(response) {
+            tracing::debug!(error = %e, "API client went away");
+        }
+        tracing::debug!(%method, url, status, us = started.elapsed().as_micros() as u64, "API request");
+    }
+}
+
+fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, (u16, Value)> {
+    if let Some(len) = request.body_length()
+        && len > MAX_BODY
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| (400, json!({"error": format!("could not read the request body: {e}")})))?;
+    if body.len() > MAX_BODY {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
+fn too_large() -> (u16, Value) {
+    (413, json!({"error": format!("request body larger than {} bytes", MAX_BODY)}))
+}
+
+fn control_error(e: ControlError) -> (u16, Value) {
+    let status = match e {
+        ControlError::AlreadyPaused | ControlError::NotPaused => 409,
+        ControlError::Stopped => 410,
+        ControlError::ParkTimeout { .. } => 503,
+        ControlError::NoSuchVcpu(_) => 404,
+    };
+    (status, json!({"error": e.to_string()}))
+}
+
+/// Maps one request to its response; pure apart from the VM calls, so tests can drive it.
+pub fn route(vm: &Vm, method: &tiny_http::Method, url: &str, _body: &[u8]) -> (u16, Value) {
+    use tiny_http::Method::{Get, Post};
+    let path = url.split('?').next().unwrap_or(url).trim_end_matches('/');
+    match (path, method) {
+        ("/v1/vm", Get) => (200, json!(vm.status())),
+        ("/v1/vm/pause", Post) => match vm.pause() {
+            Ok((info, _)) => (200, json!({"state": "paused", "park_us": info.park_us, "vcpus": info.vcpus})),
+            Err(e) => control_error(e),
+        },
+        ("/v1/vm/resume", Post) => match vm.resume() {
+            Ok(info) => (200, json!({"state": "running", "blackout_us": info.blackout_us})),
+            Err(e) => control_error(e),
+        },
+        ("/v1/metrics", Get) => (200, json!({"pause": vm.pause_metrics()})),
+        ("/v1/vm" | "/v1/vm/pause" | "/v1/vm/resume" | "/v1/metrics", _) => {
+            (405, json!({"error": format!("method {method} is not allowed on {path}")}))
+        }
+        _ => (
+            404,
+            json!({"error": format!("no such endpoint {path}; try GET /v1/vm, POST /v1/vm/pause, POST /v1/vm/resume, GET /v1/metrics")}),
+        ),
+    }
+}

@@ -1,0 +1,420 @@
+//! Loading a guest image and the register state each vCPU starts with.
+//!
+//! Two entry protocols, chosen by the image: an ELF with a PVH note (`XEN_ELFNOTE_PHYS32_ENTRY`)
+//! starts in 32-bit protected mode with paging off at the note's address and `ebx` pointing at
+//! `hvm_start_info` (what QEMU and cloud-hypervisor do); any other x86-64 ELF starts in long mode
+//! at `e_entry`, on the VMM's identity map, with `rsi` pointing at a Linux zero page.
+
+use std::io::Cursor;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{Cmdline, KernelLoader, load_cmdline};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::{self, BOOT_GDT, BOOT_INFO, CMDLINE, CMDLINE_MAX, HIMEM_START, PVH_MEMMAP};
+use crate::memory::GuestMemory;
+use crate::pagetables;
+
+/// Images larger than this are refused before reading them whole.
+pub const MAX_IMAGE_SIZE: u64 = 512 << 20;
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("cannot read the guest image {path}: {source}")]
+    ReadImage {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest image {path} is {size} bytes, more than the {} MiB this VMM loads", MAX_IMAGE_SIZE >> 20)]
+    ImageTooLarge { path: String, size: u64 },
+    #[error("{path} is not a bootable image: {why}")]
+    NotBootable { path: String, why: String },
+    #[error("{path} could not be loaded into guest memory: {source} (is --memory large enough for it?)")]
+    Load {
+        path: String,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    #[error("the kernel command line is invalid: {0}")]
+    Cmdline(String),
+    #[error("could not write the boot structures into guest memory: {0}")]
+    BootParams(String),
+}
+
+/// How the vCPUs enter the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryMode {
+    /// PVH: 32-bit protected mode, paging off, `ebx` = `hvm_start_info`.
+    Pvh32,
+    /// Linux 64-bit boot protocol: long mode, identity-mapped, `rsi` = zero page.
+    Long64,
+}
+
+/// What was loaded and how to start it.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSpec {
+    pub mode: EntryMode,
+    pub entry: u64,
+    pub kernel_end: u64,
+}
+
+/// The image to boot: a path for messages and its bytes.
+pub struct Image<'a> {
+    pub name: String,
+    pub bytes: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Image<'static> {
+    /// Reads a guest image from disk, bounded by `MAX_IMAGE_SIZE`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, BootError> {
+        let name = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| BootError::ReadImage {
+            path: name.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(BootError::NotBootable {
+                path: name,
+                why: "it is not a regular file".into(),
+            });
+        }
+        if meta.len() > MAX_IMAGE_SIZE {
+            return Err(BootError::ImageTooLarge {
+                path: name,
+                size: meta.len(),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|source| BootError::ReadImage {
+            path: name.clone(),
+            source,
+        })?;
+        Ok(Image {
+            name,
+            bytes: bytes.into(),
+        })
+    }
+}
+
+/// Rejects anything but a little-endian x86-64 ELF with a clear reason, before the loader
+/// gives a terser one.
+fn check_image(image: &Image<'_>) -> Result<(), BootError> {
+    let b = &image.bytes;
+    let not = |why: &str| BootError::NotBootable {
+        path: image.name.clone(),
+        why: why.to_string(),
+    };
+    if b.len() >= 0x206 && &b[0x202..0x206] == b"HdrS" {
+        return Err(not(
+            "it is a Linux bzImage; this VMM boots ELF images (a PVH-capable vmlinux or the test guest). Run bzImage guests under QEMU",
+        ));
+    }
+    if b.len() < 64 || &b[0..4] != b"\x7fELF" {
+        return Err(not("it is not an ELF file (expected an x86-64 ELF executable)"));
+    }
+    if b[4] != 2 || b[5] != 1 {
+        return Err(not("it is not a 64-bit little-endian ELF"));
+    }
+    let machine = u16::from_le_bytes([b[18], b[19]]);
+    if machine != 62 {
+        return Err(not(&format!("its ELF machine is {machine}, not x86-64 (62)")));
+    }
+    let kind = u16::from_le_bytes([b[16], b[17]]);
+    if kind != 2 {
+        return Err(not(&format!("its ELF type is {kind}, not an executable (2)")));
+    }
+    Ok(())
+}
+
+/// Loads `image` into `mem`, writes the command line and the boot structures.
+pub fn load(mem: &GuestMemory, mem_size: u64, image: &Image<'_>, cmdline: &str) -> Result<BootSpec, BootError> {
+    check_image(image)?;
+    let mut cursor = Cursor::new(image.bytes.as_ref());
+    let result = Elf::load(mem, None, &mut cursor, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+        BootError::Load {
+            path: image.name.clone(),
+            source,
+        }
+    })?;
+
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    if !cmdline.is_empty() {
+        cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
+
+    let spec = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => {
+            write_pvh_start_info(mem, mem_size)?;
+            BootSpec {
+                mode: EntryMode::Pvh32,
+                entry: addr.0,
+                kernel_end: result.kernel_end,
+            }
+        }
+        _ => {
+            let entry = elf_entry(&image.bytes).ok_or_else(|| BootError::NotBootable {
+                path: image.name.clone(),
+                why: "its ELF header is truncated".into(),
+            })?;
+            write_zero_page(mem, mem_size, cmdline.len())?;
+            write_page_tables(mem)?;
+            BootSpec {
+                mode: EntryMode::Long64,
+                entry,
+                kernel_end: result.kernel_end,
+            }
+        }
+    };
+    write_gdt(mem, spec.mode)?;
+    tracing::debug!(mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), kernel_end = spec.kernel_end, "image loaded");
+    Ok(spec)
+}
+
+fn elf_entry(b: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(24..32)?.try_into().ok()?))
+}
+
+fn write_pvh_start_info(mem: &GuestMemory, mem_size: u64) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = layout::e820_map(mem_size)
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: 0x336e_c578,
+        version: 1,
+        cmdline_paddr: CMDLINE,
+        memmap_paddr: PVH_MEMMAP,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(BOOT_INFO));
+    params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP));
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem).map_err(|e| BootError::BootParams(e.to_string()))
+}
+
+fn write_zero_page(mem: &GuestMemory, mem_size: u64, cmdline_len: usize) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.cmd_line_ptr = CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline_len as u32 + 1;
+    params.hdr.kernel_alignment = 0x0100_0000;
+    let e820 = layout::e820_map(mem_size);
+    for (slot, e) in params.e820_table.iter_mut().zip(e820.iter()) {
+        slot.addr = e.addr;
+        slot.size = e.size;
+        slot.r#type = e.kind;
+    }
+    params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
+    let bp = BootParams::new::<boot_params>(&params, GuestAddress(BOOT_INFO));
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem).map_err(|e| BootError::BootParams(e.to_string()))
+}
+
+fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
+    for (addr, page) in pagetables::identity_map() {
+        for (i, entry) in page.iter().enumerate() {
+            mem.write_obj(*entry, GuestAddress(addr + i as u64 * 8))
+                .map_err(|e| BootError::BootParams(format!("page table at {addr:#x}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// GDT selectors of the boot GDT.
+pub const SEL_CODE: u16 = 0x08;
+pub const SEL_DATA: u16 = 0x10;
+pub const SEL_TSS: u16 = 0x18;
+
+/// Encodes a GDT descriptor from its access/flags word, base and limit.
+pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((flags as u64 & 0xf0ff) << 40)
+        | ((limit as u64 & 0x000f_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0xffff)
+}
+
+/// The boot GDT: null, code (32-bit for PVH, 64-bit for long mode: both at 0x08 so the
+/// protocol decides only the L/D bits), data, TSS.
+fn boot_gdt(mode: EntryMode) -> [u64; layout::BOOT_GDT_ENTRIES] {
+    let code = match mode {
+        EntryMode::Pvh32 => gdt_entry(0xc09b, 0, 0xfffff),
+        EntryMode::Long64 => gdt_entry(0xa09b, 0, 0xfffff),
+    };
+    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+}
+
+/// Writes the boot GDT so the in-memory table matches the hidden segment state loaded into the
+/// vCPUs (a guest that reloads a selector before installing its own GDT gets the same segment).
+fn write_gdt(mem: &GuestMemory, mode: EntryMode) -> Result<(), BootError> {
+    for (i, entry) in boot_gdt(mode).iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT + i as u64 * 8))
+            .map_err(|e| BootError::BootParams(format!("GDT: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The hidden segment state KVM needs for a descriptor, as the CPU would load it.
+pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
+    let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
+    let g = ((entry >> 55) & 1) as u8;
+    let present = ((entry >> 47) & 1) as u8;
+    kvm_segment {
+        base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
+        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        selector,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g,
+        avl: ((entry >> 52) & 1) as u8,
+        unusable: if present == 1 { 0 } else { 1 },
+        padding: 0,
+    }
+}
+
+pub const CR0_PE: u64 = 1;
+pub const CR0_ET: u64 = 1 << 4;
+pub const CR0_PG: u64 = 1 << 31;
+pub const CR4_PAE: u64 = 1 << 5;
+pub const EFER_LME: u64 = 1 << 8;
+pub const EFER_LMA: u64 = 1 << 10;
+
+/// Fills `sregs` (as read from a fresh vCPU) and returns `regs` for the entry of `spec`.
+pub fn entry_state(spec: &BootSpec, sregs: &mut kvm_sregs) -> kvm_regs {
+    let gdt = boot_gdt(spec.mode);
+    let code = segment_from_gdt(gdt[1], SEL_CODE);
+    let data = segment_from_gdt(gdt[2], SEL_DATA);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(gdt[3], SEL_TSS);
+    sregs.gdt.base = BOOT_GDT;
+    sregs.gdt.limit = (layout::BOOT_GDT_ENTRIES * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    let mut regs = kvm_regs {
+        rip: spec.entry,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    match spec.mode {
+        EntryMode::Pvh32 => {
+            sregs.cr0 = CR0_PE | CR0_ET;
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rbx = BOOT_INFO;
+        }
+        EntryMode::Long64 => {
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+            sregs.cr3 = layout::PAGE_TABLES;
+            sregs.cr4 = CR4_PAE;
+            sregs.efer = EFER_LME | EFER_LMA;
+            regs.rsi = BOOT_INFO;
+            regs.rsp = BOOT_INFO; // a stack below the zero page until the kernel sets its own
+        }
+    }
+    regs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_decode_to_flat_segments() {
+        let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), SEL_CODE);
+        assert_eq!((code64.base, code64.limit, code64.l, code64.db, code64.type_), (0, 0xffff_ffff, 1, 0, 0xb));
+        assert_eq!((code64.present, code64.s, code64.dpl, code64.g), (1, 1, 0, 1));
+        let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), SEL_CODE);
+        assert_eq!((code32.l, code32.db), (0, 1));
+        let tss = segment_from_gdt(gdt_entry(0x808b, 0, 0xfffff), SEL_TSS);
+        assert_eq!((tss.type_, tss.s, tss.present), (0xb, 0, 1));
+        let null = segment_from_gdt(0, 0);
+        assert_eq!(null.unusable, 1);
+    }
+
+    #[test]
+    fn gdt_entry_splits_base_and_limit() {
+        let e = gdt_entry(0x0089, 0x1234_5678, 0x6_7890);
+        let s = segment_from_gdt(e, 0x28);
+        assert_eq!(s.base, 0x1234_5678);
+        assert_eq!(s.limit, 0x6_7890);
+    }
+
+    fn image(bytes: Vec<u8>) -> Image<'static> {
+        Image {
+            name: "x".into(),
+            bytes: bytes.into(),
+        }
+    }
+
+    #[test]
+    fn non_elf_and_bzimage_are_refused_with_reasons() {
+        let err = check_image(&image(vec![0u8; 4096])).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("not an ELF"), "{err}");
+        let mut bz = vec![0u8; 4096];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let err = check_image(&image(bz)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("bzImage"), "{err}");
+        let mut elf32 = vec![0u8; 64];
+        elf32[..4].copy_from_slice(b"\x7fELF");
+        elf32[4] = 1;
+        let err = check_image(&image(elf32)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("64-bit"), "{err}");
+    }
+
+    #[test]
+    fn pvh_entry_is_protected_mode_without_paging() {
+        let spec = BootSpec {
+            mode: EntryMode::Pvh32,
+            entry: 0x10_0000,
+            kernel_end: 0,
+        };
+        let mut sregs = kvm_sregs::default();
+        let regs = entry_state(&spec, &mut sregs);
+        assert_eq!(regs.rip, 0x10_0000);
+        assert_eq!(regs.rbx, BOOT_INFO);
+        assert_eq!(sregs.cr0 & CR0_PG, 0);
+        assert_eq!(sregs.cr0 & CR0_PE, CR0_PE);
+        assert_eq!(sregs.efer, 0);
+        assert_eq!((sregs.cs.db, sregs.cs.l), (1, 0));
+    }
+
+    #[test]
+    fn long_mode_entry_uses_the_vmm_page_tables() {
+        let spec = BootSpec {
+            mode: EntryMode::Long64,
+            entry: 0x20_0000,
+            kernel_end: 0,
+        };
+        let mut sregs = kvm_sregs::default();
+        let regs = entry_state(&spec, &mut sregs);
+        assert_eq!(regs.rsi, BOOT_INFO);
+        assert_eq!(sregs.cr3, layout::PAGE_TABLES);
+        assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert_eq!(sregs.cr4 & CR4_PAE, CR4_PAE);
+        assert_eq!((sregs.cs.db, sregs.cs.l), (0, 1));
+    }
+}

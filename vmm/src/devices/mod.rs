@@ -1,0 +1,155 @@
+//! The VM's port-I/O devices: the COM1 console and the test-guest ports (report, fault, exit).
+//!
+//! The test-guest protocol is documented in `docs/guest-protocol.md`; its constants and the
+//! report layout come from `guest_tools::protocol`, the same file the guest compiles.
+
+pub mod reports;
+pub mod serial;
+
+use std::sync::Mutex;
+
+pub use reports::{GuestReport, ReportBook};
+pub use serial::SerialConsole;
+
+/// Why a VM stops, as decided by a device or a vCPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest asked to power off with this exit status.
+    PoweredOff(u32),
+    /// The guest reported a CPU exception it could not handle (through the fault port).
+    GuestFault {
+        vcpu: usize,
+        vector: u64,
+        rip: u64,
+        error_code: u64,
+        cr2: u64,
+    },
+    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault { vcpu: usize, rip: u64 },
+    /// KVM could not run the vCPU.
+    VcpuError { vcpu: usize, message: String },
+    /// The VMM was asked to stop (signal or API).
+    Requested(String),
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::PoweredOff(s) => write!(f, "the guest powered off with status {s}"),
+            StopReason::GuestFault {
+                vcpu,
+                vector,
+                rip,
+                error_code,
+                cr2,
+            } => write!(
+                f,
+                "the guest crashed: CPU exception {vector} ({}) on vCPU {vcpu} at rip {rip:#x}, error code {error_code:#x}, cr2 {cr2:#x}",
+                exception_name(*vector)
+            ),
+            StopReason::TripleFault { vcpu, rip } => {
+                write!(f, "the guest triple-faulted on vCPU {vcpu} at rip {rip:#x}")
+            }
+            StopReason::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+            StopReason::Requested(why) => write!(f, "stopped: {why}"),
+        }
+    }
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD error",
+        _ => "exception",
+    }
+}
+
+/// What the vCPU loop must do after a port access.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PioOutcome {
+    Handled,
+    /// Handled, and the VM must stop for this reason.
+    Stop(StopReason),
+    /// The fault port was written: the vCPU must read its registers to describe the fault.
+    GuestFault,
+}
+
+/// All port-I/O devices of one VM.
+pub struct PortBus {
+    pub serial: SerialConsole,
+    pub reports: ReportBook,
+    /// The last value written to port 0x80 (POST code), kept for diagnostics.
+    post_code: Mutex<u8>,
+}
+
+impl PortBus {
+    pub fn new(serial: SerialConsole, reports: ReportBook) -> Self {
+        PortBus {
+            serial,
+            reports,
+            post_code: Mutex::new(0),
+        }
+    }
+
+    pub fn pio_out(&self, vcpu: usize, port: u16, data: &[u8]) -> PioOutcome {
+        use guest_tools::protocol as p;
+        match port {
+            _ if (serial::COM1_BASE..serial::COM1_BASE + serial::COM1_LEN).contains(&port) => {
+                if let Some(&b) = data.first() {
+                    self.serial.write((port - serial::COM1_BASE) as u8, b);
+                }
+                PioOutcome::Handled
+            }
+            p::EXIT_PORT => PioOutcome::Stop(StopReason::PoweredOff(le_value(data) as u32)),
+            p::REPORT_PORT => {
+                self.reports.record(vcpu, le_value(data));
+                PioOutcome::Handled
+            }
+            p::FAULT_PORT => PioOutcome::GuestFault,
+            0x80 => {
+                if let Some(&b) = data.first() {
+                    *self.post_code.lock().unwrap_or_else(|e| e.into_inner()) = b;
+                }
+                PioOutcome::Handled
+            }
+            _ => {
+                tracing::trace!(vcpu, port = format_args!("{port:#x}"), ?data, "write to an unclaimed port");
+                PioOutcome::Handled
+            }
+        }
+    }
+
+    pub fn pio_in(&self, port: u16, data: &mut [u8]) {
+        if (serial::COM1_BASE..serial::COM1_BASE + serial::COM1_LEN).contains(&port) {
+            if let Some(b) = data.first_mut() {
+                *b = self.serial.read((port - serial::COM1_BASE) as u8);
+            }
+        } else {
+            // Nothing there: an ISA bus floats high.
+            data.fill(0xff);
+        }
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    let n = data.len().min(8);
+    v[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(v)
+}

@@ -1,0 +1,185 @@
+//! The test guest's progress reports (port 0x600), kept per vCPU with host timestamps.
+//!
+//! The guest writes the guest-physical address of its per-vCPU report record; the VMM reads the
+//! record from guest memory. Everything in it is guest-controlled: the address is bounds-checked
+//! by the memory accessors, the magic and version are checked, and a bad record is counted, not
+//! trusted.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
+
+/// One report as the guest wrote it (layout in `docs/guest-protocol.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GuestReport {
+    pub vcpu: u16,
+    pub build: u32,
+    pub flags: u32,
+    pub seq: u64,
+    pub calls: u64,
+    pub v1: u64,
+    pub v2: u64,
+    pub bad: u64,
+    pub last_input: u64,
+    pub last_output: u64,
+}
+
+/// Size of the record read from guest memory.
+pub const REPORT_SIZE: usize = 72;
+
+impl GuestReport {
+    /// Decodes a record; `None` when the magic or protocol version is wrong.
+    pub fn parse(b: &[u8; REPORT_SIZE]) -> Option<Self> {
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(v)
+        };
+        if u32_at(0) != guest_tools::protocol::REPORT_MAGIC || u16_at(4) != guest_tools::protocol::PROTOCOL_VERSION {
+            return None;
+        }
+        Some(GuestReport {
+            vcpu: u16_at(6),
+            build: u32_at(8),
+            flags: u32_at(12),
+            seq: u64_at(16),
+            calls: u64_at(24),
+            v1: u64_at(32),
+            v2: u64_at(40),
+            bad: u64_at(48),
+            last_input: u64_at(56),
+            last_output: u64_at(64),
+        })
+    }
+}
+
+/// What the VMM knows about one vCPU's reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VcpuReports {
+    /// Reports received.
+    pub count: u64,
+    /// The newest report.
+    pub last: Option<GuestReport>,
+    /// Reports whose `seq` was not the previous one plus one (lost or duplicated reports).
+    pub seq_errors: u64,
+    /// Records that could not be read or had a bad magic, or named another vCPU.
+    pub invalid: u64,
+    /// Calls per second between the first and the newest report, measured on the host clock.
+    pub calls_per_sec: Option<f64>,
+    #[serde(skip)]
+    first: Option<(Instant, u64)>,
+    #[serde(skip)]
+    last_at: Option<Instant>,
+}
+
+impl VcpuReports {
+    fn update_rate(&mut self) {
+        if let (Some((t0, c0)), Some(t1), Some(last)) = (self.first, self.last_at, self.last) {
+            let dt = t1.saturating_duration_since(t0).as_secs_f64();
+            if dt > 0.0 && last.calls > c0 {
+                self.calls_per_sec = Some((last.calls - c0) as f64 / dt);
+            }
+        }
+    }
+}
+
+/// Reports of every vCPU of a VM.
+pub struct ReportBook {
+    mem: GuestMemory,
+    vcpus: Mutex<Vec<VcpuReports>>,
+}
+
+impl ReportBook {
+    pub fn new(mem: GuestMemory, vcpus: usize) -> Self {
+        ReportBook {
+            mem,
+            vcpus: Mutex::new(vec![VcpuReports::default(); vcpus]),
+        }
+    }
+
+    /// Reads the record the guest points at and files it under `vcpu`.
+    pub fn record(&self, vcpu: usize, gpa: u64) {
+        let now = Instant::now();
+        let mut raw = [0u8; REPORT_SIZE];
+        let parsed = self
+            .mem
+            .read_slice(&mut raw, GuestAddress(gpa))
+            .ok()
+            .and_then(|_| GuestReport::parse(&raw))
+            .filter(|r| usize::from(r.vcpu) == vcpu);
+        let mut all = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = all.get_mut(vcpu) else {
+            return;
+        };
+        let Some(report) = parsed else {
+            entry.invalid += 1;
+            tracing::warn!(vcpu, gpa = format_args!("{gpa:#x}"), "invalid guest report");
+            return;
+        };
+        let expected = entry.last.map(|l| l.seq + 1).unwrap_or(1);
+        if report.seq != expected {
+            entry.seq_errors += 1;
+            tracing::warn!(vcpu, seq = report.seq, expected, "guest report out of sequence");
+        }
+        if entry.first.is_none() {
+            entry.first = Some((now, report.calls));
+        }
+        entry.count += 1;
+        entry.last = Some(report);
+        entry.last_at = Some(now);
+        entry.update_rate();
+    }
+
+    pub fn snapshot(&self) -> Vec<VcpuReports> {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_bytes(vcpu: u16, seq: u64, calls: u64) -> [u8; REPORT_SIZE] {
+        let mut b = [0u8; REPORT_SIZE];
+        b[0..4].copy_from_slice(&guest_tools::protocol::REPORT_MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&guest_tools::protocol::PROTOCOL_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&vcpu.to_le_bytes());
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[16..24].copy_from_slice(&seq.to_le_bytes());
+        b[24..32].copy_from_slice(&calls.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn layout_matches_the_guest_protocol() {
+        assert_eq!(std::mem::size_of::<guest_tools::protocol::Report>(), REPORT_SIZE);
+    }
+
+    #[test]
+    fn sequence_gaps_and_garbage_are_counted() {
+        let mem = crate::memory::allocate(4 << 20).expect("memory");
+        let book = ReportBook::new(mem.clone(), 2);
+        for (seq, gpa) in [(1u64, 0x1000u64), (2, 0x1000), (4, 0x1000)] {
+            mem.write_slice(&record_bytes(1, seq, seq * 100), GuestAddress(gpa)).expect("write");
+            book.record(1, gpa);
+        }
+        // Wrong vCPU in the record, an address outside RAM, and garbage.
+        mem.write_slice(&record_bytes(0, 5, 0), GuestAddress(0x2000)).expect("write");
+        book.record(1, 0x2000);
+        book.record(1, 1 << 40);
+        book.record(0, 0x3000);
+        book.record(7, 0x1000); // no such vCPU: ignored
+        let snap = book.snapshot();
+        assert_eq!(snap[1].count, 3);
+        assert_eq!(snap[1].seq_errors, 1);
+        assert_eq!(snap[1].invalid, 2);
+        assert_eq!(snap[1].last.map(|r| r.calls), Some(400));
+        assert_eq!(snap[0].invalid, 1);
+    }
+}

@@ -1,0 +1,144 @@
+//! Guest RAM: allocation, the host-capacity check, and registration with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use crate::layout::{self, MIN_MEMORY};
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMemory = GuestMemoryMmap;
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error(
+        "guest memory of {requested_mib} MiB is too small: at least {} MiB is needed for boot structures and the image",
+        MIN_MEMORY >> 20
+    )]
+    TooSmall { requested_mib: u64 },
+    #[error(
+        "guest memory of {requested_mib} MiB is more than this host can give ({available_mib} MiB of RAM + swap); ask for less with --memory"
+    )]
+    MoreThanHost {
+        requested_mib: u64,
+        available_mib: u64,
+    },
+    #[error("could not allocate {requested_mib} MiB of guest memory: {source}; ask for less with --memory")]
+    Allocate {
+        requested_mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("guest memory at {gpa:#x} has no host mapping")]
+    NoHostAddress { gpa: u64 },
+    #[error("KVM refused memory slot {slot} at guest-physical {gpa:#x} ({size} bytes): {source}")]
+    RegisterSlot {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Total RAM + swap of the host, in bytes, from `sysinfo(2)`.
+fn host_capacity() -> Option<u64> {
+    // SAFETY: `sysinfo` only writes into the zeroed struct we pass; the struct is plain data.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `sysinfo` struct for the duration of the call.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    let unit = u64::from(info.mem_unit.max(1));
+    Some((info.totalram as u64).saturating_add(info.totalswap as u64) * unit)
+}
+
+/// Checks the request against what the host has, then maps the guest's RAM.
+///
+/// Why check first: anonymous mappings are lazily backed, so an impossible request would
+/// otherwise succeed here and the guest would be killed by the OOM killer much later.
+pub fn allocate(mem_size: u64) -> Result<GuestMemory, MemoryError> {
+    let requested_mib = mem_size >> 20;
+    if mem_size < MIN_MEMORY {
+        return Err(MemoryError::TooSmall { requested_mib });
+    }
+    if let Some(capacity) = host_capacity()
+        && mem_size > capacity
+    {
+        return Err(MemoryError::MoreThanHost {
+            requested_mib,
+            available_mib: capacity >> 20,
+        });
+    }
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+        requested_mib,
+        source,
+    })
+}
+
+/// Hands every region of `mem` to KVM as its own memory slot.
+pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let gpa = region.start_addr().0;
+        let size = region.len();
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::NoHostAddress { gpa })? as u64;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the region is a live mapping owned by `mem` of exactly `size` bytes, and `mem`
+        // outlives the VM: the VM object keeps both and drops the VM file first.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| {
+            MemoryError::RegisterSlot {
+                slot,
+                gpa,
+                size,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn refuses_tiny_memory() {
+        assert!(matches!(allocate(1 << 20), Err(MemoryError::TooSmall { .. })));
+    }
+
+    #[test]
+    fn refuses_more_than_the_host() {
+        let err = allocate(1 << 50).err();
+        assert!(matches!(err, Some(MemoryError::MoreThanHost { .. })), "{err:?}");
+        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("--memory"), "{msg}");
+    }
+
+    #[test]
+    fn allocates_and_is_writable() {
+        let mem = allocate(16 << 20).ok();
+        let Some(mem) = mem else {
+            panic!("16 MiB must be allocatable")
+        };
+        assert!(mem.write_obj(0xdead_beefu32, GuestAddress(0x10_0000)).is_ok());
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10_0000)).ok(), Some(0xdead_beef));
+        assert!(mem.read_obj::<u32>(GuestAddress(16 << 20)).is_err());
+    }
+}
