@@ -141,7 +141,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         let sig = SIGNALLED.load(Ordering::SeqCst);
         if sig != 0 {
-            vm.request_stop(StopReason::Requested(format!("signal {sig}")));
+            vm.request_stop(StopReason::Requested(format!("received signal {sig}")));
         }
     };
     vm.join();
@@ -151,7 +151,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(status.min(255) as u8))
         }
         StopReason::Requested(why) => {
-            eprintln!("vmm: {why}");
+            eprintln!("vmm: stopped: {why}");
             let sig = SIGNALLED.load(Ordering::SeqCst);
             Ok(ExitCode::from(if sig != 0 { (128 + sig).min(255) as u8 } else { 0 }))
         }
@@ -172,7 +172,10 @@ fn status(args: StatusArgs) -> Result<()> {
     if args.json {
         return print_json(&v);
     }
-    let s = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let s = |k: &str| match v.get(k) {
+        None | Some(serde_json::Value::Null) => "-".to_string(),
+        Some(x) => x.to_string().trim_matches('"').to_string(),
+    };
     println!(
         "state {}  vcpus {}  memory {} MiB  uptime {} ms  pauses {}  last park {} µs  last blackout {} µs",
         s("state"),

@@ -80,6 +80,9 @@ fn exception_name(vector: u64) -> &'static str {
     }
 }
 
+/// QEMU's `-debugcon` port, forwarded to the console like COM1.
+pub const DEBUGCON_PORT: u16 = 0xe9;
+
 /// What the vCPU loop must do after a port access.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PioOutcome {
@@ -113,6 +116,13 @@ impl PortBus {
             _ if (serial::COM1_BASE..serial::COM1_BASE + serial::COM1_LEN).contains(&port) => {
                 if let Some(&b) = data.first() {
                     self.serial.write((port - serial::COM1_BASE) as u8, b);
+                }
+                PioOutcome::Handled
+            }
+            // QEMU's debugcon port: early boot code often prints here before a UART is set up.
+            DEBUGCON_PORT => {
+                for &b in data {
+                    self.serial.debugcon(b);
                 }
                 PioOutcome::Handled
             }

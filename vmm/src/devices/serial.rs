@@ -100,6 +100,12 @@ impl SerialConsole {
         }
     }
 
+    /// A byte from the debugcon port: same console, no UART state.
+    pub fn debugcon(&self, value: u8) {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = uart.writer_mut().write_all(&[value]);
+    }
+
     pub fn read(&self, offset: u8) -> u8 {
         self.uart.lock().unwrap_or_else(|e| e.into_inner()).read(offset)
     }

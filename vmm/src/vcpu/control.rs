@@ -491,6 +491,9 @@ mod tests {
             c.exited(0);
             r
         });
+        while control.phases()[0] != VcpuPhase::Running {
+            thread::sleep(Duration::from_millis(1));
+        }
         let p = control.pause(NO_KICK, T).expect("pause");
         assert_eq!(p.snapshots, vec![Some(5), None]);
         control.stop(NO_KICK);

@@ -1,0 +1,292 @@
+//! `vmm patch …`: build, sign, verify and inspect hot-patch files.
+//!
+//! A thin layer over the `patch-format` crate: argument parsing, file I/O and
+//! messages for the operator. `anyhow` is used only here, at the binary's edge.
+//! Later subcommands (`apply`, `list`, `revert` through the API socket) join
+//! this enum.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use patch_format::{
+    BuildOutput, PatchId, PatchInfo, PublicKey, SecretKey, SignatureBlock, build_from_elfs,
+    build_from_manifest_file, inspect_json, inspect_text, parse, sign_file,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand, Debug)]
+pub enum PatchCommand {
+    /// Build a patch from two builds of the guest (--old/--new) or from a manifest.
+    Build(BuildArgs),
+    /// Make a signing key pair: NAME.key (secret, mode 0600) and NAME.pub.
+    Keygen(KeygenArgs),
+    /// Sign (or re-sign) a patch file; its id does not change.
+    Sign(SignArgs),
+    /// Check a patch's signature against trusted public keys.
+    Verify(VerifyArgs),
+    /// Show a patch: id, signature, metadata, target, sites with disassembly.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The guest build that is running now (expected bytes and target identity come from it).
+    #[arg(long, requires = "new", conflicts_with = "manifest")]
+    pub old: Option<PathBuf>,
+    /// The fixed build of the guest.
+    #[arg(long, requires = "old")]
+    pub new: Option<PathBuf>,
+    /// Only patch these functions (each must differ between the builds). Repeatable.
+    #[arg(long = "function", value_name = "NAME", requires = "old")]
+    pub functions: Vec<String>,
+    /// A hand-written manifest (TOML) naming target symbols and an object file with the new code.
+    #[arg(long, required_unless_present = "old")]
+    pub manifest: Option<PathBuf>,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Sign with this secret key file (from `vmm patch keygen`). Without it the
+    /// patch is UNSIGNED, for development only.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Patch name (default: the output file's stem). With --manifest, the manifest's wins.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    #[arg(long, default_value = "")]
+    pub author: String,
+    /// Advisory id such as CVE-2026-1234. Repeatable.
+    #[arg(long = "advisory", value_name = "ID")]
+    pub advisories: Vec<String>,
+    /// Id of a patch this one supersedes (cumulative patch). Repeatable.
+    #[arg(long = "replaces", value_name = "PATCH_ID")]
+    pub replaces: Vec<String>,
+    /// Creation time, seconds since the Unix epoch. Default: $SOURCE_DATE_EPOCH, else now.
+    #[arg(long)]
+    pub created: Option<u64>,
+    /// Name of the target image in the patch (default: the --old file's name).
+    #[arg(long)]
+    pub target_name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Base name of the key files: writes NAME.key and NAME.pub.
+    #[arg(short, long, value_name = "NAME")]
+    pub output: PathBuf,
+    /// Overwrite existing key files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SignArgs {
+    /// Secret key file.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The patch to sign.
+    pub file: PathBuf,
+    /// Where to write the signed patch (default: replace FILE).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// A trusted public key file (NAME.pub). Repeatable.
+    #[arg(long = "trusted-key", value_name = "PUB", required = true)]
+    pub trusted_keys: Vec<PathBuf>,
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    pub file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also verify the signature against these public keys. Repeatable.
+    #[arg(long = "trusted-key", value_name = "PUB")]
+    pub trusted_keys: Vec<PathBuf>,
+}
+
+/// Runs one `vmm patch` subcommand.
+pub fn run(cmd: PatchCommand) -> Result<()> {
+    match cmd {
+        PatchCommand::Build(a) => build(a),
+        PatchCommand::Keygen(a) => keygen(a),
+        PatchCommand::Sign(a) => sign(a),
+        PatchCommand::Verify(a) => verify(a),
+        PatchCommand::Inspect(a) => inspect(a),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Writes through a temporary file and a rename, so a reader never sees half a file.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let res = f.write_all(bytes).and_then(|_| f.sync_all());
+    drop(f);
+    if let Err(e) = res.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+fn load_secret(path: &Path) -> Result<SecretKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read key {}", path.display()))?;
+    SecretKey::from_file_text(&text).with_context(|| format!("{} is not a secret key file", path.display()))
+}
+
+fn load_public(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
+    paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read key {}", p.display()))?;
+            PublicKey::from_file_text(&text).with_context(|| format!("{} is not a public key file", p.display()))
+        })
+        .collect()
+}
+
+/// `--created`, else `SOURCE_DATE_EPOCH` (reproducible builds), else now.
+fn creation_time(opt: Option<u64>) -> Result<u64> {
+    if let Some(t) = opt {
+        return Ok(t);
+    }
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"));
+    }
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0))
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    let created = creation_time(a.created)?;
+    let key = a.key.as_deref().map(load_secret).transpose()?;
+    let out: BuildOutput = if let Some(manifest) = &a.manifest {
+        build_from_manifest_file(manifest, created)?
+    } else {
+        let (Some(old), Some(new)) = (&a.old, &a.new) else {
+            bail!("give either --old and --new, or --manifest");
+        };
+        let mut replaces = Vec::new();
+        for r in &a.replaces {
+            replaces.push(PatchId::from_hex(r).with_context(|| format!("--replaces {r:?}: not a patch id (64 hex digits)"))?);
+        }
+        let default_name = a
+            .output
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "patch".into());
+        let info = PatchInfo {
+            name: a.name.clone().unwrap_or(default_name),
+            description: a.description.clone(),
+            author: a.author.clone(),
+            created,
+            advisories: a.advisories.clone(),
+            replaces,
+            target_name: Some(a.target_name.clone().unwrap_or_else(|| {
+                old.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            })),
+        };
+        build_from_elfs(&read(old)?, &read(new)?, &a.functions, &info)?
+    };
+    let bytes = match &key {
+        Some(k) => out.patch.to_file_signed(k)?,
+        None => out.patch.to_file_unsigned()?,
+    };
+    write_atomic(&a.output, &bytes, 0o644)?;
+    let r = &out.report;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !r.added.is_empty() {
+        eprintln!("note: functions only in the new build (not patched): {}", r.added.join(", "));
+    }
+    println!("wrote {} ({} bytes)", a.output.display(), bytes.len());
+    println!("patch id  {}", out.patch.id()?);
+    println!("sites     {}: {}", r.changed.len(), r.changed.join(", "));
+    match &key {
+        Some(k) => println!("signed    ed25519 key id {}", k.key_id()),
+        None => eprintln!("warning: the patch is UNSIGNED (development only); sign it with `vmm patch sign --key`"),
+    }
+    Ok(())
+}
+
+fn keygen(a: KeygenArgs) -> Result<()> {
+    let base = a.output.to_string_lossy().into_owned();
+    let (kpath, ppath) = (PathBuf::from(format!("{base}.key")), PathBuf::from(format!("{base}.pub")));
+    if !a.force {
+        for p in [&kpath, &ppath] {
+            if p.exists() {
+                bail!("{} exists; refusing to overwrite a key (use --force)", p.display());
+            }
+        }
+    }
+    let key = SecretKey::generate()?;
+    write_atomic(&kpath, key.to_file_text().as_bytes(), 0o600)?;
+    write_atomic(&ppath, key.public().to_file_text().as_bytes(), 0o644)?;
+    println!("secret key {} (mode 0600; keep it off the machines that apply patches)", kpath.display());
+    println!("public key {}", ppath.display());
+    println!("key id     {}", key.key_id());
+    Ok(())
+}
+
+fn sign(a: SignArgs) -> Result<()> {
+    let key = load_secret(&a.key)?;
+    let bytes = read(&a.file)?;
+    let signed = sign_file(&bytes, &key).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
+    let out = a.output.as_ref().unwrap_or(&a.file);
+    write_atomic(out, &signed, 0o644)?;
+    let id = parse(&signed)?.id;
+    println!("signed {} (patch id {id}) with key id {}", out.display(), key.key_id());
+    Ok(())
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let keys = load_public(&a.trusted_keys)?;
+    let bytes = read(&a.file)?;
+    let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
+    let key_id = p
+        .verify(&keys)
+        .with_context(|| format!("{}: signature check failed", a.file.display()))?;
+    println!("OK: patch {} ({}) is signed by trusted key {key_id}", p.id, p.patch.meta.name);
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let keys = load_public(&a.trusted_keys)?;
+    let trusted = (!keys.is_empty()).then_some(keys.as_slice());
+    let bytes = read(&a.file)?;
+    let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&inspect_json(&p, trusted))?);
+    } else {
+        print!("{}", inspect_text(&p, trusted));
+    }
+    if let (Some(_), SignatureBlock::Ed25519 { .. }) = (trusted, &p.signature)
+        && p.verify(&keys).is_err()
+    {
+        bail!("signature check failed");
+    }
+    Ok(())
+}
