@@ -18,7 +18,10 @@ pub fn vmm_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = profile_dir.join("vmm");
     assert!(
         bin.exists(),
@@ -95,7 +98,11 @@ impl VmmProcess {
                 s.push('\n');
             }
         });
-        VmmProcess { child, lines, stderr }
+        VmmProcess {
+            child,
+            lines,
+            stderr,
+        }
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -135,7 +142,12 @@ impl VmmProcess {
     }
 
     /// Waits until `pred` holds for the collected lines.
-    pub fn wait_for_lines(&mut self, timeout: Duration, what: &str, pred: impl Fn(&[String]) -> bool) {
+    pub fn wait_for_lines(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[String]) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         while !pred(&self.lines()) {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -208,7 +220,12 @@ pub fn reports_by_vcpu(lines: &[String]) -> BTreeMap<u64, Vec<ReportLine>> {
 /// Asserts a vCPU's reports are exactly seq 1, 2, … n: nothing lost, nothing duplicated.
 pub fn assert_contiguous(vcpu: u64, reports: &[ReportLine]) {
     for (i, r) in reports.iter().enumerate() {
-        assert_eq!(r.seq, i as u64 + 1, "vCPU {vcpu}: report {i} has seq {} (lost or duplicated console output)", r.seq);
+        assert_eq!(
+            r.seq,
+            i as u64 + 1,
+            "vCPU {vcpu}: report {i} has seq {} (lost or duplicated console output)",
+            r.seq
+        );
     }
 }
 
@@ -217,7 +234,10 @@ pub fn wait_for_socket(path: &Path, proc_: &mut VmmProcess) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !path.exists() {
         if let Some(status) = proc_.child.try_wait().expect("try_wait") {
-            panic!("vmm exited ({status}) before creating its socket:\n{}", proc_.stderr());
+            panic!(
+                "vmm exited ({status}) before creating its socket:\n{}",
+                proc_.stderr()
+            );
         }
         assert!(Instant::now() < deadline, "API socket never appeared");
         std::thread::sleep(Duration::from_millis(10));

@@ -8,7 +8,15 @@ use integration_tests::*;
 fn boot_and_check(vcpus: usize) {
     require_kvm();
     let n = vcpus.to_string();
-    let mut vmm = VmmProcess::spawn(&["run", "--vcpus", &n, "--memory", "64", "--cmdline", "reports=3 batch=1000000"]);
+    let mut vmm = VmmProcess::spawn(&[
+        "run",
+        "--vcpus",
+        &n,
+        "--memory",
+        "64",
+        "--cmdline",
+        "reports=3 batch=1000000",
+    ]);
     let status = vmm.wait(Duration::from_secs(120));
     let lines = vmm.lines();
     assert!(
@@ -19,7 +27,9 @@ fn boot_and_check(vcpus: usize) {
     );
     for id in 0..vcpus {
         assert!(
-            lines.iter().any(|l| l.starts_with(&format!("hp: vcpu={id} online"))),
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("hp: vcpu={id} online"))),
             "vCPU {id} never came online:\n{}",
             lines.join("\n")
         );
@@ -27,17 +37,30 @@ fn boot_and_check(vcpus: usize) {
     let by_vcpu = reports_by_vcpu(&lines);
     assert_eq!(by_vcpu.len(), vcpus, "reports from {:?}", by_vcpu.keys());
     for (vcpu, reports) in &by_vcpu {
-        assert_eq!(reports.len(), 3, "vCPU {vcpu} sent {} reports", reports.len());
+        assert_eq!(
+            reports.len(),
+            3,
+            "vCPU {vcpu} sent {} reports",
+            reports.len()
+        );
         assert_contiguous(*vcpu, reports);
         let mut prev_calls = 0;
         for r in reports {
             assert!(r.calls > prev_calls, "vCPU {vcpu} made no progress: {r:?}");
             prev_calls = r.calls;
             assert_eq!(r.bad, 0, "vCPU {vcpu} computed wrong results: {r:?}");
-            assert_eq!(r.v1, r.calls, "v1 guest must compute v1 results only: {r:?}");
+            assert_eq!(
+                r.v1, r.calls,
+                "v1 guest must compute v1 results only: {r:?}"
+            );
             assert_eq!(r.v2, 0);
             // The host-side reference agrees with what the guest computed.
-            assert_eq!(r.y, reference::compute_v1(r.x), "compute({}) on vCPU {vcpu}", r.x);
+            assert_eq!(
+                r.y,
+                reference::compute_v1(r.x),
+                "compute({}) on vCPU {vcpu}",
+                r.x
+            );
         }
     }
 }

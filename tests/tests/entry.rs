@@ -20,9 +20,22 @@ fn build(dir: &TempDir, name: &str, source: &str) -> String {
         "ENTRY(start)\nSECTIONS { . = 0x100000; .text : { *(.text) } .note : { *(.note.Xen) } }\n",
     )
     .expect("write linker script");
-    let ok = Command::new("cc").arg("-c").arg(&s).arg("-o").arg(&o).status().expect("cc (gcc) is needed");
+    let ok = Command::new("cc")
+        .arg("-c")
+        .arg(&s)
+        .arg("-o")
+        .arg(&o)
+        .status()
+        .expect("cc (gcc) is needed");
     assert!(ok.success(), "assembling {name}");
-    let ok = Command::new("ld").arg("-T").arg(&ld).arg("-o").arg(&elf).arg(&o).status().expect("ld");
+    let ok = Command::new("ld")
+        .arg("-T")
+        .arg(&ld)
+        .arg("-o")
+        .arg(&elf)
+        .arg(&o)
+        .status()
+        .expect("ld");
     assert!(ok.success(), "linking {name}");
     elf.to_str().expect("utf8").to_string()
 }

@@ -5,12 +5,25 @@ use std::process::Command;
 use integration_tests::*;
 
 fn run_fails(args: &[&str], expect: &str) {
-    let out = Command::new(vmm_bin()).args(args).output().expect("spawn vmm");
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("spawn vmm");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "vmm {args:?} succeeded");
-    assert!(stderr.contains(expect), "vmm {args:?}: expected {expect:?} in:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "vmm {args:?} panicked:\n{stderr}");
-    assert_ne!(out.status.code(), Some(101), "exit code 101 is a Rust panic");
+    assert!(
+        stderr.contains(expect),
+        "vmm {args:?}: expected {expect:?} in:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "vmm {args:?} panicked:\n{stderr}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "exit code 101 is a Rust panic"
+    );
 }
 
 #[test]
@@ -21,7 +34,10 @@ fn zero_vcpus() {
 #[test]
 fn too_many_vcpus() {
     require_kvm();
-    run_fails(&["run", "--vcpus", "100000"], "more than this host's KVM allows");
+    run_fails(
+        &["run", "--vcpus", "100000"],
+        "more than this host's KVM allows",
+    );
 }
 
 #[test]
@@ -29,20 +45,32 @@ fn not_a_bootable_image() {
     let dir = TempDir::new("badimg");
     let text = dir.path().join("notes.txt");
     std::fs::write(&text, "this is not a kernel\n".repeat(100)).expect("write");
-    run_fails(&["run", "--kernel", text.to_str().expect("utf8")], "is not a bootable image");
+    run_fails(
+        &["run", "--kernel", text.to_str().expect("utf8")],
+        "is not a bootable image",
+    );
     let missing = dir.path().join("missing.elf");
-    run_fails(&["run", "--kernel", missing.to_str().expect("utf8")], "cannot read the guest image");
+    run_fails(
+        &["run", "--kernel", missing.to_str().expect("utf8")],
+        "cannot read the guest image",
+    );
 }
 
 #[test]
 fn more_memory_than_the_host_has() {
     require_kvm();
-    run_fails(&["run", "--memory", "1000000000"], "more than this host can give");
+    run_fails(
+        &["run", "--memory", "1000000000"],
+        "more than this host can give",
+    );
 }
 
 #[test]
 fn no_kvm_device() {
-    run_fails(&["run", "--kvm-device", "/nonexistent/kvm"], "KVM is not available");
+    run_fails(
+        &["run", "--kvm-device", "/nonexistent/kvm"],
+        "KVM is not available",
+    );
 }
 
 #[test]
@@ -60,7 +88,10 @@ fn kvm_permission_denied() {
             .expect("setpriv (util-linux) is needed for this test");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(stderr.contains("permission denied opening /dev/kvm"), "{stderr}");
+        assert!(
+            stderr.contains("permission denied opening /dev/kvm"),
+            "{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     } else {
         // Not root: a device path we cannot open exercises the same message.
@@ -69,11 +100,17 @@ fn kvm_permission_denied() {
         std::fs::write(&dev, b"").expect("write");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o000)).expect("chmod");
-        run_fails(&["run", "--kvm-device", dev.to_str().expect("utf8")], "permission denied opening");
+        run_fails(
+            &["run", "--kvm-device", dev.to_str().expect("utf8")],
+            "permission denied opening",
+        );
     }
 }
 
 #[test]
 fn api_client_without_a_vmm() {
-    run_fails(&["status", "--api-sock", "/nonexistent/api.sock"], "no VMM is listening");
+    run_fails(
+        &["status", "--api-sock", "/nonexistent/api.sock"],
+        "no VMM is listening",
+    );
 }

@@ -69,15 +69,20 @@ impl ApiServer {
             path: shown.clone(),
             message: e.to_string(),
         })?);
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| ApiError::Bind {
-            path: shown.clone(),
-            source,
-        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| ApiError::Bind {
+                path: shown.clone(),
+                source,
+            },
+        )?;
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || serve(&s, &vm))
-            .map_err(|source| ApiError::Bind { path: shown, source })?;
+            .map_err(|source| ApiError::Bind {
+                path: shown,
+                source,
+            })?;
         tracing::info!(socket = %path.display(), "control API listening");
         Ok(ApiServer {
             server,
@@ -108,7 +113,8 @@ fn serve(server: &tiny_http::Server, vm: &Vm) {
         };
         let text = body.to_string();
         let mut response = tiny_http::Response::from_string(text).with_status_code(status);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
+        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+        {
             response.add_header(h);
         }
         if let Err(e) = request.respond(response) {
@@ -129,7 +135,12 @@ fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, (u16, Value)> 
         .as_reader()
         .take(MAX_BODY as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|e| (400, json!({"error": format!("could not read the request body: {e}")})))?;
+        .map_err(|e| {
+            (
+                400,
+                json!({"error": format!("could not read the request body: {e}")}),
+            )
+        })?;
     if body.len() > MAX_BODY {
         return Err(too_large());
     }
@@ -137,7 +148,10 @@ fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, (u16, Value)> 
 }
 
 fn too_large() -> (u16, Value) {
-    (413, json!({"error": format!("request body larger than {} bytes", MAX_BODY)}))
+    (
+        413,
+        json!({"error": format!("request body larger than {} bytes", MAX_BODY)}),
+    )
 }
 
 fn control_error(e: ControlError) -> (u16, Value) {
@@ -157,17 +171,24 @@ pub fn route(vm: &Vm, method: &tiny_http::Method, url: &str, _body: &[u8]) -> (u
     match (path, method) {
         ("/v1/vm", Get) => (200, json!(vm.status())),
         ("/v1/vm/pause", Post) => match vm.pause() {
-            Ok((info, _)) => (200, json!({"state": "paused", "park_us": info.park_us, "vcpus": info.vcpus})),
+            Ok((info, _)) => (
+                200,
+                json!({"state": "paused", "park_us": info.park_us, "vcpus": info.vcpus}),
+            ),
             Err(e) => control_error(e),
         },
         ("/v1/vm/resume", Post) => match vm.resume() {
-            Ok(info) => (200, json!({"state": "running", "blackout_us": info.blackout_us})),
+            Ok(info) => (
+                200,
+                json!({"state": "running", "blackout_us": info.blackout_us}),
+            ),
             Err(e) => control_error(e),
         },
         ("/v1/metrics", Get) => (200, json!({"pause": vm.pause_metrics()})),
-        ("/v1/vm" | "/v1/vm/pause" | "/v1/vm/resume" | "/v1/metrics", _) => {
-            (405, json!({"error": format!("method {method} is not allowed on {path}")}))
-        }
+        ("/v1/vm" | "/v1/vm/pause" | "/v1/vm/resume" | "/v1/metrics", _) => (
+            405,
+            json!({"error": format!("method {method} is not allowed on {path}")}),
+        ),
         _ => (
             404,
             json!({"error": format!("no such endpoint {path}; try GET /v1/vm, POST /v1/vm/pause, POST /v1/vm/resume, GET /v1/metrics")}),

@@ -83,7 +83,9 @@ pub fn pause_resume(vcpus: usize, cycles: usize, gap: Duration) -> Result<PauseB
     // Every vCPU must still make progress after the cycles.
     wait_reports(&vm, &before, Duration::from_secs(30))?;
     let reports = vm.reports();
-    vm.request_stop(crate::devices::StopReason::Requested("benchmark done".into()));
+    vm.request_stop(crate::devices::StopReason::Requested(
+        "benchmark done".into(),
+    ));
     vm.join();
     for (id, r) in reports.iter().enumerate() {
         let bad = r.last.map(|l| l.bad).unwrap_or(0);
@@ -94,7 +96,10 @@ pub fn pause_resume(vcpus: usize, cycles: usize, gap: Duration) -> Result<PauseB
             )));
         }
     }
-    let per_vcpu: Vec<f64> = reports.iter().map(|r| r.calls_per_sec.unwrap_or(0.0)).collect();
+    let per_vcpu: Vec<f64> = reports
+        .iter()
+        .map(|r| r.calls_per_sec.unwrap_or(0.0))
+        .collect();
     Ok(PauseBench {
         vcpus,
         cycles,
@@ -112,7 +117,15 @@ pub fn pause_table(runs: &[PauseBench]) -> String {
     out.push_str("pause/resume floor (µs; park = request → all vCPUs parked, blackout = all parked → all running)\n");
     out.push_str(&format!(
         "{:>5} {:>7} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>14}\n",
-        "vcpus", "cycles", "park p50", "park p99", "park max", "blk p50", "blk p99", "blk max", "calls/s (sum)"
+        "vcpus",
+        "cycles",
+        "park p50",
+        "park p99",
+        "park max",
+        "blk p50",
+        "blk p99",
+        "blk max",
+        "calls/s (sum)"
     ));
     for r in runs {
         out.push_str(&format!(

@@ -37,7 +37,9 @@ pub enum BootError {
     ImageTooLarge { path: String, size: u64 },
     #[error("{path} is not a bootable image: {why}")]
     NotBootable { path: String, why: String },
-    #[error("{path} could not be loaded into guest memory: {source} (is --memory large enough for it?)")]
+    #[error(
+        "{path} could not be loaded into guest memory: {source} (is --memory large enough for it?)"
+    )]
     Load {
         path: String,
         #[source]
@@ -117,36 +119,49 @@ fn check_image(image: &Image<'_>) -> Result<(), BootError> {
         ));
     }
     if b.len() < 64 || &b[0..4] != b"\x7fELF" {
-        return Err(not("it is not an ELF file (expected an x86-64 ELF executable)"));
+        return Err(not(
+            "it is not an ELF file (expected an x86-64 ELF executable)",
+        ));
     }
     if b[4] != 2 || b[5] != 1 {
         return Err(not("it is not a 64-bit little-endian ELF"));
     }
     let machine = u16::from_le_bytes([b[18], b[19]]);
     if machine != 62 {
-        return Err(not(&format!("its ELF machine is {machine}, not x86-64 (62)")));
+        return Err(not(&format!(
+            "its ELF machine is {machine}, not x86-64 (62)"
+        )));
     }
     let kind = u16::from_le_bytes([b[16], b[17]]);
     if kind != 2 {
-        return Err(not(&format!("its ELF type is {kind}, not an executable (2)")));
+        return Err(not(&format!(
+            "its ELF type is {kind}, not an executable (2)"
+        )));
     }
     Ok(())
 }
 
 /// Loads `image` into `mem`, writes the command line and the boot structures.
-pub fn load(mem: &GuestMemory, mem_size: u64, image: &Image<'_>, cmdline: &str) -> Result<BootSpec, BootError> {
+pub fn load(
+    mem: &GuestMemory,
+    mem_size: u64,
+    image: &Image<'_>,
+    cmdline: &str,
+) -> Result<BootSpec, BootError> {
     check_image(image)?;
     let mut cursor = Cursor::new(image.bytes.as_ref());
-    let result = Elf::load(mem, None, &mut cursor, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-        BootError::Load {
-            path: image.name.clone(),
-            source,
-        }
-    })?;
+    let result =
+        Elf::load(mem, None, &mut cursor, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BootError::Load {
+                path: image.name.clone(),
+                source,
+            }
+        })?;
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !cmdline.is_empty() {
-        cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cl.insert_str(cmdline)
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
     }
     load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
 
@@ -202,7 +217,8 @@ fn write_pvh_start_info(mem: &GuestMemory, mem_size: u64) -> Result<(), BootErro
     };
     let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(BOOT_INFO));
     params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP));
-    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem).map_err(|e| BootError::BootParams(e.to_string()))
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
+        .map_err(|e| BootError::BootParams(e.to_string()))
 }
 
 fn write_zero_page(mem: &GuestMemory, mem_size: u64, cmdline_len: usize) -> Result<(), BootError> {
@@ -221,7 +237,8 @@ fn write_zero_page(mem: &GuestMemory, mem_size: u64, cmdline_len: usize) -> Resu
     }
     params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
     let bp = BootParams::new::<boot_params>(&params, GuestAddress(BOOT_INFO));
-    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem).map_err(|e| BootError::BootParams(e.to_string()))
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem)
+        .map_err(|e| BootError::BootParams(e.to_string()))
 }
 
 fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
@@ -255,7 +272,12 @@ fn boot_gdt(mode: EntryMode) -> [u64; layout::BOOT_GDT_ENTRIES] {
         EntryMode::Pvh32 => gdt_entry(0xc09b, 0, 0xfffff),
         EntryMode::Long64 => gdt_entry(0xa09b, 0, 0xfffff),
     };
-    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+    [
+        0,
+        code,
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ]
 }
 
 /// Writes the boot GDT so the in-memory table matches the hidden segment state loaded into the
@@ -275,7 +297,11 @@ pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g == 1 {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -345,8 +371,14 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), SEL_CODE);
-        assert_eq!((code64.base, code64.limit, code64.l, code64.db, code64.type_), (0, 0xffff_ffff, 1, 0, 0xb));
-        assert_eq!((code64.present, code64.s, code64.dpl, code64.g), (1, 1, 0, 1));
+        assert_eq!(
+            (code64.base, code64.limit, code64.l, code64.db, code64.type_),
+            (0, 0xffff_ffff, 1, 0, 0xb)
+        );
+        assert_eq!(
+            (code64.present, code64.s, code64.dpl, code64.g),
+            (1, 1, 0, 1)
+        );
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), SEL_CODE);
         assert_eq!((code32.l, code32.db), (0, 1));
         let tss = segment_from_gdt(gdt_entry(0x808b, 0, 0xfffff), SEL_TSS);
@@ -372,16 +404,25 @@ mod tests {
 
     #[test]
     fn non_elf_and_bzimage_are_refused_with_reasons() {
-        let err = check_image(&image(vec![0u8; 4096])).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = check_image(&image(vec![0u8; 4096]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("not an ELF"), "{err}");
         let mut bz = vec![0u8; 4096];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let err = check_image(&image(bz)).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = check_image(&image(bz))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("bzImage"), "{err}");
         let mut elf32 = vec![0u8; 64];
         elf32[..4].copy_from_slice(b"\x7fELF");
         elf32[4] = 1;
-        let err = check_image(&image(elf32)).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = check_image(&image(elf32))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("64-bit"), "{err}");
     }
 

@@ -49,10 +49,11 @@ impl ApiClient {
     /// Sends one request and returns the status and the JSON body.
     pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Value), ClientError> {
         let shown = self.path.display().to_string();
-        let mut stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-            path: shown.clone(),
-            source,
-        })?;
+        let mut stream =
+            UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+                path: shown.clone(),
+                source,
+            })?;
         let io = |source| ClientError::Io {
             path: shown.clone(),
             source,
@@ -65,20 +66,28 @@ impl ApiClient {
         stream.write_all(head.as_bytes()).map_err(io)?;
         stream.write_all(body).map_err(io)?;
         let mut raw = Vec::new();
-        stream.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
+        stream
+            .take(MAX_RESPONSE)
+            .read_to_end(&mut raw)
+            .map_err(io)?;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
         let header_len = match resp.parse(&raw) {
             Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Err(ClientError::Malformed("truncated response".into())),
+            Ok(httparse::Status::Partial) => {
+                return Err(ClientError::Malformed("truncated response".into()));
+            }
             Err(e) => return Err(ClientError::Malformed(e.to_string())),
         };
-        let status = resp.code.ok_or_else(|| ClientError::Malformed("no status code".into()))?;
+        let status = resp
+            .code
+            .ok_or_else(|| ClientError::Malformed("no status code".into()))?;
         let body = &raw[header_len..];
         let value = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(body).map_err(|e| ClientError::Malformed(format!("body is not JSON: {e}")))?
+            serde_json::from_slice(body)
+                .map_err(|e| ClientError::Malformed(format!("body is not JSON: {e}")))?
         };
         Ok((status, value))
     }

@@ -16,7 +16,8 @@ pub fn for_vcpu(base: &CpuId, id: usize, vcpus: usize) -> CpuId {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | ((vcpus.min(255) as u32) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (apic_id << 24) | ((vcpus.min(255) as u32) << 16);
                 entry.ecx |= HYPERVISOR_BIT;
                 if vcpus > 1 {
                     entry.edx |= HTT_BIT;

@@ -160,7 +160,10 @@ mod tests {
             kind: 0,
         });
         assert_eq!(last.addr, MMIO_HOLE_END);
-        assert_eq!(last.addr + last.size, (5u64 << 30) + (MMIO_HOLE_END - MMIO_HOLE_START));
+        assert_eq!(
+            last.addr + last.size,
+            (5u64 << 30) + (MMIO_HOLE_END - MMIO_HOLE_START)
+        );
     }
 
     #[test]
@@ -174,7 +177,12 @@ mod tests {
         ];
         ranges.sort();
         for w in ranges.windows(2) {
-            assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
+            assert!(
+                w[0].0 + w[0].1 <= w[1].0,
+                "{:x?} overlaps {:x?}",
+                w[0],
+                w[1]
+            );
         }
         let (last, size) = ranges[ranges.len() - 1];
         assert!(last + size <= LOW_RAM_END);

@@ -14,8 +14,14 @@ use vmm::client::ApiClient;
 use vmm::devices::StopReason;
 use vmm::vm::{ConsoleSink, Vm, VmConfig};
 
+mod patch_cli;
+
 #[derive(Parser, Debug)]
-#[command(name = "vmm", version, about = "A KVM VMM that hot-patches the code of running guests from outside")]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM VMM that hot-patches the code of running guests from outside"
+)]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info`, `vmm=debug`. Also read from RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
@@ -34,6 +40,9 @@ enum Command {
     Resume(SockArgs),
     /// Show a VM's state, vCPUs and guest reports.
     Status(StatusArgs),
+    /// Build, sign, verify and inspect hot-patch files.
+    #[command(subcommand)]
+    Patch(patch_cli::PatchCommand),
     /// Benchmarks (used by scripts/bench).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -153,7 +162,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         StopReason::Requested(why) => {
             eprintln!("vmm: stopped: {why}");
             let sig = SIGNALLED.load(Ordering::SeqCst);
-            Ok(ExitCode::from(if sig != 0 { (128 + sig).min(255) as u8 } else { 0 }))
+            Ok(ExitCode::from(if sig != 0 {
+                (128 + sig).min(255) as u8
+            } else {
+                0
+            }))
         }
         other => {
             eprintln!("vmm: {other}");
@@ -186,10 +199,22 @@ fn status(args: StatusArgs) -> Result<()> {
         s("last_park_us"),
         s("last_blackout_us")
     );
-    for cpu in v.get("vcpu").and_then(|x| x.as_array()).into_iter().flatten() {
+    for cpu in v
+        .get("vcpu")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
         let r = cpu.pointer("/reports/last");
-        let g = |p: &str| r.and_then(|r| r.pointer(p)).map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-        let rip = cpu.pointer("/regs/rip").and_then(|x| x.as_str()).unwrap_or("-");
+        let g = |p: &str| {
+            r.and_then(|r| r.pointer(p))
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let rip = cpu
+            .pointer("/regs/rip")
+            .and_then(|x| x.as_str())
+            .unwrap_or("-");
         println!(
             "  vcpu {} {:<8} rip {:<18} seq {} calls {} v1 {} v2 {} bad {}",
             cpu.get("id").map(|x| x.to_string()).unwrap_or_default(),
@@ -209,7 +234,11 @@ fn bench_pause(vcpus: Vec<usize>, cycles: usize, gap_us: u64, out: Option<PathBu
     let mut runs = Vec::new();
     for n in vcpus {
         eprintln!("bench: {n} vCPU(s), {cycles} pause/resume cycles…");
-        runs.push(bench::pause_resume(n, cycles, Duration::from_micros(gap_us))?);
+        runs.push(bench::pause_resume(
+            n,
+            cycles,
+            Duration::from_micros(gap_us),
+        )?);
     }
     print!("{}", bench::pause_table(&runs));
     if let Some(path) = out {
@@ -217,7 +246,8 @@ fn bench_pause(vcpus: Vec<usize>, cycles: usize, gap_us: u64, out: Option<PathBu
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let json = serde_json::json!({ "benchmark": "pause", "runs": runs });
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -243,6 +273,7 @@ fn main() -> ExitCode {
             .and_then(|v| print_json(&v))
             .map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
+        Command::Patch(cmd) => patch_cli::run(cmd).map(|_| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Pause {
             vcpus,
             cycles,

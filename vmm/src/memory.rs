@@ -26,7 +26,9 @@ pub enum MemoryError {
         requested_mib: u64,
         available_mib: u64,
     },
-    #[error("could not allocate {requested_mib} MiB of guest memory: {source}; ask for less with --memory")]
+    #[error(
+        "could not allocate {requested_mib} MiB of guest memory: {source}; ask for less with --memory"
+    )]
     Allocate {
         requested_mib: u64,
         #[source]
@@ -101,13 +103,11 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
         };
         // SAFETY: the region is a live mapping owned by `mem` of exactly `size` bytes, and `mem`
         // outlives the VM: the VM object keeps both and drops the VM file first.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| {
-            MemoryError::RegisterSlot {
-                slot,
-                gpa,
-                size,
-                source,
-            }
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::RegisterSlot {
+            slot,
+            gpa,
+            size,
+            source,
         })?;
     }
     Ok(())
@@ -120,13 +120,19 @@ mod tests {
 
     #[test]
     fn refuses_tiny_memory() {
-        assert!(matches!(allocate(1 << 20), Err(MemoryError::TooSmall { .. })));
+        assert!(matches!(
+            allocate(1 << 20),
+            Err(MemoryError::TooSmall { .. })
+        ));
     }
 
     #[test]
     fn refuses_more_than_the_host() {
         let err = allocate(1 << 50).err();
-        assert!(matches!(err, Some(MemoryError::MoreThanHost { .. })), "{err:?}");
+        assert!(
+            matches!(err, Some(MemoryError::MoreThanHost { .. })),
+            "{err:?}"
+        );
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("--memory"), "{msg}");
     }
@@ -137,8 +143,14 @@ mod tests {
         let Some(mem) = mem else {
             panic!("16 MiB must be allocatable")
         };
-        assert!(mem.write_obj(0xdead_beefu32, GuestAddress(0x10_0000)).is_ok());
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10_0000)).ok(), Some(0xdead_beef));
+        assert!(
+            mem.write_obj(0xdead_beefu32, GuestAddress(0x10_0000))
+                .is_ok()
+        );
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x10_0000)).ok(),
+            Some(0xdead_beef)
+        );
         assert!(mem.read_obj::<u32>(GuestAddress(16 << 20)).is_err());
     }
 }

@@ -73,7 +73,14 @@ mod tests {
     #[test]
     fn identity_maps_the_first_four_gib() {
         let tables: HashMap<_, _> = identity_map().into_iter().collect();
-        for va in [0u64, 0x1000, 0x10_0000, 0x1234_5678, 0xbfff_ffff, 0xffff_fffe] {
+        for va in [
+            0u64,
+            0x1000,
+            0x10_0000,
+            0x1234_5678,
+            0xbfff_ffff,
+            0xffff_fffe,
+        ] {
             assert_eq!(translate(&tables, PAGE_TABLES, va), Some(va), "va {va:#x}");
         }
         assert_eq!(translate(&tables, PAGE_TABLES, 1 << 32), None);
@@ -94,7 +101,8 @@ mod tests {
     fn entries_are_writable_present_and_large_at_the_leaves() {
         let pages = identity_map();
         for (_, pd) in &pages[2..] {
-            assert!(pd.iter().all(|e| e & (PRESENT | WRITABLE | PAGE_SIZE_BIT) == (PRESENT | WRITABLE | PAGE_SIZE_BIT)));
+            assert!(pd.iter().all(|e| e & (PRESENT | WRITABLE | PAGE_SIZE_BIT)
+                == (PRESENT | WRITABLE | PAGE_SIZE_BIT)));
         }
         // No reserved bits and no NX bit anywhere: the image must be executable.
         for (_, page) in &pages {

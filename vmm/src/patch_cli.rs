@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 #[derive(Subcommand, Debug)]
 pub enum PatchCommand {
     /// Build a patch from two builds of the guest (--old/--new) or from a manifest.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Make a signing key pair: NAME.key (secret, mode 0600) and NAME.pub.
     Keygen(KeygenArgs),
     /// Sign (or re-sign) a patch file; its id does not change.
@@ -114,7 +114,7 @@ pub struct InspectArgs {
 /// Runs one `vmm patch` subcommand.
 pub fn run(cmd: PatchCommand) -> Result<()> {
     match cmd {
-        PatchCommand::Build(a) => build(a),
+        PatchCommand::Build(a) => build(*a),
         PatchCommand::Keygen(a) => keygen(a),
         PatchCommand::Sign(a) => sign(a),
         PatchCommand::Verify(a) => verify(a),
@@ -129,9 +129,16 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// Writes through a temporary file and a rename, so a reader never sees half a file.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -148,16 +155,20 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 }
 
 fn load_secret(path: &Path) -> Result<SecretKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read key {}", path.display()))?;
-    SecretKey::from_file_text(&text).with_context(|| format!("{} is not a secret key file", path.display()))
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key {}", path.display()))?;
+    SecretKey::from_file_text(&text)
+        .with_context(|| format!("{} is not a secret key file", path.display()))
 }
 
 fn load_public(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
     paths
         .iter()
         .map(|p| {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read key {}", p.display()))?;
-            PublicKey::from_file_text(&text).with_context(|| format!("{} is not a public key file", p.display()))
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read key {}", p.display()))?;
+            PublicKey::from_file_text(&text)
+                .with_context(|| format!("{} is not a public key file", p.display()))
         })
         .collect()
 }
@@ -190,7 +201,10 @@ fn build(a: BuildArgs) -> Result<()> {
         };
         let mut replaces = Vec::new();
         for r in &a.replaces {
-            replaces.push(PatchId::from_hex(r).with_context(|| format!("--replaces {r:?}: not a patch id (64 hex digits)"))?);
+            replaces
+                .push(PatchId::from_hex(r).with_context(|| {
+                    format!("--replaces {r:?}: not a patch id (64 hex digits)")
+                })?);
         }
         let default_name = a
             .output
@@ -205,7 +219,9 @@ fn build(a: BuildArgs) -> Result<()> {
             advisories: a.advisories.clone(),
             replaces,
             target_name: Some(a.target_name.clone().unwrap_or_else(|| {
-                old.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                old.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             })),
         };
         build_from_elfs(&read(old)?, &read(new)?, &a.functions, &info)?
@@ -220,32 +236,46 @@ fn build(a: BuildArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     if !r.added.is_empty() {
-        eprintln!("note: functions only in the new build (not patched): {}", r.added.join(", "));
+        eprintln!(
+            "note: functions only in the new build (not patched): {}",
+            r.added.join(", ")
+        );
     }
     println!("wrote {} ({} bytes)", a.output.display(), bytes.len());
     println!("patch id  {}", out.patch.id()?);
     println!("sites     {}: {}", r.changed.len(), r.changed.join(", "));
     match &key {
         Some(k) => println!("signed    ed25519 key id {}", k.key_id()),
-        None => eprintln!("warning: the patch is UNSIGNED (development only); sign it with `vmm patch sign --key`"),
+        None => eprintln!(
+            "warning: the patch is UNSIGNED (development only); sign it with `vmm patch sign --key`"
+        ),
     }
     Ok(())
 }
 
 fn keygen(a: KeygenArgs) -> Result<()> {
     let base = a.output.to_string_lossy().into_owned();
-    let (kpath, ppath) = (PathBuf::from(format!("{base}.key")), PathBuf::from(format!("{base}.pub")));
+    let (kpath, ppath) = (
+        PathBuf::from(format!("{base}.key")),
+        PathBuf::from(format!("{base}.pub")),
+    );
     if !a.force {
         for p in [&kpath, &ppath] {
             if p.exists() {
-                bail!("{} exists; refusing to overwrite a key (use --force)", p.display());
+                bail!(
+                    "{} exists; refusing to overwrite a key (use --force)",
+                    p.display()
+                );
             }
         }
     }
     let key = SecretKey::generate()?;
     write_atomic(&kpath, key.to_file_text().as_bytes(), 0o600)?;
     write_atomic(&ppath, key.public().to_file_text().as_bytes(), 0o644)?;
-    println!("secret key {} (mode 0600; keep it off the machines that apply patches)", kpath.display());
+    println!(
+        "secret key {} (mode 0600; keep it off the machines that apply patches)",
+        kpath.display()
+    );
     println!("public key {}", ppath.display());
     println!("key id     {}", key.key_id());
     Ok(())
@@ -254,11 +284,16 @@ fn keygen(a: KeygenArgs) -> Result<()> {
 fn sign(a: SignArgs) -> Result<()> {
     let key = load_secret(&a.key)?;
     let bytes = read(&a.file)?;
-    let signed = sign_file(&bytes, &key).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
+    let signed = sign_file(&bytes, &key)
+        .with_context(|| format!("{} is not a valid patch", a.file.display()))?;
     let out = a.output.as_ref().unwrap_or(&a.file);
     write_atomic(out, &signed, 0o644)?;
     let id = parse(&signed)?.id;
-    println!("signed {} (patch id {id}) with key id {}", out.display(), key.key_id());
+    println!(
+        "signed {} (patch id {id}) with key id {}",
+        out.display(),
+        key.key_id()
+    );
     Ok(())
 }
 
@@ -269,7 +304,10 @@ fn verify(a: VerifyArgs) -> Result<()> {
     let key_id = p
         .verify(&keys)
         .with_context(|| format!("{}: signature check failed", a.file.display()))?;
-    println!("OK: patch {} ({}) is signed by trusted key {key_id}", p.id, p.patch.meta.name);
+    println!(
+        "OK: patch {} ({}) is signed by trusted key {key_id}",
+        p.id, p.patch.meta.name
+    );
     Ok(())
 }
 
@@ -279,7 +317,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let bytes = read(&a.file)?;
     let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&inspect_json(&p, trusted))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspect_json(&p, trusted))?
+        );
     } else {
         print!("{}", inspect_text(&p, trusted));
     }

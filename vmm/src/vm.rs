@@ -19,7 +19,9 @@ use crate::devices::{PortBus, ReportBook, SerialConsole, StopReason};
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::stats::{History, Summary};
-use crate::vcpu::{self, Control, ControlError, RegsSummary, VcpuError, VcpuPhase, VcpuSnapshot, VcpuThread, kick};
+use crate::vcpu::{
+    self, Control, ControlError, RegsSummary, VcpuError, VcpuPhase, VcpuSnapshot, VcpuThread, kick,
+};
 
 /// The most vCPUs this VMM starts (xAPIC IDs are 8 bits; the test guest supports 32).
 pub const MAX_VCPUS: usize = 254;
@@ -179,12 +181,18 @@ pub struct Vm {
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     let shown = path.display().to_string();
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| VmError::NoKvm {
-        path: shown.clone(),
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::NoKvm {
+            path: shown.clone(),
+        }
     })?;
     let kvm = Kvm::new_with_path(&cpath).map_err(|source| match source.errno() {
-        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm { path: shown.clone() },
-        libc::EACCES | libc::EPERM => VmError::KvmPermission { path: shown.clone() },
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm {
+            path: shown.clone(),
+        },
+        libc::EACCES | libc::EPERM => VmError::KvmPermission {
+            path: shown.clone(),
+        },
         _ => VmError::KvmOpen {
             path: shown.clone(),
             source,
@@ -192,7 +200,10 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     })?;
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(VmError::KvmVersion { path: shown, version });
+        return Err(VmError::KvmVersion {
+            path: shown,
+            version,
+        });
     }
     Ok(kvm)
 }
@@ -213,40 +224,64 @@ impl Vm {
         }
         let mem_size = config.memory_mib.saturating_mul(1 << 20);
         let mem = memory::allocate(mem_size)?;
-        let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "KVM_CREATE_VM", source })?;
+        let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source,
+        })?;
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(|source| VmError::Kvm { what: "TSS address", source })?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|source| VmError::Kvm { what: "in-kernel irqchip", source })?;
+            .map_err(|source| VmError::Kvm {
+                what: "TSS address",
+                source,
+            })?;
+        vm_fd.create_irq_chip().map_err(|source| VmError::Kvm {
+            what: "in-kernel irqchip",
+            source,
+        })?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             })
-            .map_err(|source| VmError::Kvm { what: "in-kernel PIT", source })?;
+            .map_err(|source| VmError::Kvm {
+                what: "in-kernel PIT",
+                source,
+            })?;
         memory::register(&vm_fd, &mem)?;
         let spec = boot::load(&mem, mem_size, &config.image, &config.cmdline)?;
 
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host { what: "the console IRQ", source })?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
+            what: "the console IRQ",
+            source,
+        })?;
         vm_fd
             .register_irqfd(&irq, COM1_GSI)
-            .map_err(|source| VmError::Kvm { what: "console irqfd", source })?;
+            .map_err(|source| VmError::Kvm {
+                what: "console irqfd",
+                source,
+            })?;
         let sink: Box<dyn Write + Send> = match config.console {
             ConsoleSink::Stdout => Box::new(std::io::stdout()),
             ConsoleSink::Discard => Box::new(std::io::sink()),
             ConsoleSink::Writer(w) => w,
         };
-        let console_lines = config.keep_console.then(|| Arc::new(Mutex::new(Vec::new())));
+        let console_lines = config
+            .keep_console
+            .then(|| Arc::new(Mutex::new(Vec::new())));
         let bus = Arc::new(PortBus::new(
-            SerialConsole::new(IrqTrigger(irq), ConsoleOut::new(sink, console_lines.clone())),
+            SerialConsole::new(
+                IrqTrigger(irq),
+                ConsoleOut::new(sink, console_lines.clone()),
+            ),
             ReportBook::new(mem.clone(), config.vcpus),
         ));
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm { what: "supported CPUID", source })?;
+            .map_err(|source| VmError::Kvm {
+                what: "supported CPUID",
+                source,
+            })?;
         let mut fds = Vec::with_capacity(config.vcpus);
         for id in 0..config.vcpus {
             fds.push(vcpu::create(&vm_fd, id, config.vcpus, &spec, &cpuid)?);
@@ -258,7 +293,8 @@ impl Vm {
 
         let control = Arc::new(Control::new(config.vcpus));
         let kickers: Arc<OnceLock<Vec<kick::Kicker>>> = Arc::new(OnceLock::new());
-        let stop: Arc<(Mutex<Option<StopReason>>, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
+        let stop: Arc<(Mutex<Option<StopReason>>, Condvar)> =
+            Arc::new((Mutex::new(None), Condvar::new()));
         let on_stop = {
             let stop = stop.clone();
             let control = control.clone();
@@ -283,7 +319,10 @@ impl Vm {
                     b.wait();
                     t.run()
                 })
-                .map_err(|source| VmError::Host { what: "a vCPU thread", source })?;
+                .map_err(|source| VmError::Host {
+                    what: "a vCPU thread",
+                    source,
+                })?;
             threads.push(handle);
         }
         let _ = kickers.set(threads.iter().map(kick::Kicker::for_thread).collect());
@@ -343,13 +382,21 @@ impl Vm {
         tracing::debug!(park_us, vcpus = paused.snapshots.len(), "vCPUs paused");
         let info = PauseInfo {
             park_us,
-            vcpus: paused.snapshots.iter().map(|s| s.as_ref().map(RegsSummary::from)).collect(),
+            vcpus: paused
+                .snapshots
+                .iter()
+                .map(|s| s.as_ref().map(RegsSummary::from))
+                .collect(),
         };
         Ok((info, paused.snapshots))
     }
 
     /// Queues new registers for a parked vCPU (loaded before it re-enters the guest).
-    pub fn set_regs_on_resume(&self, id: usize, regs: kvm_bindings::kvm_regs) -> Result<(), ControlError> {
+    pub fn set_regs_on_resume(
+        &self,
+        id: usize,
+        regs: kvm_bindings::kvm_regs,
+    ) -> Result<(), ControlError> {
         self.control.set_update(id, regs)
     }
 
@@ -436,7 +483,11 @@ impl Vm {
 
     /// The stop reason, if the VM is stopping.
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.stop.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.stop
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Waits until the VM stops (or `timeout` passes; then `None`).
@@ -451,7 +502,8 @@ impl Vm {
 
     /// Joins the vCPU threads once a stop was requested; flushes the console.
     pub fn join(&self) {
-        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let threads: Vec<_> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
         }

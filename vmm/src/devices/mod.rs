@@ -139,7 +139,12 @@ impl PortBus {
                 PioOutcome::Handled
             }
             _ => {
-                tracing::trace!(vcpu, port = format_args!("{port:#x}"), ?data, "write to an unclaimed port");
+                tracing::trace!(
+                    vcpu,
+                    port = format_args!("{port:#x}"),
+                    ?data,
+                    "write to an unclaimed port"
+                );
                 PioOutcome::Handled
             }
         }

@@ -41,7 +41,9 @@ impl GuestReport {
             v.copy_from_slice(&b[o..o + 8]);
             u64::from_le_bytes(v)
         };
-        if u32_at(0) != guest_tools::protocol::REPORT_MAGIC || u16_at(4) != guest_tools::protocol::PROTOCOL_VERSION {
+        if u32_at(0) != guest_tools::protocol::REPORT_MAGIC
+            || u16_at(4) != guest_tools::protocol::PROTOCOL_VERSION
+        {
             return None;
         }
         Some(GuestReport {
@@ -125,7 +127,12 @@ impl ReportBook {
         let expected = entry.last.map(|l| l.seq + 1).unwrap_or(1);
         if report.seq != expected {
             entry.seq_errors += 1;
-            tracing::warn!(vcpu, seq = report.seq, expected, "guest report out of sequence");
+            tracing::warn!(
+                vcpu,
+                seq = report.seq,
+                expected,
+                "guest report out of sequence"
+            );
         }
         if entry.first.is_none() {
             entry.first = Some((now, report.calls));
@@ -158,7 +165,10 @@ mod tests {
 
     #[test]
     fn layout_matches_the_guest_protocol() {
-        assert_eq!(std::mem::size_of::<guest_tools::protocol::Report>(), REPORT_SIZE);
+        assert_eq!(
+            std::mem::size_of::<guest_tools::protocol::Report>(),
+            REPORT_SIZE
+        );
     }
 
     #[test]
@@ -166,11 +176,13 @@ mod tests {
         let mem = crate::memory::allocate(4 << 20).expect("memory");
         let book = ReportBook::new(mem.clone(), 2);
         for (seq, gpa) in [(1u64, 0x1000u64), (2, 0x1000), (4, 0x1000)] {
-            mem.write_slice(&record_bytes(1, seq, seq * 100), GuestAddress(gpa)).expect("write");
+            mem.write_slice(&record_bytes(1, seq, seq * 100), GuestAddress(gpa))
+                .expect("write");
             book.record(1, gpa);
         }
         // Wrong vCPU in the record, an address outside RAM, and garbage.
-        mem.write_slice(&record_bytes(0, 5, 0), GuestAddress(0x2000)).expect("write");
+        mem.write_slice(&record_bytes(0, 5, 0), GuestAddress(0x2000))
+            .expect("write");
         book.record(1, 0x2000);
         book.record(1, 1 << 40);
         book.record(0, 0x3000);

@@ -48,9 +48,14 @@ impl ConsoleOut {
         if self.line.is_empty() {
             return Ok(());
         }
-        let r = self.sink.write_all(&self.line).and_then(|_| self.sink.flush());
+        let r = self
+            .sink
+            .write_all(&self.line)
+            .and_then(|_| self.sink.flush());
         if let Some(tee) = &self.tee {
-            let text = String::from_utf8_lossy(&self.line).trim_end_matches('\n').to_string();
+            let text = String::from_utf8_lossy(&self.line)
+                .trim_end_matches('\n')
+                .to_string();
             tee.lock().unwrap_or_else(|e| e.into_inner()).push(text);
         }
         self.line.clear();
@@ -107,7 +112,10 @@ impl SerialConsole {
     }
 
     pub fn read(&self, offset: u8) -> u8 {
-        self.uart.lock().unwrap_or_else(|e| e.into_inner()).read(offset)
+        self.uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset)
     }
 
     /// Emits a partial last line, if the guest left one.
@@ -125,7 +133,10 @@ mod tests {
     struct Shared(Arc<Mutex<Vec<u8>>>);
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -144,10 +155,19 @@ mod tests {
         for b in b"hello\nwor" {
             console.write(0, *b);
         }
-        assert_eq!(sink.0.lock().map(|v| v.clone()).unwrap_or_default(), b"hello\n");
+        assert_eq!(
+            sink.0.lock().map(|v| v.clone()).unwrap_or_default(),
+            b"hello\n"
+        );
         console.finish();
-        assert_eq!(sink.0.lock().map(|v| v.clone()).unwrap_or_default(), b"hello\nwor");
-        assert_eq!(*tee.lock().expect("tee"), vec!["hello".to_string(), "wor".to_string()]);
+        assert_eq!(
+            sink.0.lock().map(|v| v.clone()).unwrap_or_default(),
+            b"hello\nwor"
+        );
+        assert_eq!(
+            *tee.lock().expect("tee"),
+            vec!["hello".to_string(), "wor".to_string()]
+        );
         // Line status register: transmitter empty, so a polling guest never waits.
         assert_ne!(console.read(5) & 0x20, 0);
     }

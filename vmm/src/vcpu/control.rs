@@ -162,7 +162,11 @@ impl<S: Clone, U> VcpuControl<S, U> {
         if st.request == Request::Pause {
             st.snapshots[id] = Some(snap);
             st.phases[id] = VcpuPhase::Parked;
-            if st.phases.iter().all(|p| matches!(p, VcpuPhase::Parked | VcpuPhase::Exited)) {
+            if st
+                .phases
+                .iter()
+                .all(|p| matches!(p, VcpuPhase::Parked | VcpuPhase::Exited))
+            {
                 st.all_parked_at = Some(Instant::now());
             }
             self.to_controller.notify_all();
@@ -174,7 +178,11 @@ impl<S: Clone, U> VcpuControl<S, U> {
             }
         }
         st.phases[id] = VcpuPhase::Running;
-        if st.phases.iter().all(|p| matches!(p, VcpuPhase::Running | VcpuPhase::Exited)) {
+        if st
+            .phases
+            .iter()
+            .all(|p| matches!(p, VcpuPhase::Running | VcpuPhase::Exited))
+        {
             st.all_running_at = Some(Instant::now());
         }
         let update = st.updates[id].take();
@@ -188,7 +196,10 @@ impl<S: Clone, U> VcpuControl<S, U> {
         st.phases[id] = VcpuPhase::Exited;
         if st.request == Request::Pause
             && st.all_parked_at.is_none()
-            && st.phases.iter().all(|p| matches!(p, VcpuPhase::Parked | VcpuPhase::Exited))
+            && st
+                .phases
+                .iter()
+                .all(|p| matches!(p, VcpuPhase::Parked | VcpuPhase::Exited))
         {
             st.all_parked_at = Some(Instant::now());
         }
@@ -206,7 +217,11 @@ impl<S: Clone, U> VcpuControl<S, U> {
     /// Parks every vCPU. `kick(ids)` must force the listed vCPUs out of the guest promptly;
     /// it is called once, then again every 10 ms for those not parked yet. On timeout the
     /// pause is cancelled (the guest keeps running) and the stuck vCPUs are named.
-    pub fn pause(&self, kick: &dyn Fn(&[usize]), timeout: Duration) -> Result<Paused<S>, ControlError> {
+    pub fn pause(
+        &self,
+        kick: &dyn Fn(&[usize]),
+        timeout: Duration,
+    ) -> Result<Paused<S>, ControlError> {
         let requested_at = Instant::now();
         let mut st = self.lock();
         match st.request {
@@ -217,7 +232,10 @@ impl<S: Clone, U> VcpuControl<S, U> {
         // A previous resume must have completed (every vCPU back to running) before a new pause,
         // otherwise a vCPU still waking up would be counted as parked.
         while st.phases.iter().any(|p| *p == VcpuPhase::Parked) {
-            st = self.to_controller.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self
+                .to_controller
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
         }
         st.request = Request::Pause;
         st.all_parked_at = None;
@@ -301,7 +319,10 @@ impl<S: Clone, U> VcpuControl<S, U> {
         self.attention.store(false, Ordering::Release);
         self.to_vcpus.notify_all();
         while st.request == Request::Run && st.phases.iter().any(|p| *p == VcpuPhase::Parked) {
-            st = self.to_controller.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self
+                .to_controller
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
         }
         let running_at = st.all_running_at.unwrap_or_else(Instant::now);
         Ok(Resumed {
@@ -402,17 +423,32 @@ mod tests {
         let paused = f.control.pause(NO_KICK, T).expect("pause");
         assert!(f.control.phases().iter().all(|p| *p == VcpuPhase::Parked));
         // Snapshots are what each vCPU saw when it parked, and nothing moves while parked.
-        let frozen: Vec<u64> = f.progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
-        let snaps: Vec<u64> = paused.snapshots.iter().map(|s| s.unwrap_or(u64::MAX)).collect();
+        let frozen: Vec<u64> = f
+            .progress
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect();
+        let snaps: Vec<u64> = paused
+            .snapshots
+            .iter()
+            .map(|s| s.unwrap_or(u64::MAX))
+            .collect();
         assert_eq!(frozen, snaps);
         thread::sleep(Duration::from_millis(20));
-        let later: Vec<u64> = f.progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+        let later: Vec<u64> = f
+            .progress
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect();
         assert_eq!(frozen, later);
         f.control.resume().expect("resume");
         assert!(f.control.phases().iter().all(|p| *p == VcpuPhase::Running));
         thread::sleep(Duration::from_millis(20));
         for (p, before) in f.progress.iter().zip(frozen) {
-            assert!(p.load(Ordering::SeqCst) > before, "vCPU did not run after resume");
+            assert!(
+                p.load(Ordering::SeqCst) > before,
+                "vCPU did not run after resume"
+            );
         }
         f.control.stop(NO_KICK);
         for t in f.threads {
@@ -426,7 +462,10 @@ mod tests {
         wait_running(&f.control);
         assert_eq!(f.control.resume().err(), Some(ControlError::NotPaused));
         f.control.pause(NO_KICK, T).expect("pause");
-        assert_eq!(f.control.pause(NO_KICK, T).err(), Some(ControlError::AlreadyPaused));
+        assert_eq!(
+            f.control.pause(NO_KICK, T).err(),
+            Some(ControlError::AlreadyPaused)
+        );
         f.control.resume().expect("resume");
         f.control.stop(NO_KICK);
         for t in f.threads {
@@ -454,13 +493,23 @@ mod tests {
     fn updates_reach_the_parked_vcpu() {
         let f = spawn(2);
         wait_running(&f.control);
-        assert_eq!(f.control.set_update(1, 7).err(), Some(ControlError::NotPaused));
+        assert_eq!(
+            f.control.set_update(1, 7).err(),
+            Some(ControlError::NotPaused)
+        );
         f.control.pause(NO_KICK, T).expect("pause");
         f.control.set_update(1, 42).expect("update");
-        assert_eq!(f.control.set_update(9, 1).err(), Some(ControlError::NoSuchVcpu(9)));
+        assert_eq!(
+            f.control.set_update(9, 1).err(),
+            Some(ControlError::NoSuchVcpu(9))
+        );
         f.control.resume().expect("resume");
         f.control.stop(NO_KICK);
-        let updates: Vec<Vec<u64>> = f.threads.into_iter().map(|t| t.join().expect("join")).collect();
+        let updates: Vec<Vec<u64>> = f
+            .threads
+            .into_iter()
+            .map(|t| t.join().expect("join"))
+            .collect();
         assert_eq!(updates, vec![vec![], vec![42]]);
     }
 
@@ -474,7 +523,10 @@ mod tests {
             t.join().expect("join");
         }
         assert!(f.control.phases().iter().all(|p| *p == VcpuPhase::Exited));
-        assert_eq!(f.control.pause(NO_KICK, T).err(), Some(ControlError::Stopped));
+        assert_eq!(
+            f.control.pause(NO_KICK, T).err(),
+            Some(ControlError::Stopped)
+        );
     }
 
     #[test]
@@ -531,7 +583,10 @@ mod tests {
                 timeout_ms: 60
             })
         );
-        assert!(kicks.load(Ordering::SeqCst) >= 3, "stuck vCPUs must be re-kicked");
+        assert!(
+            kicks.load(Ordering::SeqCst) >= 3,
+            "stuck vCPUs must be re-kicked"
+        );
         assert!(!control.is_paused());
         control.stop(NO_KICK);
         t.join().expect("join");

@@ -71,8 +71,16 @@ pub enum VcpuError {
 }
 
 /// Creates vCPU `id` and loads the entry state of `spec` into it.
-pub fn create(vm: &VmFd, id: usize, vcpus: usize, spec: &BootSpec, base_cpuid: &CpuId) -> Result<VcpuFd, VcpuError> {
-    let fd = vm.create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
+pub fn create(
+    vm: &VmFd,
+    id: usize,
+    vcpus: usize,
+    spec: &BootSpec,
+    base_cpuid: &CpuId,
+) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .create_vcpu(id as u64)
+        .map_err(|source| VcpuError::Create { id, source })?;
     let setup = |what, source| VcpuError::Setup { id, what, source };
     let cpuid = crate::cpuid::for_vcpu(base_cpuid, id, vcpus);
     fd.set_cpuid2(&cpuid).map_err(|e| setup("CPUID", e))?;
@@ -82,9 +90,12 @@ pub fn create(vm: &VmFd, id: usize, vcpus: usize, spec: &BootSpec, base_cpuid: &
         ..Default::default()
     };
     fd.set_fpu(&fpu).map_err(|e| setup("FPU", e))?;
-    let mut sregs = fd.get_sregs().map_err(|e| setup("reading special registers", e))?;
+    let mut sregs = fd
+        .get_sregs()
+        .map_err(|e| setup("reading special registers", e))?;
     let regs = boot::entry_state(spec, &mut sregs);
-    fd.set_sregs(&sregs).map_err(|e| setup("special registers", e))?;
+    fd.set_sregs(&sregs)
+        .map_err(|e| setup("special registers", e))?;
     fd.set_regs(&regs).map_err(|e| setup("registers", e))?;
     set_lint(&fd).map_err(|e| setup("local APIC", e))?;
     // With an in-kernel irqchip, KVM leaves application processors waiting for INIT/SIPI; this
@@ -146,7 +157,10 @@ impl VcpuThread {
         let clear_immediate_exit = || {
             // SAFETY: same pointer as above, still valid; accessed atomically because the kick
             // handler may store to it at any time on this thread.
-            unsafe { std::sync::atomic::AtomicU8::from_ptr(flag).store(0, std::sync::atomic::Ordering::SeqCst) };
+            unsafe {
+                std::sync::atomic::AtomicU8::from_ptr(flag)
+                    .store(0, std::sync::atomic::Ordering::SeqCst)
+            };
         };
 
         // Register the thread as running (or park at once if a pause came first).
@@ -185,7 +199,7 @@ impl VcpuThread {
                             vcpu: id,
                             vector: r.rdi,
                             rip: r.rsi,
-                            error_code: r.rdx,
+                            error_code: r.r9,
                             cr2: r.rcx,
                         })
                     }
@@ -195,12 +209,20 @@ impl VcpuThread {
                     None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    tracing::trace!(vcpu = id, addr = format_args!("{addr:#x}"), "read of unbacked MMIO");
+                    tracing::trace!(
+                        vcpu = id,
+                        addr = format_args!("{addr:#x}"),
+                        "read of unbacked MMIO"
+                    );
                     data.fill(0xff);
                     None
                 }
                 Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    tracing::trace!(vcpu = id, addr = format_args!("{addr:#x}"), "write to unbacked MMIO");
+                    tracing::trace!(
+                        vcpu = id,
+                        addr = format_args!("{addr:#x}"),
+                        "write to unbacked MMIO"
+                    );
                     None
                 }
                 Ok(VcpuExit::Hlt) => None,
@@ -215,7 +237,9 @@ impl VcpuThread {
                 }),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PoweredOff(0),
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Requested("the guest asked for a reset".into()),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        StopReason::Requested("the guest asked for a reset".into())
+                    }
                     other => StopReason::VcpuError {
                         vcpu: id,
                         message: format!("system event {other}"),
@@ -230,7 +254,9 @@ impl VcpuThread {
                 }),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(StopReason::VcpuError {
                     vcpu: id,
-                    message: format!("KVM could not enter the guest: hardware reason {reason:#x} on host CPU {cpu}"),
+                    message: format!(
+                        "KVM could not enter the guest: hardware reason {reason:#x} on host CPU {cpu}"
+                    ),
                 }),
                 Ok(other) => Some(StopReason::VcpuError {
                     vcpu: id,
