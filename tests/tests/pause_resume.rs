@@ -104,7 +104,10 @@ fn thousand_pause_resume_cycles_while_the_guest_runs() {
     vmm.signal(libc::SIGTERM);
     let exit = vmm.wait(Duration::from_secs(30));
     assert!(!exit.success() || exit.code() == Some(0), "{exit}");
-    let lines = vmm.lines();
+    let mut lines = vmm.lines();
+    // The VM was stopped by a signal, possibly mid-line: the VMM flushes that partial line, which
+    // is not a report to check.
+    lines.pop();
     let by_vcpu = reports_by_vcpu(&lines);
     assert_eq!(by_vcpu.len(), 2);
     for (i, cpu) in status["vcpu"].as_array().expect("vcpus").iter().enumerate() {
