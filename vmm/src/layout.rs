@@ -129,7 +129,7 @@ mod tests {
         assert_eq!(regions[1].start, MMIO_HOLE_END);
         let total: u64 = regions.iter().map(|r| r.size).sum();
         assert_eq!(total, 6 << 30);
-        assert!(KVM_TSS_ADDR >= MMIO_HOLE_START && KVM_TSS_ADDR + 3 * 4096 <= MMIO_HOLE_END);
+        const { assert!(KVM_TSS_ADDR >= MMIO_HOLE_START && KVM_TSS_ADDR + 3 * 4096 <= MMIO_HOLE_END) };
     }
 
     #[test]

@@ -231,7 +231,7 @@ impl<S: Clone, U> VcpuControl<S, U> {
         }
         // A previous resume must have completed (every vCPU back to running) before a new pause,
         // otherwise a vCPU still waking up would be counted as parked.
-        while st.phases.iter().any(|p| *p == VcpuPhase::Parked) {
+        while st.phases.contains(&VcpuPhase::Parked) {
             st = self
                 .to_controller
                 .wait(st)
@@ -318,7 +318,7 @@ impl<S: Clone, U> VcpuControl<S, U> {
         st.request = Request::Run;
         self.attention.store(false, Ordering::Release);
         self.to_vcpus.notify_all();
-        while st.request == Request::Run && st.phases.iter().any(|p| *p == VcpuPhase::Parked) {
+        while st.request == Request::Run && st.phases.contains(&VcpuPhase::Parked) {
             st = self
                 .to_controller
                 .wait(st)
@@ -407,7 +407,7 @@ mod tests {
 
     fn wait_running(c: &VcpuControl<u64, u64>) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while c.phases().iter().any(|p| *p == VcpuPhase::Starting) {
+        while c.phases().contains(&VcpuPhase::Starting) {
             assert!(Instant::now() < deadline, "vCPUs never started");
             thread::sleep(Duration::from_millis(1));
         }
@@ -560,10 +560,8 @@ mod tests {
         let t = thread::spawn(move || {
             c.checkpoint(0, || 0);
             loop {
-                if c.wants_attention() {
-                    if let Checkpoint::Stop = c.checkpoint(0, || 0) {
-                        break;
-                    }
+                if c.wants_attention() && c.checkpoint(0, || 0) == Checkpoint::Stop {
+                    break;
                 }
                 thread::sleep(Duration::from_micros(100));
             }
