@@ -32,17 +32,21 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use console::Line;
 use protocol::{EXIT_BAD_CMDLINE, EXIT_BAD_START_INFO, EXIT_OK, EXIT_PANIC};
 
-/// Which image this is (`Report::build`).
+/// Which image this is (`Report::build`). A named static read at run time, not a constant: code
+/// that uses it is then byte-identical in v1 and v2 (it refers to the same symbol), so the
+/// v1 → v2 difference is exactly the functions that were fixed.
 #[cfg(not(guest_v2))]
-pub const BUILD: u32 = protocol::BUILD_V1;
+#[unsafe(no_mangle)]
+pub static GUEST_BUILD: u32 = protocol::BUILD_V1;
 #[cfg(guest_v2)]
-pub const BUILD: u32 = protocol::BUILD_V2;
+#[unsafe(no_mangle)]
+pub static GUEST_BUILD: u32 = protocol::BUILD_V2;
 
-/// The build's name on the console.
-#[cfg(not(guest_v2))]
-pub const BUILD_NAME: &str = "v1";
-#[cfg(guest_v2)]
-pub const BUILD_NAME: &str = "v2";
+/// The build's number as the console shows it (`build=v<n>`).
+pub fn build() -> u32 {
+    // SAFETY: reading a plain static; volatile so the value is not folded into the code.
+    unsafe { core::ptr::read_volatile(&raw const GUEST_BUILD) }
+}
 
 /// vCPUs that reached ring 3.
 static ONLINE: AtomicU32 = AtomicU32::new(0);
@@ -56,7 +60,7 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     ONLINE.fetch_add(1, Ordering::SeqCst);
 
     let mut line = Line::new();
-    line.str("hp: vcpu=").u64(cpu).str(" online build=").str(BUILD_NAME);
+    line.str("hp: vcpu=").u64(cpu).str(" online build=v").u64(u64::from(build()));
     line.emit();
 
     let raw = match cmdline::from_start_info(start_info) {

@@ -130,7 +130,7 @@ pub fn run(cpu: u64, opts: &Options) {
             magic: protocol::REPORT_MAGIC,
             version: protocol::PROTOCOL_VERSION,
             vcpu: cpu as u16,
-            build: crate::BUILD,
+            build: crate::build(),
             flags: if last { protocol::REPORT_FLAG_FINAL } else { 0 },
             seq,
             calls,

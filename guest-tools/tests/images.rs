@@ -48,27 +48,61 @@ fn both_builds_are_pvh_elf64_with_symbols() {
         assert!(elf.is_64());
         let entry = pvh_entry(&elf).expect("PVH note");
         let text = elf.section_by_name(".text").expect(".text");
-        let (start, size) = (object::ObjectSection::address(&text), object::ObjectSection::size(&text));
+        let (start, size) = (
+            object::ObjectSection::address(&text),
+            object::ObjectSection::size(&text),
+        );
         assert!(u64::from(entry) >= start && u64::from(entry) < start + size);
-        for name in ["compute", "triangle", "mix", "next_input", "guest_main", "pvh_start32"] {
-            assert!(elf.symbols().any(|s| s.name() == Ok(name)), "{build:?} lacks {name}");
+        for name in [
+            "compute",
+            "triangle",
+            "mix",
+            "next_input",
+            "guest_main",
+            "pvh_start32",
+        ] {
+            assert!(
+                elf.symbols().any(|s| s.name() == Ok(name)),
+                "{build:?} lacks {name}"
+            );
         }
-        assert!(elf.build_id().ok().flatten().is_some(), "{build:?} has no build id");
+        assert!(
+            elf.build_id().ok().flatten().is_some(),
+            "{build:?} has no build id"
+        );
     }
 }
 
 #[test]
 fn v2_changes_compute_and_triangle_only() {
     let (d1, d2) = (test_guest(GuestBuild::V1), test_guest(GuestBuild::V2));
-    let (e1, e2) = (object::File::parse(d1).expect("v1"), object::File::parse(d2).expect("v2"));
+    let (e1, e2) = (
+        object::File::parse(d1).expect("v1"),
+        object::File::parse(d2).expect("v2"),
+    );
     for changed in ["compute", "triangle"] {
-        assert_ne!(symbol_bytes(&e1, d1, changed), symbol_bytes(&e2, d2, changed), "{changed}");
+        assert_ne!(
+            symbol_bytes(&e1, d1, changed),
+            symbol_bytes(&e2, d2, changed),
+            "{changed}"
+        );
     }
     for same in ["mix", "next_input"] {
-        assert_eq!(symbol_bytes(&e1, d1, same), symbol_bytes(&e2, d2, same), "{same}");
+        assert_eq!(
+            symbol_bytes(&e1, d1, same),
+            symbol_bytes(&e2, d2, same),
+            "{same}"
+        );
     }
-    let compute = |e: &object::File<'_>| e.symbols().find(|s| s.name() == Ok("compute")).map(|s| s.size());
-    assert!(compute(&e2) > compute(&e1), "v2's compute must be longer so later code moves");
+    let compute = |e: &object::File<'_>| {
+        e.symbols()
+            .find(|s| s.name() == Ok("compute"))
+            .map(|s| s.size())
+    };
+    assert!(
+        compute(&e2) > compute(&e1),
+        "v2's compute must be longer so later code moves"
+    );
 }
 
 #[test]
@@ -76,7 +110,11 @@ fn v1_and_v2_always_disagree_on_generated_inputs() {
     for cpu in 0..4 {
         for x in reference::Inputs::for_vcpu(cpu).take(100_000) {
             assert!((reference::INPUT_MIN..=reference::INPUT_MAX).contains(&x));
-            assert_ne!(reference::compute_v1(x), reference::compute_v2(x), "x = {x}");
+            assert_ne!(
+                reference::compute_v1(x),
+                reference::compute_v2(x),
+                "x = {x}"
+            );
         }
     }
 }

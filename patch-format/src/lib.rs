@@ -1,1 +1,32 @@
-//! The hot-patch file format (see docs/patch-format.md).
+//! The hot-patch file format (`.hpatch`, format version 1; see
+//! `docs/patch-format.md`): the patch model, its canonical encoding and strict
+//! parser, ed25519 signing, relocation resolution, and builders that make
+//! patches from ELF files. Knows nothing of KVM.
+
+mod build;
+mod codec;
+mod elf;
+mod inspect;
+mod manifest;
+mod model;
+mod reloc;
+mod sign;
+mod x86;
+
+pub use build::{BuildError, BuildOutput, BuildReport, PatchInfo, build_from_elfs, diff_elfs};
+pub use codec::{
+    EncodeError, HEADER_LEN, MAGIC, ParseError, ParsedPatch, SIGNATURE_CONTEXT, parse,
+};
+pub use elf::ElfError;
+pub use inspect::{format_utc, inspect_json, inspect_text};
+pub use manifest::{
+    Manifest, ManifestSite, ManifestTarget, build_from_manifest, build_from_manifest_file,
+    parse_location,
+};
+pub use model::*;
+pub use reloc::{RelocError, apply_relocations};
+pub use sign::{
+    KeyFileError, KeyId, PUBLIC_KEY_HEADER, PublicKey, SECRET_KEY_HEADER, SecretKey,
+    SignatureBlock, VerifyError, sign_file, unsigned_file,
+};
+pub use x86::{DisasmLine, disassemble};

@@ -10,8 +10,24 @@ use integration_tests::*;
 fn test_guest_boots_under_qemu() {
     require_kvm();
     let out = Command::new("timeout")
-        .args(["120", "qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-m", "64M", "-display", "none"])
-        .args(["-nodefaults", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args([
+            "120",
+            "qemu-system-x86_64",
+            "-enable-kvm",
+            "-M",
+            "pc",
+            "-m",
+            "64M",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+        ])
         .arg("-kernel")
         .arg(test_guest_path(GuestBuild::V1))
         .args(["-append", "reports=2 batch=1000000"])
@@ -20,7 +36,12 @@ fn test_guest_boots_under_qemu() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
     // isa-debug-exit turns the guest's status 0 into QEMU exit code 1.
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reports = reports_by_vcpu(&lines);
     let vcpu0 = reports.get(&0).expect("reports from vCPU 0");
     assert_eq!(vcpu0.len(), 2);

@@ -1,0 +1,216 @@
+//! Human- and machine-readable views of a parsed patch (`vmm patch inspect`).
+
+use crate::codec::ParsedPatch;
+use crate::model::*;
+use crate::sign::{PublicKey, SignatureBlock};
+use crate::x86::{DisasmLine, disassemble};
+use serde_json::{Value, json};
+use std::fmt::Write;
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (proleptic
+/// Gregorian calendar, Howard Hinnant's civil-from-days algorithm).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// What `inspect` says about the signature.
+fn signature_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> String {
+    let base = match &p.signature {
+        SignatureBlock::Unsigned => {
+            return "UNSIGNED (development only; will be refused by verify/apply)".into();
+        }
+        SignatureBlock::Ed25519 { key_id, .. } => format!("ed25519, key id {key_id}"),
+    };
+    match trusted {
+        None => format!("{base} (not verified: pass --trusted-key to check)"),
+        Some(keys) => match p.verify(keys) {
+            Ok(_) => format!("{base}, VALID"),
+            Err(e) => format!("{base}, INVALID: {e}"),
+        },
+    }
+}
+
+fn sym_plus(sym: &str, addend: i64) -> String {
+    if addend < 0 {
+        format!("{sym}-{:#x}", addend.unsigned_abs())
+    } else {
+        format!("{sym}+{addend:#x}")
+    }
+}
+
+fn listing(out: &mut String, lines: &[DisasmLine]) {
+    for l in lines {
+        let _ = writeln!(out, "      {:>6x}  {:<24} {}", l.offset, l.bytes, l.text);
+    }
+}
+
+/// A readable multi-line description: id, signature, metadata, target, and
+/// every site with a disassembly of its old (expected) and new code.
+pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> String {
+    let mut o = String::new();
+    let m = &p.patch.meta;
+    let t = &p.patch.target;
+    let _ = writeln!(o, "patch id     {}", p.id);
+    let _ = writeln!(
+        o,
+        "format       version {FORMAT_VERSION}, {} bytes",
+        p.file_len()
+    );
+    let _ = writeln!(o, "signature    {}", signature_text(p, trusted));
+    let _ = writeln!(o, "name         {}", m.name);
+    let _ = writeln!(
+        o,
+        "author       {}",
+        if m.author.is_empty() { "-" } else { &m.author }
+    );
+    let _ = writeln!(o, "created      {} ({})", format_utc(m.created), m.created);
+    let adv = if m.advisories.is_empty() {
+        "-".to_string()
+    } else {
+        m.advisories.join(", ")
+    };
+    let _ = writeln!(o, "advisories   {adv}");
+    if m.replaces.is_empty() {
+        let _ = writeln!(o, "replaces     -");
+    }
+    for r in &m.replaces {
+        let _ = writeln!(o, "replaces     {r}");
+    }
+    if !m.description.is_empty() {
+        let _ = writeln!(o, "description");
+        for line in m.description.lines() {
+            let _ = writeln!(o, "  {line}");
+        }
+    }
+    let _ = writeln!(o, "target       {}", t.name);
+    let _ = writeln!(
+        o,
+        "  build id     {}",
+        t.build_id
+            .as_ref()
+            .map(hex::encode)
+            .unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        o,
+        "  text sha256  {}",
+        t.text_sha256
+            .as_ref()
+            .map(hex::encode)
+            .unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(o, "sites        {}", p.patch.sites.len());
+    for (i, s) in p.patch.sites.iter().enumerate() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "site {i}: {} at {}", s.kind.as_str(), s.target);
+        let _ = writeln!(
+            o,
+            "  expected {} bytes, new code {} bytes, {} relocations",
+            s.expected.len(),
+            s.code.len(),
+            s.relocations.len()
+        );
+        for r in &s.relocations {
+            let _ = writeln!(
+                o,
+                "    +{:#06x}  {:<6}  {}",
+                r.offset,
+                r.kind.as_str(),
+                sym_plus(&r.symbol, r.addend)
+            );
+        }
+        let _ = writeln!(o, "  old code (expected bytes):");
+        listing(
+            &mut o,
+            &disassemble(&s.expected, &[], Some(&s.target.to_string())),
+        );
+        let _ = writeln!(o, "  new code:");
+        listing(&mut o, &disassemble(&s.code, &s.relocations, None));
+    }
+    o
+}
+
+/// The same information as JSON (for scripts).
+pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> Value {
+    let m = &p.patch.meta;
+    let t = &p.patch.target;
+    let signature = match &p.signature {
+        SignatureBlock::Unsigned => json!({"kind": "unsigned"}),
+        SignatureBlock::Ed25519 { key_id, signature } => {
+            let verified = trusted.map(|k| match p.verify(k) {
+                Ok(_) => json!(true),
+                Err(e) => json!(e.to_string()),
+            });
+            json!({"kind": "ed25519", "key_id": key_id.to_string(),
+                   "signature": hex::encode(signature), "verified": verified})
+        }
+    };
+    let sites: Vec<Value> = p
+        .patch
+        .sites
+        .iter()
+        .map(|s| {
+            let (sym, off, addr) = match &s.target {
+                Location::Symbol { name, offset } => (Some(name.clone()), Some(*offset), None),
+                Location::Address(a) => (None, None, Some(*a)),
+            };
+            json!({
+                "kind": s.kind.as_str(),
+                "target": s.target.to_string(),
+                "symbol": sym, "offset": off, "address": addr,
+                "expected": hex::encode(&s.expected),
+                "code": hex::encode(&s.code),
+                "relocations": s.relocations.iter().map(|r| json!({
+                    "offset": r.offset, "kind": r.kind.as_str(), "symbol": r.symbol, "addend": r.addend
+                })).collect::<Vec<_>>(),
+                "old_disassembly": disassemble(&s.expected, &[], Some(&s.target.to_string())),
+                "new_disassembly": disassemble(&s.code, &s.relocations, None),
+            })
+        })
+        .collect();
+    json!({
+        "id": p.id.to_string(),
+        "format_version": FORMAT_VERSION,
+        "file_size": p.file_len(),
+        "signature": signature,
+        "name": m.name,
+        "description": m.description,
+        "author": m.author,
+        "created": m.created,
+        "created_utc": format_utc(m.created),
+        "advisories": m.advisories,
+        "replaces": m.replaces.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        "target": {
+            "name": t.name,
+            "build_id": t.build_id.as_ref().map(hex::encode),
+            "text_sha256": t.text_sha256.as_ref().map(hex::encode),
+        },
+        "sites": sites,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc() {
+        assert_eq!(super::format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::format_utc(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(super::format_utc(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

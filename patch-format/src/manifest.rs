@@ -1,0 +1,442 @@
+//! Building a patch by hand: a TOML manifest names the target symbols and an
+//! ELF relocatable object (`.o`) holds the new code.
+//!
+//! ```toml
+//! name = "fix-compute"
+//! description = "Bounds check in compute"
+//! author = "Jane Doe <jane@example.org>"
+//! advisories = ["CVE-2026-0001"]
+//! replaces = []                 # patch ids (hex) this one supersedes
+//! created = 1700000000          # optional; else the builder's default
+//! object = "fix.o"              # relative to the manifest's directory
+//!
+//! [target]
+//! elf = "guest-v1.elf"          # identity and expected bytes come from here
+//! name = "test-guest v1"        # optional; default: the file name
+//!
+//! [[site]]
+//! kind = "function"
+//! target = "compute"            # or "compute+0x10", or "0x101234"
+//! code = "compute_fixed"        # symbol in the object
+//!
+//! [[site]]
+//! kind = "micropatch"
+//! at = "triangle+0x12"          # an instruction boundary
+//! code = "triangle_check"
+//! ```
+
+use crate::build::{BuildError, BuildOutput, BuildReport, PatchInfo, metadata};
+use crate::elf::{Image, Sym, SymKind};
+use crate::model::*;
+use crate::x86::decode_all;
+use object::{
+    Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SymbolKind,
+    SymbolSection,
+};
+use serde::Deserialize;
+use std::path::Path;
+
+/// A parsed manifest file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub author: String,
+    #[serde(default)]
+    pub advisories: Vec<String>,
+    #[serde(default)]
+    pub replaces: Vec<String>,
+    pub created: Option<u64>,
+    /// Path of the relocatable object with the new code.
+    pub object: String,
+    pub target: ManifestTarget,
+    #[serde(rename = "site", default)]
+    pub sites: Vec<ManifestSite>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestTarget {
+    /// Path of the guest image the patch applies to.
+    pub elf: String,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSite {
+    /// `"function"` or `"micropatch"`.
+    pub kind: String,
+    /// Function sites: what to replace.
+    pub target: Option<String>,
+    /// Micropatch sites: where to insert.
+    pub at: Option<String>,
+    /// Symbol in the object holding the new code.
+    pub code: String,
+}
+
+impl Manifest {
+    pub fn parse(text: &str) -> Result<Manifest, BuildError> {
+        toml::from_str(text).map_err(|e| BuildError::Manifest(e.to_string()))
+    }
+}
+
+/// Parses `name`, `name+0x12`, `name+18` or an address `0x101234`.
+pub fn parse_location(s: &str) -> Result<Location, String> {
+    let s = s.trim();
+    let num = |t: &str| -> Result<u64, String> {
+        let t = t.trim();
+        let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => t.parse::<u64>(),
+        };
+        r.map_err(|_| format!("{t:?} is not a number (use decimal or 0x hex)"))
+    };
+    if s.is_empty() {
+        return Err("empty location".into());
+    }
+    if s.starts_with("0x") || s.starts_with("0X") {
+        return Ok(Location::Address(num(s)?));
+    }
+    match s.split_once('+') {
+        Some((name, off)) if !name.trim().is_empty() => Ok(Location::Symbol {
+            name: name.trim().to_string(),
+            offset: num(off)?,
+        }),
+        Some(_) => Err(format!("{s:?}: missing symbol name before '+'")),
+        None => Ok(Location::Symbol {
+            name: s.to_string(),
+            offset: 0,
+        }),
+    }
+}
+
+/// Reads the manifest and the files it names (relative to its directory) and
+/// builds the patch. `created` is used when the manifest has no `created`.
+pub fn build_from_manifest_file(path: &Path, created: u64) -> Result<BuildOutput, BuildError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BuildError::Manifest(format!("{}: {e}", path.display())))?;
+    let m = Manifest::parse(&text)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let read = |p: &str| {
+        let full = dir.join(p);
+        std::fs::read(&full).map_err(|e| BuildError::Manifest(format!("{}: {e}", full.display())))
+    };
+    let target = read(&m.target.elf)?;
+    let object = read(&m.object)?;
+    build_from_manifest(&m, &target, &object, created)
+}
+
+/// Builds the patch from a parsed manifest, the target image and the object.
+pub fn build_from_manifest(
+    m: &Manifest,
+    target_elf: &[u8],
+    object_file: &[u8],
+    created: u64,
+) -> Result<BuildOutput, BuildError> {
+    let img = Image::parse(&format!("target {}", m.target.elf), target_elf)?;
+    let obj = object::File::parse(object_file).map_err(|e| {
+        BuildError::Manifest(format!("object {}: not a readable ELF file: {e}", m.object))
+    })?;
+    if obj.kind() != object::ObjectKind::Relocatable
+        || obj.architecture() != object::Architecture::X86_64
+    {
+        return Err(BuildError::Manifest(format!(
+            "object {}: expected an x86-64 relocatable object (.o), found {:?} {:?}",
+            m.object,
+            obj.architecture(),
+            obj.kind()
+        )));
+    }
+    let mut replaces = Vec::new();
+    for r in &m.replaces {
+        replaces.push(PatchId::from_hex(r).ok_or_else(|| {
+            BuildError::Manifest(format!("replaces: {r:?} is not a patch id (64 hex digits)"))
+        })?);
+    }
+    let default_name = Path::new(&m.target.elf)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| m.target.elf.clone());
+    let info = PatchInfo {
+        name: m.name.clone(),
+        description: m.description.clone(),
+        author: m.author.clone(),
+        created: m.created.unwrap_or(created),
+        advisories: m.advisories.clone(),
+        replaces,
+        target_name: Some(m.target.name.clone().unwrap_or(default_name)),
+    };
+    let mut report = BuildReport::default();
+    let mut sites: Vec<Site> = Vec::new();
+    for (i, ms) in m.sites.iter().enumerate() {
+        let label = format!("[[site]] {} ({})", i + 1, ms.code);
+        let fail = |reason: String| BuildError::Site {
+            site: label.clone(),
+            reason,
+        };
+        let (kind, loc_text) = match (ms.kind.as_str(), &ms.target, &ms.at) {
+            ("function", Some(t), None) => (SiteKind::Function, t),
+            ("micropatch", None, Some(a)) => (SiteKind::Micropatch, a),
+            ("function", _, _) => {
+                return Err(fail(
+                    "kind = \"function\" needs `target = \"symbol\"` (and no `at`)".into(),
+                ));
+            }
+            ("micropatch", _, _) => {
+                return Err(fail(
+                    "kind = \"micropatch\" needs `at = \"symbol+offset\"` (and no `target`)".into(),
+                ));
+            }
+            (k, _, _) => {
+                return Err(fail(format!(
+                    "kind {k:?} is not \"function\" or \"micropatch\""
+                )));
+            }
+        };
+        let loc = parse_location(loc_text).map_err(&fail)?;
+        let addr = match &loc {
+            Location::Address(a) => *a,
+            Location::Symbol { name, offset } => {
+                let s = img.unique(name).map_err(|e| fail(format!("target: {e}")))?;
+                s.addr
+                    .checked_add(*offset)
+                    .ok_or_else(|| fail("target address overflows".into()))?
+            }
+        };
+        let func = img
+            .containing(addr)
+            .into_iter()
+            .find(|s| s.kind == SymKind::Func && s.size > 0)
+            .cloned()
+            .ok_or_else(|| {
+                fail(format!(
+                    "{loc} ({addr:#x}) is not inside a function of the target"
+                ))
+            })?;
+        let expected = match kind {
+            SiteKind::Function => {
+                // From the target to the end of its function: the whole function
+                // when the target is its entry.
+                img.read(addr, func.end() - addr)
+                    .ok_or_else(|| fail(format!("no file bytes at {addr:#x} in the target")))?
+                    .to_vec()
+            }
+            SiteKind::Micropatch => displaced_bytes(&img, &func, addr).map_err(&fail)?,
+        };
+        let (code, relocations) = object_code(&obj, &ms.code).map_err(&fail)?;
+        for r in &relocations {
+            img.unique(&r.symbol).map_err(|e| {
+                fail(format!(
+                    "relocation against {:?}: the target has {e}",
+                    r.symbol
+                ))
+            })?;
+        }
+        if kind == SiteKind::Micropatch
+            && let Ok(insns) = decode_all(&code, 0, &|_| false)
+            && insns
+                .last()
+                .is_some_and(|i| i.instr.flow_control() == iced_x86::FlowControl::Return)
+        {
+            report.warnings.push(format!(
+                "{label}: micropatch code ends in `ret`; micropatch code runs inline and falls through to the displaced instructions (write it in assembly)"
+            ));
+        }
+        if let Some(prev) = sites.iter().find(|s| s.target == loc) {
+            return Err(fail(format!(
+                "another site already targets {}",
+                prev.target
+            )));
+        }
+        report.changed.push(loc.to_string());
+        sites.push(Site {
+            kind,
+            target: loc,
+            expected,
+            code,
+            relocations,
+        });
+    }
+    let mut patch = Patch {
+        meta: metadata(&info),
+        target: img.identity(info.target_name.as_deref().unwrap_or("guest")),
+        sites,
+    };
+    patch.normalize();
+    patch.validate()?;
+    Ok(BuildOutput { patch, report })
+}
+
+/// The whole instructions at `addr` covering at least 5 bytes (the size of a
+/// `jmp rel32`), checking that `addr` is an instruction boundary of `func`.
+fn displaced_bytes(img: &Image<'_>, func: &Sym, addr: u64) -> Result<Vec<u8>, String> {
+    let bytes = img
+        .read(func.addr, func.size)
+        .ok_or_else(|| format!("no file bytes for {} in the target", func.name))?;
+    let insns = decode_all(bytes, func.addr, &|_| false).map_err(|off| {
+        format!(
+            "{} does not decode at +{off:#x}; cannot find instruction boundaries",
+            func.name
+        )
+    })?;
+    let first = insns.iter().position(|i| i.ip == addr).ok_or_else(|| {
+        format!(
+            "{}+{:#x} is not an instruction boundary of {}",
+            func.name,
+            addr - func.addr,
+            func.name
+        )
+    })?;
+    let mut end = addr;
+    for i in &insns[first..] {
+        if end - addr >= 5 {
+            break;
+        }
+        end = i.ip + i.len as u64;
+    }
+    if end - addr < 5 {
+        return Err(format!(
+            "fewer than 5 bytes of whole instructions from {}+{:#x} to the end of the function; no room for a jump",
+            func.name,
+            addr - func.addr
+        ));
+    }
+    let start = (addr - func.addr) as usize;
+    bytes
+        .get(start..(end - func.addr) as usize)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| "displaced range outside the function".into())
+}
+
+/// The bytes of symbol `name` in the object and its relocations made symbolic.
+fn object_code(obj: &object::File<'_>, name: &str) -> Result<(Vec<u8>, Vec<Relocation>), String> {
+    let sym = obj
+        .symbols()
+        .find(|s| s.name() == Ok(name) && !s.is_undefined())
+        .ok_or_else(|| format!("code: the object defines no symbol {name:?}"))?;
+    let SymbolSection::Section(sec_idx) = sym.section() else {
+        return Err(format!("code: symbol {name:?} is not in a section"));
+    };
+    let sec = obj
+        .section_by_index(sec_idx)
+        .map_err(|e| format!("code: section of {name:?}: {e}"))?;
+    let data = sec
+        .data()
+        .map_err(|e| format!("code: section {:?}: {e}", sec.name().unwrap_or("?")))?;
+    let start = sym.address();
+    let size = if sym.size() > 0 {
+        sym.size()
+    } else {
+        // Unsized (assembly label): up to the next symbol in the section or its end.
+        obj.symbols()
+            .filter(|s| s.section() == SymbolSection::Section(sec_idx) && s.address() > start)
+            .filter(|s| {
+                matches!(
+                    s.kind(),
+                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown
+                )
+            })
+            .map(|s| s.address())
+            .min()
+            .unwrap_or(data.len() as u64)
+            .saturating_sub(start)
+    };
+    let end = start.saturating_add(size);
+    let mut code = usize::try_from(start)
+        .ok()
+        .zip(usize::try_from(end).ok())
+        .and_then(|(a, b)| data.get(a..b))
+        .ok_or_else(|| format!("code: {name:?} lies outside its section's data"))?
+        .to_vec();
+    if code.is_empty() {
+        return Err(format!("code: {name:?} is empty"));
+    }
+    let mut relocs = Vec::new();
+    for (off, r) in sec.relocations() {
+        if off < start || off >= end {
+            continue;
+        }
+        let field = off - start;
+        let RelocationFlags::Elf { r_type } = r.flags() else {
+            return Err(format!("relocation at +{field:#x}: not an ELF relocation"));
+        };
+        use object::elf::{
+            R_X86_64_32, R_X86_64_32S, R_X86_64_64, R_X86_64_GOTPCREL, R_X86_64_GOTPCRELX,
+            R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_REX_GOTPCRELX,
+        };
+        let kind = match r_type {
+            R_X86_64_PC32 | R_X86_64_PLT32 => RelocKind::Rel32,
+            R_X86_64_64 => RelocKind::Abs64,
+            R_X86_64_32 => RelocKind::Abs32,
+            R_X86_64_32S => RelocKind::Abs32S,
+            R_X86_64_GOTPCREL | R_X86_64_GOTPCRELX | R_X86_64_REX_GOTPCRELX => {
+                return Err(format!(
+                    "relocation at +{field:#x}: GOT-relative relocation (type {r_type}); compile without PIC (gcc -fno-pic, rustc -C relocation-model=static)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "relocation at +{field:#x}: type {other} is not supported (only R_X86_64_PC32/PLT32/64/32/32S)"
+                ));
+            }
+        };
+        if field + kind.width() as u64 > size {
+            return Err(format!(
+                "relocation at +{field:#x} runs past the end of {name:?}"
+            ));
+        }
+        let RelocationTarget::Symbol(tidx) = r.target() else {
+            return Err(format!("relocation at +{field:#x}: target is not a symbol"));
+        };
+        let t = obj
+            .symbol_by_index(tidx)
+            .map_err(|e| format!("relocation at +{field:#x}: {e}"))?;
+        let addend = r.addend();
+        let fstart = field as usize;
+        let fend = fstart + kind.width();
+        if t.is_undefined() {
+            let tname = t
+                .name()
+                .map_err(|e| format!("relocation at +{field:#x}: symbol name: {e}"))?;
+            relocs.push(Relocation {
+                offset: u32::try_from(field).map_err(|e| e.to_string())?,
+                kind,
+                symbol: tname.to_string(),
+                addend,
+            });
+            if let Some(f) = code.get_mut(fstart..fend) {
+                f.fill(0);
+            }
+            continue;
+        }
+        // Defined in the object: only references into the code itself can be
+        // kept, and only position-independent (PC-relative) ones.
+        let same_section = t.section() == SymbolSection::Section(sec_idx);
+        let t_addr = t.address() as i128 + i128::from(addend);
+        let pc_target = t_addr + kind.width() as i128;
+        let inside = same_section && (start as i128..=end as i128).contains(&pc_target);
+        if !inside {
+            let tname = t.name().unwrap_or("?");
+            return Err(format!(
+                "relocation at +{field:#x} refers to {tname:?} defined in the object outside {name:?}; a site carries only its own code: declare guest symbols `extern` and keep constant data out of the patch code"
+            ));
+        }
+        if kind != RelocKind::Rel32 {
+            return Err(format!(
+                "relocation at +{field:#x}: absolute address of the patch code itself; the code must be position independent"
+            ));
+        }
+        // S + A - P, all relative to the section: independent of placement.
+        let v = i32::try_from(t_addr - off as i128)
+            .map_err(|_| format!("relocation at +{field:#x}: internal displacement overflows"))?;
+        if let Some(f) = code.get_mut(fstart..fend) {
+            f.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    relocs.sort_by_key(|r| r.offset);
+    Ok((code, relocs))
+}
