@@ -12,6 +12,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod pagetables;
+pub mod paging;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
