@@ -9,6 +9,7 @@ pub mod boot;
 pub mod client;
 pub mod cpuid;
 pub mod devices;
+pub mod guest;
 pub mod layout;
 pub mod memory;
 pub mod pagetables;

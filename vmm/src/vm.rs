@@ -391,6 +391,16 @@ impl Vm {
         Ok((info, paused.snapshots))
     }
 
+    /// The registers of parked vCPU `id`, as snapshotted by the current pause.
+    pub fn parked_regs(&self, id: usize) -> Option<kvm_bindings::kvm_regs> {
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats
+            .last_snapshots
+            .get(id)
+            .and_then(|s| s.as_ref())
+            .map(|s| s.regs)
+    }
+
     /// Queues new registers for a parked vCPU (loaded before it re-enters the guest).
     pub fn set_regs_on_resume(
         &self,
