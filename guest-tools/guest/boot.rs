@@ -10,8 +10,8 @@
 // interrupts off.
 //
 // Exceptions go to a tiny handler that reports through the fault port (0x604): rdi = vector,
-// rsi = faulting RIP, r9 = error code (0 if none), rcx = CR2, r8 = vCPU index; then it powers
-// off with EXIT_FAULT (3).
+// rsi = faulting RIP, r9 = error code (0 if none), rcx = CR2, r8 = vCPU index, r10 = CS,
+// r11 = RSP, r12 = RFLAGS (`protocol::FaultInfo`); then it powers off with EXIT_FAULT (3).
 
 core::arch::global_asm!(
     r#"
@@ -227,6 +227,9 @@ isr_common:
     mov (%rsp), %rdi               /* vector */
     mov 8(%rsp), %r9               /* error code */
     mov 16(%rsp), %rsi             /* faulting RIP */
+    mov 24(%rsp), %r10             /* CS */
+    mov 32(%rsp), %r12             /* RFLAGS */
+    mov 40(%rsp), %r11             /* RSP */
     mov %cr2, %rcx
     mov %edi, %eax
     mov $0x604, %dx                /* FAULT_PORT */

@@ -13,7 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
 
-/// One report as the guest wrote it (layout in `docs/guest-protocol.md`).
+/// One report as the guest wrote it; the wire layout and its decoding are
+/// `guest_tools::protocol::Report`'s (one definition, compiled into the guest too).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct GuestReport {
     pub vcpu: u16,
@@ -28,35 +29,24 @@ pub struct GuestReport {
     pub last_output: u64,
 }
 
-/// Size of the record read from guest memory.
-pub const REPORT_SIZE: usize = 72;
+pub use guest_tools::protocol::REPORT_SIZE;
 
 impl GuestReport {
-    /// Decodes a record; `None` when the magic or protocol version is wrong.
-    pub fn parse(b: &[u8; REPORT_SIZE]) -> Option<Self> {
-        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(v)
-        };
-        if u32_at(0) != guest_tools::protocol::REPORT_MAGIC
-            || u16_at(4) != guest_tools::protocol::PROTOCOL_VERSION
-        {
-            return None;
-        }
+    /// Decodes a record; `None` unless it is a valid report of this protocol (magic, version,
+    /// build, vCPU range, and counters that add up).
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        let r = guest_tools::protocol::Report::from_bytes(b).filter(|r| r.is_valid())?;
         Some(GuestReport {
-            vcpu: u16_at(6),
-            build: u32_at(8),
-            flags: u32_at(12),
-            seq: u64_at(16),
-            calls: u64_at(24),
-            v1: u64_at(32),
-            v2: u64_at(40),
-            bad: u64_at(48),
-            last_input: u64_at(56),
-            last_output: u64_at(64),
+            vcpu: r.vcpu,
+            build: r.build,
+            flags: r.flags,
+            seq: r.seq,
+            calls: r.calls,
+            v1: r.v1,
+            v2: r.v2,
+            bad: r.bad,
+            last_input: r.last_input,
+            last_output: r.last_output,
         })
     }
 }
@@ -153,22 +143,17 @@ mod tests {
     use super::*;
 
     fn record_bytes(vcpu: u16, seq: u64, calls: u64) -> [u8; REPORT_SIZE] {
-        let mut b = [0u8; REPORT_SIZE];
-        b[0..4].copy_from_slice(&guest_tools::protocol::REPORT_MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&guest_tools::protocol::PROTOCOL_VERSION.to_le_bytes());
-        b[6..8].copy_from_slice(&vcpu.to_le_bytes());
-        b[8..12].copy_from_slice(&1u32.to_le_bytes());
-        b[16..24].copy_from_slice(&seq.to_le_bytes());
-        b[24..32].copy_from_slice(&calls.to_le_bytes());
-        b
-    }
-
-    #[test]
-    fn layout_matches_the_guest_protocol() {
-        assert_eq!(
-            std::mem::size_of::<guest_tools::protocol::Report>(),
-            REPORT_SIZE
-        );
+        guest_tools::protocol::Report {
+            magic: guest_tools::protocol::REPORT_MAGIC,
+            version: guest_tools::protocol::PROTOCOL_VERSION,
+            vcpu,
+            build: guest_tools::protocol::BUILD_V1,
+            calls,
+            v1: calls,
+            seq,
+            ..Default::default()
+        }
+        .to_bytes()
     }
 
     #[test]
