@@ -31,6 +31,7 @@ fn main() {
 }
 
 fn build(guest: &Path, out: &Path, name: &str, extra: &[&str]) {
+    let manifest = guest.parent().expect("guest/ has a parent");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let elf = out.join(format!("test-guest-{name}.elf"));
     let link_ld = guest.join("link.ld");
@@ -42,6 +43,10 @@ fn build(guest: &Path, out: &Path, name: &str, extra: &[&str]) {
             "bin",
             "--crate-name",
             "test_guest",
+            // The host target (the only one installed), named so that a non-x86-64 host gets a
+            // clear "target not installed" error instead of assembler errors.
+            "--target",
+            "x86_64-unknown-linux-gnu",
         ])
         .args([
             "-C",
@@ -75,6 +80,15 @@ fn build(guest: &Path, out: &Path, name: &str, extra: &[&str]) {
         ])
         .arg("-C")
         .arg(format!("link-arg=-Wl,-T,{}", link_ld.display()))
+        // DWARF comes only from the precompiled `core` (the guest itself has debuginfo=0): drop
+        // it, keep the symbol table (patches are built from these symbols).
+        .args(["-C", "link-arg=-Wl,--strip-debug"])
+        // Paths in the image (panic locations) must not depend on where the checkout is, so the
+        // same sources give the same bytes everywhere.
+        .arg(format!(
+            "--remap-path-prefix={}=guest-tools",
+            manifest.display()
+        ))
         .args([
             "--cfg",
             "guest_build",
@@ -91,7 +105,10 @@ fn build(guest: &Path, out: &Path, name: &str, extra: &[&str]) {
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("building the {name} test guest failed ({s}); see the rustc output above"),
+        Ok(s) => panic!(
+            "building the {name} test guest with {rustc} failed ({s}); see the rustc/linker \
+             output above (the guest needs the x86_64-unknown-linux-gnu target and `cc`)"
+        ),
         Err(e) => panic!("could not run {rustc} to build the {name} test guest: {e}"),
     }
 }

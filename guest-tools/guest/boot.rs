@@ -36,6 +36,7 @@ core::arch::global_asm!(
     .globl pvh_start32
 pvh_start32:
     cli
+    cld                            /* the SysV ABI state ring 3 starts in; lodsb below */
     mov %ebx, %edi                 /* hvm_start_info */
     lgdt gdt_ptr
     mov %cr4, %eax
@@ -76,12 +77,17 @@ start64:
     add %rax, %rsp
 
     /* TSS: RSP0 = kernel stack, and an all-zero I/O permission bitmap so ring 3 may use every
-       port even where the hypervisor does not honour IOPL=3 (this machine's PVM backend drops
-       the guest's IOPL after the first emulated port access) */
+       port even where the hypervisor does not honour IOPL=3 (this machine's PVM backend: with
+       IOPL=3 alone a ring-3 `out` raises #GP). Zeroed here rather than trusted to the loader:
+       the TSS lives in .bss. */
     lea tss_area(%rip), %rdx
     mov %r12, %rax
     shl $TSS_SHIFT, %rax
     add %rax, %rdx
+    mov %rdx, %rdi
+    xor %eax, %eax
+    mov $IOMAP_END / 8, %ecx
+    rep stosq
     mov %rsp, 4(%rdx)
     movw $104, 102(%rdx)
     movb $0xff, IOMAP_END(%rdx)
@@ -168,7 +174,15 @@ start64:
     iretq
 
 bad_apic:
-    mov $4, %eax                   /* EXIT_BAD_APIC_ID */
+    /* no stack here (the stacks are per vCPU): print with a plain loop, then power off */
+    lea bad_apic_msg(%rip), %rsi
+    mov $0x3f8, %dx
+4:  lodsb
+    test %al, %al
+    jz 5f
+    out %al, (%dx)
+    jmp 4b
+5:  mov $4, %eax                   /* EXIT_BAD_APIC_ID */
     mov $0xf4, %dx
     out %eax, (%dx)
 2:  cli
@@ -241,6 +255,9 @@ isr_common:
     hlt
     jmp 3b
 
+bad_apic_msg:
+    .asciz "hp: error: APIC ID >= 32 (MAX_CPUS), power off status 4\n"
+
     .section .data.boot, "aw"
     .align 16
 gdt:
@@ -274,7 +291,7 @@ pd:
     .set addr, addr + 0x200000
     .endr
 
-    .section .bss.boot, "aw", @nobits
+    .section .hp_nobits, "aw", @nobits   /* not .bss.*: see link.ld */
     .align 4096
 kstacks:
     .skip MAX_CPUS << KSTACK_SHIFT

@@ -44,7 +44,7 @@ const IDENTITY_MAP_END: u64 = 1 << 32;
 pub fn from_start_info(start_info: u64) -> Result<&'static [u8], &'static str> {
     // hvm_start_info: magic u32 @0, version u32 @4, flags u32 @8, nr_modules u32 @12,
     // modlist_paddr u64 @16, cmdline_paddr u64 @24, rsdp_paddr u64 @32, ...
-    if start_info == 0 || start_info % 8 != 0 || start_info + 32 > IDENTITY_MAP_END {
+    if start_info == 0 || start_info & 7 != 0 || start_info + 32 > IDENTITY_MAP_END {
         return Err("no usable PVH hvm_start_info (ebx at entry)");
     }
     // SAFETY: the address is 8-aligned, below 4 GiB and so identity-mapped and readable; the

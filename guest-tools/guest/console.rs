@@ -3,16 +3,27 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::protocol::COM1_PORT;
+use crate::protocol::{COM1_LSR_PORT, COM1_PORT};
 
 /// 8-bit `out`.
 #[inline(always)]
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O is allowed at CPL3 (the boot code sets IOPL=3); the guest's ports have no
-    // effect on its memory.
+    // SAFETY: port I/O is allowed at CPL3 (IOPL=3 and an all-zero I/O permission bitmap, set up
+    // by the boot code); the guest's ports have no effect on its memory.
     unsafe {
         core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
     }
+}
+
+/// 8-bit `in`.
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as in `outb`; reading a UART register has no effect on guest memory.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags));
+    }
+    value
 }
 
 /// 32-bit `out`. Not `nomem`: the host may read guest memory at this exit (the report), so the
@@ -28,10 +39,20 @@ pub fn outl(port: u16, value: u32) {
 /// Held while one vCPU writes one whole line.
 static CONSOLE_LOCK: AtomicBool = AtomicBool::new(false);
 
-/// Sends one byte to COM1 without polling the line status register: `in` from ring 3 is not
-/// emulated by this machine's KVM (PVM backend; it raises #GP), and the UARTs of this VMM and of
-/// QEMU accept every byte immediately.
+/// Polls the line status register at most this many times per byte, then sends anyway: a
+/// UART whose LSR never reports "empty" must not hang the guest.
+const LSR_SPIN_LIMIT: u32 = 100_000;
+
+/// LSR bit 5: the transmit holding register is empty.
+const LSR_THR_EMPTY: u8 = 1 << 5;
+
+/// Sends one byte to COM1 once the transmitter is ready (bounded wait).
 fn put_byte(b: u8) {
+    let mut spins = 0;
+    while inb(COM1_LSR_PORT) & LSR_THR_EMPTY == 0 && spins < LSR_SPIN_LIMIT {
+        spins += 1;
+        core::hint::spin_loop();
+    }
     outb(COM1_PORT, b);
 }
 

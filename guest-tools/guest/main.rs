@@ -60,7 +60,10 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     ONLINE.fetch_add(1, Ordering::SeqCst);
 
     let mut line = Line::new();
-    line.str("hp: vcpu=").u64(cpu).str(" online build=v").u64(u64::from(build()));
+    line.str("hp: vcpu=")
+        .u64(cpu)
+        .str(" online build=v")
+        .u64(u64::from(build()));
     line.emit();
 
     let raw = match cmdline::from_start_info(start_info) {
@@ -102,28 +105,52 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
     // This vCPU made its `reports=N` reports.
     let done = DONE.fetch_add(1, Ordering::SeqCst) + 1;
     let mut line = Line::new();
-    line.str("hp: vcpu=").u64(cpu).str(" done reports=").u64(opts.reports);
+    line.str("hp: vcpu=")
+        .u64(cpu)
+        .str(" done reports=")
+        .u64(opts.reports);
     line.emit();
+    // The last vCPU to finish powers off. With `cpus=N` it waits until N vCPUs came online and
+    // finished; without, it waits a grace period for vCPUs still in their (slow, emulated)
+    // ring-0 boot, so that a VMM starting all vCPUs at once does not lose the late ones.
+    let mut all_done_since: Option<u64> = None;
     loop {
         let online = ONLINE.load(Ordering::SeqCst);
         let done_now = DONE.load(Ordering::SeqCst);
-        // The last vCPU to finish powers off (with `cpus=N`: once N vCPUs came online and
-        // finished). `done` is this vCPU's own ticket; only the vCPU that brings DONE up to
-        // ONLINE (or a later re-check once more vCPUs finished) proceeds.
-        if done_now == online && u64::from(online) >= opts.cpus && done == done_now {
-            let mut line = Line::new();
-            line.str("hp: all ")
-                .u64(u64::from(online))
-                .str(" vcpus done, power off status 0");
-            line.emit();
-            power_off(EXIT_OK);
-        }
         if done != done_now {
-            // Someone finished after us: they will power off.
+            // Someone finished after this vCPU: that one powers off.
             spin_forever();
+        }
+        if done_now == online && u64::from(online) >= opts.cpus {
+            let now = rdtsc();
+            let since = *all_done_since.get_or_insert(now);
+            if opts.cpus != 0 || now.wrapping_sub(since) >= LATE_VCPU_GRACE_TSC {
+                let mut line = Line::new();
+                line.str("hp: all ")
+                    .u64(u64::from(online))
+                    .str(" vcpus done, power off status 0");
+                line.emit();
+                power_off(EXIT_OK);
+            }
+        } else {
+            all_done_since = None;
         }
         core::hint::spin_loop();
     }
+}
+
+/// How long the last vCPU to finish waits for late vCPUs without `cpus=N`: 2^27 TSC ticks,
+/// some 30 to 130 ms at 1 to 4 GHz.
+const LATE_VCPU_GRACE_TSC: u64 = 1 << 27;
+
+/// The time-stamp counter (unprivileged: the boot code leaves CR4.TSD clear).
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: `rdtsc` only reads the TSC into edx:eax.
+    unsafe {
+        core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// Powers the VM off with `status` (32-bit `out` to the exit port), or spins if no device is

@@ -1,14 +1,14 @@
 // The workload: ordinary compiled functions (real prologues, frame pointers on) called in a
 // tight loop, every result checked against two independent oracles, a report per batch.
 //
-// The patchable functions are `compute`, `triangle` and `mix`, in that order in the binary, then
+// The patchable functions are `compute`, `triangle` and `mix`, in that order in the binary (link.ld), then
 // `next_input`, which is identical in v1 and v2 but moves because v2's `compute` is longer.
 // v2 is the "fix": `triangle` loses its off-by-one and `compute` clamps its input.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmdline::Options;
-use crate::console::{Line, outl};
+use crate::console::{outl, Line};
 use crate::protocol::{self, Report};
 use crate::reference;
 #[cfg(guest_v2)]

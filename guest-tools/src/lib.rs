@@ -33,3 +33,153 @@ pub fn test_guest_path(build: GuestBuild) -> &'static Path {
         GuestBuild::V2 => Path::new(concat!(env!("OUT_DIR"), "/test-guest-v2.elf")),
     }
 }
+
+/// The guest's command-line parser, compiled on the host to test it (it is plain `core` code and
+/// refers to `crate::protocol`, which exists in both crates).
+#[cfg(test)]
+#[path = "../guest/cmdline.rs"]
+#[allow(dead_code)]
+mod guest_cmdline;
+
+#[cfg(test)]
+mod tests {
+    use super::guest_cmdline::{Options, parse};
+    use super::protocol::{self, Report};
+    use super::reference;
+
+    #[test]
+    fn cmdline_defaults_and_options() {
+        let d = parse(b"").unwrap();
+        assert_eq!(
+            d,
+            Options {
+                reports: 0,
+                batch: protocol::DEFAULT_BATCH,
+                cpus: 0
+            }
+        );
+        assert_eq!(parse(b"  \t ").unwrap(), d);
+        let o = parse(b"reports=3 batch=1000  mode=normal cpus=2").unwrap();
+        assert_eq!(
+            o,
+            Options {
+                reports: 3,
+                batch: 1000,
+                cpus: 2
+            }
+        );
+        assert_eq!(parse(b"reports=1 reports=7").unwrap().reports, 7);
+        assert_eq!(
+            parse(b"reports=18446744073709551615").unwrap().reports,
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn cmdline_rejects_garbage() {
+        for bad in [
+            &b"reports"[..],
+            b"reports=",
+            b"reports=-1",
+            b"reports=0x10",
+            b"reports=18446744073709551616",
+            b"batch=0",
+            b"cpus=33",
+            b"mode=fast",
+            b"console=ttyS0",
+            b"=3",
+            b"reports=3 bogus",
+        ] {
+            let err = parse(bad).expect_err(std::str::from_utf8(bad).unwrap());
+            assert!(!err.what.is_empty());
+            assert!(!err.token.is_empty());
+        }
+    }
+
+    #[test]
+    fn report_layout_matches_the_documented_offsets() {
+        use core::mem::offset_of;
+        assert_eq!(offset_of!(Report, magic), Report::OFFSET_MAGIC);
+        assert_eq!(offset_of!(Report, version), Report::OFFSET_VERSION);
+        assert_eq!(offset_of!(Report, vcpu), Report::OFFSET_VCPU);
+        assert_eq!(offset_of!(Report, build), Report::OFFSET_BUILD);
+        assert_eq!(offset_of!(Report, flags), Report::OFFSET_FLAGS);
+        assert_eq!(offset_of!(Report, seq), Report::OFFSET_SEQ);
+        assert_eq!(offset_of!(Report, calls), Report::OFFSET_CALLS);
+        assert_eq!(offset_of!(Report, v1), Report::OFFSET_V1);
+        assert_eq!(offset_of!(Report, v2), Report::OFFSET_V2);
+        assert_eq!(offset_of!(Report, bad), Report::OFFSET_BAD);
+        assert_eq!(offset_of!(Report, last_input), Report::OFFSET_LAST_INPUT);
+        assert_eq!(offset_of!(Report, last_output), Report::OFFSET_LAST_OUTPUT);
+        assert_eq!(size_of::<Report>(), protocol::REPORT_SIZE);
+
+        let r = Report {
+            magic: protocol::REPORT_MAGIC,
+            version: protocol::PROTOCOL_VERSION,
+            vcpu: 3,
+            build: protocol::BUILD_V2,
+            flags: protocol::REPORT_FLAG_FINAL,
+            seq: 9,
+            calls: 100,
+            v1: 60,
+            v2: 39,
+            bad: 1,
+            last_input: 12345,
+            last_output: u64::MAX - 1,
+        };
+        let bytes = r.to_bytes();
+        assert_eq!(&bytes[0..4], b"HPRP");
+        // The in-memory repr(C) image the guest writes is the wire format.
+        // SAFETY: Report is repr(C) plain integers without padding (size asserted above).
+        let raw: [u8; protocol::REPORT_SIZE] = unsafe { core::mem::transmute(r) };
+        assert_eq!(raw, bytes);
+        assert_eq!(Report::from_bytes(&bytes), Some(r));
+        assert!(r.is_valid());
+        assert_eq!(Report::from_bytes(&bytes[..71]), None);
+        assert!(!Report { bad: 2, ..r }.is_valid());
+        assert!(!Report { magic: 0, ..r }.is_valid());
+    }
+
+    #[test]
+    fn oracles_differ_on_every_input_and_partial_patches_are_bad() {
+        for x in reference::INPUT_MIN..=reference::INPUT_MAX {
+            let (v1, v2) = (reference::compute_v1(x), reference::compute_v2(x));
+            assert_ne!(v1, v2, "x = {x}");
+            assert_eq!(reference::compute_with(x, 1, 1), v1);
+            assert_eq!(reference::compute_with(x, 2, 2), v2);
+            if x % 97 == 0 {
+                for mixed in [
+                    reference::compute_with(x, 1, 2),
+                    reference::compute_with(x, 2, 1),
+                ] {
+                    assert_eq!(reference::classify(x, mixed), reference::Verdict::Bad);
+                }
+            }
+        }
+        assert_eq!(reference::triangle_v1(4), 6);
+        assert_eq!(reference::triangle_v2(4), 10);
+    }
+
+    #[test]
+    fn inputs_are_in_range_and_seeds_distinct() {
+        let seeds: Vec<u64> = (0..protocol::MAX_CPUS as u64)
+            .map(reference::seed_for_vcpu)
+            .collect();
+        for (i, s) in seeds.iter().enumerate() {
+            assert_ne!(*s, 0);
+            assert!(!seeds[..i].contains(s));
+        }
+        let first: Vec<u64> = reference::Inputs::for_vcpu(0).take(1000).collect();
+        assert!(
+            first
+                .iter()
+                .all(|x| (reference::INPUT_MIN..=reference::INPUT_MAX).contains(x))
+        );
+        assert_ne!(
+            first,
+            reference::Inputs::for_vcpu(1)
+                .take(1000)
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -127,7 +127,7 @@ impl Report {
     pub const OFFSET_LAST_OUTPUT: usize = 64;
 
     /// Encodes the report in its wire layout (little-endian).
-    pub fn to_bytes(&self) -> [u8; REPORT_SIZE] {
+    pub fn to_bytes(self) -> [u8; REPORT_SIZE] {
         let mut b = [0u8; REPORT_SIZE];
         b[0..4].copy_from_slice(&self.magic.to_le_bytes());
         b[4..6].copy_from_slice(&self.version.to_le_bytes());

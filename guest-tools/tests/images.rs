@@ -118,3 +118,74 @@ fn v1_and_v2_always_disagree_on_generated_inputs() {
         }
     }
 }
+
+fn symbol_address(elf: &object::File<'_>, name: &str) -> u64 {
+    elf.symbols()
+        .find(|s| s.name() == Ok(name))
+        .unwrap_or_else(|| panic!("symbol {name} missing"))
+        .address()
+}
+
+#[test]
+fn boot_layout_fits_both_loaders() {
+    use guest_tools::protocol::{LINK_ADDRESS, MIN_GUEST_RAM};
+    use object::elf::{FileHeader64, PT_LOAD, PT_NOTE};
+    use object::read::elf::{FileHeader, ProgramHeader};
+    for build in [GuestBuild::V1, GuestBuild::V2] {
+        let data = test_guest(build);
+        let elf = object::File::parse(data).expect("ELF");
+        // e_entry is the 32-bit PVH entry too (linux-loader checks it against high memory).
+        let entry = pvh_entry(&elf).expect("PVH note");
+        assert_eq!(elf.entry(), u64::from(entry));
+        assert_eq!(u64::from(entry), symbol_address(&elf, "pvh_start32"));
+
+        let hdr = FileHeader64::<object::Endianness>::parse(data).expect("header");
+        let endian = hdr.endian().expect("endian");
+        let mut notes = 0;
+        let mut end = 0;
+        for ph in hdr.program_headers(endian, data).expect("phdrs") {
+            match ph.p_type(endian) {
+                // QEMU aligns the note's name to the PT_NOTE's p_align: it must be 4.
+                PT_NOTE => {
+                    notes += 1;
+                    assert_eq!(ph.p_align(endian), 4);
+                }
+                PT_LOAD => {
+                    assert!(
+                        ph.p_paddr(endian) >= LINK_ADDRESS,
+                        "{build:?}: load below 1 MiB"
+                    );
+                    end = end.max(ph.p_paddr(endian) + ph.p_memsz(endian));
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(notes, 1, "{build:?}: one PT_NOTE");
+        // Image plus room for the boot structures the loaders place below it.
+        assert!(end <= MIN_GUEST_RAM, "{build:?}: image ends at {end:#x}");
+    }
+}
+
+#[test]
+fn patchable_functions_are_laid_out_in_order() {
+    let (e1, e2) = (
+        object::File::parse(test_guest(GuestBuild::V1)).expect("v1"),
+        object::File::parse(test_guest(GuestBuild::V2)).expect("v2"),
+    );
+    let order = ["compute", "triangle", "mix", "next_input"];
+    for e in [&e1, &e2] {
+        let addrs: Vec<u64> = order.iter().map(|n| symbol_address(e, n)).collect();
+        assert!(addrs.windows(2).all(|w| w[0] < w[1]), "{addrs:x?}");
+    }
+    // compute stays put; everything after it moves (v2's compute is longer).
+    assert_eq!(
+        symbol_address(&e1, "compute"),
+        symbol_address(&e2, "compute")
+    );
+    for moved in ["triangle", "mix", "next_input", "guest_main"] {
+        assert!(
+            symbol_address(&e2, moved) > symbol_address(&e1, moved),
+            "{moved} did not move"
+        );
+    }
+}

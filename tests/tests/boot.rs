@@ -8,6 +8,9 @@ use integration_tests::*;
 fn boot_and_check(vcpus: usize) {
     require_kvm();
     let n = vcpus.to_string();
+    // cpus=N: the guest powers off only once all N vCPUs came online and finished, so a vCPU
+    // scheduled late on an overcommitted host is never missed.
+    let cmdline = format!("reports=3 batch=1000000 cpus={vcpus}");
     let mut vmm = VmmProcess::spawn(&[
         "run",
         "--vcpus",
@@ -15,7 +18,7 @@ fn boot_and_check(vcpus: usize) {
         "--memory",
         "64",
         "--cmdline",
-        "reports=3 batch=1000000",
+        &cmdline,
     ]);
     let status = vmm.wait(Duration::from_secs(120));
     let lines = vmm.lines();
