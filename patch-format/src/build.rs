@@ -6,16 +6,11 @@ use crate::model::*;
 use crate::x86::{FieldKind, Insn, decode_all};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// The descriptive part of a patch, supplied by whoever builds it.
+/// The descriptive part of a patch, supplied by whoever builds it: the metadata (advisories and
+/// replaced ids in any order; the builder sorts and de-duplicates them) and the target's name.
 #[derive(Clone, Debug, Default)]
 pub struct PatchInfo {
-    pub name: String,
-    pub description: String,
-    pub author: String,
-    /// Seconds since the Unix epoch (see `docs/patch-format.md` on reproducibility).
-    pub created: u64,
-    pub advisories: Vec<String>,
-    pub replaces: Vec<PatchId>,
+    pub meta: Metadata,
     /// Name of the target image; defaults to a name the builder derives.
     pub target_name: Option<String>,
 }
@@ -382,21 +377,14 @@ pub fn diff_elfs(old_elf: &[u8], new_elf: &[u8]) -> Result<BuildReport, BuildErr
     Ok(a.report)
 }
 
+/// The metadata in canonical form: advisories and replaced ids sorted, without duplicates.
 pub(crate) fn metadata(info: &PatchInfo) -> Metadata {
-    let mut advisories = info.advisories.clone();
-    advisories.sort();
-    advisories.dedup();
-    let mut replaces = info.replaces.clone();
-    replaces.sort();
-    replaces.dedup();
-    Metadata {
-        name: info.name.clone(),
-        description: info.description.clone(),
-        author: info.author.clone(),
-        created: info.created,
-        advisories,
-        replaces,
-    }
+    let mut meta = info.meta.clone();
+    meta.advisories.sort();
+    meta.advisories.dedup();
+    meta.replaces.sort();
+    meta.replaces.dedup();
+    meta
 }
 
 /// The new function's code and relocations.

@@ -162,12 +162,14 @@ pub fn build_from_manifest(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| m.target.elf.clone());
     let info = PatchInfo {
-        name: m.name.clone(),
-        description: m.description.clone(),
-        author: m.author.clone(),
-        created: m.created.unwrap_or(created),
-        advisories: m.advisories.clone(),
-        replaces,
+        meta: Metadata {
+            name: m.name.clone(),
+            description: m.description.clone(),
+            author: m.author.clone(),
+            created: m.created.unwrap_or(created),
+            advisories: m.advisories.clone(),
+            replaces,
+        },
         target_name: Some(m.target.name.clone().unwrap_or(default_name)),
     };
     let mut report = BuildReport::default();

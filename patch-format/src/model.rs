@@ -65,7 +65,7 @@ pub struct Patch {
 }
 
 /// Human-facing description of a patch, plus the ids it supersedes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Metadata {
     /// Short name, non-empty.
     pub name: String,

@@ -9,12 +9,14 @@ use patch_format::*;
 
 fn info() -> PatchInfo {
     PatchInfo {
-        name: "fix-compute".into(),
-        description: "test".into(),
-        author: "tests".into(),
-        created: 1_700_000_000,
-        advisories: vec!["CVE-2026-0002".into(), "CVE-2026-0001".into()],
-        replaces: vec![],
+        meta: Metadata {
+            name: "fix-compute".into(),
+            description: "test".into(),
+            author: "tests".into(),
+            created: 1_700_000_000,
+            advisories: vec!["CVE-2026-0002".into(), "CVE-2026-0001".into()],
+            replaces: vec![],
+        },
         target_name: Some("gcc-guest v1".into()),
     }
 }

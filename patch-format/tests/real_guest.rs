@@ -11,10 +11,12 @@ fn test_guest_v1_v2_diff_is_compute_and_triangle() {
         "guest-tools built no images"
     );
     let info = PatchInfo {
-        name: "test-guest-fix".into(),
-        created: 0,
+        meta: Metadata {
+            name: "test-guest-fix".into(),
+            created: 0,
+            ..Metadata::default()
+        },
         target_name: Some("test-guest v1".into()),
-        ..PatchInfo::default()
     };
     // The whole diff is exactly the two fixed functions; the rest (mix, next_input, ...) moved
     // but did not change. The guest keeps its build number in a named static so that code

@@ -8,8 +8,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use patch_format::{
-    BuildOutput, PatchId, PatchInfo, PublicKey, SecretKey, SignatureBlock, build_from_elfs,
-    build_from_manifest_file, inspect_json, inspect_text, parse, sign_file,
+    BuildOutput, Metadata, PatchId, PatchInfo, PublicKey, SecretKey, SignatureBlock,
+    build_from_elfs, build_from_manifest_file, inspect_json, inspect_text, parse, sign_file,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -212,12 +212,14 @@ fn build(a: BuildArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "patch".into());
         let info = PatchInfo {
-            name: a.name.clone().unwrap_or(default_name),
-            description: a.description.clone(),
-            author: a.author.clone(),
-            created,
-            advisories: a.advisories.clone(),
-            replaces,
+            meta: Metadata {
+                name: a.name.clone().unwrap_or(default_name),
+                description: a.description.clone(),
+                author: a.author.clone(),
+                created,
+                advisories: a.advisories.clone(),
+                replaces,
+            },
             target_name: Some(a.target_name.clone().unwrap_or_else(|| {
                 old.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
