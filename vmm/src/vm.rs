@@ -110,7 +110,6 @@ impl VmConfig {
 struct PauseStats {
     park_us: History,
     blackout_us: History,
-    paused_at: Option<Instant>,
     last_park_us: Option<u64>,
     last_blackout_us: Option<u64>,
     last_snapshots: Vec<Option<VcpuSnapshot>>,
@@ -161,9 +160,10 @@ pub struct PauseMetrics {
 }
 
 pub struct Vm {
-    // Field order is drop order: threads are joined in `wait`, then vCPU and VM fds close
-    // before guest memory is unmapped.
-    vm_fd: VmFd,
+    // Held so the VM lives as long as this object. Field order is drop order: the vCPU threads
+    // (which own the vCPU fds) are joined in `join`, also called on drop, before the VM fd closes
+    // and before guest memory is unmapped.
+    _vm_fd: VmFd,
     _kvm: Kvm,
     mem: GuestMemory,
     bus: Arc<PortBus>,
@@ -330,7 +330,7 @@ impl Vm {
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, image = %config.image.name, mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), "VM started");
 
         Ok(Arc::new(Vm {
-            vm_fd,
+            _vm_fd: vm_fd,
             _kvm: kvm,
             mem,
             bus,
@@ -341,7 +341,6 @@ impl Vm {
             stats: Mutex::new(PauseStats {
                 park_us: History::new(100_000),
                 blackout_us: History::new(100_000),
-                paused_at: None,
                 last_park_us: None,
                 last_blackout_us: None,
                 last_snapshots: Vec::new(),
@@ -356,10 +355,6 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
-    }
-
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm_fd
     }
 
     pub fn vcpu_count(&self) -> usize {
@@ -377,7 +372,6 @@ impl Vm {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.park_us.push(park_us);
         stats.last_park_us = Some(park_us);
-        stats.paused_at = Some(Instant::now());
         stats.last_snapshots = paused.snapshots.clone();
         tracing::debug!(park_us, vcpus = paused.snapshots.len(), "vCPUs paused");
         let info = PauseInfo {
@@ -417,7 +411,6 @@ impl Vm {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.blackout_us.push(blackout_us);
         stats.last_blackout_us = Some(blackout_us);
-        stats.paused_at = None;
         stats.last_snapshots.clear();
         tracing::debug!(blackout_us, "vCPUs resumed");
         Ok(ResumeInfo { blackout_us })

@@ -6,8 +6,6 @@
 pub mod reports;
 pub mod serial;
 
-use std::sync::Mutex;
-
 pub use reports::{GuestReport, ReportBook};
 pub use serial::SerialConsole;
 
@@ -97,17 +95,11 @@ pub enum PioOutcome {
 pub struct PortBus {
     pub serial: SerialConsole,
     pub reports: ReportBook,
-    /// The last value written to port 0x80 (POST code), kept for diagnostics.
-    post_code: Mutex<u8>,
 }
 
 impl PortBus {
     pub fn new(serial: SerialConsole, reports: ReportBook) -> Self {
-        PortBus {
-            serial,
-            reports,
-            post_code: Mutex::new(0),
-        }
+        PortBus { serial, reports }
     }
 
     pub fn pio_out(&self, vcpu: usize, port: u16, data: &[u8]) -> PioOutcome {
@@ -132,12 +124,6 @@ impl PortBus {
                 PioOutcome::Handled
             }
             p::FAULT_PORT => PioOutcome::GuestFault,
-            0x80 => {
-                if let Some(&b) = data.first() {
-                    *self.post_code.lock().unwrap_or_else(|e| e.into_inner()) = b;
-                }
-                PioOutcome::Handled
-            }
             _ => {
                 tracing::trace!(
                     vcpu,

@@ -165,14 +165,14 @@ impl VcpuThread {
 
         // Register the thread as running (or park at once if a pause came first).
         let mut consistent = true;
-        if let Checkpoint::Stop = self.control.clone().checkpoint(id, || self.snapshot()) {
+        if let Checkpoint::Stop = self.control.checkpoint(id, || self.snapshot()) {
             kick::unbind_immediate_exit();
             self.control.exited(id);
             return;
         }
         loop {
             if consistent && self.control.wants_attention() {
-                match self.control.clone().checkpoint(id, || self.snapshot()) {
+                match self.control.checkpoint(id, || self.snapshot()) {
                     Checkpoint::Stop => break,
                     Checkpoint::Continue(Some(regs)) => {
                         if let Err(e) = self.fd.set_regs(&regs) {
