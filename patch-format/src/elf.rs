@@ -275,3 +275,41 @@ impl<'a> Image<'a> {
             || self.section_at(addr).is_some()
     }
 }
+
+/// A symbol of a guest image as the patch engine needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSymbol {
+    pub name: String,
+    pub addr: u64,
+    pub size: u64,
+    /// `STT_FUNC`: its bytes are code, so the engine may decode it.
+    pub function: bool,
+}
+
+/// What the engine reads from the image a guest was booted from: its identity (to check a
+/// patch targets this build) and its symbols (to resolve sites and relocations).
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    pub identity: TargetIdentity,
+    /// Sorted by address, then name.
+    pub symbols: Vec<ImageSymbol>,
+}
+
+/// Reads the identity and symbols of a linked x86-64 executable.
+pub fn read_image(name: &str, elf: &[u8]) -> Result<ImageInfo, ElfError> {
+    let img = Image::parse(name, elf)?;
+    let symbols = img
+        .syms
+        .iter()
+        .map(|s| ImageSymbol {
+            name: s.name.clone(),
+            addr: s.addr,
+            size: s.size,
+            function: s.kind == SymKind::Func,
+        })
+        .collect();
+    Ok(ImageInfo {
+        identity: img.identity(name),
+        symbols,
+    })
+}

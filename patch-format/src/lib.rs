@@ -17,7 +17,7 @@ pub use build::{BuildError, BuildOutput, BuildReport, PatchInfo, build_from_elfs
 pub use codec::{
     EncodeError, HEADER_LEN, MAGIC, ParseError, ParsedPatch, SIGNATURE_CONTEXT, parse,
 };
-pub use elf::ElfError;
+pub use elf::{ElfError, ImageInfo, ImageSymbol, read_image};
 pub use inspect::{format_utc, inspect_json, inspect_text};
 pub use manifest::{
     Manifest, ManifestSite, ManifestTarget, build_from_manifest, build_from_manifest_file,

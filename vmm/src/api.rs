@@ -4,7 +4,11 @@
 //! - `GET  /v1/vm`          status: state, vCPUs (phase, registers when paused, guest reports)
 //! - `POST /v1/vm/pause`    park every vCPU; returns the park latency and each vCPU's registers
 //! - `POST /v1/vm/resume`   release them; returns the blackout
-//! - `GET  /v1/metrics`     pause/resume latency percentiles
+//! - `GET  /v1/metrics`     pause/resume latency percentiles and patch engine counters
+//! - `POST /v1/patches`     apply a patch (body = the `.hpatch` file); idempotent
+//! - `GET  /v1/patches`     every patch this VMM has seen: id, name, state, sites, blackout
+//! - `GET  /v1/patches/ID`  one patch (ID = full id or a unique prefix)
+//! - `POST /v1/patches/ID/revert` (or `DELETE /v1/patches/ID`) revert it
 //!
 //! Errors are `{"error": "..."}` with a 4xx/5xx status. The socket is created mode 0600: whoever
 //! can connect can pause the guest, so only its owner may.
@@ -12,17 +16,25 @@
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde_json::{Value, json};
 use thiserror::Error;
 
+use crate::engine::{Engine, EngineError};
 use crate::vcpu::ControlError;
 use crate::vm::Vm;
 
-/// Request bodies larger than this are refused (patch files come later and are bounded too).
+/// Request bodies larger than this are refused: the largest patch file the format allows.
 pub const MAX_BODY: usize = 16 << 20;
+
+/// What the API serves: the VM and, when patching is enabled, its patch engine.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub vm: Arc<Vm>,
+    pub engine: Option<Arc<Mutex<Engine<Vm>>>>,
+}
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -46,7 +58,7 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, ApiError> {
+    pub fn start(path: &Path, ctx: ApiContext) -> Result<ApiServer, ApiError> {
         let shown = path.display().to_string();
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -78,7 +90,7 @@ impl ApiServer {
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&s, &vm))
+            .spawn(move || serve(&s, &ctx))
             .map_err(|source| ApiError::Bind {
                 path: shown,
                 source,
@@ -102,13 +114,13 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve(server: &tiny_http::Server, vm: &Vm) {
+fn serve(server: &tiny_http::Server, ctx: &ApiContext) {
     for mut request in server.incoming_requests() {
         let started = std::time::Instant::now();
         let method = request.method().clone();
         let url = request.url().to_string();
         let (status, body) = match read_body(&mut request) {
-            Ok(body) => route(vm, &method, &url, &body),
+            Ok(body) => route(ctx, &method, &url, &body),
             Err(resp) => resp,
         };
         let text = body.to_string();
@@ -164,10 +176,89 @@ fn control_error(e: ControlError) -> (u16, Value) {
     (status, json!({"error": e.to_string()}))
 }
 
+fn engine_error(e: &EngineError) -> (u16, Value) {
+    let status = match e.kind() {
+        "malformed" => 400,
+        "signature" => 403,
+        "not_found" => 404,
+        "conflict" | "tampered" => 409,
+        "wrong_target" | "refused" => 422,
+        "busy" => 503,
+        "arena_full" => 507,
+        _ => 500,
+    };
+    (status, json!({"error": e.to_string(), "kind": e.kind()}))
+}
+
+fn no_engine() -> (u16, Value) {
+    (
+        404,
+        json!({"error": "patching is not enabled on this VM (start it with --trusted-key KEY.pub or --allow-unsigned)"}),
+    )
+}
+
+/// The patch routes: the engine's mutex serialises applies and reverts.
+fn route_patches(ctx: &ApiContext, method: &tiny_http::Method, path: &str, body: &[u8]) -> (u16, Value) {
+    use tiny_http::Method::{Delete, Get, Post};
+    let Some(engine) = &ctx.engine else {
+        return no_engine();
+    };
+    let rest = path.strip_prefix("/v1/patches").unwrap_or("");
+    let lock = || engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let paused = || {
+        ctx.vm.is_paused().then(|| {
+            (
+                409,
+                json!({"error": EngineError::OperatorPaused.to_string(), "kind": "busy"}),
+            )
+        })
+    };
+    match (rest, method) {
+        ("", Get) => (200, json!({"patches": lock().records()})),
+        ("", Post) => {
+            if let Some(r) = paused() {
+                return r;
+            }
+            if body.is_empty() {
+                return (
+                    400,
+                    json!({"error": "the request body must be the patch file (curl --data-binary @fix.hpatch)"}),
+                );
+            }
+            match lock().apply(body) {
+                Ok(out) => (if out.already_applied { 200 } else { 201 }, json!(out)),
+                Err(e) => engine_error(&e),
+            }
+        }
+        (id, Get) if id.len() > 1 && !id[1..].contains('/') => match lock().find(&id[1..]) {
+            Ok(r) => (200, json!(r)),
+            Err(e) => engine_error(&e),
+        },
+        (id, m) if (*m == Delete && !id[1..].contains('/')) || (*m == Post && id.ends_with("/revert")) => {
+            if let Some(r) = paused() {
+                return r;
+            }
+            let id = id.trim_start_matches('/').trim_end_matches("/revert");
+            match lock().revert(id) {
+                Ok(r) => (200, json!(r)),
+                Err(e) => engine_error(&e),
+            }
+        }
+        _ => (
+            405,
+            json!({"error": format!("method {method} is not allowed on {path}; use GET/POST /v1/patches, GET /v1/patches/ID, POST /v1/patches/ID/revert")}),
+        ),
+    }
+}
+
 /// Maps one request to its response; pure apart from the VM calls, so tests can drive it.
-pub fn route(vm: &Vm, method: &tiny_http::Method, url: &str, _body: &[u8]) -> (u16, Value) {
+pub fn route(ctx: &ApiContext, method: &tiny_http::Method, url: &str, body: &[u8]) -> (u16, Value) {
     use tiny_http::Method::{Get, Post};
+    let vm = &ctx.vm;
     let path = url.split('?').next().unwrap_or(url).trim_end_matches('/');
+    if path == "/v1/patches" || path.starts_with("/v1/patches/") {
+        return route_patches(ctx, method, path, body);
+    }
     match (path, method) {
         ("/v1/vm", Get) => (200, json!(vm.status())),
         ("/v1/vm/pause", Post) => match vm.pause() {
@@ -184,14 +275,21 @@ pub fn route(vm: &Vm, method: &tiny_http::Method, url: &str, _body: &[u8]) -> (u
             ),
             Err(e) => control_error(e),
         },
-        ("/v1/metrics", Get) => (200, json!({"pause": vm.pause_metrics()})),
+        ("/v1/metrics", Get) => {
+            let patches = ctx.engine.as_ref().map(|e| {
+                e.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .metrics()
+            });
+            (200, json!({"pause": vm.pause_metrics(), "patches": patches}))
+        }
         ("/v1/vm" | "/v1/vm/pause" | "/v1/vm/resume" | "/v1/metrics", _) => (
             405,
             json!({"error": format!("method {method} is not allowed on {path}")}),
         ),
         _ => (
             404,
-            json!({"error": format!("no such endpoint {path}; try GET /v1/vm, POST /v1/vm/pause, POST /v1/vm/resume, GET /v1/metrics")}),
+            json!({"error": format!("no such endpoint {path}; try GET /v1/vm, POST /v1/vm/pause, POST /v1/vm/resume, GET /v1/metrics, GET/POST /v1/patches")}),
         ),
     }
 }

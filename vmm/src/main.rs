@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use vmm::api::ApiServer;
+use vmm::api::{ApiContext, ApiServer};
 use vmm::bench;
 use vmm::boot::Image;
 use vmm::client::ApiClient;
@@ -43,9 +43,25 @@ enum Command {
     /// Build, sign, verify and inspect hot-patch files.
     #[command(subcommand)]
     Patch(patch_cli::PatchCommand),
+    /// Boot the built-in guest, hot-patch it with the embedded signed sample, revert, show it all.
+    Demo(DemoArgs),
     /// Benchmarks (used by scripts/bench).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// vCPUs of the demo guest.
+    #[arg(long, default_value_t = 2)]
+    vcpus: usize,
+    /// Print one JSON object at the end instead of the narration.
+    #[arg(long)]
+    json: bool,
+    /// Write the sample patch (sample.hpatch) and the demo public key (demo.pub) to this
+    /// directory and exit, to try the flow by hand with `vmm run` + `vmm patch apply` or curl.
+    #[arg(long, value_name = "DIR")]
+    export: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +82,17 @@ struct RunArgs {
     /// Serve the control API on this Unix socket (created mode 0600).
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Accept patches signed by this public key (from `vmm patch keygen`). Repeatable.
+    #[arg(long = "trusted-key", value_name = "PUB")]
+    trusted_keys: Vec<PathBuf>,
+    /// Accept unsigned patches too. Development only: anyone who can reach the socket could
+    /// then change the guest's code.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// Keep the patch journal here, so `vmm patch list` survives a restart and an interrupted
+    /// apply is repaired or reported.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
@@ -129,6 +156,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             bytes: guest_tools::test_guest(guest_tools::GuestBuild::V1).into(),
         },
     };
+    let trusted = vmm::patching::read_keys(&args.trusted_keys)?;
+    let image_name = image.name.clone();
+    let image_bytes = image.bytes.clone();
     let config = VmConfig {
         vcpus: args.vcpus,
         memory_mib: args.memory,
@@ -140,8 +170,36 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     install_terminate_handlers();
     let vm = Vm::start(config)?;
+    let engine = match vmm::patching::engine_for(
+        vm.clone(),
+        &image_name,
+        &image_bytes,
+        vmm::engine::EngineConfig {
+            trusted_keys: trusted,
+            allow_unsigned: args.allow_unsigned,
+            ..Default::default()
+        },
+        args.state_dir.as_deref(),
+    ) {
+        Ok(e) => Some(std::sync::Arc::new(std::sync::Mutex::new(e))),
+        Err(e) => {
+            if args.state_dir.is_some() || !args.trusted_keys.is_empty() || args.allow_unsigned {
+                vm.request_stop(StopReason::Requested("patching could not start".into()));
+                vm.join();
+                return Err(e.into());
+            }
+            tracing::warn!(error = %e, "hot patching is unavailable for this image");
+            None
+        }
+    };
     let _api = match &args.api_sock {
-        Some(path) => Some(ApiServer::start(path, vm.clone())?),
+        Some(path) => Some(ApiServer::start(
+            path,
+            ApiContext {
+                vm: vm.clone(),
+                engine,
+            },
+        )?),
         None => None,
     };
     let reason = loop {
@@ -230,6 +288,27 @@ fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+fn demo(args: DemoArgs) -> Result<ExitCode> {
+    if let Some(dir) = args.export {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, bytes) in [
+            ("sample.hpatch", vmm::patching::SAMPLE_PATCH),
+            ("demo.pub", vmm::patching::DEMO_PUBLIC_KEY.as_bytes()),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    install_terminate_handlers();
+    let report = vmm::demo::run(args.vcpus, args.json)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench_pause(vcpus: Vec<usize>, cycles: usize, gap_us: u64, out: Option<PathBuf>) -> Result<()> {
     let mut runs = Vec::new();
     for n in vcpus {
@@ -274,6 +353,7 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
         Command::Patch(cmd) => patch_cli::run(cmd).map(|_| ExitCode::SUCCESS),
+        Command::Demo(args) => demo(args),
         Command::Bench(BenchCommand::Pause {
             vcpus,
             cycles,

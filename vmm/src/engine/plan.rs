@@ -1,0 +1,639 @@
+//! The planner: from one site of a patch and the bytes the guest holds there, the exact writes
+//! that patch it, every check of ARCHITECTURE §3 done first. Pure: no guest, no KVM, so every
+//! rule is unit-tested on real compiler output.
+//!
+//! A site becomes three things:
+//! - the **jump** written over whole instructions at the site (`jmp rel32`, or `jmp [rip]` with
+//!   an 8-byte address when the arena is out of rel32 reach), the rest of the displaced bytes
+//!   filled with `int3` (nothing may branch there: rule 3);
+//! - the **code** in the arena: the new function, or for a micropatch the inserted code followed
+//!   by the relocated displaced instructions and a jump back (the stub);
+//! - the **escape copy** for function sites: the displaced instructions relocated, then a jump
+//!   back. A vCPU parked in the middle of the displaced bytes is moved to the same instruction
+//!   there (as Detours does), so it finishes its call of the old function.
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
+    InstructionBlock, OpKind,
+};
+use patch_format::SiteKind;
+use thiserror::Error;
+
+/// `endbr64`: kept in place at a function's entry so IBT still accepts indirect calls.
+pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// The 5-byte NOP compilers emit for `-pg -mfentry`/`-fpatchable-function-entry` (Linux's
+/// `call __fentry__` once booted).
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// Size of `jmp rel32`.
+pub const JMP_REL32_LEN: usize = 5;
+/// Size of `jmp qword [rip+0]` followed by the 8-byte target.
+pub const JMP_ABS_LEN: usize = 14;
+/// Filler for displaced bytes after the jump: traps if anything ever executes it.
+pub const INT3: u8 = 0xcc;
+
+/// Why a site cannot be patched. Each message names the site and what the author can do.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PlanError {
+    #[error(
+        "site {site}: the guest's bytes differ from the patch's expected bytes at +{offset:#x} (expected {expected:#04x}, found {found:#04x}); the patch was built for other code"
+    )]
+    ExpectedMismatch {
+        site: String,
+        offset: usize,
+        expected: u8,
+        found: u8,
+    },
+    #[error(
+        "site {site}: the guest holds {found} bytes there but the patch expects {expected}; the patch was built for other code"
+    )]
+    ExpectedLength {
+        site: String,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "site {site}: {at:#x} is not an instruction boundary (it splits the instruction at {insn:#x}); place the site on a whole instruction"
+    )]
+    SplitsInstruction { site: String, at: u64, insn: u64 },
+    #[error(
+        "site {site}: bytes at +{offset:#x} do not decode as x86-64 instructions; the site must be code"
+    )]
+    Undecodable { site: String, offset: usize },
+    #[error(
+        "site {site}: the function has {available} bytes from {at:#x} but the jump needs {needed}; too short to patch there (patch its callers instead)"
+    )]
+    TooShort {
+        site: String,
+        at: u64,
+        available: usize,
+        needed: usize,
+    },
+    #[error(
+        "site {site}: the micropatch displaces {have} bytes of whole instructions but the jump needs {needed}; rebuild the patch with a longer site"
+    )]
+    DisplacedTooShort {
+        site: String,
+        have: usize,
+        needed: usize,
+    },
+    #[error(
+        "site {site}: the instruction at {from:#x} branches to {to:#x}, inside the overwritten range {start:#x}..{end:#x}; it would land in the middle of the jump (choose another site)"
+    )]
+    BranchIntoRange {
+        site: String,
+        from: u64,
+        to: u64,
+        start: u64,
+        end: u64,
+    },
+    #[error(
+        "site {site}: the call at {at:#x} would be displaced before other instructions; its return address would point inside the trampoline (a call may only be the last displaced instruction)"
+    )]
+    CallNotLast { site: String, at: u64 },
+    #[error(
+        "site {site}: the displaced instruction at {at:#x} cannot be relocated ({reason}); choose another site"
+    )]
+    Unrelocatable {
+        site: String,
+        at: u64,
+        reason: String,
+    },
+    #[error("site {site}: the built trampoline does not verify: {reason} (this is a bug; please report it)")]
+    Verify { site: String, reason: String },
+    #[error("site {site}: the site at {at:#x} lies outside its function {start:#x}..{end:#x}")]
+    OutsideFunction {
+        site: String,
+        at: u64,
+        start: u64,
+        end: u64,
+    },
+}
+
+/// The code a site lives in, when its bounds are known (from the image's symbols): used to
+/// find instruction boundaries (rule 2) and branches into the overwritten range (rule 3).
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionCode<'a> {
+    pub start: u64,
+    pub bytes: &'a [u8],
+}
+
+/// One site of a patch, resolved against the guest.
+#[derive(Debug, Clone)]
+pub struct SiteInput<'a> {
+    /// How the site is named in messages (`compute`, `probe+0x4`, `0x101234`).
+    pub name: String,
+    pub kind: SiteKind,
+    /// Guest-virtual address of the site.
+    pub at: u64,
+    /// The bytes the patch expects at `at` (whole old function for function sites).
+    pub expected: &'a [u8],
+    /// What the guest holds at `at`, `expected.len()` bytes (applied patches' bytes already
+    /// replaced by their originals when the caller replaces them).
+    pub current: &'a [u8],
+    /// The function around a micropatch site (function sites are their own `expected`).
+    pub function: Option<FunctionCode<'a>>,
+}
+
+/// Where the jump goes and what it displaces: known before arena space is chosen.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    pub name: String,
+    pub kind: SiteKind,
+    /// First byte the jump overwrites (after `endbr64` / an ftrace NOP for function sites).
+    pub jump_at: u64,
+    /// The whole instructions the jump overwrites, decoded at their addresses.
+    pub displaced: Vec<Instruction>,
+    /// Their bytes.
+    pub displaced_bytes: Vec<u8>,
+    /// Which jump size the displaced bytes were chosen for.
+    pub jump_len: usize,
+}
+
+impl Analysis {
+    pub fn displaced_len(&self) -> usize {
+        self.displaced_bytes.len()
+    }
+    pub fn range(&self) -> (u64, u64) {
+        (self.jump_at, self.jump_at + self.displaced_bytes.len() as u64)
+    }
+}
+
+/// Decodes `bytes` at `ip` into whole instructions; `Err(offset)` at the first that fails.
+pub fn decode(bytes: &[u8], ip: u64) -> Result<Vec<Instruction>, usize> {
+    let mut dec = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while dec.can_decode() {
+        let pos = dec.position();
+        let i = dec.decode();
+        if i.is_invalid() {
+            return Err(pos);
+        }
+        out.push(i);
+    }
+    Ok(out)
+}
+
+/// Decodes from a known boundary up to the first undecodable byte (padding, data): the
+/// instructions a compiler laid out, which is what boundary and branch checks need.
+fn decode_prefix(bytes: &[u8], ip: u64) -> Vec<Instruction> {
+    let mut dec = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while dec.can_decode() {
+        let i = dec.decode();
+        if i.is_invalid() {
+            break;
+        }
+        out.push(i);
+    }
+    out
+}
+
+/// The absolute target of a direct near branch, if `i` is one.
+fn branch_target(i: &Instruction) -> Option<u64> {
+    (0..i.op_count())
+        .any(|n| matches!(i.op_kind(n), OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16))
+        .then(|| i.near_branch_target())
+}
+
+fn is_call(i: &Instruction) -> bool {
+    matches!(
+        i.flow_control(),
+        FlowControl::Call | FlowControl::IndirectCall
+    )
+}
+
+/// Whether a rel32 jump at `from` (5 bytes long) reaches `to`.
+pub fn rel32_reaches(from: u64, to: u64) -> bool {
+    let d = i128::from(to) - i128::from(from) - JMP_REL32_LEN as i128;
+    i32::try_from(d).is_ok()
+}
+
+/// Checks rules 1, 2, 3 and 7 and chooses the displaced instructions.
+///
+/// `jump_len` is the jump the caller can use ([`JMP_REL32_LEN`] when the arena is within
+/// ±2 GiB of the site, else [`JMP_ABS_LEN`]).
+pub fn analyze(site: &SiteInput<'_>, jump_len: usize) -> Result<Analysis, PlanError> {
+    let name = || site.name.clone();
+    // Rule 1: the guest holds exactly what the patch was built against.
+    if site.current.len() != site.expected.len() {
+        return Err(PlanError::ExpectedLength {
+            site: name(),
+            expected: site.expected.len(),
+            found: site.current.len(),
+        });
+    }
+    if let Some(offset) = site
+        .expected
+        .iter()
+        .zip(site.current)
+        .position(|(e, c)| e != c)
+    {
+        return Err(PlanError::ExpectedMismatch {
+            site: name(),
+            offset,
+            expected: site.expected[offset],
+            found: site.current[offset],
+        });
+    }
+
+    // The function the site lives in, decoded from its start (a known boundary).
+    let (fstart, fbytes) = match (site.kind, site.function) {
+        (SiteKind::Function, _) => (site.at, site.expected),
+        (SiteKind::Micropatch, Some(f)) => (f.start, f.bytes),
+        (SiteKind::Micropatch, None) => (site.at, site.expected),
+    };
+    let fend = fstart + fbytes.len() as u64;
+    if site.at < fstart || site.at >= fend {
+        return Err(PlanError::OutsideFunction {
+            site: name(),
+            at: site.at,
+            start: fstart,
+            end: fend,
+        });
+    }
+    let finsns = decode_prefix(fbytes, fstart);
+
+    let (jump_at, displaced) = match site.kind {
+        SiteKind::Function => {
+            // Keep `endbr64` (IBT) and leave a 5-byte NOP at the entry to its owner (Linux's
+            // ftrace rewrites it when tracing is switched on): the jump goes after them.
+            let mut skip = 0usize;
+            if site.expected.starts_with(&ENDBR64) {
+                skip += ENDBR64.len();
+            }
+            if site.expected.get(skip..).is_some_and(|b| b.starts_with(&NOP5)) {
+                skip += NOP5.len();
+            }
+            let jump_at = site.at + skip as u64;
+            let mut displaced = Vec::new();
+            let mut covered = 0usize;
+            for i in finsns.iter().filter(|i| i.ip() >= jump_at) {
+                if covered >= jump_len {
+                    break;
+                }
+                displaced.push(*i);
+                covered += i.len();
+            }
+            if covered < jump_len {
+                return Err(PlanError::TooShort {
+                    site: name(),
+                    at: jump_at,
+                    available: (fend - jump_at) as usize,
+                    needed: jump_len,
+                });
+            }
+            (jump_at, displaced)
+        }
+        SiteKind::Micropatch => {
+            // Rule 2: the site is on a boundary of the function's instruction stream.
+            if site.function.is_some() {
+                if let Some(split) = finsns
+                    .iter()
+                    .find(|i| i.ip() < site.at && site.at < i.next_ip())
+                {
+                    return Err(PlanError::SplitsInstruction {
+                        site: name(),
+                        at: site.at,
+                        insn: split.ip(),
+                    });
+                }
+                if !finsns.iter().any(|i| i.ip() == site.at) {
+                    return Err(PlanError::Undecodable {
+                        site: name(),
+                        offset: (site.at - fstart) as usize,
+                    });
+                }
+            }
+            // The expected bytes are exactly the displaced whole instructions.
+            let displaced = decode(site.expected, site.at).map_err(|offset| {
+                PlanError::Undecodable {
+                    site: name(),
+                    offset,
+                }
+            })?;
+            if site.expected.len() < jump_len {
+                return Err(PlanError::DisplacedTooShort {
+                    site: name(),
+                    have: site.expected.len(),
+                    needed: jump_len,
+                });
+            }
+            // ...and they end on a boundary of the function's stream too.
+            let end = site.at + site.expected.len() as u64;
+            if site.function.is_some()
+                && let Some(split) = finsns.iter().find(|i| i.ip() < end && end < i.next_ip())
+            {
+                return Err(PlanError::SplitsInstruction {
+                    site: name(),
+                    at: end,
+                    insn: split.ip(),
+                });
+            }
+            (site.at, displaced)
+        }
+    };
+
+    let start = jump_at;
+    let end = displaced.last().map_or(jump_at, Instruction::next_ip);
+
+    // Rule 7: a call displaced before the last instruction would leave a return address
+    // inside the trampoline.
+    if let Some(call) = displaced.iter().rev().skip(1).find(|i| is_call(i)) {
+        return Err(PlanError::CallNotLast {
+            site: name(),
+            at: call.ip(),
+        });
+    }
+    // Rule 3: nothing outside the displaced range branches into its interior. Branches from
+    // inside to inside move with the relocated copy, so they stay correct.
+    for i in &finsns {
+        let inside_self = i.ip() >= start && i.ip() < end;
+        if inside_self {
+            continue;
+        }
+        if let Some(t) = branch_target(i)
+            && t > start
+            && t < end
+        {
+            return Err(PlanError::BranchIntoRange {
+                site: name(),
+                from: i.ip(),
+                to: t,
+                start,
+                end,
+            });
+        }
+    }
+    for i in &displaced {
+        if let Some(t) = branch_target(i)
+            && t > start
+            && t < end
+            && !displaced.iter().any(|d| d.ip() == t)
+        {
+            return Err(PlanError::BranchIntoRange {
+                site: name(),
+                from: i.ip(),
+                to: t,
+                start,
+                end,
+            });
+        }
+    }
+    let off = (jump_at - site.at) as usize;
+    let len = (end - jump_at) as usize;
+    let displaced_bytes = site
+        .expected
+        .get(off..off + len)
+        .ok_or_else(|| PlanError::TooShort {
+            site: name(),
+            at: jump_at,
+            available: site.expected.len().saturating_sub(off),
+            needed: len,
+        })?
+        .to_vec();
+    Ok(Analysis {
+        name: site.name.clone(),
+        kind: site.kind,
+        jump_at,
+        displaced,
+        displaced_bytes,
+        jump_len,
+    })
+}
+
+/// The bytes of a jump from `at` to `to`, `len` long (5 or 14), then `int3` up to `fill`.
+pub fn jump_bytes(at: u64, to: u64, jump_len: usize, fill: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(fill);
+    if jump_len == JMP_REL32_LEN {
+        let d = i32::try_from(i128::from(to) - i128::from(at) - JMP_REL32_LEN as i128).ok()?;
+        out.push(0xe9);
+        out.extend_from_slice(&d.to_le_bytes());
+    } else {
+        out.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+        out.extend_from_slice(&to.to_le_bytes());
+    }
+    if out.len() > fill {
+        return None;
+    }
+    out.resize(fill, INT3);
+    Some(out)
+}
+
+/// The displaced instructions relocated to `at`, then a jump back to the instruction after
+/// them. Returns the bytes and the address of each displaced instruction's copy.
+pub fn relocate(a: &Analysis, at: u64) -> Result<(Vec<u8>, Vec<u64>), PlanError> {
+    let (_, end) = a.range();
+    let mut block = a.displaced.clone();
+    let back = Instruction::with_branch(Code::Jmp_rel32_64, end).map_err(|e| PlanError::Verify {
+        site: a.name.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut back = back;
+    // The encoder matches branch targets to instructions by IP: give the jump back an IP no
+    // branch can target, or a displaced branch to `end` (or the jump itself) would loop.
+    back.set_ip(0);
+    block.push(back);
+    let r = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&block, at),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(|e| PlanError::Unrelocatable {
+        site: a.name.clone(),
+        at: a.jump_at,
+        reason: e.to_string(),
+    })?;
+    let addrs = r
+        .new_instruction_offsets
+        .iter()
+        .take(a.displaced.len())
+        .map(|&o| at + u64::from(o))
+        .collect::<Vec<_>>();
+    if addrs.len() != a.displaced.len()
+        || r.new_instruction_offsets
+            .iter()
+            .any(|&o| o == u32::MAX)
+    {
+        return Err(PlanError::Unrelocatable {
+            site: a.name.clone(),
+            at: a.jump_at,
+            reason: "an instruction was dropped by the encoder".into(),
+        });
+    }
+    Ok((r.code_buffer, addrs))
+}
+
+/// Bytes the relocated copy takes when placed near `at` (anywhere in the same arena: the
+/// encoding only depends on whether targets are within rel32 reach).
+pub fn copy_len(a: &Analysis, at: u64) -> Result<usize, PlanError> {
+    Ok(relocate(a, at)?.0.len())
+}
+
+/// A fully built site: what to write where, and how to move vCPUs parked in its bytes.
+#[derive(Debug, Clone)]
+pub struct SitePlan {
+    pub analysis: Analysis,
+    /// The jump (plus `int3` fill) to write at `analysis.jump_at`.
+    pub jump: Vec<u8>,
+    /// The original bytes it replaces (the undo record).
+    pub original: Vec<u8>,
+    /// Where the jump goes: the new function or the micropatch stub.
+    pub code_at: u64,
+    /// Arena contents: (address, bytes).
+    pub arena: Vec<(u64, Vec<u8>)>,
+    /// For every displaced instruction: (its address, its relocated copy's address). A vCPU
+    /// parked at the first one is left alone (it will execute the jump).
+    pub moves: Vec<(u64, u64)>,
+}
+
+impl SitePlan {
+    /// Where a vCPU parked at `rip` must go, `Some(rip)` if it may stay, `None` if no safe
+    /// place exists (not on a displaced instruction boundary).
+    pub fn relocate_rip(&self, rip: u64) -> Option<u64> {
+        let (start, end) = self.analysis.range();
+        if rip <= start || rip >= end {
+            return Some(rip);
+        }
+        self.moves
+            .iter()
+            .find(|(from, _)| *from == rip)
+            .map(|&(_, to)| to)
+    }
+}
+
+/// Builds the site: `code` (relocations already applied for `code_at`) is the new function, or
+/// the micropatch's inserted instructions, which the relocated copy follows directly.
+/// `escape_at` is where a function site's escape copy goes (ignored for micropatches).
+pub fn build(
+    a: &Analysis,
+    code: &[u8],
+    code_at: u64,
+    escape_at: u64,
+) -> Result<SitePlan, PlanError> {
+    let verify_err = |reason: String| PlanError::Verify {
+        site: a.name.clone(),
+        reason,
+    };
+    let copy_at = match a.kind {
+        SiteKind::Function => escape_at,
+        SiteKind::Micropatch => code_at + code.len() as u64,
+    };
+    let (copy_bytes, copy_addrs) = relocate(a, copy_at)?;
+    let arena = match a.kind {
+        SiteKind::Function => vec![(code_at, code.to_vec()), (escape_at, copy_bytes.clone())],
+        SiteKind::Micropatch => {
+            let mut stub = code.to_vec();
+            stub.extend_from_slice(&copy_bytes);
+            vec![(code_at, stub)]
+        }
+    };
+    let jump = jump_bytes(a.jump_at, code_at, a.jump_len, a.displaced_len())
+        .ok_or_else(|| verify_err(format!("the jump to {code_at:#x} does not fit")))?;
+    let plan = SitePlan {
+        analysis: a.clone(),
+        jump,
+        original: a.displaced_bytes.clone(),
+        code_at,
+        arena,
+        moves: a
+            .displaced
+            .iter()
+            .map(Instruction::ip)
+            .zip(copy_addrs.iter().copied())
+            .collect(),
+    };
+    verify(&plan, copy_at, &copy_bytes).map_err(verify_err)?;
+    Ok(plan)
+}
+
+/// Rule 4: decodes what was built and checks it is exactly what was meant.
+fn verify(p: &SitePlan, copy_at: u64, copy: &[u8]) -> Result<(), String> {
+    let a = &p.analysis;
+    let (start, end) = a.range();
+    // The jump: one instruction to the code, then only int3.
+    let jumps = decode_prefix(&p.jump, start);
+    let j = jumps.first().ok_or("the jump does not decode")?;
+    let target = match j.code() {
+        Code::Jmp_rel32_64 => j.near_branch_target(),
+        Code::Jmp_rm64 if j.is_ip_rel_memory_operand() && j.ip_rel_memory_address() == j.next_ip() => {
+            let o = j.len();
+            let b = p.jump.get(o..o + 8).ok_or("the jump's address is missing")?;
+            u64::from_le_bytes(b.try_into().map_err(|_| "bad address")?)
+        }
+        c => return Err(format!("the jump decodes as {c:?}")),
+    };
+    if target != p.code_at {
+        return Err(format!("the jump goes to {target:#x}, not {:#x}", p.code_at));
+    }
+    let used = if j.code() == Code::Jmp_rel32_64 { j.len() } else { JMP_ABS_LEN };
+    if p.jump.len() != a.displaced_len() || p.jump[used..].iter().any(|&b| b != INT3) {
+        return Err("the fill after the jump is not all int3".into());
+    }
+    // The copy: each displaced instruction, same operation, same absolute targets.
+    let got = decode(copy, copy_at).map_err(|o| format!("the copy does not decode at +{o}"))?;
+    if got.len() != a.displaced.len() + 1 {
+        return Err(format!(
+            "the copy has {} instructions, expected {}",
+            got.len(),
+            a.displaced.len() + 1
+        ));
+    }
+    let map = |t: u64| -> u64 {
+        // Branches inside the displaced range follow their instruction into the copy.
+        a.displaced
+            .iter()
+            .zip(&got)
+            .find(|(d, _)| d.ip() == t)
+            .map_or(t, |(_, g)| g.ip())
+    };
+    for (orig, new) in a.displaced.iter().zip(&got) {
+        if orig.mnemonic() != new.mnemonic() {
+            return Err(format!(
+                "{:#x}: {:?} became {:?}",
+                orig.ip(),
+                orig.mnemonic(),
+                new.mnemonic()
+            ));
+        }
+        match (branch_target(orig), branch_target(new)) {
+            (Some(t), Some(u)) if map(t) == u => {}
+            (None, None) => {}
+            (o, n) => {
+                return Err(format!(
+                    "{:#x}: branch target {o:x?} became {n:x?}",
+                    orig.ip()
+                ));
+            }
+        }
+        if orig.is_ip_rel_memory_operand() != new.is_ip_rel_memory_operand()
+            || (orig.is_ip_rel_memory_operand()
+                && orig.ip_rel_memory_address() != new.ip_rel_memory_address())
+        {
+            return Err(format!(
+                "{:#x}: RIP-relative operand {:#x} became {:#x}",
+                orig.ip(),
+                orig.ip_rel_memory_address(),
+                new.ip_rel_memory_address()
+            ));
+        }
+        if branch_target(orig).is_none() && !orig.is_ip_rel_memory_operand() {
+            let mut o = *orig;
+            let mut n = *new;
+            o.set_ip(0);
+            n.set_ip(0);
+            o.set_len(0);
+            n.set_len(0);
+            if o != n {
+                return Err(format!("{:#x}: instruction changed when copied", orig.ip()));
+            }
+        }
+    }
+    let back = got.last().ok_or("empty copy")?;
+    if back.mnemonic() != iced_x86::Mnemonic::Jmp || branch_target(back) != Some(end) {
+        return Err(format!("the copy does not jump back to {end:#x}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
