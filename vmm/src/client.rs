@@ -122,4 +122,19 @@ impl ApiClient {
     pub fn metrics(&self) -> Result<Value, ClientError> {
         self.call("GET", "/v1/metrics", b"")
     }
+
+    /// Applies a patch file (its bytes, as read from disk).
+    pub fn apply(&self, patch: &[u8]) -> Result<Value, ClientError> {
+        self.call("POST", "/v1/patches", patch)
+    }
+
+    pub fn patches(&self) -> Result<Value, ClientError> {
+        self.call("GET", "/v1/patches", b"")
+    }
+
+    /// Reverts a patch by id or unique id prefix.
+    pub fn revert(&self, id: &str) -> Result<Value, ClientError> {
+        let id: String = id.chars().filter(char::is_ascii_hexdigit).collect();
+        self.call("POST", &format!("/v1/patches/{id}/revert"), b"")
+    }
 }

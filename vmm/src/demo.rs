@@ -49,6 +49,8 @@ pub struct DemoReport {
     pub revert_blackout_us: u64,
     pub apply_total_us: u64,
     pub moved_vcpus: u32,
+    /// Blackouts the apply needed (more than 1 when a vCPU was in the way).
+    pub apply_attempts: u32,
     /// Calls over the whole run whose result was neither version's (must be 0).
     pub bad_total: u64,
 }
@@ -188,6 +190,7 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
             revert_blackout_us: reverted.revert_blackout_us.unwrap_or(0),
             apply_total_us: applied.total_us,
             moved_vcpus: applied.patch.moved_vcpus,
+            apply_attempts: applied.attempts,
             bad_total,
         })
     })();

@@ -2,8 +2,7 @@
 //!
 //! A thin layer over the `patch-format` crate: argument parsing, file I/O and
 //! messages for the operator. `anyhow` is used only here, at the binary's edge.
-//! Later subcommands (`apply`, `list`, `revert` through the API socket) join
-//! this enum.
+//! `apply`, `list` and `revert` talk to a running VMM through its API socket.
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -26,6 +25,48 @@ pub enum PatchCommand {
     Verify(VerifyArgs),
     /// Show a patch: id, signature, metadata, target, sites with disassembly.
     Inspect(InspectArgs),
+    /// Apply a patch to a running VM (through its API socket). Applying it again is a no-op.
+    Apply(ApplyArgs),
+    /// List the patches a running VM has seen: id, name, state, sites, blackout.
+    List(ListArgs),
+    /// Revert an applied patch: every byte it changed is restored.
+    Revert(RevertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SockArg {
+    /// The VM's API socket (`vmm run --api-sock PATH`).
+    #[arg(long)]
+    pub api_sock: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// The patch file.
+    pub file: PathBuf,
+    /// Print the server's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub sock: SockArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RevertArgs {
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Patch id, or a unique prefix of it (at least 4 hex digits).
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -119,7 +160,96 @@ pub fn run(cmd: PatchCommand) -> Result<()> {
         PatchCommand::Sign(a) => sign(a),
         PatchCommand::Verify(a) => verify(a),
         PatchCommand::Inspect(a) => inspect(a),
+        PatchCommand::Apply(a) => apply(a),
+        PatchCommand::List(a) => list(a),
+        PatchCommand::Revert(a) => revert(a),
     }
+}
+
+fn pretty(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    v.get(key).unwrap_or(&serde_json::Value::Null)
+}
+
+fn apply(a: ApplyArgs) -> Result<()> {
+    let bytes = read(&a.file)?;
+    let v = vmm::client::ApiClient::new(&a.sock.api_sock).apply(&bytes)?;
+    if a.json {
+        return pretty(&v);
+    }
+    let p = field(&v, "patch");
+    if field(&v, "already_applied").as_bool() == Some(true) {
+        println!("already applied: {} {}", field(p, "id").as_str().unwrap_or("?"), field(p, "name").as_str().unwrap_or("?"));
+        return Ok(());
+    }
+    println!(
+        "applied {} {}: {} site(s), blackout {} µs, {} attempt(s), {} vCPU(s) moved, {} µs in the VMM",
+        field(p, "id").as_str().unwrap_or("?"),
+        field(p, "name").as_str().unwrap_or("?"),
+        field(p, "sites").as_array().map_or(0, Vec::len),
+        field(p, "apply_blackout_us"),
+        field(&v, "attempts"),
+        field(p, "moved_vcpus"),
+        field(&v, "total_us"),
+    );
+    for r in field(&v, "replaced").as_array().into_iter().flatten() {
+        println!("  replaced {}", r.as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+fn list(a: ListArgs) -> Result<()> {
+    let v = vmm::client::ApiClient::new(&a.sock.api_sock).patches()?;
+    if a.json {
+        return pretty(&v);
+    }
+    let patches = field(&v, "patches").as_array().cloned().unwrap_or_default();
+    if patches.is_empty() {
+        println!("no patches");
+        return Ok(());
+    }
+    println!("{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}", "ID", "NAME", "STATE", "SITES", "APPLIED AT (UTC)", "BLACKOUT µs");
+    for p in patches {
+        let applied = field(&p, "applied_at")
+            .as_u64()
+            .map(patch_format::format_utc)
+            .unwrap_or_else(|| "-".into());
+        let blackout = field(&p, "apply_blackout_us")
+            .as_u64()
+            .map_or("-".to_string(), |b| b.to_string());
+        let id = field(&p, "id").as_str().unwrap_or("?");
+        println!(
+            "{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}",
+            id.get(..16).unwrap_or(id),
+            field(&p, "name").as_str().unwrap_or("?"),
+            field(&p, "state").as_str().unwrap_or("?"),
+            field(&p, "sites").as_array().map_or(0, Vec::len),
+            applied,
+            blackout
+        );
+        if let Some(note) = field(&p, "note").as_str() {
+            println!("{:<18}note: {note}", "");
+        }
+    }
+    Ok(())
+}
+
+fn revert(a: RevertArgs) -> Result<()> {
+    let v = vmm::client::ApiClient::new(&a.sock.api_sock).revert(&a.id)?;
+    if a.json {
+        return pretty(&v);
+    }
+    println!(
+        "reverted {} {}: blackout {} µs",
+        field(&v, "id").as_str().unwrap_or("?"),
+        field(&v, "name").as_str().unwrap_or("?"),
+        field(&v, "revert_blackout_us")
+    );
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

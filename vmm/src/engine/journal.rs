@@ -105,6 +105,10 @@ pub struct PatchRecord {
     pub apply_blackout_us: Option<u64>,
     pub revert_blackout_us: Option<u64>,
     pub moved_vcpus: u32,
+    /// Function-replacement sites: with more than one, the patch switches a vCPU's whole set
+    /// of functions at once, so its code must be idle around every apply and revert.
+    #[serde(default)]
+    pub function_sites: u32,
     /// Why it failed, or what recovery did; shown to the operator.
     pub note: Option<String>,
 }
@@ -705,6 +709,7 @@ mod tests {
 
     fn rec(n: u8, state: PatchState) -> PatchRecord {
         PatchRecord {
+            function_sites: 0,
             id: id(n),
             name: format!("patch-{n}"),
             state,

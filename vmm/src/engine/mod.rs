@@ -149,7 +149,7 @@ impl Default for EngineConfig {
         EngineConfig {
             trusted_keys: Vec::new(),
             allow_unsigned: false,
-            max_attempts: 20,
+            max_attempts: 50,
             stack_scan: 1024,
         }
     }
@@ -188,6 +188,8 @@ pub struct EngineMetrics {
 /// One site made ready to write.
 struct Prepared {
     plan: SitePlan,
+    /// For function sites, the old function `[start, end)`.
+    function: Option<(u64, u64)>,
     /// Guest-physical address of the jump.
     gpa: u64,
     location: String,
@@ -197,6 +199,38 @@ struct Prepared {
 struct Change<'a> {
     write: &'a [Prepared],
     restore: &'a [&'a PatchRecord],
+    /// Code no vCPU may be running or returning into (consistency of multi-function patches),
+    /// as `[start, end)` with a name for messages.
+    quiesce: Vec<(u64, u64, String)>,
+    /// Function entries inside `quiesce` where a vCPU may sit: it has not started the call.
+    entries: Vec<u64>,
+}
+
+impl Change<'_> {
+    fn quiesce_hit(&self, addr: u64) -> Option<&str> {
+        if self.entries.contains(&addr) {
+            return None;
+        }
+        self.quiesce
+            .iter()
+            .find(|(a, b, _)| addr >= *a && addr < *b)
+            .map(|(_, _, n)| n.as_str())
+    }
+}
+
+/// Arena code of an applied patch that replaces several functions: after a revert its new
+/// functions would call the old ones, so no vCPU may be inside them.
+fn quiesce_arena(r: &PatchRecord, window: &ArenaWindow) -> Vec<(u64, u64, String)> {
+    if r.function_sites < 2 {
+        return Vec::new();
+    }
+    r.arena
+        .iter()
+        .map(|a| {
+            let gva = window.gva + (a.gpa - window.gpa);
+            (gva, gva + a.len, format!("new code of patch {}", &r.id[..16.min(r.id.len())]))
+        })
+        .collect()
 }
 
 /// The engine. One per guest; callers serialise access (the API holds it in a mutex).
@@ -706,6 +740,8 @@ impl<G: GuestControl> Engine<G> {
                 let jump_gpa = gpa + (analysis.jump_at - loc.gva);
                 prepared.push(Prepared {
                     plan,
+                    function: (site.kind == SiteKind::Function)
+                        .then(|| (loc.gva, loc.gva + site.expected.len() as u64)),
                     gpa: jump_gpa,
                     location: name,
                 });
@@ -746,6 +782,7 @@ impl<G: GuestControl> Engine<G> {
             apply_blackout_us: None,
             revert_blackout_us: None,
             moved_vcpus: 0,
+            function_sites: prepared.iter().filter(|p| p.function.is_some()).count() as u32,
             note: None,
         };
         // Intent first: a crash from here on is found and repaired by `recover`.
@@ -766,10 +803,28 @@ impl<G: GuestControl> Engine<G> {
             }
         }
         let lifting_refs: Vec<&PatchRecord> = lifting.iter().collect();
+        // A patch replacing several functions switches a vCPU to all of them at once: none of
+        // the old ones may be running (past its entry) or on a stack.
+        let mut quiesce: Vec<(u64, u64, String)> = Vec::new();
+        let mut entries = Vec::new();
+        if record.function_sites > 1 {
+            for p in &prepared {
+                if let Some((a, b)) = p.function {
+                    quiesce.push((a, b, format!("old {}", p.location)));
+                    entries.push(a);
+                    entries.push(p.plan.analysis.jump_at);
+                }
+            }
+        }
+        for r in &lifting {
+            quiesce.extend(quiesce_arena(r, &window));
+        }
         let outcome = arena_result.and_then(|()| {
             self.blackout(&Change {
                 write: &prepared,
                 restore: &lifting_refs,
+                quiesce,
+                entries,
             })
         });
         let (blackout, attempts, moved) = match outcome {
@@ -840,9 +895,12 @@ impl<G: GuestControl> Engine<G> {
         let mut r = rec.clone();
         r.state = PatchState::Reverting;
         self.put(r.clone())?;
+        let window = self.arena.window;
         let out = self.blackout(&Change {
             write: &[],
             restore: &[&rec],
+            quiesce: quiesce_arena(&rec, &window),
+            entries: Vec::new(),
         });
         let (blackout, _, _) = match out {
             Ok(v) => v,
@@ -889,8 +947,10 @@ impl<G: GuestControl> Engine<G> {
             self.guest.resume_all()?;
             self.busy_retries += 1;
             why = self.last_busy.take().unwrap_or_default();
-            // Back off a little more each time so a vCPU spinning in the range moves on.
-            std::thread::sleep(Duration::from_micros(200 * u64::from(attempt)));
+            // Back off a little more each time, with jitter, so the next pause does not catch
+            // a looping vCPU at the same point of its loop.
+            let jitter = u64::from(Instant::now().elapsed().subsec_nanos() ^ attempt.wrapping_mul(2_654_435_761)) % 200;
+            std::thread::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter));
         }
         Err(EngineError::Busy {
             attempts: self.config.max_attempts,
@@ -1003,6 +1063,23 @@ impl<G: GuestControl> Engine<G> {
                     ));
                     return Ok(None);
                 }
+            }
+            if let Some(name) = change.quiesce_hit(v.rip) {
+                self.last_busy = Some(format!(
+                    "vCPU {} is running {name} at {:#x}",
+                    v.id, v.rip
+                ));
+                return Ok(None);
+            }
+            if let Some((w, name)) = words
+                .iter()
+                .find_map(|&w| change.quiesce_hit(w).map(|n| (w, n)))
+            {
+                self.last_busy = Some(format!(
+                    "vCPU {} will return into {name} ({w:#x} on its stack)",
+                    v.id
+                ));
+                return Ok(None);
             }
             let mut rip = v.rip;
             for p in change.write {
