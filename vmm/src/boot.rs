@@ -12,7 +12,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    XEN_HVM_MEMMAP_TYPE_RAM, XEN_HVM_MEMMAP_TYPE_RESERVED, hvm_memmap_table_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{Cmdline, KernelLoader, load_cmdline};
 use thiserror::Error;
@@ -44,6 +46,16 @@ pub enum BootError {
         path: String,
         #[source]
         source: linux_loader::loader::Error,
+    },
+    #[error(
+        "{path} cannot be loaded: its segment at {start:#x}..{end:#x} overlaps the patch arena at {arena_start:#x}..{arena_end:#x}, which the VMM reserves"
+    )]
+    OverlapsArena {
+        path: String,
+        start: u64,
+        end: u64,
+        arena_start: u64,
+        arena_end: u64,
     },
     #[error("the kernel command line is invalid: {0}")]
     Cmdline(String),
@@ -138,7 +150,54 @@ fn check_image(image: &Image<'_>) -> Result<(), BootError> {
             "its ELF type is {kind}, not an executable (2)"
         )));
     }
-    Ok(())
+    check_segments_avoid_arena(image)
+}
+
+const PT_LOAD: u32 = 1;
+/// Size of an ELF64 program header.
+const PHDR_SIZE: usize = 56;
+
+/// Refuses an image with a loadable segment (file bytes or bss) in the patch arena.
+///
+/// Why: the loader writes segments wherever their physical address says, and a guest whose
+/// image lived in the arena would treat patch code as its own data (and the VMM would write
+/// patches over the guest's image).
+fn check_segments_avoid_arena(image: &Image<'_>) -> Result<(), BootError> {
+    match segment_in_arena(&image.bytes) {
+        Some((start, end)) => Err(BootError::OverlapsArena {
+            path: image.name.clone(),
+            start,
+            end,
+            arena_start: layout::PATCH_ARENA_START,
+            arena_end: layout::PATCH_ARENA_END,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The first loadable segment of the ELF `b` that overlaps the patch arena, as (start, end).
+/// `None` also when the program headers do not parse: the loader refuses those with its own
+/// reason.
+fn segment_in_arena(b: &[u8]) -> Option<(u64, u64)> {
+    let phoff = usize::try_from(u64::from_le_bytes(bytes_at(b, 32)?)).ok()?;
+    let entsize = usize::from(u16::from_le_bytes(bytes_at(b, 54)?));
+    let phnum = usize::from(u16::from_le_bytes(bytes_at(b, 56)?));
+    if entsize < PHDR_SIZE {
+        return None;
+    }
+    (0..phnum).find_map(|i| {
+        let at = phoff.checked_add(i.checked_mul(entsize)?)?;
+        let kind = u32::from_le_bytes(bytes_at(b, at)?);
+        let paddr = u64::from_le_bytes(bytes_at(b, at.checked_add(24)?)?);
+        let memsz = u64::from_le_bytes(bytes_at(b, at.checked_add(40)?)?);
+        let end = paddr.saturating_add(memsz);
+        (kind == PT_LOAD && layout::PATCH_ARENA.overlaps(paddr, end)).then_some((paddr, end))
+    })
+}
+
+/// `N` bytes of `b` at `offset`, if all are there.
+fn bytes_at<const N: usize>(b: &[u8], offset: usize) -> Option<[u8; N]> {
+    b.get(offset..offset.checked_add(N)?)?.try_into().ok()
 }
 
 /// Loads `image` into `mem`, writes the command line and the boot structures.
@@ -197,13 +256,24 @@ fn elf_entry(b: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(24..32)?.try_into().ok()?))
 }
 
+/// The PVH memmap type for an E820 type. The values coincide (Xen defines them after E820), but
+/// the conversion is spelled out so a new E820 kind cannot slip into the PVH map unnoticed.
+fn pvh_memmap_type(e820_kind: u32) -> u32 {
+    match e820_kind {
+        layout::E820_RAM => XEN_HVM_MEMMAP_TYPE_RAM,
+        layout::E820_RESERVED => XEN_HVM_MEMMAP_TYPE_RESERVED,
+        // Anything else is not RAM; reserved is the safe reading.
+        _ => XEN_HVM_MEMMAP_TYPE_RESERVED,
+    }
+}
+
 fn write_pvh_start_info(mem: &GuestMemory, mem_size: u64) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout::e820_map(mem_size)
         .iter()
         .map(|e| hvm_memmap_table_entry {
             addr: e.addr,
             size: e.size,
-            type_: e.kind,
+            type_: pvh_memmap_type(e.kind),
             reserved: 0,
         })
         .collect();
@@ -424,6 +494,88 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("64-bit"), "{err}");
+    }
+
+    /// A minimal x86-64 ET_EXEC header with one PT_LOAD at `paddr` of `memsz` bytes.
+    fn elf_with_segment(paddr: u64, memsz: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 64 + PHDR_SIZE];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes());
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        b[64..68].copy_from_slice(&PT_LOAD.to_le_bytes());
+        b[64 + 24..64 + 32].copy_from_slice(&paddr.to_le_bytes());
+        b[64 + 40..64 + 48].copy_from_slice(&memsz.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn images_loading_into_the_arena_are_refused() {
+        assert!(check_image(&image(elf_with_segment(HIMEM_START, 0x1000))).is_ok());
+        // File bytes in the arena, and bss running into it from below.
+        for (paddr, memsz) in [
+            (layout::PATCH_ARENA_START + 0x1000, 0x10),
+            (layout::PATCH_ARENA_START - 0x1000, 0x2000),
+            (layout::PATCH_ARENA_END - 1, u64::MAX),
+        ] {
+            let err = check_image(&image(elf_with_segment(paddr, memsz))).err();
+            assert!(
+                matches!(err, Some(BootError::OverlapsArena { .. })),
+                "{paddr:#x}+{memsz:#x}: {err:?}"
+            );
+            let msg = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("patch arena"), "{msg}");
+        }
+        // Right after the arena is fine.
+        assert!(check_image(&image(elf_with_segment(layout::PATCH_ARENA_END, 0x1000))).is_ok());
+        // Truncated program headers are left to the loader.
+        let mut truncated = elf_with_segment(layout::PATCH_ARENA_START, 0x1000);
+        truncated.truncate(80);
+        assert!(check_image(&image(truncated)).is_ok());
+    }
+
+    #[test]
+    fn the_pvh_memmap_reserves_the_arena() {
+        let Ok(mem) = crate::memory::allocate(16 << 20) else {
+            panic!("16 MiB must be allocatable")
+        };
+        let guest = image(guest_tools::test_guest(guest_tools::GuestBuild::V1).to_vec());
+        let spec = load(&mem, 16 << 20, &guest, "").map_err(|e| e.to_string());
+        assert_eq!(spec.map(|s| s.mode), Ok(EntryMode::Pvh32));
+        let info: Option<hvm_start_info> = mem.read_obj(GuestAddress(BOOT_INFO)).ok();
+        let Some(info) = info else {
+            panic!("hvm_start_info must be readable")
+        };
+        assert_eq!(info.memmap_paddr, PVH_MEMMAP);
+        let entries: Vec<(u64, u64, u32)> = (0..u64::from(info.memmap_entries))
+            .filter_map(|i| {
+                mem.read_obj::<hvm_memmap_table_entry>(GuestAddress(
+                    PVH_MEMMAP + i * std::mem::size_of::<hvm_memmap_table_entry>() as u64,
+                ))
+                .ok()
+            })
+            .map(|e| (e.addr, e.size, e.type_))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                (0, layout::LOW_RAM_END, XEN_HVM_MEMMAP_TYPE_RAM),
+                (
+                    HIMEM_START,
+                    (16 << 20) - HIMEM_START,
+                    XEN_HVM_MEMMAP_TYPE_RAM
+                ),
+                (
+                    layout::PATCH_ARENA_START,
+                    layout::PATCH_ARENA_SIZE,
+                    XEN_HVM_MEMMAP_TYPE_RESERVED
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Guest RAM: allocation, the host-capacity check, and registration with KVM.
+//! Guest memory: RAM and the patch arena; allocation, the host-capacity check, and
+//! registration with KVM.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -10,7 +11,17 @@ use vm_memory::{
 use crate::layout::{self, MIN_MEMORY};
 
 /// The guest memory type used throughout the VMM.
+///
+/// It holds every RAM region of [`layout::ram_regions`] and the patch arena
+/// ([`layout::PATCH_ARENA`]) as a region of its own, so reads and writes at arena addresses go
+/// through the same guest-physical accessors as RAM. Which is which is decided by address:
+/// [`is_arena`] (the arena never shares a region with RAM).
 pub type GuestMemory = GuestMemoryMmap;
+
+/// Whether the region starting at `gpa` is the patch arena rather than RAM.
+pub fn is_arena(gpa: u64) -> bool {
+    gpa == layout::PATCH_ARENA_START
+}
 
 #[derive(Debug, Error)]
 pub enum MemoryError {
@@ -58,39 +69,59 @@ fn host_capacity() -> Option<u64> {
     Some((info.totalram as u64).saturating_add(info.totalswap as u64) * unit)
 }
 
-/// Checks the request against what the host has, then maps the guest's RAM.
+/// Checks the request against what the host has, then maps the guest's RAM and the patch arena
+/// (each an anonymous, zero-filled mapping).
 ///
 /// Why check first: anonymous mappings are lazily backed, so an impossible request would
-/// otherwise succeed here and the guest would be killed by the OOM killer much later.
+/// otherwise succeed here and the guest would be killed by the OOM killer much later. The
+/// arena counts too: patches fill it while the guest runs.
 pub fn allocate(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     let requested_mib = mem_size >> 20;
     if mem_size < MIN_MEMORY {
         return Err(MemoryError::TooSmall { requested_mib });
     }
     if let Some(capacity) = host_capacity()
-        && mem_size > capacity
+        && mem_size.saturating_add(layout::PATCH_ARENA_SIZE) > capacity
     {
         return Err(MemoryError::MoreThanHost {
             requested_mib,
             available_mib: capacity >> 20,
         });
     }
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
-        .iter()
-        .map(|r| (GuestAddress(r.start), r.size as usize))
-        .collect();
+    let mut ranges = Vec::new();
+    for r in layout::ram_regions(mem_size) {
+        // A region larger than the host's address space cannot be mapped (32-bit hosts).
+        let size = usize::try_from(r.size).map_err(|_| MemoryError::MoreThanHost {
+            requested_mib,
+            available_mib: usize::MAX as u64 >> 20,
+        })?;
+        ranges.push((GuestAddress(r.start), size));
+    }
+    ranges.push((
+        GuestAddress(layout::PATCH_ARENA_START),
+        layout::PATCH_ARENA_SIZE as usize,
+    ));
+    ranges.sort_by_key(|(addr, _)| *addr);
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
         requested_mib,
         source,
     })
 }
 
-/// Hands every region of `mem` to KVM as its own memory slot.
+/// Hands every region of `mem` to KVM as its own memory slot (so the patch arena gets a slot of
+/// its own, never merged with RAM).
 pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let gpa = region.start_addr().0;
         let size = region.len();
+        tracing::debug!(
+            slot,
+            gpa = format_args!("{gpa:#x}"),
+            size,
+            arena = is_arena(gpa),
+            "memory slot"
+        );
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|_| MemoryError::NoHostAddress { gpa })? as u64;
@@ -152,5 +183,34 @@ mod tests {
             Some(0xdead_beef)
         );
         assert!(mem.read_obj::<u32>(GuestAddress(16 << 20)).is_err());
+    }
+
+    #[test]
+    fn the_arena_is_its_own_zeroed_writable_region() {
+        let Some(mem) = allocate(16 << 20).ok() else {
+            panic!("16 MiB must be allocatable")
+        };
+        let starts: Vec<u64> = mem.iter().map(|r| r.start_addr().0).collect();
+        assert_eq!(starts, vec![0, layout::PATCH_ARENA_START]);
+        let arena: Vec<_> = mem.iter().filter(|r| is_arena(r.start_addr().0)).collect();
+        assert_eq!(arena.len(), 1);
+        assert_eq!(arena[0].len(), layout::PATCH_ARENA_SIZE);
+        let mut bytes = vec![0xffu8; layout::PATCH_ARENA_SIZE as usize];
+        assert!(
+            mem.read_slice(&mut bytes, GuestAddress(layout::PATCH_ARENA_START))
+                .is_ok()
+        );
+        assert!(bytes.iter().all(|b| *b == 0));
+        let last = layout::PATCH_ARENA_END - 4;
+        assert!(mem.write_obj(0x1234_5678u32, GuestAddress(last)).is_ok());
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(last)).ok(),
+            Some(0x1234_5678)
+        );
+        // The arena ends where its region ends: nothing is mapped after it.
+        assert!(
+            mem.read_obj::<u32>(GuestAddress(layout::PATCH_ARENA_END - 2))
+                .is_err()
+        );
     }
 }

@@ -176,6 +176,8 @@ pub struct Vm {
     boot: BootSpec,
     image_name: String,
     memory_mib: u64,
+    /// RAM in bytes, as laid out by `layout::ram_regions`.
+    mem_size: u64,
     started: Instant,
 }
 
@@ -349,12 +351,27 @@ impl Vm {
             boot: spec,
             image_name: config.image.name,
             memory_mib: config.memory_mib,
+            mem_size,
             started: Instant::now(),
         }))
     }
 
+    /// All guest memory: RAM and the patch arena (see [`Vm::ram_regions`] and [`Vm::arena`]).
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// The guest's RAM, in address order: what the guest's memory map calls RAM (plus the
+    /// legacy area below 1 MiB), never the arena. Lets tests hash RAM and arena separately.
+    pub fn ram_regions(&self) -> Vec<layout::RamRegion> {
+        layout::ram_regions(self.mem_size)
+    }
+
+    /// The patch arena: guest-physical memory for hot-patch code, mapped by KVM as its own slot,
+    /// reserved in the guest's memory map, within rel32 reach of text at 1 MiB. Read and
+    /// written through [`Vm::memory`] like RAM.
+    pub fn arena(&self) -> layout::ArenaRegion {
+        layout::PATCH_ARENA
     }
 
     pub fn vcpu_count(&self) -> usize {
