@@ -3,10 +3,32 @@
 // The parser is plain `core` code; the host crate compiles this file too (`#[cfg(test)]`) to
 // unit-test it.
 
-use crate::protocol::{DEFAULT_BATCH, MAX_CPUS, PVH_START_MAGIC};
+use crate::protocol::{DEFAULT_BATCH, DEFAULT_SPIN, MAX_CPUS, PVH_START_MAGIC};
 
 /// Longest command line read (bytes before the NUL).
 pub const CMDLINE_MAX: usize = 4096;
+
+/// `mode=`: what each vCPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `mode=normal`: `compute` in a loop.
+    Normal,
+    /// `mode=probe`: the assembly `probe` in a loop instead of `compute`.
+    Probe,
+    /// `mode=spin`: `spin_wait(spin)` once, then the normal workload.
+    Spin,
+}
+
+impl Mode {
+    /// The name on the command line and the console.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::Probe => "probe",
+            Mode::Spin => "spin",
+        }
+    }
+}
 
 /// What the command line asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +39,10 @@ pub struct Options {
     pub batch: u64,
     /// `cpus=N`: power off only once N vCPUs came online and finished (0: whoever came online).
     pub cpus: u64,
+    /// `mode=normal|probe|spin`.
+    pub mode: Mode,
+    /// `spin=N`: `spin_wait` iterations in `mode=spin` (>= 1).
+    pub spin: u64,
 }
 
 impl Default for Options {
@@ -25,6 +51,8 @@ impl Default for Options {
             reports: 0,
             batch: DEFAULT_BATCH,
             cpus: 0,
+            mode: Mode::Normal,
+            spin: DEFAULT_SPIN,
         }
     }
 }
@@ -128,11 +156,23 @@ pub fn parse(raw: &[u8]) -> Result<Options, ParseError<'_>> {
                 }
             }
             b"mode" => {
-                if value != b"normal" {
-                    return Err(ParseError {
-                        what: "unknown mode (only mode=normal)",
-                        token,
-                    });
+                opts.mode = match value {
+                    b"normal" => Mode::Normal,
+                    b"probe" => Mode::Probe,
+                    b"spin" => Mode::Spin,
+                    _ => {
+                        return Err(ParseError {
+                            what: "unknown mode (mode=normal, probe or spin)",
+                            token,
+                        });
+                    }
+                }
+            }
+            b"spin" => {
+                // 0 would not mean "no spin": `spin_wait`'s `dec; jnz` would wrap to 2^64 - 1.
+                opts.spin = match parse_u64(value) {
+                    Some(n) if n >= 1 => n,
+                    _ => return Err(bad_number),
                 }
             }
             _ => {

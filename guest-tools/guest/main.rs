@@ -95,8 +95,13 @@ pub extern "C" fn guest_main(cpu: u64, start_info: u64) -> ! {
             .u64(opts.reports)
             .str(" batch=")
             .u64(opts.batch)
-            .str(" mode=normal cpus=")
+            .str(" mode=")
+            .str(opts.mode.name())
+            .str(" cpus=")
             .u64(opts.cpus);
+        if opts.mode == cmdline::Mode::Spin {
+            line.str(" spin=").u64(opts.spin);
+        }
         line.emit();
     }
 

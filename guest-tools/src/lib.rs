@@ -43,7 +43,7 @@ mod guest_cmdline;
 
 #[cfg(test)]
 mod tests {
-    use super::guest_cmdline::{Options, parse};
+    use super::guest_cmdline::{Mode, Options, parse};
     use super::protocol::{self, Report};
     use super::reference;
 
@@ -55,7 +55,9 @@ mod tests {
             Options {
                 reports: 0,
                 batch: protocol::DEFAULT_BATCH,
-                cpus: 0
+                cpus: 0,
+                mode: Mode::Normal,
+                spin: protocol::DEFAULT_SPIN,
             }
         );
         assert_eq!(parse(b"  \t ").unwrap(), d);
@@ -65,10 +67,23 @@ mod tests {
             Options {
                 reports: 3,
                 batch: 1000,
-                cpus: 2
+                cpus: 2,
+                mode: Mode::Normal,
+                spin: protocol::DEFAULT_SPIN,
             }
         );
         assert_eq!(parse(b"reports=1 reports=7").unwrap().reports, 7);
+        let p = parse(b"mode=probe reports=3 cpus=1").unwrap();
+        assert_eq!(p.mode, Mode::Probe);
+        assert_eq!(p.mode.name(), "probe");
+        let s = parse(b"spin=12345 mode=spin reports=2").unwrap();
+        assert_eq!((s.mode, s.spin, s.reports), (Mode::Spin, 12345, 2));
+        assert_eq!(parse(b"mode=spin").unwrap().spin, protocol::DEFAULT_SPIN);
+        assert_eq!(parse(b"mode=spin mode=normal").unwrap().mode, Mode::Normal);
+        for m in [Mode::Normal, Mode::Probe, Mode::Spin] {
+            let token = format!("mode={}", m.name());
+            assert_eq!(parse(token.as_bytes()).unwrap().mode, m);
+        }
         assert_eq!(
             parse(b"reports=18446744073709551615").unwrap().reports,
             u64::MAX
@@ -86,6 +101,11 @@ mod tests {
             b"batch=0",
             b"cpus=33",
             b"mode=fast",
+            b"mode=",
+            b"mode=Probe",
+            b"spin=0",
+            b"spin=",
+            b"spin=1e9",
             b"console=ttyS0",
             b"=3",
             b"reports=3 bogus",
@@ -158,6 +178,46 @@ mod tests {
         }
         assert_eq!(reference::triangle_v1(4), 6);
         assert_eq!(reference::triangle_v2(4), 10);
+    }
+
+    #[test]
+    fn probe_oracles_differ_exactly_above_the_limit() {
+        use reference::{PROBE_FACTOR, PROBE_LIMIT, Verdict};
+        assert_eq!(PROBE_FACTOR % 2, 1, "an odd factor makes x * F a bijection");
+        // Most generated inputs exceed the limit, so a clamping micropatch changes most results.
+        let mut above = 0;
+        let n = 100_000;
+        for cpu in 0..4 {
+            for x in reference::Inputs::for_vcpu(cpu).take(n) {
+                let (v1, clamped) = (reference::probe_v1(x), reference::probe_clamped(x));
+                assert_eq!(v1, x.wrapping_mul(PROBE_FACTOR));
+                assert_eq!(clamped, x.min(PROBE_LIMIT).wrapping_mul(PROBE_FACTOR));
+                assert_eq!(reference::classify_probe(x, v1), Verdict::V1);
+                if x > PROBE_LIMIT {
+                    above += 1;
+                    assert_ne!(v1, clamped, "x = {x}");
+                    assert_eq!(reference::classify_probe(x, clamped), Verdict::V2);
+                } else {
+                    assert_eq!(v1, clamped, "x = {x}");
+                }
+                assert_eq!(reference::classify_probe(x, v1 ^ 1), Verdict::Bad);
+                // The probe oracles are not the compute ones.
+                assert_eq!(
+                    reference::classify_probe(x, reference::compute_v1(x)),
+                    Verdict::Bad
+                );
+            }
+        }
+        let share = above as f64 / (4 * n) as f64;
+        assert!(
+            share > 0.85,
+            "only {share:.3} of the inputs exceed PROBE_LIMIT"
+        );
+        assert!(share < 1.0, "some inputs must stay below PROBE_LIMIT");
+        assert_eq!(
+            reference::probe_clamped(u64::MAX),
+            reference::probe_v1(PROBE_LIMIT)
+        );
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub const REPORT_FLAG_FINAL: u32 = 1 << 0;
 /// Default `batch=`: `compute` calls between two reports.
 pub const DEFAULT_BATCH: u64 = 1 << 22;
 
+/// Default `spin=` (`mode=spin`): `spin_wait` iterations. About 5 s on the development machine
+/// (AMD EPYC under PVM: 35-46 M `pause` iterations per second per vCPU, see
+/// docs/guest-protocol.md); the rate depends on the CPU's `pause` latency.
+pub const DEFAULT_SPIN: u64 = 200_000_000;
+
 /// One vCPU's progress report. The guest fills it, then writes its guest-physical address
 /// (identity-mapped, below 4 GiB) to [`REPORT_PORT`]. Little-endian, no padding, 72 bytes.
 ///

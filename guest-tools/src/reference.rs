@@ -21,6 +21,14 @@
 // and mix is a bijection, so compute_v1(x) != compute_v2(x). The salt makes a half-applied
 // patch visible too: v2's compute with v1's triangle, or v1's compute with v2's triangle, give
 // results that equal neither oracle (the guest counts them as `bad`).
+//
+// `mode=probe` calls the assembly function `probe` instead of `compute`, and `mode=spin` first
+// calls `spin_wait` (both identical in v1 and v2; micropatch targets):
+//   probe_v1(x)      = x * PROBE_FACTOR                   (wrapping; what `probe` returns)
+//   probe_clamped(x) = min(x, PROBE_LIMIT) * PROBE_FACTOR (after the intended micropatch)
+//   spin_wait(n)     = SPIN_TOKEN                         (after n `pause` iterations)
+// PROBE_FACTOR is odd, so multiplying by it is a bijection: the two probe oracles differ exactly
+// for the inputs above PROBE_LIMIT (about 90% of the generated ones).
 
 /// Smallest input the workload generates.
 pub const INPUT_MIN: u64 = 1;
@@ -28,6 +36,17 @@ pub const INPUT_MIN: u64 = 1;
 pub const INPUT_MAX: u64 = 1_000_000;
 /// Constant v2's `compute` folds into its result.
 pub const V2_SALT: u64 = 0x0000_0002_0000_0000;
+
+/// The multiplier of `probe` (`mode=probe`): the value of the guest's `PROBE_FACTOR` static,
+/// which `probe` loads RIP-relative. Odd, so multiplying by it is a bijection on u64.
+pub const PROBE_FACTOR: u64 = 0x9e37_79b9_7f4a_7c15;
+/// The bound the intended micropatch of `probe` enforces (`if x > PROBE_LIMIT { x = PROBE_LIMIT }`
+/// before the load). About 90% of the generated inputs (uniform in `INPUT_MIN..=INPUT_MAX`) are
+/// above it; for the others the clamp changes nothing.
+pub const PROBE_LIMIT: u64 = 100_000;
+/// What `spin_wait` returns (`mode=spin`): the value of the guest's `SPIN_TOKEN` static, which
+/// `spin_wait` loads RIP-relative after its loop ("HPSPINOK").
+pub const SPIN_TOKEN: u64 = 0x4850_5350_494e_4f4b;
 
 /// v1's `triangle`: `n * (n - 1) / 2` (off by one), wrapping.
 #[inline(always)]
@@ -101,6 +120,33 @@ pub fn classify(x: u64, y: u64) -> Verdict {
     if y == compute_v1(x) {
         Verdict::V1
     } else if y == compute_v2(x) {
+        Verdict::V2
+    } else {
+        Verdict::Bad
+    }
+}
+
+/// The probe oracle: what `probe(x)` returns as built (v1 and v2 alike).
+#[inline(always)]
+pub fn probe_v1(x: u64) -> u64 {
+    core::hint::black_box(x).wrapping_mul(PROBE_FACTOR)
+}
+
+/// What `probe(x)` returns once micropatched to clamp its input to [`PROBE_LIMIT`].
+#[inline(always)]
+pub fn probe_clamped(x: u64) -> u64 {
+    let x = core::hint::black_box(x);
+    (if x > PROBE_LIMIT { PROBE_LIMIT } else { x }).wrapping_mul(PROBE_FACTOR)
+}
+
+/// Classifies `y = probe(x)` (`mode=probe`), exactly as the guest does: [`probe_v1`] is
+/// [`Verdict::V1`], else [`probe_clamped`] is [`Verdict::V2`], else [`Verdict::Bad`]. (For
+/// `x <= PROBE_LIMIT` both oracles agree, so such a result is always `V1`.)
+#[inline(always)]
+pub fn classify_probe(x: u64, y: u64) -> Verdict {
+    if y == probe_v1(x) {
+        Verdict::V1
+    } else if y == probe_clamped(x) {
         Verdict::V2
     } else {
         Verdict::Bad

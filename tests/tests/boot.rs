@@ -97,3 +97,90 @@ fn guest_exit_status_is_forwarded() {
         vmm.stderr()
     );
 }
+
+/// Boots the test guest on one vCPU with `cmdline`, expects a clean power-off, and returns the
+/// console lines.
+fn boot_one_vcpu(cmdline: &str) -> Vec<String> {
+    require_kvm();
+    let mut vmm = VmmProcess::spawn(&[
+        "run",
+        "--vcpus",
+        "1",
+        "--memory",
+        "64",
+        "--cmdline",
+        cmdline,
+    ]);
+    let status = vmm.wait(Duration::from_secs(120));
+    let lines = vmm.lines();
+    assert!(
+        status.success(),
+        "guest with {cmdline:?} did not power off cleanly: {status}\nstdout:\n{}\nstderr:\n{}",
+        lines.join("\n"),
+        vmm.stderr()
+    );
+    lines
+}
+
+#[test]
+fn probe_mode_computes_v1_probe_results() {
+    let lines = boot_one_vcpu("mode=probe reports=3 cpus=1");
+    let all = lines.join("\n");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("hp: vcpu=0 cmdline=") && l.contains(" mode=probe ")),
+        "{all}"
+    );
+    let by_vcpu = reports_by_vcpu(&lines);
+    assert_eq!(by_vcpu.keys().copied().collect::<Vec<_>>(), [0], "{all}");
+    let reports = &by_vcpu[&0];
+    assert_eq!(reports.len(), 3, "{all}");
+    assert_contiguous(0, reports);
+    let mut prev_calls = 0;
+    for r in reports {
+        assert!(r.calls > prev_calls, "no progress: {r:?}");
+        prev_calls = r.calls;
+        assert_eq!(r.bad, 0, "wrong probe results: {r:?}");
+        assert_eq!(r.v2, 0, "an unpatched probe gave clamped results: {r:?}");
+        assert_eq!(r.v1, r.calls, "{r:?}");
+        // What the guest printed is probe's result, not compute's.
+        assert_eq!(r.y, reference::probe_v1(r.x), "probe({}) {r:?}", r.x);
+        assert_ne!(r.y, reference::compute_v1(r.x), "{r:?}");
+    }
+}
+
+#[test]
+fn spin_mode_spins_then_runs_the_normal_workload() {
+    // A million `pause`s: some tens of milliseconds.
+    let spin = 1_000_000;
+    let lines = boot_one_vcpu(&format!("mode=spin spin={spin} reports=2 cpus=1"));
+    let all = lines.join("\n");
+    let spin_line = format!("hp: vcpu=0 spin={spin}");
+    let spin_at = lines
+        .iter()
+        .position(|l| *l == spin_line)
+        .unwrap_or_else(|| panic!("no {spin_line:?} line:\n{all}"));
+    let first_report = lines
+        .iter()
+        .position(|l| parse_report(l).is_some())
+        .unwrap_or_else(|| panic!("no report:\n{all}"));
+    assert!(spin_at < first_report, "reports before the spin:\n{all}");
+    let by_vcpu = reports_by_vcpu(&lines);
+    assert_eq!(by_vcpu.keys().copied().collect::<Vec<_>>(), [0], "{all}");
+    let reports = &by_vcpu[&0];
+    assert_eq!(reports.len(), 2, "{all}");
+    assert_contiguous(0, reports);
+    for r in reports {
+        // bad = 0 also says spin_wait returned SPIN_TOKEN.
+        assert_eq!(r.bad, 0, "{r:?}\n{all}");
+        assert_eq!(r.v2, 0, "{r:?}");
+        assert_eq!(r.v1, r.calls, "{r:?}");
+        assert_eq!(
+            r.calls,
+            r.seq * guest_tools::protocol::DEFAULT_BATCH,
+            "{r:?}"
+        );
+        assert_eq!(r.y, reference::compute_v1(r.x), "compute({}) {r:?}", r.x);
+    }
+}
