@@ -198,13 +198,22 @@ fn no_engine() -> (u16, Value) {
 }
 
 /// The patch routes: the engine's mutex serialises applies and reverts.
-fn route_patches(ctx: &ApiContext, method: &tiny_http::Method, path: &str, body: &[u8]) -> (u16, Value) {
+fn route_patches(
+    ctx: &ApiContext,
+    method: &tiny_http::Method,
+    path: &str,
+    body: &[u8],
+) -> (u16, Value) {
     use tiny_http::Method::{Delete, Get, Post};
     let Some(engine) = &ctx.engine else {
         return no_engine();
     };
     let rest = path.strip_prefix("/v1/patches").unwrap_or("");
-    let lock = || engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lock = || {
+        engine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     let paused = || {
         ctx.vm.is_paused().then(|| {
             (
@@ -234,7 +243,10 @@ fn route_patches(ctx: &ApiContext, method: &tiny_http::Method, path: &str, body:
             Ok(r) => (200, json!(r)),
             Err(e) => engine_error(&e),
         },
-        (id, m) if (*m == Delete && !id[1..].contains('/')) || (*m == Post && id.ends_with("/revert")) => {
+        (id, m)
+            if (*m == Delete && !id[1..].contains('/'))
+                || (*m == Post && id.ends_with("/revert")) =>
+        {
             if let Some(r) = paused() {
                 return r;
             }
@@ -281,7 +293,10 @@ pub fn route(ctx: &ApiContext, method: &tiny_http::Method, url: &str, body: &[u8
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .metrics()
             });
-            (200, json!({"pause": vm.pause_metrics(), "patches": patches}))
+            (
+                200,
+                json!({"pause": vm.pause_metrics(), "patches": patches}),
+            )
         }
         ("/v1/vm" | "/v1/vm/pause" | "/v1/vm/resume" | "/v1/metrics", _) => (
             405,

@@ -81,8 +81,10 @@ fn wait_phase(
         }
         let now = snapshot(vm);
         for i in 0..n {
-            let (Some(p), Some(c)) = (prev.get(i).cloned().flatten(), now.get(i).cloned().flatten())
-            else {
+            let (Some(p), Some(c)) = (
+                prev.get(i).cloned().flatten(),
+                now.get(i).cloned().flatten(),
+            ) else {
                 if let Some(c) = now.get(i).cloned().flatten() {
                     prev[i] = Some(c);
                     base[i] = Some(c);
@@ -144,10 +146,17 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
             trusted_keys: vec![patching::demo_key()],
             ..EngineConfig::default()
         };
-        let mut engine =
-            patching::engine_for(Arc::clone(&vm), "built-in test guest", &image, engine_config, None)?;
+        let mut engine = patching::engine_for(
+            Arc::clone(&vm),
+            "built-in test guest",
+            &image,
+            engine_config,
+            None,
+        )?;
         if !quiet {
-            println!("vmm demo: built-in test guest on {vcpus} vCPUs, each calling compute() in a loop (ring 3)");
+            println!(
+                "vmm demo: built-in test guest on {vcpus} vCPUs, each calling compute() in a loop (ring 3)"
+            );
         }
         let settle = Duration::from_secs(30);
         let before = wait_phase(&vm, |r| r.v1, 3, settle)?;
@@ -194,7 +203,9 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
             bad_total,
         })
     })();
-    vm.request_stop(crate::devices::StopReason::Requested("demo finished".into()));
+    vm.request_stop(crate::devices::StopReason::Requested(
+        "demo finished".into(),
+    ));
     vm.join();
     let report = result?;
     if report.bad_total != 0 {
@@ -204,7 +215,9 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
         )));
     }
     if !quiet {
-        println!("vmm demo: ok — the guest kept running through apply and revert, no wrong results");
+        println!(
+            "vmm demo: ok — the guest kept running through apply and revert, no wrong results"
+        );
     }
     Ok(report)
 }

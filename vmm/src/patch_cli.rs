@@ -183,7 +183,11 @@ fn apply(a: ApplyArgs) -> Result<()> {
     }
     let p = field(&v, "patch");
     if field(&v, "already_applied").as_bool() == Some(true) {
-        println!("already applied: {} {}", field(p, "id").as_str().unwrap_or("?"), field(p, "name").as_str().unwrap_or("?"));
+        println!(
+            "already applied: {} {}",
+            field(p, "id").as_str().unwrap_or("?"),
+            field(p, "name").as_str().unwrap_or("?")
+        );
         return Ok(());
     }
     println!(
@@ -212,7 +216,10 @@ fn list(a: ListArgs) -> Result<()> {
         println!("no patches");
         return Ok(());
     }
-    println!("{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}", "ID", "NAME", "STATE", "SITES", "APPLIED AT (UTC)", "BLACKOUT µs");
+    println!(
+        "{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}",
+        "ID", "NAME", "STATE", "SITES", "APPLIED AT (UTC)", "BLACKOUT µs"
+    );
     for p in patches {
         let applied = field(&p, "applied_at")
             .as_u64()

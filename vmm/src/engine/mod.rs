@@ -228,7 +228,11 @@ fn quiesce_arena(r: &PatchRecord, window: &ArenaWindow) -> Vec<(u64, u64, String
         .iter()
         .map(|a| {
             let gva = window.gva + (a.gpa - window.gpa);
-            (gva, gva + a.len, format!("new code of patch {}", &r.id[..16.min(r.id.len())]))
+            (
+                gva,
+                gva + a.len,
+                format!("new code of patch {}", &r.id[..16.min(r.id.len())]),
+            )
         })
         .collect()
 }
@@ -405,7 +409,11 @@ impl<G: GuestControl> Engine<G> {
                 if r.state != PatchState::Applied {
                     u.note = Some(format!(
                         "recovered: the {} was interrupted after every site was written; the patch is applied",
-                        if r.state == PatchState::Applying { "apply" } else { "revert" }
+                        if r.state == PatchState::Applying {
+                            "apply"
+                        } else {
+                            "revert"
+                        }
                     ));
                 }
                 let mut ok = true;
@@ -626,6 +634,23 @@ impl<G: GuestControl> Engine<G> {
             for site in &patch.sites {
                 let name = site.target.to_string();
                 let loc = self.target.resolve(&name, &site.target)?;
+                // Rule 5 first: an applied patch in the way is the clearest reason why the
+                // bytes differ. The whole expected range counts (a function site replaces
+                // the whole function).
+                let span = (loc.gva, loc.gva + site.expected.len() as u64);
+                for r in self
+                    .records
+                    .iter()
+                    .filter(|r| r.state == PatchState::Applied && !lifting_ids.contains(&r.id))
+                {
+                    if let Some(s) = r.sites.iter().find(|s| ranges_overlap(span, site_range(s))) {
+                        return Err(EngineError::Overlap {
+                            site: name.clone(),
+                            other: s.location.clone(),
+                            patch: r.id.clone(),
+                        });
+                    }
+                }
                 let (gpa, current) = self.read_virtual(
                     &paging,
                     &name,
@@ -678,20 +703,6 @@ impl<G: GuestControl> Engine<G> {
                         });
                     }
                 }
-                for r in self
-                    .records
-                    .iter()
-                    .filter(|r| r.state == PatchState::Applied && !lifting_ids.contains(&r.id))
-                {
-                    if let Some(s) = r.sites.iter().find(|s| ranges_overlap(range, site_range(s)))
-                    {
-                        return Err(EngineError::Overlap {
-                            site: name.clone(),
-                            other: s.location.clone(),
-                            patch: r.id.clone(),
-                        });
-                    }
-                }
                 // Arena space: the code (+ the relocated copy for a micropatch), and for a
                 // function its escape copy.
                 let copy = plan::copy_len(&analysis, window.gva)? as u64;
@@ -726,9 +737,10 @@ impl<G: GuestControl> Engine<G> {
                 let escape_at = escape_chunk.map_or(0, |c| self.arena.gva(c));
                 let plan = plan::build(&analysis, &code, code_at, escape_at)?;
                 for (at, bytes) in &plan.arena {
-                    let fits = chunks
-                        .iter()
-                        .any(|c| *at >= self.arena.gva(*c) && *at + bytes.len() as u64 <= self.arena.gva(*c) + c.len);
+                    let fits = chunks.iter().any(|c| {
+                        *at >= self.arena.gva(*c)
+                            && *at + bytes.len() as u64 <= self.arena.gva(*c) + c.len
+                    });
                     if !fits {
                         return Err(PlanError::Verify {
                             site: name.clone(),
@@ -869,7 +881,10 @@ impl<G: GuestControl> Engine<G> {
         Ok(ApplyOutcome {
             patch: record,
             already_applied: false,
-            replaced: replaces.into_iter().filter(|r| lifting_ids.contains(r)).collect(),
+            replaced: replaces
+                .into_iter()
+                .filter(|r| lifting_ids.contains(r))
+                .collect(),
             attempts,
             total_us,
         })
@@ -949,7 +964,9 @@ impl<G: GuestControl> Engine<G> {
             why = self.last_busy.take().unwrap_or_default();
             // Back off a little more each time, with jitter, so the next pause does not catch
             // a looping vCPU at the same point of its loop.
-            let jitter = u64::from(Instant::now().elapsed().subsec_nanos() ^ attempt.wrapping_mul(2_654_435_761)) % 200;
+            let jitter = u64::from(
+                Instant::now().elapsed().subsec_nanos() ^ attempt.wrapping_mul(2_654_435_761),
+            ) % 200;
             std::thread::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter));
         }
         Err(EngineError::Busy {
@@ -1065,10 +1082,7 @@ impl<G: GuestControl> Engine<G> {
                 }
             }
             if let Some(name) = change.quiesce_hit(v.rip) {
-                self.last_busy = Some(format!(
-                    "vCPU {} is running {name} at {:#x}",
-                    v.id, v.rip
-                ));
+                self.last_busy = Some(format!("vCPU {} is running {name} at {:#x}", v.id, v.rip));
                 return Ok(None);
             }
             if let Some((w, name)) = words
@@ -1122,7 +1136,12 @@ impl<G: GuestControl> Engine<G> {
         }
         for &(id, from, to) in &moves {
             self.guest.set_rip(id, to)?;
-            info!(vcpu = id, from = format_args!("{from:#x}"), to = format_args!("{to:#x}"), "moved a parked vCPU out of displaced bytes");
+            info!(
+                vcpu = id,
+                from = format_args!("{from:#x}"),
+                to = format_args!("{to:#x}"),
+                "moved a parked vCPU out of displaced bytes"
+            );
         }
         // Quarantined arena code nobody can be running any more becomes free.
         let rips: Vec<u64> = vcpus.iter().map(|v| v.rip).collect();
@@ -1134,3 +1153,6 @@ impl<G: GuestControl> Engine<G> {
         Ok(Some(moves.len() as u32))
     }
 }
+
+#[cfg(test)]
+mod tests;
