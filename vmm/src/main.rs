@@ -76,7 +76,8 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
-    /// Kernel command line (the test guest understands reports=N, batch=N).
+    /// Kernel command line (the test guest understands reports=N, batch=N, cpus=N,
+    /// mode=normal|probe|spin, spin=N; see docs/guest-protocol.md).
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Serve the control API on this Unix socket (created mode 0600).
