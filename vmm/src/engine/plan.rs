@@ -14,16 +14,18 @@
 
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
-    InstructionBlock, OpKind,
+    InstructionBlock, Mnemonic, OpKind, Register,
 };
 use patch_format::SiteKind;
 use thiserror::Error;
 
 /// `endbr64`: kept in place at a function's entry so IBT still accepts indirect calls.
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-/// The 5-byte NOP compilers emit for `-pg -mfentry`/`-fpatchable-function-entry` (Linux's
-/// `call __fentry__` once booted).
+/// The 5-byte NOP at a Linux function's entry once booted (its `-pg -mfentry`
+/// `call __fentry__`, rewritten by the kernel; gcc's `-mnop-mcount` emits it directly).
 pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// The one-byte NOP: gcc's `-fpatchable-function-entry=N` puts N of them at the entry.
+pub const NOP1: u8 = 0x90;
 /// Size of `jmp rel32`.
 pub const JMP_REL32_LEN: usize = 5;
 /// Size of `jmp qword [rip+0]` followed by the 8-byte target.
@@ -87,6 +89,10 @@ pub enum PlanError {
         end: u64,
     },
     #[error(
+        "site {site}: the endbr64 at {at:#x} would be overwritten; under IBT an indirect branch there would fault (start the site after it)"
+    )]
+    DisplacesEndbr { site: String, at: u64 },
+    #[error(
         "site {site}: the call at {at:#x} would be displaced before other instructions; its return address would point inside the trampoline (a call may only be the last displaced instruction)"
     )]
     CallNotLast { site: String, at: u64 },
@@ -98,13 +104,24 @@ pub enum PlanError {
         at: u64,
         reason: String,
     },
-    #[error("site {site}: the built trampoline does not verify: {reason} (this is a bug; please report it)")]
+    #[error(
+        "site {site}: the built trampoline does not verify: {reason} (this is a bug; please report it)"
+    )]
     Verify { site: String, reason: String },
     #[error("site {site}: the site at {at:#x} lies outside its function {start:#x}..{end:#x}")]
     OutsideFunction {
         site: String,
         at: u64,
         start: u64,
+        end: u64,
+    },
+    #[error(
+        "site {site}: the displaced bytes {at:#x}..{site_end:#x} run past the end of their function at {end:#x}; shorten the site"
+    )]
+    PastFunctionEnd {
+        site: String,
+        at: u64,
+        site_end: u64,
         end: u64,
     },
 }
@@ -154,7 +171,10 @@ impl Analysis {
         self.displaced_bytes.len()
     }
     pub fn range(&self) -> (u64, u64) {
-        (self.jump_at, self.jump_at + self.displaced_bytes.len() as u64)
+        (
+            self.jump_at,
+            self.jump_at + self.displaced_bytes.len() as u64,
+        )
     }
 }
 
@@ -191,7 +211,12 @@ fn decode_prefix(bytes: &[u8], ip: u64) -> Vec<Instruction> {
 /// The absolute target of a direct near branch, if `i` is one.
 fn branch_target(i: &Instruction) -> Option<u64> {
     (0..i.op_count())
-        .any(|n| matches!(i.op_kind(n), OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16))
+        .any(|n| {
+            matches!(
+                i.op_kind(n),
+                OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16
+            )
+        })
         .then(|| i.near_branch_target())
 }
 
@@ -255,14 +280,21 @@ pub fn analyze(site: &SiteInput<'_>, jump_len: usize) -> Result<Analysis, PlanEr
 
     let (jump_at, displaced) = match site.kind {
         SiteKind::Function => {
-            // Keep `endbr64` (IBT) and leave a 5-byte NOP at the entry to its owner (Linux's
-            // ftrace rewrites it when tracing is switched on): the jump goes after them.
+            // Keep `endbr64` (IBT) in place, and leave the entry's patchable NOPs to their
+            // owner: the 5-byte NOP of a booted Linux `call __fentry__` (ftrace rewrites it
+            // when tracing is switched on), or the run of one-byte NOPs of
+            // `-fpatchable-function-entry=N` (rewritten by whatever reads
+            // `__patchable_function_entries`). The jump goes after them; a vCPU parked on them
+            // just runs into it. The cost: the function needs those bytes more.
             let mut skip = 0usize;
             if site.expected.starts_with(&ENDBR64) {
                 skip += ENDBR64.len();
             }
-            if site.expected.get(skip..).is_some_and(|b| b.starts_with(&NOP5)) {
+            let rest = &site.expected[skip..];
+            if rest.starts_with(&NOP5) {
                 skip += NOP5.len();
+            } else {
+                skip += rest.iter().take_while(|&&b| b == NOP1).count();
             }
             let jump_at = site.at + skip as u64;
             let mut displaced = Vec::new();
@@ -303,30 +335,36 @@ pub fn analyze(site: &SiteInput<'_>, jump_len: usize) -> Result<Analysis, PlanEr
                         offset: (site.at - fstart) as usize,
                     });
                 }
+                // ...and so is its end, inside the function (checked before decoding the
+                // expected bytes alone: a split last instruction would not decode there).
+                let end = site.at + site.expected.len() as u64;
+                if end > fend {
+                    return Err(PlanError::PastFunctionEnd {
+                        site: name(),
+                        at: site.at,
+                        site_end: end,
+                        end: fend,
+                    });
+                }
+                if let Some(split) = finsns.iter().find(|i| i.ip() < end && end < i.next_ip()) {
+                    return Err(PlanError::SplitsInstruction {
+                        site: name(),
+                        at: end,
+                        insn: split.ip(),
+                    });
+                }
             }
             // The expected bytes are exactly the displaced whole instructions.
-            let displaced = decode(site.expected, site.at).map_err(|offset| {
-                PlanError::Undecodable {
+            let displaced =
+                decode(site.expected, site.at).map_err(|offset| PlanError::Undecodable {
                     site: name(),
                     offset,
-                }
-            })?;
+                })?;
             if site.expected.len() < jump_len {
                 return Err(PlanError::DisplacedTooShort {
                     site: name(),
                     have: site.expected.len(),
                     needed: jump_len,
-                });
-            }
-            // ...and they end on a boundary of the function's stream too.
-            let end = site.at + site.expected.len() as u64;
-            if site.function.is_some()
-                && let Some(split) = finsns.iter().find(|i| i.ip() < end && end < i.next_ip())
-            {
-                return Err(PlanError::SplitsInstruction {
-                    site: name(),
-                    at: end,
-                    insn: split.ip(),
                 });
             }
             (site.at, displaced)
@@ -336,6 +374,15 @@ pub fn analyze(site: &SiteInput<'_>, jump_len: usize) -> Result<Analysis, PlanEr
     let start = jump_at;
     let end = displaced.last().map_or(jump_at, Instruction::next_ip);
 
+    // IBT: an `endbr64` marks an indirect-branch target (a function's entry, a switch case, a
+    // setjmp return): overwritten by the jump (or in its middle), indirect branches there
+    // would fault. Function sites keep the entry's out of the range above.
+    if let Some(e) = displaced.iter().find(|i| i.code() == Code::Endbr64) {
+        return Err(PlanError::DisplacesEndbr {
+            site: name(),
+            at: e.ip(),
+        });
+    }
     // Rule 7: a call displaced before the last instruction would leave a return address
     // inside the trampoline.
     if let Some(call) = displaced.iter().rev().skip(1).find(|i| is_call(i)) {
@@ -421,14 +468,36 @@ pub fn jump_bytes(at: u64, to: u64, jump_len: usize, fill: usize) -> Option<Vec<
 
 /// The displaced instructions relocated to `at`, then a jump back to the instruction after
 /// them. Returns the bytes and the address of each displaced instruction's copy.
+///
+/// Out of rel32 reach of a target (an arena far from the code: the 14-byte jump case), the
+/// encoder writes a branch as its long form, through an 8-byte pointer it stores after the
+/// code (`jmp/call qword [rip+d]`; a jcc becomes `j!cc short +8; jmp qword [rip+d]`). The jump
+/// back is always such a branch then. [`walk_copy`] finds the instructions in either form.
 pub fn relocate(a: &Analysis, at: u64) -> Result<(Vec<u8>, Vec<u64>), PlanError> {
-    let (_, end) = a.range();
-    let mut block = a.displaced.clone();
-    let back = Instruction::with_branch(Code::Jmp_rel32_64, end).map_err(|e| PlanError::Verify {
+    let unrelocatable = |at: u64, reason: String| PlanError::Unrelocatable {
         site: a.name.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut back = back;
+        at,
+        reason,
+    };
+    let (start, end) = a.range();
+    // `loop`/`jrcxz` only have a rel8 form: from the arena they can only reach the copy.
+    for i in &a.displaced {
+        if (i.code().is_loop() || i.code().is_loopcc() || i.code().is_jcx_short())
+            && let Some(t) = branch_target(i)
+            && !(start..end).contains(&t)
+        {
+            return Err(unrelocatable(
+                i.ip(),
+                format!(
+                    "{:?} reaches {t:#x} with an 8-bit displacement only",
+                    i.mnemonic()
+                ),
+            ));
+        }
+    }
+    let mut block = a.displaced.clone();
+    let mut back = Instruction::with_branch(Code::Jmp_rel32_64, end)
+        .map_err(|e| unrelocatable(a.jump_at, e.to_string()))?;
     // The encoder matches branch targets to instructions by IP: give the jump back an IP no
     // branch can target, or a displaced branch to `end` (or the jump itself) would loop.
     back.set_ip(0);
@@ -436,37 +505,120 @@ pub fn relocate(a: &Analysis, at: u64) -> Result<(Vec<u8>, Vec<u64>), PlanError>
     let r = BlockEncoder::encode(
         64,
         InstructionBlock::new(&block, at),
-        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        BlockEncoderOptions::NONE,
     )
-    .map_err(|e| PlanError::Unrelocatable {
-        site: a.name.clone(),
-        at: a.jump_at,
-        reason: e.to_string(),
-    })?;
-    let addrs = r
-        .new_instruction_offsets
-        .iter()
-        .take(a.displaced.len())
-        .map(|&o| at + u64::from(o))
-        .collect::<Vec<_>>();
-    if addrs.len() != a.displaced.len()
-        || r.new_instruction_offsets
-            .iter()
-            .any(|&o| o == u32::MAX)
-    {
-        return Err(PlanError::Unrelocatable {
-            site: a.name.clone(),
-            at: a.jump_at,
-            reason: "an instruction was dropped by the encoder".into(),
-        });
-    }
+    .map_err(|e| unrelocatable(a.jump_at, e.to_string()))?;
+    // The encoder reports no offset for an instruction it wrote as a long form: walk the code.
+    let (copy, _) = walk_copy(&r.code_buffer, at, &block)
+        .map_err(|e| unrelocatable(a.jump_at, format!("the encoder's output: {e}")))?;
+    let addrs = copy.iter().take(a.displaced.len()).map(|c| c.ip).collect();
     Ok((r.code_buffer, addrs))
 }
 
-/// Bytes the relocated copy takes when placed near `at` (anywhere in the same arena: the
-/// encoding only depends on whether targets are within rel32 reach).
+/// An upper bound of the bytes the relocated copy takes anywhere in the same arena as `at`:
+/// the encoding depends on whether targets are within rel32 reach, and, when long forms are
+/// used, on the copy's alignment (their pointers are 8-byte aligned).
 pub fn copy_len(a: &Analysis, at: u64) -> Result<usize, PlanError> {
-    Ok(relocate(a, at)?.0.len())
+    let mut len = 0;
+    for k in 0..8 {
+        len = len.max(relocate(a, at + k)?.0.len());
+    }
+    Ok(len)
+}
+
+/// One instruction of a relocated copy, as it executes.
+#[derive(Debug, Clone, Copy)]
+struct CopyInsn {
+    ip: u64,
+    len: usize,
+    /// The first instruction encoded there (for a long form: `jmp [rip]`, `call [rip]` or the
+    /// inverted short jcc).
+    insn: Instruction,
+    /// The branch target, for a long form read from its pointer.
+    target: Option<u64>,
+    /// The pointer a long form reads.
+    slot: Option<u64>,
+}
+
+/// `jmp/call qword [rip+d]` through a pointer stored in `copy` (at `at`): (slot, pointer).
+fn pointer_branch(copy: &[u8], at: u64, i: &Instruction) -> Option<(u64, u64)> {
+    if !matches!(i.code(), Code::Jmp_rm64 | Code::Call_rm64) || !i.is_ip_rel_memory_operand() {
+        return None;
+    }
+    let slot = i.ip_rel_memory_address();
+    let o = usize::try_from(slot.checked_sub(at)?).ok()?;
+    let b = copy.get(o..o.checked_add(8)?)?;
+    Some((slot, u64::from_le_bytes(b.try_into().ok()?)))
+}
+
+/// Finds in `copy` (at `at`) the encoding of each of `want`, in order: the instruction itself,
+/// or for a direct branch its long form. Returns them and where the code ends.
+fn walk_copy(copy: &[u8], at: u64, want: &[Instruction]) -> Result<(Vec<CopyInsn>, usize), String> {
+    let decode_at = |off: usize| -> Result<Instruction, String> {
+        let bytes = copy.get(off..).ok_or("the copy is truncated")?;
+        let mut dec = Decoder::with_ip(64, bytes, at + off as u64, DecoderOptions::NONE);
+        let i = dec.decode();
+        if i.is_invalid() {
+            return Err(format!("the copy does not decode at +{off:#x}"));
+        }
+        Ok(i)
+    };
+    let mut out = Vec::with_capacity(want.len());
+    let mut off = 0usize;
+    for w in want {
+        let i = decode_at(off)?;
+        let ip = at + off as u64;
+        let plain = CopyInsn {
+            ip,
+            len: i.len(),
+            insn: i,
+            target: branch_target(&i),
+            slot: None,
+        };
+        let c = if branch_target(w).is_none() {
+            plain
+        } else if let Some((slot, to)) =
+            pointer_branch(copy, at, &i).filter(|_| match w.mnemonic() {
+                Mnemonic::Jmp => i.code() == Code::Jmp_rm64,
+                Mnemonic::Call => i.code() == Code::Call_rm64,
+                _ => false,
+            })
+        {
+            // `jmp/call [rip]`: a long jmp or call.
+            CopyInsn {
+                ip,
+                len: i.len(),
+                insn: i,
+                target: Some(to),
+                slot: Some(slot),
+            }
+        } else if w.code().is_jcc_short_or_near()
+            && i.code().is_jcc_short()
+            && i.code().negate_condition_code().mnemonic() == w.mnemonic()
+        {
+            // `j!cc short skip; jmp [rip]; skip:`: a long jcc.
+            let j = decode_at(off + i.len())?;
+            match pointer_branch(copy, at, &j) {
+                Some((slot, to))
+                    if j.code() == Code::Jmp_rm64 && i.near_branch_target() == j.next_ip() =>
+                {
+                    CopyInsn {
+                        ip,
+                        len: i.len() + j.len(),
+                        insn: i,
+                        target: Some(to),
+                        slot: Some(slot),
+                    }
+                }
+                _ => plain,
+            }
+        } else {
+            plain
+        };
+        off += c.len;
+        out.push(c);
+    }
+    Ok((out, off))
 }
 
 /// A fully built site: what to write where, and how to move vCPUs parked in its bytes.
@@ -546,6 +698,22 @@ pub fn build(
     Ok(plan)
 }
 
+/// Whether `copy` is `orig` (IP and length aside). A RIP-relative operand may have become
+/// EIP-relative: out of rel32 reach of a target below 4 GiB, the encoder addresses it as
+/// `[eip+d]` (address-size prefix), which reaches the same absolute address.
+fn same_insn(orig: &Instruction, copy: &Instruction) -> bool {
+    let mut c = *copy;
+    if orig.memory_base() == Register::RIP && c.memory_base() == Register::EIP {
+        if c.ip_rel_memory_address() != orig.ip_rel_memory_address() {
+            return false;
+        }
+        c.set_memory_base(Register::RIP);
+        c.set_memory_displacement64(orig.memory_displacement64());
+        c.set_memory_displ_size(orig.memory_displ_size());
+    }
+    c == *orig
+}
+
 /// Rule 4: decodes what was built and checks it is exactly what was meant.
 fn verify(p: &SitePlan, copy_at: u64, copy: &[u8]) -> Result<(), String> {
     let a = &p.analysis;
@@ -555,82 +723,120 @@ fn verify(p: &SitePlan, copy_at: u64, copy: &[u8]) -> Result<(), String> {
     let j = jumps.first().ok_or("the jump does not decode")?;
     let target = match j.code() {
         Code::Jmp_rel32_64 => j.near_branch_target(),
-        Code::Jmp_rm64 if j.is_ip_rel_memory_operand() && j.ip_rel_memory_address() == j.next_ip() => {
+        Code::Jmp_rm64
+            if j.is_ip_rel_memory_operand() && j.ip_rel_memory_address() == j.next_ip() =>
+        {
             let o = j.len();
-            let b = p.jump.get(o..o + 8).ok_or("the jump's address is missing")?;
+            let b = p
+                .jump
+                .get(o..o + 8)
+                .ok_or("the jump's address is missing")?;
             u64::from_le_bytes(b.try_into().map_err(|_| "bad address")?)
         }
         c => return Err(format!("the jump decodes as {c:?}")),
     };
     if target != p.code_at {
-        return Err(format!("the jump goes to {target:#x}, not {:#x}", p.code_at));
+        return Err(format!(
+            "the jump goes to {target:#x}, not {:#x}",
+            p.code_at
+        ));
     }
-    let used = if j.code() == Code::Jmp_rel32_64 { j.len() } else { JMP_ABS_LEN };
+    let used = if j.code() == Code::Jmp_rel32_64 {
+        j.len()
+    } else {
+        JMP_ABS_LEN
+    };
     if p.jump.len() != a.displaced_len() || p.jump[used..].iter().any(|&b| b != INT3) {
         return Err("the fill after the jump is not all int3".into());
     }
-    // The copy: each displaced instruction, same operation, same absolute targets.
-    let got = decode(copy, copy_at).map_err(|o| format!("the copy does not decode at +{o}"))?;
-    if got.len() != a.displaced.len() + 1 {
-        return Err(format!(
-            "the copy has {} instructions, expected {}",
-            got.len(),
-            a.displaced.len() + 1
-        ));
-    }
+
+    // The copy: each displaced instruction, same operation, same absolute targets, then the
+    // jump back; after it only the long forms' pointers.
+    let mut want = a.displaced.clone();
+    want.push(Instruction::with_branch(Code::Jmp_rel32_64, end).map_err(|e| e.to_string())?);
+    let (got, code_len) = walk_copy(copy, copy_at, &want)?;
     let map = |t: u64| -> u64 {
         // Branches inside the displaced range follow their instruction into the copy.
         a.displaced
             .iter()
             .zip(&got)
             .find(|(d, _)| d.ip() == t)
-            .map_or(t, |(_, g)| g.ip())
+            .map_or(t, |(_, g)| g.ip)
     };
     for (orig, new) in a.displaced.iter().zip(&got) {
-        if orig.mnemonic() != new.mnemonic() {
-            return Err(format!(
-                "{:#x}: {:?} became {:?}",
-                orig.ip(),
-                orig.mnemonic(),
-                new.mnemonic()
-            ));
-        }
-        match (branch_target(orig), branch_target(new)) {
-            (Some(t), Some(u)) if map(t) == u => {}
-            (None, None) => {}
-            (o, n) => {
+        match branch_target(orig) {
+            // A long form's mnemonic is not the branch's (`jne` for a `je`...): walk_copy
+            // matched it to the branch; its target is checked here.
+            Some(t) => {
+                if new.slot.is_none() && new.insn.mnemonic() != orig.mnemonic() {
+                    return Err(format!(
+                        "{:#x}: {:?} became {:?}",
+                        orig.ip(),
+                        orig.mnemonic(),
+                        new.insn.mnemonic()
+                    ));
+                }
+                if new.target != Some(map(t)) {
+                    return Err(format!(
+                        "{:#x}: branch to {:#x} became a branch to {:x?}",
+                        orig.ip(),
+                        map(t),
+                        new.target
+                    ));
+                }
+            }
+            // Same instruction, operands and all (a RIP-relative operand's absolute address
+            // included; IP and length are not compared).
+            None if !same_insn(orig, &new.insn) => {
+                if orig.is_ip_rel_memory_operand()
+                    && orig.ip_rel_memory_address() != new.insn.ip_rel_memory_address()
+                {
+                    return Err(format!(
+                        "{:#x}: RIP-relative operand {:#x} became {:#x}",
+                        orig.ip(),
+                        orig.ip_rel_memory_address(),
+                        new.insn.ip_rel_memory_address()
+                    ));
+                }
                 return Err(format!(
-                    "{:#x}: branch target {o:x?} became {n:x?}",
-                    orig.ip()
+                    "{:#x}: `{orig}` became `{}` when copied",
+                    orig.ip(),
+                    new.insn
                 ));
             }
-        }
-        if orig.is_ip_rel_memory_operand() != new.is_ip_rel_memory_operand()
-            || (orig.is_ip_rel_memory_operand()
-                && orig.ip_rel_memory_address() != new.ip_rel_memory_address())
-        {
-            return Err(format!(
-                "{:#x}: RIP-relative operand {:#x} became {:#x}",
-                orig.ip(),
-                orig.ip_rel_memory_address(),
-                new.ip_rel_memory_address()
-            ));
-        }
-        if branch_target(orig).is_none() && !orig.is_ip_rel_memory_operand() {
-            let mut o = *orig;
-            let mut n = *new;
-            o.set_ip(0);
-            n.set_ip(0);
-            o.set_len(0);
-            n.set_len(0);
-            if o != n {
-                return Err(format!("{:#x}: instruction changed when copied", orig.ip()));
-            }
+            None => {}
         }
     }
     let back = got.last().ok_or("empty copy")?;
-    if back.mnemonic() != iced_x86::Mnemonic::Jmp || branch_target(back) != Some(end) {
+    if back.insn.mnemonic() != Mnemonic::Jmp || back.target != Some(end) {
         return Err(format!("the copy does not jump back to {end:#x}"));
+    }
+    if p.moves.len() != a.displaced.len()
+        || p.moves
+            .iter()
+            .zip(a.displaced.iter().zip(&got))
+            .any(|(&(from, to), (d, g))| from != d.ip() || to != g.ip)
+    {
+        return Err("the vCPU moves do not match the copy".into());
+    }
+    // After the code: int3 up to an 8-byte boundary, then exactly the pointers used.
+    let mut slots: Vec<u64> = got.iter().filter_map(|g| g.slot).collect();
+    slots.sort_unstable();
+    let code_end = copy_at + code_len as u64;
+    let pad = if slots.is_empty() {
+        0
+    } else {
+        (code_end.next_multiple_of(8) - code_end) as usize
+    };
+    let data = code_end + pad as u64;
+    if copy.len() != code_len + pad + 8 * slots.len()
+        || copy[code_len..code_len + pad].iter().any(|&b| b != INT3)
+        || slots
+            .iter()
+            .enumerate()
+            .any(|(k, &s)| s != data + 8 * k as u64)
+    {
+        return Err("the copy holds more than its code and the pointers it uses".into());
     }
     Ok(())
 }
