@@ -132,6 +132,32 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Hot-patch blackout against the pause/resume floor (measured in the same run), API
+    /// end-to-end latency, and a patch storm the guest checks result by result.
+    Patch(BenchPatchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchPatchArgs {
+    /// vCPU counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    vcpus: Vec<usize>,
+    /// Cycles per vCPU count; each cycle = pause/resume, apply+revert of the 1-site and of
+    /// the 16-site patch, and apply+revert of the 1-site patch through the API.
+    #[arg(long, default_value_t = 1000)]
+    cycles: usize,
+    /// Microseconds the guest runs after each operation of a cycle.
+    #[arg(long, default_value_t = 500)]
+    gap_us: u64,
+    /// Apply/revert cycles of the v1 → v2 sample in the patch storm (0: no storm).
+    #[arg(long, default_value_t = 100_000)]
+    storm: usize,
+    /// vCPUs of the storm's guest.
+    #[arg(long, default_value_t = 2)]
+    storm_vcpus: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
@@ -322,13 +348,72 @@ fn bench_pause(vcpus: Vec<usize>, cycles: usize, gap_us: u64, out: Option<PathBu
     }
     print!("{}", bench::pause_table(&runs));
     if let Some(path) = out {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let json = serde_json::json!({ "benchmark": "pause", "runs": runs });
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+        write_json(
+            &path,
+            &serde_json::json!({ "benchmark": "pause", "runs": runs }),
+        )?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, json: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn bench_patch(args: BenchPatchArgs) -> Result<()> {
+    let host = bench::host_info();
+    let patches = bench::bench_patches()?;
+    let gap = Duration::from_micros(args.gap_us);
+    let mut runs = Vec::new();
+    for &n in &args.vcpus {
+        eprintln!(
+            "bench: {n} vCPU(s), {} cycles of pause/resume + apply/revert (1 site, 16 sites, 1 site through the API)…",
+            args.cycles
+        );
+        runs.push(bench::patch_cycles(n, args.cycles, gap, &patches)?);
+    }
+    let storm = if args.storm > 0 {
+        eprintln!(
+            "bench: patch storm, {} apply/revert cycles of the v1 → v2 sample on {} vCPUs…",
+            args.storm, args.storm_vcpus
+        );
+        Some(bench::patch_storm(args.storm_vcpus, args.storm, &patches)?)
+    } else {
+        None
+    };
+    let targets = bench::targets(&runs, storm.as_ref());
+    let report = bench::PatchReport {
+        benchmark: "patch",
+        host: bench::HostInfo {
+            loadavg_after: bench::loadavg(),
+            ..host
+        },
+        one_site: patches.one_site_sites.clone(),
+        many_sites: patches.many_sites_sites.clone(),
+        runs,
+        storm,
+        targets,
+    };
+    print!("{}", bench::patch_table(&report));
+    if let Some(path) = &args.out {
+        write_json(path, &serde_json::to_value(&report)?)?;
+    }
+    // Timings are reported, not asserted; a wrong result (or a lost report) is a failure.
+    if let Some(s) = &report.storm
+        && (s.bad > 0 || s.report_seq_errors > 0 || s.invalid_reports > 0)
+    {
+        anyhow::bail!(
+            "the guest saw {} wrong results during the patch storm ({} report sequence errors, {} invalid reports)",
+            s.bad,
+            s.report_seq_errors,
+            s.invalid_reports
+        );
     }
     Ok(())
 }
@@ -361,6 +446,7 @@ fn main() -> ExitCode {
             gap_us,
             out,
         }) => bench_pause(vcpus, cycles, gap_us, out).map(|_| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Patch(args)) => bench_patch(args).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
