@@ -3,6 +3,10 @@
 //!
 //! The tests drive the real binary (not the library) so that exit codes, messages and the CLI
 //! are what users get. Build it first: `cargo build --workspace --bins` (scripts/test does).
+//! The patch engine's tests also drive the library in-process, for precise assertions
+//! ([`patching`]).
+
+pub mod patching;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
