@@ -446,6 +446,24 @@ impl<G: GuestControl> Engine<G> {
             warn!(patch = %u.id, state = ?u.state, note = ?u.note, "journal reconciled with the guest");
             self.put(u)?;
         }
+        // Code of patches reverted by an earlier run may still be executing in a guest that
+        // kept running: it goes to quarantine, not straight back to the free list.
+        let gpa0 = self.arena.window.gpa;
+        let old: Vec<Chunk> = self
+            .records
+            .iter()
+            .filter(|r| !matches!(r.state, PatchState::Applied))
+            .flat_map(|r| r.arena.iter())
+            .map(|a| Chunk {
+                offset: a.gpa.wrapping_sub(gpa0),
+                len: a.len,
+            })
+            .collect();
+        for c in old {
+            if self.arena.reserve(c) {
+                self.arena.retire(c);
+            }
+        }
         if restore.is_empty() {
             return Ok(());
         }
