@@ -11,7 +11,7 @@ pub mod patching;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -246,4 +246,25 @@ pub fn wait_for_socket(path: &Path, proc_: &mut VmmProcess) {
         assert!(Instant::now() < deadline, "API socket never appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Runs `vmm ARGS…` to completion and fails the test, with its output, unless it succeeds.
+pub fn cli(args: &[&str]) -> Output {
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("spawn vmm");
+    assert!(
+        out.status.success(),
+        "vmm {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A command's standard output as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

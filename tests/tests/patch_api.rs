@@ -4,32 +4,12 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use integration_tests::patching::*;
-use integration_tests::{TempDir, VmmProcess, require_kvm, vmm_bin, wait_for_socket};
+use integration_tests::{TempDir, VmmProcess, cli, require_kvm, stdout, wait_for_socket};
 use serde_json::Value;
 use vmm::client::ApiClient;
-
-fn cli(args: &[&str]) -> Output {
-    let out = Command::new(vmm_bin())
-        .args(args)
-        .output()
-        .expect("spawn vmm");
-    assert!(
-        out.status.success(),
-        "vmm {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// `curl --unix-socket SOCK --data-binary @FILE http://localhost/v1/patches`, byte for byte
 /// the request curl 8 sends. Returns the status and the JSON body.

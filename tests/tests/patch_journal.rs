@@ -3,34 +3,14 @@
 //! repaired when the engine starts again.
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use integration_tests::patching::*;
-use integration_tests::{TempDir, VmmProcess, require_kvm, vmm_bin};
+use integration_tests::{TempDir, VmmProcess, cli, require_kvm, stdout};
 use serde_json::Value;
 use vmm::client::ApiClient;
 use vmm::engine::journal::{Journal, PatchState};
 use vmm::guest::GuestControl;
-
-fn cli(args: &[&str]) -> Output {
-    let out = Command::new(vmm_bin())
-        .args(args)
-        .output()
-        .expect("spawn vmm");
-    assert!(
-        out.status.success(),
-        "vmm {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn run_vmm(sock: &Path, key: &Path, state: &Path) -> VmmProcess {
     VmmProcess::spawn(&[
