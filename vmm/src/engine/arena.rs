@@ -17,7 +17,7 @@ pub struct Chunk {
 
 impl Chunk {
     pub fn end(&self) -> u64 {
-        self.offset + self.len
+        self.offset.saturating_add(self.len)
     }
 }
 
@@ -120,9 +120,16 @@ impl Arena {
         self.free = merged;
     }
 
-    /// A chunk vCPUs may have executed: freed only after a later quiescence check.
+    /// A chunk vCPUs may have executed: freed only after a later quiescence check. A chunk
+    /// that is not inside the arena (a damaged journal) is ignored, never handed out later.
     pub fn retire(&mut self, chunk: Chunk) {
-        self.quarantine.push(chunk);
+        if chunk
+            .offset
+            .checked_add(chunk.len)
+            .is_some_and(|end| end <= self.window.size)
+        {
+            self.quarantine.push(chunk);
+        }
     }
 
     /// Guest-virtual ranges `[start, end)` still in quarantine.
@@ -196,6 +203,16 @@ mod tests {
         assert!(a.alloc(16).is_none());
         assert_eq!(a.sweep(|_, _| false), 1);
         assert_eq!(a.alloc(4096), Some(c));
+        // A chunk outside the arena (a damaged journal) never enters the free list.
+        a.retire(Chunk {
+            offset: 8192,
+            len: 16,
+        });
+        a.retire(Chunk {
+            offset: u64::MAX - 4,
+            len: 16,
+        });
+        assert_eq!(a.quarantined_bytes(), 0);
     }
 
     #[test]

@@ -227,10 +227,10 @@ fn quiesce_arena(r: &PatchRecord, window: &ArenaWindow) -> Vec<(u64, u64, String
     r.arena
         .iter()
         .map(|a| {
-            let gva = window.gva + (a.gpa - window.gpa);
+            let gva = window.gva.wrapping_add(a.gpa.wrapping_sub(window.gpa));
             (
                 gva,
-                gva + a.len,
+                gva.saturating_add(a.len),
                 format!("new code of patch {}", &r.id[..16.min(r.id.len())]),
             )
         })
@@ -884,7 +884,7 @@ impl<G: GuestControl> Engine<G> {
             old.note = Some(format!("replaced by {id}"));
             for a in &old.arena {
                 self.arena.retire(Chunk {
-                    offset: a.gpa - window.gpa,
+                    offset: a.gpa.wrapping_sub(window.gpa),
                     len: a.len,
                 });
             }
@@ -950,7 +950,7 @@ impl<G: GuestControl> Engine<G> {
         let gpa0 = self.arena.window.gpa;
         for a in &rec.arena {
             self.arena.retire(Chunk {
-                offset: a.gpa - gpa0,
+                offset: a.gpa.wrapping_sub(gpa0),
                 len: a.len,
             });
         }
