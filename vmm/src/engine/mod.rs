@@ -273,6 +273,20 @@ fn site_range(s: &SiteRecord) -> (u64, u64) {
     (s.gva, s.gva + s.original.len() as u64)
 }
 
+/// Puts the original bytes of `sites` back into `bytes`, the guest's bytes at `gva`: what the
+/// guest holds there once those patches are taken out.
+fn overlay_originals<'a>(bytes: &mut [u8], gva: u64, sites: impl Iterator<Item = &'a SiteRecord>) {
+    let end = gva + bytes.len() as u64;
+    for s in sites {
+        for (i, byte) in s.original.iter().enumerate() {
+            let at = s.gva + i as u64;
+            if at >= gva && at < end {
+                bytes[(at - gva) as usize] = *byte;
+            }
+        }
+    }
+}
+
 impl<G: GuestControl> Engine<G> {
     /// An engine for `guest`, with the patch arena at `window`. With `state_dir`, patch states
     /// are journaled there and the journal left by an earlier run is reconciled with what the
@@ -568,25 +582,13 @@ impl<G: GuestControl> Engine<G> {
     ) -> Result<(u64, Vec<u8>), EngineError> {
         let gpa = self.gpa_of(paging, site, gva, len)?;
         let mut bytes = self.read(gpa, len)?;
-        for r in self
+        let lifted = self
             .records
             .iter()
             .filter(|r| r.state == PatchState::Applied)
             .filter(|r| all_originals || lifting.contains(&r.id))
-        {
-            for s in &r.sites {
-                let (a, b) = site_range(s);
-                if !ranges_overlap((a, b), (gva, gva + len as u64)) {
-                    continue;
-                }
-                for (i, byte) in s.original.iter().enumerate() {
-                    let at = a + i as u64;
-                    if at >= gva && at < gva + len as u64 {
-                        bytes[(at - gva) as usize] = *byte;
-                    }
-                }
-            }
-        }
+            .flat_map(|r| &r.sites);
+        overlay_originals(&mut bytes, gva, lifted);
         Ok((gpa, bytes))
     }
 
@@ -1052,17 +1054,12 @@ impl<G: GuestControl> Engine<G> {
             }
         }
         for p in change.write {
-            let (a, b) = p.plan.analysis.range();
             let mut cur = self.read(p.gpa, p.plan.original.len())?;
-            for s in change.restore.iter().flat_map(|r| &r.sites) {
-                let (sa, _) = site_range(s);
-                for (i, byte) in s.original.iter().enumerate() {
-                    let at = sa + i as u64;
-                    if at >= a && at < b {
-                        cur[(at - a) as usize] = *byte;
-                    }
-                }
-            }
+            overlay_originals(
+                &mut cur,
+                p.plan.analysis.jump_at,
+                change.restore.iter().flat_map(|r| &r.sites),
+            );
             if cur != p.plan.original {
                 return Err(EngineError::Raced {
                     site: p.location.clone(),

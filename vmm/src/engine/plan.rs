@@ -392,30 +392,16 @@ pub fn analyze(site: &SiteInput<'_>, jump_len: usize) -> Result<Analysis, PlanEr
         });
     }
     // Rule 3: nothing outside the displaced range branches into its interior. Branches from
-    // inside to inside move with the relocated copy, so they stay correct.
-    for i in &finsns {
-        let inside_self = i.ip() >= start && i.ip() < end;
-        if inside_self {
-            continue;
-        }
+    // inside to an instruction inside move with the relocated copy, so they stay correct.
+    let outside = finsns.iter().filter(|i| i.ip() < start || i.ip() >= end);
+    for (i, from_inside) in outside
+        .map(|i| (i, false))
+        .chain(displaced.iter().map(|i| (i, true)))
+    {
         if let Some(t) = branch_target(i)
             && t > start
             && t < end
-        {
-            return Err(PlanError::BranchIntoRange {
-                site: name(),
-                from: i.ip(),
-                to: t,
-                start,
-                end,
-            });
-        }
-    }
-    for i in &displaced {
-        if let Some(t) = branch_target(i)
-            && t > start
-            && t < end
-            && !displaced.iter().any(|d| d.ip() == t)
+            && !(from_inside && displaced.iter().any(|d| d.ip() == t))
         {
             return Err(PlanError::BranchIntoRange {
                 site: name(),
