@@ -12,7 +12,6 @@ use patch_format::{
     Location, Metadata, Patch, PublicKey, SecretKey, Site, SiteKind, TargetIdentity,
 };
 use sha2::{Digest, Sha256};
-use vmm::devices::reports::GuestReport;
 use vmm::engine::{Engine, EngineConfig};
 use vmm::guest::GuestControl;
 use vmm::vm::{ConsoleSink, Vm, VmConfig};
@@ -88,49 +87,12 @@ pub fn assert_running(vm: &Vm, when: &str) {
     }
 }
 
-/// Counts over some batches of calls, summed over vCPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Delta {
-    pub calls: u64,
-    pub v1: u64,
-    pub v2: u64,
-    pub bad: u64,
-}
-
-impl Delta {
-    fn between(a: &GuestReport, b: &GuestReport) -> Delta {
-        Delta {
-            calls: b.calls - a.calls,
-            v1: b.v1 - a.v1,
-            v2: b.v2 - a.v2,
-            bad: b.bad - a.bad,
-        }
-    }
-    fn add(&mut self, o: Delta) {
-        self.calls += o.calls;
-        self.v1 += o.v1;
-        self.v2 += o.v2;
-        self.bad += o.bad;
-    }
-}
-
-/// All calls of the batch returned v1's result.
-pub fn all_v1(d: &Delta) -> bool {
-    d.calls > 0 && d.v1 == d.calls
-}
-
-/// All calls of the batch returned v2's result.
-pub fn all_v2(d: &Delta) -> bool {
-    d.calls > 0 && d.v2 == d.calls
-}
-
-fn last_reports(vm: &Vm) -> Vec<Option<GuestReport>> {
-    vm.reports().into_iter().map(|r| r.last).collect()
-}
+pub use vmm::phases::{Counts as Delta, all_v1, all_v2};
 
 /// Waits until every vCPU has reported at least `batches` consecutive batches, all begun after
-/// this call, each satisfying `want` with no bad result. Returns those batches' counts summed over
-/// vCPUs. Fails the test if the guest stops or `timeout` passes.
+/// this call, each satisfying `want` with no bad result (`vmm::phases::wait`). Returns those
+/// batches' counts summed over vCPUs. Fails the test, naming `what`, if the guest stops or
+/// `timeout` passes.
 pub fn wait_phase(
     vm: &Vm,
     what: &str,
@@ -138,52 +100,9 @@ pub fn wait_phase(
     batches: u64,
     timeout: Duration,
 ) -> Delta {
-    let deadline = Instant::now() + timeout;
-    // The batch in progress now may have begun before the caller's change: counting starts at
-    // the first report after it.
-    let start = last_reports(vm);
-    let n = start.len();
-    let mut prev: Vec<Option<GuestReport>> = vec![None; n];
-    let mut base = prev.clone();
-    let mut clean = vec![0u64; n];
-    loop {
-        assert_running(vm, &format!("while waiting for {what}"));
-        let now = last_reports(vm);
-        for i in 0..n {
-            let Some(c) = now[i] else { continue };
-            let Some(p) = prev[i] else {
-                if start[i].map(|s| s.seq) != Some(c.seq) {
-                    prev[i] = Some(c);
-                    base[i] = Some(c);
-                }
-                continue;
-            };
-            if c.seq == p.seq {
-                continue;
-            }
-            let d = Delta::between(&p, &c);
-            if d.bad == 0 && want(&d) {
-                clean[i] += c.seq - p.seq;
-            } else {
-                clean[i] = 0;
-                base[i] = Some(c);
-            }
-            prev[i] = Some(c);
-        }
-        if clean.iter().all(|&k| k >= batches) {
-            let mut total = Delta::default();
-            for (b, c) in base.iter().zip(&now) {
-                if let (Some(b), Some(c)) = (b, c) {
-                    total.add(Delta::between(b, c));
-                }
-            }
-            return total;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not reached within {timeout:?} (clean batches per vCPU: {clean:?}; last reports: {now:?})"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    match vmm::phases::wait(vm, want, batches, timeout) {
+        Ok(settled) => settled.counts,
+        Err(e) => panic!("while waiting for {what}: {e}"),
     }
 }
 
@@ -205,12 +124,7 @@ pub fn assert_no_bad(vm: &Vm) {
 pub fn total(vm: &Vm) -> Delta {
     let mut t = Delta::default();
     for r in vm.reports().iter().filter_map(|r| r.last) {
-        t.add(Delta {
-            calls: r.calls,
-            v1: r.v1,
-            v2: r.v2,
-            bad: r.bad,
-        });
+        t.add(Delta::of(&r));
     }
     t
 }

@@ -3,14 +3,14 @@
 //! change, reverts, shows them return.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::devices::reports::GuestReport;
 use crate::engine::{EngineConfig, EngineError};
 use crate::patching::{self, PatchingError, SAMPLE_PATCH};
+use crate::phases::{self, Counts, PhaseError, all_v1, all_v2};
 use crate::vm::{ConsoleSink, Vm, VmConfig, VmError};
 
 #[derive(Debug, Error)]
@@ -21,18 +21,18 @@ pub enum DemoError {
     Patching(#[from] PatchingError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Phase(#[from] PhaseError),
     #[error("{0}")]
     Guest(String),
 }
 
 /// What the guest computed during one phase, summed over vCPUs: calls whose result matched
 /// v1's formula, v2's, or neither (never expected), and one sample input/output.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Phase {
-    pub calls: u64,
-    pub v1: u64,
-    pub v2: u64,
-    pub bad: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
     pub sample_x: u64,
     pub sample_y: u64,
 }
@@ -55,81 +55,22 @@ pub struct DemoReport {
     pub bad_total: u64,
 }
 
-fn snapshot(vm: &Vm) -> Vec<Option<GuestReport>> {
-    vm.reports().into_iter().map(|r| r.last).collect()
-}
-
-/// Waits until every vCPU has reported `batches` batches whose calls were all of `want`
-/// (`|r| r.v1` or `|r| r.v2`), counting from now. Returns the summed counts of those batches.
-fn wait_phase(
-    vm: &Vm,
-    want: fn(&GuestReport) -> u64,
-    batches: u64,
-    timeout: Duration,
-) -> Result<Phase, DemoError> {
-    let deadline = Instant::now() + timeout;
-    let start = snapshot(vm);
-    let n = start.len();
-    // Per vCPU: the report where the clean run began, and how many clean batches since.
-    let mut base: Vec<Option<GuestReport>> = start.clone();
-    let mut clean = vec![0u64; n];
-    let mut prev = start;
-    let mut phase = Phase::default();
-    loop {
-        if let Some(reason) = vm.stop_reason() {
-            return Err(DemoError::Guest(format!("the guest stopped: {reason}")));
-        }
-        let now = snapshot(vm);
-        for i in 0..n {
-            let (Some(p), Some(c)) = (
-                prev.get(i).cloned().flatten(),
-                now.get(i).cloned().flatten(),
-            ) else {
-                if let Some(c) = now.get(i).cloned().flatten() {
-                    prev[i] = Some(c);
-                    base[i] = Some(c);
-                }
-                continue;
-            };
-            if c.seq == p.seq {
-                continue;
-            }
-            let calls = c.calls - p.calls;
-            if want(&c) - want(&p) == calls && c.bad == p.bad {
-                clean[i] += c.seq - p.seq;
-            } else {
-                clean[i] = 0;
-                base[i] = Some(c);
-            }
-            prev[i] = Some(c);
-        }
-        if clean.iter().all(|&k| k >= batches) {
-            for (b, c) in base.iter().zip(&now) {
-                if let (Some(b), Some(c)) = (b, c) {
-                    phase.calls += c.calls - b.calls;
-                    phase.v1 += c.v1 - b.v1;
-                    phase.v2 += c.v2 - b.v2;
-                    phase.bad += c.bad - b.bad;
-                    phase.sample_x = c.last_input;
-                    phase.sample_y = c.last_output;
-                }
-            }
-            return Ok(phase);
-        }
-        if Instant::now() > deadline {
-            return Err(DemoError::Guest(format!(
-                "the guest did not settle within {timeout:?} (clean batches per vCPU: {clean:?})"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+/// Waits for a phase and keeps one sample input/output from its last reports.
+fn phase(vm: &Vm, want: fn(&Counts) -> bool) -> Result<Phase, DemoError> {
+    let settled = phases::wait(vm, want, 3, Duration::from_secs(30))?;
+    let sample = settled.last.iter().flatten().last();
+    Ok(Phase {
+        counts: settled.counts,
+        sample_x: sample.map_or(0, |r| r.last_input),
+        sample_y: sample.map_or(0, |r| r.last_output),
+    })
 }
 
 fn show(label: &str, p: &Phase, quiet: bool) {
     if !quiet {
         println!(
             "  {label:<13} {:>12} calls: {:>12} v1, {:>12} v2, {} wrong   e.g. compute({:#x}) = {:#x}",
-            p.calls, p.v1, p.v2, p.bad, p.sample_x, p.sample_y
+            p.counts.calls, p.counts.v1, p.counts.v2, p.counts.bad, p.sample_x, p.sample_y
         );
     }
 }
@@ -158,8 +99,7 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
                 "vmm demo: built-in test guest on {vcpus} vCPUs, each calling compute() in a loop (ring 3)"
             );
         }
-        let settle = Duration::from_secs(30);
-        let before = wait_phase(&vm, |r| r.v1, 3, settle)?;
+        let before = phase(&vm, all_v1)?;
         show("before:", &before, quiet);
         let applied = engine.apply(SAMPLE_PATCH)?;
         let id = applied.patch.id.clone();
@@ -173,7 +113,7 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
                 applied.total_us
             );
         }
-        let after = wait_phase(&vm, |r| r.v2, 3, settle)?;
+        let after = phase(&vm, all_v2)?;
         show("after patch:", &after, quiet);
         let reverted = engine.revert(&id)?;
         if !quiet {
@@ -182,7 +122,7 @@ pub fn run(vcpus: usize, quiet: bool) -> Result<DemoReport, DemoError> {
                 reverted.revert_blackout_us.unwrap_or(0)
             );
         }
-        let after_revert = wait_phase(&vm, |r| r.v1, 3, settle)?;
+        let after_revert = phase(&vm, all_v1)?;
         show("after revert:", &after_revert, quiet);
         let bad_total = vm
             .reports()

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod pagetables;
 pub mod paging;
 pub mod patching;
+pub mod phases;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
