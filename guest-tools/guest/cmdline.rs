@@ -17,6 +17,9 @@ pub enum Mode {
     Probe,
     /// `mode=spin`: `spin_wait(spin)` once, then the normal workload.
     Spin,
+    /// `mode=tamper`: before every batch, `writes` attempts to overwrite the start of `compute`
+    /// (as malware or a buggy driver would), then the normal workload on whatever `compute` is.
+    Tamper,
 }
 
 impl Mode {
@@ -26,6 +29,7 @@ impl Mode {
             Mode::Normal => "normal",
             Mode::Probe => "probe",
             Mode::Spin => "spin",
+            Mode::Tamper => "tamper",
         }
     }
 }
@@ -39,10 +43,12 @@ pub struct Options {
     pub batch: u64,
     /// `cpus=N`: power off only once N vCPUs came online and finished (0: whoever came online).
     pub cpus: u64,
-    /// `mode=normal|probe|spin`.
+    /// `mode=normal|probe|spin|tamper`.
     pub mode: Mode,
     /// `spin=N`: `spin_wait` iterations in `mode=spin` (>= 1).
     pub spin: u64,
+    /// `writes=N`: overwrite attempts per batch in `mode=tamper`.
+    pub writes: u64,
 }
 
 impl Default for Options {
@@ -53,6 +59,7 @@ impl Default for Options {
             cpus: 0,
             mode: Mode::Normal,
             spin: DEFAULT_SPIN,
+            writes: 1,
         }
     }
 }
@@ -160,9 +167,10 @@ pub fn parse(raw: &[u8]) -> Result<Options, ParseError<'_>> {
                     b"normal" => Mode::Normal,
                     b"probe" => Mode::Probe,
                     b"spin" => Mode::Spin,
+                    b"tamper" => Mode::Tamper,
                     _ => {
                         return Err(ParseError {
-                            what: "unknown mode (mode=normal, probe or spin)",
+                            what: "unknown mode (mode=normal, probe, spin or tamper)",
                             token,
                         });
                     }
@@ -175,6 +183,7 @@ pub fn parse(raw: &[u8]) -> Result<Options, ParseError<'_>> {
                     _ => return Err(bad_number),
                 }
             }
+            b"writes" => opts.writes = parse_u64(value).ok_or(bad_number)?,
             _ => {
                 return Err(ParseError {
                     what: "unknown option",

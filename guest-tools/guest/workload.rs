@@ -108,6 +108,16 @@ spin_wait:
     ret
     .size spin_wait, . - spin_wait
     .popsection
+
+    .pushsection .text.tamper_store, "ax", @progbits
+    .p2align 4
+    .globl tamper_store
+    .type tamper_store, @function
+tamper_store:
+    mov qword ptr [rdi], rsi
+    ret
+    .size tamper_store, . - tamper_store
+    .popsection
 "#,
     probe_factor = sym PROBE_FACTOR,
     spin_token = sym SPIN_TOKEN,
@@ -122,6 +132,9 @@ unsafe extern "C" {
     pub safe fn probe(x: u64) -> u64;
     /// Executes `pause` `iterations` times, then returns `SPIN_TOKEN`.
     pub safe fn spin_wait(iterations: u64) -> u64;
+    /// `*dst = value` with one 8-byte store, `mov [rdi], rsi`, at the symbol's first byte (so a
+    /// hypervisor that traps the write can be checked to name this address).
+    fn tamper_store(dst: *mut u64, value: u64);
 }
 
 /// `probe`'s multiplier, loaded by `probe` at run time (a micropatch may redirect the load).
@@ -177,6 +190,21 @@ pub fn run(cpu: u64, opts: &Options) {
             let probe_fn: extern "C" fn(u64) -> u64 = core::hint::black_box(probe);
             return work(cpu, opts, probe_fn, reference::classify_probe, counts);
         }
+        Mode::Tamper => {
+            let target = compute as *const () as u64;
+            let mut line = Line::new();
+            line.str("hp: vcpu=")
+                .u64(cpu)
+                .str(" tamper target=")
+                .u64(target)
+                .str(" rip=")
+                .u64(tamper_store as *const () as u64)
+                .str(" word=")
+                .u64(reference::TAMPER_WORD)
+                .str(" writes=")
+                .u64(opts.writes);
+            line.emit();
+        }
         Mode::Spin => {
             let mut line = Line::new();
             line.str("hp: vcpu=").u64(cpu).str(" spin=").u64(opts.spin);
@@ -213,7 +241,17 @@ fn work(
     let (mut x, mut y) = (0u64, 0u64);
     let mut seq = 0u64;
     let slot = SLOTS[cpu as usize % protocol::MAX_CPUS].0.get();
+    let tamper_writes = if opts.mode == Mode::Tamper { opts.writes } else { 0 };
+    let tamper_target = compute as *const () as *mut u64;
     while !STOP.load(Ordering::Relaxed) {
+        for _ in 0..tamper_writes {
+            // SAFETY: this is the attack `mode=tamper` exists for: the guest maps its text
+            // writable, so the store is architecturally valid; where it lands (or not) is up to
+            // the hypervisor. `compute`'s address is 16-byte aligned, so the 8 bytes stay inside
+            // the function, and after a landed write `compute` is still a valid function
+            // (`mov eax, imm32; ret`) following the same ABI.
+            unsafe { tamper_store(tamper_target, reference::TAMPER_WORD) };
+        }
         for _ in 0..opts.batch {
             x = next_input(&mut state);
             y = f(x);

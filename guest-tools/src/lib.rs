@@ -58,6 +58,7 @@ mod tests {
                 cpus: 0,
                 mode: Mode::Normal,
                 spin: protocol::DEFAULT_SPIN,
+                writes: 1,
             }
         );
         assert_eq!(parse(b"  \t ").unwrap(), d);
@@ -70,6 +71,7 @@ mod tests {
                 cpus: 2,
                 mode: Mode::Normal,
                 spin: protocol::DEFAULT_SPIN,
+                writes: 1,
             }
         );
         assert_eq!(parse(b"reports=1 reports=7").unwrap().reports, 7);
@@ -79,6 +81,12 @@ mod tests {
         let s = parse(b"spin=12345 mode=spin reports=2").unwrap();
         assert_eq!((s.mode, s.spin, s.reports), (Mode::Spin, 12345, 2));
         assert_eq!(parse(b"mode=spin").unwrap().spin, protocol::DEFAULT_SPIN);
+        let t = parse(b"mode=tamper writes=1000").unwrap();
+        assert_eq!(
+            (t.mode, t.mode.name(), t.writes),
+            (Mode::Tamper, "tamper", 1000)
+        );
+        assert_eq!(parse(b"mode=tamper").unwrap().writes, 1);
         assert_eq!(parse(b"mode=spin mode=normal").unwrap().mode, Mode::Normal);
         for m in [Mode::Normal, Mode::Probe, Mode::Spin] {
             let token = format!("mode={}", m.name());

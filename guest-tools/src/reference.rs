@@ -48,6 +48,12 @@ pub const PROBE_LIMIT: u64 = 100_000;
 /// `spin_wait` loads RIP-relative after its loop ("HPSPINOK").
 pub const SPIN_TOKEN: u64 = 0x4850_5350_494e_4f4b;
 
+/// What `mode=tamper` makes `compute` return once its overwrite lands: the word it writes over
+/// `compute`'s first 8 bytes is `mov eax, TAMPER_RESULT; ret; int3; int3`.
+pub const TAMPER_RESULT: u64 = 0x0bad_c0de;
+/// The 8 bytes `mode=tamper` writes over the start of `compute` (little-endian).
+pub const TAMPER_WORD: u64 = u64::from_le_bytes([0xb8, 0xde, 0xc0, 0xad, 0x0b, 0xc3, 0xcc, 0xcc]);
+
 /// v1's `triangle`: `n * (n - 1) / 2` (off by one), wrapping.
 #[inline(always)]
 pub fn triangle_v1(n: u64) -> u64 {

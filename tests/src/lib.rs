@@ -264,6 +264,14 @@ pub fn cli(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `vmm ARGS` and returns its output whatever its exit status (for refusals).
+pub fn cli_output(args: &[&str]) -> Output {
+    Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("spawn vmm")
+}
+
 /// A command's standard output as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -9,6 +9,8 @@
 //! - `GET  /v1/patches`     every patch this VMM has seen: id, name, state, sites, blackout
 //! - `GET  /v1/patches/ID`  one patch (ID = full id or a unique prefix)
 //! - `POST /v1/patches/ID/revert` (or `DELETE /v1/patches/ID`) revert it
+//! - `GET  /v1/integrity`   code integrity: mode, protected ranges, KVM slots, violations
+//! - `POST /v1/integrity/ranges`  protect one more range: `{"range": "0x100000-0x106000"}`
 //!
 //! Errors are `{"error": "..."}` with a 4xx/5xx status. The socket is created mode 0600: whoever
 //! can connect can pause the guest, so only its owner may.
@@ -23,8 +25,9 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::engine::{Engine, EngineError};
+use crate::integrity::{IntegrityError, RangeError};
 use crate::vcpu::ControlError;
-use crate::vm::Vm;
+use crate::vm::{Vm, VmControlError};
 
 /// Request bodies larger than this are refused: the largest patch file the format allows.
 pub const MAX_BODY: usize = 16 << 20;
@@ -149,7 +152,11 @@ fn serve(server: &tiny_http::Server, ctx: &ApiContext) {
             Err(resp) => resp,
         };
         let text = body.to_string();
-        let mut response = tiny_http::Response::from_string(text).with_status_code(status);
+        // Always a Content-Length body: tiny_http would switch large ones (a long violation
+        // list) to chunked encoding, which simple clients mishandle.
+        let mut response = tiny_http::Response::from_string(text)
+            .with_status_code(status)
+            .with_chunked_threshold(usize::MAX);
         if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
         {
             response.add_header(h);
@@ -288,6 +295,43 @@ fn route_patches(
     }
 }
 
+fn integrity_error(e: VmControlError) -> (u16, Value) {
+    let status = match &e {
+        VmControlError::Control(_) => match e {
+            VmControlError::Control(c) => return control_error(c),
+            _ => 500,
+        },
+        VmControlError::Integrity(IntegrityError::Off) => 409,
+        VmControlError::Integrity(IntegrityError::Range(
+            RangeError::Syntax(_) | RangeError::Empty { .. },
+        )) => 400,
+        VmControlError::Integrity(IntegrityError::Range(_) | IntegrityError::Slots(_)) => 422,
+        _ => 500,
+    };
+    (status, json!({"error": e.to_string()}))
+}
+
+/// `POST /v1/integrity/ranges`.
+fn protect(vm: &Vm, body: &[u8]) -> (u16, Value) {
+    let range = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("range").and_then(|r| r.as_str()).map(str::to_string));
+    let Some(range) = range else {
+        return (
+            400,
+            json!({"error": "the body must be JSON like {\"range\": \"0x100000-0x106000\"} (START-END or START+LENGTH)"}),
+        );
+    };
+    let (start, end) = match crate::integrity::ranges::parse(&range) {
+        Ok(r) => r,
+        Err(e) => return integrity_error(IntegrityError::from(e).into()),
+    };
+    match vm.protect_code(start, end) {
+        Ok(r) => (201, json!({"protected": r, "integrity": vm.integrity()})),
+        Err(e) => integrity_error(e),
+    }
+}
+
 /// Maps one request to its response; pure apart from the VM calls, so tests can drive it.
 pub fn route(ctx: &ApiContext, method: &tiny_http::Method, url: &str, body: &[u8]) -> (u16, Value) {
     use tiny_http::Method::{Get, Post};
@@ -312,6 +356,8 @@ pub fn route(ctx: &ApiContext, method: &tiny_http::Method, url: &str, body: &[u8
             ),
             Err(e) => control_error(e),
         },
+        ("/v1/integrity", Get) => (200, json!(vm.integrity())),
+        ("/v1/integrity/ranges", Post) => protect(vm, body),
         ("/v1/metrics", Get) => {
             let patches = ctx.engine.as_ref().map(|e| {
                 e.lock()
@@ -320,16 +366,24 @@ pub fn route(ctx: &ApiContext, method: &tiny_http::Method, url: &str, body: &[u8
             });
             (
                 200,
-                json!({"pause": vm.pause_metrics(), "patches": patches}),
+                json!({"pause": vm.pause_metrics(), "patches": patches, "integrity": vm.integrity_metrics()}),
             )
         }
-        ("/v1/vm" | "/v1/vm/pause" | "/v1/vm/resume" | "/v1/metrics", _) => (
+        (
+            "/v1/vm"
+            | "/v1/vm/pause"
+            | "/v1/vm/resume"
+            | "/v1/metrics"
+            | "/v1/integrity"
+            | "/v1/integrity/ranges",
+            _,
+        ) => (
             405,
             json!({"error": format!("method {method} is not allowed on {path}")}),
         ),
         _ => (
             404,
-            json!({"error": format!("no such endpoint {path}; try GET /v1/vm, POST /v1/vm/pause, POST /v1/vm/resume, GET /v1/metrics, GET/POST /v1/patches")}),
+            json!({"error": format!("no such endpoint {path}; try GET /v1/vm, POST /v1/vm/pause, POST /v1/vm/resume, GET /v1/metrics, GET/POST /v1/patches, GET /v1/integrity")}),
         ),
     }
 }

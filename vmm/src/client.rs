@@ -38,6 +38,25 @@ pub struct ApiClient {
     timeout: Duration,
 }
 
+/// Decodes an HTTP/1.1 chunked body (other servers than ours may send one).
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, ClientError> {
+    let bad = || ClientError::Malformed("bad chunked encoding".into());
+    let mut out = Vec::new();
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
+        let size_text = std::str::from_utf8(&b[..line_end]).map_err(|_| bad())?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| bad())?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = b.get(..size).ok_or_else(bad)?;
+        out.extend_from_slice(chunk);
+        b = b.get(size + 2..).ok_or_else(bad)?;
+    }
+}
+
 impl ApiClient {
     pub fn new(path: &Path) -> Self {
         ApiClient {
@@ -82,11 +101,21 @@ impl ApiClient {
         let status = resp
             .code
             .ok_or_else(|| ClientError::Malformed("no status code".into()))?;
-        let body = &raw[header_len..];
+        let chunked = resp.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("transfer-encoding")
+                && String::from_utf8_lossy(h.value)
+                    .to_ascii_lowercase()
+                    .contains("chunked")
+        });
+        let body = if chunked {
+            dechunk(&raw[header_len..])?
+        } else {
+            raw[header_len..].to_vec()
+        };
         let value = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(body)
+            serde_json::from_slice(&body)
                 .map_err(|e| ClientError::Malformed(format!("body is not JSON: {e}")))?
         };
         Ok((status, value))
@@ -136,5 +165,29 @@ impl ApiClient {
     pub fn revert(&self, id: &str) -> Result<Value, ClientError> {
         let id: String = id.chars().filter(char::is_ascii_hexdigit).collect();
         self.call("POST", &format!("/v1/patches/{id}/revert"), b"")
+    }
+
+    pub fn integrity(&self) -> Result<Value, ClientError> {
+        self.call("GET", "/v1/integrity", b"")
+    }
+
+    /// Protects one more guest-physical range (`START-END` or `START+LENGTH`).
+    pub fn protect(&self, range: &str) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "range": range }).to_string();
+        self.call("POST", "/v1/integrity/ranges", body.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dechunks_and_refuses_broken_chunks() {
+        let body = b"4\r\n{\"a\"\r\n3;ext=1\r\n:1}\r\n0\r\n\r\n";
+        assert_eq!(dechunk(body).ok(), Some(b"{\"a\":1}".to_vec()));
+        assert!(dechunk(b"zz\r\nabc").is_err());
+        assert!(dechunk(b"10\r\nshort").is_err());
+        assert!(dechunk(b"").is_err());
     }
 }

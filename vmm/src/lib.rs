@@ -12,6 +12,7 @@ pub mod demo;
 pub mod devices;
 pub mod engine;
 pub mod guest;
+pub mod integrity;
 pub mod layout;
 pub mod memory;
 pub mod pagetables;

@@ -14,6 +14,7 @@ use vmm::client::ApiClient;
 use vmm::devices::StopReason;
 use vmm::vm::{ConsoleSink, Vm, VmConfig};
 
+mod integrity_cli;
 mod patch_cli;
 
 #[derive(Parser, Debug)]
@@ -40,6 +41,8 @@ enum Command {
     Resume(SockArgs),
     /// Show a VM's state, vCPUs and guest reports.
     Status(StatusArgs),
+    /// Show a VM's code integrity (mode, protected ranges, slots, violations); protect more code.
+    Integrity(integrity_cli::IntegrityArgs),
     /// Build, sign, verify and inspect hot-patch files.
     #[command(subcommand)]
     Patch(patch_cli::PatchCommand),
@@ -94,6 +97,16 @@ struct RunArgs {
     /// apply is repaired or reported.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Code integrity: `off` maps guest memory as it is; `enforce` maps the guest's code
+    /// (the image's executable segments, the patch arena, --code-range) read-only to the
+    /// guest, so its writes there are dropped and reported; `audit` reports them and lets them
+    /// land. The patch engine writes code in every mode.
+    #[arg(long, value_enum, default_value_t = vmm::integrity::Mode::Off)]
+    code_integrity: vmm::integrity::Mode,
+    /// One more guest-physical range to protect, START-END or START+LENGTH (hex with 0x, or
+    /// decimal), rounded out to pages. Repeatable. For images whose code the VMM cannot see.
+    #[arg(long = "code-range", value_name = "RANGE", value_parser = parse_code_range)]
+    code_ranges: Vec<(u64, u64)>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
@@ -160,6 +173,10 @@ struct BenchPatchArgs {
     out: Option<PathBuf>,
 }
 
+fn parse_code_range(text: &str) -> Result<(u64, u64), String> {
+    vmm::integrity::ranges::parse(text).map_err(|e| e.to_string())
+}
+
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_terminate(signum: libc::c_int) {
@@ -194,6 +211,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         kvm_device: args.kvm_device,
         console: ConsoleSink::Stdout,
         keep_console: false,
+        code_integrity: args.code_integrity,
+        code_ranges: args.code_ranges,
     };
     install_terminate_handlers();
     let vm = Vm::start(config)?;
@@ -438,6 +457,7 @@ fn main() -> ExitCode {
             .and_then(|v| print_json(&v))
             .map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
+        Command::Integrity(args) => integrity_cli::run(args).map(|_| ExitCode::SUCCESS),
         Command::Patch(cmd) => patch_cli::run(cmd).map(|_| ExitCode::SUCCESS),
         Command::Demo(args) => demo(args),
         Command::Bench(BenchCommand::Pause {

@@ -1,13 +1,12 @@
-//! Guest memory: RAM and the patch arena; allocation, the host-capacity check, and
-//! registration with KVM.
+//! Guest memory: RAM and the patch arena; allocation, the host-capacity check, and the host
+//! mappings KVM's memory slots are cut from.
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
+use crate::integrity::Backing;
 use crate::layout::{self, MIN_MEMORY};
 
 /// The guest memory type used throughout the VMM.
@@ -47,14 +46,6 @@ pub enum MemoryError {
     },
     #[error("guest memory at {gpa:#x} has no host mapping")]
     NoHostAddress { gpa: u64 },
-    #[error("KVM refused memory slot {slot} at guest-physical {gpa:#x} ({size} bytes): {source}")]
-    RegisterSlot {
-        slot: u32,
-        gpa: u64,
-        size: u64,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
 }
 
 /// Total RAM + swap of the host, in bytes, from `sysinfo(2)`.
@@ -108,40 +99,23 @@ pub fn allocate(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
-/// Hands every region of `mem` to KVM as its own memory slot (so the patch arena gets a slot of
-/// its own, never merged with RAM).
-pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
-        let gpa = region.start_addr().0;
-        let size = region.len();
-        tracing::debug!(
-            slot,
-            gpa = format_args!("{gpa:#x}"),
-            size,
-            arena = is_arena(gpa),
-            "memory slot"
-        );
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|_| MemoryError::NoHostAddress { gpa })? as u64;
-        let desc = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host,
-        };
-        // SAFETY: the region is a live mapping owned by `mem` of exactly `size` bytes, and `mem`
-        // outlives the VM: the VM object keeps both and drops the VM file first.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::RegisterSlot {
-            slot,
-            gpa,
-            size,
-            source,
-        })?;
-    }
-    Ok(())
+/// Every region of `mem` with its host mapping, in address order: what KVM's memory slots are
+/// cut from (`integrity::slots`). The patch arena is its own region, so it never shares a slot
+/// with RAM.
+pub fn backing(mem: &GuestMemory) -> Result<Vec<Backing>, MemoryError> {
+    mem.iter()
+        .map(|region| {
+            let gpa = region.start_addr().0;
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| MemoryError::NoHostAddress { gpa })? as u64;
+            Ok(Backing {
+                gpa,
+                size: region.len(),
+                host,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, BootSpec, Image};
 use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger};
 use crate::devices::{PortBus, ReportBook, SerialConsole, StopReason};
+use crate::integrity::{self, CodeRange, Integrity, IntegrityError, IntegrityStatus, RangeSource};
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::stats::{History, Summary};
@@ -55,6 +56,8 @@ pub enum VmError {
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
+    Integrity(#[from] IntegrityError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("could not create the VM ({what}): {source}")]
     Kvm {
@@ -86,6 +89,11 @@ pub struct VmConfig {
     pub console: ConsoleSink,
     /// Keep every console line in memory as well (the demo, tests and benches read them).
     pub keep_console: bool,
+    /// Code integrity: whether the guest may write its own code (`vmm run --code-integrity`).
+    pub code_integrity: integrity::Mode,
+    /// Guest-physical `[start, end)` ranges to protect besides the image's executable segments
+    /// and the patch arena (`vmm run --code-range`).
+    pub code_ranges: Vec<(u64, u64)>,
 }
 
 impl VmConfig {
@@ -102,6 +110,8 @@ impl VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             console: ConsoleSink::Stdout,
             keep_console: false,
+            code_integrity: integrity::Mode::Off,
+            code_ranges: Vec::new(),
         }
     }
 }
@@ -140,6 +150,7 @@ pub struct VmStatus {
     pub pauses: u64,
     pub last_park_us: Option<u64>,
     pub last_blackout_us: Option<u64>,
+    pub code_integrity: integrity::IntegrityMetrics,
     pub vcpu: Vec<VcpuStatus>,
 }
 
@@ -163,9 +174,12 @@ pub struct Vm {
     // Held so the VM lives as long as this object. Field order is drop order: the vCPU threads
     // (which own the vCPU fds) are joined in `join`, also called on drop, before the VM fd closes
     // and before guest memory is unmapped.
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     _kvm: Kvm,
     mem: GuestMemory,
+    integrity: Arc<Integrity>,
+    /// KVM's limit on memory slots (code integrity cuts memory into more of them).
+    max_slots: usize,
     bus: Arc<PortBus>,
     control: Arc<Control>,
     kickers: Arc<OnceLock<Vec<kick::Kicker>>>,
@@ -249,7 +263,9 @@ impl Vm {
                 what: "in-kernel PIT",
                 source,
             })?;
-        memory::register(&vm_fd, &mem)?;
+        let max_slots = kvm.get_nr_memslots();
+        let integrity = Arc::new(code_integrity(&kvm, &config, mem_size)?);
+        integrity.install(&vm_fd, &memory::backing(&mem)?, max_slots)?;
         let spec = boot::load(&mem, mem_size, &config.image, &config.cmdline)?;
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
@@ -312,6 +328,8 @@ impl Vm {
                 bus: bus.clone(),
                 control: control.clone(),
                 on_stop: on_stop.clone(),
+                integrity: integrity.clone(),
+                mem: mem.clone(),
             };
             let b = barrier.clone();
             let handle = std::thread::Builder::new()
@@ -332,9 +350,11 @@ impl Vm {
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, image = %config.image.name, mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), "VM started");
 
         Ok(Arc::new(Vm {
-            _vm_fd: vm_fd,
+            vm_fd,
             _kvm: kvm,
             mem,
+            integrity,
+            max_slots,
             bus,
             control,
             kickers,
@@ -359,6 +379,38 @@ impl Vm {
     /// All guest memory: RAM and the patch arena (see [`Vm::ram_regions`] and [`Vm::arena`]).
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// Code integrity: mode, protected ranges, KVM slots, violations.
+    pub fn integrity(&self) -> IntegrityStatus {
+        self.integrity.status()
+    }
+
+    pub fn integrity_metrics(&self) -> integrity::IntegrityMetrics {
+        self.integrity.metrics()
+    }
+
+    /// Protects one more guest-physical range (page-aligned outwards) while the guest runs:
+    /// its memory slots are re-cut with every vCPU parked, unless the operator already paused
+    /// the VM. Refused when code integrity is off.
+    pub fn protect_code(&self, start: u64, end: u64) -> Result<CodeRange, VmControlError> {
+        if self.integrity.mode() == integrity::Mode::Off {
+            return Err(IntegrityError::Off.into());
+        }
+        let range = CodeRange::covering(start, end, RangeSource::Api);
+        let backing = memory::backing(&self.mem).map_err(VmError::from)?;
+        let operator_paused = self.is_paused();
+        if !operator_paused {
+            self.pause()?;
+        }
+        let result =
+            self.integrity
+                .protect(&self.vm_fd, &backing, self.max_slots, range, self.mem_size);
+        if !operator_paused {
+            self.resume()?;
+        }
+        result?;
+        Ok(range)
     }
 
     /// The guest's RAM, in address order: what the guest's memory map calls RAM (plus the
@@ -458,6 +510,7 @@ impl Vm {
             pauses: stats.park_us.total(),
             last_park_us: stats.last_park_us,
             last_blackout_us: stats.last_blackout_us,
+            code_integrity: self.integrity.metrics(),
             vcpu: phases
                 .iter()
                 .enumerate()
@@ -529,6 +582,56 @@ impl Vm {
         }
         self.bus.serial.finish();
     }
+}
+
+/// Errors of run-time VM changes that pause the guest.
+#[derive(Debug, Error)]
+pub enum VmControlError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Integrity(#[from] IntegrityError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// The code-integrity state for `config`: which ranges to protect (the image's executable
+/// segments, the patch arena, `--code-range`), checked against guest memory and the host.
+fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integrity, VmError> {
+    let mode = config.code_integrity;
+    if mode == integrity::Mode::Off {
+        return Ok(Integrity::new(mode, config.vcpus, Vec::new()));
+    }
+    if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+        return Err(IntegrityError::Unsupported(mode).into());
+    }
+    let image = integrity::ranges::image_code(&config.image.bytes).map_err(IntegrityError::from)?;
+    for page in &image.shared_pages {
+        tracing::warn!(
+            page = format_args!("{page:#x}"),
+            image = %config.image.name,
+            "a page of the image holds both code and writable data: the guest's writes to that data will be reported as violations{}",
+            if mode == integrity::Mode::Enforce { " and dropped" } else { "" }
+        );
+    }
+    if image.ranges.is_empty() && config.code_ranges.is_empty() {
+        tracing::warn!(
+            image = %config.image.name,
+            "the image names no executable segment and no --code-range was given: only the patch arena is protected"
+        );
+    }
+    let mut ranges = image.ranges;
+    ranges.push(CodeRange::covering(
+        layout::PATCH_ARENA_START,
+        layout::PATCH_ARENA_END,
+        RangeSource::Arena,
+    ));
+    for &(start, end) in &config.code_ranges {
+        integrity::ranges::check_in_memory(start, end, mem_size).map_err(IntegrityError::from)?;
+        ranges.push(CodeRange::covering(start, end, RangeSource::CommandLine));
+    }
+    tracing::info!(%mode, ranges = ranges.len(), "code integrity");
+    Ok(Integrity::new(mode, config.vcpus, ranges))
 }
 
 fn kick_ids(kickers: &OnceLock<Vec<kick::Kicker>>, ids: &[usize]) {

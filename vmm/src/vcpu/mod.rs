@@ -15,9 +15,13 @@ use kvm_bindings::{CpuId, KVM_MP_STATE_RUNNABLE, kvm_fpu, kvm_mp_state, kvm_regs
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
 use thiserror::Error;
+use vm_memory::Bytes;
 
 use crate::boot::{self, BootSpec};
 use crate::devices::{PioOutcome, PortBus, StopReason};
+use crate::integrity::{self, Integrity, WriteContext};
+use crate::memory::GuestMemory;
+use crate::paging::{self, PagingRegs};
 pub use control::{Checkpoint, ControlError, VcpuControl, VcpuPhase};
 
 /// Registers of a parked vCPU.
@@ -136,6 +140,9 @@ pub struct VcpuThread {
     pub control: Arc<Control>,
     /// Called with the reason when this vCPU decides the VM must stop.
     pub on_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
+    /// Code integrity: guest writes to protected code arrive here as MMIO writes.
+    pub integrity: Arc<Integrity>,
+    pub mem: GuestMemory,
 }
 
 impl VcpuThread {
@@ -143,6 +150,52 @@ impl VcpuThread {
         VcpuSnapshot {
             regs: self.fd.get_regs().unwrap_or_default(),
             sregs: self.fd.get_sregs().unwrap_or_default(),
+        }
+    }
+
+    /// Where a trapped write came from: KVM has already completed the instruction, so RIP is
+    /// past it; the bytes before RIP (read through the vCPU's own page tables, bounded by guest
+    /// memory) let [`integrity::writer`] find the instruction itself.
+    fn write_context(&self, write_len: usize) -> WriteContext {
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let sregs = self.fd.get_sregs().unwrap_or_default();
+        let next_rip = regs.rip;
+        let paging = PagingRegs::from(&sregs);
+        let bitness = if sregs.cs.l != 0 {
+            64
+        } else if sregs.cs.db != 0 {
+            32
+        } else {
+            16
+        };
+        // The longest run of readable bytes that ends at RIP (the page before may be unmapped).
+        let mut code = Vec::new();
+        for k in (1..=integrity::writer::MAX_INSN as u64).rev() {
+            let Some(start) = next_rip.checked_sub(k) else {
+                continue;
+            };
+            let Ok(pieces) = paging::translate_range(&self.mem, &paging, start, k) else {
+                continue;
+            };
+            let mut buf = Vec::with_capacity(k as usize);
+            let complete = pieces.iter().all(|&(gpa, len)| {
+                let mut piece = vec![0u8; len as usize];
+                let ok = self
+                    .mem
+                    .read_slice(&mut piece, vm_memory::GuestAddress(gpa))
+                    .is_ok();
+                buf.extend_from_slice(&piece);
+                ok
+            });
+            if complete {
+                code = buf;
+                break;
+            }
+        }
+        WriteContext {
+            next_rip,
+            cpl: sregs.cs.dpl,
+            writer: integrity::writer::locate(&code, next_rip, bitness, write_len),
         }
     }
 
@@ -215,6 +268,15 @@ impl VcpuThread {
                         "read of unbacked MMIO"
                     );
                     data.fill(0xff);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if self.integrity.protects(addr) => {
+                    let mut bytes = [0u8; 8];
+                    let n = data.len().min(bytes.len());
+                    bytes[..n].copy_from_slice(&data[..n]);
+                    let ctx = self.write_context(n);
+                    self.integrity
+                        .guest_write(&self.mem, id, addr, &bytes[..n], ctx);
                     None
                 }
                 Ok(VcpuExit::MmioWrite(addr, _)) => {
