@@ -80,7 +80,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 128)]
     memory: u64,
     /// Kernel command line (the test guest understands reports=N, batch=N, cpus=N,
-    /// mode=normal|probe|spin, spin=N; see docs/guest-protocol.md).
+    /// mode=normal|probe|spin|tamper, spin=N, writes=N; see docs/guest-protocol.md).
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Serve the control API on this Unix socket (created mode 0600).
@@ -148,6 +148,19 @@ enum BenchCommand {
     /// Hot-patch blackout against the pause/resume floor (measured in the same run), API
     /// end-to-end latency, and a patch storm the guest checks result by result.
     Patch(BenchPatchArgs),
+    /// Code integrity: the workload's call rate with `--code-integrity enforce` and `off`, and
+    /// the cost of one trapped guest write (off, audit, enforce).
+    Integrity {
+        /// Rounds of (off, enforce) call-rate runs, alternating the order.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds measured per run.
+        #[arg(long, default_value_t = 3.0)]
+        window_s: f64,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -375,6 +388,26 @@ fn bench_pause(vcpus: Vec<usize>, cycles: usize, gap_us: u64, out: Option<PathBu
     Ok(())
 }
 
+fn bench_integrity(rounds: usize, window_s: f64, out: Option<PathBuf>) -> Result<ExitCode> {
+    let host = bench::host_info();
+    eprintln!(
+        "bench: code integrity, {rounds} rounds of off/enforce call rate, then trapped-write cost…"
+    );
+    let window = Duration::try_from_secs_f64(window_s)
+        .context("--window-s must be a positive number of seconds")?;
+    let mut report = bench::integrity::run(rounds.max(1), window, host)?;
+    report.host.loadavg_after = bench::loadavg();
+    print!("{}", bench::integrity::table(&report));
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    Ok(if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn write_json(path: &std::path::Path, json: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -467,6 +500,11 @@ fn main() -> ExitCode {
             out,
         }) => bench_pause(vcpus, cycles, gap_us, out).map(|_| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Patch(args)) => bench_patch(args).map(|_| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Integrity {
+            rounds,
+            window_s,
+            out,
+        }) => bench_integrity(rounds, window_s, out),
     };
     match result {
         Ok(code) => code,

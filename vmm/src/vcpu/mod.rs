@@ -156,7 +156,7 @@ impl VcpuThread {
     /// Where a trapped write came from: KVM has already completed the instruction, so RIP is
     /// past it; the bytes before RIP (read through the vCPU's own page tables, bounded by guest
     /// memory) let [`integrity::writer`] find the instruction itself.
-    fn write_context(&self, write_len: usize) -> WriteContext {
+    fn write_context(&self, write_len: usize, trapped_at: std::time::Instant) -> WriteContext {
         let regs = self.fd.get_regs().unwrap_or_default();
         let sregs = self.fd.get_sregs().unwrap_or_default();
         let next_rip = regs.rip;
@@ -193,6 +193,7 @@ impl VcpuThread {
             }
         }
         WriteContext {
+            trapped_at,
             next_rip,
             cpl: sregs.cs.dpl,
             writer: integrity::writer::locate(&code, next_rip, bitness, write_len),
@@ -274,7 +275,8 @@ impl VcpuThread {
                     let mut bytes = [0u8; 8];
                     let n = data.len().min(bytes.len());
                     bytes[..n].copy_from_slice(&data[..n]);
-                    let ctx = self.write_context(n);
+                    let trapped_at = std::time::Instant::now();
+                    let ctx = self.write_context(n, trapped_at);
                     self.integrity
                         .guest_write(&self.mem, id, addr, &bytes[..n], ctx);
                     None

@@ -4,6 +4,8 @@
 //! no wrong results, no lost reports) are reported as failures, since a fast wrong answer is
 //! worthless.
 
+pub mod integrity;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
