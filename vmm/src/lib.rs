@@ -19,6 +19,7 @@ pub mod pagetables;
 pub mod paging;
 pub mod patching;
 pub mod phases;
+pub mod qemu;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

@@ -25,7 +25,8 @@ pub enum PatchCommand {
     Verify(VerifyArgs),
     /// Show a patch: id, signature, metadata, target, sites with disassembly.
     Inspect(InspectArgs),
-    /// Apply a patch to a running VM (through its API socket). Applying it again is a no-op.
+    /// Apply a patch to a running VM (through its API socket, or to a QEMU VM through its
+    /// gdbstub and QMP). Applying it again is a no-op.
     Apply(ApplyArgs),
     /// List the patches a running VM has seen: id, name, state, sites, blackout.
     List(ListArgs),
@@ -33,11 +34,89 @@ pub enum PatchCommand {
     Revert(RevertArgs),
 }
 
+/// Which VM: one of this VMM's (its API socket), or one running under stock QEMU.
 #[derive(Args, Debug)]
 pub struct SockArg {
     /// The VM's API socket (`vmm run --api-sock PATH`).
+    #[arg(
+        long,
+        required_unless_present = "qemu_gdb",
+        conflicts_with = "qemu_gdb"
+    )]
+    pub api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    pub qemu: QemuArgs,
+}
+
+/// A VM under stock QEMU, patched through its gdbstub and QMP (`docs/patch-engine.md`).
+#[derive(Args, Debug)]
+pub struct QemuArgs {
+    /// Patch a VM running under QEMU, through its gdbstub (`-gdb tcp:HOST:PORT`).
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["qmp", "image", "state_dir"])]
+    pub qemu_gdb: Option<String>,
+    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`): run state and vCPUs.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+    /// The ELF image the QEMU guest booted: its symbols and build identity.
+    #[arg(long, value_name = "ELF")]
+    pub image: Option<PathBuf>,
+    /// Patch states (the journal): QEMU keeps none, so give every command on one VM the same
+    /// directory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Accept patches signed by this public key. Repeatable.
+    #[arg(long = "trusted-key", value_name = "PUB")]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Accept unsigned patches too (development only).
     #[arg(long)]
-    pub api_sock: PathBuf,
+    pub allow_unsigned: bool,
+    /// Guest-physical address of the 2 MiB patch arena: memory the guest never uses, mapped
+    /// 1:1 and executable in the guest (the test guest maps its low 4 GiB so; run QEMU with at
+    /// least 2 GiB for the default).
+    #[arg(long, value_name = "GPA", default_value = "0x7fe00000", value_parser = parse_gpa)]
+    pub arena: u64,
+}
+
+fn parse_gpa(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let v = match t.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    match v {
+        Ok(v) if v % 4096 == 0 => Ok(v),
+        Ok(_) => Err("the arena must be page-aligned".into()),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// An engine attached to the QEMU VM named by `q`, for one command.
+fn qemu_engine(q: &QemuArgs) -> Result<vmm::engine::Engine<vmm::qemu::QemuGuest>> {
+    let (Some(gdb), Some(qmp), Some(image), Some(state_dir)) =
+        (&q.qemu_gdb, &q.qmp, &q.image, &q.state_dir)
+    else {
+        bail!("--qemu-gdb needs --qmp, --image and --state-dir");
+    };
+    let bytes = read(image)?;
+    let guest = std::sync::Arc::new(vmm::qemu::QemuGuest::attach(gdb, qmp)?);
+    let config = vmm::engine::EngineConfig {
+        trusted_keys: vmm::patching::read_keys(&q.trusted_keys)?,
+        allow_unsigned: q.allow_unsigned,
+        ..Default::default()
+    };
+    let window = vmm::engine::arena::ArenaWindow {
+        gpa: q.arena,
+        gva: q.arena,
+        size: vmm::layout::PATCH_ARENA_SIZE,
+    };
+    Ok(vmm::qemu::engine_for(
+        guest,
+        &image.display().to_string(),
+        &bytes,
+        window,
+        config,
+        state_dir,
+    )?)
 }
 
 #[derive(Args, Debug)]
@@ -177,7 +256,10 @@ fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
 
 fn apply(a: ApplyArgs) -> Result<()> {
     let bytes = read(&a.file)?;
-    let v = vmm::client::ApiClient::new(&a.sock.api_sock).apply(&bytes)?;
+    let v = match &a.sock.api_sock {
+        Some(sock) => vmm::client::ApiClient::new(sock).apply(&bytes)?,
+        None => serde_json::to_value(qemu_engine(&a.sock.qemu)?.apply(&bytes)?)?,
+    };
     if a.json {
         return pretty(&v);
     }
@@ -207,7 +289,10 @@ fn apply(a: ApplyArgs) -> Result<()> {
 }
 
 fn list(a: ListArgs) -> Result<()> {
-    let v = vmm::client::ApiClient::new(&a.sock.api_sock).patches()?;
+    let v = match &a.sock.api_sock {
+        Some(sock) => vmm::client::ApiClient::new(sock).patches()?,
+        None => serde_json::json!({ "patches": qemu_engine(&a.sock.qemu)?.records() }),
+    };
     if a.json {
         return pretty(&v);
     }
@@ -246,7 +331,13 @@ fn list(a: ListArgs) -> Result<()> {
 }
 
 fn revert(a: RevertArgs) -> Result<()> {
-    let v = vmm::client::ApiClient::new(&a.sock.api_sock).revert(&a.id)?;
+    let v = match &a.sock.api_sock {
+        Some(sock) => vmm::client::ApiClient::new(sock).revert(&a.id)?,
+        None => {
+            let id: String = a.id.chars().filter(char::is_ascii_hexdigit).collect();
+            serde_json::to_value(qemu_engine(&a.sock.qemu)?.revert(&id)?)?
+        }
+    };
     if a.json {
         return pretty(&v);
     }

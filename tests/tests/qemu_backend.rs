@@ -1,0 +1,192 @@
+//! The patch engine through the QEMU backend: the test guest runs under stock QEMU (`-enable-kvm`
+//! here: its workload is ring-3 code), and `vmm patch apply|list|revert --qemu-gdb … --qmp …`
+//! applies the very same v1 → v2 patch file as on this VMM, through QEMU's gdbstub and QMP.
+//! Results change and return; refusals leave the guest's code as it was.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use guest_tools::{GuestBuild, test_guest, test_guest_path};
+use integration_tests::patching::{micropatch, sample_signed, signed, test_public};
+use integration_tests::{ReportLine, TempDir, cli, cli_output, parse_report, require_kvm, stdout};
+use object::{Object, ObjectSegment};
+use vmm::guest::GuestControl;
+use vmm::qemu::QemuGuest;
+use vmm::qemu::launch::{LaunchOptions, QemuProcess};
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// `(before, after)` consecutive reports of vCPU 0 that both began after `since_seq`.
+fn next_batch(q: &QemuProcess, since_seq: u64, what: &str) -> (ReportLine, ReportLine) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let reports: Vec<ReportLine> = q
+            .console_lines()
+            .iter()
+            .filter_map(|l| parse_report(l))
+            .filter(|r| r.vcpu == 0)
+            .collect();
+        if let Some(w) = reports
+            .windows(2)
+            .find(|w| w[0].seq > since_seq && w[1].seq == w[0].seq + 1)
+        {
+            return (w[0], w[1]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no two reports after seq {since_seq} ({what}) within {SETTLE:?}:\n{}",
+            q.console_lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn last_seq(q: &QemuProcess) -> u64 {
+    q.console_lines()
+        .iter()
+        .filter_map(|l| parse_report(l))
+        .map(|r| r.seq)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits for a whole batch, begun after now, in which every result is v1's (`want_v2` false)
+/// or v2's; returns it.
+fn wait_all(q: &QemuProcess, want_v2: bool, what: &str) -> ReportLine {
+    let deadline = Instant::now() + SETTLE;
+    let mut since = last_seq(q);
+    loop {
+        let (a, b) = next_batch(q, since, what);
+        let (v1, v2, bad) = (b.v1 - a.v1, b.v2 - a.v2, b.bad - a.bad);
+        assert_eq!(bad, 0, "{what}: wrong results {a:?} → {b:?}");
+        if (want_v2 && v1 == 0 && v2 > 0) || (!want_v2 && v2 == 0 && v1 > 0) {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never settled ({a:?} → {b:?})"
+        );
+        since = a.seq;
+    }
+}
+
+/// The guest's text as QEMU holds it equals the image's, byte for byte.
+fn assert_text_is_original(q: &QemuProcess, what: &str) {
+    let guest = QemuGuest::attach(&q.gdb, q.qmp_path()).expect("attach for the text check");
+    let elf = object::File::parse(test_guest(GuestBuild::V1)).expect("ELF");
+    for seg in elf.segments() {
+        let object::SegmentFlags::Elf { p_flags, .. } = seg.flags() else {
+            continue;
+        };
+        if p_flags.0 & object::elf::PF_X.0 == 0 {
+            continue;
+        }
+        let want = seg.data().expect("segment data");
+        let mut got = vec![0u8; want.len()];
+        guest
+            .read_phys(seg.address(), &mut got)
+            .expect("read text through the gdbstub");
+        if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: text byte at {:#x} differs",
+                seg.address() + i as u64
+            );
+        }
+    }
+}
+
+#[test]
+fn the_same_patch_file_applies_and_reverts_through_qemu() {
+    require_kvm();
+    let dir = TempDir::new("qemu-backend");
+    let q = QemuProcess::spawn(&LaunchOptions {
+        kernel: test_guest_path(GuestBuild::V1).to_path_buf(),
+        initrd: None,
+        append: "batch=2000000".into(),
+        memory_mib: 2048,
+        vcpus: 1,
+        accel: "kvm",
+        dir: dir.path().join("qemu"),
+    })
+    .expect("start QEMU");
+    println!("QEMU accelerator: {}", q.accel);
+    let key = dir.path().join("test.pub");
+    std::fs::write(&key, test_public().to_file_text()).expect("write key");
+    let patch = dir.path().join("sample.hpatch");
+    std::fs::write(&patch, sample_signed()).expect("write patch");
+    let state = dir.path().join("state");
+    let image = test_guest_path(GuestBuild::V1)
+        .to_str()
+        .expect("utf-8")
+        .to_string();
+    let target = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(
+            [
+                "--qemu-gdb",
+                &q.gdb,
+                "--qmp",
+                q.qmp_path().to_str().expect("utf-8"),
+                "--image",
+                &image,
+                "--state-dir",
+                state.to_str().expect("utf-8"),
+                "--trusted-key",
+                key.to_str().expect("utf-8"),
+            ]
+            .map(str::to_string),
+        );
+        v
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&refs)
+    };
+
+    wait_all(&q, false, "v1 before the patch");
+    let out = run(target(&["patch", "apply", patch.to_str().expect("utf-8")]));
+    let applied = stdout(&out);
+    println!("{applied}");
+    assert!(applied.starts_with("applied "), "{applied}");
+    let id = applied.split_whitespace().nth(1).expect("id").to_string();
+    wait_all(&q, true, "v2 after the apply through QEMU");
+
+    // Idempotent, and listed from the journal (QEMU itself keeps nothing).
+    let again = stdout(&run(target(&[
+        "patch",
+        "apply",
+        patch.to_str().expect("utf-8"),
+    ])));
+    assert!(again.starts_with("already applied"), "{again}");
+    let list = stdout(&run(target(&["patch", "list"])));
+    assert!(
+        list.contains(&id[..16]) && list.contains("applied"),
+        "{list}"
+    );
+
+    let reverted = stdout(&run(target(&["patch", "revert", &id[..8]])));
+    assert!(reverted.starts_with("reverted "), "{reverted}");
+    wait_all(&q, false, "v1 after the revert");
+    assert_text_is_original(&q, "after the revert through QEMU");
+
+    // Refused: a micropatch whose expected bytes are not the guest's. Nothing changes.
+    let (compute, bytes) = integration_tests::patching::elf_symbol(GuestBuild::V1, "compute");
+    let mut wrong = bytes[..8].to_vec();
+    wrong[0] ^= 0xff;
+    let bad = dir.path().join("bad.hpatch");
+    std::fs::write(
+        &bad,
+        signed(&micropatch("wrong-bytes", "compute", 0, &wrong, &[0x90; 8])),
+    )
+    .expect("write bad patch");
+    let args = target(&["patch", "apply", bad.to_str().expect("utf-8")]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cli_output(&refs);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected"), "{err}");
+    assert!(compute > 0);
+    assert_text_is_original(&q, "after the refusal");
+    wait_all(&q, false, "v1 after the refusal");
+    assert!(Path::new(&state).join("patches.journal").exists());
+}

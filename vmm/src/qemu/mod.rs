@@ -1,0 +1,223 @@
+//! The QEMU backend: the patch engine's [`GuestControl`] over a running, stock
+//! `qemu-system-x86_64`, through its gdbstub (all-stop: halt every vCPU, per-vCPU registers,
+//! guest-physical memory) and QMP (run state, vCPU list).
+//!
+//! QEMU keeps no patch state, so every `vmm patch … --qemu-gdb` command builds an engine over a
+//! state directory (the journal) and attaches for the length of one command. QEMU halts the
+//! guest when a debugger attaches; [`QemuGuest::attach`] lets it run again at once, so the guest
+//! is only stopped inside the engine's blackouts and for the short halts below.
+//!
+//! The gdbstub serves memory only while the guest is halted, so a read or write the engine makes
+//! while the guest runs (checking sites, writing arena code nobody executes yet) is done in a
+//! short halt of its own (a few hundred µs, like a `stop`/`cont`).
+
+pub mod launch;
+pub mod qmp;
+pub mod rsp;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::engine::arena::ArenaWindow;
+use crate::engine::target::Target;
+use crate::engine::{Engine, EngineConfig};
+use crate::guest::{GuestControl, GuestError, VcpuState};
+use crate::paging::PagingRegs;
+use crate::patching::PatchingError;
+pub use qmp::{Qmp, QmpError};
+pub use rsp::{Rsp, RspError};
+
+/// How long one gdbstub or QMP exchange may take before the backend gives up.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum QemuError {
+    #[error(transparent)]
+    Gdb(#[from] RspError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(
+        "the VM is {0} (QMP query-status), not running: patching would resume it; resume it first (QMP cont) or stop patching"
+    )]
+    NotRunning(String),
+    #[error("QMP lists {qmp} vCPUs but the gdbstub {gdb}: is the gdbstub of another VM?")]
+    VcpuMismatch { qmp: usize, gdb: usize },
+}
+
+struct Link {
+    rsp: Rsp,
+    /// When the current halt began (`None`: running).
+    halted_since: Option<Instant>,
+}
+
+/// A running QEMU VM the engine can patch.
+pub struct QemuGuest {
+    link: Mutex<Link>,
+    vcpus: usize,
+}
+
+impl QemuGuest {
+    /// Attaches to QEMU's gdbstub at `gdb` (`HOST:PORT`) after checking with QMP at `qmp` that the
+    /// VM is running and how many vCPUs it has. Leaves the guest running.
+    pub fn attach(gdb: &str, qmp: &Path) -> Result<QemuGuest, QemuError> {
+        let mut q = Qmp::connect(qmp, IO_TIMEOUT)?;
+        let status = q.status()?;
+        if status != "running" {
+            return Err(QemuError::NotRunning(status));
+        }
+        let cpus = q.cpus()?.len();
+        let mut rsp = Rsp::connect(gdb, IO_TIMEOUT)?;
+        if rsp.threads.len() != cpus {
+            let gdb = rsp.threads.len();
+            let _ = rsp.cont();
+            return Err(QemuError::VcpuMismatch { qmp: cpus, gdb });
+        }
+        rsp.cont()?;
+        tracing::info!(gdb, vcpus = cpus, "attached to QEMU");
+        Ok(QemuGuest {
+            link: Mutex::new(Link {
+                rsp,
+                halted_since: None,
+            }),
+            vcpus: cpus,
+        })
+    }
+
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` with the guest halted: inside a blackout as it is, otherwise in a short halt.
+    fn halted<T>(&self, f: impl FnOnce(&mut Rsp) -> Result<T, RspError>) -> Result<T, GuestError> {
+        let mut link = self.link();
+        if link.halted_since.is_some() {
+            return f(&mut link.rsp).map_err(|e| GuestError::Pause(e.to_string()));
+        }
+        link.rsp
+            .interrupt()
+            .map_err(|e| GuestError::Pause(e.to_string()))?;
+        let out = f(&mut link.rsp);
+        link.rsp
+            .cont()
+            .map_err(|e| GuestError::Resume(e.to_string()))?;
+        out.map_err(|e| GuestError::Pause(e.to_string()))
+    }
+
+    /// Lets the guest run and closes the gdbstub connection.
+    pub fn detach(&self) -> Result<(), QemuError> {
+        let mut link = self.link();
+        if link.halted_since.take().is_some() {
+            link.rsp.cont()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        // Never leave the guest halted behind us.
+        let _ = self.detach();
+    }
+}
+
+impl GuestControl for QemuGuest {
+    fn vcpu_count(&self) -> usize {
+        self.vcpus
+    }
+
+    fn pause_all(&self) -> Result<Vec<Option<VcpuState>>, GuestError> {
+        let mut link = self.link();
+        if link.halted_since.is_some() {
+            return Err(GuestError::Pause("the guest is already halted".into()));
+        }
+        let pause = |e: RspError| GuestError::Pause(e.to_string());
+        link.rsp.interrupt().map_err(pause)?;
+        link.halted_since = Some(Instant::now());
+        let threads = link.rsp.threads.clone();
+        let mut out = Vec::with_capacity(threads.len());
+        for (id, t) in threads.iter().enumerate() {
+            let g = link.rsp.registers(t).map_err(pause)?;
+            let r = |name: &str| {
+                link.rsp
+                    .reg(&g, name)
+                    .ok_or_else(|| GuestError::Pause(format!("register {name} missing")))
+            };
+            out.push(Some(VcpuState {
+                id,
+                rip: r("rip")?,
+                rsp: r("rsp")?,
+                cpl: (r("cs")? & 3) as u8,
+                paging: PagingRegs {
+                    cr0: r("cr0")?,
+                    cr3: r("cr3")?,
+                    cr4: r("cr4")?,
+                    efer: r("efer")?,
+                },
+            }));
+        }
+        Ok(out)
+    }
+
+    fn resume_all(&self) -> Result<Duration, GuestError> {
+        let mut link = self.link();
+        let since = link.halted_since.take().ok_or(GuestError::NotPaused)?;
+        link.rsp
+            .cont()
+            .map_err(|e| GuestError::Resume(e.to_string()))?;
+        Ok(since.elapsed())
+    }
+
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let len = buf.len();
+        self.halted(|rsp| rsp.read_phys(gpa, buf))
+            .map_err(|_| GuestError::OutsideMemory { gpa, len })
+    }
+
+    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.halted(|rsp| rsp.write_phys(gpa, data))
+            .map_err(|_| GuestError::OutsideMemory {
+                gpa,
+                len: data.len(),
+            })
+    }
+
+    fn set_rip(&self, vcpu: usize, rip: u64) -> Result<(), GuestError> {
+        let mut link = self.link();
+        if link.halted_since.is_none() {
+            return Err(GuestError::NotPaused);
+        }
+        let thread = link
+            .rsp
+            .threads
+            .get(vcpu)
+            .cloned()
+            .ok_or(GuestError::NoSuchVcpu(vcpu))?;
+        link.rsp
+            .set_reg(&thread, "rip", rip)
+            .map_err(|e| GuestError::Pause(e.to_string()))
+    }
+}
+
+/// An engine over a QEMU guest booted from the ELF `image`, with the patch arena at
+/// guest-physical `arena` (`size` bytes, which the guest must not use; guest-virtual = physical
+/// there, as in the test guest's identity map).
+pub fn engine_for(
+    guest: Arc<QemuGuest>,
+    image_name: &str,
+    image: &[u8],
+    arena: ArenaWindow,
+    config: EngineConfig,
+    state_dir: &Path,
+) -> Result<Engine<QemuGuest>, PatchingError> {
+    let info = patch_format::read_image(image_name, image)?;
+    Ok(Engine::new(
+        guest,
+        Target::new(info, 0),
+        arena,
+        config,
+        Some(state_dir),
+    )?)
+}
