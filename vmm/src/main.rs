@@ -148,6 +148,16 @@ enum BenchCommand {
     /// Hot-patch blackout against the pause/resume floor (measured in the same run), API
     /// end-to-end latency, and a patch storm the guest checks result by result.
     Patch(BenchPatchArgs),
+    /// The same patch on the same test guest through this VMM and through the QEMU backend
+    /// (QEMU -enable-kvm), with QMP stop→cont and gdbstub halt→continue as the peer floors.
+    Qemu {
+        /// Apply/revert cycles per path (and floor samples).
+        #[arg(long, default_value_t = 200)]
+        cycles: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Code integrity: the workload's call rate with `--code-integrity enforce` and `off`, and
     /// the cost of one trapped guest write (off, audit, enforce).
     Integrity {
@@ -408,6 +418,18 @@ fn bench_integrity(rounds: usize, window_s: f64, out: Option<PathBuf>) -> Result
     })
 }
 
+fn bench_qemu(cycles: usize, out: Option<PathBuf>) -> Result<ExitCode> {
+    let host = bench::host_info();
+    eprintln!("bench: {cycles} apply/revert cycles through this VMM and through QEMU…");
+    let mut report = bench::qemu::run(cycles.max(1), host)?;
+    report.host.loadavg_after = bench::loadavg();
+    print!("{}", bench::qemu::table(&report));
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn write_json(path: &std::path::Path, json: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -505,6 +527,7 @@ fn main() -> ExitCode {
             window_s,
             out,
         }) => bench_integrity(rounds, window_s, out),
+        Command::Bench(BenchCommand::Qemu { cycles, out }) => bench_qemu(cycles, out),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@
 //! worthless.
 
 pub mod integrity;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
