@@ -14,6 +14,7 @@ pub mod engine;
 pub mod guest;
 pub mod integrity;
 pub mod layout;
+pub mod linux;
 pub mod memory;
 pub mod pagetables;
 pub mod paging;
