@@ -8,6 +8,7 @@
 
 pub mod arena;
 pub mod journal;
+pub mod kernel_text;
 pub mod plan;
 pub mod target;
 
@@ -694,11 +695,23 @@ impl<G: GuestControl> Engine<G> {
                     )),
                     _ => None,
                 };
+                // A stock kernel rewrote some instructions while booting (kernel_text).
+                let expected = kernel_text::reconcile(
+                    &name,
+                    &site.expected,
+                    &current,
+                    loc.gva,
+                    site.kind == SiteKind::Function,
+                    kernel_text::KernelRewrites {
+                        fentry: self.target.symbol("__fentry__"),
+                        return_thunk: self.target.symbol("__x86_return_thunk"),
+                    },
+                )?;
                 let input = SiteInput {
                     name: name.clone(),
                     kind: site.kind,
                     at: loc.gva,
-                    expected: &site.expected,
+                    expected: &expected,
                     current: &current,
                     function: function_bytes.as_ref().map(|(start, b)| FunctionCode {
                         start: *start,

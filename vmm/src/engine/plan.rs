@@ -37,6 +37,10 @@ pub const INT3: u8 = 0xcc;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PlanError {
     #[error(
+        "site {site}: ftrace is using this function (its entry holds a call where the kernel keeps a NOP while nothing traces it); stop tracing it (or unload the livepatch/kprobe using it) and apply again: the patcher does not fight the guest's ftrace"
+    )]
+    FtraceActive { site: String },
+    #[error(
         "site {site}: the guest's bytes differ from the patch's expected bytes at +{offset:#x} (expected {expected:#04x}, found {found:#04x}); the patch was built for other code"
     )]
     ExpectedMismatch {

@@ -562,6 +562,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::Verify { .. } => "Verify",
         PlanError::OutsideFunction { .. } => "OutsideFunction",
         PlanError::PastFunctionEnd { .. } => "PastFunctionEnd",
+        PlanError::FtraceActive { .. } => "FtraceActive",
     }
 }
 

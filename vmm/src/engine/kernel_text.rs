@@ -1,0 +1,152 @@
+//! Where a running Linux kernel's text legitimately differs from its vmlinux file, and how the
+//! expected-bytes check (rule 1) accounts for it.
+//!
+//! A patch's expected bytes come from the file; the kernel rewrites two kinds of instruction
+//! while it boots, and both must match in either form or no stock kernel could be patched:
+//! - the `call __fentry__` at a function's entry (`-mfentry`) becomes the 5-byte NOP
+//!   `0f 1f 44 00 00` (ftrace turns it back into a call, to its own trampoline, while it traces
+//!   the function);
+//! - `jmp __x86_return_thunk` (`-mfunction-return=thunk-extern`) becomes `ret; int3 ×4` on CPUs
+//!   that need no return-thunk mitigation.
+//!
+//! Only these two rewrites are accepted, each only at an instruction boundary of the expected
+//! code and only towards its known rewritten form; everything else must match byte for byte.
+//! A live ftrace call at the entry is refused: ftrace owns that site, and the patcher does not
+//! fight it.
+
+use iced_x86::{Code, Decoder, DecoderOptions};
+
+use super::plan::{NOP5, PlanError};
+
+/// `ret; int3; int3; int3; int3`: the kernel's replacement of `jmp __x86_return_thunk`.
+const RET_INT3: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+
+/// The kernel's well-known rewrite targets, at run-time addresses (`None`: not a Linux target).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelRewrites {
+    pub fentry: Option<u64>,
+    pub return_thunk: Option<u64>,
+}
+
+/// `expected` with the kernel's boot-time rewrites taken from `current` where (and only where)
+/// they are the known ones. `at` is the run-time address of both; `function_entry` says the
+/// bytes start at a function's entry (where the fentry call lives).
+pub fn reconcile(
+    site: &str,
+    expected: &[u8],
+    current: &[u8],
+    at: u64,
+    function_entry: bool,
+    k: KernelRewrites,
+) -> Result<Vec<u8>, PlanError> {
+    let mut out = expected.to_vec();
+    if (k.fentry.is_none() && k.return_thunk.is_none()) || current.len() != expected.len() {
+        return Ok(out);
+    }
+    let mut decoder = Decoder::with_ip(64, expected, at, DecoderOptions::NONE);
+    for insn in decoder.iter() {
+        if insn.is_invalid() {
+            break;
+        }
+        let off = (insn.ip() - at) as usize;
+        let end = off + insn.len();
+        let (Some(want), Some(have)) = (expected.get(off..end), current.get(off..end)) else {
+            break;
+        };
+        if want == have {
+            continue;
+        }
+        let target = insn.near_branch_target();
+        match insn.code() {
+            Code::Call_rel32_64 if off == 0 && function_entry && Some(target) == k.fentry => {
+                if have == NOP5 {
+                    out[off..end].copy_from_slice(have);
+                } else if have[0] == 0xe8 {
+                    return Err(PlanError::FtraceActive {
+                        site: site.to_string(),
+                    });
+                }
+            }
+            Code::Jmp_rel32_64 if Some(target) == k.return_thunk && have == RET_INT3 => {
+                out[off..end].copy_from_slice(have);
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AT: u64 = 0xffff_ffff_9141_1e30;
+    const FENTRY: u64 = 0xffff_ffff_9107_6650;
+    const THUNK: u64 = 0xffff_ffff_91c0_0000;
+
+    fn rel(from_end: u64, to: u64) -> [u8; 4] {
+        (to.wrapping_sub(from_end) as i32).to_le_bytes()
+    }
+
+    /// call __fentry__; xor eax,eax; jmp __x86_return_thunk
+    fn file_bytes() -> Vec<u8> {
+        let mut b = vec![0xe8];
+        b.extend(rel(AT + 5, FENTRY));
+        b.extend([0x31, 0xc0, 0xe9]);
+        b.extend(rel(AT + 12, THUNK));
+        b
+    }
+
+    fn k() -> KernelRewrites {
+        KernelRewrites {
+            fentry: Some(FENTRY),
+            return_thunk: Some(THUNK),
+        }
+    }
+
+    #[test]
+    fn accepts_the_booted_forms_and_only_them() {
+        let file = file_bytes();
+        let mut booted = file.clone();
+        booted[..5].copy_from_slice(&NOP5);
+        booted[7..12].copy_from_slice(&RET_INT3);
+        let r = reconcile("f", &file, &booted, AT, true, k());
+        assert_eq!(r.ok(), Some(booted.clone()));
+        // Unchanged return thunk (mitigation on) is simply equal.
+        let mut with_thunk = file.clone();
+        with_thunk[..5].copy_from_slice(&NOP5);
+        assert_eq!(
+            reconcile("f", &file, &with_thunk, AT, true, k()).ok(),
+            Some(with_thunk.clone())
+        );
+        // A real difference elsewhere stays a difference (rule 1 then refuses it).
+        let mut other = booted.clone();
+        other[5] = 0x33;
+        assert_eq!(reconcile("f", &file, &other, AT, true, k()).ok(), Some({
+            let mut e = booted.clone();
+            e[5] = 0x31;
+            e
+        }));
+        // Not a Linux target: nothing is reconciled.
+        assert_eq!(
+            reconcile("f", &file, &booted, AT, true, KernelRewrites::default()).ok(),
+            Some(file.clone())
+        );
+        // The NOP is only accepted at the entry of a function site.
+        assert_eq!(
+            reconcile("f", &file, &booted, AT, false, k()).ok().map(|e| e[..5].to_vec()),
+            Some(file[..5].to_vec())
+        );
+    }
+
+    #[test]
+    fn a_traced_function_is_refused() {
+        let file = file_bytes();
+        let mut traced = file.clone();
+        traced[1..5].copy_from_slice(&rel(AT + 5, 0xffff_ffff_a000_0000));
+        assert!(matches!(
+            reconcile("f", &file, &traced, AT, true, k()),
+            Err(PlanError::FtraceActive { .. })
+        ));
+    }
+}
