@@ -3,6 +3,8 @@
 //! the host uses to check its results. `protocol.rs` and `reference.rs` are compiled into the
 //! guest too: one source of truth.
 
+pub mod initramfs;
+pub mod kernel_patch;
 pub mod protocol;
 pub mod reference;
 

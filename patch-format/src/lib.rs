@@ -21,7 +21,7 @@ pub use elf::{ElfError, ImageInfo, ImageSymbol, read_image};
 pub use inspect::{format_utc, inspect_json, inspect_text};
 pub use manifest::{
     Manifest, ManifestSite, ManifestTarget, build_from_manifest, build_from_manifest_file,
-    parse_location,
+    code_from_object, parse_location,
 };
 pub use model::*;
 pub use reloc::{RelocError, apply_relocations};

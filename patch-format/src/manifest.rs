@@ -138,19 +138,8 @@ pub fn build_from_manifest(
     created: u64,
 ) -> Result<BuildOutput, BuildError> {
     let img = Image::parse(&format!("target {}", m.target.elf), target_elf)?;
-    let obj = object::File::parse(object_file).map_err(|e| {
-        BuildError::Manifest(format!("object {}: not a readable ELF file: {e}", m.object))
-    })?;
-    if obj.kind() != object::ObjectKind::Relocatable
-        || obj.architecture() != object::Architecture::X86_64
-    {
-        return Err(BuildError::Manifest(format!(
-            "object {}: expected an x86-64 relocatable object (.o), found {:?} {:?}",
-            m.object,
-            obj.architecture(),
-            obj.kind()
-        )));
-    }
+    let obj = parse_object(object_file)
+        .map_err(|reason| BuildError::Manifest(format!("object {}: {reason}", m.object)))?;
     let mut replaces = Vec::new();
     for r in &m.replaces {
         replaces.push(PatchId::from_hex(r).ok_or_else(|| {
@@ -271,6 +260,49 @@ pub fn build_from_manifest(
     patch.normalize();
     patch.validate()?;
     Ok(BuildOutput { patch, report })
+}
+
+/// The code of `symbol` in an x86-64 relocatable object (`.o`) and its relocations, made
+/// symbolic as a site needs them: what a manifest's `code = "symbol"` takes, for builders that
+/// find their targets elsewhere (e.g. a Linux kernel's own symbol table).
+///
+/// - The bytes are the symbol's (`st_size`; an unsized symbol, such as an assembly label,
+///   extends to the next symbol of its section or the section's end).
+/// - Relocations against undefined symbols become [`Relocation`]s (sorted by offset) with their
+///   fields zeroed: `R_X86_64_PC32`/`PLT32` → rel32, `R_X86_64_64` → abs64, `R_X86_64_32` →
+///   abs32, `R_X86_64_32S` → abs32s. GOT-relative and other types are refused.
+/// - PC-relative references into the symbol's own code are resolved here; references to
+///   anything else defined in the object (helper functions, string literals in `.rodata`) are
+///   refused: format 1 carries no data, so such code must use the target's symbols instead.
+///
+/// It does not check that the relocation symbols exist in the target: the caller knows the
+/// target. Errors are [`BuildError::Function`] naming `symbol`.
+pub fn code_from_object(
+    object_file: &[u8],
+    symbol: &str,
+) -> Result<(Vec<u8>, Vec<Relocation>), BuildError> {
+    let fail = |reason: String| BuildError::Function {
+        function: symbol.to_string(),
+        reason,
+    };
+    let obj = parse_object(object_file).map_err(|reason| fail(format!("object: {reason}")))?;
+    object_code(&obj, symbol).map_err(fail)
+}
+
+/// Parses `object_file`, checking that it is an x86-64 relocatable object.
+fn parse_object(object_file: &[u8]) -> Result<object::File<'_>, String> {
+    let obj =
+        object::File::parse(object_file).map_err(|e| format!("not a readable ELF file: {e}"))?;
+    if obj.kind() != object::ObjectKind::Relocatable
+        || obj.architecture() != object::Architecture::X86_64
+    {
+        return Err(format!(
+            "expected an x86-64 relocatable object (.o), found {:?} {:?}",
+            obj.architecture(),
+            obj.kind()
+        ));
+    }
+    Ok(obj)
 }
 
 /// The whole instructions at `addr` covering at least 5 bytes (the size of a
@@ -422,9 +454,16 @@ fn object_code(obj: &object::File<'_>, name: &str) -> Result<(Vec<u8>, Vec<Reloc
         let pc_target = t_addr + kind.width() as i128;
         let inside = same_section && (start as i128..=end as i128).contains(&pc_target);
         if !inside {
-            let tname = t.name().unwrap_or("?");
+            // String literals are reached through their (unnamed) section symbol.
+            let tname = match t.name() {
+                Ok(n) if !n.is_empty() => format!("{n:?}"),
+                _ => match t.section_index().and_then(|i| obj.section_by_index(i).ok()) {
+                    Some(s) => format!("section {}", s.name().unwrap_or("?")),
+                    None => "?".to_string(),
+                },
+            };
             return Err(format!(
-                "relocation at +{field:#x} refers to {tname:?} defined in the object outside {name:?}; a site carries only its own code: declare guest symbols `extern` and keep constant data out of the patch code"
+                "relocation at +{field:#x} refers to {tname} defined in the object outside {name:?}; a site carries only its own code: declare guest symbols `extern` and keep constant data out of the patch code"
             ));
         }
         if kind != RelocKind::Rel32 {
@@ -441,4 +480,78 @@ fn object_code(obj: &object::File<'_>, name: &str) -> Result<(Vec<u8>, Vec<Reloc
     }
     relocs.sort_by_key(|r| r.offset);
     Ok((code, relocs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `gcc -c` of `source` into a fresh temporary directory; the object's bytes.
+    fn compile(source: &str) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!(
+            "pf-code-from-object-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, obj) = (dir.join("fix.c"), dir.join("fix.o"));
+        std::fs::write(&src, source).unwrap();
+        let out = std::process::Command::new("gcc")
+            .args([
+                "-c",
+                "-O2",
+                "-fno-pic",
+                "-ffreestanding",
+                "-fcf-protection=none",
+            ])
+            .args(["-fno-asynchronous-unwind-tables", "-o"])
+            .arg(&obj)
+            .arg(&src)
+            .output()
+            .expect("gcc (needed by this test) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&obj).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn code_from_object_makes_relocations_symbolic_and_names_what_is_wrong() {
+        let obj = compile(
+            "extern int guest_helper(int);\n\
+             int fixed(int x) { return guest_helper(x) + 1; }\n\
+             static const char text[] = \"data\";\n\
+             const char *uses_data(void) { return text; }\n",
+        );
+        let (code, relocs) = code_from_object(&obj, "fixed").unwrap();
+        assert!(!code.is_empty());
+        assert_eq!(relocs.len(), 1, "{relocs:?}");
+        let r = &relocs[0];
+        assert_eq!(
+            (r.kind, r.symbol.as_str(), r.addend),
+            (RelocKind::Rel32, "guest_helper", -4)
+        );
+        let field = r.offset as usize..r.offset as usize + 4;
+        assert_eq!(&code[field], &[0; 4], "relocation fields are zeroed");
+
+        let missing = code_from_object(&obj, "nowhere").unwrap_err().to_string();
+        assert!(
+            missing.contains("nowhere") && missing.contains("defines no symbol"),
+            "{missing}"
+        );
+        let data = code_from_object(&obj, "uses_data").unwrap_err().to_string();
+        assert!(data.contains("defined in the object"), "{data}");
+        assert!(data.contains("section .rodata"), "{data}");
+        let garbage = code_from_object(b"not an object", "fixed")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            garbage.contains("fixed") && garbage.contains("not a readable ELF"),
+            "{garbage}"
+        );
+    }
 }

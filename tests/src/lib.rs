@@ -6,6 +6,7 @@
 //! The patch engine's tests also drive the library in-process, for precise assertions
 //! ([`patching`]).
 
+pub mod linux;
 pub mod patching;
 
 use std::collections::BTreeMap;

@@ -122,11 +122,14 @@ mod tests {
         // A real difference elsewhere stays a difference (rule 1 then refuses it).
         let mut other = booted.clone();
         other[5] = 0x33;
-        assert_eq!(reconcile("f", &file, &other, AT, true, k()).ok(), Some({
-            let mut e = booted.clone();
-            e[5] = 0x31;
-            e
-        }));
+        assert_eq!(
+            reconcile("f", &file, &other, AT, true, k()).ok(),
+            Some({
+                let mut e = booted.clone();
+                e[5] = 0x31;
+                e
+            })
+        );
         // Not a Linux target: nothing is reconciled.
         assert_eq!(
             reconcile("f", &file, &booted, AT, true, KernelRewrites::default()).ok(),
@@ -134,7 +137,9 @@ mod tests {
         );
         // The NOP is only accepted at the entry of a function site.
         assert_eq!(
-            reconcile("f", &file, &booted, AT, false, k()).ok().map(|e| e[..5].to_vec()),
+            reconcile("f", &file, &booted, AT, false, k())
+                .ok()
+                .map(|e| e[..5].to_vec()),
             Some(file[..5].to_vec())
         );
     }

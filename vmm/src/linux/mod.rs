@@ -2,8 +2,12 @@
 //! the vmlinux out of its bzImage ([`bzimage`]) and the kernel's own symbol table out of the
 //! vmlinux ([`kallsyms`]), so the patcher can find functions by name in a distribution kernel.
 
+pub mod arena;
+pub mod attach;
 pub mod bzimage;
 pub mod kallsyms;
+pub mod kaslr;
+pub mod patch;
 
 pub use bzimage::{LinuxImageError, MAX_VMLINUX_SIZE, vmlinux_from_bzimage};
 pub use kallsyms::{

@@ -57,6 +57,8 @@ struct Link {
 pub struct QemuGuest {
     link: Mutex<Link>,
     vcpus: usize,
+    /// QMP serves one client at a time: connect per use, never hold it.
+    qmp: std::path::PathBuf,
 }
 
 impl QemuGuest {
@@ -83,6 +85,23 @@ impl QemuGuest {
                 halted_since: None,
             }),
             vcpus: cpus,
+            qmp: qmp.to_path_buf(),
+        })
+    }
+
+    /// The IDT base of vCPU 0, from QMP's `info registers` (the gdbstub does not expose IDTR).
+    pub fn idt_base(&self) -> Result<u64, QemuError> {
+        let mut q = Qmp::connect(&self.qmp, IO_TIMEOUT)?;
+        let text = q.execute(
+            "human-monitor-command",
+            serde_json::json!({"command-line": "info registers"}),
+        )?;
+        let text = text.as_str().unwrap_or_default();
+        parse_idt_base(text).ok_or_else(|| {
+            QemuError::Qmp(QmpError::Malformed(format!(
+                "no IDT= line in `info registers`: {}",
+                text.lines().take(3).collect::<Vec<_>>().join(" | ")
+            )))
         })
     }
 
@@ -201,6 +220,14 @@ impl GuestControl for QemuGuest {
     }
 }
 
+/// The base from an `IDT=     fffffe0000000000 00000fff` line of HMP `info registers`.
+pub fn parse_idt_base(text: &str) -> Option<u64> {
+    let rest = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("IDT="))?;
+    u64::from_str_radix(rest.split_whitespace().next()?, 16).ok()
+}
+
 /// An engine over a QEMU guest booted from the ELF `image`, with the patch arena at
 /// guest-physical `arena` (`size` bytes, which the guest must not use; guest-virtual = physical
 /// there, as in the test guest's identity map).
@@ -220,4 +247,16 @@ pub fn engine_for(
         config,
         Some(state_dir),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idt_base_comes_from_info_registers() {
+        let text = "RAX=0000000000000000 RBX=0000000000000000\nGDT=     fffffe0000001000 0000007f\nIDT=     fffffe0000000000 00000fff\nCR0=80050033";
+        assert_eq!(parse_idt_base(text), Some(0xfffffe0000000000));
+        assert_eq!(parse_idt_base("nothing"), None);
+    }
 }

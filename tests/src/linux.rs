@@ -1,0 +1,599 @@
+//! The Linux guest kit for tests: the stock Debian kernel booted under QEMU with the busybox
+//! initramfs of [`guest_tools::initramfs`].
+//!
+//! QEMU runs it with **TCG**: on the dev/CI machines `/dev/kvm` is a software nested backend that
+//! emulates every guest ring-0 instruction (~3000x slower than TCG for a kernel, and it gives up
+//! on some; `/work/shared/design/qemu-linux-notes.md` section 0). `HOTPATCH_QEMU_ACCEL=kvm`
+//! overrides this on a machine with real VT-x/AMD-V.
+//!
+//! - [`Kit::ensure`] runs `scripts/linux-kit` once per process: QEMU, busybox-static and the
+//!   kernel's `boot/` files, fetched only when missing.
+//! - [`LinuxGuest::boot`] starts QEMU with a gdbstub on a free local port and a QMP socket, and
+//!   collects the serial console line by line while it runs.
+//! - [`proc_kallsyms`] is the guest's own `/proc/kallsyms` of a `nokaslr` boot (the package's
+//!   System.map is a stub), cached next to the kernel.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use guest_tools::initramfs::{self, InitMode};
+
+use crate::TempDir;
+
+/// Where the kit is on this machine, as `scripts/linux-kit` reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kit {
+    /// The stock kernel, a bzImage (`<kit dir>/<version>/vmlinuz-<version>`).
+    pub vmlinuz: PathBuf,
+    /// The host's static busybox (`/bin/busybox` from busybox-static).
+    pub busybox: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// The kernel release, e.g. `6.1.0-56-amd64`: what `/proc/version` and `uname -r` show.
+    pub version: String,
+    /// The kernel's build configuration (`config-<version>`).
+    pub config: PathBuf,
+}
+
+impl Kit {
+    /// Makes sure the kit is there (installing or fetching what is missing) and says where it
+    /// is. The script runs once per test process; later calls return the same answer.
+    ///
+    /// Panics with the script's output if it fails: the Linux tests cannot run without the kit,
+    /// and they must say so rather than pass.
+    pub fn ensure() -> Kit {
+        static KIT: OnceLock<Kit> = OnceLock::new();
+        KIT.get_or_init(run_kit_script).clone()
+    }
+}
+
+fn run_kit_script() -> Kit {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/linux-kit");
+    let started = Instant::now();
+    let out = Command::new(&script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} failed ({}): the Linux guest tests need QEMU, busybox-static and the Debian kernel\n\
+         stdout:\n{stdout}\nstderr:\n{stderr}",
+        script.display(),
+        out.status
+    );
+    if !stderr.trim().is_empty() {
+        eprint!("{stderr}");
+    }
+    let kv: HashMap<&str, &str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let get = |key: &str| -> String {
+        match kv.get(key) {
+            Some(v) if !v.is_empty() => v.to_string(),
+            _ => panic!(
+                "{} printed no `{key}=` line\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                script.display()
+            ),
+        }
+    };
+    let kit = Kit {
+        vmlinuz: PathBuf::from(get("vmlinuz")),
+        busybox: PathBuf::from(get("busybox")),
+        qemu: PathBuf::from(get("qemu")),
+        version: get("version"),
+        config: PathBuf::from(get("config")),
+    };
+    for p in [&kit.vmlinuz, &kit.busybox, &kit.qemu, &kit.config] {
+        assert!(
+            p.exists(),
+            "{} reported {}, which does not exist",
+            script.display(),
+            p.display()
+        );
+    }
+    eprintln!(
+        "linux kit: kernel {} ({}), ready in {:.1?}",
+        kit.version,
+        kit.vmlinuz.display(),
+        started.elapsed()
+    );
+    kit
+}
+
+/// How to boot the guest.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Leave the bzImage's KASLR on (the stock default). Off adds `nokaslr`, so the kernel lands
+    /// at its link addresses (`_text` = 0xffffffff81000000).
+    pub kaslr: bool,
+    /// What `/init` does.
+    pub mode: InitMode,
+    pub vcpus: usize,
+    pub memory_mib: u64,
+    /// Appended to the kernel command line.
+    pub extra_cmdline: String,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            kaslr: true,
+            mode: InitMode::Workload,
+            vcpus: 1,
+            memory_mib: 512,
+            extra_cmdline: String::new(),
+        }
+    }
+}
+
+/// One line of the workload: `hpl: seq=<n> uptime=<s> version=<the /proc/version line>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadLine {
+    /// 1, 2, 3, ... one per line: a gap means lost console output, a restart means a reboot.
+    pub seq: u64,
+    /// The guest's `/proc/uptime` (seconds since its boot).
+    pub uptime: f64,
+    /// What `/proc/version` (the kernel's `version_proc_show`) printed.
+    pub version: String,
+}
+
+/// Parses a workload line; `None` for any other console line.
+pub fn parse_workload_line(line: &str) -> Option<WorkloadLine> {
+    let rest = &line[line.find("hpl: seq=")? + "hpl: seq=".len()..];
+    let (seq, rest) = rest.split_once(" uptime=")?;
+    let (uptime, version) = rest.split_once(" version=")?;
+    Some(WorkloadLine {
+        seq: seq.parse().ok()?,
+        uptime: uptime.parse().ok()?,
+        version: version.to_string(),
+    })
+}
+
+/// A running QEMU with the stock kernel. Dropping it kills QEMU and removes its files.
+pub struct LinuxGuest {
+    child: Mutex<Child>,
+    /// Holds the initramfs and the QMP socket; removed on drop.
+    _dir: TempDir,
+    gdb_port: u16,
+    qmp: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Set by the console reader when QEMU's stdout closed: QEMU has exited.
+    console_closed: Arc<AtomicBool>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+/// The accelerator QEMU runs the guest with: TCG unless `HOTPATCH_QEMU_ACCEL` says otherwise.
+fn accelerator() -> String {
+    std::env::var("HOTPATCH_QEMU_ACCEL")
+        .ok()
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "tcg".to_string())
+}
+
+impl LinuxGuest {
+    /// Builds the initramfs, starts QEMU and returns once QEMU is listening on its gdbstub port
+    /// and QMP socket (the kernel is then still booting: wait for console lines).
+    ///
+    /// The serial console is QEMU's stdout, read by a thread, so lines are visible as soon as the
+    /// guest prints them. Panics, with QEMU's stderr, if QEMU does not start.
+    pub fn boot(kit: &Kit, opts: &BootOptions) -> LinuxGuest {
+        let archive = initramfs::build(&kit.busybox, opts.mode)
+            .unwrap_or_else(|e| panic!("building the initramfs: {e}"));
+        let mut cmdline = vec!["console=ttyS0", "panic=-1"];
+        if !opts.kaslr {
+            cmdline.push("nokaslr");
+        }
+        let mode_arg = format!("hpl.mode={}", opts.mode.name());
+        if opts.mode != InitMode::Workload {
+            cmdline.push(&mode_arg);
+        }
+        if !opts.extra_cmdline.trim().is_empty() {
+            cmdline.push(opts.extra_cmdline.trim());
+        }
+        let cmdline = cmdline.join(" ");
+        let accel = accelerator();
+
+        // The gdb port is picked by binding port 0 and releasing it, so another process can take
+        // it before QEMU binds: then QEMU exits at once and we retry with a new port.
+        let mut failures = Vec::new();
+        for _attempt in 0..5 {
+            let dir = TempDir::new("linux");
+            let initrd = dir.path().join("initramfs.cpio");
+            std::fs::write(&initrd, &archive)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", initrd.display()));
+            let qmp = dir.path().join("qmp.sock");
+            let gdb_port = free_port();
+            let mut cmd = Command::new(&kit.qemu);
+            cmd.args(["-M", "pc", "-accel", &accel])
+                .args(["-m", &opts.memory_mib.to_string()])
+                .args(["-smp", &opts.vcpus.to_string()])
+                .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+                .arg("-kernel")
+                .arg(&kit.vmlinuz)
+                .arg("-initrd")
+                .arg(&initrd)
+                .args(["-append", &cmdline])
+                .args(["-gdb", &format!("tcp:127.0.0.1:{gdb_port}")])
+                .arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+                .arg("-no-reboot")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let started = Instant::now();
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", kit.qemu.display()));
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let console_closed = Arc::new(AtomicBool::new(false));
+            let stderr = Arc::new(Mutex::new(String::new()));
+            if let Some(out) = child.stdout.take() {
+                let (lines, closed) = (lines.clone(), console_closed.clone());
+                std::thread::spawn(move || read_console(out, &lines, &closed));
+            }
+            if let Some(mut err) = child.stderr.take() {
+                let stderr = stderr.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = err.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        lock(&stderr).push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                });
+            }
+            let guest = LinuxGuest {
+                child: Mutex::new(child),
+                _dir: dir,
+                gdb_port,
+                qmp,
+                lines,
+                console_closed,
+                stderr,
+                started,
+            };
+            match guest.wait_listening(Duration::from_secs(20)) {
+                Ok(()) => {
+                    eprintln!(
+                        "linux guest: qemu -accel {accel}, {} vCPU, {} MiB, gdb {}, append \"{cmdline}\"",
+                        opts.vcpus,
+                        opts.memory_mib,
+                        guest.gdb_addr()
+                    );
+                    return guest;
+                }
+                Err(why) => {
+                    // QEMU 7.2: "-gdb tcp:…: Failed to find an available port: Address already in use".
+                    let port_taken = why.contains("QEMU exited") && why.contains("already in use");
+                    failures.push(why);
+                    if !port_taken {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("QEMU did not start:\n{}", failures.join("\n---\n"));
+    }
+
+    /// Waits until QEMU listens on the gdb port and the QMP socket, or fails with why not.
+    fn wait_listening(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.qmp.exists() && tcp_listening(self.gdb_port) {
+                return Ok(());
+            }
+            if let Some(status) = self.try_wait() {
+                // Give the stderr reader a moment to collect QEMU's last words.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!(
+                    "QEMU exited ({status}) at start:\n{}",
+                    lock(&self.stderr)
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "QEMU was not listening on gdb port {} and {} after {timeout:?}:\n{}",
+                    self.gdb_port,
+                    self.qmp.display(),
+                    lock(&self.stderr)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The gdbstub address, `127.0.0.1:PORT`. QEMU 7.2 stops the VM when a client connects.
+    pub fn gdb_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.gdb_port)
+    }
+
+    /// The QMP Unix socket (the greeting and `qmp_capabilities` come first, as always).
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        lock(&self.child).id()
+    }
+
+    /// The console lines so far, without their `\r\n`.
+    pub fn lines(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+
+    /// The workload lines so far, in console order.
+    pub fn workload_lines(&self) -> Vec<WorkloadLine> {
+        lock(&self.lines)
+            .iter()
+            .filter_map(|l| parse_workload_line(l))
+            .collect()
+    }
+
+    /// The first console line (since boot, not only new ones) for which `pred` holds, waiting
+    /// for it up to `timeout`. Panics with the console tail on timeout or if QEMU exits first.
+    pub fn wait_for_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut checked = 0;
+        loop {
+            // Read the flag before the lines: once it is set the reader has pushed everything.
+            let closed = self.console_closed.load(Ordering::SeqCst);
+            {
+                let lines = lock(&self.lines);
+                if let Some(l) = lines[checked..].iter().find(|l| pred(l)) {
+                    return l.clone();
+                }
+                checked = lines.len();
+            }
+            if closed {
+                let status = self
+                    .try_wait()
+                    .map_or_else(|| "console closed".to_string(), |s| s.to_string());
+                panic!(
+                    "QEMU exited ({status}) before the awaited console line, {:.1?} after start\n{}",
+                    self.started.elapsed(),
+                    self.tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no awaited console line within {timeout:?} ({:.1?} after start)\n{}",
+                    self.started.elapsed(),
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for QEMU to exit (the guest powered off, or panicked: `-no-reboot`), killing it
+    /// and panicking with the console tail after `timeout`. Returns once the console is drained.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                let drain = Instant::now() + Duration::from_secs(5);
+                while !self.console_closed.load(Ordering::SeqCst) && Instant::now() < drain {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = lock(&self.child).kill();
+                panic!("QEMU did not exit within {timeout:?}\n{}", self.tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn try_wait(&self) -> Option<ExitStatus> {
+        lock(&self.child).try_wait().ok().flatten()
+    }
+
+    /// The last console lines and QEMU's stderr, for panic messages.
+    fn tail(&self) -> String {
+        let lines = lock(&self.lines);
+        let from = lines.len().saturating_sub(40);
+        format!(
+            "--- console (last {} of {} lines) ---\n{}\n--- qemu stderr ---\n{}",
+            lines.len() - from,
+            lines.len(),
+            lines[from..].join("\n"),
+            lock(&self.stderr)
+        )
+    }
+}
+
+impl Drop for LinuxGuest {
+    fn drop(&mut self) {
+        let mut child = lock(&self.child);
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
+
+/// Locks, ignoring poisoning: a panicking test thread must not hide the console from the next
+/// panic message.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Collects console lines (`\r\n`-terminated by the guest's tty) until QEMU closes stdout.
+fn read_console(out: impl Read, lines: &Mutex<Vec<String>>, closed: &AtomicBool) {
+    let mut r = BufReader::new(out);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&buf);
+                let line = text.trim_end_matches(['\n', '\r']);
+                lock(lines).push(line.to_string());
+            }
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+}
+
+/// A local TCP port nobody listened on a moment ago.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a port");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Whether some socket listens on 127.0.0.1:`port` or *:`port` (from /proc/net/tcp, so without
+/// connecting: a connection to QEMU's gdbstub would stop the VM).
+fn tcp_listening(port: u16) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let wanted = format!(":{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let (Some(_sl), Some(local), Some(_remote), Some(state)) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            return false;
+        };
+        local.ends_with(&wanted) && state == TCP_LISTEN
+    })
+}
+
+/// The guest's `/proc/kallsyms` (`addr type name [module]` per line) from a `nokaslr` boot of
+/// the kit's kernel: addresses are the link-time ones, valid for any `nokaslr` boot (and for a
+/// direct vmlinux/PVH boot) of this exact kernel. The package's System.map is only a stub.
+///
+/// Boots once (~15 s under TCG) and caches the text in the kernel's kit directory (keyed by
+/// the kernel version), so later calls, in this process or another, are instant.
+pub fn proc_kallsyms(kit: &Kit) -> String {
+    // One boot even when several tests of a process ask at once.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = lock(&ONE_AT_A_TIME);
+    let cache_dir = kit.vmlinuz.parent().unwrap_or(Path::new("."));
+    let cache = cache_dir.join(format!("kallsyms-{}-nokaslr.txt", kit.version));
+    if let Ok(text) = std::fs::read_to_string(&cache)
+        && !text.is_empty()
+    {
+        return text;
+    }
+    let started = Instant::now();
+    let opts = BootOptions {
+        kaslr: false,
+        mode: InitMode::Kallsyms,
+        ..BootOptions::default()
+    };
+    let mut guest = LinuxGuest::boot(kit, &opts);
+    let status = guest.wait_exit(Duration::from_secs(180));
+    let lines = guest.lines();
+    let begin = lines
+        .iter()
+        .position(|l| l.ends_with("hpl: kallsyms-begin"));
+    let end = lines.iter().position(|l| l.ends_with("hpl: kallsyms-end"));
+    let (Some(begin), Some(end)) = (begin, end) else {
+        panic!(
+            "the kallsyms boot ({status}) printed no complete kallsyms-begin/end block\n{}",
+            guest.tail()
+        );
+    };
+    let mut text = String::new();
+    let mut skipped = Vec::new();
+    for l in &lines[begin + 1..end] {
+        if is_kallsyms_line(l) {
+            text.push_str(l);
+            text.push('\n');
+        } else {
+            skipped.push(l.as_str());
+        }
+    }
+    if !skipped.is_empty() {
+        // Kernel messages (errors only, at the init's console level) can land in the dump.
+        eprintln!(
+            "proc_kallsyms: skipped {} non-symbol console lines, first: {:?}",
+            skipped.len(),
+            skipped[0]
+        );
+    }
+    assert!(
+        !text.is_empty(),
+        "the guest printed an empty /proc/kallsyms"
+    );
+    let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+    if let Err(e) = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &cache)) {
+        eprintln!("proc_kallsyms: cannot cache in {}: {e}", cache.display());
+        let _ = std::fs::remove_file(&tmp);
+    }
+    eprintln!(
+        "proc_kallsyms: {} symbols from a {:.1?} boot, cached in {}",
+        text.lines().count(),
+        started.elapsed(),
+        cache.display()
+    );
+    text
+}
+
+/// `ffffffff81000000 T _text` or `ffffffffc0123456 t foo\t[module]`.
+fn is_kallsyms_line(l: &str) -> bool {
+    let mut f = l.split_whitespace();
+    let (Some(addr), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
+        return false;
+    };
+    addr.len() == 16
+        && addr.bytes().all(|b| b.is_ascii_hexdigit())
+        && kind.len() == 1
+        && !name.is_empty()
+        && f.next()
+            .is_none_or(|m| m.starts_with('[') && m.ends_with(']'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_lines_parse() {
+        let w = parse_workload_line(
+            "hpl: seq=12 uptime=3.45 version=Linux version 6.1.0-56-amd64 (x@y) #1 SMP",
+        )
+        .expect("parses");
+        assert_eq!(w.seq, 12);
+        assert_eq!(w.uptime, 3.45);
+        assert_eq!(w.version, "Linux version 6.1.0-56-amd64 (x@y) #1 SMP");
+        assert_eq!(parse_workload_line("hpl: init uptime=1.0"), None);
+        assert_eq!(parse_workload_line("hpl: seq=x uptime=1 version=v"), None);
+        assert_eq!(parse_workload_line("[    1.0] random noise"), None);
+    }
+
+    #[test]
+    fn kallsyms_lines_are_recognised() {
+        assert!(is_kallsyms_line("ffffffff81000000 T _text"));
+        assert!(is_kallsyms_line("ffffffffc0a01000 t foo\t[ext4]"));
+        assert!(!is_kallsyms_line("hpl: kallsyms-end"));
+        assert!(!is_kallsyms_line("[    5.1] EXT4-fs error"));
+        assert!(!is_kallsyms_line("ffffffff81000000 T"));
+    }
+
+    #[test]
+    fn listening_ports_are_seen_without_connecting() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert!(tcp_listening(port));
+        drop(l);
+        assert!(!tcp_listening(port));
+    }
+}

@@ -1,0 +1,58 @@
+//! The QEMU backend on the stock Debian kernel (TCG, KASLR on): the slide is found from the
+//! IDT on several boots with different slides, the running kernel is checked against the image,
+//! and the patch arena is mapped into the kernel's address space.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use integration_tests::linux::{BootOptions, Kit, LinuxGuest};
+use vmm::linux::attach::{self, KernelImage};
+use vmm::qemu::QemuGuest;
+
+/// Guest-physical arena the kernel is told not to use (`memmap=2M$…`).
+pub const ARENA_GPA: u64 = 0x1000_0000;
+
+fn boot(kit: &Kit) -> LinuxGuest {
+    let g = LinuxGuest::boot(
+        kit,
+        &BootOptions {
+            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x}"),
+            ..BootOptions::default()
+        },
+    );
+    g.wait_for_line(Duration::from_secs(120), |l| l.starts_with("hpl: seq="));
+    g
+}
+
+#[test]
+fn kaslr_slide_is_found_on_several_boots_and_the_arena_is_mapped() {
+    let kit = Kit::ensure();
+    let image = KernelImage::from_file(&kit.vmlinuz).expect("read the kernel image");
+    let mut slides = BTreeSet::new();
+    for boot_no in 0..3 {
+        let g = boot(&kit);
+        let guest = QemuGuest::attach(&g.gdb_addr(), g.qmp_path()).expect("attach");
+        let idt = guest.idt_base().expect("IDT base");
+        let a = attach::attach(&guest, idt, &image, ARENA_GPA).expect("attach to the kernel");
+        println!(
+            "boot {boot_no}: slide {:#x} (anchors {:?}), arena at {:#x}",
+            a.slide.slide, a.slide.anchors, a.arena.gva
+        );
+        assert_eq!(a.slide.slide % (2 << 20), 0);
+        assert_eq!(a.slide.anchors.len(), 4);
+        // Attaching again finds the same and accepts its own arena mapping.
+        let b = attach::attach(&guest, idt, &image, ARENA_GPA).expect("attach again");
+        assert_eq!((b.slide.slide, b.arena), (a.slide.slide, a.arena));
+        slides.insert(a.slide.slide);
+        drop(guest);
+        // The guest keeps running after the attach.
+        let seq = g.workload_lines().last().map_or(0, |l| l.seq);
+        g.wait_for_line(Duration::from_secs(60), |l| {
+            integration_tests::linux::parse_workload_line(l).is_some_and(|w| w.seq > seq + 2)
+        });
+    }
+    assert!(
+        slides.len() >= 2,
+        "KASLR gave the same slide on every boot: {slides:?}"
+    );
+}
