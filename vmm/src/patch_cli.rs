@@ -52,14 +52,23 @@ pub struct SockArg {
 #[derive(Args, Debug)]
 pub struct QemuArgs {
     /// Patch a VM running under QEMU, through its gdbstub (`-gdb tcp:HOST:PORT`).
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["qmp", "image", "state_dir"])]
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["qmp", "state_dir"])]
     pub qemu_gdb: Option<String>,
     /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`): run state and vCPUs.
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
     /// The ELF image the QEMU guest booted: its symbols and build identity.
-    #[arg(long, value_name = "ELF")]
+    #[arg(long, value_name = "ELF", required_unless_present_any = ["api_sock", "linux_kernel"])]
     pub image: Option<PathBuf>,
+    /// The guest runs this stock Linux kernel (the bzImage it booted): symbols from its
+    /// kallsyms, the KASLR slide from the IDT, the arena (--arena, which the kernel must not
+    /// use: boot it with memmap=2M$GPA) mapped into the kernel's address space.
+    #[arg(
+        long = "linux-kernel",
+        value_name = "BZIMAGE",
+        conflicts_with = "image"
+    )]
+    pub linux_kernel: Option<PathBuf>,
     /// Patch states (the journal): QEMU keeps none, so give every command on one VM the same
     /// directory.
     #[arg(long, value_name = "DIR")]
@@ -92,18 +101,26 @@ fn parse_gpa(text: &str) -> std::result::Result<u64, String> {
 
 /// An engine attached to the QEMU VM named by `q`, for one command.
 fn qemu_engine(q: &QemuArgs) -> Result<vmm::engine::Engine<vmm::qemu::QemuGuest>> {
-    let (Some(gdb), Some(qmp), Some(image), Some(state_dir)) =
-        (&q.qemu_gdb, &q.qmp, &q.image, &q.state_dir)
-    else {
-        bail!("--qemu-gdb needs --qmp, --image and --state-dir");
+    let (Some(gdb), Some(qmp), Some(state_dir)) = (&q.qemu_gdb, &q.qmp, &q.state_dir) else {
+        bail!("--qemu-gdb needs --qmp and --state-dir");
     };
-    let bytes = read(image)?;
-    let guest = std::sync::Arc::new(vmm::qemu::QemuGuest::attach(gdb, qmp)?);
     let config = vmm::engine::EngineConfig {
         trusted_keys: vmm::patching::read_keys(&q.trusted_keys)?,
         allow_unsigned: q.allow_unsigned,
         ..Default::default()
     };
+    if let Some(kernel) = &q.linux_kernel {
+        let image = vmm::linux::attach::KernelImage::from_file(kernel)?;
+        let guest = std::sync::Arc::new(vmm::qemu::QemuGuest::attach(gdb, qmp)?);
+        return Ok(vmm::qemu::engine_for_linux(
+            guest, &image, q.arena, config, state_dir,
+        )?);
+    }
+    let Some(image) = &q.image else {
+        bail!("--qemu-gdb needs --image (an ELF guest) or --linux-kernel (a Linux guest)");
+    };
+    let bytes = read(image)?;
+    let guest = std::sync::Arc::new(vmm::qemu::QemuGuest::attach(gdb, qmp)?);
     let window = vmm::engine::arena::ArenaWindow {
         gpa: q.arena,
         gva: q.arena,
@@ -160,8 +177,20 @@ pub struct BuildArgs {
     #[arg(long = "function", value_name = "NAME", requires = "old")]
     pub functions: Vec<String>,
     /// A hand-written manifest (TOML) naming target symbols and an object file with the new code.
-    #[arg(long, required_unless_present = "old")]
+    #[arg(long, required_unless_present_any = ["old", "linux_kernel"])]
     pub manifest: Option<PathBuf>,
+    /// A stock Linux kernel (its bzImage, as booted): replace its functions with code from
+    /// --object, named by --replace; symbols come from the kernel's own kallsyms.
+    #[arg(long, value_name = "BZIMAGE", requires_all = ["object", "replacements"], conflicts_with_all = ["old", "manifest"])]
+    pub linux_kernel: Option<PathBuf>,
+    /// The relocatable object with the new code (gcc -c with kernel flags; see
+    /// guest-tools/src/kernel_patch.rs).
+    #[arg(long, value_name = "FILE.o")]
+    pub object: Option<PathBuf>,
+    /// KERNEL_FUNCTION=CODE_SYMBOL: the kernel function to replace and the object's symbol
+    /// that replaces it. Repeatable.
+    #[arg(long = "replace", value_name = "FN=SYMBOL")]
+    pub replacements: Vec<String>,
     /// Output file.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -423,6 +452,8 @@ fn build(a: BuildArgs) -> Result<()> {
     let key = a.key.as_deref().map(load_secret).transpose()?;
     let out: BuildOutput = if let Some(manifest) = &a.manifest {
         build_from_manifest_file(manifest, created)?
+    } else if let Some(kernel) = &a.linux_kernel {
+        build_kernel(&a, kernel, created)?
     } else {
         let (Some(old), Some(new)) = (&a.old, &a.new) else {
             bail!("give either --old and --new, or --manifest");
@@ -481,6 +512,48 @@ fn build(a: BuildArgs) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// `vmm patch build --linux-kernel`: function replacements in a stock kernel, from C.
+fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutput> {
+    let Some(object) = &a.object else {
+        bail!("--linux-kernel needs --object");
+    };
+    let image = vmm::linux::attach::KernelImage::from_file(kernel)?;
+    let fixes = a
+        .replacements
+        .iter()
+        .map(|r| {
+            r.split_once('=')
+                .map(|(f, c)| vmm::linux::patch::KernelFix::new(f, c))
+                .with_context(|| format!("--replace {r:?}: give KERNEL_FUNCTION=CODE_SYMBOL"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = Metadata {
+        name: a.name.clone().unwrap_or_else(|| {
+            a.output
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "kernel-fix".into())
+        }),
+        description: a.description.clone(),
+        author: a.author.clone(),
+        created,
+        advisories: a.advisories.clone(),
+        replaces: Vec::new(),
+    };
+    let patch = vmm::linux::patch::build_kernel_patch(
+        &image.vmlinux,
+        &image.kallsyms,
+        &read(object)?,
+        &fixes,
+        meta,
+    )?;
+    let report = patch_format::BuildReport {
+        changed: fixes.iter().map(|f| f.function.clone()).collect(),
+        ..Default::default()
+    };
+    Ok(BuildOutput { patch, report })
 }
 
 fn keygen(a: KeygenArgs) -> Result<()> {

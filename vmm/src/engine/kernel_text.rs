@@ -9,7 +9,11 @@
 //! - `jmp __x86_return_thunk` (`-mfunction-return=thunk-extern`) becomes `ret; int3 ×4` on CPUs
 //!   that need no return-thunk mitigation.
 //!
-//! Only these two rewrites are accepted, each only at an instruction boundary of the expected
+//! - with KASLR, every absolute reference to the kernel image in its text (`mov rsi,
+//!   linux_proc_banner`, sign-extended 32-bit immediates and displacements, 64-bit ones) is
+//!   relocated by the decompressor: it holds the link-time value plus the slide.
+//!
+//! Only these rewrites are accepted, each only at an instruction boundary of the expected
 //! code and only towards its known rewritten form; everything else must match byte for byte.
 //! A live ftrace call at the entry is refused: ftrace owns that site, and the patcher does not
 //! fight it.
@@ -26,6 +30,8 @@ const RET_INT3: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
 pub struct KernelRewrites {
     pub fentry: Option<u64>,
     pub return_thunk: Option<u64>,
+    /// The KASLR slide absolute references were relocated by (0: none).
+    pub slide: u64,
 }
 
 /// `expected` with the kernel's boot-time rewrites taken from `current` where (and only where)
@@ -70,10 +76,76 @@ pub fn reconcile(
             Code::Jmp_rel32_64 if Some(target) == k.return_thunk && have == RET_INT3 => {
                 out[off..end].copy_from_slice(have);
             }
+            _ if k.slide != 0 && relocated_by(&insn, want, have, at + off as u64, k.slide) => {
+                out[off..end].copy_from_slice(have);
+            }
             _ => {}
         }
     }
     Ok(out)
+}
+
+/// Whether `have` is `want` (one instruction at `ip`) with its absolute immediate or
+/// displacement moved by `slide`, and nothing else changed.
+fn relocated_by(
+    insn: &iced_x86::Instruction,
+    want: &[u8],
+    have: &[u8],
+    ip: u64,
+    slide: u64,
+) -> bool {
+    let mut d = Decoder::with_ip(64, want, ip, DecoderOptions::NONE);
+    let Some(w) = d.iter().next() else {
+        return false;
+    };
+    let offsets = d.get_constant_offsets(&w);
+    let mut h = Decoder::with_ip(64, have, ip, DecoderOptions::NONE);
+    match h.iter().next() {
+        Some(h) if h.code() == insn.code() && h.len() == insn.len() => {}
+        _ => return false,
+    }
+    // RIP-relative operands are position-independent: KASLR never rewrites them.
+    if w.is_ip_rel_memory_operand() {
+        return false;
+    }
+    let mut fields = Vec::new();
+    if offsets.has_displacement() {
+        fields.push((offsets.displacement_offset(), offsets.displacement_size()));
+    }
+    if offsets.has_immediate() {
+        fields.push((offsets.immediate_offset(), offsets.immediate_size()));
+    }
+    let in_field = |i: usize| fields.iter().any(|&(o, n)| i >= o && i < o + n);
+    if (0..want.len()).any(|i| want[i] != have[i] && !in_field(i)) {
+        return false;
+    }
+    let mut moved = false;
+    for (o, n) in fields {
+        let (a, b) = (&want[o..o + n], &have[o..o + n]);
+        if a == b {
+            continue;
+        }
+        let delta_ok = match n {
+            4 => {
+                let x = u32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+                let y = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                y.wrapping_sub(x) == slide as u32
+            }
+            8 => {
+                let mut x = [0u8; 8];
+                let mut y = [0u8; 8];
+                x.copy_from_slice(a);
+                y.copy_from_slice(b);
+                u64::from_le_bytes(y).wrapping_sub(u64::from_le_bytes(x)) == slide
+            }
+            _ => false,
+        };
+        if !delta_ok {
+            return false;
+        }
+        moved = true;
+    }
+    moved
 }
 
 #[cfg(test)]
@@ -101,7 +173,35 @@ mod tests {
         KernelRewrites {
             fentry: Some(FENTRY),
             return_thunk: Some(THUNK),
+            slide: 0,
         }
+    }
+
+    #[test]
+    fn absolute_references_moved_by_the_slide_are_accepted_and_only_those() {
+        // mov rsi, 0xffffffff82000280 (48 c7 c6 imm32, sign-extended)
+        let file = [0x48, 0xc7, 0xc6, 0x80, 0x02, 0x00, 0x82];
+        let slide = 0x2540_0000u64;
+        let moved = (0xffff_ffff_8200_0280u64 + slide) as u32;
+        let mut running = file;
+        running[3..7].copy_from_slice(&moved.to_le_bytes());
+        let kk = KernelRewrites { slide, ..k() };
+        assert_eq!(
+            reconcile("f", &file, &running, AT, false, kk).ok(),
+            Some(running.to_vec())
+        );
+        // Moved by something else: not accepted.
+        let mut wrong = file;
+        wrong[3..7].copy_from_slice(&(moved + 0x1000).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &file, &wrong, AT, false, kk).ok(),
+            Some(file.to_vec())
+        );
+        // Without a slide nothing moves.
+        assert_eq!(
+            reconcile("f", &file, &running, AT, false, k()).ok(),
+            Some(file.to_vec())
+        );
     }
 
     #[test]

@@ -705,6 +705,7 @@ impl<G: GuestControl> Engine<G> {
                     kernel_text::KernelRewrites {
                         fentry: self.target.symbol("__fentry__"),
                         return_thunk: self.target.symbol("__x86_return_thunk"),
+                        slide: self.target.slide,
                     },
                 )?;
                 let input = SiteInput {

@@ -249,6 +249,42 @@ pub fn engine_for(
     )?)
 }
 
+/// Why the engine could not attach to a Linux guest under QEMU.
+#[derive(Debug, Error)]
+pub enum LinuxEngineError {
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    #[error(transparent)]
+    Attach(#[from] crate::linux::attach::LinuxAttachError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+/// An engine over a stock Linux kernel running under QEMU: slide and arena from
+/// [`crate::linux::attach`], symbols from the kernel's kallsyms, identity from its build id.
+pub fn engine_for_linux(
+    guest: Arc<QemuGuest>,
+    image: &crate::linux::attach::KernelImage,
+    arena_gpa: u64,
+    config: EngineConfig,
+    state_dir: &Path,
+) -> Result<Engine<QemuGuest>, LinuxEngineError> {
+    let idt = guest.idt_base()?;
+    let attached = crate::linux::attach::attach(guest.as_ref(), idt, image, arena_gpa)?;
+    let info = crate::linux::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    Ok(Engine::new(
+        guest,
+        Target::new(info, attached.slide.slide),
+        ArenaWindow {
+            gpa: attached.arena.gpa,
+            gva: attached.arena.gva,
+            size: attached.arena.size,
+        },
+        config,
+        Some(state_dir),
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,217 @@
+//! Live patching of the stock Debian kernel under QEMU (TCG here; KASLR on, as shipped), with no
+//! agent in the guest: a fix written in C replaces `version_proc_show` (what the guest's
+//! `cat /proc/version` runs every 100 ms), calling `seq_printf` through relocations resolved
+//! at apply time. The output changes within a bounded time, sequence numbers and uptime carry
+//! on (no reboot), revert restores the original output, and refused patches change nothing.
+
+use std::time::{Duration, Instant};
+
+use guest_tools::kernel_patch::{self, VERSION_PROC_SHOW_TAG};
+use integration_tests::linux::{BootOptions, Kit, LinuxGuest, WorkloadLine};
+use integration_tests::{TempDir, cli, cli_output, stdout};
+use sha2::{Digest, Sha256};
+use vmm::guest::GuestControl;
+use vmm::qemu::QemuGuest;
+
+const ARENA_GPA: u64 = 0x1000_0000;
+const CHANGE_WITHIN: Duration = Duration::from_secs(30);
+
+/// The first workload line after `seq` that satisfies `pred`.
+fn wait_line(
+    g: &LinuxGuest,
+    seq: u64,
+    what: &str,
+    pred: impl Fn(&WorkloadLine) -> bool,
+) -> WorkloadLine {
+    let deadline = Instant::now() + CHANGE_WITHIN;
+    loop {
+        if let Some(l) = g
+            .workload_lines()
+            .into_iter()
+            .find(|l| l.seq > seq && pred(l))
+        {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {CHANGE_WITHIN:?}; last lines:\n{}",
+            g.lines()
+                .iter()
+                .rev()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn last_seq(g: &LinuxGuest) -> u64 {
+    g.workload_lines().last().map_or(0, |l| l.seq)
+}
+
+/// SHA-256 of the kernel text the patch targets and of the arena's first 64 KiB, read through
+/// the gdbstub: what a refused patch must leave exactly as it was.
+fn memory_hash(g: &LinuxGuest, image: &vmm::linux::attach::KernelImage) -> String {
+    let guest = QemuGuest::attach(&g.gdb_addr(), g.qmp_path()).expect("attach");
+    let idt = guest.idt_base().expect("IDT");
+    let a = vmm::linux::attach::attach(&guest, idt, image, ARENA_GPA).expect("attach kernel");
+    let f = image.kallsyms.lookup("version_proc_show").expect("symbol") + a.slide.slide;
+    let states = guest.pause_all().expect("pause");
+    let vcpu = states.iter().flatten().next().copied().expect("a vCPU");
+    let mut k = vcpu;
+    k.paging.cr3 &= !0x1fff;
+    let t = guest.translate(&k, f).expect("translate");
+    let mut text = vec![0u8; 64];
+    guest.read_phys(t.gpa, &mut text).expect("read text");
+    let mut arena = vec![0u8; 64 << 10];
+    guest.read_phys(ARENA_GPA, &mut arena).expect("read arena");
+    guest.resume_all().expect("resume");
+    let mut h = Sha256::new();
+    h.update(&text);
+    h.update(&arena);
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
+    let kit = Kit::ensure();
+    let dir = TempDir::new("linux-patch");
+    let d = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_string();
+    let g = LinuxGuest::boot(
+        &kit,
+        &BootOptions {
+            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x}"),
+            ..BootOptions::default()
+        },
+    );
+    let first = wait_line(&g, 0, "workload line", |_| true);
+    let original = first.version.clone();
+    assert!(!original.contains(VERSION_PROC_SHOW_TAG));
+
+    // Build the fix from C, signed: the operator's side.
+    cli(&["patch", "keygen", "-o", &d("ops")]);
+    let object = kernel_patch::compile(kernel_patch::VERSION_PROC_SHOW_C, dir.path())
+        .expect("compile the C fix");
+    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
+    let (code, function) = kernel_patch::VERSION_PROC_SHOW_FIX;
+    cli(&[
+        "patch",
+        "build",
+        "--linux-kernel",
+        &vmlinuz,
+        "--object",
+        object.to_str().expect("utf-8"),
+        "--replace",
+        &format!("{function}={code}"),
+        "--key",
+        &d("ops.key"),
+        "--name",
+        "version-tag",
+        "-o",
+        &d("fix.hpatch"),
+    ]);
+
+    let target = |verb: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["patch"]
+            .iter()
+            .chain(verb)
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(
+            [
+                "--qemu-gdb",
+                &g.gdb_addr(),
+                "--qmp",
+                g.qmp_path().to_str().expect("utf-8"),
+                "--linux-kernel",
+                &vmlinuz,
+                "--arena",
+                &format!("{ARENA_GPA:#x}"),
+                "--state-dir",
+                &d("state"),
+                "--trusted-key",
+                &d("ops.pub"),
+            ]
+            .map(str::to_string),
+        );
+        v
+    };
+    let run = |args: Vec<String>| cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Refusals leave the kernel and the arena exactly as they are.
+    let image = vmm::linux::attach::KernelImage::from_file(&kit.vmlinuz).expect("image");
+    let fix = patch_format::parse(&std::fs::read(d("fix.hpatch")).expect("read")).expect("parse");
+    let key = patch_format::SecretKey::from_file_text(
+        &std::fs::read_to_string(d("ops.key")).expect("key"),
+    )
+    .expect("key");
+    let mut other_build = fix.patch.clone();
+    other_build.target.build_id = Some(vec![0x5a; 20]);
+    let mut wrong_bytes = fix.patch.clone();
+    wrong_bytes.meta.name = "wrong-bytes".into();
+    wrong_bytes.sites[0].expected[12] ^= 0xff;
+    for (name, p, why) in [
+        ("other-build", other_build, "build"),
+        ("wrong-bytes", wrong_bytes, "differ"),
+    ] {
+        std::fs::write(d(name), p.to_file_signed(&key).expect("sign")).expect("write");
+        let h0 = memory_hash(&g, &image);
+        let out = cli_output(
+            &target(&["apply", &d(name)])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && err.contains(why), "{name}: {err}");
+        assert_eq!(
+            memory_hash(&g, &image),
+            h0,
+            "{name}: the refusal changed guest memory"
+        );
+        let s = last_seq(&g);
+        wait_line(&g, s, "workload after the refusal", |l| {
+            l.version == original
+        });
+    }
+
+    let before = last_seq(&g);
+    let t = Instant::now();
+    let out = stdout(&run(target(&["apply", &d("fix.hpatch")])));
+    println!("{out}");
+    assert!(out.starts_with("applied "), "{out}");
+    let patched = wait_line(&g, before, "patched /proc/version", |l| {
+        l.version.contains(VERSION_PROC_SHOW_TAG)
+    });
+    println!(
+        "patched output after {:?}: {}",
+        t.elapsed(),
+        patched.version
+    );
+    assert!(
+        patched.version.starts_with(original.trim_end()),
+        "{}",
+        patched.version
+    );
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+
+    let before = last_seq(&g);
+    let out = stdout(&run(target(&["revert", &id[..8]])));
+    assert!(out.starts_with("reverted "), "{out}");
+    wait_line(&g, before, "the original /proc/version again", |l| {
+        l.version == original
+    });
+
+    // No reboot: one boot's sequence numbers, strictly increasing, and uptime never went back.
+    let lines = g.workload_lines();
+    for w in lines.windows(2) {
+        assert_eq!(
+            w[1].seq,
+            w[0].seq + 1,
+            "workload lines lost or restarted: {w:?}"
+        );
+        assert!(w[1].uptime >= w[0].uptime, "uptime went back: {w:?}");
+    }
+}
