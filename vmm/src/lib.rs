@@ -9,6 +9,7 @@ pub mod boot;
 pub mod client;
 pub mod cpuid;
 pub mod demo;
+pub mod demo_linux;
 pub mod devices;
 pub mod engine;
 pub mod guest;

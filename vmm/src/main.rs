@@ -48,6 +48,9 @@ enum Command {
     Patch(patch_cli::PatchCommand),
     /// Boot the built-in guest, hot-patch it with the embedded signed sample, revert, show it all.
     Demo(DemoArgs),
+    /// The Linux flow: boot the stock kernel under QEMU, patch a kernel function from C while
+    /// it runs, show its output change, revert (scripts/linux-demo fetches what it needs).
+    DemoLinux(DemoLinuxArgs),
     /// Benchmarks (used by scripts/bench).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -65,6 +68,22 @@ struct DemoArgs {
     /// directory and exit, to try the flow by hand with `vmm run` + `vmm patch apply` or curl.
     #[arg(long, value_name = "DIR")]
     export: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct DemoLinuxArgs {
+    /// The kernel bzImage (scripts/linux-kit prints its path).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// A static busybox for the initramfs.
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// QEMU accelerator: tcg (here: this machine's KVM emulates guest ring-0 code) or kvm.
+    #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
+    accel: String,
+    /// Print one JSON object at the end instead of the narration.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -430,6 +449,21 @@ fn bench_qemu(cycles: usize, out: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn demo_linux(args: DemoLinuxArgs) -> Result<ExitCode> {
+    let accel: &'static str = if args.accel == "kvm" { "kvm" } else { "tcg" };
+    let json = args.json;
+    let say = move |line: String| {
+        if !json {
+            println!("{line}");
+        }
+    };
+    let report = vmm::demo_linux::run(&args.kernel, &args.busybox, accel, &say)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn write_json(path: &std::path::Path, json: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -512,6 +546,7 @@ fn main() -> ExitCode {
             .and_then(|v| print_json(&v))
             .map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
+        Command::DemoLinux(args) => demo_linux(args),
         Command::Integrity(args) => integrity_cli::run(args).map(|_| ExitCode::SUCCESS),
         Command::Patch(cmd) => patch_cli::run(cmd).map(|_| ExitCode::SUCCESS),
         Command::Demo(args) => demo(args),
