@@ -85,6 +85,61 @@ fn wait(
     }
 }
 
+/// Boots `kernel` under QEMU with the workload initramfs and the arena reserved.
+pub fn boot(
+    dir: &Path,
+    kernel: &Path,
+    busybox: &Path,
+    accel: &'static str,
+) -> anyhow::Result<QemuProcess> {
+    let initrd = dir.join("initramfs.cpio");
+    std::fs::write(
+        &initrd,
+        guest_tools::initramfs::build(busybox, guest_tools::initramfs::InitMode::Workload)?,
+    )?;
+    Ok(QemuProcess::spawn(&LaunchOptions {
+        kernel: kernel.to_path_buf(),
+        initrd: Some(initrd),
+        append: format!("console=ttyS0 panic=-1 memmap=2M${ARENA_GPA:#x}"),
+        memory_mib: 512,
+        vcpus: 1,
+        accel,
+        dir: dir.join("qemu"),
+    })?)
+}
+
+/// The `version_proc_show` fix, compiled from C in `dir`, built against `image`, signed.
+pub fn version_fix(
+    dir: &Path,
+    image: &KernelImage,
+    key: &SecretKey,
+) -> anyhow::Result<(patch_format::Patch, Vec<u8>)> {
+    let object =
+        guest_tools::kernel_patch::compile(guest_tools::kernel_patch::VERSION_PROC_SHOW_C, dir)?;
+    let (code, function) = guest_tools::kernel_patch::VERSION_PROC_SHOW_FIX;
+    let patch = build_kernel_patch(
+        &image.vmlinux,
+        &image.kallsyms,
+        &std::fs::read(&object)?,
+        &[KernelFix::new(function, code)],
+        Metadata {
+            name: "demo-version-tag".into(),
+            description: "Tags /proc/version (version_proc_show replaced by C code)".into(),
+            author: "vmm demo-linux".into(),
+            created: 1_767_225_600,
+            advisories: Vec::new(),
+            replaces: Vec::new(),
+        },
+    )?;
+    let file = patch.to_file_signed(key)?;
+    Ok((patch, file))
+}
+
+/// Waits for the guest's first workload line (the kernel booted to its init).
+pub fn wait_booted(q: &mut QemuProcess) -> anyhow::Result<WorkloadLine> {
+    wait(q, 0, "the workload", Duration::from_secs(120), |_| true)
+}
+
 /// Runs the demo; `say` narrates (the CLI prints it, `--json` silences it).
 pub fn run(
     kernel: &Path,
@@ -108,51 +163,20 @@ fn run_in(
 ) -> anyhow::Result<LinuxDemoReport> {
     let image = KernelImage::from_file(kernel)?;
     say(format!("kernel: {}", image.banner.trim_end()));
-    let initrd = dir.join("initramfs.cpio");
-    std::fs::write(
-        &initrd,
-        guest_tools::initramfs::build(busybox, guest_tools::initramfs::InitMode::Workload)?,
-    )?;
-    let mut q = QemuProcess::spawn(&LaunchOptions {
-        kernel: kernel.to_path_buf(),
-        initrd: Some(initrd),
-        append: format!("console=ttyS0 panic=-1 memmap=2M${ARENA_GPA:#x}"),
-        memory_mib: 512,
-        vcpus: 1,
-        accel,
-        dir: dir.join("qemu"),
-    })?;
+    let mut q = boot(dir, kernel, busybox, accel)?;
     say(format!(
         "booted it under QEMU ({accel}, KASLR on); the guest prints /proc/version every 100 ms:"
     ));
-    let before = wait(&mut q, 0, "the workload", Duration::from_secs(120), |_| {
-        true
-    })?;
+    let before = wait_booted(&mut q)?;
     say(format!(
         "  seq {} uptime {:.2}s: {}",
         before.seq, before.uptime, before.version
     ));
 
     // The operator's side: the fix, from C, signed.
-    let object =
-        guest_tools::kernel_patch::compile(guest_tools::kernel_patch::VERSION_PROC_SHOW_C, dir)?;
-    let (code, function) = guest_tools::kernel_patch::VERSION_PROC_SHOW_FIX;
-    let patch = build_kernel_patch(
-        &image.vmlinux,
-        &image.kallsyms,
-        &std::fs::read(&object)?,
-        &[KernelFix::new(function, code)],
-        Metadata {
-            name: "demo-version-tag".into(),
-            description: "Tags /proc/version (version_proc_show replaced by C code)".into(),
-            author: "vmm demo-linux".into(),
-            created: 1_767_225_600,
-            advisories: Vec::new(),
-            replaces: Vec::new(),
-        },
-    )?;
     let key = SecretKey::generate()?;
-    let file = patch.to_file_signed(&key)?;
+    let (patch, file) = version_fix(dir, &image, &key)?;
+    let function = guest_tools::kernel_patch::VERSION_PROC_SHOW_FIX.1;
     say(format!(
         "built a fix for {function} from C ({} bytes of code, {} relocations resolved at apply time), signed it",
         patch.sites[0].code.len(),

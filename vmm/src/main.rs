@@ -177,6 +177,22 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The C fix of `version_proc_show` applied to and reverted from the stock kernel under
+    /// QEMU (TCG by default), against the QEMU backend's pause → resume floor.
+    Linux {
+        /// The kernel bzImage (scripts/linux-kit prints its path).
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
+        accel: String,
+        #[arg(long, default_value_t = 100)]
+        cycles: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Code integrity: the workload's call rate with `--code-integrity enforce` and `off`, and
     /// the cost of one trapped guest write (off, audit, enforce).
     Integrity {
@@ -464,6 +480,24 @@ fn demo_linux(args: DemoLinuxArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_linux(
+    kernel: &std::path::Path,
+    busybox: &std::path::Path,
+    accel: &str,
+    cycles: usize,
+    out: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let accel: &'static str = if accel == "kvm" { "kvm" } else { "tcg" };
+    eprintln!("bench: {cycles} apply/revert cycles of a kernel fix on the stock kernel ({accel})…");
+    let mut report = bench::linux::run(kernel, busybox, accel, cycles.max(1), bench::host_info())?;
+    report.host.loadavg_after = bench::loadavg();
+    print!("{}", bench::linux::table(&report));
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn write_json(path: &std::path::Path, json: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -563,6 +597,13 @@ fn main() -> ExitCode {
             out,
         }) => bench_integrity(rounds, window_s, out),
         Command::Bench(BenchCommand::Qemu { cycles, out }) => bench_qemu(cycles, out),
+        Command::Bench(BenchCommand::Linux {
+            kernel,
+            busybox,
+            accel,
+            cycles,
+            out,
+        }) => bench_linux(&kernel, &busybox, &accel, cycles, out),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@
 //! worthless.
 
 pub mod integrity;
+pub mod linux;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
