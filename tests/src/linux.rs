@@ -136,28 +136,9 @@ impl Default for BootOptions {
     }
 }
 
-/// One line of the workload: `hpl: seq=<n> uptime=<s> version=<the /proc/version line>`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkloadLine {
-    /// 1, 2, 3, ... one per line: a gap means lost console output, a restart means a reboot.
-    pub seq: u64,
-    /// The guest's `/proc/uptime` (seconds since its boot).
-    pub uptime: f64,
-    /// What `/proc/version` (the kernel's `version_proc_show`) printed.
-    pub version: String,
-}
-
-/// Parses a workload line; `None` for any other console line.
-pub fn parse_workload_line(line: &str) -> Option<WorkloadLine> {
-    let rest = &line[line.find("hpl: seq=")? + "hpl: seq=".len()..];
-    let (seq, rest) = rest.split_once(" uptime=")?;
-    let (uptime, version) = rest.split_once(" version=")?;
-    Some(WorkloadLine {
-        seq: seq.parse().ok()?,
-        uptime: uptime.parse().ok()?,
-        version: version.to_string(),
-    })
-}
+/// One line of the workload (`hpl: seq=<n> uptime=<s> version=<the /proc/version line>`), as
+/// the demo parses it.
+pub use vmm::demo_linux::{WorkloadLine, parse_workload_line};
 
 /// A running QEMU with the stock kernel. Dropping it kills QEMU and removes its files.
 pub struct LinuxGuest {
@@ -559,6 +540,21 @@ fn is_kallsyms_line(l: &str) -> bool {
         && !name.is_empty()
         && f.next()
             .is_none_or(|m| m.starts_with('[') && m.ends_with(']'))
+}
+
+/// The kernel tests read without booting: `$HOTPATCH_VMLINUZ` if set, else the kit's (fetched by
+/// `scripts/linux-kit` when missing, so these tests never pass without a kernel).
+pub fn vmlinuz_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOTPATCH_VMLINUZ") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "HOTPATCH_VMLINUZ={} does not exist",
+            p.display()
+        );
+        return p;
+    }
+    Kit::ensure().vmlinuz
 }
 
 #[cfg(test)]

@@ -242,6 +242,11 @@ impl MemorySnapshot {
 /// Asserts the guest's text (its executable `PT_LOAD` segments) holds exactly the image's bytes.
 /// The test guest maps itself 1:1, so guest-virtual = guest-physical there.
 pub fn assert_text_is_original(vm: &Vm, what: &str) {
+    assert_text_matches_image(|gpa, len| read(vm, gpa, len), what);
+}
+
+/// The same check with guest memory read by `read(gpa, len)` (any backend).
+pub fn assert_text_matches_image(read: impl Fn(u64, usize) -> Vec<u8>, what: &str) {
     let elf = object::File::parse(test_guest(GuestBuild::V1)).expect("guest ELF");
     let mut checked = 0;
     for seg in elf.segments() {
@@ -252,7 +257,7 @@ pub fn assert_text_is_original(vm: &Vm, what: &str) {
             continue;
         }
         let want = seg.data().expect("segment data");
-        let got = read(vm, seg.address(), want.len());
+        let got = read(seg.address(), want.len());
         if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
             panic!(
                 "{what}: text byte at {:#x} is {:#04x}, the image has {:#04x}",

@@ -5,7 +5,7 @@
 //! to run `scripts/linux-kit` (or to set `HOTPATCH_VMLINUZ`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use integration_tests::linux::{Kit, proc_kallsyms};
@@ -20,46 +20,6 @@ const KNOWN: &[(&str, u64)] = &[
     ("version_proc_show", 0xffff_ffff_8141_1e30),
     ("__x64_sys_getpid", 0xffff_ffff_810b_e350),
 ];
-
-/// The kernel to read: `$HOTPATCH_VMLINUZ`, else the newest `vmlinuz-*` under
-/// `<repo>/target/linux/` (where `scripts/linux-kit` puts it). Panics when there is none.
-fn vmlinuz_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("HOTPATCH_VMLINUZ") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "HOTPATCH_VMLINUZ={} does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux");
-    let mut found = Vec::new();
-    find_vmlinuz(&root, 3, &mut found);
-    found.sort();
-    found.pop().unwrap_or_else(|| {
-        panic!(
-            "no kernel found: no vmlinuz-* under {} and HOTPATCH_VMLINUZ is unset. Run \
-             scripts/linux-kit (it fetches the stock Debian kernel there), or set \
-             HOTPATCH_VMLINUZ to a bzImage",
-            root.display()
-        )
-    })
-}
-
-fn find_vmlinuz(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.is_dir() && depth > 0 {
-            find_vmlinuz(&path, depth - 1, found);
-        } else if path.is_file() && e.file_name().to_string_lossy().starts_with("vmlinuz-") {
-            found.push(path);
-        }
-    }
-}
 
 /// The vmlinux and its symbols, timing both steps.
 fn load(path: &Path) -> (Vec<u8>, Kallsyms) {
@@ -85,7 +45,7 @@ fn load(path: &Path) -> (Vec<u8>, Kallsyms) {
 
 #[test]
 fn debian_kernel_symbols() {
-    let path = vmlinuz_path();
+    let path = integration_tests::linux::vmlinuz_path();
     let (vmlinux, ks) = load(&path);
 
     assert!(ks.len() >= 90_000, "only {} symbols", ks.len());

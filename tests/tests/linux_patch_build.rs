@@ -7,7 +7,6 @@
 //! These tests need the real kernel. They never pass silently without it: they fail, saying
 //! to run `scripts/linux-kit` (or to set `HOTPATCH_VMLINUZ`).
 
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use guest_tools::kernel_patch::{self, VERSION_PROC_SHOW_C, VERSION_PROC_SHOW_FIX};
@@ -23,51 +22,11 @@ use vmm::linux::{Kallsyms, build_id, linux_banner, vmlinux_from_bzimage};
 const KNOWN_RELEASE: &str = "6.1.0-56-amd64";
 const KNOWN_VERSION_PROC_SHOW: u64 = 0xffff_ffff_8141_1e30;
 
-/// The kernel to read: `$HOTPATCH_VMLINUZ`, else the newest `vmlinuz-*` under
-/// `<repo>/target/linux/` (where `scripts/linux-kit` puts it). Panics when there is none.
-fn vmlinuz_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("HOTPATCH_VMLINUZ") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "HOTPATCH_VMLINUZ={} does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux");
-    let mut found = Vec::new();
-    find_vmlinuz(&root, 3, &mut found);
-    found.sort();
-    found.pop().unwrap_or_else(|| {
-        panic!(
-            "no kernel found: no vmlinuz-* under {} and HOTPATCH_VMLINUZ is unset. Run \
-             scripts/linux-kit (it fetches the stock Debian kernel there), or set \
-             HOTPATCH_VMLINUZ to a bzImage",
-            root.display()
-        )
-    })
-}
-
-fn find_vmlinuz(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.is_dir() && depth > 0 {
-            find_vmlinuz(&path, depth - 1, found);
-        } else if path.is_file() && e.file_name().to_string_lossy().starts_with("vmlinuz-") {
-            found.push(path);
-        }
-    }
-}
-
 /// The vmlinux and its symbols, read once for all tests of this file.
 fn kernel() -> &'static (Vec<u8>, Kallsyms) {
     static KERNEL: OnceLock<(Vec<u8>, Kallsyms)> = OnceLock::new();
     KERNEL.get_or_init(|| {
-        let path = vmlinuz_path();
+        let path = integration_tests::linux::vmlinuz_path();
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         let vmlinux =
             vmlinux_from_bzimage(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

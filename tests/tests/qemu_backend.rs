@@ -6,10 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use guest_tools::{GuestBuild, test_guest, test_guest_path};
+use guest_tools::{GuestBuild, test_guest_path};
 use integration_tests::patching::{micropatch, sample_signed, signed, test_public};
 use integration_tests::{ReportLine, TempDir, cli, cli_output, parse_report, require_kvm, stdout};
-use object::{Object, ObjectSegment};
 use vmm::guest::GuestControl;
 use vmm::qemu::QemuGuest;
 use vmm::qemu::launch::{LaunchOptions, QemuProcess};
@@ -73,26 +72,16 @@ fn wait_all(q: &QemuProcess, want_v2: bool, what: &str) -> ReportLine {
 /// The guest's text as QEMU holds it equals the image's, byte for byte.
 fn assert_text_is_original(q: &QemuProcess, what: &str) {
     let guest = QemuGuest::attach(&q.gdb, q.qmp_path()).expect("attach for the text check");
-    let elf = object::File::parse(test_guest(GuestBuild::V1)).expect("ELF");
-    for seg in elf.segments() {
-        let object::SegmentFlags::Elf { p_flags, .. } = seg.flags() else {
-            continue;
-        };
-        if p_flags.0 & object::elf::PF_X.0 == 0 {
-            continue;
-        }
-        let want = seg.data().expect("segment data");
-        let mut got = vec![0u8; want.len()];
-        guest
-            .read_phys(seg.address(), &mut got)
-            .expect("read text through the gdbstub");
-        if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
-            panic!(
-                "{what}: text byte at {:#x} differs",
-                seg.address() + i as u64
-            );
-        }
-    }
+    integration_tests::patching::assert_text_matches_image(
+        |gpa, len| {
+            let mut b = vec![0u8; len];
+            guest
+                .read_phys(gpa, &mut b)
+                .expect("read text through the gdbstub");
+            b
+        },
+        what,
+    );
 }
 
 #[test]

@@ -24,8 +24,11 @@ pub const ARENA_GPA: u64 = 0x1000_0000;
 /// One line of the guest's workload: `hpl: seq=N uptime=SECS version=…`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkloadLine {
+    /// 1, 2, 3, ... one per line: a gap means lost console output, a restart means a reboot.
     pub seq: u64,
+    /// The guest's `/proc/uptime` (seconds since its boot).
     pub uptime: f64,
+    /// What `/proc/version` (the kernel's `version_proc_show`) printed.
     pub version: String,
 }
 
