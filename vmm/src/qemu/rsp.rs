@@ -13,6 +13,9 @@ use thiserror::Error;
 
 /// Largest memory transfer per packet: QEMU's packet buffer is 4 KiB of hex.
 const MAX_CHUNK: usize = 1024;
+/// Longest packet accepted: far above anything QEMU sends (its buffer is 4 KiB), so a stub
+/// that never ends a packet cannot make us buffer without bound.
+const MAX_PACKET: usize = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum RspError {
@@ -225,6 +228,11 @@ impl Rsp {
         loop {
             match self.byte()? {
                 b'#' => break,
+                _ if raw.len() >= MAX_PACKET => {
+                    return Err(RspError::Malformed(format!(
+                        "a packet longer than {MAX_PACKET} bytes"
+                    )));
+                }
                 b => raw.push(b),
             }
         }
@@ -245,7 +253,8 @@ impl Rsp {
                 let last = *out
                     .last()
                     .ok_or_else(|| RspError::Malformed("RLE at start".into()))?;
-                let n = usize::from(raw[i + 1]).saturating_sub(29);
+                // The count byte is printable (32..=126), so a run adds at most 97 bytes.
+                let n = usize::from(raw[i + 1]).saturating_sub(29).min(97);
                 out.extend(std::iter::repeat_n(last, n));
                 i += 2;
             } else {
