@@ -79,9 +79,10 @@ pub struct QemuArgs {
     /// Accept unsigned patches too (development only).
     #[arg(long)]
     pub allow_unsigned: bool,
-    /// Guest-physical address of the 2 MiB patch arena: memory the guest never uses, mapped
-    /// 1:1 and executable in the guest (the test guest maps its low 4 GiB so; run QEMU with at
-    /// least 2 GiB for the default).
+    /// Guest-physical address of the 2 MiB patch arena: memory the guest never uses. For an
+    /// --image guest it must be mapped 1:1 and executable by the guest (the test guest maps its
+    /// low 4 GiB so; run QEMU with at least 2 GiB for the default); for --linux-kernel it is the
+    /// memory reserved with memmap=2M$GPA, which the backend maps into the kernel.
     #[arg(long, value_name = "GPA", default_value = "0x7fe00000", value_parser = parse_gpa)]
     pub arena: u64,
 }
