@@ -59,12 +59,10 @@ fn memory_hash(g: &LinuxGuest, image: &vmm::linux::attach::KernelImage) -> Strin
     let a = vmm::linux::attach::attach(&guest, idt, image, ARENA_GPA).expect("attach kernel");
     let f = image.kallsyms.lookup("version_proc_show").expect("symbol") + a.slide.slide;
     let states = guest.pause_all().expect("pause");
-    let vcpu = states.iter().flatten().next().copied().expect("a vCPU");
-    let mut k = vcpu;
-    k.paging.cr3 &= !0x1fff;
-    let t = guest.translate(&k, f).expect("translate");
-    let mut text = vec![0u8; 64];
-    guest.read_phys(t.gpa, &mut text).expect("read text");
+    let vcpu = states.iter().flatten().next().expect("a vCPU");
+    let text = guest
+        .read_virtual(&vmm::linux::attach::kernel_view(vcpu), f, 64)
+        .expect("read text");
     let mut arena = vec![0u8; 64 << 10];
     guest.read_phys(ARENA_GPA, &mut arena).expect("read arena");
     guest.resume_all().expect("resume");

@@ -52,6 +52,28 @@ pub trait GuestControl {
     /// Moves a parked vCPU to `rip` when it resumes (used when it sits inside displaced bytes).
     fn set_rip(&self, vcpu: usize, rip: u64) -> Result<(), GuestError>;
 
+    /// One little-endian u64 of guest-physical memory.
+    fn read_u64(&self, gpa: u64) -> Result<u64, GuestError> {
+        let mut b = [0u8; 8];
+        self.read_phys(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads `len` bytes at guest-virtual `gva` through the page tables of `vcpu`, page by page.
+    fn read_virtual(&self, vcpu: &VcpuState, gva: u64, len: usize) -> Result<Vec<u8>, GuestError> {
+        let mut out = Vec::with_capacity(len);
+        let mut at = gva;
+        while out.len() < len {
+            let t = self.translate(vcpu, at)?;
+            let in_page = (t.page_size - (t.gpa & (t.page_size - 1))) as usize;
+            let mut buf = vec![0u8; in_page.min(len - out.len())];
+            self.read_phys(t.gpa, &mut buf)?;
+            out.extend_from_slice(&buf);
+            at += buf.len() as u64;
+        }
+        Ok(out)
+    }
+
     /// Translates `gva` through the page tables of `vcpu`, reading them with `read_phys`.
     fn translate(&self, vcpu: &VcpuState, gva: u64) -> Result<Translation, GuestError> {
         struct Reader<'a, G: GuestControl + ?Sized>(&'a G);

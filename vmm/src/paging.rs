@@ -9,13 +9,9 @@
 
 use thiserror::Error;
 
-const PRESENT: u64 = 1 << 0;
-const WRITABLE: u64 = 1 << 1;
-const USER: u64 = 1 << 2;
-const PAGE_SIZE: u64 = 1 << 7;
-const NO_EXECUTE: u64 = 1 << 63;
-/// Physical-address bits 12..51 of an entry.
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+use crate::pagetables::{
+    ADDR_MASK, NO_EXECUTE, PAGE_SIZE_BIT as PAGE_SIZE, PRESENT, USER, WRITABLE,
+};
 
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;

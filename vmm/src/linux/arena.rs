@@ -25,13 +25,9 @@ pub const ARENA_SIZE: u64 = 2 << 20;
 /// `__START_KERNEL_map + KERNEL_IMAGE_SIZE` (1 GiB with KASLR): the image area's end.
 pub const IMAGE_AREA_END: u64 = 0xffff_ffff_c000_0000;
 
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const HUGE: u64 = 1 << 7;
-const GLOBAL: u64 = 1 << 8;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+use crate::pagetables::{
+    ACCESSED, ADDR_MASK as ADDR, DIRTY, GLOBAL, PAGE_SIZE_BIT as HUGE, PRESENT, WRITABLE,
+};
 
 #[derive(Debug, Error)]
 pub enum KernelArenaError {
@@ -61,12 +57,6 @@ pub struct KernelArena {
     pub gva: u64,
     pub gpa: u64,
     pub size: u64,
-}
-
-fn read_u64<G: GuestControl + ?Sized>(g: &G, gpa: u64) -> Result<u64, GuestError> {
-    let mut b = [0u8; 8];
-    g.read_phys(gpa, &mut b)?;
-    Ok(u64::from_le_bytes(b))
 }
 
 /// The arena's virtual address for a kernel with `slide`: the second 2 MiB slot after `_end`.
@@ -100,12 +90,10 @@ pub fn install<G: GuestControl + ?Sized>(
         return Err(KernelArenaError::Misaligned(gpa));
     }
     let gva = arena_gva(kallsyms, slide)?;
-    // The kernel's PML4: under page-table isolation the user half of the pair is CR3 + 4 KiB
-    // (bit 12); the low 12 bits may be a PCID.
-    let pml4 = vcpu.paging.cr3 & ADDR & !0x1000;
+    let pml4 = super::attach::kernel_view(vcpu).paging.cr3 & ADDR;
     let level = |table: u64, shift: u32| -> Result<u64, KernelArenaError> {
         let at = table + ((gva >> shift) & 511) * 8;
-        Ok(read_u64(guest, at)?)
+        Ok(guest.read_u64(at)?)
     };
     let pml4e = level(pml4, 39)?;
     if pml4e & PRESENT == 0 {
@@ -120,7 +108,7 @@ pub fn install<G: GuestControl + ?Sized>(
         )));
     }
     let pd_entry_at = (pdpte & ADDR) + ((gva >> 21) & 511) * 8;
-    let entry = read_u64(guest, pd_entry_at)?;
+    let entry = guest.read_u64(pd_entry_at)?;
     let want = gpa | PRESENT | WRITABLE | ACCESSED | DIRTY | HUGE | GLOBAL;
     if entry != 0 && entry != want {
         return Err(KernelArenaError::InUse { gva, entry });

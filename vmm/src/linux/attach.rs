@@ -77,31 +77,12 @@ pub struct Attached {
 }
 
 /// The kernel half of a vCPU's address space: under page-table isolation a vCPU halted in
-/// user mode runs on the user copy (CR3 bit 12), which does not map kernel data.
-fn kernel_view(v: &VcpuState) -> VcpuState {
+/// user mode runs on the user copy (CR3 bit 12), which does not map kernel data; the low 12
+/// bits may be a PCID.
+pub fn kernel_view(v: &VcpuState) -> VcpuState {
     let mut k = *v;
     k.paging.cr3 &= !0x1fff;
     k
-}
-
-fn read_virtual<G: GuestControl + ?Sized>(
-    guest: &G,
-    vcpu: &VcpuState,
-    gva: u64,
-    len: usize,
-) -> Result<Vec<u8>, GuestError> {
-    let mut out = Vec::with_capacity(len);
-    let mut at = gva;
-    while out.len() < len {
-        let t = guest.translate(vcpu, at)?;
-        let in_page = (t.page_size - (t.gpa & (t.page_size - 1))) as usize;
-        let n = in_page.min(len - out.len());
-        let mut buf = vec![0u8; n];
-        guest.read_phys(t.gpa, &mut buf)?;
-        out.extend_from_slice(&buf);
-        at += n as u64;
-    }
-    Ok(out)
 }
 
 /// Finds the slide, checks the running kernel is `image`, maps the arena at guest-physical
@@ -120,14 +101,14 @@ pub fn attach<G: GuestControl + ?Sized>(
             .next()
             .map(kernel_view)
             .ok_or(LinuxAttachError::NoVcpu)?;
-        let idt = read_virtual(guest, &vcpu, idt_base, kaslr::IDT_BYTES)?;
+        let idt = guest.read_virtual(&vcpu, idt_base, kaslr::IDT_BYTES)?;
         let slide = kaslr::slide_from_idt(&idt, &image.kallsyms)?;
         let banner_at = image
             .kallsyms
             .lookup("linux_banner")
             .ok_or_else(|| LinuxAttachError::NoBanner(image.name.clone()))?
             .wrapping_add(slide.slide);
-        let running = read_virtual(guest, &vcpu, banner_at, image.banner.len())?;
+        let running = guest.read_virtual(&vcpu, banner_at, image.banner.len())?;
         if running != image.banner.as_bytes() {
             return Err(LinuxAttachError::WrongKernel {
                 running: String::from_utf8_lossy(&running).trim_end().to_string(),

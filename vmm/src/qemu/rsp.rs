@@ -397,13 +397,6 @@ impl Rsp {
         }
         Ok(())
     }
-
-    /// Detaches, leaving the guest running.
-    pub fn detach(mut self) -> Result<(), RspError> {
-        // QEMU 7.2 leaves the VM paused after a `D` sent while halted; continue first.
-        self.cont()?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
