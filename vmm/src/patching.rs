@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::engine::arena::ArenaWindow;
 use crate::engine::target::Target;
 use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::guest::GuestControl;
 use crate::vm::Vm;
 
 /// The sample patch (test guest v1 → v2), built and signed with the demo key by `build.rs`.
@@ -71,15 +72,28 @@ pub fn engine_for(
     config: EngineConfig,
     state_dir: Option<&Path>,
 ) -> Result<Engine<Vm>, PatchingError> {
-    let info = patch_format::read_image(image_name, image)?;
     let region = vm.arena();
     let window = ArenaWindow {
         gpa: region.start,
         gva: region.start,
         size: region.size,
     };
+    engine_over(vm, image_name, image, window, config, state_dir)
+}
+
+/// An engine for any backend's guest booted from the ELF `image` (symbols and identity from
+/// it, no slide), with the arena at `window`.
+pub fn engine_over<G: GuestControl>(
+    guest: Arc<G>,
+    image_name: &str,
+    image: &[u8],
+    window: ArenaWindow,
+    config: EngineConfig,
+    state_dir: Option<&Path>,
+) -> Result<Engine<G>, PatchingError> {
+    let info = patch_format::read_image(image_name, image)?;
     Ok(Engine::new(
-        vm,
+        guest,
         Target::new(info, 0),
         window,
         config,

@@ -239,14 +239,7 @@ pub fn engine_for(
     config: EngineConfig,
     state_dir: &Path,
 ) -> Result<Engine<QemuGuest>, PatchingError> {
-    let info = patch_format::read_image(image_name, image)?;
-    Ok(Engine::new(
-        guest,
-        Target::new(info, 0),
-        arena,
-        config,
-        Some(state_dir),
-    )?)
+    crate::patching::engine_over(guest, image_name, image, arena, config, Some(state_dir))
 }
 
 /// Why the engine could not attach to a Linux guest under QEMU.
