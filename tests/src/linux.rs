@@ -138,7 +138,7 @@ impl Default for BootOptions {
 
 /// One line of the workload (`hpl: seq=<n> uptime=<s> version=<the /proc/version line>`), as
 /// the demo parses it.
-pub use vmm::demo_linux::{WorkloadLine, parse_workload_line};
+pub use vmm_tools::demo_linux::{WorkloadLine, parse_workload_line};
 
 /// A running QEMU with the stock kernel. Dropping it kills QEMU and removes its files.
 pub struct LinuxGuest {

@@ -6,15 +6,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_control::GuestControl;
 use guest_tools::{GuestBuild, test_guest};
+use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+use patch_engine::{Engine, EngineConfig};
 use patch_format::{
     Location, Metadata, Patch, PublicKey, SecretKey, Site, SiteKind, TargetIdentity,
 };
 use sha2::{Digest, Sha256};
-use vmm::engine::{Engine, EngineConfig};
-use vmm::guest::GuestControl;
-use vmm::vm::{ConsoleSink, Vm, VmConfig};
 
 /// The name the in-process engines give the booted image (only shown in messages).
 pub const IMAGE_NAME: &str = "test-guest-v1";
@@ -36,12 +36,12 @@ pub fn test_public() -> PublicKey {
 /// The embedded v1 → v2 sample patch (sites `compute` and `triangle`), re-signed with the
 /// test key. Re-signing keeps the body, so the patch id is the sample's.
 pub fn sample_signed() -> Vec<u8> {
-    patch_format::sign_file(vmm::patching::SAMPLE_PATCH, &test_key()).expect("re-sign sample")
+    patch_format::sign_file(vmm_tools::sample::SAMPLE_PATCH, &test_key()).expect("re-sign sample")
 }
 
 /// The sample as a [`Patch`], to derive variants from.
 pub fn sample_patch() -> Patch {
-    patch_format::parse(vmm::patching::SAMPLE_PATCH)
+    patch_format::parse(vmm_tools::sample::SAMPLE_PATCH)
         .expect("sample parses")
         .patch
 }
@@ -70,7 +70,7 @@ pub fn engine(vm: &Arc<Vm>, state_dir: Option<&Path>) -> Engine<Vm> {
 /// An engine for `vm` with `config`, the test key added to its trusted keys.
 pub fn engine_with(vm: &Arc<Vm>, state_dir: Option<&Path>, mut config: EngineConfig) -> Engine<Vm> {
     config.trusted_keys.push(test_public());
-    vmm::patching::engine_for(
+    vmm_tools::sample::engine_for(
         Arc::clone(vm),
         IMAGE_NAME,
         test_guest(GuestBuild::V1),
@@ -87,10 +87,10 @@ pub fn assert_running(vm: &Vm, when: &str) {
     }
 }
 
-pub use vmm::phases::{Counts as Delta, all_v1, all_v2};
+pub use vmm_tools::phases::{Counts as Delta, all_v1, all_v2};
 
 /// Waits until every vCPU has reported at least `batches` consecutive batches, all begun after
-/// this call, each satisfying `want` with no bad result (`vmm::phases::wait`). Returns those
+/// this call, each satisfying `want` with no bad result (`vmm_tools::phases::wait`). Returns those
 /// batches' counts summed over vCPUs. Fails the test, naming `what`, if the guest stops or
 /// `timeout` passes.
 pub fn wait_phase(
@@ -100,7 +100,7 @@ pub fn wait_phase(
     batches: u64,
     timeout: Duration,
 ) -> Delta {
-    match vmm::phases::wait(vm, want, batches, timeout) {
+    match vmm_tools::phases::wait(vm, want, batches, timeout) {
         Ok(settled) => settled.counts,
         Err(e) => panic!("while waiting for {what}: {e}"),
     }
@@ -290,6 +290,6 @@ pub fn wait_console(vm: &Vm, what: &str, timeout: Duration, pred: impl Fn(&str) 
 
 /// Stops the VM and joins its vCPU threads.
 pub fn stop(vm: &Vm) {
-    vm.request_stop(vmm::devices::StopReason::Requested("test done".into()));
+    vm.request_stop(kvm_vmm::devices::StopReason::Requested("test done".into()));
     vm.join();
 }

@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use guest_control::{GuestControl, GuestError};
 use guest_tools::{GuestBuild, test_guest};
 use integration_tests::require_kvm;
+use kvm_vmm::layout;
+use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 use object::{Object, ObjectSymbol};
-use vmm::guest::{GuestControl, GuestError};
-use vmm::layout;
-use vmm::vm::{ConsoleSink, Vm, VmConfig};
 
 fn wait_reports(vm: &Vm, min: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -87,7 +87,7 @@ fn pause_translate_read_write_resume() {
         assert_eq!(r.last.map(|l| l.bad), Some(0));
         assert_eq!(r.seq_errors, 0);
     }
-    vm.request_stop(vmm::devices::StopReason::Requested("test done".into()));
+    vm.request_stop(kvm_vmm::devices::StopReason::Requested("test done".into()));
     vm.join();
 }
 
@@ -161,7 +161,7 @@ fn patch_arena_is_guest_memory_a_vcpu_can_run() {
         assert_eq!(r.seq_errors, 0);
     }
     assert_eq!(vm.stop_reason(), None);
-    vm.request_stop(vmm::devices::StopReason::Requested("test done".into()));
+    vm.request_stop(kvm_vmm::devices::StopReason::Requested("test done".into()));
     vm.join();
 }
 
@@ -200,6 +200,6 @@ fn ram_continues_after_the_arena() {
     let before = vm.reports()[0].count;
     wait_reports(&vm, before + 2);
     assert_eq!(vm.reports()[0].last.map(|l| l.bad), Some(0));
-    vm.request_stop(vmm::devices::StopReason::Requested("test done".into()));
+    vm.request_stop(kvm_vmm::devices::StopReason::Requested("test done".into()));
     vm.join();
 }

@@ -9,9 +9,9 @@ use guest_tools::GuestBuild;
 use guest_tools::reference::{TAMPER_RESULT, TAMPER_WORD};
 use integration_tests::patching::*;
 use integration_tests::{TempDir, VmmProcess, cli, cli_output, stdout, wait_for_socket};
-use vmm::integrity::{Action, IntegrityStatus, Mode, RangeSource};
-use vmm::layout;
-use vmm::vm::{ConsoleSink, Vm, VmConfig};
+use kvm_vmm::integrity::{Action, IntegrityStatus, Mode, RangeSource};
+use kvm_vmm::layout;
+use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 
 const SETTLE: Duration = Duration::from_secs(20);
 
@@ -306,7 +306,7 @@ fn cli_shows_violations_protects_ranges_and_rate_limits_the_log() {
         .count() as u64;
     assert!(logged >= 1, "{}", vmm.stderr());
     assert!(
-        logged <= vmm::integrity::LOG_BURST as u64 + elapsed + 5,
+        logged <= kvm_vmm::integrity::LOG_BURST as u64 + elapsed + 5,
         "{logged} log lines in about {elapsed} s"
     );
 

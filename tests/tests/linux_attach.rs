@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use integration_tests::linux::{BootOptions, Kit, LinuxGuest};
-use vmm::linux::attach::{self, KernelImage};
-use vmm::qemu::QemuGuest;
+use linux_guest::attach::{self, KernelImage};
+use qemu_backend::QemuGuest;
 
 /// Guest-physical arena the kernel is told not to use (`memmap=2M$…`).
 pub const ARENA_GPA: u64 = 0x1000_0000;

@@ -1,5 +1,5 @@
 //! The stock Debian kernel's own symbols, read agentless from its bzImage
-//! (`vmm::linux`): no `-dbg` package, no guest cooperation.
+//! (`linux_guest`): no `-dbg` package, no guest cooperation.
 //!
 //! These tests need the real kernel. They never pass silently without it: they fail, saying
 //! to run `scripts/linux-kit` (or to set `HOTPATCH_VMLINUZ`).
@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use integration_tests::linux::{Kit, proc_kallsyms};
-use vmm::linux::{Kallsyms, build_id, linux_banner, vmlinux_from_bzimage};
+use linux_guest::{Kallsyms, build_id, linux_banner, vmlinux_from_bzimage};
 
 /// Link-time addresses measured in 6.1.0-56-amd64 (Debian 6.1.192-2, build ID eb4fbcd0…),
 /// from its `-dbg` System.map and a `nokaslr` boot's /proc/kallsyms.

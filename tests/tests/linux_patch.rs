@@ -6,12 +6,12 @@
 
 use std::time::{Duration, Instant};
 
+use guest_control::GuestControl;
 use guest_tools::kernel_patch::{self, VERSION_PROC_SHOW_TAG};
 use integration_tests::linux::{BootOptions, Kit, LinuxGuest, WorkloadLine};
 use integration_tests::{TempDir, cli, cli_output, stdout};
+use qemu_backend::QemuGuest;
 use sha2::{Digest, Sha256};
-use vmm::guest::GuestControl;
-use vmm::qemu::QemuGuest;
 
 const ARENA_GPA: u64 = 0x1000_0000;
 const CHANGE_WITHIN: Duration = Duration::from_secs(30);
@@ -53,15 +53,15 @@ fn last_seq(g: &LinuxGuest) -> u64 {
 
 /// SHA-256 of the kernel text the patch targets and of the arena's first 64 KiB, read through
 /// the gdbstub: what a refused patch must leave exactly as it was.
-fn memory_hash(g: &LinuxGuest, image: &vmm::linux::attach::KernelImage) -> String {
+fn memory_hash(g: &LinuxGuest, image: &linux_guest::attach::KernelImage) -> String {
     let guest = QemuGuest::attach(&g.gdb_addr(), g.qmp_path()).expect("attach");
     let idt = guest.idt_base().expect("IDT");
-    let a = vmm::linux::attach::attach(&guest, idt, image, ARENA_GPA).expect("attach kernel");
+    let a = linux_guest::attach::attach(&guest, idt, image, ARENA_GPA).expect("attach kernel");
     let f = image.kallsyms.lookup("version_proc_show").expect("symbol") + a.slide.slide;
     let states = guest.pause_all().expect("pause");
     let vcpu = states.iter().flatten().next().expect("a vCPU");
     let text = guest
-        .read_virtual(&vmm::linux::attach::kernel_view(vcpu), f, 64)
+        .read_virtual(&linux_guest::address_space::kernel_view(vcpu), f, 64)
         .expect("read text");
     let mut arena = vec![0u8; 64 << 10];
     guest.read_phys(ARENA_GPA, &mut arena).expect("read arena");
@@ -139,7 +139,7 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     let run = |args: Vec<String>| cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     // Refusals leave the kernel and the arena exactly as they are.
-    let image = vmm::linux::attach::KernelImage::from_file(&kit.vmlinuz).expect("image");
+    let image = linux_guest::attach::KernelImage::from_file(&kit.vmlinuz).expect("image");
     let fix = patch_format::parse(&std::fs::read(d("fix.hpatch")).expect("read")).expect("parse");
     let key = patch_format::SecretKey::from_file_text(
         &std::fs::read_to_string(d("ops.key")).expect("key"),

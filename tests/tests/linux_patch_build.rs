@@ -1,4 +1,4 @@
-//! Building a hot patch for the stock Debian kernel (`vmm::linux::patch`): its
+//! Building a hot patch for the stock Debian kernel (`linux_guest::patch`): its
 //! `version_proc_show` (which prints `/proc/version`) replaced by the C function
 //! `hp_version_proc_show` of `guest-tools/linux/patches/version_proc_show.c`, compiled like kernel
 //! code, against the symbols the kernel carries itself (kallsyms) and the bytes of its vmlinux.
@@ -12,11 +12,11 @@ use std::sync::OnceLock;
 use guest_tools::kernel_patch::{self, VERSION_PROC_SHOW_C, VERSION_PROC_SHOW_FIX};
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use integration_tests::TempDir;
-use patch_format::{Location, Metadata, Patch, RelocKind, SecretKey, SiteKind};
-use vmm::linux::patch::{
+use linux_guest::patch::{
     KernelFix, KernelPatchError, build_kernel_patch, file_bytes, kernel_image_info,
 };
-use vmm::linux::{Kallsyms, build_id, linux_banner, vmlinux_from_bzimage};
+use linux_guest::{Kallsyms, build_id, linux_banner, vmlinux_from_bzimage};
+use patch_format::{Location, Metadata, Patch, RelocKind, SecretKey, SiteKind};
 
 /// Where the kit's kernel has `version_proc_show` (6.1.0-56-amd64, `nokaslr` link address).
 const KNOWN_RELEASE: &str = "6.1.0-56-amd64";

@@ -6,10 +6,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use control_api::client::ApiClient;
 use integration_tests::patching::*;
 use integration_tests::{TempDir, VmmProcess, cli, require_kvm, stdout, wait_for_socket};
 use serde_json::Value;
-use vmm::client::ApiClient;
 
 /// `curl --unix-socket SOCK --data-binary @FILE http://localhost/v1/patches`, byte for byte
 /// the request curl 8 sends. Returns the status and the JSON body.

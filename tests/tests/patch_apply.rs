@@ -4,13 +4,13 @@
 
 use std::time::{Duration, Instant};
 
+use guest_control::GuestControl;
 use guest_tools::reference::{self, PROBE_LIMIT};
 use guest_tools::{GuestBuild, test_guest};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use integration_tests::patching::*;
+use patch_engine::journal::PatchState;
 use patch_format::{Metadata, PatchInfo, SiteKind};
-use vmm::engine::journal::PatchState;
-use vmm::guest::GuestControl;
 
 const SETTLE: Duration = Duration::from_secs(20);
 

@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use control_api::client::ApiClient;
+use guest_control::GuestControl;
 use integration_tests::patching::*;
 use integration_tests::{TempDir, VmmProcess, cli, require_kvm, stdout};
+use patch_engine::journal::{Journal, PatchState};
 use serde_json::Value;
-use vmm::client::ApiClient;
-use vmm::engine::journal::{Journal, PatchState};
-use vmm::guest::GuestControl;
 
 fn run_vmm(sock: &Path, key: &Path, state: &Path) -> VmmProcess {
     VmmProcess::spawn(&[

@@ -11,12 +11,12 @@
 use guest_tools::GuestBuild;
 use integration_tests::TempDir;
 use integration_tests::patching::*;
+use kvm_vmm::vm::Vm;
+use patch_engine::journal::{Journal, PatchState};
+use patch_engine::plan::PlanError;
+use patch_engine::target::TargetError;
+use patch_engine::{Engine, EngineConfig, EngineError};
 use patch_format::SiteKind;
-use vmm::engine::journal::{Journal, PatchState};
-use vmm::engine::plan::PlanError;
-use vmm::engine::target::TargetError;
-use vmm::engine::{Engine, EngineConfig, EngineError};
-use vmm::vm::Vm;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::patching::*;
-use vmm::engine::journal::PatchState;
+use patch_engine::journal::PatchState;
 
 const CYCLES: usize = 2_000;
 

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use control_api::client::ApiClient;
 use integration_tests::*;
-use vmm::client::ApiClient;
 
 fn calls(status: &serde_json::Value) -> Vec<u64> {
     status["vcpu"]

@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use guest_control::GuestControl;
 use guest_tools::{GuestBuild, test_guest_path};
 use integration_tests::patching::{micropatch, sample_signed, signed, test_public};
 use integration_tests::{ReportLine, TempDir, cli, cli_output, parse_report, require_kvm, stdout};
-use vmm::guest::GuestControl;
-use vmm::qemu::QemuGuest;
-use vmm::qemu::launch::{LaunchOptions, QemuProcess};
+use qemu_backend::QemuGuest;
+use vmm_tools::qemu_launch::{LaunchOptions, QemuProcess};
 
 const SETTLE: Duration = Duration::from_secs(60);
 

@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use clap::Args;
+use control_api::client::ApiClient;
 use serde_json::Value;
-use vmm::client::ApiClient;
 
 #[derive(Args, Debug)]
 pub struct IntegrityArgs {

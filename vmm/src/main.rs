@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use vmm::api::{ApiContext, ApiServer};
-use vmm::bench;
-use vmm::boot::Image;
-use vmm::client::ApiClient;
-use vmm::devices::StopReason;
-use vmm::vm::{ConsoleSink, Vm, VmConfig};
+use control_api::client::ApiClient;
+use control_api::server::{ApiContext, ApiServer};
+use kvm_vmm::boot::Image;
+use kvm_vmm::devices::StopReason;
+use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
+use vmm_tools::bench;
 
 mod integrity_cli;
 mod patch_cli;
@@ -120,8 +120,8 @@ struct RunArgs {
     /// (the image's executable segments, the patch arena, --code-range) read-only to the
     /// guest, so its writes there are dropped and reported; `audit` reports them and lets them
     /// land. The patch engine writes code in every mode.
-    #[arg(long, value_enum, default_value_t = vmm::integrity::Mode::Off)]
-    code_integrity: vmm::integrity::Mode,
+    #[arg(long, value_enum, default_value_t = kvm_vmm::integrity::Mode::Off)]
+    code_integrity: kvm_vmm::integrity::Mode,
     /// One more guest-physical range to protect, START-END or START+LENGTH (hex with 0x, or
     /// decimal), rounded out to pages. Repeatable. For images whose code the VMM cannot see.
     #[arg(long = "code-range", value_name = "RANGE", value_parser = parse_code_range)]
@@ -232,7 +232,7 @@ struct BenchPatchArgs {
 }
 
 fn parse_code_range(text: &str) -> Result<(u64, u64), String> {
-    vmm::integrity::ranges::parse(text).map_err(|e| e.to_string())
+    kvm_vmm::integrity::ranges::parse(text).map_err(|e| e.to_string())
 }
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
@@ -258,7 +258,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             bytes: guest_tools::test_guest(guest_tools::GuestBuild::V1).into(),
         },
     };
-    let trusted = vmm::patching::read_keys(&args.trusted_keys)?;
+    let trusted = patch_engine::keys::read_keys(&args.trusted_keys)?;
     let image_name = image.name.clone();
     let image_bytes = image.bytes.clone();
     let config = VmConfig {
@@ -274,11 +274,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     install_terminate_handlers();
     let vm = Vm::start(config)?;
-    let engine = match vmm::patching::engine_for(
+    let engine = match vmm_tools::sample::engine_for(
         vm.clone(),
         &image_name,
         &image_bytes,
-        vmm::engine::EngineConfig {
+        patch_engine::EngineConfig {
             trusted_keys: trusted,
             allow_unsigned: args.allow_unsigned,
             ..Default::default()
@@ -396,8 +396,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     if let Some(dir) = args.export {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, bytes) in [
-            ("sample.hpatch", vmm::patching::SAMPLE_PATCH),
-            ("demo.pub", vmm::patching::DEMO_PUBLIC_KEY.as_bytes()),
+            ("sample.hpatch", vmm_tools::sample::SAMPLE_PATCH),
+            ("demo.pub", vmm_tools::sample::DEMO_PUBLIC_KEY.as_bytes()),
         ] {
             let path = dir.join(name);
             std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
@@ -406,7 +406,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     install_terminate_handlers();
-    let report = vmm::demo::run(args.vcpus, args.json)?;
+    let report = vmm_tools::demo::run(args.vcpus, args.json)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
@@ -473,7 +473,7 @@ fn demo_linux(args: DemoLinuxArgs) -> Result<ExitCode> {
             println!("{line}");
         }
     };
-    let report = vmm::demo_linux::run(&args.kernel, &args.busybox, accel, &say)?;
+    let report = vmm_tools::demo_linux::run(&args.kernel, &args.busybox, accel, &say)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }

@@ -101,39 +101,45 @@ fn parse_gpa(text: &str) -> std::result::Result<u64, String> {
 }
 
 /// An engine attached to the QEMU VM named by `q`, for one command.
-fn qemu_engine(q: &QemuArgs) -> Result<vmm::engine::Engine<vmm::qemu::QemuGuest>> {
+fn qemu_engine(q: &QemuArgs) -> Result<patch_engine::Engine<qemu_backend::QemuGuest>> {
     let (Some(gdb), Some(qmp), Some(state_dir)) = (&q.qemu_gdb, &q.qmp, &q.state_dir) else {
         bail!("--qemu-gdb needs --qmp and --state-dir");
     };
-    let config = vmm::engine::EngineConfig {
-        trusted_keys: vmm::patching::read_keys(&q.trusted_keys)?,
+    let config = patch_engine::EngineConfig {
+        trusted_keys: patch_engine::keys::read_keys(&q.trusted_keys)?,
         allow_unsigned: q.allow_unsigned,
         ..Default::default()
     };
     if let Some(kernel) = &q.linux_kernel {
-        let image = vmm::linux::attach::KernelImage::from_file(kernel)?;
-        let guest = std::sync::Arc::new(vmm::qemu::QemuGuest::attach(gdb, qmp)?);
-        return Ok(vmm::qemu::engine_for_linux(
-            guest, &image, q.arena, config, state_dir,
+        let image = linux_guest::attach::KernelImage::from_file(kernel)?;
+        let guest = std::sync::Arc::new(qemu_backend::QemuGuest::attach(gdb, qmp)?);
+        let idt = guest.idt_base()?;
+        return Ok(linux_guest::engine::engine_for_kernel(
+            guest,
+            idt,
+            &image,
+            q.arena,
+            config,
+            Some(state_dir),
         )?);
     }
     let Some(image) = &q.image else {
         bail!("--qemu-gdb needs --image (an ELF guest) or --linux-kernel (a Linux guest)");
     };
     let bytes = read(image)?;
-    let guest = std::sync::Arc::new(vmm::qemu::QemuGuest::attach(gdb, qmp)?);
-    let window = vmm::engine::arena::ArenaWindow {
+    let guest = std::sync::Arc::new(qemu_backend::QemuGuest::attach(gdb, qmp)?);
+    let window = patch_engine::arena::ArenaWindow {
         gpa: q.arena,
         gva: q.arena,
-        size: vmm::layout::PATCH_ARENA_SIZE,
+        size: kvm_vmm::layout::PATCH_ARENA_SIZE,
     };
-    Ok(vmm::qemu::engine_for(
+    Ok(patch_engine::Engine::for_elf_image(
         guest,
         &image.display().to_string(),
         &bytes,
         window,
         config,
-        state_dir,
+        Some(state_dir),
     )?)
 }
 
@@ -287,7 +293,7 @@ fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
 fn apply(a: ApplyArgs) -> Result<()> {
     let bytes = read(&a.file)?;
     let v = match &a.sock.api_sock {
-        Some(sock) => vmm::client::ApiClient::new(sock).apply(&bytes)?,
+        Some(sock) => control_api::client::ApiClient::new(sock).apply(&bytes)?,
         None => serde_json::to_value(qemu_engine(&a.sock.qemu)?.apply(&bytes)?)?,
     };
     if a.json {
@@ -320,7 +326,7 @@ fn apply(a: ApplyArgs) -> Result<()> {
 
 fn list(a: ListArgs) -> Result<()> {
     let v = match &a.sock.api_sock {
-        Some(sock) => vmm::client::ApiClient::new(sock).patches()?,
+        Some(sock) => control_api::client::ApiClient::new(sock).patches()?,
         None => serde_json::json!({ "patches": qemu_engine(&a.sock.qemu)?.records() }),
     };
     if a.json {
@@ -362,7 +368,7 @@ fn list(a: ListArgs) -> Result<()> {
 
 fn revert(a: RevertArgs) -> Result<()> {
     let v = match &a.sock.api_sock {
-        Some(sock) => vmm::client::ApiClient::new(sock).revert(&a.id)?,
+        Some(sock) => control_api::client::ApiClient::new(sock).revert(&a.id)?,
         None => {
             let id: String = a.id.chars().filter(char::is_ascii_hexdigit).collect();
             serde_json::to_value(qemu_engine(&a.sock.qemu)?.revert(&id)?)?
@@ -520,13 +526,13 @@ fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutpu
     let Some(object) = &a.object else {
         bail!("--linux-kernel needs --object");
     };
-    let image = vmm::linux::attach::KernelImage::from_file(kernel)?;
+    let image = linux_guest::attach::KernelImage::from_file(kernel)?;
     let fixes = a
         .replacements
         .iter()
         .map(|r| {
             r.split_once('=')
-                .map(|(f, c)| vmm::linux::patch::KernelFix::new(f, c))
+                .map(|(f, c)| linux_guest::patch::KernelFix::new(f, c))
                 .with_context(|| format!("--replace {r:?}: give KERNEL_FUNCTION=CODE_SYMBOL"))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -543,7 +549,7 @@ fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutpu
         advisories: a.advisories.clone(),
         replaces: Vec::new(),
     };
-    let patch = vmm::linux::patch::build_kernel_patch(
+    let patch = linux_guest::patch::build_kernel_patch(
         &image.vmlinux,
         &image.kallsyms,
         &read(object)?,

@@ -1,0 +1,472 @@
+//! The engine against a fake hypervisor: sparse memory, scripted vCPUs. Exercises the safety
+//! logic (moves, busy, consistency, tamper, replace, recovery) without KVM; the integration
+//! tests do the same on the real guest.
+
+use super::*;
+use guest_control::paging::Translation;
+use patch_format::{
+    ImageInfo, ImageSymbol, Location, Metadata, Patch, PatchId, SecretKey, Site, TargetIdentity,
+};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+const F_AT: u64 = 0x1000;
+const G_AT: u64 = 0x1100;
+/// push rbp; mov rbp,rsp; mov rax,rdi; add rax,1; pop rbp; ret
+const F: [u8; 13] = [
+    0x55, 0x48, 0x89, 0xe5, 0x48, 0x89, 0xf8, 0x48, 0x83, 0xc0, 0x01, 0x5d, 0xc3,
+];
+/// Same with `add rax,2`.
+const G: [u8; 13] = [
+    0x55, 0x48, 0x89, 0xe5, 0x48, 0x89, 0xf8, 0x48, 0x83, 0xc0, 0x02, 0x5d, 0xc3,
+];
+const ARENA: ArenaWindow = ArenaWindow {
+    gpa: 0x10_0000,
+    gva: 0x10_0000,
+    size: 0x1000,
+};
+
+#[derive(Default)]
+struct Fake {
+    mem: Mutex<HashMap<u64, Vec<u8>>>,
+    vcpus: Mutex<Vec<VcpuState>>,
+    paused: Mutex<bool>,
+    pauses: Mutex<u32>,
+}
+
+impl Fake {
+    fn new(rips: &[(u64, u64)]) -> Arc<Fake> {
+        let f = Fake::default();
+        f.write_phys(F_AT, &F).unwrap();
+        f.write_phys(G_AT, &G).unwrap();
+        *f.vcpus.lock().unwrap() = rips
+            .iter()
+            .enumerate()
+            .map(|(id, &(rip, rsp))| VcpuState {
+                id,
+                rip,
+                rsp,
+                cpl: 3,
+                paging: PagingRegs {
+                    cr0: 0,
+                    cr3: 0,
+                    cr4: 0,
+                    efer: 0,
+                },
+            })
+            .collect();
+        Arc::new(f)
+    }
+    fn bytes(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        self.read_phys(gpa, &mut b).unwrap();
+        b
+    }
+    fn rip(&self, id: usize) -> u64 {
+        self.vcpus.lock().unwrap()[id].rip
+    }
+    fn snapshot(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut v: Vec<_> = self
+            .mem
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, b)| (*k, b.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl GuestControl for Fake {
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.lock().unwrap().len()
+    }
+    fn pause_all(&self) -> Result<Vec<Option<VcpuState>>, GuestError> {
+        let mut p = self.paused.lock().unwrap();
+        if *p {
+            return Err(GuestError::AlreadyPaused);
+        }
+        *p = true;
+        *self.pauses.lock().unwrap() += 1;
+        Ok(self
+            .vcpus
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| Some(*v))
+            .collect())
+    }
+    fn resume_all(&self) -> Result<Duration, GuestError> {
+        *self.paused.lock().unwrap() = false;
+        Ok(Duration::from_micros(7))
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let m = self.mem.lock().unwrap();
+        for (i, b) in buf.iter_mut().enumerate() {
+            let a = gpa + i as u64;
+            *b = m.get(&(a & !0xfff)).map_or(0, |p| p[(a & 0xfff) as usize]);
+        }
+        Ok(())
+    }
+    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError> {
+        let mut m = self.mem.lock().unwrap();
+        for (i, b) in data.iter().enumerate() {
+            let a = gpa + i as u64;
+            m.entry(a & !0xfff).or_insert_with(|| vec![0; 4096])[(a & 0xfff) as usize] = *b;
+        }
+        Ok(())
+    }
+    fn set_rip(&self, vcpu: usize, rip: u64) -> Result<(), GuestError> {
+        if !*self.paused.lock().unwrap() {
+            return Err(GuestError::NotPaused);
+        }
+        self.vcpus.lock().unwrap()[vcpu].rip = rip;
+        Ok(())
+    }
+    fn translate(&self, _v: &VcpuState, gva: u64) -> Result<Translation, GuestError> {
+        Ok(Translation {
+            gpa: gva,
+            page_size: 4096,
+            writable: true,
+            user: true,
+            executable: true,
+        })
+    }
+}
+
+fn identity() -> TargetIdentity {
+    TargetIdentity {
+        name: "fake".into(),
+        build_id: Some(vec![1, 2, 3, 4]),
+        text_sha256: None,
+    }
+}
+
+fn target() -> Target {
+    let sym = |name: &str, addr| ImageSymbol {
+        name: name.into(),
+        addr,
+        size: 13,
+        function: true,
+    };
+    Target::new(
+        ImageInfo {
+            identity: identity(),
+            symbols: vec![sym("f", F_AT), sym("g", G_AT)],
+        },
+        0,
+    )
+}
+
+fn key() -> SecretKey {
+    SecretKey::from_seed(&[7; 32])
+}
+
+fn engine(g: &Arc<Fake>, dir: Option<&Path>) -> Engine<Fake> {
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        max_attempts: 3,
+        ..EngineConfig::default()
+    };
+    Engine::new(Arc::clone(g), target(), ARENA, config, dir).unwrap()
+}
+
+fn function_site(name: &str, old: &[u8], new: &[u8]) -> Site {
+    Site {
+        kind: SiteKind::Function,
+        target: Location::Symbol {
+            name: name.into(),
+            offset: 0,
+        },
+        expected: old.to_vec(),
+        code: new.to_vec(),
+        relocations: Vec::new(),
+    }
+}
+
+fn patch(name: &str, sites: Vec<Site>, replaces: Vec<PatchId>) -> Patch {
+    let mut p = Patch {
+        meta: Metadata {
+            name: name.into(),
+            created: 1,
+            replaces,
+            ..Metadata::default()
+        },
+        target: identity(),
+        sites,
+    };
+    p.normalize();
+    p
+}
+
+/// f := g's body (returns x+2).
+fn fix_f() -> Patch {
+    patch("fix-f", vec![function_site("f", &F, &G)], Vec::new())
+}
+
+fn signed(p: &Patch) -> Vec<u8> {
+    p.to_file_signed(&key()).unwrap()
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "engine-test-{tag}-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn apply_then_revert_restores_every_byte() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let before = g.bytes(F_AT, 13);
+    let mut e = engine(&g, None);
+    let out = e.apply(&signed(&fix_f())).unwrap();
+    assert!(!out.already_applied);
+    let code_at = ARENA.gva;
+    // The jump replaces push rbp; mov rbp,rsp; mov rax,rdi (whole instructions, 7 bytes).
+    let jump = g.bytes(F_AT, 7);
+    assert_eq!(jump[0], 0xe9);
+    let rel = i32::from_le_bytes(jump[1..5].try_into().unwrap());
+    assert_eq!((F_AT as i64 + 5 + i64::from(rel)) as u64, code_at);
+    assert_eq!(&jump[5..], &[plan::INT3; 2]);
+    assert_eq!(g.bytes(code_at, 13), G);
+    assert_eq!(g.bytes(F_AT + 7, 6), F[7..]);
+    // Idempotent.
+    assert!(e.apply(&signed(&fix_f())).unwrap().already_applied);
+    let r = e.revert(&out.patch.id[..8]).unwrap();
+    assert_eq!(r.state, PatchState::Reverted);
+    assert_eq!(g.bytes(F_AT, 13), before);
+    assert!(matches!(
+        e.revert(&out.patch.id),
+        Err(EngineError::NotApplied { .. })
+    ));
+}
+
+#[test]
+fn unsigned_and_untrusted_are_refused_without_touching_the_guest() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mem = g.snapshot();
+    let mut e = engine(&g, None);
+    let unsigned = fix_f().to_file_unsigned().unwrap();
+    assert!(matches!(e.apply(&unsigned), Err(EngineError::Unsigned)));
+    let other = fix_f()
+        .to_file_signed(&SecretKey::from_seed(&[9; 32]))
+        .unwrap();
+    assert!(matches!(e.apply(&other), Err(EngineError::Signature(_))));
+    let mut wrong = fix_f();
+    wrong.target.build_id = Some(vec![9, 9]);
+    assert!(matches!(
+        e.apply(&signed(&wrong)),
+        Err(EngineError::Target(TargetError::BuildId { .. }))
+    ));
+    let mut stale = fix_f();
+    stale.sites[0].expected[10] = 0x07;
+    let err = e.apply(&signed(&stale)).unwrap_err();
+    assert!(err.to_string().contains("expected bytes at +0xa"), "{err}");
+    assert_eq!(g.snapshot(), mem, "a refused patch changed guest memory");
+    assert_eq!(
+        *g.pauses.lock().unwrap(),
+        1,
+        "only the paging calibration paused"
+    );
+
+    let mut open = engine(&g, None);
+    open.config.allow_unsigned = true;
+    assert!(open.apply(&unsigned).is_ok());
+}
+
+#[test]
+fn a_vcpu_in_displaced_bytes_is_moved_to_the_copy() {
+    // vCPU 0 sits after `push rbp` (inside the 7 displaced bytes), vCPU 1 at f's entry.
+    let g = Fake::new(&[(F_AT + 1, 0x8000), (F_AT, 0x8000)]);
+    let mut e = engine(&g, None);
+    let out = e.apply(&signed(&fix_f())).unwrap();
+    assert_eq!(out.patch.moved_vcpus, 1);
+    assert_eq!(
+        g.rip(1),
+        F_AT,
+        "a vCPU at the entry stays: it will take the jump"
+    );
+    let moved = g.rip(0);
+    assert!((ARENA.gva..ARENA.gva + ARENA.size).contains(&moved));
+    // The copy at the new RIP is `mov rbp,rsp; mov rax,rdi; jmp f+7`.
+    assert_eq!(g.bytes(moved, 6), [0x48, 0x89, 0xe5, 0x48, 0x89, 0xf8]);
+    assert_eq!(g.bytes(moved + 6, 1), [0xe9]);
+    let rel = i32::from_le_bytes(g.bytes(moved + 7, 4).try_into().unwrap());
+    assert_eq!((moved as i64 + 11 + i64::from(rel)) as u64, F_AT + 7);
+}
+
+#[test]
+fn multi_function_patches_wait_until_old_code_is_idle() {
+    // vCPU 0 is in the middle of f (past the displaced bytes): a patch replacing f and g
+    // together must not let it finish old f against new g.
+    let g = Fake::new(&[(F_AT + 7, 0x8000)]);
+    let mem = g.snapshot();
+    let mut e = engine(&g, None);
+    let both = patch(
+        "fix-both",
+        vec![function_site("f", &F, &G), function_site("g", &G, &F)],
+        Vec::new(),
+    );
+    let err = e.apply(&signed(&both)).unwrap_err();
+    assert!(
+        matches!(err, EngineError::Busy { attempts: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("running old f"), "{err}");
+    assert_eq!(
+        g.bytes(F_AT, 13),
+        mem.iter().find(|(k, _)| *k == 0x1000).unwrap().1[..13]
+    );
+    assert_eq!(e.arena().free_bytes(), ARENA.size, "arena given back");
+    assert_eq!(e.records()[0].state, PatchState::Failed);
+    // Once the vCPU has left, it applies.
+    g.vcpus.lock().unwrap()[0].rip = 0x5000;
+    assert!(e.apply(&signed(&both)).is_ok());
+}
+
+#[test]
+fn a_return_address_into_displaced_bytes_blocks_the_write() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(0x8010, &(F_AT + 4).to_le_bytes()).unwrap();
+    let mut e = engine(&g, None);
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(err.to_string().contains("on its stack"), "{err}");
+    assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+#[test]
+fn the_guest_rewriting_a_patched_site_blocks_revert() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
+    g.write_phys(F_AT + 1, &[0x90]).unwrap();
+    assert!(matches!(e.revert(&id), Err(EngineError::Tampered { .. })));
+}
+
+#[test]
+fn overlap_is_refused_and_replace_swaps_in_one_blackout() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let first = e.apply(&signed(&fix_f())).unwrap().patch.id;
+    // Another patch of f without `replaces`: refused.
+    let f3 = {
+        let mut b = G;
+        b[10] = 3;
+        b
+    };
+    let again = patch("f-plus-3", vec![function_site("f", &F, &f3)], Vec::new());
+    let err = e.apply(&signed(&again)).unwrap_err();
+    assert!(matches!(err, EngineError::Overlap { .. }), "{err}");
+    // With `replaces`, it goes in and the first comes out together.
+    let pauses = *g.pauses.lock().unwrap();
+    let id = PatchId::from_hex(&first).unwrap();
+    let replacing = patch("f-plus-3", vec![function_site("f", &F, &f3)], vec![id]);
+    let out = e.apply(&signed(&replacing)).unwrap();
+    assert_eq!(out.replaced, vec![first.clone()]);
+    assert_eq!(*g.pauses.lock().unwrap(), pauses + 1, "one blackout");
+    assert_eq!(e.find(&first).unwrap().state, PatchState::Reverted);
+    let code_at = {
+        let j = g.bytes(F_AT, 5);
+        (F_AT as i64 + 5 + i64::from(i32::from_le_bytes(j[1..5].try_into().unwrap()))) as u64
+    };
+    assert_eq!(g.bytes(code_at, 13), f3);
+    e.revert(&out.patch.id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+#[test]
+fn reverted_arena_code_is_reused_only_once_idle() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let out = e.apply(&signed(&fix_f())).unwrap();
+    // The vCPU is inside the new f when it is reverted: the chunk must stay reserved.
+    g.vcpus.lock().unwrap()[0].rip = ARENA.gva + 2;
+    e.revert(&out.patch.id).unwrap();
+    let held = e.arena().quarantined_bytes();
+    assert!(held > 0);
+    // Next blackout, still there: kept.
+    let out2 = e.apply(&signed(&fix_f())).unwrap();
+    assert_ne!(
+        g.bytes(F_AT, 5),
+        F[..5],
+        "applied again (into other arena space)"
+    );
+    // The chunk the vCPU is in stays; the escape copy next to it was idle and is freed.
+    let still = e.arena().quarantined_bytes();
+    assert!(still > 0 && still < held, "{still} of {held}");
+    assert!(
+        e.arena()
+            .quarantined()
+            .any(|(a, b)| (a..b).contains(&(ARENA.gva + 2)))
+    );
+    // It left: the next blackout frees the rest, and the second copy retired after it.
+    g.vcpus.lock().unwrap()[0].rip = 0x5000;
+    e.revert(&out2.patch.id).unwrap();
+    e.apply(&signed(&fix_f())).unwrap();
+    assert_eq!(e.arena().quarantined_bytes(), 0);
+}
+
+#[test]
+fn journal_survives_restart_and_a_restarted_guest_is_noticed() {
+    let dir = temp_dir("restart");
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let id = {
+        let mut e = engine(&g, Some(&dir));
+        e.apply(&signed(&fix_f())).unwrap().patch.id
+    };
+    // Same guest, new engine (API restart): still applied, arena still reserved.
+    {
+        let e = engine(&g, Some(&dir));
+        assert_eq!(e.find(&id).unwrap().state, PatchState::Applied);
+        assert!(e.arena().free_bytes() < ARENA.size);
+    }
+    // A fresh guest (VMM restart): the patch is not there any more.
+    let fresh = Fake::new(&[(0x5000, 0x8000)]);
+    let e = engine(&fresh, Some(&dir));
+    let r = e.find(&id).unwrap();
+    assert_eq!(r.state, PatchState::Reverted);
+    assert!(
+        r.note.as_deref().unwrap_or("").contains("restarted"),
+        "{r:?}"
+    );
+    drop(e);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_crash_mid_apply_is_repaired() {
+    let dir = temp_dir("crash");
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let both = patch(
+        "fix-both",
+        vec![function_site("f", &F, &G), function_site("g", &G, &F)],
+        Vec::new(),
+    );
+    // Apply, then forge the journal's last word back to "applying" and undo one site: the
+    // state a crash between the two site writes would leave.
+    let rec = {
+        let mut e = engine(&g, Some(&dir));
+        let mut r = e.apply(&signed(&both)).unwrap().patch;
+        r.state = PatchState::Applying;
+        e.put(r.clone()).unwrap();
+        r
+    };
+    let s = &rec.sites[1];
+    g.write_phys(s.gpa, &s.original).unwrap();
+    let e = engine(&g, Some(&dir));
+    let r = e.find(&rec.id).unwrap();
+    assert_eq!(r.state, PatchState::Failed);
+    assert!(
+        r.note.as_deref().unwrap_or("").contains("restored"),
+        "{r:?}"
+    );
+    assert_eq!(g.bytes(F_AT, 13), F);
+    assert_eq!(g.bytes(G_AT, 13), G);
+    drop(e);
+    let _ = std::fs::remove_dir_all(&dir);
+}

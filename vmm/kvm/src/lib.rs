@@ -1,0 +1,14 @@
+//! The KVM VMM: VM and vCPUs (kvm-ioctls), guest memory and its KVM slots (vm-memory), boot
+//! (PVH and 64-bit ELF entry), devices, code integrity, and this VMM as a
+//! [`guest_control::GuestControl`] backend ([`guest`]).
+
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod guest;
+pub mod integrity;
+pub mod layout;
+pub mod memory;
+pub mod pagetables;
+pub mod vcpu;
+pub mod vm;

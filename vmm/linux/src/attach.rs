@@ -1,0 +1,121 @@
+//! Attaching the patch engine to a running stock Linux kernel: its image (vmlinux + kallsyms
+//! from the bzImage the guest booted), its KASLR slide (from the IDT), a check that the running
+//! kernel really is that image (its `linux_banner` in memory), and the arena mapped into its
+//! address space — all in one short pause.
+
+use std::path::Path;
+
+use thiserror::Error;
+
+use super::arena::{self, KernelArena, KernelArenaError};
+use super::kaslr::{self, KaslrError, Slide};
+use super::{Kallsyms, KallsymsError, LinuxImageError};
+use guest_control::{GuestControl, GuestError};
+
+use crate::address_space::kernel_view;
+
+#[derive(Debug, Error)]
+pub enum LinuxAttachError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] LinuxImageError),
+    #[error(transparent)]
+    Kallsyms(#[from] KallsymsError),
+    #[error("{0} has no linux_banner: not a Linux kernel image")]
+    NoBanner(String),
+    #[error(transparent)]
+    Kaslr(#[from] KaslrError),
+    #[error(transparent)]
+    Arena(#[from] KernelArenaError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("every vCPU of the guest has stopped")]
+    NoVcpu,
+    #[error(
+        "the running kernel is not the image given: its banner is {running:?}, the image's {image:?}; give the bzImage the guest booted"
+    )]
+    WrongKernel { running: String, image: String },
+}
+
+/// A kernel image, read once.
+pub struct KernelImage {
+    pub name: String,
+    pub vmlinux: Vec<u8>,
+    pub kallsyms: Kallsyms,
+    /// `linux_banner`, trailing newline included.
+    pub banner: String,
+}
+
+impl KernelImage {
+    /// From a bzImage (or an ELF vmlinux).
+    pub fn from_file(path: &Path) -> Result<KernelImage, LinuxAttachError> {
+        let bytes = std::fs::read(path).map_err(|source| LinuxAttachError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let vmlinux = super::vmlinux_from_bzimage(&bytes)?;
+        let kallsyms = Kallsyms::from_vmlinux(&vmlinux)?;
+        let banner = super::linux_banner(&vmlinux, &kallsyms)
+            .ok_or_else(|| LinuxAttachError::NoBanner(path.display().to_string()))?;
+        Ok(KernelImage {
+            name: path.display().to_string(),
+            vmlinux,
+            kallsyms,
+            banner,
+        })
+    }
+}
+
+/// What attaching found.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub slide: Slide,
+    pub arena: KernelArena,
+}
+
+/// Finds the slide, checks the running kernel is `image`, maps the arena at guest-physical
+/// `arena_gpa`. Pauses the guest once; leaves it running.
+pub fn attach<G: GuestControl + ?Sized>(
+    guest: &G,
+    idt_base: u64,
+    image: &KernelImage,
+    arena_gpa: u64,
+) -> Result<Attached, LinuxAttachError> {
+    let states = guest.pause_all()?;
+    let result = (|| {
+        let vcpu = states
+            .iter()
+            .flatten()
+            .next()
+            .map(kernel_view)
+            .ok_or(LinuxAttachError::NoVcpu)?;
+        let idt = guest.read_virtual(&vcpu, idt_base, kaslr::IDT_BYTES)?;
+        let slide = kaslr::slide_from_idt(&idt, &image.kallsyms)?;
+        let banner_at = image
+            .kallsyms
+            .lookup("linux_banner")
+            .ok_or_else(|| LinuxAttachError::NoBanner(image.name.clone()))?
+            .wrapping_add(slide.slide);
+        let running = guest.read_virtual(&vcpu, banner_at, image.banner.len())?;
+        if running != image.banner.as_bytes() {
+            return Err(LinuxAttachError::WrongKernel {
+                running: String::from_utf8_lossy(&running).trim_end().to_string(),
+                image: image.banner.trim_end().to_string(),
+            });
+        }
+        let arena = arena::install(guest, &vcpu, &image.kallsyms, slide.slide, arena_gpa)?;
+        tracing::info!(
+            slide = format_args!("{:#x}", slide.slide),
+            arena = format_args!("{:#x}", arena.gva),
+            "attached to the Linux kernel"
+        );
+        Ok(Attached { slide, arena })
+    })();
+    guest.resume_all()?;
+    result
+}

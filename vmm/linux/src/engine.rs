@@ -1,0 +1,47 @@
+//! The patch engine over a running stock Linux kernel, on any backend: slide and arena from
+//! [`crate::attach`], symbols from the kernel's kallsyms, identity from its build id. The
+//! caller brings the backend (QEMU today, this VMM next) and the IDT base it read there.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use guest_control::{ArenaWindow, GuestControl};
+use patch_engine::target::Target;
+use patch_engine::{Engine, EngineConfig, EngineError};
+use thiserror::Error;
+
+use crate::attach::{KernelImage, LinuxAttachError};
+
+/// Why the engine could not attach to a Linux guest.
+#[derive(Debug, Error)]
+pub enum LinuxEngineError {
+    #[error(transparent)]
+    Attach(#[from] LinuxAttachError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// An engine over the kernel `image` running in `guest`, whose IDT is at `idt` (guest-virtual),
+/// with the kernel arena at guest-physical `arena_gpa`.
+pub fn engine_for_kernel<G: GuestControl>(
+    guest: Arc<G>,
+    idt: u64,
+    image: &KernelImage,
+    arena_gpa: u64,
+    config: EngineConfig,
+    state_dir: Option<&Path>,
+) -> Result<Engine<G>, LinuxEngineError> {
+    let attached = crate::attach::attach(guest.as_ref(), idt, image, arena_gpa)?;
+    let info = crate::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    Ok(Engine::new(
+        guest,
+        Target::new(info, attached.slide.slide),
+        ArenaWindow {
+            gpa: attached.arena.gpa,
+            gva: attached.arena.gva,
+            size: attached.arena.size,
+        },
+        config,
+        state_dir,
+    )?)
+}
