@@ -5,10 +5,12 @@
 use super::*;
 use guest_control::paging::Translation;
 use patch_format::{
-    ImageInfo, ImageSymbol, Location, Metadata, Patch, PatchId, SecretKey, Site, TargetIdentity,
+    ImageInfo, ImageSymbol, Location, Metadata, Patch, PatchId, SecretKey, Site, SiteKind,
+    TargetIdentity,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 const F_AT: u64 = 0x1000;
 const G_AT: u64 = 0x1100;
@@ -26,12 +28,20 @@ const ARENA: ArenaWindow = ArenaWindow {
     size: 0x1000,
 };
 
+/// Decides, per write (guest-physical address), whether the fake backend fails it.
+type WriteFault = Box<dyn FnMut(u64) -> bool + Send>;
+
 #[derive(Default)]
 struct Fake {
     mem: Mutex<HashMap<u64, Vec<u8>>>,
     vcpus: Mutex<Vec<VcpuState>>,
     paused: Mutex<bool>,
     pauses: Mutex<u32>,
+    /// Fault injection: writes, pauses, resumes and vCPU moves that fail.
+    write_fault: Mutex<Option<WriteFault>>,
+    fail_pause: Mutex<bool>,
+    fail_resume: Mutex<bool>,
+    fail_set_rip: Mutex<bool>,
 }
 
 impl Fake {
@@ -87,6 +97,9 @@ impl GuestControl for Fake {
         if *p {
             return Err(GuestError::AlreadyPaused);
         }
+        if *self.fail_pause.lock().unwrap() {
+            return Err(GuestError::Pause("injected pause failure".into()));
+        }
         *p = true;
         *self.pauses.lock().unwrap() += 1;
         Ok(self
@@ -98,6 +111,9 @@ impl GuestControl for Fake {
             .collect())
     }
     fn resume_all(&self) -> Result<Duration, GuestError> {
+        if *self.fail_resume.lock().unwrap() {
+            return Err(GuestError::Resume("injected resume failure".into()));
+        }
         *self.paused.lock().unwrap() = false;
         Ok(Duration::from_micros(7))
     }
@@ -110,6 +126,14 @@ impl GuestControl for Fake {
         Ok(())
     }
     fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError> {
+        if let Some(fault) = self.write_fault.lock().unwrap().as_mut()
+            && fault(gpa)
+        {
+            return Err(GuestError::OutsideMemory {
+                gpa,
+                len: data.len(),
+            });
+        }
         let mut m = self.mem.lock().unwrap();
         for (i, b) in data.iter().enumerate() {
             let a = gpa + i as u64;
@@ -120,6 +144,12 @@ impl GuestControl for Fake {
     fn set_rip(&self, vcpu: usize, rip: u64) -> Result<(), GuestError> {
         if !*self.paused.lock().unwrap() {
             return Err(GuestError::NotPaused);
+        }
+        if *self.fail_set_rip.lock().unwrap() {
+            return Err(GuestError::SetRip {
+                vcpu,
+                source: "injected failure".into(),
+            });
         }
         self.vcpus.lock().unwrap()[vcpu].rip = rip;
         Ok(())
@@ -469,4 +499,124 @@ fn a_crash_mid_apply_is_repaired() {
     assert_eq!(g.bytes(G_AT, 13), G);
     drop(e);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn both() -> Patch {
+    patch(
+        "fix-both",
+        vec![function_site("f", &F, &G), function_site("g", &G, &F)],
+        Vec::new(),
+    )
+}
+
+/// Fails every write into `[from, to)`, and with `then_all` every write after the first
+/// failure too (so the engine's undo fails as well).
+fn fail_writes_in(g: &Fake, from: u64, to: u64, then_all: bool) {
+    let mut tripped = false;
+    *g.write_fault.lock().unwrap() = Some(Box::new(move |gpa| {
+        tripped |= (from..to).contains(&gpa);
+        tripped && (then_all || (from..to).contains(&gpa))
+    }));
+}
+
+#[test]
+fn a_failed_write_in_the_blackout_rolls_back_every_site_written() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    // f's jump is written first, then g's fails: f must be put back before the guest resumes.
+    fail_writes_in(&g, G_AT, G_AT + 13, false);
+    let err = e.apply(&signed(&both())).unwrap_err();
+    assert!(matches!(err, EngineError::Guest(_)), "{err}");
+    assert_eq!(g.bytes(F_AT, 13), F, "f's jump was left in place");
+    assert_eq!(g.bytes(G_AT, 13), G);
+    assert_eq!(
+        g.bytes(ARENA.gpa, ARENA.size as usize),
+        vec![0; ARENA.size as usize]
+    );
+    assert_eq!(e.arena().free_bytes(), ARENA.size, "arena given back");
+    assert_eq!(e.records()[0].state, PatchState::Failed);
+    assert!(!*g.paused.lock().unwrap(), "the guest was left paused");
+    // Without the fault the same patch applies.
+    *g.write_fault.lock().unwrap() = None;
+    assert!(e.apply(&signed(&both())).is_ok());
+}
+
+#[test]
+fn an_undo_that_fails_keeps_the_arena_code_the_guest_can_reach() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    fail_writes_in(&g, G_AT, G_AT + 13, true);
+    let err = e.apply(&signed(&both())).unwrap_err();
+    assert!(matches!(err, EngineError::Stranded { .. }), "{err}");
+    // f's jump could not be undone: the code it jumps to must still be there.
+    let jump = g.bytes(F_AT, 5);
+    assert_eq!(jump[0], 0xe9);
+    let rel = i32::from_le_bytes(jump[1..5].try_into().unwrap());
+    let target = (F_AT as i64 + 5 + i64::from(rel)) as u64;
+    assert_eq!(
+        g.bytes(target, 13),
+        G,
+        "arena code under a live jump was wiped"
+    );
+    assert!(
+        e.arena().free_bytes() < ARENA.size,
+        "arena under a live jump was freed"
+    );
+    assert!(!*g.paused.lock().unwrap());
+}
+
+#[test]
+fn a_failed_vcpu_move_rolls_back_the_writes() {
+    // vCPU 0 sits inside f's displaced bytes: it must be moved, and the move fails.
+    let g = Fake::new(&[(F_AT + 1, 0x8000)]);
+    let mut e = engine(&g, None);
+    *g.fail_set_rip.lock().unwrap() = true;
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(matches!(err, EngineError::Guest(_)), "{err}");
+    assert_eq!(g.bytes(F_AT, 13), F);
+    assert_eq!(g.rip(0), F_AT + 1);
+    assert_eq!(e.arena().free_bytes(), ARENA.size);
+}
+
+#[test]
+fn a_failed_pause_or_resume_never_frees_code_in_use() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    // Calibrate paging first, so the failing pause is the blackout's.
+    let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
+    e.revert(&id).unwrap();
+    *g.fail_pause.lock().unwrap() = true;
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(
+        matches!(err, EngineError::Guest(GuestError::Pause(_))),
+        "{err}"
+    );
+    assert_eq!(g.bytes(F_AT, 13), F);
+    *g.fail_pause.lock().unwrap() = false;
+
+    // Resume fails after every site was written: the patch is in, its code must stay.
+    *g.fail_resume.lock().unwrap() = true;
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(matches!(err, EngineError::Stranded { .. }), "{err}");
+    assert_eq!(g.bytes(F_AT, 1), [0xe9]);
+    assert!(e.arena().free_bytes() < ARENA.size);
+}
+
+#[test]
+fn a_hostile_stack_pointer_cannot_make_the_scan_wrap_or_grow() {
+    // RSP at the very top of the address space: the page arithmetic must not wrap to 0 and
+    // scan all of memory.
+    let g = Fake::new(&[(0x5000, u64::MAX - 7)]);
+    let mut e = engine(&g, None);
+    e.config.stack_scan = usize::MAX;
+    let vcpu = g.vcpus.lock().unwrap()[0];
+    let words = e.stack_words(&vcpu);
+    assert_eq!(words.len(), 1, "scanned past the top of the address space");
+    // A huge configured scan is capped.
+    let vcpu = VcpuState {
+        rsp: 0x8000,
+        ..vcpu
+    };
+    assert_eq!(e.stack_words(&vcpu).len(), MAX_STACK_SCAN / 8);
+    assert!(e.apply(&signed(&fix_f())).is_ok());
 }

@@ -1,0 +1,488 @@
+//! Apply and revert as named steps: admit (parse, signature, identity) → plan every site
+//! against a scratch copy of the arena → journal the intent → stage the arena code while the
+//! guest runs → commit in one blackout ([`crate::blackout`]) → journal the outcome.
+//!
+//! Planning allocates from a *copy* of the arena, adopted only once every site is planned, so a
+//! refusal at any step (any `?`) leaves the arena exactly as it was: nothing to release.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use patch_format::{ParsedPatch, Patch, Site, SiteKind};
+use tracing::{info, warn};
+
+use crate::arena::{Arena, Chunk};
+use crate::blackout::{Change, Committed};
+use crate::journal::{ArenaRecord, PatchRecord, PatchState, SiteRecord};
+use crate::plan::{self, FunctionCode, PlanError, SiteInput, SitePlan};
+use crate::{
+    ApplyOutcome, Engine, EngineError, GuestControl, PagingRegs, kernel_text, now_secs,
+    quiesce_arena, ranges_overlap, site_range,
+};
+
+/// One site made ready to write.
+pub(crate) struct Prepared {
+    pub(crate) plan: SitePlan,
+    /// For function sites, the old function `[start, end)`.
+    pub(crate) function: Option<(u64, u64)>,
+    /// Guest-physical address of the jump.
+    pub(crate) gpa: u64,
+    pub(crate) location: String,
+}
+
+/// Every site of a patch planned, with the arena that holds their code.
+struct Planned {
+    sites: Vec<Prepared>,
+    /// The arena with this patch's chunks taken: becomes the engine's arena on adoption.
+    arena: Arena,
+    chunks: Vec<Chunk>,
+}
+
+/// Applied patches a new patch replaces: they come out in the same blackout.
+struct Lifting {
+    records: Vec<PatchRecord>,
+    ids: HashSet<String>,
+}
+
+impl<G: GuestControl> Engine<G> {
+    /// Applies a patch file. The same patch applied twice is a no-op the second time.
+    pub fn apply(&mut self, file: &[u8]) -> Result<ApplyOutcome, EngineError> {
+        let t0 = Instant::now();
+        let r = self.apply_steps(file, t0);
+        if r.is_err() {
+            self.refused += 1;
+        }
+        r
+    }
+
+    fn apply_steps(&mut self, file: &[u8], t0: Instant) -> Result<ApplyOutcome, EngineError> {
+        let parsed = self.admit(file)?;
+        let id = parsed.id.to_string();
+        if let Some(done) = self.already_applied(&id, t0) {
+            return Ok(done);
+        }
+        let patch = &parsed.patch;
+        self.target.check_identity(&patch.target)?;
+        let lifting = self.lifted_by(patch);
+        let planned = self.plan_sites(patch, &lifting)?;
+        let mut record = self.intent(&id, patch, &planned, &lifting);
+        // Intent first: a crash from here on is found and repaired by `recover`. Until the
+        // planned arena is adopted below, a failure leaves the engine's arena untouched.
+        self.put(record.clone())?;
+        self.arena = planned.arena;
+        let chunks = planned.chunks;
+        let prepared = planned.sites;
+        let outcome = self
+            .stage(&prepared)
+            .and_then(|()| self.commit_apply(&record, &prepared, &lifting));
+        let committed = match outcome {
+            Ok(c) => c,
+            Err(e) => {
+                self.abandon(&mut record, &chunks, &e)?;
+                return Err(e);
+            }
+        };
+        self.record_applied(record, lifting, committed, t0)
+    }
+
+    /// Parses the file and checks its signature: nothing after this looks at an untrusted patch.
+    fn admit(&self, file: &[u8]) -> Result<ParsedPatch, EngineError> {
+        let parsed = patch_format::parse(file)?;
+        self.check_signature(&parsed)?;
+        Ok(parsed)
+    }
+
+    fn already_applied(&self, id: &str, t0: Instant) -> Option<ApplyOutcome> {
+        let r = self
+            .records
+            .iter()
+            .find(|r| r.id == id && r.state == PatchState::Applied)?;
+        Some(ApplyOutcome {
+            patch: r.clone(),
+            already_applied: true,
+            replaced: Vec::new(),
+            attempts: 0,
+            total_us: t0.elapsed().as_micros() as u64,
+        })
+    }
+
+    fn lifted_by(&self, patch: &Patch) -> Lifting {
+        let replaces: HashSet<String> = patch.meta.replaces.iter().map(|r| r.to_string()).collect();
+        let records: Vec<PatchRecord> = self
+            .records
+            .iter()
+            .filter(|r| r.state == PatchState::Applied && replaces.contains(&r.id))
+            .cloned()
+            .collect();
+        let ids = records.iter().map(|r| r.id.clone()).collect();
+        Lifting { records, ids }
+    }
+
+    /// Plans every site against a scratch copy of the arena.
+    fn plan_sites(&mut self, patch: &Patch, lifting: &Lifting) -> Result<Planned, EngineError> {
+        let paging = self.paging()?;
+        let mut planned = Planned {
+            sites: Vec::with_capacity(patch.sites.len()),
+            arena: self.arena.clone(),
+            chunks: Vec::new(),
+        };
+        for site in &patch.sites {
+            let p = self.plan_site(site, &paging, lifting, &mut planned)?;
+            planned.sites.push(p);
+        }
+        Ok(planned)
+    }
+
+    fn plan_site(
+        &self,
+        site: &Site,
+        paging: &PagingRegs,
+        lifting: &Lifting,
+        planned: &mut Planned,
+    ) -> Result<Prepared, EngineError> {
+        let name = site.target.to_string();
+        let loc = self.target.resolve(&name, &site.target)?;
+        // Rule 5 first: an applied patch in the way is the clearest reason why the bytes
+        // differ. The whole expected range counts (a function site replaces the whole function).
+        let span = (loc.gva, loc.gva.saturating_add(site.expected.len() as u64));
+        for r in self
+            .records
+            .iter()
+            .filter(|r| r.state == PatchState::Applied && !lifting.ids.contains(&r.id))
+        {
+            if let Some(s) = r.sites.iter().find(|s| ranges_overlap(span, site_range(s))) {
+                return Err(EngineError::Overlap {
+                    site: name,
+                    other: s.location.clone(),
+                    patch: r.id.clone(),
+                });
+            }
+        }
+        let (gpa, current) = self.read_virtual(
+            paging,
+            &name,
+            loc.gva,
+            site.expected.len(),
+            &lifting.ids,
+            false,
+        )?;
+        let function_bytes = match (site.kind, loc.function) {
+            (SiteKind::Micropatch, Some((start, size))) => Some((
+                start,
+                self.read_virtual(paging, &name, start, size as usize, &lifting.ids, true)?
+                    .1,
+            )),
+            _ => None,
+        };
+        // A stock kernel rewrote some instructions while booting (kernel_text).
+        let expected = kernel_text::reconcile(
+            &name,
+            &site.expected,
+            &current,
+            loc.gva,
+            site.kind == SiteKind::Function,
+            kernel_text::KernelRewrites {
+                fentry: self.target.symbol("__fentry__"),
+                return_thunk: self.target.symbol("__x86_return_thunk"),
+                slide: self.target.slide,
+            },
+        )?;
+        let input = SiteInput {
+            name: name.clone(),
+            kind: site.kind,
+            at: loc.gva,
+            expected: &expected,
+            current: &current,
+            function: function_bytes.as_ref().map(|(start, b)| FunctionCode {
+                start: *start,
+                bytes: b,
+            }),
+        };
+        let window = planned.arena.window;
+        let near = plan::rel32_reaches(loc.gva, window.gva)
+            && plan::rel32_reaches(loc.gva, window.gva.saturating_add(window.size));
+        let jump_len = if near {
+            plan::JMP_REL32_LEN
+        } else {
+            plan::JMP_ABS_LEN
+        };
+        let analysis = plan::analyze(&input, jump_len)?;
+        // Rule 5: no overlap with this patch's other sites.
+        if let Some(p) = planned
+            .sites
+            .iter()
+            .find(|p| ranges_overlap(analysis.range(), p.plan.analysis.range()))
+        {
+            return Err(EngineError::SelfOverlap {
+                site: name,
+                other: p.location.clone(),
+            });
+        }
+        // Arena space: the code (+ the relocated copy for a micropatch), and for a function
+        // its escape copy.
+        let copy = plan::copy_len(&analysis, window.gva)? as u64;
+        let (code_len, escape_len) = match site.kind {
+            SiteKind::Function => (site.code.len() as u64, copy),
+            SiteKind::Micropatch => (site.code.len() as u64 + copy + 16, 0),
+        };
+        let code_chunk = reserve(planned, code_len)?;
+        let escape_chunk = match escape_len {
+            0 => None,
+            len => Some(reserve(planned, len)?),
+        };
+        let code_at = planned.arena.gva(code_chunk);
+        let mut code = site.code.clone();
+        patch_format::apply_relocations(&mut code, code_at, &site.relocations, |s| {
+            self.target.symbol(s)
+        })
+        .map_err(|source| EngineError::Reloc {
+            site: name.clone(),
+            source,
+        })?;
+        let escape_at = escape_chunk.map_or(0, |c| planned.arena.gva(c));
+        let plan = plan::build(&analysis, &code, code_at, escape_at)?;
+        let arena = &planned.arena;
+        for (at, bytes) in &plan.arena {
+            let fits = planned.chunks.iter().any(|c| {
+                *at >= arena.gva(*c)
+                    && at.saturating_add(bytes.len() as u64) <= arena.gva(*c).saturating_add(c.len)
+            });
+            if !fits {
+                return Err(PlanError::Verify {
+                    site: name,
+                    reason: format!("arena code at {at:#x} overflows its allocation"),
+                }
+                .into());
+            }
+        }
+        Ok(Prepared {
+            function: (site.kind == SiteKind::Function)
+                .then(|| (loc.gva, loc.gva.saturating_add(site.expected.len() as u64))),
+            gpa: gpa + (analysis.jump_at - loc.gva),
+            location: name,
+            plan,
+        })
+    }
+
+    /// The journal record of an apply about to start.
+    fn intent(&self, id: &str, patch: &Patch, planned: &Planned, lifting: &Lifting) -> PatchRecord {
+        PatchRecord {
+            id: id.to_string(),
+            name: patch.meta.name.clone(),
+            state: PatchState::Applying,
+            sites: planned
+                .sites
+                .iter()
+                .map(|p| SiteRecord {
+                    location: p.location.clone(),
+                    gva: p.plan.analysis.jump_at,
+                    gpa: p.gpa,
+                    original: p.plan.original.clone(),
+                    patched: p.plan.jump.clone(),
+                })
+                .collect(),
+            arena: planned
+                .chunks
+                .iter()
+                .map(|c| ArenaRecord {
+                    gpa: planned.arena.gpa(*c),
+                    len: c.len,
+                })
+                .collect(),
+            replaces: lifting.records.iter().map(|r| r.id.clone()).collect(),
+            applied_at: None,
+            reverted_at: None,
+            apply_blackout_us: None,
+            revert_blackout_us: None,
+            moved_vcpus: 0,
+            function_sites: planned
+                .sites
+                .iter()
+                .filter(|p| p.function.is_some())
+                .count() as u32,
+            note: None,
+        }
+    }
+
+    /// Writes the new code into the arena. No vCPU can be running it yet (nothing jumps there
+    /// until the commit), so this happens while the guest runs.
+    fn stage(&self, prepared: &[Prepared]) -> Result<(), EngineError> {
+        let window = self.arena.window;
+        for p in prepared {
+            for (at, bytes) in &p.plan.arena {
+                let gpa = window.gpa + (at - window.gva);
+                self.guest.write_phys(gpa, bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The blackout of an apply: the jumps go in, replaced patches come out.
+    fn commit_apply(
+        &mut self,
+        record: &PatchRecord,
+        prepared: &[Prepared],
+        lifting: &Lifting,
+    ) -> Result<Committed, EngineError> {
+        let window = self.arena.window;
+        // A patch replacing several functions switches a vCPU to all of them at once: none of
+        // the old ones may be running (past its entry) or on a stack.
+        let mut quiesce: Vec<(u64, u64, String)> = Vec::new();
+        let mut entries = Vec::new();
+        if record.function_sites > 1 {
+            for p in prepared {
+                if let Some((a, b)) = p.function {
+                    quiesce.push((a, b, format!("old {}", p.location)));
+                    entries.push(a);
+                    entries.push(p.plan.analysis.jump_at);
+                }
+            }
+        }
+        for r in &lifting.records {
+            quiesce.extend(quiesce_arena(r, &window));
+        }
+        let restore: Vec<&PatchRecord> = lifting.records.iter().collect();
+        self.blackout(&Change {
+            write: prepared,
+            restore: &restore,
+            quiesce,
+            entries,
+        })
+    }
+
+    /// An apply that did not commit. The blackout either wrote nothing or undid what it wrote,
+    /// unless it reports [`EngineError::Stranded`]: then the guest may still jump into this
+    /// patch's arena code, which therefore stays allocated and intact.
+    fn abandon(
+        &mut self,
+        record: &mut PatchRecord,
+        chunks: &[Chunk],
+        e: &EngineError,
+    ) -> Result<(), EngineError> {
+        if matches!(e, EngineError::Stranded { .. }) {
+            warn!(patch = %record.id, "keeping the arena code of a patch the guest may still reach");
+        } else {
+            for c in chunks {
+                let _ = self
+                    .guest
+                    .write_phys(self.arena.gpa(*c), &vec![0u8; c.len as usize]);
+                self.arena.release(*c);
+            }
+        }
+        record.state = PatchState::Failed;
+        record.note = Some(e.to_string());
+        self.put(record.clone())
+    }
+
+    fn record_applied(
+        &mut self,
+        mut record: PatchRecord,
+        lifting: Lifting,
+        committed: Committed,
+        t0: Instant,
+    ) -> Result<ApplyOutcome, EngineError> {
+        let blackout_us = committed.blackout.as_micros() as u64;
+        record.state = PatchState::Applied;
+        record.applied_at = Some(now_secs());
+        record.apply_blackout_us = Some(blackout_us);
+        record.moved_vcpus = committed.moved;
+        self.put(record.clone())?;
+        let replaced: Vec<String> = lifting.records.iter().map(|r| r.id.clone()).collect();
+        for mut old in lifting.records {
+            old.state = PatchState::Reverted;
+            old.reverted_at = Some(now_secs());
+            old.revert_blackout_us = Some(blackout_us);
+            old.note = Some(format!("replaced by {}", record.id));
+            self.retire_arena(&old);
+            self.put(old)?;
+        }
+        self.applies += 1;
+        self.moved += u64::from(committed.moved);
+        self.apply_blackouts.push(blackout_us);
+        let total_us = t0.elapsed().as_micros() as u64;
+        self.apply_totals.push(total_us);
+        info!(patch = %record.id, name = %record.name, sites = record.sites.len(), blackout_us, attempts = committed.attempts, moved_vcpus = committed.moved, total_us, "patch applied");
+        Ok(ApplyOutcome {
+            patch: record,
+            already_applied: false,
+            replaced,
+            attempts: committed.attempts,
+            total_us,
+        })
+    }
+
+    /// A reverted patch's arena code waits in quarantine until no vCPU can be running it.
+    fn retire_arena(&mut self, r: &PatchRecord) {
+        let gpa0 = self.arena.window.gpa;
+        for a in &r.arena {
+            self.arena.retire(Chunk {
+                offset: a.gpa.wrapping_sub(gpa0),
+                len: a.len,
+            });
+        }
+    }
+
+    /// Reverts an applied patch: every byte it changed is put back in one blackout.
+    pub fn revert(&mut self, id: &str) -> Result<PatchRecord, EngineError> {
+        let rec = self.find(id)?.clone();
+        if rec.state != PatchState::Applied {
+            return Err(EngineError::NotApplied {
+                id: rec.id,
+                state: format!("{:?}", rec.state).to_lowercase(),
+            });
+        }
+        for s in &rec.sites {
+            if self.read(s.gpa, s.patched.len())? != s.patched {
+                return Err(EngineError::Tampered {
+                    id: rec.id.clone(),
+                    site: s.location.clone(),
+                });
+            }
+        }
+        let mut r = rec.clone();
+        r.state = PatchState::Reverting;
+        self.put(r.clone())?;
+        let window = self.arena.window;
+        let out = self.blackout(&Change {
+            write: &[],
+            restore: &[&rec],
+            quiesce: quiesce_arena(&rec, &window),
+            entries: Vec::new(),
+        });
+        let committed = match out {
+            Ok(c) => c,
+            Err(e) => {
+                // Not written, or written and undone: the patch is still in. A stranded revert
+                // (undo failed too) leaves a site of unknown state: say so rather than claim
+                // either.
+                r.state = PatchState::Applied;
+                if matches!(e, EngineError::Stranded { .. }) {
+                    r.note = Some(e.to_string());
+                }
+                self.put(r)?;
+                return Err(e);
+            }
+        };
+        let blackout_us = committed.blackout.as_micros() as u64;
+        r.state = PatchState::Reverted;
+        r.reverted_at = Some(now_secs());
+        r.revert_blackout_us = Some(blackout_us);
+        self.put(r.clone())?;
+        self.retire_arena(&rec);
+        self.reverts += 1;
+        self.revert_blackouts.push(blackout_us);
+        info!(patch = %r.id, blackout_us, "patch reverted");
+        Ok(r)
+    }
+}
+
+/// Takes `len` bytes from the scratch arena for the patch being planned.
+fn reserve(planned: &mut Planned, len: u64) -> Result<Chunk, EngineError> {
+    let c = planned.arena.alloc(len).ok_or(EngineError::ArenaFull {
+        needed: len,
+        free: planned.arena.free_bytes(),
+        quarantined: planned.arena.quarantined_bytes(),
+    })?;
+    planned.chunks.push(c);
+    Ok(c)
+}

@@ -1,0 +1,397 @@
+//! The blackout: with every vCPU parked, check that the guest still holds what was planned and
+//! that no vCPU is in the way, write every site or none, move vCPUs out of displaced bytes,
+//! resume. Retries with backoff while a vCPU is in the way, then reports "busy".
+//!
+//! All or nothing (docs/patch-engine.md): if a write or a vCPU move fails part-way, every byte
+//! already written in this blackout is put back before the guest resumes. Only if that undo
+//! fails too does the engine report [`EngineError::Stranded`], and the caller then keeps the
+//! arena code the guest may still reach.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use guest_control::{GuestControl, Paused, VcpuState};
+use tracing::{error, info};
+
+use crate::apply::Prepared;
+use crate::journal::PatchRecord;
+use crate::{Engine, EngineError, overlay_originals, site_range};
+
+/// Hard cap on the stack bytes scanned per vCPU, whatever the configuration says: the scan runs
+/// inside the blackout, on guest-controlled addresses.
+pub const MAX_STACK_SCAN: usize = 64 << 10;
+
+/// A change to make in one blackout: new sites to write, applied patches to take out.
+pub(crate) struct Change<'a> {
+    pub(crate) write: &'a [Prepared],
+    pub(crate) restore: &'a [&'a PatchRecord],
+    /// Code no vCPU may be running or returning into (consistency of multi-function patches),
+    /// as `[start, end)` with a name for messages.
+    pub(crate) quiesce: Vec<(u64, u64, String)>,
+    /// Function entries inside `quiesce` where a vCPU may sit: it has not started the call.
+    pub(crate) entries: Vec<u64>,
+}
+
+impl Change<'_> {
+    fn quiesce_hit(&self, addr: u64) -> Option<&str> {
+        if self.entries.contains(&addr) {
+            return None;
+        }
+        self.quiesce
+            .iter()
+            .find(|(a, b, _)| addr >= *a && addr < *b)
+            .map(|(_, _, n)| n.as_str())
+    }
+}
+
+/// What a committed blackout did.
+pub(crate) struct Committed {
+    pub(crate) blackout: Duration,
+    pub(crate) attempts: u32,
+    pub(crate) moved: u32,
+}
+
+/// Why a vCPU is in the way of a change: the blackout backs off and tries again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Busy {
+    /// A return address on the vCPU's stack points inside a range about to change.
+    ReturnsInside {
+        vcpu: usize,
+        word: u64,
+        site: String,
+    },
+    /// The vCPU is running code that must be quiescent.
+    Running { vcpu: usize, rip: u64, code: String },
+    /// The vCPU will return into code that must be quiescent.
+    WillReturnInto {
+        vcpu: usize,
+        word: u64,
+        code: String,
+    },
+    /// The vCPU sits inside displaced bytes, not on an instruction boundary of them.
+    MidInstruction { vcpu: usize, rip: u64, site: String },
+    /// The vCPU sits inside a patched site about to be restored.
+    InsideSite { vcpu: usize, rip: u64, site: String },
+}
+
+impl fmt::Display for Busy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Busy::ReturnsInside { vcpu, word, site } => {
+                write!(f, "vCPU {vcpu} has {word:#x}, inside {site}, on its stack")
+            }
+            Busy::Running { vcpu, rip, code } => {
+                write!(f, "vCPU {vcpu} is running {code} at {rip:#x}")
+            }
+            Busy::WillReturnInto { vcpu, word, code } => {
+                write!(
+                    f,
+                    "vCPU {vcpu} will return into {code} ({word:#x} on its stack)"
+                )
+            }
+            Busy::MidInstruction { vcpu, rip, site } => write!(
+                f,
+                "vCPU {vcpu} at {rip:#x} is not on an instruction boundary of {site}"
+            ),
+            Busy::InsideSite { vcpu, rip, site } => {
+                write!(f, "vCPU {vcpu} at {rip:#x} is inside patched site {site}")
+            }
+        }
+    }
+}
+
+/// The outcome of one attempt with the guest parked.
+enum Attempt {
+    Written { moved: u32 },
+    Busy(Busy),
+}
+
+/// A vCPU to move when it resumes: (vCPU, from, to).
+type Move = (usize, u64, u64);
+
+/// One write made inside the blackout, with what was there before it.
+struct Done<'a> {
+    gpa: u64,
+    before: &'a [u8],
+}
+
+impl<G: GuestControl> Engine<G> {
+    /// Pauses, checks, writes, resumes; retries while a vCPU is in the way.
+    pub(crate) fn blackout(&mut self, change: &Change<'_>) -> Result<Committed, EngineError> {
+        let mut why = None;
+        let guest = self.guest.clone();
+        for attempt in 1..=self.config.max_attempts.max(1) {
+            let paused = Paused::pause(&*guest)?;
+            // An early return (`?`) below resumes the guest as `paused` drops.
+            match self.check_and_write(change, paused.vcpus())? {
+                Attempt::Written { moved } => {
+                    // Everything is written: a resume failure now must not make the caller
+                    // free arena code the new jumps point into.
+                    let blackout = paused.resume().map_err(|e| EngineError::Stranded {
+                        failed_at: "resuming the guest after the writes".into(),
+                        detail: format!("every site was written; {e}"),
+                    })?;
+                    return Ok(Committed {
+                        blackout,
+                        attempts: attempt,
+                        moved,
+                    });
+                }
+                Attempt::Busy(b) => why = Some(b),
+            }
+            paused.resume()?;
+            self.busy_retries += 1;
+            // Back off a little more each time, with jitter, so the next pause does not catch
+            // a looping vCPU at the same point of its loop.
+            let jitter = u64::from(
+                Instant::now().elapsed().subsec_nanos() ^ attempt.wrapping_mul(2_654_435_761),
+            ) % 200;
+            std::thread::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter));
+        }
+        Err(EngineError::Busy {
+            attempts: self.config.max_attempts,
+            why: why.map(|b| b.to_string()).unwrap_or_default(),
+        })
+    }
+
+    /// With every vCPU parked: checks the guest, finds whether a vCPU is in the way, and if
+    /// none is, writes everything.
+    fn check_and_write(
+        &mut self,
+        change: &Change<'_>,
+        states: &[Option<VcpuState>],
+    ) -> Result<Attempt, EngineError> {
+        let vcpus: Vec<&VcpuState> = states.iter().flatten().collect();
+        let first = vcpus.first().ok_or(EngineError::NoVcpu)?;
+        self.recheck_guest(change, first)?;
+        let mut moves: Vec<Move> = Vec::new();
+        let mut stacks: Vec<Vec<u64>> = Vec::with_capacity(vcpus.len());
+        for v in &vcpus {
+            let words = self.stack_words(v);
+            match in_the_way(change, v, &words) {
+                Ok(Some(to)) => moves.push((v.id, v.rip, to)),
+                Ok(None) => {}
+                Err(busy) => return Ok(Attempt::Busy(busy)),
+            }
+            stacks.push(words);
+        }
+        self.write_all(change, &moves)?;
+        // Quarantined arena code nobody can be running any more becomes free.
+        let rips: Vec<u64> = vcpus.iter().map(|v| v.rip).collect();
+        self.arena.sweep(|a, b| {
+            rips.iter().any(|&r| r >= a && r < b)
+                || stacks.iter().flatten().any(|&w| w >= a && w < b)
+                || moves.iter().any(|&(_, _, to)| to >= a && to < b)
+        });
+        Ok(Attempt::Written {
+            moved: moves.len() as u32,
+        })
+    }
+
+    /// The guest still holds what was planned: same page tables, the applied patches' bytes
+    /// where they will be restored, the original bytes where jumps will go.
+    fn recheck_guest(&mut self, change: &Change<'_>, first: &VcpuState) -> Result<(), EngineError> {
+        // The translations were made with cached paging registers: re-check them if the
+        // guest switched page tables since.
+        if self.paging != Some(first.paging) {
+            for p in change.write {
+                let t = self.guest.translate(first, p.plan.analysis.jump_at);
+                if t.map(|t| t.gpa).ok() != Some(p.gpa) {
+                    self.paging = Some(first.paging);
+                    return Err(EngineError::Raced {
+                        site: p.location.clone(),
+                    });
+                }
+            }
+            self.paging = Some(first.paging);
+        }
+        for r in change.restore {
+            for s in &r.sites {
+                if self.read(s.gpa, s.patched.len())? != s.patched {
+                    return Err(EngineError::Tampered {
+                        id: r.id.clone(),
+                        site: s.location.clone(),
+                    });
+                }
+            }
+        }
+        for p in change.write {
+            let mut cur = self.read(p.gpa, p.plan.original.len())?;
+            overlay_originals(
+                &mut cur,
+                p.plan.analysis.jump_at,
+                change.restore.iter().flat_map(|r| &r.sites),
+            );
+            if cur != p.plan.original {
+                return Err(EngineError::Raced {
+                    site: p.location.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every site (restores first, then jumps) and moves vCPUs; on any failure puts back
+    /// everything already done before returning.
+    fn write_all(&self, change: &Change<'_>, moves: &[Move]) -> Result<(), EngineError> {
+        let writes = change
+            .restore
+            .iter()
+            .flat_map(|r| &r.sites)
+            .map(|s| (s.gpa, &s.original[..], &s.patched[..], s.location.as_str()))
+            .chain(change.write.iter().map(|p| {
+                (
+                    p.gpa,
+                    &p.plan.jump[..],
+                    &p.plan.original[..],
+                    p.location.as_str(),
+                )
+            }));
+        let mut done: Vec<Done<'_>> = Vec::new();
+        for (gpa, bytes, before, site) in writes {
+            if let Err(e) = self.guest.write_phys(gpa, bytes) {
+                self.undo(&done, &[], site)?;
+                return Err(e.into());
+            }
+            done.push(Done { gpa, before });
+        }
+        for (i, &(id, from, to)) in moves.iter().enumerate() {
+            if let Err(e) = self.guest.set_rip(id, to) {
+                self.undo(&done, &moves[..i], &format!("moving vCPU {id}"))?;
+                return Err(e.into());
+            }
+            info!(
+                vcpu = id,
+                from = format_args!("{from:#x}"),
+                to = format_args!("{to:#x}"),
+                "moved a parked vCPU out of displaced bytes"
+            );
+        }
+        Ok(())
+    }
+
+    /// Puts back `done` writes (newest first) and `moved` vCPUs. Failing that, the guest holds
+    /// part of a change: [`EngineError::Stranded`].
+    fn undo(&self, done: &[Done<'_>], moved: &[Move], failed_at: &str) -> Result<(), EngineError> {
+        let mut stranded = Vec::new();
+        for &(id, from, _) in moved.iter().rev() {
+            if let Err(e) = self.guest.set_rip(id, from) {
+                stranded.push(format!(
+                    "vCPU {id} could not be moved back to {from:#x}: {e}"
+                ));
+            }
+        }
+        for d in done.iter().rev() {
+            if let Err(e) = self.guest.write_phys(d.gpa, d.before) {
+                stranded.push(format!("{:#x}: {e}", d.gpa));
+            }
+        }
+        if stranded.is_empty() {
+            return Ok(());
+        }
+        error!(failed_at, detail = %stranded.join("; "), "a blackout write failed and could not be undone");
+        Err(EngineError::Stranded {
+            failed_at: failed_at.to_string(),
+            detail: stranded.join("; "),
+        })
+    }
+
+    /// Up to `config.stack_scan` bytes (never more than [`MAX_STACK_SCAN`]) from the top of a
+    /// parked vCPU's stack, as words: the return addresses (and interrupted contexts) it may
+    /// come back to. RSP is guest-controlled: all arithmetic is checked, and the scan ends at
+    /// the top of the address space or the first unmapped page.
+    pub(crate) fn stack_words(&self, v: &VcpuState) -> Vec<u64> {
+        // In 128 bits the top of the address space is an ordinary bound: nothing can wrap.
+        const TOP: u128 = 1 << 64;
+        let mut words = Vec::new();
+        let mut at = u128::from(v.rsp & !7);
+        let end = (at + self.config.stack_scan.min(MAX_STACK_SCAN) as u128).min(TOP);
+        while at < end {
+            let page_end = ((at | 0xfff) + 1).min(end);
+            // `at` < 2^64 inside the loop, so these conversions are exact.
+            let gva = at as u64;
+            let Ok(t) = self.guest.translate(v, gva) else {
+                break;
+            };
+            let mut buf = vec![0u8; (page_end - at) as usize];
+            if self.guest.read_phys(t.gpa, &mut buf).is_err() {
+                break;
+            }
+            words.extend(buf.chunks_exact(8).map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_le_bytes(w)
+            }));
+            at = page_end;
+        }
+        words
+    }
+}
+
+/// Whether `v` is in the way of `change`: `Ok(Some(rip))` when it must be moved to `rip`,
+/// `Ok(None)` when it may stay, `Err` when it blocks this attempt.
+fn in_the_way(change: &Change<'_>, v: &VcpuState, words: &[u64]) -> Result<Option<u64>, Busy> {
+    // Interiors of every range about to change: a return address there would resume in the
+    // middle of new bytes.
+    let interiors = change
+        .write
+        .iter()
+        .map(|p| {
+            let (a, b) = p.plan.analysis.range();
+            (a, b, p.location.as_str())
+        })
+        .chain(change.restore.iter().flat_map(|r| {
+            r.sites.iter().map(|s| {
+                let (a, b) = site_range(s);
+                (a, b, s.location.as_str())
+            })
+        }));
+    for (a, b, loc) in interiors {
+        if let Some(&w) = words.iter().find(|&&w| w > a && w < b) {
+            return Err(Busy::ReturnsInside {
+                vcpu: v.id,
+                word: w,
+                site: loc.to_string(),
+            });
+        }
+    }
+    if let Some(name) = change.quiesce_hit(v.rip) {
+        return Err(Busy::Running {
+            vcpu: v.id,
+            rip: v.rip,
+            code: name.to_string(),
+        });
+    }
+    if let Some((w, name)) = words
+        .iter()
+        .find_map(|&w| change.quiesce_hit(w).map(|n| (w, n)))
+    {
+        return Err(Busy::WillReturnInto {
+            vcpu: v.id,
+            word: w,
+            code: name.to_string(),
+        });
+    }
+    let mut rip = v.rip;
+    for p in change.write {
+        rip = p
+            .plan
+            .relocate_rip(rip)
+            .ok_or_else(|| Busy::MidInstruction {
+                vcpu: v.id,
+                rip: v.rip,
+                site: p.location.clone(),
+            })?;
+    }
+    for s in change.restore.iter().flat_map(|r| &r.sites) {
+        let (a, b) = site_range(s);
+        if rip > a && rip < b {
+            return Err(Busy::InsideSite {
+                vcpu: v.id,
+                rip,
+                site: s.location.clone(),
+            });
+        }
+    }
+    Ok((rip != v.rip).then_some(rip))
+}
