@@ -49,19 +49,31 @@ impl GuestControl for Vm {
 
     fn pause_all(&self) -> Result<Vec<Option<VcpuState>>, GuestError> {
         let (_, snapshots) = self.pause().map_err(|e| GuestError::Pause(Box::new(e)))?;
-        Ok(snapshots
-            .iter()
-            .enumerate()
-            .map(|(id, s)| {
-                s.as_ref().map(|s| VcpuState {
-                    id,
-                    rip: s.regs.rip,
-                    rsp: s.regs.rsp,
-                    cpl: s.sregs.cs.dpl,
-                    paging: paging_regs(&s.sregs),
-                })
-            })
-            .collect())
+        let mut out = Vec::with_capacity(snapshots.len());
+        for (id, s) in snapshots.iter().enumerate() {
+            let Some(s) = s else {
+                out.push(None);
+                continue;
+            };
+            if let Some(errno) = s.read_error {
+                // Never hand the engine invented registers: refuse, and let the guest run.
+                if let Err(e) = self.resume() {
+                    tracing::error!(error = %e, "could not resume the guest after a failed register read");
+                }
+                return Err(GuestError::Registers {
+                    vcpu: id,
+                    source: Box::new(std::io::Error::from_raw_os_error(errno)),
+                });
+            }
+            out.push(Some(VcpuState {
+                id,
+                rip: s.regs.rip,
+                rsp: s.regs.rsp,
+                cpl: s.sregs.cs.dpl,
+                paging: paging_regs(&s.sregs),
+            }));
+        }
+        Ok(out)
     }
 
     fn resume_all(&self) -> Result<Duration, GuestError> {

@@ -3,6 +3,7 @@
 //! [`guest_control::GuestControl`] backend ([`guest`]).
 
 pub mod boot;
+pub mod builder;
 pub mod cpuid;
 pub mod devices;
 pub mod guest;

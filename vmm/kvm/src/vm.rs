@@ -7,20 +7,18 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
 use thiserror::Error;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootSpec, Image};
-use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger};
-use crate::devices::{PortBus, ReportBook, SerialConsole, StopReason};
+use crate::builder;
+use crate::devices::{PortBus, StopReason};
 use crate::integrity::{self, CodeRange, Integrity, IntegrityError, IntegrityStatus, RangeSource};
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{
-    self, Control, ControlError, RegsSummary, VcpuError, VcpuPhase, VcpuSnapshot, VcpuThread, kick,
+    Control, ControlError, RegsSummary, VcpuError, VcpuPhase, VcpuSnapshot, VcpuThread, kick,
 };
 use guest_control::stats::{History, Summary};
 
@@ -195,119 +193,22 @@ pub struct Vm {
     started: Instant,
 }
 
-fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
-    let shown = path.display().to_string();
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        VmError::NoKvm {
-            path: shown.clone(),
-        }
-    })?;
-    let kvm = Kvm::new_with_path(&cpath).map_err(|source| match source.errno() {
-        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm {
-            path: shown.clone(),
-        },
-        libc::EACCES | libc::EPERM => VmError::KvmPermission {
-            path: shown.clone(),
-        },
-        _ => VmError::KvmOpen {
-            path: shown.clone(),
-            source,
-        },
-    })?;
-    let version = kvm.get_api_version();
-    if version != 12 {
-        return Err(VmError::KvmVersion {
-            path: shown,
-            version,
-        });
-    }
-    Ok(kvm)
-}
-
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
-        if config.vcpus == 0 {
-            return Err(VmError::NoVcpus);
-        }
-        let kvm = open_kvm(&config.kvm_device)?;
-        let max = kvm.get_max_vcpus().min(MAX_VCPUS);
-        if config.vcpus > max {
-            return Err(VmError::TooManyVcpus {
-                requested: config.vcpus,
-                max,
-            });
-        }
+        let kvm = builder::open(&config)?;
         let mem_size = config.memory_mib.saturating_mul(1 << 20);
         let mem = memory::allocate(mem_size)?;
-        let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm {
-            what: "KVM_CREATE_VM",
-            source,
-        })?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(|source| VmError::Kvm {
-                what: "TSS address",
-                source,
-            })?;
-        vm_fd.create_irq_chip().map_err(|source| VmError::Kvm {
-            what: "in-kernel irqchip",
-            source,
-        })?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(|source| VmError::Kvm {
-                what: "in-kernel PIT",
-                source,
-            })?;
+        let vm_fd = builder::create_vm(&kvm)?;
         let max_slots = kvm.get_nr_memslots();
         let integrity = Arc::new(code_integrity(&kvm, &config, mem_size)?);
         integrity.install(&vm_fd, &memory::backing(&mem)?, max_slots)?;
         let spec = boot::load(&mem, mem_size, &config.image, &config.cmdline)?;
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
-            what: "the console IRQ",
-            source,
-        })?;
-        vm_fd
-            .register_irqfd(&irq, COM1_GSI)
-            .map_err(|source| VmError::Kvm {
-                what: "console irqfd",
-                source,
-            })?;
-        let sink: Box<dyn Write + Send> = match config.console {
-            ConsoleSink::Stdout => Box::new(std::io::stdout()),
-            ConsoleSink::Discard => Box::new(std::io::sink()),
-            ConsoleSink::Writer(w) => w,
-        };
         let console_lines = config
             .keep_console
             .then(|| Arc::new(Mutex::new(Vec::new())));
-        let bus = Arc::new(PortBus::new(
-            SerialConsole::new(
-                IrqTrigger(irq),
-                ConsoleOut::new(sink, console_lines.clone()),
-            ),
-            ReportBook::new(mem.clone(), config.vcpus),
-        ));
-
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm {
-                what: "supported CPUID",
-                source,
-            })?;
-        let mut fds = Vec::with_capacity(config.vcpus);
-        for id in 0..config.vcpus {
-            fds.push(vcpu::create(&vm_fd, id, config.vcpus, &spec, &cpuid)?);
-        }
-        kick::install_handler().map_err(|e| VmError::Host {
-            what: "the vCPU kick signal",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
+        let bus = builder::devices(&vm_fd, &mem, config.vcpus, config.console, &console_lines)?;
+        let fds = builder::create_vcpus(&kvm, &vm_fd, config.vcpus, &spec)?;
 
         let control = Arc::new(Control::new(config.vcpus));
         let kickers: Arc<OnceLock<Vec<kick::Kicker>>> = Arc::new(OnceLock::new());
@@ -319,10 +220,10 @@ impl Vm {
             let kickers = kickers.clone();
             Arc::new(move |reason: StopReason| request_stop(&stop, &control, &kickers, reason))
         };
-        let barrier = Arc::new(std::sync::Barrier::new(config.vcpus + 1));
-        let mut threads = Vec::with_capacity(config.vcpus);
-        for (id, fd) in fds.into_iter().enumerate() {
-            let t = VcpuThread {
+        let vcpus = fds
+            .into_iter()
+            .enumerate()
+            .map(|(id, fd)| VcpuThread {
                 id,
                 fd,
                 bus: bus.clone(),
@@ -330,23 +231,9 @@ impl Vm {
                 on_stop: on_stop.clone(),
                 integrity: integrity.clone(),
                 mem: mem.clone(),
-            };
-            let b = barrier.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    // Kicks must find the thread registered before it can enter the guest.
-                    b.wait();
-                    t.run()
-                })
-                .map_err(|source| VmError::Host {
-                    what: "a vCPU thread",
-                    source,
-                })?;
-            threads.push(handle);
-        }
-        let _ = kickers.set(threads.iter().map(kick::Kicker::for_thread).collect());
-        barrier.wait();
+            })
+            .collect();
+        let threads = builder::run_vcpus(vcpus, &kickers)?;
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, image = %config.image.name, mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), "VM started");
 
         Ok(Arc::new(Vm {

@@ -29,6 +29,9 @@ use guest_control::paging;
 pub struct VcpuSnapshot {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// The errno of a failed register read: the registers above are then zeros, not the
+    /// vCPU's, and nothing may be decided on them (the engine's pause refuses).
+    pub read_error: Option<i32>,
 }
 
 /// The subset of a snapshot operators see in the API.
@@ -147,9 +150,20 @@ pub struct VcpuThread {
 
 impl VcpuThread {
     fn snapshot(&self) -> VcpuSnapshot {
-        VcpuSnapshot {
-            regs: self.fd.get_regs().unwrap_or_default(),
-            sregs: self.fd.get_sregs().unwrap_or_default(),
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => VcpuSnapshot {
+                regs,
+                sregs,
+                read_error: None,
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(vcpu = self.id, error = %e, "could not read a parked vCPU's registers");
+                VcpuSnapshot {
+                    regs: kvm_regs::default(),
+                    sregs: kvm_sregs::default(),
+                    read_error: Some(e.errno()),
+                }
+            }
         }
     }
 
@@ -202,6 +216,26 @@ impl VcpuThread {
         }
     }
 
+    /// The fault the test guest reported through its fault port (vector, RIP, error code and
+    /// CR2 in rdi, rsi, r9, rcx).
+    fn guest_fault(&self) -> StopReason {
+        match self.fd.get_regs() {
+            Ok(r) => StopReason::GuestFault {
+                vcpu: self.id,
+                vector: r.rdi,
+                rip: r.rsi,
+                error_code: r.r9,
+                cr2: r.rcx,
+            },
+            Err(e) => StopReason::VcpuError {
+                vcpu: self.id,
+                message: format!(
+                    "the guest reported a fault, but its registers could not be read: {e}"
+                ),
+            },
+        }
+    }
+
     /// Runs until the VM stops. Never panics on guest behaviour: every exit is handled or turned
     /// into a stop reason.
     pub fn run(mut self) {
@@ -242,100 +276,34 @@ impl VcpuThread {
                     Checkpoint::Continue(None) => {}
                 }
             }
-            let exit = self.fd.run();
+            let action = classify(self.fd.run(), id, &self.bus, &self.integrity);
             // Any non-EINTR exit may leave an access half-done until the next KVM_RUN.
             consistent = false;
-            let stop = match exit {
-                Ok(VcpuExit::IoOut(port, data)) => match self.bus.pio_out(id, port, data) {
-                    PioOutcome::Handled => None,
-                    PioOutcome::Stop(reason) => Some(reason),
-                    PioOutcome::GuestFault => {
-                        let r = self.fd.get_regs().unwrap_or_default();
-                        Some(StopReason::GuestFault {
-                            vcpu: id,
-                            vector: r.rdi,
-                            rip: r.rsi,
-                            error_code: r.r9,
-                            cr2: r.rcx,
-                        })
-                    }
-                },
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.bus.pio_in(port, data);
-                    None
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    tracing::trace!(
-                        vcpu = id,
-                        addr = format_args!("{addr:#x}"),
-                        "read of unbacked MMIO"
-                    );
-                    data.fill(0xff);
-                    None
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) if self.integrity.protects(addr) => {
-                    let mut bytes = [0u8; 8];
-                    let n = data.len().min(bytes.len());
-                    bytes[..n].copy_from_slice(&data[..n]);
-                    let trapped_at = std::time::Instant::now();
-                    let ctx = self.write_context(n, trapped_at);
-                    self.integrity
-                        .guest_write(&self.mem, id, addr, &bytes[..n], ctx);
-                    None
-                }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    tracing::trace!(
-                        vcpu = id,
-                        addr = format_args!("{addr:#x}"),
-                        "write to unbacked MMIO"
-                    );
-                    None
-                }
-                Ok(VcpuExit::Hlt) => None,
-                Ok(VcpuExit::Intr) => {
+            let stop = match action {
+                ExitAction::Continue => None,
+                ExitAction::Interrupted => {
                     clear_immediate_exit();
                     consistent = true;
                     None
                 }
-                Ok(VcpuExit::Shutdown) => Some(StopReason::TripleFault {
+                ExitAction::Stop(reason) => Some(reason),
+                ExitAction::ProtectedWrite { addr, bytes, len } => {
+                    let ctx = self.write_context(len, std::time::Instant::now());
+                    self.integrity
+                        .guest_write(&self.mem, id, addr, &bytes[..len], ctx);
+                    None
+                }
+                ExitAction::GuestFault => Some(self.guest_fault()),
+                ExitAction::TripleFault => Some(StopReason::TripleFault {
                     vcpu: id,
                     rip: self.fd.get_regs().map(|r| r.rip).unwrap_or(0),
                 }),
-                Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PoweredOff(0),
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                        StopReason::Requested("the guest asked for a reset".into())
-                    }
-                    other => StopReason::VcpuError {
-                        vcpu: id,
-                        message: format!("system event {other}"),
-                    },
-                }),
-                Ok(VcpuExit::InternalError) => Some(StopReason::VcpuError {
+                ExitAction::InternalError => Some(StopReason::VcpuError {
                     vcpu: id,
                     message: format!(
                         "KVM internal error (instruction emulation failed?) at rip {:#x}",
                         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
                     ),
-                }),
-                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(StopReason::VcpuError {
-                    vcpu: id,
-                    message: format!(
-                        "KVM could not enter the guest: hardware reason {reason:#x} on host CPU {cpu}"
-                    ),
-                }),
-                Ok(other) => Some(StopReason::VcpuError {
-                    vcpu: id,
-                    message: format!("unhandled exit {other:?}"),
-                }),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    clear_immediate_exit();
-                    consistent = true;
-                    None
-                }
-                Err(e) => Some(StopReason::VcpuError {
-                    vcpu: id,
-                    message: format!("KVM_RUN failed: {e}"),
                 }),
             };
             if let Some(reason) = stop {
@@ -349,5 +317,83 @@ impl VcpuThread {
         }
         kick::unbind_immediate_exit();
         self.control.exited(id);
+    }
+}
+
+/// What one `KVM_RUN` exit asks of the vCPU loop. Exits needing the vCPU's registers are
+/// resolved by the loop once the exit (which borrows the vCPU's run area) is gone.
+enum ExitAction {
+    Continue,
+    /// A kick or signal: the loop may check for a pause.
+    Interrupted,
+    Stop(StopReason),
+    /// A guest write into protected code, copied out of the run area.
+    ProtectedWrite {
+        addr: u64,
+        bytes: [u8; 8],
+        len: usize,
+    },
+    GuestFault,
+    TripleFault,
+    InternalError,
+}
+
+fn classify(
+    exit: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    id: usize,
+    bus: &PortBus,
+    integrity: &Integrity,
+) -> ExitAction {
+    let stop = |message: String| ExitAction::Stop(StopReason::VcpuError { vcpu: id, message });
+    match exit {
+        Ok(VcpuExit::IoOut(port, data)) => match bus.pio_out(id, port, data) {
+            PioOutcome::Handled => ExitAction::Continue,
+            PioOutcome::Stop(reason) => ExitAction::Stop(reason),
+            PioOutcome::GuestFault => ExitAction::GuestFault,
+        },
+        Ok(VcpuExit::IoIn(port, data)) => {
+            bus.pio_in(port, data);
+            ExitAction::Continue
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            tracing::trace!(
+                vcpu = id,
+                addr = format_args!("{addr:#x}"),
+                "read of unbacked MMIO"
+            );
+            data.fill(0xff);
+            ExitAction::Continue
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) if integrity.protects(addr) => {
+            let mut bytes = [0u8; 8];
+            let len = data.len().min(bytes.len());
+            bytes[..len].copy_from_slice(&data[..len]);
+            ExitAction::ProtectedWrite { addr, bytes, len }
+        }
+        Ok(VcpuExit::MmioWrite(addr, _)) => {
+            tracing::trace!(
+                vcpu = id,
+                addr = format_args!("{addr:#x}"),
+                "write to unbacked MMIO"
+            );
+            ExitAction::Continue
+        }
+        Ok(VcpuExit::Hlt) => ExitAction::Continue,
+        Ok(VcpuExit::Intr) => ExitAction::Interrupted,
+        Ok(VcpuExit::Shutdown) => ExitAction::TripleFault,
+        Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(StopReason::PoweredOff(0)),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                ExitAction::Stop(StopReason::Requested("the guest asked for a reset".into()))
+            }
+            other => stop(format!("system event {other}")),
+        },
+        Ok(VcpuExit::InternalError) => ExitAction::InternalError,
+        Ok(VcpuExit::FailEntry(reason, cpu)) => stop(format!(
+            "KVM could not enter the guest: hardware reason {reason:#x} on host CPU {cpu}"
+        )),
+        Ok(other) => stop(format!("unhandled exit {other:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Interrupted,
+        Err(e) => stop(format!("KVM_RUN failed: {e}")),
     }
 }
