@@ -15,9 +15,10 @@ use crate::arena::{Arena, Chunk};
 use crate::blackout::{Change, Committed};
 use crate::journal::{ArenaRecord, PatchRecord, PatchState, SiteRecord};
 use crate::plan::{self, FunctionCode, PlanError, SiteInput, SitePlan};
+use crate::rewrites::SiteText;
 use crate::{
-    ApplyOutcome, Engine, EngineError, GuestControl, PagingRegs, kernel_text, now_secs,
-    quiesce_arena, ranges_overlap, site_range,
+    ApplyOutcome, Engine, EngineError, GuestControl, PagingRegs, now_secs, quiesce_arena,
+    ranges_overlap, site_range,
 };
 
 /// One site made ready to write.
@@ -174,18 +175,16 @@ impl<G: GuestControl> Engine<G> {
             )),
             _ => None,
         };
-        // A stock kernel rewrote some instructions while booting (kernel_text).
-        let expected = kernel_text::reconcile(
-            &name,
-            &site.expected,
-            &current,
-            loc.gva,
-            site.kind == SiteKind::Function,
-            kernel_text::KernelRewrites {
-                fentry: self.target.symbol("__fentry__"),
-                return_thunk: self.target.symbol("__x86_return_thunk"),
-                slide: self.target.slide,
+        // The OS may have rewritten some instructions since loading (crate::rewrites).
+        let expected = self.rewrites.reconcile(
+            &SiteText {
+                site: &name,
+                expected: &site.expected,
+                current: &current,
+                at: loc.gva,
+                function_entry: site.kind == SiteKind::Function,
             },
+            &self.target,
         )?;
         let input = SiteInput {
             name: name.clone(),

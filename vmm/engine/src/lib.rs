@@ -10,9 +10,9 @@ mod apply;
 pub mod arena;
 mod blackout;
 pub mod journal;
-pub mod kernel_text;
 pub mod keys;
 pub mod plan;
+pub mod rewrites;
 pub mod target;
 
 use std::collections::HashSet;
@@ -229,6 +229,8 @@ pub struct Engine<G: GuestControl> {
     /// Every patch seen, in order (mirrors the journal when there is one).
     records: Vec<PatchRecord>,
     paging: Option<PagingRegs>,
+    /// The OS's own rewrites of its text that rule 1 accepts (none by default).
+    rewrites: Box<dyn rewrites::TextRewrites>,
     apply_blackouts: History,
     revert_blackouts: History,
     apply_totals: History,
@@ -311,6 +313,7 @@ impl<G: GuestControl> Engine<G> {
             journal,
             records,
             paging: None,
+            rewrites: Box::new(rewrites::NoRewrites),
             apply_blackouts: History::new(4096),
             revert_blackouts: History::new(4096),
             apply_totals: History::new(4096),

@@ -11,6 +11,7 @@ use patch_engine::{Engine, EngineConfig, EngineError};
 use thiserror::Error;
 
 use crate::attach::{KernelImage, LinuxAttachError};
+use crate::boot_rewrites::LinuxBootRewrites;
 
 /// Why the engine could not attach to a Linux guest.
 #[derive(Debug, Error)]
@@ -33,7 +34,7 @@ pub fn engine_for_kernel<G: GuestControl>(
 ) -> Result<Engine<G>, LinuxEngineError> {
     let attached = crate::attach::attach(guest.as_ref(), idt, image, arena_gpa)?;
     let info = crate::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
-    Ok(Engine::new(
+    let mut engine = Engine::new(
         guest,
         Target::new(info, attached.slide.slide),
         ArenaWindow {
@@ -43,5 +44,7 @@ pub fn engine_for_kernel<G: GuestControl>(
         },
         config,
         state_dir,
-    )?)
+    )?;
+    engine.set_text_rewrites(Box::new(LinuxBootRewrites));
+    Ok(engine)
 }

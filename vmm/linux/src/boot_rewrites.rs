@@ -20,7 +20,31 @@
 
 use iced_x86::{Code, Decoder, DecoderOptions};
 
-use super::plan::{NOP5, PlanError};
+use patch_engine::plan::{NOP5, PlanError};
+use patch_engine::rewrites::{SiteText, TextRewrites};
+use patch_engine::target::Target;
+
+/// The stock Linux kernel's rewrites, for the engine's rule 1 (see the module doc): its
+/// fentry and return-thunk symbols and KASLR slide come from the target.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinuxBootRewrites;
+
+impl TextRewrites for LinuxBootRewrites {
+    fn reconcile(&self, t: &SiteText<'_>, target: &Target) -> Result<Vec<u8>, PlanError> {
+        reconcile(
+            t.site,
+            t.expected,
+            t.current,
+            t.at,
+            t.function_entry,
+            KernelRewrites {
+                fentry: target.symbol("__fentry__"),
+                return_thunk: target.symbol("__x86_return_thunk"),
+                slide: target.slide,
+            },
+        )
+    }
+}
 
 /// `ret; int3; int3; int3; int3`: the kernel's replacement of `jmp __x86_return_thunk`.
 const RET_INT3: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
