@@ -159,6 +159,25 @@ impl<G: GuestControl> Engine<G> {
                 });
             }
         }
+        // Sites only in the target's code: inside a sized function symbol of the image, never
+        // in the arena (whatever the symbols say about it).
+        let Some((fstart, fsize)) = loc.function else {
+            return Err(EngineError::NotInCode {
+                site: name,
+                gva: loc.gva,
+            });
+        };
+        let window = planned.arena.window;
+        let arena = (window.gva, window.gva.saturating_add(window.size));
+        if ranges_overlap(span, arena)
+            || ranges_overlap((fstart, fstart.saturating_add(fsize)), arena)
+        {
+            return Err(EngineError::InArena {
+                site: name,
+                gva: span.0,
+                end: span.1,
+            });
+        }
         let (gpa, current) = self.read_virtual(
             paging,
             &name,
@@ -167,14 +186,13 @@ impl<G: GuestControl> Engine<G> {
             &lifting.ids,
             false,
         )?;
-        let function_bytes = match (site.kind, loc.function) {
-            (SiteKind::Micropatch, Some((start, size))) => Some((
-                start,
-                self.read_virtual(paging, &name, start, size as usize, &lifting.ids, true)?
-                    .1,
-            )),
-            _ => None,
-        };
+        // The whole function, as the image built it (applied patches taken out): rules 2 and
+        // 3 are checked against it for both kinds of site.
+        let function_bytes = Some((
+            fstart,
+            self.read_virtual(paging, &name, fstart, fsize as usize, &lifting.ids, true)?
+                .1,
+        ));
         // The OS may have rewritten some instructions since loading (crate::rewrites).
         let expected = self.rewrites.reconcile(
             &SiteText {
@@ -197,7 +215,6 @@ impl<G: GuestControl> Engine<G> {
                 bytes: b,
             }),
         };
-        let window = planned.arena.window;
         let near = plan::rel32_reaches(loc.gva, window.gva)
             && plan::rel32_reaches(loc.gva, window.gva.saturating_add(window.size));
         let jump_len = if near {

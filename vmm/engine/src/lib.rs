@@ -105,6 +105,14 @@ pub enum EngineError {
         "patch {id}: site {site} no longer holds the patch's bytes (the guest rewrote it); refusing to revert over unknown code"
     )]
     Tampered { id: String, site: String },
+    #[error(
+        "site {site}: {gva:#x} is not inside a function of the target's code (only sized function symbols of the image are patchable, never data, page tables or free memory); the patch was built for other code"
+    )]
+    NotInCode { site: String, gva: u64 },
+    #[error(
+        "site {site}: {gva:#x}..{end:#x} lies in the patch arena, which only the engine writes; patch the guest's own code"
+    )]
+    InArena { site: String, gva: u64, end: u64 },
     #[error("the guest has no running vCPU")]
     NoVcpu,
     #[error(
@@ -130,7 +138,9 @@ impl EngineError {
             | EngineError::Reloc { .. }
             | EngineError::Unmapped { .. }
             | EngineError::Discontiguous { .. }
-            | EngineError::SelfOverlap { .. } => "refused",
+            | EngineError::SelfOverlap { .. }
+            | EngineError::NotInCode { .. }
+            | EngineError::InArena { .. } => "refused",
             EngineError::Overlap { .. } => "conflict",
             EngineError::ArenaFull { .. } => "arena_full",
             EngineError::Busy { .. } | EngineError::Raced { .. } | EngineError::OperatorPaused => {

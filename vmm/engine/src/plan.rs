@@ -112,6 +112,10 @@ pub enum PlanError {
         "site {site}: the built trampoline does not verify: {reason} (this is a bug; please report it)"
     )]
     Verify { site: String, reason: String },
+    #[error(
+        "site {site}: a function site must be at its function's start ({start:#x}), not at {at:#x}; use a micropatch to patch inside a function"
+    )]
+    NotFunctionStart { site: String, at: u64, start: u64 },
     #[error("site {site}: the site at {at:#x} lies outside its function {start:#x}..{end:#x}")]
     OutsideFunction {
         site: String,
@@ -267,7 +271,18 @@ pub fn analyze(site: &SiteInput<'_>, jump_len: usize) -> Result<Analysis, PlanEr
 
     // The function the site lives in, decoded from its start (a known boundary).
     let (fstart, fbytes) = match (site.kind, site.function) {
-        (SiteKind::Function, _) => (site.at, site.expected),
+        // A function site replaces the whole function: it starts at the function's start and
+        // is analysed against the function's real bytes and extent (rule 3 over all of it),
+        // however few bytes the patch expects.
+        (SiteKind::Function, Some(f)) if f.start == site.at => (f.start, f.bytes),
+        (SiteKind::Function, Some(f)) => {
+            return Err(PlanError::NotFunctionStart {
+                site: name(),
+                at: site.at,
+                start: f.start,
+            });
+        }
+        (SiteKind::Function, None) => (site.at, site.expected),
         (SiteKind::Micropatch, Some(f)) => (f.start, f.bytes),
         (SiteKind::Micropatch, None) => (site.at, site.expected),
     };

@@ -40,6 +40,9 @@ pub struct QmpCpu {
     pub thread_id: u64,
 }
 
+/// Events from an earlier client tolerated before the greeting.
+const MAX_STALE_EVENTS: usize = 64;
+
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
@@ -49,9 +52,18 @@ impl Qmp {
         stream.set_read_timeout(Some(timeout))?;
         let reader = BufReader::new(stream.try_clone()?);
         let mut qmp = Qmp { stream, reader };
-        let greeting = qmp.line()?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Malformed(greeting.to_string()));
+        // QEMU's monitor socket serves one client at a time and may still flush an event meant
+        // for the previous one (seen: a RESUME) before the new client's greeting: skip events.
+        let mut skipped = 0;
+        loop {
+            let line = qmp.line()?;
+            if line.get("QMP").is_some() {
+                break;
+            }
+            skipped += 1;
+            if line.get("event").is_none() || skipped > MAX_STALE_EVENTS {
+                return Err(QmpError::Malformed(line.to_string()));
+            }
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)

@@ -561,6 +561,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::Unrelocatable { .. } => "Unrelocatable",
         PlanError::Verify { .. } => "Verify",
         PlanError::OutsideFunction { .. } => "OutsideFunction",
+        PlanError::NotFunctionStart { .. } => "NotFunctionStart",
         PlanError::PastFunctionEnd { .. } => "PastFunctionEnd",
         PlanError::FtraceActive { .. } => "FtraceActive",
     }
