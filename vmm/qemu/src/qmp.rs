@@ -137,3 +137,71 @@ impl Qmp {
         self.execute("cont", json!({})).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A fake QMP server: writes `before` lines, the greeting, then answers each command.
+    fn serve(before: &'static [&'static str]) -> (tempfile_dir::Dir, std::path::PathBuf) {
+        let dir = tempfile_dir::Dir::new();
+        let path = dir.0.join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            for l in before {
+                writeln!(s, "{l}").expect("write");
+            }
+            writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).expect("greet");
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                let reply = if line.contains("query-status") {
+                    r#"{"event": "STOP"}
+{"return": {"status": "running"}}"#
+                } else {
+                    r#"{"return": {}}"#
+                };
+                writeln!(s, "{reply}").expect("reply");
+                line.clear();
+            }
+        });
+        (dir, path)
+    }
+
+    mod tempfile_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("qmp-test-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&p).expect("temp dir");
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn events_before_the_greeting_and_between_replies_are_skipped() {
+        let (_dir, path) = serve(&[r#"{"event": "RESUME", "timestamp": {"seconds": 1}}"#]);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).expect("connect");
+        assert_eq!(q.status().expect("status"), "running");
+    }
+
+    #[test]
+    fn anything_else_before_the_greeting_is_refused() {
+        let (_dir, path) = serve(&[r#"{"hello": 1}"#]);
+        assert!(matches!(
+            Qmp::connect(&path, Duration::from_secs(5)),
+            Err(QmpError::Malformed(_))
+        ));
+    }
+}
