@@ -12,6 +12,7 @@ use guest_tools::GuestBuild;
 use integration_tests::TempDir;
 use integration_tests::patching::*;
 use kvm_vmm::vm::Vm;
+use object::{Object, ObjectSection};
 use patch_engine::journal::{Journal, PatchState};
 use patch_engine::plan::PlanError;
 use patch_engine::target::TargetError;
@@ -291,21 +292,132 @@ fn micropatch_displacing_a_call_before_another_instruction() {
 }
 
 #[test]
-fn function_too_short_for_a_jump() {
+fn function_site_in_a_functions_tail() {
     let mut s = setup(EngineConfig::default());
-    // No function of the test guest is shorter than 5 bytes (the smallest has 6), so the
-    // shortest code a function site can name: probe's 2-byte tail `pop rbp; ret` at +15.
+    // No function of the test guest is shorter than 5 bytes (the smallest has 6), so the only
+    // way to name too little code for a jump used to be a function site at probe's 2-byte
+    // tail `pop rbp; ret` (+15). A function site must start at its function's start, so it
+    // is refused as such (the too-short rule itself is covered by the planner's tests).
     let (probe_at, probe) = elf_symbol(GuestBuild::V1, "probe");
     assert_eq!(&probe[15..], &[0x5d, 0xc3]);
-    // A function-replacement site whose "function" is those 2 bytes (new code: the same).
     let mut p = micropatch("too-short", "probe", 15, &probe[15..], &[0x5d, 0xc3]);
     p.sites[0].kind = SiteKind::Function;
-    refuse(&mut s, &signed(&p), "too short to patch there", |e| {
-        matches!(
-            e,
-            EngineError::Plan(PlanError::TooShort { at, available: 2, needed: 5, .. })
-                if *at == probe_at + 15
-        )
+    refuse(
+        &mut s,
+        &signed(&p),
+        "must be at its function's start",
+        |e| {
+            matches!(
+                e,
+                EngineError::Plan(PlanError::NotFunctionStart { at, start, .. })
+                    if *at == probe_at + 15 && *start == probe_at
+            )
+        },
+    );
+    finish(s, &[]);
+}
+
+/// A signed patch with one site of `kind` at `target`.
+fn one_site(
+    name: &str,
+    kind: SiteKind,
+    target: patch_format::Location,
+    expected: &[u8],
+    code: &[u8],
+) -> patch_format::Patch {
+    let mut p = micropatch(name, "compute", 0, expected, code);
+    p.sites[0].kind = kind;
+    p.sites[0].target = target;
+    p
+}
+
+fn at(addr: u64) -> patch_format::Location {
+    patch_format::Location::Address(addr)
+}
+
+fn sym(name: &str, offset: u64) -> patch_format::Location {
+    patch_format::Location::Symbol {
+        name: name.into(),
+        offset,
+    }
+}
+
+#[test]
+fn function_site_not_at_the_function_start() {
+    // compute+2 is inside `mov rbp, rsp`; the expected bytes match the guest there, so only the
+    // whole-function rule stands between this signed patch and a #GP.
+    let mut s = setup(EngineConfig::default());
+    let (_, compute) = elf_symbol(GuestBuild::V1, "compute");
+    let p = one_site(
+        "mid-function",
+        SiteKind::Function,
+        sym("compute", 2),
+        &compute[2..],
+        &[0x31, 0xc0, 0xc3],
+    );
+    refuse(
+        &mut s,
+        &signed(&p),
+        "must be at its function's start",
+        |e| matches!(e, EngineError::Plan(PlanError::NotFunctionStart { .. })),
+    );
+    finish(s, &[]);
+}
+
+#[test]
+fn function_site_with_a_short_expected_still_gets_the_branch_check() {
+    // spin_wait+4 with only the 5 displaced bytes as expected: the loop's `jnz` (+12 → +7)
+    // lies outside `expected`, but the check runs over the whole function.
+    let mut s = setup(EngineConfig::default());
+    let (_, bytes) = elf_symbol(GuestBuild::V1, "spin_wait");
+    let p = one_site(
+        "short-expected",
+        SiteKind::Function,
+        sym("spin_wait", 4),
+        &bytes[4..9],
+        &[0xc3],
+    );
+    refuse(&mut s, &signed(&p), "function's start", |e| {
+        matches!(e, EngineError::Plan(PlanError::NotFunctionStart { .. }))
     });
     finish(s, &[]);
+}
+
+#[test]
+fn sites_outside_the_targets_code() {
+    let mut s = setup(EngineConfig::default());
+    let arena = kvm_vmm::layout::PATCH_ARENA_START;
+    let elf = test_guest_object();
+    let rodata = elf
+        .sections()
+        .find(|sec| sec.name() == Ok(".rodata"))
+        .map(|sec| sec.address())
+        .expect("the test guest has .rodata");
+    let cases: [(&str, u64); 4] = [
+        ("the patch arena", arena + 0x100),
+        (".rodata", rodata),
+        ("the page directory", kvm_vmm::layout::PAGE_TABLES),
+        ("zeroed RAM outside the image", 0x80_0000),
+    ];
+    for (what, addr) in cases {
+        let len = 8usize;
+        let current = read(&s.vm, addr, len);
+        let p = one_site(what, SiteKind::Micropatch, at(addr), &current, &[0x90]);
+        let err = refuse(&mut s, &signed(&p), "", |e| {
+            matches!(
+                e,
+                EngineError::NotInCode { .. } | EngineError::InArena { .. }
+            )
+        });
+        assert!(
+            err.to_string().contains("not inside a function")
+                || err.to_string().contains("patch arena"),
+            "{what}: {err}"
+        );
+    }
+    finish(s, &[]);
+}
+
+fn test_guest_object() -> object::File<'static> {
+    object::File::parse(guest_tools::test_guest(GuestBuild::V1)).expect("guest ELF")
 }
