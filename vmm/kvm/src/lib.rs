@@ -9,6 +9,7 @@ pub mod devices;
 pub mod guest;
 pub mod integrity;
 pub mod layout;
+pub mod log_limit;
 pub mod memory;
 pub mod pagetables;
 pub mod vcpu;

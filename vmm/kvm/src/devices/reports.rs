@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::log_limit::Limiter;
 use crate::memory::GuestMemory;
 
 /// One report as the guest wrote it; the wire layout and its decoding are
@@ -85,6 +86,8 @@ impl VcpuReports {
 pub struct ReportBook {
     mem: GuestMemory,
     vcpus: Mutex<Vec<VcpuReports>>,
+    /// The guest decides how many bad reports it sends: their warnings are rate-limited.
+    log: Mutex<Limiter>,
 }
 
 impl ReportBook {
@@ -92,6 +95,7 @@ impl ReportBook {
         ReportBook {
             mem,
             vcpus: Mutex::new(vec![VcpuReports::default(); vcpus]),
+            log: Mutex::new(Limiter::new()),
         }
     }
 
@@ -110,27 +114,53 @@ impl ReportBook {
             return;
         };
         let Some(report) = parsed else {
-            entry.invalid += 1;
-            tracing::warn!(vcpu, gpa = format_args!("{gpa:#x}"), "invalid guest report");
+            entry.invalid = entry.invalid.saturating_add(1);
+            if let Some(held_back) = self.admit(now) {
+                tracing::warn!(
+                    vcpu,
+                    gpa = format_args!("{gpa:#x}"),
+                    held_back,
+                    "invalid guest report"
+                );
+            }
             return;
         };
-        let expected = entry.last.map(|l| l.seq + 1).unwrap_or(1);
+        // The guest chooses `seq`: wrap rather than overflow on u64::MAX.
+        let expected = entry.last.map_or(1, |l| l.seq.wrapping_add(1));
         if report.seq != expected {
-            entry.seq_errors += 1;
-            tracing::warn!(
-                vcpu,
-                seq = report.seq,
-                expected,
-                "guest report out of sequence"
-            );
+            entry.seq_errors = entry.seq_errors.saturating_add(1);
+            if let Some(held_back) = self.admit(now) {
+                tracing::warn!(
+                    vcpu,
+                    seq = report.seq,
+                    expected,
+                    held_back,
+                    "guest report out of sequence"
+                );
+            }
         }
         if entry.first.is_none() {
             entry.first = Some((now, report.calls));
         }
-        entry.count += 1;
+        entry.count = entry.count.saturating_add(1);
         entry.last = Some(report);
         entry.last_at = Some(now);
         entry.update_rate();
+    }
+
+    fn admit(&self, now: Instant) -> Option<u64> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(now)
+    }
+
+    /// Warnings about bad reports held back by the rate limit since the VM started.
+    pub fn log_suppressed(&self) -> u64 {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .suppressed_total
     }
 
     pub fn snapshot(&self) -> Vec<VcpuReports> {
@@ -154,6 +184,29 @@ mod tests {
             ..Default::default()
         }
         .to_bytes()
+    }
+
+    #[test]
+    fn a_hostile_sequence_number_and_a_report_flood_cannot_hurt_the_vmm() {
+        let mem = crate::memory::allocate(4 << 20).expect("memory");
+        let book = ReportBook::new(mem.clone(), 1);
+        // seq = u64::MAX then another report: the next expected number wraps, no overflow.
+        for seq in [u64::MAX, 7] {
+            mem.write_slice(&record_bytes(0, seq, 1), GuestAddress(0x1000))
+                .expect("write");
+            book.record(0, 0x1000);
+        }
+        assert_eq!(book.snapshot()[0].seq_errors, 2);
+        // 10,000 invalid reports: every one counted, only a burst of them logged.
+        for _ in 0..10_000 {
+            book.record(0, 1 << 40);
+        }
+        assert_eq!(book.snapshot()[0].invalid, 10_000);
+        assert!(
+            book.log_suppressed() >= 10_000 - crate::log_limit::LOG_BURST as u64 - 2,
+            "only {} warnings held back",
+            book.log_suppressed()
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
+use crate::log_limit::Limiter;
+
 use kvm_ioctls::VmFd;
 use serde::{Serialize, Serializer};
 use thiserror::Error;
@@ -149,41 +151,6 @@ struct Fragments {
     next_gpa: u64,
     next_rip: u64,
     remaining: usize,
-}
-
-/// Token bucket for the violation log.
-#[derive(Debug)]
-struct Limiter {
-    tokens: f64,
-    last: Instant,
-    suppressed: u64,
-    suppressed_total: u64,
-}
-
-impl Limiter {
-    fn new() -> Self {
-        Limiter {
-            tokens: LOG_BURST,
-            last: Instant::now(),
-            suppressed: 0,
-            suppressed_total: 0,
-        }
-    }
-
-    /// Whether to log now; when yes, also how many lines were held back since the last one.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * LOG_PER_SECOND).min(LOG_BURST);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            self.suppressed_total += 1;
-            None
-        }
-    }
 }
 
 #[derive(Debug)]
