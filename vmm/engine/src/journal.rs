@@ -176,6 +176,12 @@ pub enum JournalError {
         version: u64,
     },
 
+    #[error(
+        "refusing the patch state at {}: it {reason}. Another user could plant patch history          that recovery would act on; use a state dir only this user can write (mode 0700), or          remove it to start afresh",
+        path.display()
+    )]
+    Unsafe { path: PathBuf, reason: &'static str },
+
     #[error("refusing to journal patch record: {reason}; this is a bug in the caller")]
     InvalidRecord { reason: String },
 
@@ -240,6 +246,9 @@ impl Journal {
             .mode(0o700)
             .create(dir)
             .map_err(io_err("create state dir", dir))?;
+        // Another user must not be able to plant or swap files here (as ssh insists of ~/.ssh).
+        let meta = fs::symlink_metadata(dir).map_err(io_err("inspect state dir", dir))?;
+        check_private(dir, &meta, true)?;
         let lock = lock_dir(dir)?;
 
         let tmp = dir.join(TMP_FILE);
@@ -255,6 +264,7 @@ impl Journal {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
         {
             Ok(f) => {
@@ -266,11 +276,17 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
                 .read(true)
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(io_err("open", &path))?,
             Err(e) => return Err(io_err("create", &path)(e)),
         };
 
+        check_private(
+            &path,
+            &file.metadata().map_err(io_err("inspect", &path))?,
+            false,
+        )?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io_err("read", &path))?;
         let replay = replay(&path, &data)?;
@@ -304,7 +320,7 @@ impl Journal {
             _lock: lock,
             len: replay.good_len,
             lines: replay.lines,
-            next_seq: replay.last_seq + 1,
+            next_seq: replay.last_seq.saturating_add(1),
             records: replay.records,
             index: replay.index,
             compact_at,
@@ -339,6 +355,11 @@ impl Journal {
             });
         }
         validate(&rec).map_err(|reason| JournalError::InvalidRecord { reason })?;
+        if self.next_seq == u64::MAX {
+            // The sequence would run out (a file carried from elsewhere may start near the
+            // top): renumber from 1 in a compacted file rather than wrap.
+            self.compact()?;
+        }
         let line = encode_line(self.next_seq, &rec)?;
 
         if let Err(e) = self.file.write_all_at(&line, self.len) {
@@ -390,7 +411,8 @@ impl Journal {
                 path: self.path.clone(),
             });
         }
-        let mut seq = self.next_seq;
+        // A compacted file starts its own sequence: numbers never run out.
+        let mut seq = 1u64;
         let mut content = Vec::new();
         for rec in &self.records {
             content.extend_from_slice(&encode_line(seq, rec)?);
@@ -440,11 +462,46 @@ fn write_new_file(path: &Path, content: &[u8]) -> Result<File, JournalError> {
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(io_err("create", path))?;
     f.write_all(content).map_err(io_err("write", path))?;
     f.sync_all().map_err(io_err("sync", path))?;
     Ok(f)
+}
+
+/// Refuses a state dir (`dir = true`) or a file in it that another user could have planted or
+/// could change: not owned by this process's user, writable by group or others, or not what it
+/// should be (a symlink, a FIFO, a device...).
+fn check_private(path: &Path, meta: &fs::Metadata, dir: bool) -> Result<(), JournalError> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let kind_ok = if dir {
+        meta.file_type().is_dir()
+    } else {
+        meta.file_type().is_file()
+    };
+    let reason = if !kind_ok {
+        Some(if dir {
+            "is not a directory (symlinks are not followed)"
+        } else {
+            "is not a regular file (symlinks are not followed)"
+        })
+    } else if meta.uid() != euid {
+        Some("is owned by another user")
+    } else if meta.mode() & 0o022 != 0 {
+        Some("is writable by group or others")
+    } else {
+        None
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(JournalError::Unsafe {
+            path: path.to_path_buf(),
+            reason,
+        }),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), JournalError> {
@@ -461,8 +518,14 @@ fn lock_dir(dir: &Path) -> Result<File, JournalError> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(io_err("open lock file", &path))?;
+    check_private(
+        &path,
+        &f.metadata().map_err(io_err("inspect", &path))?,
+        false,
+    )?;
     match f.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -736,6 +799,80 @@ mod tests {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    #[test]
+    fn a_state_dir_or_file_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = TempDir::new("open-dir");
+        fs::create_dir_all(&d.0).unwrap();
+        fs::set_permissions(&d.0, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Journal::open(&d.0).unwrap_err();
+        assert!(matches!(err, JournalError::Unsafe { .. }), "{err}");
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        // Made private, it opens; a journal file others can write is refused too.
+        fs::set_permissions(&d.0, fs::Permissions::from_mode(0o700)).unwrap();
+        drop(Journal::open(&d.0).unwrap());
+        let path = d.0.join(JOURNAL_FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            Journal::open(&d.0),
+            Err(JournalError::Unsafe { .. })
+        ));
+    }
+
+    #[test]
+    fn symlinks_in_the_state_dir_are_never_followed() {
+        let d = TempDir::new("symlinks");
+        let victim_dir = TempDir::new("victim");
+        fs::create_dir_all(&victim_dir.0).unwrap();
+        let victim = victim_dir.0.join("precious");
+        fs::write(&victim, "keep me\n").unwrap();
+        for name in [LOCK_FILE, JOURNAL_FILE] {
+            let _ = fs::remove_dir_all(&d.0);
+            DirBuilder::new().mode(0o700).create(&d.0).unwrap();
+            std::os::unix::fs::symlink(&victim, d.0.join(name)).unwrap();
+            let err = Journal::open(&d.0).unwrap_err();
+            assert!(
+                matches!(err, JournalError::Io { .. } | JournalError::Unsafe { .. }),
+                "{name}: {err}"
+            );
+            assert_eq!(fs::read_to_string(&victim).unwrap(), "keep me\n", "{name}");
+        }
+        // The state dir itself as a symlink to a private directory is refused as well.
+        let _ = fs::remove_dir_all(&d.0);
+        std::os::unix::fs::symlink(&victim_dir.0, &d.0).unwrap();
+        assert!(matches!(
+            Journal::open(&d.0),
+            Err(JournalError::Unsafe { .. })
+        ));
+        let _ = fs::remove_file(&d.0);
+    }
+
+    #[test]
+    fn the_sequence_never_wraps() {
+        let d = TempDir::new("seq-wrap");
+        DirBuilder::new().mode(0o700).create(&d.0).unwrap();
+        // A journal whose last line carries the largest sequence number.
+        let line = encode_line(u64::MAX, &rec(1, PatchState::Applied)).unwrap();
+        let path = d.0.join(JOURNAL_FILE);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(&line)
+            .unwrap();
+        let (mut j, _) = Journal::open(&d.0).unwrap();
+        j.put(rec(2, PatchState::Applied)).unwrap();
+        j.put(rec(3, PatchState::Applied)).unwrap();
+        drop(j);
+        let (j, _) = Journal::open(&d.0).expect("reopen after the sequence ran out");
+        assert_eq!(j.records().len(), 3);
     }
 
     #[test]
