@@ -311,6 +311,7 @@ impl<G: GuestControl> Engine<G> {
             apply_blackout_us: None,
             revert_blackout_us: None,
             moved_vcpus: 0,
+            target: Some(self.target.identity_tag()),
             function_sites: planned
                 .sites
                 .iter()

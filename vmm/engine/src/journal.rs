@@ -108,6 +108,10 @@ pub struct PatchRecord {
     /// of functions at once, so its code must be idle around every apply and revert.
     #[serde(default)]
     pub function_sites: u32,
+    /// The image build the patch was applied to (`build-id:…` / `text:…`): recovery touches
+    /// a guest only when it runs the same build. Absent in records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// Why it failed, or what recovery did; shown to the operator.
     pub note: Option<String>,
 }
@@ -769,6 +773,7 @@ mod tests {
     fn rec(n: u8, state: PatchState) -> PatchRecord {
         PatchRecord {
             function_sites: 0,
+            target: None,
             id: id(n),
             name: format!("patch-{n}"),
             state,

@@ -406,11 +406,25 @@ impl<G: GuestControl> Engine<G> {
     pub fn recover(&mut self) -> Result<(), EngineError> {
         let mut restore: Vec<PatchRecord> = Vec::new();
         let mut updates: Vec<PatchRecord> = Vec::new();
+        let ours = self.target.identity_tag();
         for r in &self.records {
             if !matches!(
                 r.state,
                 PatchState::Applied | PatchState::Applying | PatchState::Reverting
             ) {
+                continue;
+            }
+            // Never act on a record made for another build: its addresses mean other code.
+            if let Some(theirs) = r.target.as_deref()
+                && theirs != ours
+            {
+                warn!(patch = %r.id, record_target = theirs, guest_target = %ours, "journal record is for another image build; the guest is not touched");
+                let mut u = r.clone();
+                u.state = PatchState::Failed;
+                u.note = Some(format!(
+                    "not recovered: recorded for build {theirs}, but the guest runs {ours}; the guest was not touched"
+                ));
+                updates.push(u);
                 continue;
             }
             let (mut orig, mut patched) = (0usize, 0usize);
@@ -428,7 +442,7 @@ impl<G: GuestControl> Engine<G> {
                 u.state = PatchState::Applied;
                 if r.state != PatchState::Applied {
                     u.note = Some(format!(
-                        "recovered: the {} was interrupted after every site was written; the patch is applied",
+                        "recovered: a {} was interrupted; the guest holds the patched bytes at every site, so the patch is applied",
                         if r.state == PatchState::Applying {
                             "apply"
                         } else {
@@ -447,11 +461,13 @@ impl<G: GuestControl> Engine<G> {
                     warn!(patch = %r.id, "journal arena chunks overlap; arena accounting may be conservative");
                 }
             } else if orig == n {
+                // Say what the guest's memory shows; why (an interrupted apply, a completed
+                // revert, or a restarted guest) cannot be told from it.
                 u.state = PatchState::Reverted;
                 u.note = Some(match r.state {
-                    PatchState::Applied => "not in the running guest (the guest was restarted); marked reverted".into(),
-                    PatchState::Applying => "recovered: the apply was interrupted before any site was written; nothing applied".into(),
-                    _ => "recovered: the revert had completed when it was interrupted".into(),
+                    PatchState::Applied => "the guest holds the original bytes at every site (the guest was restarted or the code reloaded); marked reverted".into(),
+                    PatchState::Applying => "recovered: an apply was interrupted; the guest holds the original bytes at every site, so nothing is applied".into(),
+                    _ => "recovered: a revert was interrupted; the guest holds the original bytes at every site, so the patch is reverted".into(),
                 });
                 u.reverted_at = Some(now_secs());
             } else {
@@ -487,29 +503,44 @@ impl<G: GuestControl> Engine<G> {
         if restore.is_empty() {
             return Ok(());
         }
-        // Half-written patches: put every original byte back in one blackout.
-        self.guest.pause_all()?;
-        let mut result: Result<(), EngineError> = Ok(());
+        // Half-written patches: put every original byte back in one blackout, only where the
+        // guest holds exactly the bytes this VMM wrote.
+        let guest = self.guest.clone();
+        let paused = guest_control::Paused::pause(&*guest)?;
+        let mut outcome = Vec::with_capacity(restore.len());
         for r in &restore {
+            let (mut restored, mut left) = (0usize, Vec::new());
             for s in &r.sites {
                 let cur = self.read(s.gpa, s.original.len())?;
-                if cur == s.patched || cur == s.original {
-                    if let Err(e) = self.guest.write_phys(s.gpa, &s.original) {
-                        result = Err(e.into());
-                    }
+                if cur == s.original {
+                    continue;
+                }
+                if cur == s.patched {
+                    self.guest.write_phys(s.gpa, &s.original)?;
+                    restored += 1;
                 } else {
                     warn!(patch = %r.id, site = %s.location, "site holds neither original nor patched bytes; left alone");
+                    left.push(s.location.clone());
                 }
             }
+            outcome.push((restored, left));
         }
-        self.guest.resume_all()?;
-        result?;
-        for mut r in restore {
-            warn!(patch = %r.id, "a crash left this patch half-written; original bytes restored");
+        paused.resume()?;
+        for (mut r, (restored, left)) in restore.into_iter().zip(outcome) {
+            let n = r.sites.len();
             r.state = PatchState::Failed;
-            r.note = Some(
-                "recovered: a crash interrupted writing the sites; every site was restored to its original bytes".into(),
-            );
+            r.note = Some(if left.is_empty() {
+                format!(
+                    "recovered: a crash left this patch half-written; {restored} of {n} sites held the patched bytes and were restored, the rest already held the original bytes"
+                )
+            } else {
+                format!(
+                    "recovered in part: a crash left this patch half-written; {restored} of {n} sites restored, {} left alone because they hold neither the original nor the patched bytes ({}); inspect them before patching this code",
+                    left.len(),
+                    left.join(", ")
+                )
+            });
+            warn!(patch = %r.id, note = ?r.note, "a half-written patch was reconciled");
             self.put(r)?;
         }
         Ok(())

@@ -102,6 +102,18 @@ impl Target {
         Ok(())
     }
 
+    /// The build as the journal names it, e.g. `build-id:ab12…,text:9f…`.
+    pub fn identity_tag(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(b) = &self.identity.build_id {
+            parts.push(format!("build-id:{}", hex::encode(b)));
+        }
+        if let Some(t) = &self.identity.text_sha256 {
+            parts.push(format!("text:{}", hex::encode(t)));
+        }
+        parts.join(",")
+    }
+
     /// The address of a symbol, for relocations: unique names only.
     pub fn symbol(&self, name: &str) -> Option<u64> {
         let mut it = self.symbols.iter().filter(|s| s.name == name);

@@ -620,3 +620,76 @@ fn a_hostile_stack_pointer_cannot_make_the_scan_wrap_or_grow() {
     assert_eq!(e.stack_words(&vcpu).len(), MAX_STACK_SCAN / 8);
     assert!(e.apply(&signed(&fix_f())).is_ok());
 }
+
+#[test]
+fn recovery_notes_say_what_the_guest_holds_and_another_build_is_not_touched() {
+    let dir = temp_dir("recovery-notes");
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    // Applied, then the journal forged to "applying" and both sites set back: what a restart
+    // of the guest after the sites were written looks like. The note must not claim the apply
+    // stopped before writing.
+    let rec = {
+        let mut e = engine(&g, Some(&dir));
+        let mut r = e.apply(&signed(&both())).unwrap().patch;
+        r.state = PatchState::Applying;
+        e.put(r.clone()).unwrap();
+        r
+    };
+    for s in &rec.sites {
+        g.write_phys(s.gpa, &s.original).unwrap();
+    }
+    let e = engine(&g, Some(&dir));
+    let note = e.find(&rec.id).unwrap().note.clone().unwrap_or_default();
+    assert!(
+        note.contains("holds the original bytes at every site"),
+        "{note}"
+    );
+    assert!(!note.contains("before any site was written"), "{note}");
+    drop(e);
+
+    // A record for another build: the guest holds its patched bytes at one site, but recovery
+    // must not touch a guest running other code.
+    let mut e = engine(&g, Some(&dir));
+    let mut r = e.apply(&signed(&fix_f())).unwrap().patch;
+    r.state = PatchState::Applying;
+    r.target = Some("build-id:00".into());
+    e.put(r.clone()).unwrap();
+    drop(e);
+    let before = g.snapshot();
+    let e = engine(&g, Some(&dir));
+    assert_eq!(
+        g.snapshot(),
+        before,
+        "recovery wrote into a guest of another build"
+    );
+    let got = e.find(&r.id).unwrap();
+    assert_eq!(got.state, PatchState::Failed);
+    assert!(
+        got.note
+            .as_deref()
+            .unwrap_or("")
+            .contains("was not touched"),
+        "{got:?}"
+    );
+    drop(e);
+
+    // Half-written with one site overwritten by the guest: the note says which were left.
+    let g2 = Fake::new(&[(0x5000, 0x8000)]);
+    let dir2 = temp_dir("recovery-partial");
+    let rec = {
+        let mut e = engine(&g2, Some(&dir2));
+        let mut r = e.apply(&signed(&both())).unwrap().patch;
+        r.state = PatchState::Applying;
+        e.put(r.clone()).unwrap();
+        r
+    };
+    g2.write_phys(rec.sites[1].gpa, &[0x90; 5]).unwrap();
+    let e = engine(&g2, Some(&dir2));
+    let note = e.find(&rec.id).unwrap().note.clone().unwrap_or_default();
+    assert!(note.contains("1 of 2 sites restored"), "{note}");
+    assert!(note.contains("left alone"), "{note}");
+    assert_eq!(g2.bytes(F_AT, 13), F);
+    drop(e);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}
