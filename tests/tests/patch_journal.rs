@@ -181,7 +181,7 @@ fn an_apply_interrupted_half_way_is_undone_on_restart() {
     assert_eq!(r.state, PatchState::Failed, "{r:?}");
     let note = r.note.clone().unwrap_or_default();
     assert!(
-        note.contains("interrupted") && note.contains("restored to its original bytes"),
+        note.contains("interrupted") && note.contains("restored to their original bytes"),
         "{note}"
     );
     // Durably so.

@@ -531,11 +531,11 @@ impl<G: GuestControl> Engine<G> {
             r.state = PatchState::Failed;
             r.note = Some(if left.is_empty() {
                 format!(
-                    "recovered: a crash left this patch half-written; {restored} of {n} sites held the patched bytes and were restored, the rest already held the original bytes"
+                    "recovered: a crash interrupted writing this patch's sites; {restored} of {n} held the patched bytes and were restored to their original bytes, the rest already held them"
                 )
             } else {
                 format!(
-                    "recovered in part: a crash left this patch half-written; {restored} of {n} sites restored, {} left alone because they hold neither the original nor the patched bytes ({}); inspect them before patching this code",
+                    "recovered in part: a crash interrupted writing this patch's sites; {restored} of {n} sites restored to their original bytes, {} left alone because they hold neither the original nor the patched bytes ({}); inspect them before patching this code",
                     left.len(),
                     left.join(", ")
                 )
