@@ -20,6 +20,9 @@ pub enum Mode {
     /// `mode=tamper`: before every batch, `writes` attempts to overwrite the start of `compute`
     /// (as malware or a buggy driver would), then the normal workload on whatever `compute` is.
     Tamper,
+    /// `mode=spam`: before every batch, `writes` invalid reports (pointing outside RAM), as a
+    /// hostile guest flooding the VMM would; then the normal workload.
+    Spam,
 }
 
 impl Mode {
@@ -30,6 +33,7 @@ impl Mode {
             Mode::Probe => "probe",
             Mode::Spin => "spin",
             Mode::Tamper => "tamper",
+            Mode::Spam => "spam",
         }
     }
 }
@@ -43,11 +47,11 @@ pub struct Options {
     pub batch: u64,
     /// `cpus=N`: power off only once N vCPUs came online and finished (0: whoever came online).
     pub cpus: u64,
-    /// `mode=normal|probe|spin|tamper`.
+    /// `mode=normal|probe|spin|tamper|spam`.
     pub mode: Mode,
     /// `spin=N`: `spin_wait` iterations in `mode=spin` (>= 1).
     pub spin: u64,
-    /// `writes=N`: overwrite attempts per batch in `mode=tamper`.
+    /// `writes=N`: overwrite attempts per batch in `mode=tamper`, invalid reports in `mode=spam`.
     pub writes: u64,
 }
 
@@ -168,9 +172,10 @@ pub fn parse(raw: &[u8]) -> Result<Options, ParseError<'_>> {
                     b"probe" => Mode::Probe,
                     b"spin" => Mode::Spin,
                     b"tamper" => Mode::Tamper,
+                    b"spam" => Mode::Spam,
                     _ => {
                         return Err(ParseError {
-                            what: "unknown mode (mode=normal, probe, spin or tamper)",
+                            what: "unknown mode (mode=normal, probe, spin, tamper or spam)",
                             token,
                         });
                     }

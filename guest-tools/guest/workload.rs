@@ -181,11 +181,14 @@ struct Counts {
     bad: u64,
 }
 
+/// Where `mode=spam` claims its reports are: above the 4 GiB-limited RAM of any test VM.
+const SPAM_REPORT_GPA: u32 = 0xffff_f000;
+
 /// Runs the workload of `opts.mode` until `opts.reports` reports were made (forever when 0).
 pub fn run(cpu: u64, opts: &Options) {
     let mut counts = Counts::default();
     match opts.mode {
-        Mode::Normal => {}
+        Mode::Normal | Mode::Spam => {}
         Mode::Probe => {
             let probe_fn: extern "C" fn(u64) -> u64 = core::hint::black_box(probe);
             return work(cpu, opts, probe_fn, reference::classify_probe, counts);
@@ -243,7 +246,13 @@ fn work(
     let slot = SLOTS[cpu as usize % protocol::MAX_CPUS].0.get();
     let tamper_writes = if opts.mode == Mode::Tamper { opts.writes } else { 0 };
     let tamper_target = compute as *const () as *mut u64;
+    let spam_reports = if opts.mode == Mode::Spam { opts.writes } else { 0 };
     while !STOP.load(Ordering::Relaxed) {
+        for _ in 0..spam_reports {
+            // A report "at" an address far outside RAM: the host must count it invalid and
+            // neither crash nor flood its log.
+            outl(protocol::REPORT_PORT, SPAM_REPORT_GPA);
+        }
         for _ in 0..tamper_writes {
             // SAFETY: this is the attack `mode=tamper` exists for: the guest maps its text
             // writable, so the store is architecturally valid; where it lands (or not) is up to

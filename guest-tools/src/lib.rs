@@ -90,7 +90,7 @@ mod tests {
         );
         assert_eq!(parse(b"mode=tamper").unwrap().writes, 1);
         assert_eq!(parse(b"mode=spin mode=normal").unwrap().mode, Mode::Normal);
-        for m in [Mode::Normal, Mode::Probe, Mode::Spin] {
+        for m in [Mode::Normal, Mode::Probe, Mode::Spin, Mode::Spam] {
             let token = format!("mode={}", m.name());
             assert_eq!(parse(token.as_bytes()).unwrap().mode, m);
         }

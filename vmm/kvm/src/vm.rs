@@ -428,6 +428,11 @@ impl Vm {
         self.bus.reports.snapshot()
     }
 
+    /// Warnings about bad guest reports the rate limit held back.
+    pub fn report_log_suppressed(&self) -> u64 {
+        self.bus.reports.log_suppressed()
+    }
+
     /// Console lines kept so far (only with `keep_console`).
     pub fn console_lines(&self) -> Vec<String> {
         self.console_lines
