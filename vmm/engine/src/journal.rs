@@ -602,6 +602,12 @@ enum LineError {
     Version(u64),
 }
 
+/// Replays the bytes of a journal file as [`Journal::open`] does, without a file: the
+/// records it holds, or why it is corrupt. For the fuzzer and for offline inspection.
+pub fn replay_bytes(data: &[u8]) -> Result<Vec<PatchRecord>, JournalError> {
+    replay(Path::new("<bytes>"), data).map(|r| r.records)
+}
+
 /// Splits a v1 line into `seq`, `crc` and the raw bytes of `rec`, exactly as `encode_line`
 /// writes it. The checksum is taken over those raw bytes rather than over a re-serialization, so
 /// any changed byte in the record is caught (an added unknown field included) and verifying an
