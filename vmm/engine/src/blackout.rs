@@ -21,6 +21,10 @@ use crate::{Engine, EngineError, overlay_originals, site_range};
 /// inside the blackout, on guest-controlled addresses.
 pub const MAX_STACK_SCAN: usize = 64 << 10;
 
+/// Hard cap on the time the checks of one attempt may keep the guest parked; past it the
+/// attempt writes nothing, resumes and counts as busy.
+pub const MAX_CHECK_TIME: Duration = Duration::from_millis(50);
+
 /// A change to make in one blackout: new sites to write, applied patches to take out.
 pub(crate) struct Change<'a> {
     pub(crate) write: &'a [Prepared],
@@ -72,6 +76,8 @@ pub enum Busy {
     MidInstruction { vcpu: usize, rip: u64, site: String },
     /// The vCPU sits inside a patched site about to be restored.
     InsideSite { vcpu: usize, rip: u64, site: String },
+    /// The checks alone took longer than [`MAX_CHECK_TIME`] with the guest parked.
+    Slow { elapsed_us: u64 },
 }
 
 impl fmt::Display for Busy {
@@ -96,6 +102,11 @@ impl fmt::Display for Busy {
             Busy::InsideSite { vcpu, rip, site } => {
                 write!(f, "vCPU {vcpu} at {rip:#x} is inside patched site {site}")
             }
+            Busy::Slow { elapsed_us } => write!(
+                f,
+                "checking the parked vCPUs took {elapsed_us} µs, over the {} ms limit",
+                MAX_CHECK_TIME.as_millis()
+            ),
         }
     }
 }
@@ -161,6 +172,7 @@ impl<G: GuestControl> Engine<G> {
         change: &Change<'_>,
         states: &[Option<VcpuState>],
     ) -> Result<Attempt, EngineError> {
+        let started = Instant::now();
         let vcpus: Vec<&VcpuState> = states.iter().flatten().collect();
         let first = vcpus.first().ok_or(EngineError::NoVcpu)?;
         self.recheck_guest(change, first)?;
@@ -174,6 +186,12 @@ impl<G: GuestControl> Engine<G> {
                 Err(busy) => return Ok(Attempt::Busy(busy)),
             }
             stacks.push(words);
+        }
+        let elapsed = started.elapsed();
+        if elapsed > MAX_CHECK_TIME {
+            return Ok(Attempt::Busy(Busy::Slow {
+                elapsed_us: elapsed.as_micros() as u64,
+            }));
         }
         self.write_all(change, &moves)?;
         // Quarantined arena code nobody can be running any more becomes free.

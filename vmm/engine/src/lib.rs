@@ -33,7 +33,7 @@ use journal::{Journal, JournalError, PatchRecord, PatchState, SiteRecord};
 use plan::PlanError;
 use target::{Target, TargetError};
 
-pub use blackout::{Busy, MAX_STACK_SCAN};
+pub use blackout::{Busy, MAX_CHECK_TIME, MAX_STACK_SCAN};
 
 /// Why a patch was not applied or reverted. The guest is unchanged whenever one is returned.
 #[derive(Debug, Error)]

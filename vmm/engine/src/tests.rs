@@ -42,6 +42,8 @@ struct Fake {
     fail_pause: Mutex<bool>,
     fail_resume: Mutex<bool>,
     fail_set_rip: Mutex<bool>,
+    /// Slows every read down, as a struggling host would.
+    read_delay: Mutex<Option<Duration>>,
 }
 
 impl Fake {
@@ -118,6 +120,9 @@ impl GuestControl for Fake {
         Ok(Duration::from_micros(7))
     }
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        if let Some(d) = *self.read_delay.lock().unwrap() {
+            std::thread::sleep(d);
+        }
         let m = self.mem.lock().unwrap();
         for (i, b) in buf.iter_mut().enumerate() {
             let a = gpa + i as u64;
@@ -692,4 +697,17 @@ fn recovery_notes_say_what_the_guest_holds_and_another_build_is_not_touched() {
     drop(e);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
+}
+
+#[test]
+fn checks_that_keep_the_guest_parked_too_long_write_nothing() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let before = g.bytes(F_AT, 13);
+    *g.read_delay.lock().unwrap() = Some(MAX_CHECK_TIME / 2);
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(matches!(err, EngineError::Busy { .. }), "{err}");
+    assert!(err.to_string().contains("ms limit"), "{err}");
+    assert_eq!(g.bytes(F_AT, 13), before);
+    assert!(!*g.paused.lock().unwrap());
 }
