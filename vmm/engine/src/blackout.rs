@@ -21,8 +21,8 @@ use crate::{Engine, EngineError, overlay_originals, site_range};
 /// inside the blackout, on guest-controlled addresses.
 pub const MAX_STACK_SCAN: usize = 64 << 10;
 
-/// Hard cap on the time the checks of one attempt may keep the guest parked; past it the
-/// attempt writes nothing, resumes and counts as busy.
+/// The default cap on the time the checks of one attempt may keep the guest parked; past it
+/// the attempt writes nothing, resumes and counts as busy.
 pub const MAX_CHECK_TIME: Duration = Duration::from_millis(50);
 
 /// A change to make in one blackout: new sites to write, applied patches to take out.
@@ -76,8 +76,8 @@ pub enum Busy {
     MidInstruction { vcpu: usize, rip: u64, site: String },
     /// The vCPU sits inside a patched site about to be restored.
     InsideSite { vcpu: usize, rip: u64, site: String },
-    /// The checks alone took longer than [`MAX_CHECK_TIME`] with the guest parked.
-    Slow { elapsed_us: u64 },
+    /// The checks alone took longer than the configured cap with the guest parked.
+    Slow { elapsed_us: u64, limit_us: u64 },
 }
 
 impl fmt::Display for Busy {
@@ -102,10 +102,12 @@ impl fmt::Display for Busy {
             Busy::InsideSite { vcpu, rip, site } => {
                 write!(f, "vCPU {vcpu} at {rip:#x} is inside patched site {site}")
             }
-            Busy::Slow { elapsed_us } => write!(
+            Busy::Slow {
+                elapsed_us,
+                limit_us,
+            } => write!(
                 f,
-                "checking the parked vCPUs took {elapsed_us} µs, over the {} ms limit",
-                MAX_CHECK_TIME.as_millis()
+                "checking the parked vCPUs took {elapsed_us} µs, over the {limit_us} µs limit"
             ),
         }
     }
@@ -188,9 +190,10 @@ impl<G: GuestControl> Engine<G> {
             stacks.push(words);
         }
         let elapsed = started.elapsed();
-        if elapsed > MAX_CHECK_TIME {
+        if elapsed > self.config.max_check {
             return Ok(Attempt::Busy(Busy::Slow {
                 elapsed_us: elapsed.as_micros() as u64,
+                limit_us: self.config.max_check.as_micros() as u64,
             }));
         }
         self.write_all(change, &moves)?;

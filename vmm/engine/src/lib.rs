@@ -165,8 +165,12 @@ pub struct EngineConfig {
     pub allow_unsigned: bool,
     /// Blackouts tried before "busy".
     pub max_attempts: u32,
-    /// Bytes above each vCPU's RSP scanned for return addresses into ranges being changed.
+    /// Bytes above each vCPU's RSP scanned for return addresses into ranges being changed
+    /// (never more than [`MAX_STACK_SCAN`]).
     pub stack_scan: usize,
+    /// Longest the checks of one blackout attempt may keep the guest parked before the attempt
+    /// gives up, writes nothing and counts as busy (default [`MAX_CHECK_TIME`]).
+    pub max_check: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -176,6 +180,7 @@ impl Default for EngineConfig {
             allow_unsigned: false,
             max_attempts: 50,
             stack_scan: 1024,
+            max_check: MAX_CHECK_TIME,
         }
     }
 }
