@@ -76,6 +76,43 @@ pub fn arena_gva(kallsyms: &Kallsyms, slide: u64) -> Result<u64, KernelArenaErro
     Ok(gva)
 }
 
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_LA57: u64 = 1 << 12;
+const EFER_LMA: u64 = 1 << 10;
+
+/// The guest-physical address of the page directory that maps `gva` in the kernel's view of
+/// `vcpu`'s address space, walking the levels the vCPU actually uses: five with CR4.LA57 (the
+/// kernel enables it by itself on CPUs that have it), else four. Every upper entry must be
+/// present and point at a table (not a large page).
+fn page_directory_of<G: GuestControl + ?Sized>(
+    guest: &G,
+    vcpu: &VcpuState,
+    gva: u64,
+) -> Result<u64, KernelArenaError> {
+    let regs = crate::address_space::kernel_view(vcpu).paging;
+    if regs.cr0 & CR0_PG == 0 || regs.cr4 & CR4_PAE == 0 || regs.efer & EFER_LMA == 0 {
+        return Err(KernelArenaError::Tables(format!(
+            "vCPU {} is not in 64-bit paging mode (CR0 {:#x}, CR4 {:#x}, EFER {:#x})",
+            vcpu.id, regs.cr0, regs.cr4, regs.efer
+        )));
+    }
+    let top: u32 = if regs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+    let mut table = regs.cr3 & ADDR;
+    // Levels `top` down to 3 (the PDPT): each entry leads to the next table.
+    for level in (3..=top).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let entry = guest.read_u64(table + ((gva >> shift) & 511) * 8)?;
+        if entry & PRESENT == 0 || entry & HUGE != 0 {
+            return Err(KernelArenaError::Tables(format!(
+                "level-{level} entry {entry:#x} for {gva:#x} is not a present table ({top}-level paging)"
+            )));
+        }
+        table = entry & ADDR;
+    }
+    Ok(table)
+}
+
 /// Maps the arena (guest-physical `gpa`) at [`arena_gva`] through the kernel page tables of
 /// `vcpu`. Call with the guest paused. Idempotent: an entry that already maps `gpa` there is
 /// accepted as is (a second command on the same guest).
@@ -90,24 +127,18 @@ pub fn install<G: GuestControl + ?Sized>(
         return Err(KernelArenaError::Misaligned(gpa));
     }
     let gva = arena_gva(kallsyms, slide)?;
-    let pml4 = crate::address_space::kernel_view(vcpu).paging.cr3 & ADDR;
-    let level = |table: u64, shift: u32| -> Result<u64, KernelArenaError> {
-        let at = table + ((gva >> shift) & 511) * 8;
-        Ok(guest.read_u64(at)?)
-    };
-    let pml4e = level(pml4, 39)?;
-    if pml4e & PRESENT == 0 {
-        return Err(KernelArenaError::Tables(format!(
-            "PML4 entry {pml4e:#x} not present"
-        )));
+    let pd = page_directory_of(guest, vcpu, gva)?;
+    // The slot must be in the page directory that maps the kernel image itself: a walk that
+    // went astray (a wrong paging mode, a hostile table) lands elsewhere and is refused.
+    if let Some(text) = kallsyms.lookup("_text").map(|t| t.wrapping_add(slide)) {
+        let image_pd = page_directory_of(guest, vcpu, text)?;
+        if image_pd != pd {
+            return Err(KernelArenaError::Tables(format!(
+                "the arena's page directory {pd:#x} is not the kernel image's ({image_pd:#x})"
+            )));
+        }
     }
-    let pdpte = level(pml4e & ADDR, 30)?;
-    if pdpte & PRESENT == 0 || pdpte & HUGE != 0 {
-        return Err(KernelArenaError::Tables(format!(
-            "PDPT entry {pdpte:#x} is not a page directory"
-        )));
-    }
-    let pd_entry_at = (pdpte & ADDR) + ((gva >> 21) & 511) * 8;
+    let pd_entry_at = pd + ((gva >> 21) & 511) * 8;
     let entry = guest.read_u64(pd_entry_at)?;
     let want = gpa | PRESENT | WRITABLE | ACCESSED | DIRTY | HUGE | GLOBAL;
     if entry != 0 && entry != want {
@@ -126,4 +157,106 @@ pub fn install<G: GuestControl + ?Sized>(
         gpa,
         size: ARENA_SIZE,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_control::paging::PagingRegs;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Sparse guest-physical memory of 8-byte words.
+    #[derive(Default)]
+    struct Mem(Mutex<HashMap<u64, u64>>);
+
+    impl GuestControl for Mem {
+        fn vcpu_count(&self) -> usize {
+            1
+        }
+        fn pause_all(&self) -> Result<Vec<Option<VcpuState>>, GuestError> {
+            Ok(Vec::new())
+        }
+        fn resume_all(&self) -> Result<Duration, GuestError> {
+            Ok(Duration::ZERO)
+        }
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+            let w = self.0.lock().unwrap().get(&gpa).copied().unwrap_or(0);
+            buf.copy_from_slice(&w.to_le_bytes()[..buf.len()]);
+            Ok(())
+        }
+        fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError> {
+            let mut w = [0u8; 8];
+            w[..data.len()].copy_from_slice(data);
+            self.0.lock().unwrap().insert(gpa, u64::from_le_bytes(w));
+            Ok(())
+        }
+        fn set_rip(&self, _: usize, _: u64) -> Result<(), GuestError> {
+            Ok(())
+        }
+    }
+
+    fn vcpu(cr3: u64, la57: bool) -> VcpuState {
+        VcpuState {
+            id: 0,
+            rip: 0,
+            rsp: 0,
+            cpl: 0,
+            paging: PagingRegs {
+                cr0: CR0_PG,
+                cr3,
+                cr4: CR4_PAE | if la57 { CR4_LA57 } else { 0 },
+                efer: EFER_LMA,
+            },
+        }
+    }
+
+    const KERNEL: u64 = 0xffff_ffff_8100_0000;
+
+    /// Tables mapping `KERNEL` down to a page directory at `pd`; returns CR3.
+    fn tables(mem: &Mem, la57: bool, pd: u64) -> u64 {
+        let (pml5, pml4, pdpt) = (0x10_0000, 0x20_0000, 0x30_0000);
+        let idx = |shift: u32| ((KERNEL >> shift) & 511) * 8;
+        let put = |at: u64, v: u64| mem.write_phys(at, &v.to_le_bytes()).unwrap();
+        put(pml4 + idx(39), pdpt | PRESENT | WRITABLE);
+        put(pdpt + idx(30), pd | PRESENT | WRITABLE);
+        if la57 {
+            put(pml5 + idx(48), pml4 | PRESENT | WRITABLE);
+            pml5
+        } else {
+            pml4
+        }
+    }
+
+    #[test]
+    fn the_walk_follows_the_vcpus_paging_mode() {
+        for la57 in [false, true] {
+            let mem = Mem::default();
+            let cr3 = tables(&mem, la57, 0x40_0000);
+            assert_eq!(
+                page_directory_of(&mem, &vcpu(cr3, la57), KERNEL).unwrap(),
+                0x40_0000,
+                "la57={la57}"
+            );
+        }
+        // A 5-level guest walked as 4-level would take its PML5 for a PML4: the top entry
+        // there is empty, and the walk refuses instead of writing into some other table.
+        let mem = Mem::default();
+        let cr3 = tables(&mem, true, 0x40_0000);
+        assert!(page_directory_of(&mem, &vcpu(cr3, false), KERNEL).is_err());
+    }
+
+    #[test]
+    fn large_pages_and_non_long_mode_are_refused() {
+        let mem = Mem::default();
+        let cr3 = tables(&mem, false, 0x40_0000);
+        let pdpt_entry = 0x30_0000 + ((KERNEL >> 30) & 511) * 8;
+        mem.write_phys(pdpt_entry, &(0x4000_0000 | PRESENT | HUGE).to_le_bytes())
+            .unwrap();
+        assert!(page_directory_of(&mem, &vcpu(cr3, false), KERNEL).is_err());
+        let mut v = vcpu(cr3, false);
+        v.paging.efer = 0;
+        assert!(page_directory_of(&mem, &v, KERNEL).is_err());
+    }
 }
