@@ -122,6 +122,9 @@ pub struct BootOptions {
     pub memory_mib: u64,
     /// Appended to the kernel command line.
     pub extra_cmdline: String,
+    /// QEMU's `-cpu` model (`max` offers LA57, so the kernel runs on 5-level paging); QEMU's
+    /// default when `None`.
+    pub cpu: Option<&'static str>,
 }
 
 impl Default for BootOptions {
@@ -132,6 +135,7 @@ impl Default for BootOptions {
             vcpus: 1,
             memory_mib: 512,
             extra_cmdline: String::new(),
+            cpu: None,
         }
     }
 }
@@ -196,8 +200,11 @@ impl LinuxGuest {
             let qmp = dir.path().join("qmp.sock");
             let gdb_port = free_port();
             let mut cmd = Command::new(&kit.qemu);
-            cmd.args(["-M", "pc", "-accel", &accel])
-                .args(["-m", &opts.memory_mib.to_string()])
+            cmd.args(["-M", "pc", "-accel", &accel]);
+            if let Some(cpu) = opts.cpu {
+                cmd.args(["-cpu", cpu]);
+            }
+            cmd.args(["-m", &opts.memory_mib.to_string()])
                 .args(["-smp", &opts.vcpus.to_string()])
                 .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
                 .arg("-kernel")
