@@ -1,4 +1,5 @@
 //! The operator's control API: HTTP/1.1 + JSON on a Unix socket (so `curl --unix-socket` works).
+//! An existing socket path is replaced only if it is a socket nobody listens on.
 //!
 //! Routes (all JSON answers; the table is [`ROUTES`], matched on `/`-separated path segments,
 //! so a trailing slash or a query string does not change the route):
@@ -18,12 +19,15 @@
 //! Errors are `{"fault_message": "...", "kind": "..."}` (as Firecracker's API), the kind one of
 //! [`ErrorKind`], which alone chooses the HTTP status; `busy` answers (503) carry
 //! `Retry-After`. A handler that panics answers 500 `internal` and the server keeps serving.
+//!
+//! Connections are served by [`crate::http`]: a thread per connection (capped), one request
+//! per connection, read/write timeouts, bounded headers and body (docs/control-api.md).
 //! The socket is created mode 0600: whoever can connect can pause the guest, so only its owner
 //! may.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -61,13 +65,11 @@ pub enum ApiError {
         "{path} exists and is {what}, not a stale API socket; refusing to delete it (choose another --api-sock path, or remove it yourself)"
     )]
     NotASocket { path: String, what: &'static str },
-    #[error("cannot start the API server on {path}: {message}")]
-    Server { path: String, message: String },
 }
 
-/// A running API server; dropping it stops the server and removes the socket.
+/// A running API server; dropping it stops accepting, and removes the socket.
 pub struct ApiServer {
-    server: Arc<tiny_http::Server>,
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -80,25 +82,29 @@ impl ApiServer {
         // another user could connect), then make the mode explicit.
         // SAFETY: umask only changes this process's file-creation mask; restored right after.
         let old = unsafe { libc::umask(0o177) };
-        let server = tiny_http::Server::http_unix(path);
+        let listener = std::os::unix::net::UnixListener::bind(path);
         // SAFETY: restores the previous mask.
         unsafe { libc::umask(old) };
-        let server = Arc::new(server.map_err(|e| ApiError::Server {
+        let listener = listener.map_err(|source| ApiError::Bind {
             path: shown.clone(),
-            message: e.to_string(),
-        })?);
+            source,
+        })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
             |source| ApiError::Bind {
                 path: shown.clone(),
                 source,
             },
         )?;
-        let s = server.clone();
+        let handler: crate::http::Handler =
+            Arc::new(move |method: &str, url: &str, body: &[u8]| {
+                route_guarded(&ctx, method, url, body)
+            });
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                raise_priority();
-                serve(&s, &ctx)
+                crate::http::accept_loop(listener, handler, crate::http::Limits::default(), s)
             })
             .map_err(|source| ApiError::Bind {
                 path: shown,
@@ -106,7 +112,7 @@ impl ApiServer {
             })?;
         tracing::info!(socket = %path.display(), "control API listening");
         Ok(ApiServer {
-            server,
+            stop,
             thread: Some(thread),
             path: path.to_path_buf(),
         })
@@ -160,7 +166,9 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop, which then sees the flag.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -168,17 +176,17 @@ impl Drop for ApiServer {
     }
 }
 
-/// Nice value of the API thread when the process may raise it.
+/// Nice value of the API connection threads when the process may raise it.
 const API_NICE: i32 = -10;
 
-/// Gives the API thread (which runs the patch engine) precedence over the vCPU threads.
+/// Gives an API connection thread (which runs the patch engine) precedence over the vCPU threads.
 ///
 /// Why: an apply pauses and resumes every vCPU; when the vCPUs keep every host CPU busy (as the
 /// test guest's workload does), a control thread at the same priority waits a whole scheduler
 /// slice (milliseconds) to run after each wake-up, and an apply takes milliseconds although the
 /// guest's blackout is tens of microseconds. The thread works in short bursts, so this costs the
 /// guest nothing measurable. Without CAP_SYS_NICE it stays at the default and says so.
-fn raise_priority() {
+pub(crate) fn raise_priority() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes this
     // thread's nice value.
     let rc = unsafe {
@@ -188,69 +196,6 @@ fn raise_priority() {
     if rc != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "API thread keeps the default priority");
     }
-}
-
-fn serve(server: &tiny_http::Server, ctx: &ApiContext) {
-    for mut request in server.incoming_requests() {
-        let started = std::time::Instant::now();
-        let method = request.method().to_string();
-        let url = request.url().to_string();
-        let reply = match read_body(&mut request) {
-            Ok(body) => route_guarded(ctx, &method, &url, &body),
-            Err(fault) => fault.into(),
-        };
-        let status = reply.status;
-        let text = reply.body.to_string();
-        // Always a Content-Length body: tiny_http would switch large ones (a long violation
-        // list) to chunked encoding, which simple clients mishandle.
-        let mut response = tiny_http::Response::from_string(text)
-            .with_status_code(status)
-            .with_chunked_threshold(usize::MAX);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-        {
-            response.add_header(h);
-        }
-        if let Some(secs) = reply.retry_after
-            && let Ok(h) =
-                tiny_http::Header::from_bytes(&b"Retry-After"[..], secs.to_string().as_bytes())
-        {
-            response.add_header(h);
-        }
-        if let Err(e) = request.respond(response) {
-            tracing::debug!(error = %e, "API client went away");
-        }
-        tracing::debug!(%method, url, status, us = started.elapsed().as_micros() as u64, "API request");
-    }
-}
-
-fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, Fault> {
-    if let Some(len) = request.body_length()
-        && len > MAX_BODY
-    {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| {
-            Fault::new(
-                ErrorKind::BadRequest,
-                format!("could not read the request body ({e}); send the whole body announced by Content-Length"),
-            )
-        })?;
-    if body.len() > MAX_BODY {
-        return Err(too_large());
-    }
-    Ok(body)
-}
-
-fn too_large() -> Fault {
-    Fault::new(
-        ErrorKind::PayloadTooLarge,
-        format!("request body larger than {MAX_BODY} bytes; patch files are at most that size"),
-    )
 }
 
 /// The class of every error the API answers with: the `kind` of the error body, and the one
@@ -282,6 +227,10 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The request body is too large.
     PayloadTooLarge,
+    /// The request line and headers are too large, or too many.
+    HeaderTooLarge,
+    /// The request did not arrive in time.
+    RequestTimeout,
     /// The VM has stopped.
     Gone,
     /// A failure inside the VMM, not caused by the request.
@@ -303,6 +252,8 @@ impl ErrorKind {
         ErrorKind::BadRequest,
         ErrorKind::MethodNotAllowed,
         ErrorKind::PayloadTooLarge,
+        ErrorKind::HeaderTooLarge,
+        ErrorKind::RequestTimeout,
         ErrorKind::Gone,
         ErrorKind::Internal,
     ];
@@ -317,6 +268,8 @@ impl ErrorKind {
             ErrorKind::Conflict | ErrorKind::Tampered => 409,
             ErrorKind::Gone => 410,
             ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::HeaderTooLarge => 431,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::WrongTarget | ErrorKind::Refused => 422,
             ErrorKind::Internal => 500,
             ErrorKind::Busy => 503,
@@ -339,6 +292,8 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::HeaderTooLarge => "header_too_large",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::Gone => "gone",
             ErrorKind::Internal => "internal",
         }
