@@ -646,7 +646,16 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
                     "the request body must be the patch file (curl --data-binary @fix.hpatch -H 'Content-Type: application/octet-stream')",
                 ));
             }
-            let out = lock(engine).apply(body).map_err(|e| engine_fault(&e))?;
+            // Parse and verify (the costly part for a large file) without the engine's lock, so
+            // metrics and the patch list answer meanwhile; only planning and writing hold it.
+            let verifier = lock(engine).verifier();
+            let checked = verifier.check(body).map_err(|e| {
+                lock(engine).note_refused();
+                engine_fault(&e)
+            })?;
+            let out = lock(engine)
+                .apply_checked(checked)
+                .map_err(|e| engine_fault(&e))?;
             Reply::ok(if out.already_applied { 200 } else { 201 }, json!(out))
         }
         Endpoint::GetPatch => {

@@ -136,6 +136,41 @@ impl EngineError {
     }
 }
 
+/// Checks patch files (parse, then signature) with the engine's trusted keys; needs no access to
+/// the engine, so it can run outside the engine's lock. See [`Engine::verifier`].
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    trusted_keys: Vec<PublicKey>,
+    allow_unsigned: bool,
+}
+
+/// A patch file that parsed and whose signature [`Verifier::check`] accepted.
+pub struct CheckedPatch {
+    parsed: ParsedPatch,
+    /// When checking began: the apply's `total_us` counts from here.
+    started: Instant,
+}
+
+impl Verifier {
+    /// Parses `file` and checks its signature: `Malformed`, `Unsigned` or `Signature` if not.
+    pub fn check(&self, file: &[u8]) -> Result<CheckedPatch, EngineError> {
+        let started = Instant::now();
+        let parsed = patch_format::parse(file)?;
+        match (&parsed.signature, self.allow_unsigned) {
+            (SignatureBlock::Unsigned, true) => {
+                warn!(patch = %parsed.id, "accepting an unsigned patch (--allow-unsigned)");
+            }
+            (SignatureBlock::Unsigned, false) => return Err(EngineError::Unsigned),
+            _ => {
+                parsed
+                    .verify(&self.trusted_keys)
+                    .map_err(EngineError::Signature)?;
+            }
+        }
+        Ok(CheckedPatch { parsed, started })
+    }
+}
+
 /// How the engine is allowed to behave.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -610,33 +645,48 @@ impl<G: GuestControl> Engine<G> {
         Ok((gpa, bytes))
     }
 
-    fn check_signature(&self, p: &ParsedPatch) -> Result<(), EngineError> {
-        match (&p.signature, self.config.allow_unsigned) {
-            (SignatureBlock::Unsigned, true) => {
-                warn!(patch = %p.id, "accepting an unsigned patch (--allow-unsigned)");
-                Ok(())
-            }
-            (SignatureBlock::Unsigned, false) => Err(EngineError::Unsigned),
-            _ => p
-                .verify(&self.config.trusted_keys)
-                .map(|_| ())
-                .map_err(EngineError::Signature),
+    /// What checking a patch file needs, detached from the engine: a server parses and
+    /// verifies a (large) file with it without holding the engine's lock, then calls
+    /// [`Engine::apply_checked`].
+    pub fn verifier(&self) -> Verifier {
+        Verifier {
+            trusted_keys: self.config.trusted_keys.clone(),
+            allow_unsigned: self.config.allow_unsigned,
         }
     }
 
     /// Applies a patch file. The same patch applied twice is a no-op the second time.
     pub fn apply(&mut self, file: &[u8]) -> Result<ApplyOutcome, EngineError> {
-        let t0 = Instant::now();
-        let r = self.apply_inner(file, t0);
+        let r = self
+            .verifier()
+            .check(file)
+            .and_then(|checked| self.apply_inner(checked));
         if r.is_err() {
             self.refused += 1;
         }
         r
     }
 
-    fn apply_inner(&mut self, file: &[u8], t0: Instant) -> Result<ApplyOutcome, EngineError> {
-        let parsed = patch_format::parse(file)?;
-        self.check_signature(&parsed)?;
+    /// Applies a patch that [`Verifier::check`] accepted (the rest of [`Engine::apply`]).
+    pub fn apply_checked(&mut self, checked: CheckedPatch) -> Result<ApplyOutcome, EngineError> {
+        let r = self.apply_inner(checked);
+        if r.is_err() {
+            self.refused += 1;
+        }
+        r
+    }
+
+    /// Counts a patch refused by [`Verifier::check`] outside the engine (in the metrics'
+    /// `refused`, as [`Engine::apply`] counts its own).
+    pub fn note_refused(&mut self) {
+        self.refused += 1;
+    }
+
+    fn apply_inner(&mut self, checked: CheckedPatch) -> Result<ApplyOutcome, EngineError> {
+        let CheckedPatch {
+            parsed,
+            started: t0,
+        } = checked;
         let id = parsed.id.to_string();
         if let Some(r) = self
             .records
