@@ -14,13 +14,13 @@ const MAX_RESPONSE: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("no VMM is listening on {path} ({source}); start one with `vmm run --api-sock {path}`")]
+    #[error("no VMM is listening on {path}; start one with `vmm run --api-sock {path}`")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the VMM on {path} failed: {source}")]
+    #[error("talking to the VMM on {path} failed; is it still running?")]
     Io {
         path: String,
         #[source]

@@ -55,7 +55,7 @@ pub struct ApiContext {
 pub enum ApiError {
     #[error("another process is already serving {0}; choose another --api-sock path or stop it")]
     InUse(String),
-    #[error("cannot create the API socket {path}: {source}")]
+    #[error("cannot create the API socket {path}; check that its directory exists and is writable")]
     Bind {
         path: String,
         #[source]
