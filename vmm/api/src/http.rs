@@ -43,7 +43,8 @@ impl Default for Limits {
     }
 }
 
-/// Accepts connections until `stop` is set (and a connection wakes the loop).
+/// Accepts connections until `stop` is set (and a connection wakes the loop), then waits (at
+/// most `request_deadline`) for the connections in flight to finish.
 pub fn accept_loop(
     listener: UnixListener,
     handler: Handler,
@@ -95,6 +96,12 @@ pub fn accept_loop(
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a thread for an API connection");
         }
+    }
+    // Let requests in flight (an apply, a revert) finish before the server is gone; each is
+    // bounded by the I/O timeouts and the request deadline.
+    let deadline = Instant::now() + limits.request_deadline;
+    while active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
