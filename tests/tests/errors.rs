@@ -114,3 +114,24 @@ fn api_client_without_a_vmm() {
         "no VMM is listening",
     );
 }
+
+#[test]
+fn api_sock_on_a_regular_file_is_refused_and_the_file_kept() {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("vmm-api-sock-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("precious");
+    std::fs::write(&file, b"keep me").expect("write");
+    let file_s = file.to_str().expect("utf8");
+    run_fails(
+        &["run", "--vcpus", "1", "--api-sock", file_s],
+        "is a regular file, not a stale API socket",
+    );
+    assert_eq!(
+        std::fs::read(&file).ok().as_deref(),
+        Some(&b"keep me"[..]),
+        "--api-sock deleted or changed a regular file"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -138,7 +138,10 @@ fn patching_through_the_api_and_the_cli() {
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["kind"], "signature");
     assert!(
-        v["error"].as_str().unwrap_or("").contains("unsigned"),
+        v["fault_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unsigned"),
         "{v}"
     );
     let (status, v) = api
@@ -154,9 +157,23 @@ fn patching_through_the_api_and_the_cli() {
         .expect("POST");
     assert_eq!(status, 404, "{v}");
     assert!(
-        v["error"].as_str().unwrap_or("").contains("no patch"),
+        v["fault_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no patch"),
         "{v}"
     );
+
+    assert_eq!(v["kind"], "not_found", "{v}");
+    // DELETE without an id used to panic the API thread; after it nothing was answered.
+    for url in ["/v1/patches", "/v1/patches/", "/v1/patches?x"] {
+        let (status, v) = api.raw("DELETE", url, b"").expect("DELETE");
+        assert_eq!(status, 405, "DELETE {url}: {v}");
+        assert_eq!(v["kind"], "method_not_allowed", "{v}");
+    }
+    let version = api.version().expect("the server still answers");
+    assert_eq!(version["patching_enabled"], true, "{version}");
+    assert_eq!(version["patch_format_versions"][0], 1, "{version}");
 
     let m = api.metrics().expect("metrics");
     let p = &m["patches"];

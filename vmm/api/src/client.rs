@@ -14,13 +14,13 @@ const MAX_RESPONSE: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("no VMM is listening on {path} ({source}); start one with `vmm run --api-sock {path}`")]
+    #[error("no VMM is listening on {path}; start one with `vmm run --api-sock {path}`")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the VMM on {path} failed: {source}")]
+    #[error("talking to the VMM on {path} failed; is it still running?")]
     Io {
         path: String,
         #[source]
@@ -29,7 +29,12 @@ pub enum ClientError {
     #[error("the VMM sent a malformed response: {0}")]
     Malformed(String),
     #[error("the VMM refused the request (HTTP {status}): {message}")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        /// The error body's `kind` (absent from servers older than the `fault_message` body).
+        kind: Option<String>,
+        message: String,
+    },
 }
 
 /// The API as a client sees it.
@@ -57,6 +62,29 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, ClientError> {
     }
 }
 
+/// A 2xx answer's body, or the error it carries: `{"fault_message", "kind"}`, or the older
+/// `{"error", "kind"?}` of servers before that body.
+fn answer(status: u16, value: Value) -> Result<Value, ClientError> {
+    if (200..300).contains(&status) {
+        return Ok(value);
+    }
+    let message = value
+        .get("fault_message")
+        .or_else(|| value.get("error"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| value.to_string());
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Err(ClientError::Refused {
+        status,
+        kind,
+        message,
+    })
+}
+
 impl ApiClient {
     pub fn new(path: &Path) -> Self {
         ApiClient {
@@ -65,8 +93,19 @@ impl ApiClient {
         }
     }
 
-    /// Sends one request and returns the status and the JSON body.
+    /// Sends one request (a JSON body, if any) and returns the status and the JSON body.
     pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Value), ClientError> {
+        self.raw_typed(method, path, "application/json", body)
+    }
+
+    /// Sends one request with the given `Content-Type` and returns the status and JSON body.
+    pub fn raw_typed(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<(u16, Value), ClientError> {
         let shown = self.path.display().to_string();
         let mut stream =
             UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
@@ -79,7 +118,7 @@ impl ApiClient {
         };
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).map_err(io)?;
@@ -124,16 +163,12 @@ impl ApiClient {
     /// Sends a request; a non-2xx answer becomes `ClientError::Refused` with the server's message.
     pub fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Value, ClientError> {
         let (status, value) = self.raw(method, path, body)?;
-        if (200..300).contains(&status) {
-            Ok(value)
-        } else {
-            let message = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            Err(ClientError::Refused { status, message })
-        }
+        answer(status, value)
+    }
+
+    /// `GET /v1/version`: the VMM's version, the patch-format versions it accepts, features.
+    pub fn version(&self) -> Result<Value, ClientError> {
+        self.call("GET", "/v1/version", b"")
     }
 
     pub fn status(&self) -> Result<Value, ClientError> {
@@ -154,7 +189,9 @@ impl ApiClient {
 
     /// Applies a patch file (its bytes, as read from disk).
     pub fn apply(&self, patch: &[u8]) -> Result<Value, ClientError> {
-        self.call("POST", "/v1/patches", patch)
+        let (status, value) =
+            self.raw_typed("POST", "/v1/patches", "application/octet-stream", patch)?;
+        answer(status, value)
     }
 
     pub fn patches(&self) -> Result<Value, ClientError> {
@@ -189,5 +226,35 @@ mod tests {
         assert!(dechunk(b"zz\r\nabc").is_err());
         assert!(dechunk(b"10\r\nshort").is_err());
         assert!(dechunk(b"").is_err());
+    }
+
+    #[test]
+    fn parses_the_fault_body_and_the_old_error_body() {
+        let new = serde_json::json!({"fault_message": "no patch ab", "kind": "not_found"});
+        match answer(404, new) {
+            Err(ClientError::Refused {
+                status,
+                kind,
+                message,
+            }) => {
+                assert_eq!((status, kind.as_deref()), (404, Some("not_found")));
+                assert_eq!(message, "no patch ab");
+            }
+            other => panic!("{other:?}"),
+        }
+        let old = serde_json::json!({"error": "busy: try again"});
+        match answer(503, old) {
+            Err(ClientError::Refused {
+                status,
+                kind,
+                message,
+            }) => {
+                assert_eq!((status, kind), (503, None));
+                assert_eq!(message, "busy: try again");
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = serde_json::json!({"state": "running"});
+        assert_eq!(answer(200, ok.clone()).ok(), Some(ok));
     }
 }

@@ -2,6 +2,7 @@
 //! its typed client ([`client`]).
 
 pub mod client;
+pub mod http;
 pub mod server;
 
 pub use client::ApiClient;

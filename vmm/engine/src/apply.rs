@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use patch_format::{ParsedPatch, Patch, Site, SiteKind};
+use patch_format::{Patch, Site, SiteKind};
 use tracing::{info, warn};
 
 use crate::arena::{Arena, Chunk};
@@ -17,8 +17,8 @@ use crate::journal::{ArenaRecord, PatchRecord, PatchState, SiteRecord};
 use crate::plan::{self, FunctionCode, PlanError, SiteInput, SitePlan};
 use crate::rewrites::SiteText;
 use crate::{
-    ApplyOutcome, Engine, EngineError, GuestControl, PagingRegs, now_secs, quiesce_arena,
-    ranges_overlap, site_range,
+    ApplyOutcome, CheckedPatch, Engine, EngineError, GuestControl, PagingRegs, now_secs,
+    quiesce_arena, ranges_overlap, site_range,
 };
 
 /// One site made ready to write.
@@ -48,16 +48,41 @@ struct Lifting {
 impl<G: GuestControl> Engine<G> {
     /// Applies a patch file. The same patch applied twice is a no-op the second time.
     pub fn apply(&mut self, file: &[u8]) -> Result<ApplyOutcome, EngineError> {
-        let t0 = Instant::now();
-        let r = self.apply_steps(file, t0);
+        let r = match self.verifier().check(file) {
+            Ok(c) => self.apply_steps(c),
+            Err(e) => Err(e),
+        };
+        self.counted(r)
+    }
+
+    /// Applies a patch that [`crate::Verifier::check`] accepted (the rest of [`Engine::apply`]).
+    pub fn apply_checked(&mut self, checked: CheckedPatch) -> Result<ApplyOutcome, EngineError> {
+        let r = self.apply_steps(checked);
+        self.counted(r)
+    }
+
+    /// Counts a patch refused by [`crate::Verifier::check`] outside the engine (in the metrics'
+    /// `refused`, as [`Engine::apply`] counts its own).
+    pub fn note_refused(&mut self) {
+        self.refused += 1;
+    }
+
+    fn counted(
+        &mut self,
+        r: Result<ApplyOutcome, EngineError>,
+    ) -> Result<ApplyOutcome, EngineError> {
         if r.is_err() {
             self.refused += 1;
         }
         r
     }
 
-    fn apply_steps(&mut self, file: &[u8], t0: Instant) -> Result<ApplyOutcome, EngineError> {
-        let parsed = self.admit(file)?;
+    /// admit (parse + signature, done by [`crate::Verifier::check`]) → plan → intent → stage → commit.
+    fn apply_steps(&mut self, checked: CheckedPatch) -> Result<ApplyOutcome, EngineError> {
+        let CheckedPatch {
+            parsed,
+            started: t0,
+        } = checked;
         let id = parsed.id.to_string();
         if let Some(done) = self.already_applied(&id, t0) {
             return Ok(done);
@@ -84,13 +109,6 @@ impl<G: GuestControl> Engine<G> {
             }
         };
         self.record_applied(record, lifting, committed, t0)
-    }
-
-    /// Parses the file and checks its signature: nothing after this looks at an untrusted patch.
-    fn admit(&self, file: &[u8]) -> Result<ParsedPatch, EngineError> {
-        let parsed = patch_format::parse(file)?;
-        self.check_signature(&parsed)?;
-        Ok(parsed)
     }
 
     fn already_applied(&self, id: &str, t0: Instant) -> Option<ApplyOutcome> {

@@ -18,7 +18,7 @@ pub mod target;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use patch_format::{ParsedPatch, PublicKey, SignatureBlock};
 use serde::Serialize;
@@ -154,6 +154,41 @@ impl EngineError {
             | EngineError::Journal(_)
             | EngineError::Stranded { .. } => "internal",
         }
+    }
+}
+
+/// Checks patch files (parse, then signature) with the engine's trusted keys; needs no access to
+/// the engine, so it can run outside the engine's lock. See [`Engine::verifier`].
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    trusted_keys: Vec<PublicKey>,
+    allow_unsigned: bool,
+}
+
+/// A patch file that parsed and whose signature [`Verifier::check`] accepted.
+pub struct CheckedPatch {
+    parsed: ParsedPatch,
+    /// When checking began: the apply's `total_us` counts from here.
+    started: Instant,
+}
+
+impl Verifier {
+    /// Parses `file` and checks its signature: `Malformed`, `Unsigned` or `Signature` if not.
+    pub fn check(&self, file: &[u8]) -> Result<CheckedPatch, EngineError> {
+        let started = Instant::now();
+        let parsed = patch_format::parse(file)?;
+        match (&parsed.signature, self.allow_unsigned) {
+            (SignatureBlock::Unsigned, true) => {
+                warn!(patch = %parsed.id, "accepting an unsigned patch (--allow-unsigned)");
+            }
+            (SignatureBlock::Unsigned, false) => return Err(EngineError::Unsigned),
+            _ => {
+                parsed
+                    .verify(&self.trusted_keys)
+                    .map_err(EngineError::Signature)?;
+            }
+        }
+        Ok(CheckedPatch { parsed, started })
     }
 }
 
@@ -634,17 +669,13 @@ impl<G: GuestControl> Engine<G> {
         Ok((gpa, bytes))
     }
 
-    fn check_signature(&self, p: &ParsedPatch) -> Result<(), EngineError> {
-        match (&p.signature, self.config.allow_unsigned) {
-            (SignatureBlock::Unsigned, true) => {
-                warn!(patch = %p.id, "accepting an unsigned patch (--allow-unsigned)");
-                Ok(())
-            }
-            (SignatureBlock::Unsigned, false) => Err(EngineError::Unsigned),
-            _ => p
-                .verify(&self.config.trusted_keys)
-                .map(|_| ())
-                .map_err(EngineError::Signature),
+    /// What checking a patch file needs, detached from the engine: a server parses and
+    /// verifies a (large) file with it without holding the engine's lock, then calls
+    /// [`Engine::apply_checked`].
+    pub fn verifier(&self) -> Verifier {
+        Verifier {
+            trusted_keys: self.config.trusted_keys.clone(),
+            allow_unsigned: self.config.allow_unsigned,
         }
     }
 }

@@ -715,3 +715,27 @@ fn checks_that_keep_the_guest_parked_too_long_write_nothing() {
     assert_eq!(g.bytes(F_AT, 13), before);
     assert!(!*g.paused.lock().unwrap());
 }
+
+#[test]
+fn a_patch_checked_outside_the_engine_applies_and_its_refusals_count() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let before = g.bytes(F_AT, 1);
+    let v = e.verifier();
+    let unsigned = fix_f().to_file_unsigned().unwrap();
+    assert!(matches!(v.check(&unsigned), Err(EngineError::Unsigned)));
+    assert!(matches!(v.check(b"junk"), Err(EngineError::Malformed(_))));
+    e.note_refused();
+    assert_eq!(g.bytes(F_AT, 1), before, "checking touched the guest");
+    let out = e
+        .apply_checked(v.check(&signed(&fix_f())).unwrap())
+        .unwrap();
+    assert!(!out.already_applied);
+    assert_eq!(g.bytes(F_AT, 1), [0xe9]);
+    let again = e
+        .apply_checked(v.check(&signed(&fix_f())).unwrap())
+        .unwrap();
+    assert!(again.already_applied);
+    assert_eq!(e.metrics().refused, 1);
+    assert_eq!(e.metrics().applied, 1);
+}
