@@ -3,6 +3,7 @@
 use control_api::client::ClientError;
 use patch_engine::EngineError;
 use patch_engine::journal::JournalError;
+use qemu_backend::{QemuError, QmpError, RspError};
 
 /// Shown under `vmm --help`; README.md lists the same.
 pub const HELP: &str = "\
@@ -109,6 +110,16 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if let Some(JournalError::Locked { .. }) = cause.downcast_ref::<JournalError>() {
             return BUSY;
         }
+        if let Some(e) = cause.downcast_ref::<QemuError>() {
+            match e {
+                QemuError::Gdb(RspError::Connect { .. })
+                | QemuError::Qmp(QmpError::Connect { .. }) => {
+                    return UNREACHABLE;
+                }
+                QemuError::NotRunning(_) => return BUSY,
+                _ => {}
+            }
+        }
         if matches!(
             cause.downcast_ref::<qemu_backend::qmp::QmpError>(),
             Some(qemu_backend::qmp::QmpError::Connect { .. })
@@ -125,9 +136,46 @@ pub fn code(err: &anyhow::Error) -> u8 {
     FAILURE
 }
 
+/// `err` and its causes on one line, `what: why: root cause`, each cause once: a cause whose
+/// text an outer message already quotes (some library errors still include their source in
+/// their own message) is not repeated.
+pub fn render(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn render_prints_each_cause_once() {
+        let gone = ClientError::Connect {
+            path: "/nonexistent".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let text = render(&anyhow::Error::new(gone));
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOENT))
+            .context("cannot read p.hpatch");
+        assert_eq!(
+            render(&e),
+            format!(
+                "cannot read p.hpatch: {}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
+    }
 
     fn api(status: u16, body: serde_json::Value) -> anyhow::Error {
         anyhow::Error::new(ApiFailure::from_body(status, &body)).context("applying p.hpatch")
@@ -218,6 +266,15 @@ mod tests {
         assert_eq!(
             code(&anyhow::Error::new(missing).context("cannot read p.hpatch")),
             NOT_FOUND
+        );
+        let qmp = QemuError::Qmp(QmpError::Connect {
+            path: "/q".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(code(&anyhow::Error::new(qmp)), UNREACHABLE);
+        assert_eq!(
+            code(&anyhow::Error::new(QemuError::NotRunning("paused".into()))),
+            BUSY
         );
         assert_eq!(code(&anyhow::anyhow!("something else")), FAILURE);
     }

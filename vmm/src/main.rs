@@ -295,7 +295,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 vm.join();
                 return Err(e.into());
             }
-            tracing::warn!(error = %e, "hot patching is unavailable for this image");
+            let e = anyhow::Error::new(e);
+            tracing::warn!(
+                error = exit::render(&e),
+                "hot patching is unavailable for this image"
+            );
             None
         }
     };
@@ -634,7 +638,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
+            eprintln!("vmm: error: {}", exit::render(&e));
             ExitCode::from(exit::code(&e))
         }
     }

@@ -127,7 +127,7 @@ pub struct Recovery {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error(
-        "patch journal: cannot {op} {}: {source}; check that --state-dir names a writable local \
+        "patch journal: cannot {op} {}; check that --state-dir names a writable local \
          directory owned by this user and that its disk has free space",
         path.display()
     )]

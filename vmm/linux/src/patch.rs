@@ -113,7 +113,7 @@ pub enum KernelPatchError {
         address: u64,
         size: u64,
     },
-    #[error("replacement for {function}: {source}")]
+    #[error("replacement for {function}")]
     Code {
         function: String,
         #[source]
@@ -157,7 +157,7 @@ pub enum KernelPatchError {
         symbol: String,
         symbols: Vec<(u64, char)>,
     },
-    #[error("the built patch is not valid: {0}")]
+    #[error("the built patch is not valid")]
     Invalid(#[from] EncodeError),
 }
 
