@@ -84,6 +84,21 @@ fn assert_text_is_original(q: &QemuProcess, what: &str) {
     );
 }
 
+/// SHA-256 of the patch arena (the default `--arena`, 2 MiB) and of the guest's `compute`,
+/// read through the gdbstub.
+fn guest_hash(q: &QemuProcess) -> [u8; 32] {
+    use sha2::Digest;
+    let guest = QemuGuest::attach(&q.gdb, q.qmp_path()).expect("attach for the hash");
+    let (compute, code) = integration_tests::patching::elf_symbol(GuestBuild::V1, "compute");
+    let mut h = sha2::Sha256::new();
+    for (gpa, len) in [(0x7fe0_0000u64, 2usize << 20), (compute, code.len())] {
+        let mut b = vec![0u8; len];
+        guest.read_phys(gpa, &mut b).expect("read guest memory");
+        h.update(&b);
+    }
+    h.finalize().into()
+}
+
 #[test]
 fn the_same_patch_file_applies_and_reverts_through_qemu() {
     require_kvm();
@@ -153,6 +168,46 @@ fn the_same_patch_file_applies_and_reverts_through_qemu() {
         "{list}"
     );
 
+    // `list` only reads: the guest's arena and patched code, and the journal, are byte-identical
+    // after it, and it does not even need the gdbstub to answer.
+    let journal = state.join("patches.journal");
+    let journal_before = std::fs::read(&journal).expect("read journal");
+    let arena_before = guest_hash(&q);
+    let listed: serde_json::Value =
+        serde_json::from_slice(&run(target(&["patch", "list", "--json"])).stdout)
+            .expect("list --json is JSON");
+    assert_eq!(
+        listed.pointer("/patches/0/id").and_then(|v| v.as_str()),
+        Some(id.as_str()),
+        "{listed}"
+    );
+    assert_eq!(
+        guest_hash(&q),
+        arena_before,
+        "`patch list` changed guest memory"
+    );
+    assert_eq!(
+        std::fs::read(&journal).expect("read journal"),
+        journal_before,
+        "`patch list` changed the journal"
+    );
+    let offline: Vec<String> = target(&["patch", "list"])
+        .into_iter()
+        .map(|a| {
+            if a == q.gdb {
+                "127.0.0.1:9".to_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    assert!(stdout(&run(offline)).contains(&id[..16]));
+
+    // Exit statuses: an unknown patch id is "not found" (6).
+    let args = target(&["patch", "revert", "abcdef12"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(cli_output(&refs).status.code(), Some(6));
+
     let reverted = stdout(&run(target(&["patch", "revert", &id[..8]])));
     assert!(reverted.starts_with("reverted "), "{reverted}");
     wait_all(&q, false, "v1 after the revert");
@@ -171,7 +226,7 @@ fn the_same_patch_file_applies_and_reverts_through_qemu() {
     let args = target(&["patch", "apply", bad.to_str().expect("utf-8")]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = cli_output(&refs);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a refused patch exits 3");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected"), "{err}");
     assert!(compute > 0);

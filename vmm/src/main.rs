@@ -14,6 +14,7 @@ use kvm_vmm::devices::StopReason;
 use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 use vmm_tools::bench;
 
+mod exit;
 mod integrity_cli;
 mod patch_cli;
 
@@ -21,12 +22,14 @@ mod patch_cli;
 #[command(
     name = "vmm",
     version,
-    about = "A KVM VMM that hot-patches the code of running guests from outside"
+    about = "A KVM VMM that hot-patches the code of running guests from outside",
+    after_help = exit::HELP
 )]
 struct Cli {
-    /// Log filter (tracing env-filter syntax), e.g. `info`, `vmm=debug`. Also read from RUST_LOG.
-    #[arg(long, global = true, default_value = "warn")]
-    log: String,
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `vmm=debug`. Without it, RUST_LOG
+    /// is used, else `warn`; an explicit --log wins over RUST_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,9 +39,9 @@ enum Command {
     /// Boot a guest and run it until it powers off (exit status = the guest's).
     Run(RunArgs),
     /// Pause every vCPU of a running VM (through its API socket).
-    Pause(SockArgs),
+    Pause(StatusArgs),
     /// Resume a paused VM.
-    Resume(SockArgs),
+    Resume(StatusArgs),
     /// Show a VM's state, vCPUs and guest reports.
     Status(StatusArgs),
     /// Show a VM's code integrity (mode, protected ranges, slots, violations); protect more code.
@@ -142,7 +145,7 @@ struct SockArgs {
 struct StatusArgs {
     #[command(flatten)]
     sock: SockArgs,
-    /// Print the raw JSON.
+    /// Print the VMM's JSON answer instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -292,7 +295,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 vm.join();
                 return Err(e.into());
             }
-            tracing::warn!(error = %e, "hot patching is unavailable for this image");
+            let e = anyhow::Error::new(e);
+            tracing::warn!(
+                error = exit::render(&e),
+                "hot patching is unavailable for this image"
+            );
             None
         }
     };
@@ -339,6 +346,33 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `vmm pause` / `vmm resume`.
+fn pause_resume(args: StatusArgs, pause: bool) -> Result<()> {
+    let client = ApiClient::new(&args.sock.api_sock);
+    let v = if pause {
+        client.pause()?
+    } else {
+        client.resume()?
+    };
+    if args.json {
+        return print_json(&v);
+    }
+    let field = |k: &str| match v.get(k) {
+        None | Some(serde_json::Value::Null) => "-".to_string(),
+        Some(x) => x.to_string().trim_matches('"').to_string(),
+    };
+    if pause {
+        let vcpus = v
+            .get("vcpus")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, Vec::len);
+        println!("paused {vcpus} vCPU(s) in {} µs", field("park_us"));
+    } else {
+        println!("resumed after a blackout of {} µs", field("blackout_us"));
+    }
     Ok(())
 }
 
@@ -562,23 +596,19 @@ fn bench_patch(args: BenchPatchArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Pause(args) => ApiClient::new(&args.api_sock)
-            .pause()
-            .map_err(Into::into)
-            .and_then(|v| print_json(&v))
-            .map(|_| ExitCode::SUCCESS),
-        Command::Resume(args) => ApiClient::new(&args.api_sock)
-            .resume()
-            .map_err(Into::into)
-            .and_then(|v| print_json(&v))
-            .map(|_| ExitCode::SUCCESS),
+        Command::Pause(args) => pause_resume(args, true).map(|_| ExitCode::SUCCESS),
+        Command::Resume(args) => pause_resume(args, false).map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
         Command::DemoLinux(args) => demo_linux(args),
         Command::Integrity(args) => integrity_cli::run(args).map(|_| ExitCode::SUCCESS),
@@ -608,8 +638,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
-            ExitCode::from(1)
+            eprintln!("vmm: error: {}", exit::render(&e));
+            ExitCode::from(exit::code(&e))
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A thin layer over the `patch-format` crate: argument parsing, file I/O and
 //! messages for the operator. `anyhow` is used only here, at the binary's edge.
-//! `apply`, `list` and `revert` talk to a running VMM through its API socket.
+//! `apply`, `list` and `revert` act on a [`PatchTarget`]: a VMM's API socket or a QEMU VM.
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -12,6 +12,12 @@ use patch_format::{
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use control_api::client::ApiClient;
+use patch_engine::journal::{PatchRecord, PatchState};
+use serde::{Deserialize, Serialize};
+
+use crate::exit::ApiFailure;
 
 #[derive(Subcommand, Debug)]
 pub enum PatchCommand {
@@ -149,7 +155,7 @@ pub struct ApplyArgs {
     pub sock: SockArg,
     /// The patch file.
     pub file: PathBuf,
-    /// Print the server's JSON answer.
+    /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -224,6 +230,9 @@ pub struct BuildArgs {
     /// Name of the target image in the patch (default: the --old file's name).
     #[arg(long)]
     pub target_name: Option<String>,
+    /// Print one JSON object (file, bytes, id, sites, key id) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +243,9 @@ pub struct KeygenArgs {
     /// Overwrite existing key files.
     #[arg(long)]
     pub force: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +258,9 @@ pub struct SignArgs {
     /// Where to write the signed patch (default: replace FILE).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -254,6 +269,9 @@ pub struct VerifyArgs {
     #[arg(long = "trusted-key", value_name = "PUB", required = true)]
     pub trusted_keys: Vec<PathBuf>,
     pub file: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -281,58 +299,150 @@ pub fn run(cmd: PatchCommand) -> Result<()> {
     }
 }
 
-fn pretty(v: &serde_json::Value) -> Result<()> {
+fn pretty<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
-    v.get(key).unwrap_or(&serde_json::Value::Null)
+/// What an apply did, as both targets report it (the engine's `ApplyOutcome`, which the API
+/// serves as JSON).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApplyView {
+    pub patch: PatchRecord,
+    pub already_applied: bool,
+    #[serde(default)]
+    pub replaced: Vec<String>,
+    pub attempts: u32,
+    pub total_us: u64,
+}
+
+impl From<patch_engine::ApplyOutcome> for ApplyView {
+    fn from(o: patch_engine::ApplyOutcome) -> Self {
+        ApplyView {
+            patch: o.patch,
+            already_applied: o.already_applied,
+            replaced: o.replaced,
+            attempts: o.attempts,
+            total_us: o.total_us,
+        }
+    }
+}
+
+/// `vmm patch list --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListView {
+    pub patches: Vec<PatchRecord>,
+}
+
+/// The VM `apply`, `list` and `revert` act on: one of this VMM's (its API socket) or one under
+/// QEMU. Both answer with the same typed values, which are printed as text or `--json`.
+pub enum PatchTarget<'a> {
+    Api(ApiClient),
+    Qemu(&'a QemuArgs),
+}
+
+impl<'a> PatchTarget<'a> {
+    pub fn from_args(a: &'a SockArg) -> Self {
+        match &a.api_sock {
+            Some(sock) => PatchTarget::Api(ApiClient::new(sock)),
+            None => PatchTarget::Qemu(&a.qemu),
+        }
+    }
+
+    pub fn apply(&self, file: &[u8]) -> Result<ApplyView> {
+        match self {
+            PatchTarget::Api(c) => api_call(c, "POST", "/v1/patches", file),
+            PatchTarget::Qemu(q) => Ok(qemu_engine(q)?.apply(file)?.into()),
+        }
+    }
+
+    /// Never writes to the guest: for QEMU it reads the journal in --state-dir read-only
+    /// (without attaching to the VM, taking the lock or running recovery).
+    pub fn list(&self) -> Result<Vec<PatchRecord>> {
+        match self {
+            PatchTarget::Api(c) => Ok(api_call::<ListView>(c, "GET", "/v1/patches", b"")?.patches),
+            PatchTarget::Qemu(q) => {
+                let Some(dir) = &q.state_dir else {
+                    bail!("--qemu-gdb needs --state-dir (the directory apply and revert used)");
+                };
+                Ok(patch_engine::journal::Journal::read_only(dir)?)
+            }
+        }
+    }
+
+    pub fn revert(&self, id: &str) -> Result<PatchRecord> {
+        let id: String = id.chars().filter(char::is_ascii_hexdigit).collect();
+        match self {
+            PatchTarget::Api(c) => api_call(c, "POST", &format!("/v1/patches/{id}/revert"), b""),
+            PatchTarget::Qemu(q) => Ok(qemu_engine(q)?.revert(&id)?),
+        }
+    }
+}
+
+/// One API request whose 2xx answer is a `T`; an error answer becomes an [`ApiFailure`] that
+/// keeps the server's `kind` (for the exit status).
+fn api_call<T: serde::de::DeserializeOwned>(
+    c: &ApiClient,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<T> {
+    let (status, value) = c.raw(method, path, body)?;
+    if !(200..300).contains(&status) {
+        return Err(ApiFailure::from_body(status, &value).into());
+    }
+    serde_json::from_value(value)
+        .with_context(|| format!("the VMM's answer to {method} {path} is not what this vmm expects; is it another version?"))
+}
+
+fn short(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
 }
 
 fn apply(a: ApplyArgs) -> Result<()> {
     let bytes = read(&a.file)?;
-    let v = match &a.sock.api_sock {
-        Some(sock) => control_api::client::ApiClient::new(sock).apply(&bytes)?,
-        None => serde_json::to_value(qemu_engine(&a.sock.qemu)?.apply(&bytes)?)?,
-    };
+    let v = PatchTarget::from_args(&a.sock).apply(&bytes)?;
     if a.json {
         return pretty(&v);
     }
-    let p = field(&v, "patch");
-    if field(&v, "already_applied").as_bool() == Some(true) {
-        println!(
-            "already applied: {} {}",
-            field(p, "id").as_str().unwrap_or("?"),
-            field(p, "name").as_str().unwrap_or("?")
-        );
+    let p = &v.patch;
+    if v.already_applied {
+        println!("already applied: {} {}", p.id, p.name);
         return Ok(());
     }
+    let blackout = p
+        .apply_blackout_us
+        .map_or("-".to_string(), |b| b.to_string());
     println!(
-        "applied {} {}: {} site(s), blackout {} µs, {} attempt(s), {} vCPU(s) moved, {} µs in the VMM",
-        field(p, "id").as_str().unwrap_or("?"),
-        field(p, "name").as_str().unwrap_or("?"),
-        field(p, "sites").as_array().map_or(0, Vec::len),
-        field(p, "apply_blackout_us"),
-        field(&v, "attempts"),
-        field(p, "moved_vcpus"),
-        field(&v, "total_us"),
+        "applied {} {}: {} site(s), blackout {blackout} µs, {} attempt(s), {} vCPU(s) moved, {} µs in the VMM",
+        p.id,
+        p.name,
+        p.sites.len(),
+        v.attempts,
+        p.moved_vcpus,
+        v.total_us,
     );
-    for r in field(&v, "replaced").as_array().into_iter().flatten() {
-        println!("  replaced {}", r.as_str().unwrap_or("?"));
+    for r in &v.replaced {
+        println!("  replaced {r}");
     }
     Ok(())
 }
 
-fn list(a: ListArgs) -> Result<()> {
-    let v = match &a.sock.api_sock {
-        Some(sock) => control_api::client::ApiClient::new(sock).patches()?,
-        None => serde_json::json!({ "patches": qemu_engine(&a.sock.qemu)?.records() }),
-    };
-    if a.json {
-        return pretty(&v);
+fn state_name(s: PatchState) -> &'static str {
+    match s {
+        PatchState::Applying => "applying",
+        PatchState::Applied => "applied",
+        PatchState::Reverting => "reverting",
+        PatchState::Reverted => "reverted",
+        PatchState::Failed => "failed",
     }
-    let patches = field(&v, "patches").as_array().cloned().unwrap_or_default();
+}
+
+fn list(a: ListArgs) -> Result<()> {
+    let patches = PatchTarget::from_args(&a.sock).list()?;
+    if a.json {
+        return pretty(&ListView { patches });
+    }
     if patches.is_empty() {
         println!("no patches");
         return Ok(());
@@ -341,25 +451,24 @@ fn list(a: ListArgs) -> Result<()> {
         "{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}",
         "ID", "NAME", "STATE", "SITES", "APPLIED AT (UTC)", "BLACKOUT µs"
     );
-    for p in patches {
-        let applied = field(&p, "applied_at")
-            .as_u64()
+    for p in &patches {
+        let applied = p
+            .applied_at
             .map(patch_format::format_utc)
             .unwrap_or_else(|| "-".into());
-        let blackout = field(&p, "apply_blackout_us")
-            .as_u64()
+        let blackout = p
+            .apply_blackout_us
             .map_or("-".to_string(), |b| b.to_string());
-        let id = field(&p, "id").as_str().unwrap_or("?");
         println!(
             "{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}",
-            id.get(..16).unwrap_or(id),
-            field(&p, "name").as_str().unwrap_or("?"),
-            field(&p, "state").as_str().unwrap_or("?"),
-            field(&p, "sites").as_array().map_or(0, Vec::len),
+            short(&p.id),
+            p.name,
+            state_name(p.state),
+            p.sites.len(),
             applied,
             blackout
         );
-        if let Some(note) = field(&p, "note").as_str() {
+        if let Some(note) = &p.note {
             println!("{:<18}note: {note}", "");
         }
     }
@@ -367,22 +476,14 @@ fn list(a: ListArgs) -> Result<()> {
 }
 
 fn revert(a: RevertArgs) -> Result<()> {
-    let v = match &a.sock.api_sock {
-        Some(sock) => control_api::client::ApiClient::new(sock).revert(&a.id)?,
-        None => {
-            let id: String = a.id.chars().filter(char::is_ascii_hexdigit).collect();
-            serde_json::to_value(qemu_engine(&a.sock.qemu)?.revert(&id)?)?
-        }
-    };
+    let p = PatchTarget::from_args(&a.sock).revert(&a.id)?;
     if a.json {
-        return pretty(&v);
+        return pretty(&p);
     }
-    println!(
-        "reverted {} {}: blackout {} µs",
-        field(&v, "id").as_str().unwrap_or("?"),
-        field(&v, "name").as_str().unwrap_or("?"),
-        field(&v, "revert_blackout_us")
-    );
+    let blackout = p
+        .revert_blackout_us
+        .map_or("-".to_string(), |b| b.to_string());
+    println!("reverted {} {}: blackout {blackout} µs", p.id, p.name);
     Ok(())
 }
 
@@ -509,14 +610,27 @@ fn build(a: BuildArgs) -> Result<()> {
             r.added.join(", ")
         );
     }
-    println!("wrote {} ({} bytes)", a.output.display(), bytes.len());
-    println!("patch id  {}", out.patch.id()?);
-    println!("sites     {}: {}", r.changed.len(), r.changed.join(", "));
-    match &key {
-        Some(k) => println!("signed    ed25519 key id {}", k.key_id()),
-        None => eprintln!(
+    let id = out.patch.id()?;
+    let key_id = key.as_ref().map(|k| k.key_id().to_string());
+    if key_id.is_none() {
+        eprintln!(
             "warning: the patch is UNSIGNED (development only); sign it with `vmm patch sign --key`"
-        ),
+        );
+    }
+    if a.json {
+        return pretty(&serde_json::json!({
+            "file": a.output,
+            "bytes": bytes.len(),
+            "id": id.to_string(),
+            "sites": r.changed,
+            "key_id": key_id,
+        }));
+    }
+    println!("wrote {} ({} bytes)", a.output.display(), bytes.len());
+    println!("patch id  {id}");
+    println!("sites     {}: {}", r.changed.len(), r.changed.join(", "));
+    if let Some(k) = &key_id {
+        println!("signed    ed25519 key id {k}");
     }
     Ok(())
 }
@@ -582,6 +696,13 @@ fn keygen(a: KeygenArgs) -> Result<()> {
     let key = SecretKey::generate()?;
     write_atomic(&kpath, key.to_file_text().as_bytes(), 0o600)?;
     write_atomic(&ppath, key.public().to_file_text().as_bytes(), 0o644)?;
+    if a.json {
+        return pretty(&serde_json::json!({
+            "secret_key": kpath,
+            "public_key": ppath,
+            "key_id": key.key_id().to_string(),
+        }));
+    }
     println!(
         "secret key {} (mode 0600; keep it off the machines that apply patches)",
         kpath.display()
@@ -599,6 +720,13 @@ fn sign(a: SignArgs) -> Result<()> {
     let out = a.output.as_ref().unwrap_or(&a.file);
     write_atomic(out, &signed, 0o644)?;
     let id = parse(&signed)?.id;
+    if a.json {
+        return pretty(&serde_json::json!({
+            "file": out,
+            "id": id.to_string(),
+            "key_id": key.key_id().to_string(),
+        }));
+    }
     println!(
         "signed {} (patch id {id}) with key id {}",
         out.display(),
@@ -614,6 +742,14 @@ fn verify(a: VerifyArgs) -> Result<()> {
     let key_id = p
         .verify(&keys)
         .with_context(|| format!("{}: signature check failed", a.file.display()))?;
+    if a.json {
+        return pretty(&serde_json::json!({
+            "ok": true,
+            "id": p.id.to_string(),
+            "name": p.patch.meta.name,
+            "key_id": key_id.to_string(),
+        }));
+    }
     println!(
         "OK: patch {} ({}) is signed by trusted key {key_id}",
         p.id, p.patch.meta.name

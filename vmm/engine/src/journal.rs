@@ -131,7 +131,7 @@ pub struct Recovery {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error(
-        "patch journal: cannot {op} {}: {source}; check that --state-dir names a writable local \
+        "patch journal: cannot {op} {}; check that --state-dir names a writable local \
          directory owned by this user and that its disk has free space",
         path.display()
     )]
@@ -338,6 +338,20 @@ impl Journal {
             journal.compact()?;
         }
         Ok((journal, recovery))
+    }
+
+    /// The patch states recorded in `dir`, read without writing anything: no state dir or
+    /// journal is created, the lock is not taken, a torn last line is skipped (not truncated)
+    /// and nothing is reconciled with the guest. What `vmm patch list` shows for a QEMU VM.
+    /// A missing journal means no patches.
+    pub fn read_only(dir: &Path) -> Result<Vec<PatchRecord>, JournalError> {
+        let path = dir.join(JOURNAL_FILE);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        Ok(replay(&path, &data)?.records)
     }
 
     /// Current state of every patch, in the order each was first recorded.
@@ -965,6 +979,37 @@ mod tests {
         drop(j);
         let (_, r) = Journal::open(&d.0).unwrap();
         assert_eq!(r.interrupted, vec![id(1), id(3)]);
+    }
+
+    #[test]
+    fn read_only_reads_while_locked_and_writes_nothing() {
+        let d = TempDir::new("read-only");
+        let missing = d.0.join("never-created");
+        assert_eq!(Journal::read_only(&missing).unwrap(), Vec::new());
+        assert!(!missing.exists(), "read_only created the state dir");
+
+        let (mut j, _) = Journal::open(&d.0).unwrap();
+        j.put(rec(1, PatchState::Applied)).unwrap();
+        j.put(rec(2, PatchState::Applying)).unwrap();
+        let path = j.path().to_path_buf();
+        // Half a line, as a crash would leave it; the writer still holds the lock.
+        let half = encode_line(3, &rec(2, PatchState::Applied)).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&half[..half.len() / 2]).unwrap();
+        drop(f);
+        let before = fs::read(&path).unwrap();
+
+        let got = Journal::read_only(&d.0).unwrap();
+        assert_eq!(
+            got,
+            vec![rec(1, PatchState::Applied), rec(2, PatchState::Applying)]
+        );
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            before,
+            "read_only changed the journal"
+        );
+        drop(j);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub const MAX_IMAGE_SIZE: u64 = 512 << 20;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot read the guest image {path}: {source}")]
+    #[error("cannot read the guest image {path}")]
     ReadImage {
         path: String,
         #[source]
@@ -39,9 +39,7 @@ pub enum BootError {
     ImageTooLarge { path: String, size: u64 },
     #[error("{path} is not a bootable image: {why}")]
     NotBootable { path: String, why: String },
-    #[error(
-        "{path} could not be loaded into guest memory: {source} (is --memory large enough for it?)"
-    )]
+    #[error("{path} could not be loaded into guest memory (is --memory large enough for it?)")]
     Load {
         path: String,
         #[source]

@@ -36,9 +36,7 @@ pub enum MemoryError {
         requested_mib: u64,
         available_mib: u64,
     },
-    #[error(
-        "could not allocate {requested_mib} MiB of guest memory: {source}; ask for less with --memory"
-    )]
+    #[error("could not allocate {requested_mib} MiB of guest memory; ask for less with --memory")]
     Allocate {
         requested_mib: u64,
         #[source]

@@ -37,7 +37,7 @@ pub enum VmError {
         "permission denied opening {path}: run as root or add your user to the group that owns it (usually 'kvm'), then log in again"
     )]
     KvmPermission { path: String },
-    #[error("cannot use {path} as the KVM device: {source}")]
+    #[error("cannot use {path} as the KVM device")]
     KvmOpen {
         path: String,
         #[source]
@@ -57,13 +57,13 @@ pub enum VmError {
     Integrity(#[from] IntegrityError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("could not create the VM ({what}): {source}")]
+    #[error("could not create the VM ({what})")]
     Kvm {
         what: &'static str,
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("could not set up {what}: {source}")]
+    #[error("could not set up {what}")]
     Host {
         what: &'static str,
         #[source]

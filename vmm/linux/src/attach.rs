@@ -16,7 +16,7 @@ use crate::address_space::kernel_view;
 
 #[derive(Debug, Error)]
 pub enum LinuxAttachError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         #[source]

@@ -11,15 +11,13 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum QmpError {
-    #[error(
-        "cannot connect to QMP at {path}: {source}; start QEMU with -qmp unix:{path},server=on,wait=off"
-    )]
+    #[error("cannot connect to QMP at {path}; start QEMU with -qmp unix:{path},server=on,wait=off")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("the QMP connection failed: {0}")]
+    #[error("the QMP connection failed")]
     Io(#[from] std::io::Error),
     #[error("QMP sent something that is not a QMP message: {0}")]
     Malformed(String),

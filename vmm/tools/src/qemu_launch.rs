@@ -10,15 +10,13 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum LaunchError {
-    #[error(
-        "cannot start {program}: {source}; install QEMU (scripts/setup does, with VMM_NEED_QEMU=1)"
-    )]
+    #[error("cannot start {program}; install QEMU (scripts/setup does, with VMM_NEED_QEMU=1)")]
     Spawn {
         program: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("QEMU exited before it was ready ({status}); its log: {log}")]
     Exited { status: String, log: String },

@@ -43,7 +43,7 @@ pub enum SlotError {
         "protecting these code ranges needs {needed} KVM memory slots but this host's KVM allows {max}; protect fewer, larger ranges"
     )]
     TooMany { needed: usize, max: usize },
-    #[error("KVM refused memory slot {slot} at guest-physical {gpa:#x} ({size} bytes{ro}): {source}", ro = if *readonly { ", read-only" } else { "" })]
+    #[error("KVM refused memory slot {slot} at guest-physical {gpa:#x} ({size} bytes{ro})", ro = if *readonly { ", read-only" } else { "" })]
     Register {
         slot: u32,
         gpa: u64,

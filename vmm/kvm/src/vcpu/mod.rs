@@ -62,13 +62,13 @@ pub type Control = VcpuControl<VcpuSnapshot, kvm_regs>;
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
-    #[error("could not create vCPU {id}: {source}")]
+    #[error("could not create vCPU {id}")]
     Create {
         id: usize,
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("could not set up vCPU {id} ({what}): {source}")]
+    #[error("could not set up vCPU {id} ({what})")]
     Setup {
         id: usize,
         what: &'static str,

@@ -38,7 +38,7 @@ pub enum BenchError {
     ApiServer(#[from] control_api::server::ApiError),
     #[error("building the benchmark's patches: {0}")]
     Setup(String),
-    #[error("{op} failed in cycle {cycle}: {source}")]
+    #[error("{op} failed in cycle {cycle}")]
     Engine {
         op: &'static str,
         cycle: usize,

@@ -43,6 +43,18 @@ fn setup(what: &str) -> impl Fn(String) -> BenchError + '_ {
     move |e| BenchError::Setup(format!("{what}: {e}"))
 }
 
+/// An error and its causes on one line (`a: b: c`), for messages that keep only a string.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Blackouts of one backend, µs.
 struct Cycles {
     floor: Vec<u64>,
@@ -124,14 +136,14 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
         accel: "kvm",
         dir: scratch.join("qemu"),
     })
-    .map_err(|e| setup("starting QEMU")(e.to_string()))?;
+    .map_err(|e| setup("starting QEMU")(chain(&e)))?;
     let mut qmp = Qmp::connect(q.qmp_path(), qemu_backend::IO_TIMEOUT)
-        .map_err(|e| setup("QMP")(e.to_string()))?;
+        .map_err(|e| setup("QMP")(chain(&e)))?;
     let mut qmp_floor = Vec::new();
     for _ in 0..cycles {
         let t = Instant::now();
-        qmp.stop().map_err(|e| setup("QMP stop")(e.to_string()))?;
-        qmp.cont().map_err(|e| setup("QMP cont")(e.to_string()))?;
+        qmp.stop().map_err(|e| setup("QMP stop")(chain(&e)))?;
+        qmp.cont().map_err(|e| setup("QMP cont")(chain(&e)))?;
         qmp_floor.push(t.elapsed().as_micros() as u64);
         std::thread::sleep(gap);
     }
@@ -140,21 +152,19 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
     let mut gdb_floor = Vec::new();
     {
         let mut rsp = Rsp::connect(&q.gdb, qemu_backend::IO_TIMEOUT)
-            .map_err(|e| setup("gdbstub")(e.to_string()))?;
-        rsp.cont().map_err(|e| setup("gdbstub")(e.to_string()))?;
+            .map_err(|e| setup("gdbstub")(chain(&e)))?;
+        rsp.cont().map_err(|e| setup("gdbstub")(chain(&e)))?;
         for _ in 0..cycles {
             std::thread::sleep(gap);
             let t = Instant::now();
             rsp.interrupt()
-                .map_err(|e| setup("gdbstub halt")(e.to_string()))?;
-            rsp.cont()
-                .map_err(|e| setup("gdbstub cont")(e.to_string()))?;
+                .map_err(|e| setup("gdbstub halt")(chain(&e)))?;
+            rsp.cont().map_err(|e| setup("gdbstub cont")(chain(&e)))?;
             gdb_floor.push(t.elapsed().as_micros() as u64);
         }
     }
-    let guest = Arc::new(
-        QemuGuest::attach(&q.gdb, q.qmp_path()).map_err(|e| setup("attach")(e.to_string()))?,
-    );
+    let guest =
+        Arc::new(QemuGuest::attach(&q.gdb, q.qmp_path()).map_err(|e| setup("attach")(chain(&e)))?);
     let arena = kvm_vmm::layout::PATCH_ARENA;
     let mut qengine = Engine::for_elf_image(
         guest.clone(),
