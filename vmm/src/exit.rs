@@ -97,7 +97,10 @@ pub fn code(err: &anyhow::Error) -> u8 {
             return match e {
                 ClientError::Connect { .. } | ClientError::Io { .. } => UNREACHABLE,
                 ClientError::Malformed(_) => FAILURE,
-                ClientError::Refused { status, .. } => from_status(*status),
+                ClientError::Refused { status, kind, .. } => kind
+                    .as_deref()
+                    .and_then(from_kind)
+                    .unwrap_or_else(|| from_status(*status)),
             };
         }
         if let Some(e) = cause.downcast_ref::<EngineError>() {
@@ -244,9 +247,16 @@ mod tests {
         );
         let refused = ClientError::Refused {
             status: 409,
+            kind: None,
             message: "paused".into(),
         };
         assert_eq!(code(&anyhow::Error::new(refused)), BUSY);
+        let typed = ClientError::Refused {
+            status: 503,
+            kind: Some("refused".into()),
+            message: "site outside code".into(),
+        };
+        assert_eq!(code(&anyhow::Error::new(typed)), REFUSED);
         assert_eq!(code(&anyhow::Error::new(EngineError::Unsigned)), REFUSED);
         let busy = EngineError::Busy {
             attempts: 50,
