@@ -386,6 +386,14 @@ fn revert(a: RevertArgs) -> Result<()> {
     Ok(())
 }
 
+/// Reads a patch file for `verify`/`inspect`: at most the format's size limit plus one byte, so
+/// a huge or endless input is refused without being buffered.
+fn read_patch_file(path: &Path) -> Result<Vec<u8>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    patch_format::read_patch(file).with_context(|| format!("{}", path.display()))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -609,7 +617,7 @@ fn sign(a: SignArgs) -> Result<()> {
 
 fn verify(a: VerifyArgs) -> Result<()> {
     let keys = load_public(&a.trusted_keys)?;
-    let bytes = read(&a.file)?;
+    let bytes = read_patch_file(&a.file)?;
     let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
     let key_id = p
         .verify(&keys)
@@ -624,7 +632,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
 fn inspect(a: InspectArgs) -> Result<()> {
     let keys = load_public(&a.trusted_keys)?;
     let trusted = (!keys.is_empty()).then_some(keys.as_slice());
-    let bytes = read(&a.file)?;
+    let bytes = read_patch_file(&a.file)?;
     let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
     if a.json {
         println!(
