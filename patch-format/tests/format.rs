@@ -649,3 +649,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn inspect_is_linear_and_summarises_large_sites() {
+    // One site of 65,536 `call rel32`s, each with a relocation: this took minutes (a linear
+    // instruction search per relocation) and printed every line.
+    let n = limits::MAX_RELOCATIONS;
+    let mut p = sample();
+    p.sites[0].code = [0xe8, 0, 0, 0, 0].repeat(n);
+    p.sites[0].relocations = (0..n)
+        .map(|k| Relocation {
+            offset: (k * 5 + 1) as u32,
+            kind: RelocKind::Rel32,
+            symbol: "mix".into(),
+            addend: -4,
+        })
+        .collect();
+    let parsed = parse(&p.to_file_unsigned().expect("encodes")).expect("parses");
+    let started = std::time::Instant::now();
+    let summary = inspect_text(&parsed, None, false);
+    let elapsed = started.elapsed();
+    assert!(elapsed.as_secs() < 30, "inspect took {elapsed:?}");
+    assert!(
+        summary.len() < 64 * 1024,
+        "{} bytes of summary",
+        summary.len()
+    );
+    assert!(
+        summary.contains(&format!("... {} more relocations", n - 32)),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("... {} more instructions", n - 64)),
+        "{summary}"
+    );
+    assert!(summary.contains("call    mix"), "{summary}");
+
+    let full = inspect_text(&parsed, None, true);
+    assert!(!full.contains("more relocations"));
+    assert_eq!(full.matches("call    mix").count(), n);
+    let json = inspect_json(&parsed, None, false);
+    let site = &json["sites"][0];
+    assert_eq!(site["new_disassembly"].as_array().map(Vec::len), Some(64));
+    assert_eq!(site["new_disassembly_lines"], n);
+    assert_eq!(site["relocations"].as_array().map(Vec::len), Some(n));
+}

@@ -265,6 +265,9 @@ pub struct InspectArgs {
     /// Also verify the signature against these public keys. Repeatable.
     #[arg(long = "trusted-key", value_name = "PUB")]
     pub trusted_keys: Vec<PathBuf>,
+    /// List every relocation and instruction; without it, long lists are summarised.
+    #[arg(long)]
+    pub full: bool,
 }
 
 /// Runs one `vmm patch` subcommand.
@@ -637,10 +640,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&inspect_json(&p, trusted))?
+            serde_json::to_string_pretty(&inspect_json(&p, trusted, a.full))?
         );
     } else {
-        print!("{}", inspect_text(&p, trusted));
+        print!("{}", inspect_text(&p, trusted, a.full));
     }
     if let (Some(_), SignatureBlock::Ed25519 { .. }) = (trusted, &p.signature)
         && p.verify(&keys).is_err()
