@@ -20,19 +20,28 @@ const MAX_PACKET: usize = 1 << 20;
 #[derive(Debug, Error)]
 pub enum RspError {
     #[error(
-        "cannot connect to QEMU's gdbstub at {addr}: {source}; start QEMU with -gdb tcp:{addr} (or -s for :1234)"
+        "cannot connect to QEMU's gdbstub at {addr}: start QEMU with -gdb tcp:{addr} (or -s for :1234)"
     )]
     Connect {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("the gdbstub connection failed: {0}")]
+    #[error("the gdbstub connection failed")]
     Io(#[from] std::io::Error),
     #[error("the gdbstub sent a malformed packet: {0}")]
     Malformed(String),
     #[error("the gdbstub refused {request}: {reply}")]
     Refused { request: String, reply: String },
+    #[error(
+        "the gdbstub's target description {annex} is not well-formed XML: QEMU or the stub is \
+         broken, report it with the QEMU version"
+    )]
+    TargetXml {
+        annex: String,
+        #[source]
+        source: quick_xml::Error,
+    },
     #[error("QEMU's gdbstub lacks {0}, which the patch engine needs (QEMU 7.2 or newer has it)")]
     Unsupported(&'static str),
     #[error("the guest exited while attached ({0})")]
@@ -51,45 +60,33 @@ pub struct RegLayout {
     )>,
 }
 
+/// How deep `<xi:include>`s may nest (QEMU uses one level: target.xml includes the rest).
+const MAX_INCLUDE_DEPTH: usize = 4;
+
 impl RegLayout {
-    /// Parses `<reg name=… bitsize=… [regnum=…]/>` tags in document order, skipping XML
-    /// comments (QEMU comments some registers out).
-    pub fn parse(xml: &str) -> RegLayout {
-        let mut text = String::with_capacity(xml.len());
-        let mut rest = xml;
-        while let Some(i) = rest.find("<!--") {
-            text.push_str(&rest[..i]);
-            rest = match rest[i..].find("-->") {
-                Some(j) => &rest[i + j + 3..],
-                None => "",
-            };
-        }
-        text.push_str(rest);
-        let attr = |tag: &str, key: &str| -> Option<String> {
-            let pat = format!("{key}=\"");
-            let at = tag.find(&pat)? + pat.len();
-            let end = tag[at..].find('"')? + at;
-            Some(tag[at..end].to_string())
-        };
-        let mut regs: Vec<(String, usize, usize)> = Vec::new();
+    /// Parses one target description: its `<reg name=… bitsize=… [regnum=…]/>` elements in
+    /// document order (a `regnum` sets the number, later registers count on from it). XML
+    /// comments are skipped; an `<xi:include>` is refused (use [`RegLayout::from_target`]).
+    pub fn parse(xml: &str) -> Result<RegLayout, RspError> {
+        Self::from_target(xml, |href| {
+            Err(RspError::Malformed(format!(
+                "the target description includes {href:?}, which cannot be fetched here"
+            )))
+        })
+    }
+
+    /// Parses the target description `target` (QEMU's target.xml), expanding each
+    /// `<xi:include href=…/>` in place with the document `fetch` returns for it.
+    pub fn from_target(
+        target: &str,
+        mut fetch: impl FnMut(&str) -> Result<String, RspError>,
+    ) -> Result<RegLayout, RspError> {
+        let mut regs = Vec::new();
         let mut next = 0usize;
-        for piece in text.split("<reg ").skip(1) {
-            let tag = piece.split('>').next().unwrap_or("");
-            let (Some(name), Some(bits)) = (attr(tag, "name"), attr(tag, "bitsize")) else {
-                continue;
-            };
-            let Ok(bits) = bits.parse::<usize>() else {
-                continue;
-            };
-            let num = attr(tag, "regnum")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(next);
-            next = num + 1;
-            regs.push((name, num, bits.div_ceil(8)));
-        }
+        collect_regs(target, "target.xml", 0, &mut fetch, &mut regs, &mut next)?;
         regs.sort_by_key(|r| r.1);
         let mut offset = 0;
-        RegLayout {
+        Ok(RegLayout {
             regs: regs
                 .into_iter()
                 .map(|(name, num, bytes)| {
@@ -98,7 +95,7 @@ impl RegLayout {
                     r
                 })
                 .collect(),
-        }
+        })
     }
 
     pub fn find(&self, name: &str) -> Option<(usize, usize, usize)> {
@@ -106,6 +103,79 @@ impl RegLayout {
             .iter()
             .find(|r| r.0 == name)
             .map(|r| (r.1, r.2, r.3))
+    }
+}
+
+/// Appends the registers of the XML document `xml` (named `annex`) to `regs` as
+/// `(name, regnum, bytes)`, expanding includes through `fetch`.
+fn collect_regs(
+    xml: &str,
+    annex: &str,
+    depth: usize,
+    fetch: &mut dyn FnMut(&str) -> Result<String, RspError>,
+    regs: &mut Vec<(String, usize, usize)>,
+    next: &mut usize,
+) -> Result<(), RspError> {
+    use quick_xml::events::{BytesStart, Event};
+    let bad = |source: quick_xml::Error| RspError::TargetXml {
+        annex: annex.to_string(),
+        source,
+    };
+    let attr = |e: &BytesStart<'_>, key: &str| -> Result<Option<String>, RspError> {
+        match e.try_get_attribute(key) {
+            Ok(Some(a)) => Ok(Some(
+                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                    .map_err(bad)?
+                    .into_owned(),
+            )),
+            Ok(None) => Ok(None),
+            Err(err) => Err(bad(err.into())),
+        }
+    };
+    let mut reader = quick_xml::Reader::from_str(xml);
+    loop {
+        let e = match reader.read_event().map_err(bad)? {
+            Event::Start(e) | Event::Empty(e) => e,
+            Event::Eof => return Ok(()),
+            _ => continue,
+        };
+        match e.name().as_ref() {
+            "reg" => {
+                let name = attr(&e, "name")?;
+                let bits = attr(&e, "bitsize")?;
+                let (Some(name), Some(bits)) = (name, bits) else {
+                    return Err(RspError::Malformed(format!(
+                        "{annex}: a <reg> without name or bitsize"
+                    )));
+                };
+                let bits: usize = bits.parse().map_err(|_| {
+                    RspError::Malformed(format!("{annex}: register {name} has bitsize {bits:?}"))
+                })?;
+                let num = match attr(&e, "regnum")? {
+                    Some(n) => n.parse().map_err(|_| {
+                        RspError::Malformed(format!("{annex}: register {name} has regnum {n:?}"))
+                    })?,
+                    None => *next,
+                };
+                *next = num + 1;
+                regs.push((name, num, bits.div_ceil(8)));
+            }
+            "xi:include" => {
+                let Some(href) = attr(&e, "href")? else {
+                    return Err(RspError::Malformed(format!(
+                        "{annex}: an <xi:include> without href"
+                    )));
+                };
+                if depth >= MAX_INCLUDE_DEPTH {
+                    return Err(RspError::Malformed(format!(
+                        "{annex}: includes nest deeper than {MAX_INCLUDE_DEPTH} levels at {href:?}"
+                    )));
+                }
+                let included = fetch(&href)?;
+                collect_regs(&included, &href, depth + 1, fetch, regs, next)?;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -163,13 +233,8 @@ impl Rsp {
         rsp.request("?")?;
         // Reading the target description also makes QEMU serve `p`/`P` and the full `g`.
         let target = rsp.xfer("target.xml")?;
-        let mut xml = target.clone();
-        for part in target.split("href=\"").skip(1) {
-            if let Some(name) = part.split('"').next() {
-                xml.push_str(&rsp.xfer(name)?);
-            }
-        }
-        rsp.layout = RegLayout::parse(&xml);
+        let layout = RegLayout::from_target(&target, |href| rsp.xfer(href))?;
+        rsp.layout = layout;
         for needed in ["rip", "rsp", "cs", "cr0", "cr3", "cr4", "efer"] {
             if rsp.layout.find(needed).is_none() {
                 return Err(RspError::Malformed(format!(
@@ -409,13 +474,166 @@ mod tests {
             <reg name="cs" bitsize="32"/><!-- <reg name="ss_base" bitsize="64"/> -->
             <reg name="cr0" bitsize="64"/><reg name="st0" bitsize="80" regnum="10"/>
             <reg name="efer" bitsize="64"/></feature>"#;
-        let l = RegLayout::parse(xml);
+        let l = RegLayout::parse(xml).expect("parses");
         assert_eq!(l.find("rip"), Some((1, 8, 8)));
         assert_eq!(l.find("cs"), Some((2, 16, 4)));
         assert_eq!(l.find("cr0"), Some((3, 20, 8)));
         assert_eq!(l.find("st0"), Some((10, 28, 10)));
         assert_eq!(l.find("efer"), Some((11, 38, 8)));
         assert_eq!(l.find("ss_base"), None);
+    }
+
+    /// QEMU's gdb-xml/i386-64bit.xml (QEMU 7.2), in the form its gdbstub serves it.
+    const I386_64BIT_XML: &str = r#"<?xml version="1.0"?>
+<!-- Copyright (C) 2010-2017 Free Software Foundation, Inc.
+
+     Copying and distribution of this file, with or without modification,
+     are permitted in any medium without royalty provided the copyright
+     notice and this notice are preserved.  -->
+
+<!-- x86_64 64bit -->
+
+<!-- X86_64 register set as QEMU's gdbstub serves it (gdb-xml/i386-64bit.xml) -->
+
+<!DOCTYPE feature SYSTEM "gdb-target.dtd">
+<feature name="org.gnu.gdb.i386.core">
+  <flags id="i386_eflags" size="4">
+    <field name="" start="22" end="31"/>
+    <field name="CF" start="0" end="0"/>
+    <field name="" start="1" end="1"/>
+    <field name="ZF" start="6" end="6"/>
+  </flags>
+
+  <reg name="rax" bitsize="64" type="int64" regnum="0"/>
+  <reg name="rbx" bitsize="64" type="int64"/>
+  <reg name="rcx" bitsize="64" type="int64"/>
+  <reg name="rdx" bitsize="64" type="int64"/>
+  <reg name="rsi" bitsize="64" type="int64"/>
+  <reg name="rdi" bitsize="64" type="int64"/>
+  <reg name="rbp" bitsize="64" type="data_ptr"/>
+  <reg name="rsp" bitsize="64" type="data_ptr"/>
+  <reg name="r8" bitsize="64" type="int64"/>
+  <reg name="r9" bitsize="64" type="int64"/>
+  <reg name="r10" bitsize="64" type="int64"/>
+  <reg name="r11" bitsize="64" type="int64"/>
+  <reg name="r12" bitsize="64" type="int64"/>
+  <reg name="r13" bitsize="64" type="int64"/>
+  <reg name="r14" bitsize="64" type="int64"/>
+  <reg name="r15" bitsize="64" type="int64"/>
+  <reg name="rip" bitsize="64" type="code_ptr" regnum="16"/>
+  <reg name="eflags" bitsize="32" type="i386_eflags"/>
+  <reg name="cs" bitsize="32" type="int32"/>
+  <reg name="ss" bitsize="32" type="int32"/>
+  <reg name="ds" bitsize="32" type="int32"/>
+  <reg name="es" bitsize="32" type="int32"/>
+  <reg name="fs" bitsize="32" type="int32"/>
+  <reg name="gs" bitsize="32" type="int32"/>
+  <reg name="st0" bitsize="80" type="i387_ext"/>
+  <reg name="st1" bitsize="80" type="i387_ext"/>
+  <reg name="st2" bitsize="80" type="i387_ext"/>
+  <reg name="st3" bitsize="80" type="i387_ext"/>
+  <reg name="st4" bitsize="80" type="i387_ext"/>
+  <reg name="st5" bitsize="80" type="i387_ext"/>
+  <reg name="st6" bitsize="80" type="i387_ext"/>
+  <reg name="st7" bitsize="80" type="i387_ext"/>
+  <reg name="fctrl" bitsize="32" type="int" group="float"/>
+  <reg name="fstat" bitsize="32" type="int" group="float"/>
+  <reg name="ftag" bitsize="32" type="int" group="float"/>
+  <reg name="fiseg" bitsize="32" type="int" group="float"/>
+  <reg name="fioff" bitsize="32" type="int" group="float"/>
+  <reg name="foseg" bitsize="32" type="int" group="float"/>
+  <reg name="fooff" bitsize="32" type="int" group="float"/>
+  <reg name="fop" bitsize="32" type="int" group="float"/>
+
+  <vector id="v4f" type="ieee_single" count="4"/>
+  <vector id="v2d" type="ieee_double" count="2"/>
+  <union id="vec128">
+    <field name="v4_float" type="v4f"/>
+    <field name="v2_double" type="v2d"/>
+    <field name="uint128" type="uint128"/>
+  </union>
+  <flags id="i386_mxcsr" size="4">
+    <field name="IE" start="0" end="0"/>
+  </flags>
+
+  <reg name="xmm0" bitsize="128" type="vec128"/>
+  <reg name="xmm1" bitsize="128" type="vec128"/>
+  <reg name="xmm2" bitsize="128" type="vec128"/>
+  <reg name="xmm3" bitsize="128" type="vec128"/>
+  <reg name="xmm4" bitsize="128" type="vec128"/>
+  <reg name="xmm5" bitsize="128" type="vec128"/>
+  <reg name="xmm6" bitsize="128" type="vec128"/>
+  <reg name="xmm7" bitsize="128" type="vec128"/>
+  <reg name="xmm8" bitsize="128" type="vec128"/>
+  <reg name="xmm9" bitsize="128" type="vec128"/>
+  <reg name="xmm10" bitsize="128" type="vec128"/>
+  <reg name="xmm11" bitsize="128" type="vec128"/>
+  <reg name="xmm12" bitsize="128" type="vec128"/>
+  <reg name="xmm13" bitsize="128" type="vec128"/>
+  <reg name="xmm14" bitsize="128" type="vec128"/>
+  <reg name="xmm15" bitsize="128" type="vec128"/>
+  <reg name="mxcsr" bitsize="32" type="i386_mxcsr" group="vector"/>
+  <reg name="fs_base" bitsize="64" type="int64"/>
+  <reg name="gs_base" bitsize="64" type="int64"/>
+  <reg name="k_gs_base" bitsize="64" type="int64"/>
+  <reg name="cr0" bitsize="64" type="i386_cr0"/>
+  <reg name="cr2" bitsize="64" type="int64"/>
+  <reg name="cr3" bitsize="64" type="i386_cr3"/>
+  <reg name="cr4" bitsize="64" type="i386_cr4"/>
+  <reg name="cr8" bitsize="64" type="int64"/>
+  <reg name="efer" bitsize="64" type="i386_efer"/>
+</feature>
+"#;
+
+    /// What QEMU's gdbstub generates as target.xml for x86_64 (no xmlns:xi declaration).
+    const TARGET_XML: &str = r#"<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target><architecture>i386:x86-64</architecture><xi:include href="i386-64bit.xml"/></target>"#;
+
+    #[test]
+    fn layout_of_qemus_x86_64_target_description() {
+        let mut fetched = Vec::new();
+        let l = RegLayout::from_target(TARGET_XML, |href| {
+            fetched.push(href.to_string());
+            Ok(I386_64BIT_XML.to_string())
+        })
+        .expect("parses");
+        assert_eq!(fetched, ["i386-64bit.xml"]);
+        assert_eq!(l.regs.len(), 66, "{:?}", l.regs);
+        // (regnum, offset in the `g` reply, bytes)
+        assert_eq!(l.find("rax"), Some((0, 0, 8)));
+        assert_eq!(l.find("rsp"), Some((7, 56, 8)));
+        assert_eq!(l.find("rip"), Some((16, 128, 8)));
+        assert_eq!(l.find("eflags"), Some((17, 136, 4)));
+        assert_eq!(l.find("cs"), Some((18, 140, 4)));
+        assert_eq!(l.find("st0"), Some((24, 164, 10)));
+        assert_eq!(l.find("xmm0"), Some((40, 276, 16)));
+        assert_eq!(l.find("mxcsr"), Some((56, 532, 4)));
+        assert_eq!(l.find("fs_base"), Some((57, 536, 8)));
+        assert_eq!(l.find("cr0"), Some((60, 560, 8)));
+        assert_eq!(l.find("cr3"), Some((62, 576, 8)));
+        assert_eq!(l.find("cr4"), Some((63, 584, 8)));
+        assert_eq!(l.find("efer"), Some((65, 600, 8)));
+        // <field>s of flags/unions are not registers.
+        assert_eq!(l.find("CF"), None);
+        assert_eq!(l.find("v4_float"), None);
+    }
+
+    #[test]
+    fn broken_target_descriptions_are_errors() {
+        // Unclosed tags, a register without bitsize, a bad regnum, includes without a fetcher.
+        let err = RegLayout::parse("<feature><reg name=\"rax\" bitsize=\"64\"></feature>")
+            .expect_err("mismatched end tag");
+        assert!(matches!(err, RspError::TargetXml { .. }), "{err}");
+        let err =
+            RegLayout::parse(r#"<feature><reg name="rax"/></feature>"#).expect_err("no bitsize");
+        assert!(err.to_string().contains("bitsize"), "{err}");
+        let err =
+            RegLayout::parse(r#"<reg name="rax" bitsize="64" regnum="x"/>"#).expect_err("regnum");
+        assert!(err.to_string().contains("regnum"), "{err}");
+        assert!(RegLayout::parse(TARGET_XML).is_err());
+        // A stub whose includes include themselves is stopped.
+        let err = RegLayout::from_target(TARGET_XML, |_| Ok(TARGET_XML.to_string()))
+            .expect_err("include loop");
+        assert!(err.to_string().contains("nest"), "{err}");
     }
 
     #[test]
