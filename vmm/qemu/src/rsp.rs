@@ -16,6 +16,8 @@ const MAX_CHUNK: usize = 1024;
 /// Longest packet accepted: far above anything QEMU sends (its buffer is 4 KiB), so a stub
 /// that never ends a packet cannot make us buffer without bound.
 const MAX_PACKET: usize = 1 << 20;
+/// How often a packet is sent (or its retransmission awaited) before a NAKing link is given up.
+const MAX_TRANSMISSIONS: usize = 3;
 
 #[derive(Debug, Error)]
 pub enum RspError {
@@ -268,10 +270,39 @@ impl Rsp {
         Ok(())
     }
 
+    /// Sends a packet and waits for the stub's ack, retransmitting on a NAK (`-`). A packet
+    /// start (`$`) instead of an ack is left unread for [`Rsp::receive`]: QEMU may send a stop
+    /// notice on its own when a debugger attaches.
     fn send(&mut self, data: &str) -> Result<(), RspError> {
+        use std::io::BufRead;
         let packet = format!("${data}#{:02x}", checksum(data.as_bytes()));
-        self.stream.write_all(packet.as_bytes())?;
-        Ok(())
+        for _ in 0..MAX_TRANSMISSIONS {
+            self.stream.write_all(packet.as_bytes())?;
+            loop {
+                let next = match self.reader.fill_buf()? {
+                    [] => {
+                        return Err(RspError::Io(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the gdbstub closed the connection",
+                        )));
+                    }
+                    [b, ..] => *b,
+                };
+                if next == b'$' {
+                    return Ok(());
+                }
+                self.reader.consume(1);
+                match next {
+                    b'+' => return Ok(()),
+                    b'-' => break,
+                    _ => continue,
+                }
+            }
+        }
+        Err(RspError::Malformed(format!(
+            "the stub refused {:?} {MAX_TRANSMISSIONS} times (NAK)",
+            data.split(':').next().unwrap_or(data)
+        )))
     }
 
     fn byte(&mut self) -> Result<u8, RspError> {
@@ -280,8 +311,21 @@ impl Rsp {
         Ok(b[0])
     }
 
-    /// Reads the next packet (skipping acks), acknowledges it, decodes run-length encoding.
+    /// Reads the next packet (skipping stray bytes), acknowledges it, decodes run-length
+    /// encoding. A packet with a bad checksum is NAKed (`-`) and its retransmission awaited.
     fn receive(&mut self) -> Result<String, RspError> {
+        for _ in 0..MAX_TRANSMISSIONS {
+            if let Some(raw) = self.receive_raw()? {
+                return decode_rle(&raw);
+            }
+        }
+        Err(RspError::Malformed(format!(
+            "{MAX_TRANSMISSIONS} packets in a row had a bad checksum"
+        )))
+    }
+
+    /// One packet's raw payload, acknowledged; `None` (after a NAK) if its checksum is wrong.
+    fn receive_raw(&mut self) -> Result<Option<Vec<u8>>, RspError> {
         loop {
             match self.byte()? {
                 b'$' => break,
@@ -308,26 +352,10 @@ impl Rsp {
             .ok_or_else(|| RspError::Malformed("bad checksum digits".into()))?;
         if sum != checksum(&raw) {
             self.stream.write_all(b"-")?;
-            return Err(RspError::Malformed("checksum mismatch".into()));
+            return Ok(None);
         }
         self.stream.write_all(b"+")?;
-        let mut out = Vec::with_capacity(raw.len());
-        let mut i = 0;
-        while i < raw.len() {
-            if raw[i] == b'*' && i + 1 < raw.len() {
-                let last = *out
-                    .last()
-                    .ok_or_else(|| RspError::Malformed("RLE at start".into()))?;
-                // The count byte is printable (32..=126), so a run adds at most 97 bytes.
-                let n = usize::from(raw[i + 1]).saturating_sub(29).min(97);
-                out.extend(std::iter::repeat_n(last, n));
-                i += 2;
-            } else {
-                out.push(raw[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8(out).map_err(|_| RspError::Malformed("non-UTF-8 packet".into()))
+        Ok(Some(raw))
     }
 
     /// Sends a request and returns its reply. `W`/`X` replies (the guest exited) are errors.
@@ -394,15 +422,8 @@ impl Rsp {
 
     /// Lets every vCPU run. There is no reply until the next stop.
     pub fn cont(&mut self) -> Result<(), RspError> {
-        self.send("c")?;
-        // The ack.
-        match self.byte()? {
-            b'+' => Ok(()),
-            b => Err(RspError::Malformed(format!(
-                "expected an ack to 'c', got {:?}",
-                b as char
-            ))),
-        }
+        // `send` waits for the ack.
+        self.send("c")
     }
 
     /// All registers of thread `thread` as the raw `g` bytes.
@@ -462,6 +483,27 @@ impl Rsp {
         }
         Ok(())
     }
+}
+
+/// Expands the run-length encoding of a packet payload (`X*n`: `n - 29` more copies of `X`).
+fn decode_rle(raw: &[u8]) -> Result<String, RspError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'*' && i + 1 < raw.len() {
+            let last = *out
+                .last()
+                .ok_or_else(|| RspError::Malformed("RLE at start".into()))?;
+            // The count byte is printable (32..=126), so a run adds at most 97 bytes.
+            let n = usize::from(raw[i + 1]).saturating_sub(29).min(97);
+            out.extend(std::iter::repeat_n(last, n));
+            i += 2;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| RspError::Malformed("non-UTF-8 packet".into()))
 }
 
 #[cfg(test)]
@@ -640,5 +682,271 @@ mod tests {
     fn checksums_are_mod_256() {
         assert_eq!(checksum(b"g"), 0x67);
         assert_eq!(checksum(b"OK"), 0x9a);
+    }
+}
+
+/// The client against a fake gdbstub on a local TCP socket, speaking RSP byte for byte.
+#[cfg(test)]
+mod fake_stub {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// A client connected to `stub`, which runs on its own thread with the server's socket.
+    fn with_stub<T: Send + 'static>(
+        stub: impl FnOnce(&mut TcpStream) -> T + Send + 'static,
+    ) -> (Rsp, thread::JoinHandle<T>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            stub(&mut s)
+        });
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        let rsp = Rsp {
+            stream,
+            reader,
+            layout: RegLayout::default(),
+            threads: Vec::new(),
+        };
+        (rsp, server)
+    }
+
+    fn byte(s: &mut TcpStream) -> u8 {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("stub read");
+        b[0]
+    }
+
+    /// Reads one packet from the client (checking its checksum) and acks it.
+    fn read_packet(s: &mut TcpStream) -> String {
+        while byte(s) != b'$' {}
+        let mut data = Vec::new();
+        loop {
+            match byte(s) {
+                b'#' => break,
+                b => data.push(b),
+            }
+        }
+        let sum = [byte(s), byte(s)];
+        let sum = u8::from_str_radix(std::str::from_utf8(&sum).expect("ascii"), 16).expect("hex");
+        assert_eq!(sum, checksum(&data), "the client's checksum");
+        s.write_all(b"+").expect("ack");
+        String::from_utf8(data).expect("utf-8")
+    }
+
+    /// Sends `raw` framed as a packet (checksum over `raw` as sent) and returns the ack.
+    fn send_packet(s: &mut TcpStream, raw: &str) -> u8 {
+        write!(s, "${raw}#{:02x}", checksum(raw.as_bytes())).expect("send");
+        byte(s)
+    }
+
+    /// A stub that answers every request through `answer` until the client hangs up.
+    fn serve(
+        answer: impl Fn(&str) -> String + Send + 'static,
+    ) -> (Rsp, thread::JoinHandle<Vec<String>>) {
+        with_stub(move |s| {
+            let mut seen = Vec::new();
+            loop {
+                let mut b = [0u8; 1];
+                match s.read(&mut b) {
+                    Ok(1) if b[0] == b'$' => {}
+                    Ok(1) => continue,
+                    _ => return seen,
+                }
+                let mut data = Vec::new();
+                loop {
+                    match byte(s) {
+                        b'#' => break,
+                        b => data.push(b),
+                    }
+                }
+                let _ = [byte(s), byte(s)];
+                s.write_all(b"+").expect("ack");
+                let request = String::from_utf8(data).expect("utf-8");
+                let reply = answer(&request);
+                seen.push(request);
+                assert_eq!(send_packet(s, &reply), b'+', "client acks {reply:?}");
+            }
+        })
+    }
+
+    #[test]
+    fn receives_and_acks_a_packet() {
+        let (mut rsp, stub) = with_stub(|s| {
+            // Stray bytes and acks before the packet are skipped.
+            s.write_all(b"++\x00").expect("noise");
+            send_packet(s, "OK")
+        });
+        assert_eq!(rsp.receive().expect("packet"), "OK");
+        assert_eq!(stub.join().expect("stub"), b'+');
+    }
+
+    #[test]
+    fn run_length_encoding_is_expanded() {
+        // "0* " = four '0's (' ' is 32: 3 more copies); "f*!" = 'f' + 4 more ('!' is 33).
+        let (mut rsp, stub) = with_stub(|s| send_packet(s, "0* 1f*!2"));
+        assert_eq!(rsp.receive().expect("packet"), "00001fffff2");
+        stub.join().expect("stub");
+        // The longest run ('~', 126) adds 97 copies; a run at the start is malformed.
+        assert_eq!(decode_rle(b"a*~").expect("run"), "a".repeat(98));
+        assert!(matches!(decode_rle(b"*!"), Err(RspError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_bad_checksum_is_naked_and_the_retransmission_accepted() {
+        let (mut rsp, stub) = with_stub(|s| {
+            write!(s, "$OK#00").expect("corrupt packet");
+            let nak = byte(s);
+            let ack = send_packet(s, "OK");
+            (nak, ack)
+        });
+        assert_eq!(rsp.receive().expect("retransmitted packet"), "OK");
+        assert_eq!(stub.join().expect("stub"), (b'-', b'+'));
+    }
+
+    #[test]
+    fn a_link_that_keeps_corrupting_packets_is_given_up() {
+        let (mut rsp, stub) = with_stub(|s| {
+            (0..MAX_TRANSMISSIONS)
+                .map(|_| {
+                    write!(s, "$OK#00").expect("corrupt packet");
+                    byte(s)
+                })
+                .collect::<Vec<_>>()
+        });
+        let err = rsp.receive().expect_err("bad checksums");
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_eq!(stub.join().expect("stub"), vec![b'-'; MAX_TRANSMISSIONS]);
+    }
+
+    #[test]
+    fn a_naked_request_is_retransmitted() {
+        let (mut rsp, stub) = with_stub(|s| {
+            while byte(s) != b'#' {}
+            let _ = [byte(s), byte(s)];
+            s.write_all(b"-").expect("nak");
+            let again = read_packet(s);
+            assert_eq!(send_packet(s, "OK"), b'+');
+            again
+        });
+        rsp.expect_ok("Hg1").expect("OK after a retransmission");
+        assert_eq!(stub.join().expect("stub"), "Hg1");
+    }
+
+    #[test]
+    fn a_packet_instead_of_an_ack_is_kept_for_the_reply() {
+        // Seen with QEMU on re-attach: the next packet arrives where the ack was expected.
+        let (mut rsp, stub) = with_stub(|s| {
+            while byte(s) != b'#' {}
+            let _ = [byte(s), byte(s)];
+            send_packet(s, "OK")
+        });
+        rsp.expect_ok("Hg1").expect("the reply is not lost");
+        assert_eq!(stub.join().expect("stub"), b'+');
+    }
+
+    #[test]
+    fn packets_are_bounded() {
+        let (mut rsp, stub) = with_stub(|s| {
+            s.write_all(b"$").expect("start");
+            let chunk = vec![b'0'; 64 * 1024];
+            // Never ends the packet; stops once the client hangs up.
+            for _ in 0..(MAX_PACKET / chunk.len() + 2) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = rsp.receive().expect_err("unbounded packet");
+        assert!(err.to_string().contains("longer than"), "{err}");
+        drop(rsp);
+        stub.join().expect("stub");
+    }
+
+    #[test]
+    fn stop_reason_registers_and_memory_round_trip() {
+        // 16 eight-byte GPRs then rip (regnum 16): set rip and read it back through `g`.
+        let regs = std::sync::Arc::new(std::sync::Mutex::new(vec![0u8; 17 * 8]));
+        let mem = std::sync::Arc::new(std::sync::Mutex::new(vec![0u8; 4096]));
+        let (r, m) = (regs.clone(), mem.clone());
+        let (mut rsp, stub) = serve(move |req| {
+            let mut regs = r.lock().expect("regs");
+            let mut mem = m.lock().expect("mem");
+            if req == "?" {
+                "T05thread:01;".into()
+            } else if req.starts_with("Hg") {
+                "OK".into()
+            } else if req == "g" {
+                hex::encode(&*regs)
+            } else if let Some(p) = req.strip_prefix('P') {
+                let (num, val) = p.split_once('=').expect("P n=v");
+                let num = usize::from_str_radix(num, 16).expect("regnum");
+                let val = hex::decode(val).expect("value");
+                regs[num * 8..num * 8 + val.len()].copy_from_slice(&val);
+                "OK".into()
+            } else if let Some(a) = req.strip_prefix('m') {
+                let (at, len) = a.split_once(',').expect("m a,l");
+                let at = usize::from_str_radix(at, 16).expect("addr");
+                let len = usize::from_str_radix(len, 16).expect("len");
+                hex::encode(&mem[at..at + len])
+            } else if let Some(a) = req.strip_prefix('M') {
+                let (head, data) = a.split_once(':').expect("M a,l:d");
+                let (at, len) = head.split_once(',').expect("M a,l");
+                let at = usize::from_str_radix(at, 16).expect("addr");
+                let len = usize::from_str_radix(len, 16).expect("len");
+                let data = hex::decode(data).expect("data");
+                assert_eq!(data.len(), len);
+                mem[at..at + len].copy_from_slice(&data);
+                "OK".into()
+            } else {
+                String::new()
+            }
+        });
+        rsp.layout = RegLayout::parse(
+            &(0..16)
+                .map(|i| format!(r#"<reg name="r{i}" bitsize="64"/>"#))
+                .chain([r#"<reg name="rip" bitsize="64" type="code_ptr" regnum="16"/>"#.into()])
+                .collect::<String>(),
+        )
+        .expect("layout");
+
+        assert_eq!(rsp.request("?").expect("stop reason"), "T05thread:01;");
+        rsp.set_reg("1", "rip", 0xffff_ffff_8100_0000).expect("P");
+        let g = rsp.registers("1").expect("g");
+        assert_eq!(g.len(), 17 * 8);
+        assert_eq!(rsp.reg(&g, "rip"), Some(0xffff_ffff_8100_0000));
+        assert_eq!(rsp.reg(&g, "r0"), Some(0));
+
+        // More than one packet's worth, at an odd address: split into MAX_CHUNK pieces.
+        let data: Vec<u8> = (0..2500u32).map(|i| (i * 7) as u8).collect();
+        rsp.write_phys(0x123, &data).expect("M");
+        let mut back = vec![0u8; data.len()];
+        rsp.read_phys(0x123, &mut back).expect("m");
+        assert_eq!(back, data);
+        assert_eq!(mem.lock().expect("mem")[0x123..0x123 + 2500], data[..]);
+
+        drop(rsp);
+        let seen = stub.join().expect("stub");
+        let ms: Vec<&String> = seen.iter().filter(|r| r.starts_with('M')).collect();
+        assert_eq!(
+            ms.len(),
+            3,
+            "{:?}",
+            seen.iter()
+                .map(|r| &r[..r.len().min(20)])
+                .collect::<Vec<_>>()
+        );
+        assert!(ms[0].starts_with("M123,400:"), "{}", &ms[0][..12]);
+        assert!(
+            seen.iter().any(|r| r == "P10=00000081ffffffff"),
+            "P as the client sends it"
+        );
     }
 }
