@@ -209,14 +209,11 @@ fn signed(p: &Patch) -> Vec<u8> {
     p.to_file_signed(&key()).unwrap()
 }
 
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "engine-test-{tag}-{}-{:?}",
-        std::process::id(),
-        std::time::SystemTime::now()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("engine-test-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[test]
@@ -413,7 +410,8 @@ fn reverted_arena_code_is_reused_only_once_idle() {
 
 #[test]
 fn journal_survives_restart_and_a_restarted_guest_is_noticed() {
-    let dir = temp_dir("restart");
+    let tmp = temp_dir("restart");
+    let dir = tmp.path().to_path_buf();
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let id = {
         let mut e = engine(&g, Some(&dir));
@@ -435,12 +433,13 @@ fn journal_survives_restart_and_a_restarted_guest_is_noticed() {
         "{r:?}"
     );
     drop(e);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
 }
 
 #[test]
 fn a_crash_mid_apply_is_repaired() {
-    let dir = temp_dir("crash");
+    let tmp = temp_dir("crash");
+    let dir = tmp.path().to_path_buf();
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let both = patch(
         "fix-both",
@@ -468,5 +467,5 @@ fn a_crash_mid_apply_is_repaired() {
     assert_eq!(g.bytes(F_AT, 13), F);
     assert_eq!(g.bytes(G_AT, 13), G);
     drop(e);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
 }
