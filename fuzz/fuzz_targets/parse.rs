@@ -29,6 +29,6 @@ fuzz_target!(|data: &[u8]| {
         "parsed input is not canonical"
     );
     let _ = p.verify(&[]);
-    let _ = inspect_text(&p, None);
-    let _ = inspect_json(&p, None);
+    let _ = inspect_text(&p, None, true);
+    let _ = inspect_json(&p, None, true);
 });

@@ -272,21 +272,23 @@ mod tests {
         e
     }
 
-    fn write_temp(tag: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let p = std::env::temp_dir().join(format!(
-            "guest-tools-initramfs-{tag}-{}",
-            std::process::id()
-        ));
-        fs::write(&p, bytes).expect("write temp busybox");
-        p
+    /// `bytes` in a fresh temporary file, removed when the handle is dropped.
+    fn write_temp(tag: &str, bytes: &[u8]) -> tempfile::NamedTempFile {
+        let f = tempfile::Builder::new()
+            .prefix(&format!("guest-tools-initramfs-{tag}-"))
+            .tempfile()
+            .expect("temp busybox");
+        fs::write(f.path(), bytes).expect("write temp busybox");
+        f
     }
 
     #[test]
     fn archive_has_busybox_init_console_and_mount_points() {
         let bb = fake_elf(1);
-        let path = write_temp("ok", &bb);
+        let tmp = write_temp("ok", &bb);
+        let path = tmp.path().to_path_buf();
         let archive = build(&path, InitMode::Workload).expect("build");
-        let _ = fs::remove_file(&path);
+        drop(tmp);
         let members = parse(&archive);
         let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
@@ -346,9 +348,10 @@ mod tests {
 
     #[test]
     fn mode_is_recorded_and_the_cpio_crate_reads_the_archive_back() {
-        let path = write_temp("kallsyms", &fake_elf(1));
+        let tmp = write_temp("kallsyms", &fake_elf(1));
+        let path = tmp.path().to_path_buf();
         let archive = build(&path, InitMode::Kallsyms).expect("build");
-        let _ = fs::remove_file(&path);
+        drop(tmp);
         let members = parse(&archive);
         let mode = members.iter().find(|m| m.name == "etc/hpl.mode");
         assert_eq!(mode.expect("etc/hpl.mode").data, b"kallsyms\n");
@@ -402,9 +405,10 @@ mod tests {
                 "truncated ELF header",
             ),
         ] {
-            let path = write_temp(tag, &bytes);
+            let tmp = write_temp(tag, &bytes);
+            let path = tmp.path().to_path_buf();
             let err = build(&path, InitMode::Workload).expect_err(tag);
-            let _ = fs::remove_file(&path);
+            drop(tmp);
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{tag}");
             assert!(err.to_string().contains(why), "{tag}: {err}");
         }

@@ -129,21 +129,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "guest-tools-kpatch-{tag}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("guest-tools-kpatch-{tag}-"))
+            .tempdir()
+            .expect("temp dir")
     }
 
     #[test]
     fn version_proc_show_compiles_to_kernel_style_code_without_data() {
         use object::{Object, ObjectSection, ObjectSymbol};
-        let dir = temp_dir("ok");
-        let path = compile(VERSION_PROC_SHOW_C, &dir).unwrap();
+        let tmp = temp_dir("ok");
+        let dir = tmp.path();
+        let path = compile(VERSION_PROC_SHOW_C, dir).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let obj = object::File::parse(&*bytes).unwrap();
         assert!(
@@ -170,17 +168,18 @@ mod tests {
             VERSION_PROC_SHOW_C.contains(VERSION_PROC_SHOW_TAG),
             "the tag constant matches the source"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        tmp.close().unwrap();
     }
 
     #[test]
     fn compile_errors_carry_the_compiler_output() {
-        let dir = temp_dir("bad");
-        let err = compile("int broken(void) { return undeclared_thing; }\n", &dir).unwrap_err();
+        let tmp = temp_dir("bad");
+        let dir = tmp.path();
+        let err = compile("int broken(void) { return undeclared_thing; }\n", dir).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         let msg = err.to_string();
         assert!(msg.contains("undeclared_thing"), "{msg}");
         assert!(msg.contains("-mcmodel=kernel"), "{msg}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        tmp.close().unwrap();
     }
 }

@@ -134,6 +134,18 @@ pub enum ParseError {
         field: String,
         ch: char,
     },
+    /// An invisible formatting character (Unicode general category Cf: bidi embeddings,
+    /// overrides and isolates, LRM/RLM/ALM, zero-width joiners, ...), which can make a name
+    /// or description display as something other than what it says.
+    #[error(
+        "offset {offset}, {field}: invisible formatting character {ch:?} is not allowed (it can \
+         make the text display differently from what it contains); remove it"
+    )]
+    FormatChar {
+        offset: usize,
+        field: String,
+        ch: char,
+    },
     #[error("offset {offset}, {field}: unknown value {value} (allowed: {allowed})")]
     BadTag {
         offset: usize,
@@ -174,6 +186,7 @@ impl ParseError {
             | ParseError::Empty { offset, .. }
             | ParseError::BadUtf8 { offset, .. }
             | ParseError::ControlChar { offset, .. }
+            | ParseError::FormatChar { offset, .. }
             | ParseError::BadTag { offset, .. }
             | ParseError::NotCanonical { offset, .. }
             | ParseError::Invalid { offset, .. }
@@ -191,6 +204,43 @@ pub enum EncodeError {
     Invalid(#[from] ParseError),
     #[error("{field}: {len} bytes cannot be length-prefixed")]
     TooLong { field: String, len: usize },
+}
+
+/// Whether `ch` is an invisible formatting character (general category Cf), which covers the
+/// bidi controls U+202A–U+202E, U+2066–U+2069, U+200E/U+200F and U+061C.
+fn is_format_char(ch: char) -> bool {
+    use unicode_general_category::{GeneralCategory, get_general_category};
+    get_general_category(ch) == GeneralCategory::Format
+}
+
+/// Why a patch file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The read itself failed.
+    #[error("cannot read the patch file")]
+    Io(#[source] std::io::Error),
+    /// The input is longer than any patch can be.
+    #[error(
+        "the input is larger than {max} bytes, the format's limit for a patch file: it is no \
+         patch (check the path)"
+    )]
+    TooLarge { max: usize },
+}
+
+/// Reads a patch file from `r`, reading at most [`limits::MAX_FILE`]` + 1` bytes so that an
+/// endless or huge input (`/dev/zero`) is refused without being buffered.
+pub fn read_patch(r: impl std::io::Read) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    r.take(limits::MAX_FILE as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(ReadError::Io)?;
+    if out.len() > limits::MAX_FILE {
+        return Err(ReadError::TooLarge {
+            max: limits::MAX_FILE,
+        });
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- encoding
@@ -522,6 +572,13 @@ impl<'a> Reader<'a> {
             let allowed = text == Text::Para && (ch == '\n' || ch == '\t');
             if ch.is_control() && !allowed {
                 return Err(ParseError::ControlChar {
+                    offset: start + i,
+                    field: f.to_string(),
+                    ch,
+                });
+            }
+            if is_format_char(ch) {
+                return Err(ParseError::FormatChar {
                     offset: start + i,
                     field: f.to_string(),
                     ch,

@@ -54,15 +54,35 @@ fn sym_plus(sym: &str, addend: i64) -> String {
     }
 }
 
-fn listing(out: &mut String, lines: &[DisasmLine]) {
-    for l in lines {
+/// Without `full`, at most this many relocations are listed per site.
+pub const SUMMARY_RELOCATIONS: usize = 32;
+/// Without `full`, at most this many disassembly lines are listed per code block.
+pub const SUMMARY_LINES: usize = 64;
+
+/// How many of `total` entries to show.
+fn shown(total: usize, cap: usize, full: bool) -> usize {
+    if full { total } else { total.min(cap) }
+}
+
+fn listing(out: &mut String, lines: &[DisasmLine], full: bool) {
+    let n = shown(lines.len(), SUMMARY_LINES, full);
+    for l in &lines[..n] {
         let _ = writeln!(out, "      {:>6x}  {:<24} {}", l.offset, l.bytes, l.text);
+    }
+    if n < lines.len() {
+        let _ = writeln!(
+            out,
+            "      ... {} more instructions (--full lists them all)",
+            lines.len() - n
+        );
     }
 }
 
 /// A readable multi-line description: id, signature, metadata, target, and
-/// every site with a disassembly of its old (expected) and new code.
-pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> String {
+/// every site with a disassembly of its old (expected) and new code. Unless `full`, long
+/// relocation lists and disassemblies are cut to [`SUMMARY_RELOCATIONS`] and
+/// [`SUMMARY_LINES`] entries, with a line saying how many were left out.
+pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) -> String {
     let mut o = String::new();
     let m = &p.patch.meta;
     let t = &p.patch.target;
@@ -126,7 +146,8 @@ pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> String {
             s.code.len(),
             s.relocations.len()
         );
-        for r in &s.relocations {
+        let n = shown(s.relocations.len(), SUMMARY_RELOCATIONS, full);
+        for r in &s.relocations[..n] {
             let _ = writeln!(
                 o,
                 "    +{:#06x}  {:<6}  {}",
@@ -135,19 +156,29 @@ pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> String {
                 sym_plus(&r.symbol, r.addend)
             );
         }
+        if n < s.relocations.len() {
+            let _ = writeln!(
+                o,
+                "    ... {} more relocations (--full lists them all)",
+                s.relocations.len() - n
+            );
+        }
         let _ = writeln!(o, "  old code (expected bytes):");
         listing(
             &mut o,
             &disassemble(&s.expected, &[], Some(&s.target.to_string())),
+            full,
         );
         let _ = writeln!(o, "  new code:");
-        listing(&mut o, &disassemble(&s.code, &s.relocations, None));
+        listing(&mut o, &disassemble(&s.code, &s.relocations, None), full);
     }
     o
 }
 
-/// The same information as JSON (for scripts).
-pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> Value {
+/// The same information as JSON (for scripts). The code, expected bytes and relocations are
+/// always complete; unless `full`, each disassembly is cut to [`SUMMARY_LINES`] lines and
+/// `old_disassembly_lines`/`new_disassembly_lines` give the full counts.
+pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) -> Value {
     let m = &p.patch.meta;
     let t = &p.patch.target;
     let signature = match &p.signature {
@@ -170,6 +201,11 @@ pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> Value {
                 Location::Symbol { name, offset } => (Some(name.clone()), Some(*offset), None),
                 Location::Address(a) => (None, None, Some(*a)),
             };
+            let mut old = disassemble(&s.expected, &[], Some(&s.target.to_string()));
+            let mut new = disassemble(&s.code, &s.relocations, None);
+            let (old_lines, new_lines) = (old.len(), new.len());
+            old.truncate(shown(old_lines, SUMMARY_LINES, full));
+            new.truncate(shown(new_lines, SUMMARY_LINES, full));
             json!({
                 "kind": s.kind.as_str(),
                 "target": s.target.to_string(),
@@ -179,8 +215,10 @@ pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>) -> Value {
                 "relocations": s.relocations.iter().map(|r| json!({
                     "offset": r.offset, "kind": r.kind.as_str(), "symbol": r.symbol, "addend": r.addend
                 })).collect::<Vec<_>>(),
-                "old_disassembly": disassemble(&s.expected, &[], Some(&s.target.to_string())),
-                "new_disassembly": disassemble(&s.code, &s.relocations, None),
+                "old_disassembly": old,
+                "old_disassembly_lines": old_lines,
+                "new_disassembly": new,
+                "new_disassembly_lines": new_lines,
             })
         })
         .collect();

@@ -15,7 +15,8 @@ mod x86;
 
 pub use build::{BuildError, BuildOutput, BuildReport, PatchInfo, build_from_elfs, diff_elfs};
 pub use codec::{
-    EncodeError, HEADER_LEN, MAGIC, ParseError, ParsedPatch, SIGNATURE_CONTEXT, parse,
+    EncodeError, HEADER_LEN, MAGIC, ParseError, ParsedPatch, ReadError, SIGNATURE_CONTEXT, parse,
+    read_patch,
 };
 pub use elf::{ElfError, ImageInfo, ImageSymbol, read_image};
 pub use inspect::{format_utc, inspect_json, inspect_text};

@@ -488,12 +488,11 @@ mod tests {
 
     /// `gcc -c` of `source` into a fresh temporary directory; the object's bytes.
     fn compile(source: &str) -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!(
-            "pf-code-from-object-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("pf-code-from-object-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
         let (src, obj) = (dir.join("fix.c"), dir.join("fix.o"));
         std::fs::write(&src, source).unwrap();
         let out = std::process::Command::new("gcc")
@@ -515,7 +514,7 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         let bytes = std::fs::read(&obj).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        tmp.close().unwrap();
         bytes
     }
 

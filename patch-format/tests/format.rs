@@ -218,6 +218,62 @@ fn field_rules() {
 }
 
 #[test]
+fn invisible_formatting_characters_are_refused() {
+    // Bidi embeddings/overrides/isolates, LRM/RLM, ALM, and other Cf characters (ZWJ, BOM).
+    for ch in [
+        '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200e}', '\u{200f}', '\u{061c}',
+        '\u{200d}', '\u{feff}',
+    ] {
+        // The builder's validation (encode_body parses what it wrote)...
+        let mut p = sample();
+        p.meta.name = format!("fix{ch}cve");
+        let e = p.encode_body().expect_err("refused").to_string();
+        assert!(
+            e.contains("meta.name") && e.contains("formatting"),
+            "{ch:?}: {e}"
+        );
+        let mut p = sample();
+        p.meta.description = format!("line one\n{ch}line two");
+        assert!(p.encode_body().is_err(), "{ch:?} in the description");
+
+        // ...and the parser, on a file whose name was swapped after encoding (same length).
+        let good = sample().to_file_unsigned().expect("encodes");
+        let name = sample().meta.name;
+        let at = good
+            .windows(name.len())
+            .position(|w| w == name.as_bytes())
+            .expect("name in the file");
+        let mut text = [0u8; 4];
+        let enc = ch.encode_utf8(&mut text).as_bytes();
+        assert!(name.len() >= enc.len());
+        let mut bad = good.clone();
+        bad[at..at + enc.len()].copy_from_slice(enc);
+        let e = parse(&bad).expect_err("parser refuses");
+        assert!(
+            matches!(e, ParseError::FormatChar { ch: c, .. } if c == ch),
+            "{ch:?}: {e}"
+        );
+    }
+    // Ordinary non-ASCII text is fine.
+    let mut p = sample();
+    p.meta.description = "Correctif: déréférencement — ошибка, 修复".into();
+    p.encode_body().expect("ordinary Unicode");
+}
+
+#[test]
+fn read_patch_reads_at_most_the_limit() {
+    let file = sample().to_file_unsigned().expect("encodes");
+    assert_eq!(read_patch(&file[..]).expect("a patch"), file);
+    // An endless input is refused after MAX_FILE + 1 bytes instead of exhausting memory.
+    let err = read_patch(std::io::repeat(0)).expect_err("endless");
+    assert!(
+        matches!(err, ReadError::TooLarge { max } if max == limits::MAX_FILE),
+        "{err}"
+    );
+    assert!(read_patch(&vec![0u8; limits::MAX_FILE][..]).is_ok());
+}
+
+#[test]
 fn header_errors_name_offset_and_field() {
     let good = sample().to_file_unsigned().unwrap();
     let mut b = good.clone();
@@ -592,4 +648,49 @@ proptest! {
             prop_assert!(q.verify(&[key(1).public()]).is_err());
         }
     }
+}
+
+#[test]
+fn inspect_is_linear_and_summarises_large_sites() {
+    // One site of 65,536 `call rel32`s, each with a relocation: this took minutes (a linear
+    // instruction search per relocation) and printed every line.
+    let n = limits::MAX_RELOCATIONS;
+    let mut p = sample();
+    p.sites[0].code = [0xe8, 0, 0, 0, 0].repeat(n);
+    p.sites[0].relocations = (0..n)
+        .map(|k| Relocation {
+            offset: (k * 5 + 1) as u32,
+            kind: RelocKind::Rel32,
+            symbol: "mix".into(),
+            addend: -4,
+        })
+        .collect();
+    let parsed = parse(&p.to_file_unsigned().expect("encodes")).expect("parses");
+    let started = std::time::Instant::now();
+    let summary = inspect_text(&parsed, None, false);
+    let elapsed = started.elapsed();
+    assert!(elapsed.as_secs() < 30, "inspect took {elapsed:?}");
+    assert!(
+        summary.len() < 64 * 1024,
+        "{} bytes of summary",
+        summary.len()
+    );
+    assert!(
+        summary.contains(&format!("... {} more relocations", n - 32)),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("... {} more instructions", n - 64)),
+        "{summary}"
+    );
+    assert!(summary.contains("call    mix"), "{summary}");
+
+    let full = inspect_text(&parsed, None, true);
+    assert!(!full.contains("more relocations"));
+    assert_eq!(full.matches("call    mix").count(), n);
+    let json = inspect_json(&parsed, None, false);
+    let site = &json["sites"][0];
+    assert_eq!(site["new_disassembly"].as_array().map(Vec::len), Some(64));
+    assert_eq!(site["new_disassembly_lines"], n);
+    assert_eq!(site["relocations"].as_array().map(Vec::len), Some(n));
 }

@@ -42,7 +42,7 @@ fn test_guest_v1_v2_diff_is_compute_and_triangle() {
     let parsed = parse(&file).unwrap();
     assert_eq!(parsed.patch, *p);
     assert_eq!(parsed.verify(&[key.public()]), Ok(key.key_id()));
-    let text = inspect_text(&parsed, Some(&[key.public()]));
+    let text = inspect_text(&parsed, Some(&[key.public()]), true);
     assert!(text.contains("site 0: function at compute"), "{text}");
     assert!(text.contains("VALID"), "{text}");
 }

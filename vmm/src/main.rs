@@ -240,17 +240,18 @@ fn parse_code_range(text: &str) -> Result<(u64, u64), String> {
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_terminate(signum: libc::c_int) {
+extern "C" fn on_terminate(signum: libc::c_int, _info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     SIGNALLED.store(signum, Ordering::SeqCst);
 }
 
-fn install_terminate_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, on_terminate as *const () as libc::sighandler_t);
-        }
+/// Makes SIGINT and SIGTERM request a clean stop (the main loop polls [`SIGNALLED`]).
+fn install_terminate_handlers() -> Result<()> {
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        // The handler only stores to an atomic, which is async-signal-safe.
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .with_context(|| format!("installing the {name} handler"))?;
     }
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
@@ -275,7 +276,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         code_integrity: args.code_integrity,
         code_ranges: args.code_ranges,
     };
-    install_terminate_handlers();
+    install_terminate_handlers()?;
     let vm = Vm::start(config)?;
     let engine = match vmm_tools::sample::engine_for(
         vm.clone(),
@@ -439,7 +440,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    install_terminate_handlers();
+    install_terminate_handlers()?;
     let report = vmm_tools::demo::run(args.vcpus, args.json)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -283,6 +283,9 @@ pub struct InspectArgs {
     /// Also verify the signature against these public keys. Repeatable.
     #[arg(long = "trusted-key", value_name = "PUB")]
     pub trusted_keys: Vec<PathBuf>,
+    /// List every relocation and instruction; without it, long lists are summarised.
+    #[arg(long)]
+    pub full: bool,
 }
 
 /// Runs one `vmm patch` subcommand.
@@ -485,6 +488,14 @@ fn revert(a: RevertArgs) -> Result<()> {
         .map_or("-".to_string(), |b| b.to_string());
     println!("reverted {} {}: blackout {blackout} µs", p.id, p.name);
     Ok(())
+}
+
+/// Reads a patch file for `verify`/`inspect`: at most the format's size limit plus one byte, so
+/// a huge or endless input is refused without being buffered.
+fn read_patch_file(path: &Path) -> Result<Vec<u8>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    patch_format::read_patch(file).with_context(|| format!("{}", path.display()))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -737,7 +748,7 @@ fn sign(a: SignArgs) -> Result<()> {
 
 fn verify(a: VerifyArgs) -> Result<()> {
     let keys = load_public(&a.trusted_keys)?;
-    let bytes = read(&a.file)?;
+    let bytes = read_patch_file(&a.file)?;
     let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
     let key_id = p
         .verify(&keys)
@@ -760,15 +771,15 @@ fn verify(a: VerifyArgs) -> Result<()> {
 fn inspect(a: InspectArgs) -> Result<()> {
     let keys = load_public(&a.trusted_keys)?;
     let trusted = (!keys.is_empty()).then_some(keys.as_slice());
-    let bytes = read(&a.file)?;
+    let bytes = read_patch_file(&a.file)?;
     let p = parse(&bytes).with_context(|| format!("{} is not a valid patch", a.file.display()))?;
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&inspect_json(&p, trusted))?
+            serde_json::to_string_pretty(&inspect_json(&p, trusted, a.full))?
         );
     } else {
-        print!("{}", inspect_text(&p, trusted));
+        print!("{}", inspect_text(&p, trusted, a.full));
     }
     if let (Some(_), SignatureBlock::Ed25519 { .. }) = (trusted, &p.signature)
         && p.verify(&keys).is_err()

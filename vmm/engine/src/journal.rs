@@ -762,27 +762,18 @@ mod hex_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    /// A path that does not exist yet (the journal creates it) inside a fresh temporary
+    /// directory, which is removed with everything in it on drop.
+    struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
     impl TempDir {
         fn new(tag: &str) -> TempDir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "vmm-journal-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&p);
-            TempDir(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+            let parent = tempfile::Builder::new()
+                .prefix(&format!("vmm-journal-{tag}-"))
+                .tempdir()
+                .expect("temp dir");
+            TempDir(parent.path().join("journal"), parent)
         }
     }
 

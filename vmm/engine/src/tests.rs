@@ -247,14 +247,11 @@ fn signed(p: &Patch) -> Vec<u8> {
     p.to_file_signed(&key()).unwrap()
 }
 
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "engine-test-{tag}-{}-{:?}",
-        std::process::id(),
-        std::time::SystemTime::now()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("engine-test-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[test]
@@ -451,7 +448,8 @@ fn reverted_arena_code_is_reused_only_once_idle() {
 
 #[test]
 fn journal_survives_restart_and_a_restarted_guest_is_noticed() {
-    let dir = temp_dir("restart");
+    let tmp = temp_dir("restart");
+    let dir = tmp.path().to_path_buf();
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let id = {
         let mut e = engine(&g, Some(&dir));
@@ -473,12 +471,13 @@ fn journal_survives_restart_and_a_restarted_guest_is_noticed() {
         "{r:?}"
     );
     drop(e);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
 }
 
 #[test]
 fn a_crash_mid_apply_is_repaired() {
-    let dir = temp_dir("crash");
+    let tmp = temp_dir("crash");
+    let dir = tmp.path().to_path_buf();
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let both = patch(
         "fix-both",
@@ -506,7 +505,7 @@ fn a_crash_mid_apply_is_repaired() {
     assert_eq!(g.bytes(F_AT, 13), F);
     assert_eq!(g.bytes(G_AT, 13), G);
     drop(e);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
 }
 
 fn both() -> Patch {
@@ -637,7 +636,7 @@ fn recovery_notes_say_what_the_guest_holds_and_another_build_is_not_touched() {
     // of the guest after the sites were written looks like. The note must not claim the apply
     // stopped before writing.
     let rec = {
-        let mut e = engine(&g, Some(&dir));
+        let mut e = engine(&g, Some(dir.path()));
         let mut r = e.apply(&signed(&both())).unwrap().patch;
         r.state = PatchState::Applying;
         e.put(r.clone()).unwrap();
@@ -646,7 +645,7 @@ fn recovery_notes_say_what_the_guest_holds_and_another_build_is_not_touched() {
     for s in &rec.sites {
         g.write_phys(s.gpa, &s.original).unwrap();
     }
-    let e = engine(&g, Some(&dir));
+    let e = engine(&g, Some(dir.path()));
     let note = e.find(&rec.id).unwrap().note.clone().unwrap_or_default();
     assert!(
         note.contains("holds the original bytes at every site"),
@@ -657,14 +656,14 @@ fn recovery_notes_say_what_the_guest_holds_and_another_build_is_not_touched() {
 
     // A record for another build: the guest holds its patched bytes at one site, but recovery
     // must not touch a guest running other code.
-    let mut e = engine(&g, Some(&dir));
+    let mut e = engine(&g, Some(dir.path()));
     let mut r = e.apply(&signed(&fix_f())).unwrap().patch;
     r.state = PatchState::Applying;
     r.target = Some("build-id:00".into());
     e.put(r.clone()).unwrap();
     drop(e);
     let before = g.snapshot();
-    let e = engine(&g, Some(&dir));
+    let e = engine(&g, Some(dir.path()));
     assert_eq!(
         g.snapshot(),
         before,
@@ -685,21 +684,19 @@ fn recovery_notes_say_what_the_guest_holds_and_another_build_is_not_touched() {
     let g2 = Fake::new(&[(0x5000, 0x8000)]);
     let dir2 = temp_dir("recovery-partial");
     let rec = {
-        let mut e = engine(&g2, Some(&dir2));
+        let mut e = engine(&g2, Some(dir2.path()));
         let mut r = e.apply(&signed(&both())).unwrap().patch;
         r.state = PatchState::Applying;
         e.put(r.clone()).unwrap();
         r
     };
     g2.write_phys(rec.sites[1].gpa, &[0x90; 5]).unwrap();
-    let e = engine(&g2, Some(&dir2));
+    let e = engine(&g2, Some(dir2.path()));
     let note = e.find(&rec.id).unwrap().note.clone().unwrap_or_default();
     assert!(note.contains("1 of 2 sites restored"), "{note}");
     assert!(note.contains("left alone"), "{note}");
     assert_eq!(g2.bytes(F_AT, 13), F);
     drop(e);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&dir2);
 }
 
 #[test]

@@ -581,14 +581,13 @@ int reads_percpu(void) { return pcpu_hot; }
 ";
 
     fn object() -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!(
-            "vmm-linux-patch-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let path = guest_tools::kernel_patch::compile(FIXES_C, &dir).expect("gcc builds");
+        let tmp = tempfile::Builder::new()
+            .prefix("vmm-linux-patch-")
+            .tempdir()
+            .unwrap();
+        let path = guest_tools::kernel_patch::compile(FIXES_C, tmp.path()).expect("gcc builds");
         let bytes = std::fs::read(&path).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        tmp.close().unwrap();
         bytes
     }
 

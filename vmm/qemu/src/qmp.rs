@@ -143,9 +143,12 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A fake QMP server: writes `before` lines, the greeting, then answers each command.
-    fn serve(before: &'static [&'static str]) -> (tempfile_dir::Dir, std::path::PathBuf) {
-        let dir = tempfile_dir::Dir::new();
-        let path = dir.0.join("qmp.sock");
+    fn serve(before: &'static [&'static str]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix("qmp-test-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().expect("accept");
@@ -167,24 +170,6 @@ mod tests {
             }
         });
         (dir, path)
-    }
-
-    mod tempfile_dir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Dir {
-                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = std::env::temp_dir().join(format!("qmp-test-{}-{n}", std::process::id()));
-                std::fs::create_dir_all(&p).expect("temp dir");
-                Dir(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! the kernel), shows the guest's output change, reverts, shows it return. No agent in the
 //! guest, no reboot.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -169,10 +169,11 @@ pub fn run(
     accel: &'static str,
     say: &dyn Fn(String),
 ) -> anyhow::Result<LinuxDemoReport> {
-    let dir: PathBuf = std::env::temp_dir().join(format!("vmm-demo-linux-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = run_in(&dir, kernel, busybox, accel, say);
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = tempfile::Builder::new()
+        .prefix("vmm-demo-linux-")
+        .tempdir()?;
+    let result = run_in(dir.path(), kernel, busybox, accel, say);
+    drop(dir);
     result
 }
 

@@ -36,8 +36,11 @@ pub fn run(
     cycles: usize,
     host: HostInfo,
 ) -> anyhow::Result<LinuxReport> {
-    let dir = std::env::temp_dir().join(format!("vmm-bench-linux-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // Removed when dropped, after QEMU and the engine that use it (declared before them).
+    let tmp = tempfile::Builder::new()
+        .prefix("vmm-bench-linux-")
+        .tempdir()?;
+    let dir = tmp.path().to_path_buf();
     let image = KernelImage::from_file(kernel)?;
     let mut q = demo_linux::boot(&dir, kernel, busybox, accel)?;
     demo_linux::wait_booted(&mut q)?;
@@ -64,7 +67,7 @@ pub fn run(
     }
     drop(engine);
     drop(q);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
     Ok(LinuxReport {
         benchmark: "linux",
         host,

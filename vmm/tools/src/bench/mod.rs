@@ -8,7 +8,7 @@ pub mod integrity;
 pub mod linux;
 pub mod qemu;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,8 @@ pub enum BenchError {
     Unexpected { cycle: usize, message: String },
     #[error("the guest misbehaved during the benchmark: {0}")]
     Guest(String),
+    #[error("cannot create a temporary directory for the benchmark (check TMPDIR)")]
+    TempDir(#[source] std::io::Error),
 }
 
 /// One run of the pause/resume benchmark.
@@ -750,11 +752,6 @@ fn api_call(
     }
 }
 
-/// A socket path of this process for the API of the `vcpus` run.
-fn socket_path(vcpus: usize) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-bench-{}-{vcpus}.sock", std::process::id()))
-}
-
 /// One vCPU count of the patch benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct PatchBench {
@@ -804,7 +801,12 @@ pub fn patch_cycles(
 ) -> Result<PatchBench, BenchError> {
     let (vm, before) = boot_guest(vcpus)?;
     let engine = Arc::new(Mutex::new(bench_engine(&vm, &patches.key)?));
-    let socket = socket_path(vcpus);
+    // The API socket of this run, in a fresh directory removed when the run ends.
+    let socket_dir = tempfile::Builder::new()
+        .prefix("vmm-bench-")
+        .tempdir()
+        .map_err(BenchError::TempDir)?;
+    let socket = socket_dir.path().join(format!("api-{vcpus}.sock"));
     let server = ApiServer::start(
         &socket,
         ApiContext {

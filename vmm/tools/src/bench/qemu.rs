@@ -100,8 +100,12 @@ fn cycles_on<G: GuestControl>(
 
 pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
     let gap = Duration::from_millis(2);
-    let scratch = std::env::temp_dir().join(format!("vmm-bench-qemu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
+    // Removed when dropped, after the engines and QEMU that use it (declared before them).
+    let scratch_dir = tempfile::Builder::new()
+        .prefix("vmm-bench-qemu-")
+        .tempdir()
+        .map_err(BenchError::TempDir)?;
+    let scratch = scratch_dir.path().to_path_buf();
     let config = || EngineConfig {
         trusted_keys: vec![sample::demo_key()],
         ..Default::default()
@@ -181,7 +185,7 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
     let peer = cycles_on(guest.as_ref(), &mut qengine, cycles, gap)?;
     drop(qengine);
     drop(q);
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch_dir);
     Ok(QemuReport {
         benchmark: "qemu",
         host,

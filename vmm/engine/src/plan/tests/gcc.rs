@@ -219,14 +219,17 @@ fn fixtures_match_gcc() {
         eprintln!("note: gcc not found; not recompiling the planner's fixtures");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("vmm-plan-fixtures-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("vmm-plan-fixtures-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     std::fs::write(dir.join("fixtures.c"), SOURCE).unwrap();
     let fresh: Vec<(&str, Fresh)> = VARIANTS
         .iter()
         .map(|(konst, name, flags)| (*konst, build(&dir, name, flags)))
         .collect();
-    std::fs::remove_dir_all(&dir).unwrap();
+    tmp.close().unwrap();
 
     if std::env::var_os("PLAN_FIXTURES_REGEN").is_some() {
         let path = fixtures_dir().join("fixtures.rs");
