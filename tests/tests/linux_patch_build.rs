@@ -284,7 +284,13 @@ fn kernel_patches_that_cannot_apply_are_refused_with_the_reason() {
          int hp_literal(struct seq_file *m, void *v) { (void)v; seq_puts(m, \"hello\\n\"); return 0; }\n",
     );
     let err = build(&literal, &[("version_proc_show", "hp_literal")]).unwrap_err();
-    let msg = err.to_string();
+    // The cause is the source, printed once: render the chain as the CLI does.
+    let mut msg = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
     eprintln!("refused: {msg}");
     assert!(matches!(err, KernelPatchError::Code { .. }), "{msg}");
     assert!(msg.contains("defined in the object"), "{msg}");

@@ -354,7 +354,7 @@ fn control_fault(e: ControlError) -> Fault {
         ControlError::ParkTimeout { .. } => ErrorKind::Busy,
         ControlError::NoSuchVcpu(_) => ErrorKind::NotFound,
     };
-    Fault::new(kind, e.to_string())
+    Fault::new(kind, chain(&e))
 }
 
 /// The kind of an engine error, from its variant (not from its `kind()` string).

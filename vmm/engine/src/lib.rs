@@ -38,7 +38,7 @@ pub use blackout::{Busy, MAX_CHECK_TIME, MAX_STACK_SCAN};
 /// Why a patch was not applied or reverted. The guest is unchanged whenever one is returned.
 #[derive(Debug, Error)]
 pub enum EngineError {
-    #[error("malformed patch: {0}")]
+    #[error("malformed patch; check it with `vmm patch verify`")]
     Malformed(#[from] patch_format::ParseError),
     #[error(
         "the patch is unsigned; this VMM accepts only patches signed by a trusted key (start it with --trusted-key, or --allow-unsigned for development)"
@@ -62,9 +62,10 @@ pub enum EngineError {
     },
     #[error("site {site} overlaps site {other} of the same patch")]
     SelfOverlap { site: String, other: String },
-    #[error("relocation in site {site}: {source}")]
+    #[error("site {site}: a relocation of its code cannot be resolved in this guest")]
     Reloc {
         site: String,
+        #[source]
         source: patch_format::RelocError,
     },
     #[error(
