@@ -121,7 +121,9 @@ fn journal_survives_kill_9_and_the_state_dir_has_one_owner() {
     assert!(list.contains(&id[..16]), "{list}");
     assert!(list.contains("reverted"), "{list}");
     assert!(
-        list.contains("note: not in the running guest (the guest was restarted)"),
+        list.contains(
+            "note: the guest holds the original bytes at every site (the guest was restarted"
+        ),
         "{list}"
     );
     let json: Value =

@@ -486,7 +486,8 @@ impl Rsp {
 }
 
 /// Expands the run-length encoding of a packet payload (`X*n`: `n - 29` more copies of `X`).
-fn decode_rle(raw: &[u8]) -> Result<String, RspError> {
+/// Public for the fuzzer: the payload is whatever the stub sent.
+pub fn decode_rle(raw: &[u8]) -> Result<String, RspError> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
