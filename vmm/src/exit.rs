@@ -107,7 +107,8 @@ pub fn code(err: &anyhow::Error) -> u8 {
             return match e {
                 EngineError::Journal(JournalError::Locked { .. }) => BUSY,
                 EngineError::Guest(_) => continue,
-                _ => from_kind(e.kind()).unwrap_or(FAILURE),
+                // The API's typed mapping: one table of engine errors to kinds.
+                _ => from_kind(control_api::server::engine_kind(e).as_str()).unwrap_or(FAILURE),
             };
         }
         if let Some(JournalError::Locked { .. }) = cause.downcast_ref::<JournalError>() {

@@ -128,36 +128,6 @@ pub enum EngineError {
     Journal(#[from] JournalError),
 }
 
-impl EngineError {
-    /// A short machine-readable class, also used to choose the HTTP status.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            EngineError::Malformed(_) => "malformed",
-            EngineError::Unsigned | EngineError::Signature(_) => "signature",
-            EngineError::Target(_) | EngineError::Image(_) => "wrong_target",
-            EngineError::Plan(_)
-            | EngineError::Reloc { .. }
-            | EngineError::Unmapped { .. }
-            | EngineError::Discontiguous { .. }
-            | EngineError::SelfOverlap { .. }
-            | EngineError::NotInCode { .. }
-            | EngineError::InArena { .. } => "refused",
-            EngineError::Overlap { .. } => "conflict",
-            EngineError::ArenaFull { .. } => "arena_full",
-            EngineError::Busy { .. } | EngineError::Raced { .. } | EngineError::OperatorPaused => {
-                "busy"
-            }
-            EngineError::NoSuchPatch(_) | EngineError::AmbiguousId(_) => "not_found",
-            EngineError::NotApplied { .. } => "conflict",
-            EngineError::Tampered { .. } => "tampered",
-            EngineError::NoVcpu
-            | EngineError::Guest(_)
-            | EngineError::Journal(_)
-            | EngineError::Stranded { .. } => "internal",
-        }
-    }
-}
-
 /// Checks patch files (parse, then signature) with the engine's trusted keys; needs no access to
 /// the engine, so it can run outside the engine's lock. See [`Engine::verifier`].
 #[derive(Debug, Clone)]
