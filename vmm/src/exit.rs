@@ -50,7 +50,7 @@ impl ApiFailure {
     }
 }
 
-/// The class of an engine error kind (`EngineError::kind`, the API's `kind`).
+/// The class of an error kind (the API's `kind`, also `control_api::server::engine_kind`).
 fn from_kind(kind: &str) -> Option<u8> {
     Some(match kind {
         "malformed" | "signature" | "wrong_target" | "refused" | "conflict" | "arena_full"
