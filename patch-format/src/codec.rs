@@ -200,7 +200,7 @@ impl ParseError {
 pub enum EncodeError {
     /// The patch breaks a rule of the format; the offset is where the field
     /// would have been in the encoding.
-    #[error("patch is not valid")]
+    #[error(transparent)]
     Invalid(#[from] ParseError),
     #[error("{field}: {len} bytes cannot be length-prefixed")]
     TooLong { field: String, len: usize },
