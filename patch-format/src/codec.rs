@@ -10,8 +10,8 @@
 //! small constant factor of the input size, which is itself capped at
 //! [`limits::MAX_FILE`].
 
+use crate::keys::{KeyId, SignatureBlock};
 use crate::model::*;
-use crate::sign::{KeyId, SignatureBlock};
 use sha2::{Digest, Sha256};
 use std::fmt;
 

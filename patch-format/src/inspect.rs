@@ -1,8 +1,8 @@
 //! Human- and machine-readable views of a parsed patch (`vmm patch inspect`).
 
 use crate::codec::ParsedPatch;
+use crate::keys::{PublicKey, SignatureBlock};
 use crate::model::*;
-use crate::sign::{PublicKey, SignatureBlock};
 use crate::x86::{DisasmLine, disassemble};
 use serde_json::{Value, json};
 use std::fmt::Write;

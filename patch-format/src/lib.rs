@@ -7,6 +7,7 @@ mod build;
 mod codec;
 mod elf;
 mod inspect;
+mod keys;
 mod manifest;
 mod model;
 mod reloc;
@@ -20,14 +21,14 @@ pub use codec::{
 };
 pub use elf::{ElfError, ImageInfo, ImageSymbol, read_image};
 pub use inspect::{format_utc, inspect_json, inspect_text};
+pub use keys::{
+    KeyFileError, KeyId, PUBLIC_KEY_HEADER, PublicKey, SECRET_KEY_HEADER, SecretKey, SignatureBlock,
+};
 pub use manifest::{
     Manifest, ManifestSite, ManifestTarget, build_from_manifest, build_from_manifest_file,
     code_from_object, parse_location,
 };
 pub use model::*;
 pub use reloc::{RelocError, apply_relocations};
-pub use sign::{
-    KeyFileError, KeyId, PUBLIC_KEY_HEADER, PublicKey, SECRET_KEY_HEADER, SecretKey,
-    SignatureBlock, VerifyError, sign_file, unsigned_file,
-};
+pub use sign::{VerifyError, sign_file, unsigned_file};
 pub use x86::{DisasmLine, disassemble};

@@ -6,7 +6,6 @@ use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use crate::integrity::Backing;
 use crate::layout::{self, MIN_MEMORY};
 
 /// The guest memory type used throughout the VMM.
@@ -95,6 +94,15 @@ pub fn allocate(mem_size: u64) -> Result<GuestMemory, MemoryError> {
         requested_mib,
         source,
     })
+}
+
+/// One piece of guest memory with its host mapping (a region of the VMM's `GuestMemory`): what
+/// KVM memory slots are cut from. Memory owns it; code integrity only cuts slots out of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backing {
+    pub gpa: u64,
+    pub size: u64,
+    pub host: u64,
 }
 
 /// Every region of `mem` with its host mapping, in address order: what KVM's memory slots are

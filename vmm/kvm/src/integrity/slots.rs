@@ -10,13 +10,7 @@ use kvm_ioctls::VmFd;
 use serde::Serialize;
 use thiserror::Error;
 
-/// One piece of guest memory with its host mapping (a region of the VMM's `GuestMemory`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backing {
-    pub gpa: u64,
-    pub size: u64,
-    pub host: u64,
-}
+pub use crate::memory::Backing;
 
 /// One KVM memory slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
