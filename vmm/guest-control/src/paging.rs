@@ -17,6 +17,13 @@ const CR4_LA57: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 
+/// The levels of the 64-bit page tables `regs` walk: 5 with CR4.LA57, else 4; `None` when
+/// the vCPU is not in 64-bit paging mode (paging off, or not long mode with PAE).
+pub fn long_mode_levels(regs: &PagingRegs) -> Option<u8> {
+    let long = regs.cr0 & CR0_PG != 0 && regs.efer & EFER_LMA != 0 && regs.cr4 & CR4_PAE != 0;
+    long.then_some(if regs.cr4 & CR4_LA57 != 0 { 5 } else { 4 })
+}
+
 /// The control registers that decide how a vCPU translates addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagingRegs {
@@ -78,10 +85,7 @@ pub fn translate(
             executable: true,
         });
     }
-    if regs.efer & EFER_LMA == 0 || regs.cr4 & CR4_PAE == 0 {
-        return Err(WalkError::UnsupportedMode);
-    }
-    let levels: u8 = if regs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+    let levels = long_mode_levels(regs).ok_or(WalkError::UnsupportedMode)?;
     let va_bits = 12 + 9 * u32::from(levels);
     // Canonical: bits 63..va_bits-1 all equal.
     let top = (gva as i64) >> (va_bits - 1);

@@ -76,11 +76,6 @@ pub fn arena_gva(kallsyms: &Kallsyms, slide: u64) -> Result<u64, KernelArenaErro
     Ok(gva)
 }
 
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
-
 /// The guest-physical address of the page directory that maps `gva` in the kernel's view of
 /// `vcpu`'s address space, walking the levels the vCPU actually uses: five with CR4.LA57 (the
 /// kernel enables it by itself on CPUs that have it), else four. Every upper entry must be
@@ -91,13 +86,13 @@ fn page_directory_of<G: GuestControl + ?Sized>(
     gva: u64,
 ) -> Result<u64, KernelArenaError> {
     let regs = crate::address_space::kernel_view(vcpu).paging;
-    if regs.cr0 & CR0_PG == 0 || regs.cr4 & CR4_PAE == 0 || regs.efer & EFER_LMA == 0 {
-        return Err(KernelArenaError::Tables(format!(
+    let top = guest_control::paging::long_mode_levels(&regs).ok_or_else(|| {
+        KernelArenaError::Tables(format!(
             "vCPU {} is not in 64-bit paging mode (CR0 {:#x}, CR4 {:#x}, EFER {:#x})",
             vcpu.id, regs.cr0, regs.cr4, regs.efer
-        )));
-    }
-    let top: u32 = if regs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+        ))
+    })?;
+    let top = u32::from(top);
     let mut table = regs.cr3 & ADDR;
     // Levels `top` down to 3 (the PDPT): each entry leads to the next table.
     for level in (3..=top).rev() {
@@ -196,6 +191,11 @@ mod tests {
             Ok(())
         }
     }
+
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const CR4_LA57: u64 = 1 << 12;
+    const EFER_LMA: u64 = 1 << 10;
 
     fn vcpu(cr3: u64, la57: bool) -> VcpuState {
         VcpuState {
