@@ -374,7 +374,9 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
         | EngineError::SelfOverlap { .. }
         | EngineError::NotInCode { .. }
         | EngineError::InArena { .. } => ErrorKind::Refused,
-        EngineError::Overlap { .. } | EngineError::NotApplied { .. } => ErrorKind::Conflict,
+        EngineError::Overlap { .. }
+        | EngineError::NotApplied { .. }
+        | EngineError::Unvouched { .. } => ErrorKind::Conflict,
         // Retrying does not help until the operator resumes the VM.
         EngineError::OperatorPaused => ErrorKind::Conflict,
         EngineError::ArenaFull { .. } => ErrorKind::ArenaFull,

@@ -81,6 +81,7 @@ impl<G: GuestControl> Engine<G> {
     fn apply_steps(&mut self, checked: CheckedPatch) -> Result<ApplyOutcome, EngineError> {
         let CheckedPatch {
             parsed,
+            file,
             started: t0,
         } = checked;
         let id = parsed.id.to_string();
@@ -90,10 +91,24 @@ impl<G: GuestControl> Engine<G> {
         let patch = &parsed.patch;
         self.target.check_identity(&patch.target)?;
         let lifting = self.lifted_by(patch);
+        if let Some((old, why)) = lifting
+            .records
+            .iter()
+            .find_map(|r| self.unvouched.get(&r.id).map(|why| (r, why)))
+        {
+            return Err(EngineError::Unvouched {
+                id: old.id.clone(),
+                why: why.clone(),
+            });
+        }
         let planned = self.plan_sites(patch, &lifting)?;
         let mut record = self.intent(&id, patch, &planned, &lifting);
-        // Intent first: a crash from here on is found and repaired by `recover`. Until the
-        // planned arena is adopted below, a failure leaves the engine's arena untouched.
+        // The signed file, then the intent: a crash from here on is found and repaired by
+        // `recover`, which writes only what this file vouches for. Until the planned arena is
+        // adopted below, a failure leaves the engine's arena untouched.
+        if let Some(j) = &mut self.journal {
+            j.keep_patch(&id, &file)?;
+        }
         self.put(record.clone())?;
         self.arena = planned.arena;
         let chunks = planned.chunks;
@@ -464,6 +479,12 @@ impl<G: GuestControl> Engine<G> {
             return Err(EngineError::NotApplied {
                 id: rec.id,
                 state: format!("{:?}", rec.state).to_lowercase(),
+            });
+        }
+        if let Some(why) = self.unvouched.get(&rec.id) {
+            return Err(EngineError::Unvouched {
+                id: rec.id,
+                why: why.clone(),
             });
         }
         for s in &rec.sites {

@@ -46,6 +46,11 @@ pub const JOURNAL_FILE: &str = "patches.journal";
 pub const LOCK_FILE: &str = "patches.lock";
 /// Compaction writes here first; a leftover one is an interrupted compaction and is discarded.
 const TMP_FILE: &str = "patches.journal.tmp";
+/// Beside the journal, the signed patch file of every patch that may be in the guest: the
+/// journal is a record, never a source of bytes to write (docs/patch-engine.md, "Who vouches
+/// for every byte"), so recovery and a revert after a restart re-derive what they write from
+/// the signed file kept here and check the record against it.
+pub const PATCHES_DIR: &str = "patches";
 /// The only line format this build reads and writes.
 pub const FORMAT_VERSION: u64 = 1;
 /// Compact once the file holds this many lines (and at least twice as many as live records, so
@@ -468,6 +473,94 @@ impl Journal {
         &self.path
     }
 
+    /// Where the signed file of patch `id` is kept.
+    pub fn kept_patch_path(&self, id: &str) -> PathBuf {
+        self.dir.join(PATCHES_DIR).join(format!("{id}.hpatch"))
+    }
+
+    /// Durably keeps the signed patch file of `id` beside the journal (before its intent is
+    /// recorded, so every record that can be acted on has its file). Atomic: temp file, fsync,
+    /// rename, fsync of the directory; never through a symlink.
+    pub fn keep_patch(&mut self, id: &str, file: &[u8]) -> Result<(), JournalError> {
+        validate_id(id).map_err(|reason| JournalError::InvalidRecord { reason })?;
+        let dir = self.dir.join(PATCHES_DIR);
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => sync_dir(&self.dir)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create", &dir)(e)),
+        }
+        let meta = fs::symlink_metadata(&dir).map_err(io_err("inspect", &dir))?;
+        check_private(&dir, &meta, true)?;
+        let path = self.kept_patch_path(id);
+        let tmp = dir.join(format!("{id}.hpatch.tmp"));
+        let _ = fs::remove_file(&tmp);
+        if let Err(e) = write_new_file(&tmp, file) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("rename kept patch onto", &path)(e));
+        }
+        sync_dir(&dir)
+    }
+
+    /// The kept signed file of patch `id`, or `None` when there is none. Refused (as the
+    /// journal is) when another user could have planted or changed it; bounded to the format's
+    /// largest file, so a planted huge file cannot exhaust memory.
+    pub fn kept_patch(&self, id: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        validate_id(id).map_err(|reason| JournalError::InvalidRecord { reason })?;
+        let path = self.kept_patch_path(id);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(JournalError::Unsafe {
+                    path,
+                    reason: "is not a regular file (symlinks are not followed)",
+                });
+            }
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        check_private(
+            &path,
+            &file.metadata().map_err(io_err("inspect", &path))?,
+            false,
+        )?;
+        let limit = patch_format::limits::MAX_FILE as u64;
+        let mut data = Vec::new();
+        file.take(limit + 1)
+            .read_to_end(&mut data)
+            .map_err(io_err("read", &path))?;
+        if data.len() as u64 > limit {
+            return Err(JournalError::Unsafe {
+                path,
+                reason: "is larger than any patch file can be",
+            });
+        }
+        Ok(Some(data))
+    }
+
+    /// Forgets the kept file of a patch that can no longer be in the guest (reverted, or
+    /// failed with nothing written). A file that cannot be removed only costs disk space.
+    pub fn drop_patch(&mut self, id: &str) {
+        if validate_id(id).is_err() {
+            return;
+        }
+        let path = self.kept_patch_path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a kept patch file")
+            }
+        }
+    }
+
     fn compact_threshold(&self) -> usize {
         self.compact_at.max(2 * self.records.len()).max(1)
     }
@@ -568,18 +661,19 @@ fn lock_dir(dir: &Path) -> Result<File, JournalError> {
 }
 
 fn validate(rec: &PatchRecord) -> Result<(), String> {
-    let ok = rec.id.len() == 64
-        && rec
-            .id
+    validate_id(&rec.id)
+}
+
+/// Ids name files in the state dir: exactly 64 lowercase hex digits, nothing a path can hide in.
+fn validate_id(id: &str) -> Result<(), String> {
+    let ok = id.len() == 64
+        && id
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "patch id {:?} is not 64 lowercase hex digits",
-            rec.id
-        ))
+        Err(format!("patch id {id:?} is not 64 lowercase hex digits"))
     }
 }
 

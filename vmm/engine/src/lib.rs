@@ -14,6 +14,7 @@ pub mod keys;
 pub mod plan;
 pub mod rewrites;
 pub mod target;
+mod vouch;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -114,6 +115,10 @@ pub enum EngineError {
         "site {site}: {gva:#x}..{end:#x} lies in the patch arena, which only the engine writes; patch the guest's own code"
     )]
     InArena { site: String, gva: u64, end: u64 },
+    #[error(
+        "patch {id} cannot be reverted or replaced by this VMM: {why}. Nothing was written; its sites still hold the patch. Restore the patch's signed file at that path and restart the vmm, or restart the guest to remove the patch"
+    )]
+    Unvouched { id: String, why: String },
     #[error("the guest has no running vCPU")]
     NoVcpu,
     #[error(
@@ -139,6 +144,9 @@ pub struct Verifier {
 /// A patch file that parsed and whose signature [`Verifier::check`] accepted.
 pub struct CheckedPatch {
     parsed: ParsedPatch,
+    /// The signed file as it came: kept beside the journal, it is what vouches for the bytes a
+    /// later run may write back (docs/patch-engine.md, "Who vouches for every byte").
+    file: Vec<u8>,
     /// When checking began: the apply's `total_us` counts from here.
     started: Instant,
 }
@@ -159,7 +167,11 @@ impl Verifier {
                     .map_err(EngineError::Signature)?;
             }
         }
-        Ok(CheckedPatch { parsed, started })
+        Ok(CheckedPatch {
+            parsed,
+            file: file.to_vec(),
+            started,
+        })
     }
 }
 
@@ -252,6 +264,9 @@ pub struct Engine<G: GuestControl> {
     paging: Option<PagingRegs>,
     /// The OS's own rewrites of its text that rule 1 accepts (none by default).
     rewrites: Box<dyn rewrites::TextRewrites>,
+    /// Applied patches recorded by an earlier run whose bytes no signed patch vouches for
+    /// (`crate::vouch`), with why: never reverted or replaced by writing the record's bytes.
+    unvouched: std::collections::HashMap<String, String>,
     apply_blackouts: History,
     revert_blackouts: History,
     apply_totals: History,
@@ -305,15 +320,26 @@ impl<G: GuestControl> Engine<G> {
         state_dir: Option<&Path>,
     ) -> Result<Engine<G>, EngineError> {
         let info = patch_format::read_image(image_name, image)?;
-        Engine::new(guest, Target::new(info, 0), window, config, state_dir)
+        Engine::new(
+            guest,
+            Target::new(info, 0),
+            window,
+            config,
+            state_dir,
+            Box::new(rewrites::NoRewrites),
+        )
     }
 
+    /// An engine over `target` running in `guest`. `rewrites` is the OS's policy for its own
+    /// text rewrites (rule 1); it is needed from the start, because recovery checks a journal
+    /// record against the signed patch with it.
     pub fn new(
         guest: Arc<G>,
         target: Target,
         window: ArenaWindow,
         config: EngineConfig,
         state_dir: Option<&Path>,
+        rewrites: Box<dyn rewrites::TextRewrites>,
     ) -> Result<Engine<G>, EngineError> {
         let (journal, records) = match state_dir {
             Some(dir) => {
@@ -334,7 +360,8 @@ impl<G: GuestControl> Engine<G> {
             journal,
             records,
             paging: None,
-            rewrites: Box::new(rewrites::NoRewrites),
+            rewrites,
+            unvouched: Default::default(),
             apply_blackouts: History::new(4096),
             revert_blackouts: History::new(4096),
             apply_totals: History::new(4096),
@@ -397,6 +424,14 @@ impl<G: GuestControl> Engine<G> {
     fn put(&mut self, rec: PatchRecord) -> Result<(), EngineError> {
         if let Some(j) = &mut self.journal {
             j.put(rec.clone())?;
+            // Out of the guest for good: nothing of it will be written back, so its signed
+            // file need not be kept.
+            if matches!(rec.state, PatchState::Reverted | PatchState::Failed) {
+                j.drop_patch(&rec.id);
+            }
+        }
+        if rec.state != PatchState::Applied {
+            self.unvouched.remove(&rec.id);
         }
         match self.records.iter_mut().find(|r| r.id == rec.id) {
             Some(r) => *r = rec,
@@ -413,12 +448,15 @@ impl<G: GuestControl> Engine<G> {
 
     /// Reconciles the journal with the guest: a patch recorded as applied whose bytes are not
     /// in the guest (a restarted guest) is marked reverted; an apply or revert cut short by a
-    /// crash is finished or undone so no site is left half-written.
+    /// crash is undone so no site is left half-written. Nothing is written unless the signed
+    /// patch kept beside the journal vouches for the record (`crate::vouch`), and then only
+    /// where the guest holds exactly the jump this VMM wrote.
     pub fn recover(&mut self) -> Result<(), EngineError> {
         let mut restore: Vec<PatchRecord> = Vec::new();
         let mut updates: Vec<PatchRecord> = Vec::new();
         let ours = self.target.identity_tag();
-        for r in &self.records {
+        let records = self.records.clone();
+        for r in &records {
             if !matches!(
                 r.state,
                 PatchState::Applied | PatchState::Applying | PatchState::Reverting
@@ -471,6 +509,13 @@ impl<G: GuestControl> Engine<G> {
                 if !ok {
                     warn!(patch = %r.id, "journal arena chunks overlap; arena accounting may be conservative");
                 }
+                // It stays applied either way; whether this VMM may take it out again depends
+                // on whether anything trusted vouches for the bytes it would write back.
+                if let Err(why) = self.vouch(r) {
+                    warn!(patch = %r.id, why = %why, "an applied patch's record is not vouched for; it cannot be reverted by this VMM");
+                    u.note = Some(format!("applied; this VMM will not revert it: {why}"));
+                    self.unvouched.insert(r.id.clone(), why);
+                }
             } else if orig == n {
                 // Say what the guest's memory shows; why (an interrupted apply, a completed
                 // revert, or a restarted guest) cannot be told from it.
@@ -482,7 +527,17 @@ impl<G: GuestControl> Engine<G> {
                 });
                 u.reverted_at = Some(now_secs());
             } else {
-                restore.push(r.clone());
+                match self.vouch(r) {
+                    Ok(()) => restore.push(r.clone()),
+                    Err(why) => {
+                        warn!(patch = %r.id, why = %why, "a half-written patch's record is not vouched for; the guest is not touched");
+                        u.state = PatchState::Failed;
+                        u.note = Some(format!(
+                            "not recovered: a crash interrupted writing this patch's sites, and {why}; the guest was not touched ({patched} of {n} sites hold the recorded jump, {orig} the recorded original bytes): inspect them before patching this code, or restart the guest"
+                        ));
+                        updates.push(u);
+                    }
+                }
                 continue;
             }
             if u != *r {
@@ -515,7 +570,7 @@ impl<G: GuestControl> Engine<G> {
             return Ok(());
         }
         // Half-written patches: put every original byte back in one blackout, only where the
-        // guest holds exactly the bytes this VMM wrote.
+        // guest holds exactly the bytes this VMM wrote (the vouched record says which).
         let guest = self.guest.clone();
         let paused = guest_control::Paused::pause(&*guest)?;
         let mut outcome = Vec::with_capacity(restore.len());
@@ -542,11 +597,11 @@ impl<G: GuestControl> Engine<G> {
             r.state = PatchState::Failed;
             r.note = Some(if left.is_empty() {
                 format!(
-                    "recovered: a crash interrupted writing this patch's sites; {restored} of {n} held the patched bytes and were restored to their original bytes, the rest already held them"
+                    "recovered: a crash interrupted writing this patch's sites; {restored} of {n} held the patched bytes and were restored to their original bytes (checked against the signed patch), the rest already held them"
                 )
             } else {
                 format!(
-                    "recovered in part: a crash interrupted writing this patch's sites; {restored} of {n} sites restored to their original bytes, {} left alone because they hold neither the original nor the patched bytes ({}); inspect them before patching this code",
+                    "recovered in part: a crash interrupted writing this patch's sites; {restored} of {n} sites restored to their original bytes (checked against the signed patch), {} left alone because they hold neither the original nor the patched bytes ({}); inspect them before patching this code",
                     left.len(),
                     left.join(", ")
                 )

@@ -471,6 +471,28 @@ pub fn jump_bytes(at: u64, to: u64, jump_len: usize, fill: usize) -> Option<Vec<
     Some(out)
 }
 
+/// Where a jump that [`jump_bytes`] wrote at `at` goes: `None` unless `bytes` are exactly one
+/// of its two forms followed by `int3` fill. How the engine recognises its own jumps in a
+/// record it did not make in this run.
+pub fn jump_target(at: u64, bytes: &[u8]) -> Option<u64> {
+    let (to, len) = match bytes {
+        [0xe9, d @ ..] if d.len() >= 4 => {
+            let d = i32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            let to = at
+                .wrapping_add(JMP_REL32_LEN as u64)
+                .wrapping_add(i64::from(d) as u64);
+            (to, JMP_REL32_LEN)
+        }
+        [0xff, 0x25, 0, 0, 0, 0, a @ ..] if a.len() >= 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&a[..8]);
+            (u64::from_le_bytes(b), JMP_ABS_LEN)
+        }
+        _ => return None,
+    };
+    bytes[len..].iter().all(|&b| b == INT3).then_some(to)
+}
+
 /// The displaced instructions relocated to `at`, then a jump back to the instruction after
 /// them. Returns the bytes and the address of each displaced instruction's copy.
 ///

@@ -1,12 +1,12 @@
 //! How an operating system legitimately rewrites its own code after loading it, which the
 //! expected-bytes check (rule 1) must accept. The engine knows no OS: the OS layer passes its
-//! policy in ([`Engine::set_text_rewrites`]); without one, guest code must match the patch's
+//! policy in when it builds the engine ([`Engine::new`]); without one, guest code must match the patch's
 //! expected bytes exactly.
 
+#[cfg(doc)]
 use crate::Engine;
 use crate::plan::PlanError;
 use crate::target::Target;
-use guest_control::GuestControl;
 
 /// One site's code as the patch expects it and as the guest holds it.
 #[derive(Debug, Clone, Copy)]
@@ -35,13 +35,5 @@ pub struct NoRewrites;
 impl TextRewrites for NoRewrites {
     fn reconcile(&self, text: &SiteText<'_>, _target: &Target) -> Result<Vec<u8>, PlanError> {
         Ok(text.expected.to_vec())
-    }
-}
-
-impl<G: GuestControl> Engine<G> {
-    /// Accepts the OS's own boot- and run-time rewrites of its code (e.g. the Linux layer's
-    /// fentry, return-thunk and KASLR forms) in rule 1.
-    pub fn set_text_rewrites(&mut self, rewrites: Box<dyn TextRewrites>) {
-        self.rewrites = rewrites;
     }
 }

@@ -207,7 +207,15 @@ fn engine(g: &Arc<Fake>, dir: Option<&Path>) -> Engine<Fake> {
         max_check: Duration::from_secs(5),
         ..EngineConfig::default()
     };
-    Engine::new(Arc::clone(g), target(), ARENA, config, dir).unwrap()
+    Engine::new(
+        Arc::clone(g),
+        target(),
+        ARENA,
+        config,
+        dir,
+        Box::new(crate::rewrites::NoRewrites),
+    )
+    .unwrap()
 }
 
 fn function_site(name: &str, old: &[u8], new: &[u8]) -> Site {
@@ -735,4 +743,159 @@ fn a_patch_checked_outside_the_engine_applies_and_its_refusals_count() {
     assert!(again.already_applied);
     assert_eq!(e.metrics().refused, 1);
     assert_eq!(e.metrics().applied, 1);
+}
+
+/// Applies `both()` with a state dir, then rewrites its journal record with `forge` and sets
+/// the second site back to its original bytes: a half-written apply whose record says what
+/// `forge` made it say. Returns the record as forged.
+fn forged_half_apply(
+    g: &Arc<Fake>,
+    dir: &Path,
+    forge: impl FnOnce(&mut PatchRecord),
+) -> PatchRecord {
+    let mut e = engine(g, Some(dir));
+    let mut r = e.apply(&signed(&both())).unwrap().patch;
+    let s = r.sites[1].clone();
+    g.write_phys(s.gpa, &s.original).unwrap();
+    r.state = PatchState::Applying;
+    forge(&mut r);
+    e.put(r.clone()).unwrap();
+    r
+}
+
+fn kept_file(dir: &Path, id: &str) -> std::path::PathBuf {
+    dir.join(journal::PATCHES_DIR).join(format!("{id}.hpatch"))
+}
+
+#[test]
+fn recovery_writes_only_bytes_the_signed_patch_vouches_for() {
+    let expect_untouched = |g: &Arc<Fake>, dir: &Path, id: &str, want: &str| {
+        let before = g.snapshot();
+        let e = engine(g, Some(dir));
+        assert_eq!(
+            g.snapshot(),
+            before,
+            "recovery wrote into the guest ({want})"
+        );
+        let r = e.find(id).unwrap();
+        assert_eq!(r.state, PatchState::Failed, "{r:?}");
+        let note = r.note.clone().unwrap_or_default();
+        assert!(
+            note.contains("not recovered") && note.contains(want),
+            "{note}"
+        );
+    };
+
+    // Original bytes that are not the patch's expected bytes: a local user's code.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-bytes");
+    let r = forged_half_apply(&g, dir.path(), |r| {
+        r.sites[0].original = vec![0xcc; r.sites[0].original.len()]
+    });
+    expect_untouched(&g, dir.path(), &r.id, "original bytes are not the ones");
+
+    // The right bytes aimed at other code: a guest-physical address the site is not at, whose
+    // current bytes the record claims as "patched".
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-gpa");
+    let other_code = [0x0f, 0x0b, 0x0f, 0x0b, 0x0f, 0x0b, 0x0f];
+    g.write_phys(0x2000, &other_code).unwrap();
+    let r = forged_half_apply(&g, dir.path(), |r| {
+        r.sites[0].gpa = 0x2000;
+        r.sites[0].patched = other_code.to_vec();
+    });
+    expect_untouched(&g, dir.path(), &r.id, "guest's page tables put it at");
+
+    // Patched bytes that are no jump of this engine.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-jump");
+    let r = forged_half_apply(&g, dir.path(), |r| {
+        r.sites[0].patched = vec![0x90; r.sites[0].patched.len()]
+    });
+    g.write_phys(r.sites[0].gpa, &r.sites[0].patched).unwrap();
+    expect_untouched(&g, dir.path(), &r.id, "not a jump this engine writes");
+
+    // No signed file beside the journal, or another (validly signed) patch's file there.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-missing");
+    let r = forged_half_apply(&g, dir.path(), |_| {});
+    std::fs::remove_file(kept_file(dir.path(), &r.id)).unwrap();
+    expect_untouched(&g, dir.path(), &r.id, "is missing");
+
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-other");
+    let r = forged_half_apply(&g, dir.path(), |_| {});
+    std::fs::write(kept_file(dir.path(), &r.id), signed(&fix_f())).unwrap();
+    expect_untouched(&g, dir.path(), &r.id, "not this one");
+
+    // A kept file no trusted key signed any more (the operator rotated keys).
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-key");
+    let r = forged_half_apply(&g, dir.path(), |_| {});
+    let other = SecretKey::from_seed(&[9; 32]);
+    std::fs::write(
+        kept_file(dir.path(), &r.id),
+        both().to_file_signed(&other).unwrap(),
+    )
+    .unwrap();
+    expect_untouched(&g, dir.path(), &r.id, "refused now");
+
+    // The honest record of the same crash is repaired, and its kept file is then dropped.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-honest");
+    let r = forged_half_apply(&g, dir.path(), |_| {});
+    let e = engine(&g, Some(dir.path()));
+    assert_eq!(g.bytes(F_AT, 13), F);
+    assert_eq!(g.bytes(G_AT, 13), G);
+    assert_eq!(e.find(&r.id).unwrap().state, PatchState::Failed);
+    assert!(!kept_file(dir.path(), &r.id).exists());
+}
+
+#[test]
+fn a_revert_after_restart_needs_the_signed_patch_beside_the_journal() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let dir = temp_dir("vouch-revert");
+    let id = engine(&g, Some(dir.path()))
+        .apply(&signed(&fix_f()))
+        .unwrap()
+        .patch
+        .id;
+    let kept = kept_file(dir.path(), &id);
+    assert!(
+        kept.exists(),
+        "the signed file is kept while the patch is in"
+    );
+
+    // Without it the patch stays in, listed with why, and a revert writes nothing.
+    let saved = std::fs::read(&kept).unwrap();
+    std::fs::remove_file(&kept).unwrap();
+    {
+        let mut e = engine(&g, Some(dir.path()));
+        let r = e.find(&id).unwrap();
+        assert_eq!(r.state, PatchState::Applied);
+        assert!(
+            r.note.as_deref().unwrap_or("").contains("will not revert"),
+            "{r:?}"
+        );
+        let before = g.snapshot();
+        let err = e.revert(&id).unwrap_err();
+        assert!(matches!(err, EngineError::Unvouched { .. }), "{err}");
+        assert!(err.to_string().contains("is missing"), "{err}");
+        assert_eq!(g.snapshot(), before);
+        // Nor can a patch replace it.
+        let mut p = fix_f();
+        p.meta.name = "fix-f-2".into();
+        p.meta.replaces = vec![PatchId::from_hex(&id).unwrap()];
+        p.normalize();
+        let err = e.apply(&signed(&p)).unwrap_err();
+        assert!(matches!(err, EngineError::Unvouched { .. }), "{err}");
+        assert_eq!(g.snapshot(), before);
+    }
+
+    // Put back, the next run may revert it, and the file goes with the patch.
+    std::fs::write(&kept, saved).unwrap();
+    let mut e = engine(&g, Some(dir.path()));
+    e.revert(&id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+    assert!(!kept.exists());
 }

@@ -34,7 +34,7 @@ pub fn engine_for_kernel<G: GuestControl>(
 ) -> Result<Engine<G>, LinuxEngineError> {
     let attached = crate::attach::attach(guest.as_ref(), idt, image, arena_gpa)?;
     let info = crate::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
-    let mut engine = Engine::new(
+    Ok(Engine::new(
         guest,
         Target::new(info, attached.slide.slide),
         ArenaWindow {
@@ -44,7 +44,6 @@ pub fn engine_for_kernel<G: GuestControl>(
         },
         config,
         state_dir,
-    )?;
-    engine.set_text_rewrites(Box::new(LinuxBootRewrites));
-    Ok(engine)
+        Box::new(LinuxBootRewrites),
+    )?)
 }
