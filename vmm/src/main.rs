@@ -289,7 +289,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         },
         args.state_dir.as_deref(),
     ) {
-        Ok(e) => Some(std::sync::Arc::new(std::sync::Mutex::new(e))),
+        Ok(e) => Some(std::sync::Arc::new(
+            patch_engine::shared::SharedEngine::new(e),
+        )),
         Err(e) => {
             if args.state_dir.is_some() || !args.trusted_keys.is_empty() || args.allow_unsigned {
                 vm.request_stop(StopReason::Requested("patching could not start".into()));

@@ -27,8 +27,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
@@ -39,7 +39,8 @@ use guest_control::GuestError;
 use kvm_vmm::integrity::{IntegrityError, RangeError};
 use kvm_vmm::vcpu::ControlError;
 use kvm_vmm::vm::{Vm, VmControlError};
-use patch_engine::{Engine, EngineError};
+use patch_engine::EngineError;
+use patch_engine::shared::SharedEngine;
 
 /// Request bodies larger than this are refused: the largest patch file the format allows.
 pub const MAX_BODY: usize = 16 << 20;
@@ -48,7 +49,7 @@ pub const MAX_BODY: usize = 16 << 20;
 #[derive(Clone)]
 pub struct ApiContext {
     pub vm: Arc<Vm>,
-    pub engine: Option<Arc<Mutex<Engine<Vm>>>>,
+    pub engine: Option<Arc<SharedEngine<Vm>>>,
 }
 
 #[derive(Debug, Error)]
@@ -380,7 +381,9 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
         // Retrying does not help until the operator resumes the VM.
         EngineError::OperatorPaused => ErrorKind::Conflict,
         EngineError::ArenaFull { .. } => ErrorKind::ArenaFull,
-        EngineError::Busy { .. } | EngineError::Raced { .. } => ErrorKind::Busy,
+        EngineError::Busy { .. } | EngineError::Raced { .. } | EngineError::Stale => {
+            ErrorKind::Busy
+        }
         EngineError::NoSuchPatch(_) | EngineError::AmbiguousId(_) => ErrorKind::NotFound,
         EngineError::Tampered { .. } => ErrorKind::Tampered,
         EngineError::Guest(g) => match g {
@@ -590,16 +593,6 @@ pub fn route(ctx: &ApiContext, method: &str, url: &str, body: &[u8]) -> Reply {
     }
 }
 
-fn lock<T>(engine: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    engine.lock().unwrap_or_else(|poisoned| {
-        // A handler panicked while holding the engine: its state is what the panic left, which
-        // the engine's own journal and checks keep consistent enough to report and revert.
-        tracing::warn!("patch engine lock was poisoned by a panicked request; continuing");
-        engine.clear_poison();
-        poisoned.into_inner()
-    })
-}
-
 fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result<Reply, Fault> {
     let vm = &ctx.vm;
     let engine = || ctx.engine.as_deref().ok_or_else(no_engine);
@@ -627,7 +620,7 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             )
         }
         Endpoint::Metrics => {
-            let patches = ctx.engine.as_deref().map(|e| lock(e).metrics());
+            let patches = ctx.engine.as_deref().map(|e| e.read().metrics());
             Reply::ok(
                 200,
                 json!({"pause": vm.pause_metrics(), "patches": patches, "integrity": vm.integrity_metrics()}),
@@ -642,7 +635,7 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
                 "features": FEATURES,
             }),
         ),
-        Endpoint::ListPatches => Reply::ok(200, json!({"patches": lock(engine()?).records()})),
+        Endpoint::ListPatches => Reply::ok(200, json!({"patches": engine()?.read().records()})),
         Endpoint::ApplyPatch => {
             let engine = engine()?;
             not_paused()?;
@@ -652,27 +645,20 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
                     "the request body must be the patch file (curl --data-binary @fix.hpatch -H 'Content-Type: application/octet-stream')",
                 ));
             }
-            // Parse and verify (the costly part for a large file) without the engine's lock, so
-            // metrics and the patch list answer meanwhile; only planning and writing hold it.
-            let verifier = lock(engine).verifier();
-            let checked = verifier.check(body).map_err(|e| {
-                lock(engine).note_refused();
-                engine_fault(&e)
-            })?;
-            let out = lock(engine)
-                .apply_checked(checked)
-                .map_err(|e| engine_fault(&e))?;
+            // Parsed, verified and planned while status, metrics and the patch list answer;
+            // only the writing excludes them (patch_engine::shared).
+            let out = engine.apply(body).map_err(|e| engine_fault(&e))?;
             Reply::ok(if out.already_applied { 200 } else { 201 }, json!(out))
         }
         Endpoint::GetPatch => {
-            let engine = lock(engine()?);
+            let engine = engine()?.read();
             let r = engine.find(id).map_err(|e| engine_fault(&e))?;
             Reply::ok(200, json!(r))
         }
         Endpoint::RevertPatch => {
             let engine = engine()?;
             not_paused()?;
-            let r = lock(engine).revert(id).map_err(|e| engine_fault(&e))?;
+            let r = engine.revert(id).map_err(|e| engine_fault(&e))?;
             Reply::ok(200, json!(r))
         }
         Endpoint::Integrity => Reply::ok(200, json!(vm.integrity())),
@@ -943,21 +929,5 @@ mod tests {
         // Nothing there: nothing to do.
         remove_stale_socket(&live).expect("absent path");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_poisoned_lock_is_recovered() {
-        let m = std::sync::Arc::new(Mutex::new(1u32));
-        let m2 = m.clone();
-        let _ = std::thread::spawn(move || {
-            let _g = m2.lock();
-            panic!("poison it");
-        })
-        .join();
-        assert!(m.is_poisoned());
-        let g = lock(&m);
-        assert_eq!(*g, 1);
-        drop(g);
-        assert!(!m.is_poisoned());
     }
 }

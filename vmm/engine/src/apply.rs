@@ -39,6 +39,22 @@ struct Planned {
     chunks: Vec<Chunk>,
 }
 
+/// An apply planned by [`Engine::plan_apply`], for [`Engine::commit_planned`].
+pub(crate) struct PlannedApply {
+    /// The engine's [`Engine::generation`] the plan was made at.
+    generation: u64,
+    /// The work to commit, or the outcome when the patch is already applied.
+    work: Result<Work, Box<ApplyOutcome>>,
+}
+
+struct Work {
+    record: PatchRecord,
+    planned: Planned,
+    lifting: Lifting,
+    file: Vec<u8>,
+    t0: Instant,
+}
+
 /// Applied patches a new patch replaces: they come out in the same blackout.
 struct Lifting {
     records: Vec<PatchRecord>,
@@ -67,7 +83,7 @@ impl<G: GuestControl> Engine<G> {
         self.refused += 1;
     }
 
-    fn counted(
+    pub(crate) fn counted(
         &mut self,
         r: Result<ApplyOutcome, EngineError>,
     ) -> Result<ApplyOutcome, EngineError> {
@@ -79,6 +95,20 @@ impl<G: GuestControl> Engine<G> {
 
     /// admit (parse + signature, done by [`crate::Verifier::check`]) → plan → intent → stage → commit.
     fn apply_steps(&mut self, checked: CheckedPatch) -> Result<ApplyOutcome, EngineError> {
+        let paging = self.paging()?;
+        let planned = self.plan_apply(checked, paging)?;
+        self.commit_planned(planned)
+    }
+
+    /// Everything of an apply that only reads the engine: identity, the sites planned against
+    /// a scratch copy of the arena. Long for a large patch, so [`crate::shared::SharedEngine`]
+    /// runs it while others read the engine; [`Engine::commit_planned`] then refuses a plan
+    /// made before another change.
+    pub(crate) fn plan_apply(
+        &self,
+        checked: CheckedPatch,
+        paging: PagingRegs,
+    ) -> Result<PlannedApply, EngineError> {
         let CheckedPatch {
             parsed,
             file,
@@ -86,7 +116,10 @@ impl<G: GuestControl> Engine<G> {
         } = checked;
         let id = parsed.id.to_string();
         if let Some(done) = self.already_applied(&id, t0) {
-            return Ok(done);
+            return Ok(PlannedApply {
+                generation: self.generation,
+                work: Err(Box::new(done)),
+            });
         }
         let patch = &parsed.patch;
         self.target.check_identity(&patch.target)?;
@@ -101,13 +134,43 @@ impl<G: GuestControl> Engine<G> {
                 why: why.clone(),
             });
         }
-        let planned = self.plan_sites(patch, &lifting)?;
-        let mut record = self.intent(&id, patch, &planned, &lifting);
+        let planned = self.plan_sites(patch, &lifting, &paging)?;
+        let record = self.intent(&id, patch, &planned, &lifting);
+        Ok(PlannedApply {
+            generation: self.generation,
+            work: Ok(Work {
+                record,
+                planned,
+                lifting,
+                file,
+                t0,
+            }),
+        })
+    }
+
+    /// The writing half of an apply: intent → stage → commit → outcome.
+    pub(crate) fn commit_planned(
+        &mut self,
+        planned: PlannedApply,
+    ) -> Result<ApplyOutcome, EngineError> {
+        if planned.generation != self.generation {
+            return Err(EngineError::Stale);
+        }
+        let Work {
+            mut record,
+            planned,
+            lifting,
+            file,
+            t0,
+        } = match planned.work {
+            Ok(w) => w,
+            Err(done) => return Ok(*done),
+        };
         // The signed file, then the intent: a crash from here on is found and repaired by
         // `recover`, which writes only what this file vouches for. Until the planned arena is
         // adopted below, a failure leaves the engine's arena untouched.
         if let Some(j) = &mut self.journal {
-            j.keep_patch(&id, &file)?;
+            j.keep_patch(&record.id, &file)?;
         }
         self.put(record.clone())?;
         self.arena = planned.arena;
@@ -153,15 +216,19 @@ impl<G: GuestControl> Engine<G> {
     }
 
     /// Plans every site against a scratch copy of the arena.
-    fn plan_sites(&mut self, patch: &Patch, lifting: &Lifting) -> Result<Planned, EngineError> {
-        let paging = self.paging()?;
+    fn plan_sites(
+        &self,
+        patch: &Patch,
+        lifting: &Lifting,
+        paging: &PagingRegs,
+    ) -> Result<Planned, EngineError> {
         let mut planned = Planned {
             sites: Vec::with_capacity(patch.sites.len()),
             arena: self.arena.clone(),
             chunks: Vec::new(),
         };
         for site in &patch.sites {
-            let p = self.plan_site(site, &paging, lifting, &mut planned)?;
+            let p = self.plan_site(site, paging, lifting, &mut planned)?;
             planned.sites.push(p);
         }
         Ok(planned)

@@ -13,6 +13,7 @@ pub mod journal;
 pub mod keys;
 pub mod plan;
 pub mod rewrites;
+pub mod shared;
 pub mod target;
 mod vouch;
 
@@ -119,6 +120,10 @@ pub enum EngineError {
         "patch {id} cannot be reverted or replaced by this VMM: {why}. Nothing was written; its sites still hold the patch. Restore the patch's signed file at that path and restart the vmm, or restart the guest to remove the patch"
     )]
     Unvouched { id: String, why: String },
+    #[error(
+        "another apply or revert finished while this patch was being planned; nothing was written, try again"
+    )]
+    Stale,
     #[error("the guest has no running vCPU")]
     NoVcpu,
     #[error(
@@ -267,6 +272,9 @@ pub struct Engine<G: GuestControl> {
     /// Applied patches recorded by an earlier run whose bytes no signed patch vouches for
     /// (`crate::vouch`), with why: never reverted or replaced by writing the record's bytes.
     unvouched: std::collections::HashMap<String, String>,
+    /// Counts changes of the engine's state (every record put): a plan made at another
+    /// generation is stale.
+    generation: u64,
     apply_blackouts: History,
     revert_blackouts: History,
     apply_totals: History,
@@ -362,6 +370,7 @@ impl<G: GuestControl> Engine<G> {
             paging: None,
             rewrites,
             unvouched: Default::default(),
+            generation: 0,
             apply_blackouts: History::new(4096),
             revert_blackouts: History::new(4096),
             apply_totals: History::new(4096),
@@ -422,6 +431,7 @@ impl<G: GuestControl> Engine<G> {
     }
 
     fn put(&mut self, rec: PatchRecord) -> Result<(), EngineError> {
+        self.generation += 1;
         if let Some(j) = &mut self.journal {
             j.put(rec.clone())?;
             // Out of the guest for good: nothing of it will be written back, so its signed
@@ -614,7 +624,7 @@ impl<G: GuestControl> Engine<G> {
 
     /// Paging registers to translate with: learned from the last blackout, or from a short
     /// one now (the first patch only).
-    fn paging(&mut self) -> Result<PagingRegs, EngineError> {
+    pub(crate) fn paging(&mut self) -> Result<PagingRegs, EngineError> {
         if let Some(p) = self.paging {
             return Ok(p);
         }

@@ -44,6 +44,11 @@ struct Fake {
     fail_set_rip: Mutex<bool>,
     /// Slows every read down, as a struggling host would.
     read_delay: Mutex<Option<Duration>>,
+    /// While set, reads of a running guest (planning's) wait until it is cleared.
+    hold_reads: Mutex<bool>,
+    hold_cv: std::sync::Condvar,
+    /// A read was held.
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -73,6 +78,10 @@ impl Fake {
         let mut b = vec![0; len];
         self.read_phys(gpa, &mut b).unwrap();
         b
+    }
+    fn hold_reads(&self, on: bool) {
+        *self.hold_reads.lock().unwrap() = on;
+        self.hold_cv.notify_all();
     }
     fn rip(&self, id: usize) -> u64 {
         self.vcpus.lock().unwrap()[id].rip
@@ -123,6 +132,12 @@ impl GuestControl for Fake {
         if let Some(d) = *self.read_delay.lock().unwrap() {
             std::thread::sleep(d);
         }
+        let mut hold = self.hold_reads.lock().unwrap();
+        while *hold && !*self.paused.lock().unwrap() {
+            self.held.store(true, std::sync::atomic::Ordering::SeqCst);
+            hold = self.hold_cv.wait(hold).unwrap();
+        }
+        drop(hold);
         let m = self.mem.lock().unwrap();
         for (i, b) in buf.iter_mut().enumerate() {
             let a = gpa + i as u64;
@@ -898,4 +913,81 @@ fn a_revert_after_restart_needs_the_signed_patch_beside_the_journal() {
     e.revert(&id).unwrap();
     assert_eq!(g.bytes(F_AT, 13), F);
     assert!(!kept.exists());
+}
+
+#[test]
+fn the_list_and_metrics_answer_while_a_patch_is_planned() {
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc;
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let shared = Arc::new(shared::SharedEngine::new(engine(&g, None)));
+    // Planning stops in its first read of the running guest, until released.
+    g.hold_reads(true);
+    let apply = {
+        let shared = shared.clone();
+        std::thread::spawn(move || shared.apply(&signed(&fix_f())))
+    };
+    let t0 = Instant::now();
+    while !g.held.load(Ordering::SeqCst) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "planning never read the guest"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Readers answer now, on another thread so that a regression fails instead of hanging.
+    let (tx, rx) = mpsc::channel();
+    {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let e = shared.read();
+            let _ = tx.send((e.metrics().applies, e.records().len()));
+        });
+    }
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    assert_eq!(
+        got,
+        Ok((0, 0)),
+        "metrics and the list waited for the planning"
+    );
+    assert!(!apply.is_finished());
+    g.hold_reads(false);
+    let out = apply.join().unwrap().unwrap();
+    assert_eq!(shared.read().records().len(), 1);
+    assert_eq!(shared.read().metrics().applies, 1);
+    assert_eq!(g.bytes(F_AT, 13)[0], 0xe9, "{out:?}");
+    shared.revert(&out.patch.id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+#[test]
+fn a_request_that_panicked_holding_the_engine_does_not_stop_the_others() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let shared = Arc::new(shared::SharedEngine::new(engine(&g, None)));
+    let s2 = shared.clone();
+    let _ = std::thread::spawn(move || {
+        let _e = s2.write();
+        panic!("a handler panicked");
+    })
+    .join();
+    assert!(shared.read().records().is_empty());
+    let out = shared.apply(&signed(&fix_f())).unwrap();
+    shared.revert(&out.patch.id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+#[test]
+fn a_plan_made_before_another_change_is_refused_as_stale() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let paging = e.paging().unwrap();
+    let planned = e
+        .plan_apply(e.verifier().check(&signed(&fix_f())).unwrap(), paging)
+        .unwrap();
+    // Another patch goes in between planning and commit.
+    let other = patch("fix-g", vec![function_site("g", &G, &F)], Vec::new());
+    e.apply(&signed(&other)).unwrap();
+    let before = g.snapshot();
+    assert!(matches!(e.commit_planned(planned), Err(EngineError::Stale)));
+    assert_eq!(g.snapshot(), before);
 }

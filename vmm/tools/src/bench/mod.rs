@@ -9,7 +9,7 @@ pub mod linux;
 pub mod qemu;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
@@ -26,6 +26,7 @@ use control_api::server::{ApiContext, ApiServer};
 use guest_control::stats::{Summary, summarize};
 use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig, VmError};
 use patch_engine::plan::{self, FunctionCode, SiteInput};
+use patch_engine::shared::SharedEngine;
 use patch_engine::{Engine, EngineConfig, EngineError};
 
 #[derive(Debug, Error)]
@@ -265,10 +266,6 @@ pub struct BenchPatches {
 
 fn setup(message: impl Into<String>) -> BenchError {
     BenchError::Setup(message.into())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The bytes of `[addr, addr + size)` from the ELF's file-backed segments.
@@ -683,13 +680,13 @@ fn engine_call<T>(
 
 /// Applies `file`; returns the patch id.
 fn apply(
-    engine: &Mutex<Engine<Vm>>,
+    engine: &SharedEngine<Vm>,
     file: &[u8],
     op: &'static str,
     cycle: usize,
     samples: &mut OpSamples,
 ) -> Result<String, BenchError> {
-    let out = engine_call(op, cycle, samples, || lock(engine).apply(file))?;
+    let out = engine_call(op, cycle, samples, || engine.apply(file))?;
     let cycle_error = |message: String| BenchError::Unexpected { cycle, message };
     if out.already_applied {
         return Err(cycle_error(format!(
@@ -706,13 +703,13 @@ fn apply(
 }
 
 fn revert(
-    engine: &Mutex<Engine<Vm>>,
+    engine: &SharedEngine<Vm>,
     id: &str,
     op: &'static str,
     cycle: usize,
     samples: &mut OpSamples,
 ) -> Result<(), BenchError> {
-    let record = engine_call(op, cycle, samples, || lock(engine).revert(id))?;
+    let record = engine_call(op, cycle, samples, || engine.revert(id))?;
     let blackout = record
         .revert_blackout_us
         .ok_or_else(|| BenchError::Unexpected {
@@ -800,7 +797,7 @@ pub fn patch_cycles(
     patches: &BenchPatches,
 ) -> Result<PatchBench, BenchError> {
     let (vm, before) = boot_guest(vcpus)?;
-    let engine = Arc::new(Mutex::new(bench_engine(&vm, &patches.key)?));
+    let engine = Arc::new(SharedEngine::new(bench_engine(&vm, &patches.key)?));
     // The API socket of this run, in a fresh directory removed when the run ends.
     let socket_dir = tempfile::Builder::new()
         .prefix("vmm-bench-")
@@ -880,7 +877,7 @@ pub fn patch_cycles(
         api_revert.push(us);
         pace();
     }
-    let metrics = lock(&engine).metrics();
+    let metrics = engine.read().metrics();
     drop(server);
     let reports = finish(&vm, &before)?;
     let floor_blackout_us = summarize(&floor_blackout);
@@ -941,7 +938,7 @@ pub fn patch_storm(
     patches: &BenchPatches,
 ) -> Result<StormBench, BenchError> {
     let (vm, before) = boot_guest(vcpus)?;
-    let engine = Mutex::new(bench_engine(&vm, &patches.key)?);
+    let engine = SharedEngine::new(bench_engine(&vm, &patches.key)?);
     let sums = |reports: &[kvm_vmm::devices::reports::VcpuReports]| {
         reports
             .iter()
@@ -966,7 +963,7 @@ pub fn patch_storm(
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let metrics = lock(&engine).metrics();
+    let metrics = engine.read().metrics();
     let reports = stop_after_progress(&vm, &before)?;
     let end = sums(&reports);
     Ok(StormBench {
