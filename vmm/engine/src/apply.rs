@@ -323,6 +323,7 @@ impl<G: GuestControl> Engine<G> {
             plan::JMP_ABS_LEN
         };
         let analysis = plan::analyze(&input, jump_len)?;
+        plan::check_extent(&input, &analysis)?;
         // Rule 5: no overlap with this patch's other sites.
         if let Some(p) = planned
             .sites

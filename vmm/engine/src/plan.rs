@@ -83,6 +83,15 @@ pub enum PlanError {
         needed: usize,
     },
     #[error(
+        "site {site}: the micropatch expects {have} bytes, but only {max} may be displaced there (the fewest whole instructions that cover the {jump_len}-byte jump, and those after them that branch back into them); rebuild the patch with the shorter site"
+    )]
+    ExpectedTooLong {
+        site: String,
+        have: usize,
+        max: usize,
+        jump_len: usize,
+    },
+    #[error(
         "site {site}: the instruction at {from:#x} branches to {to:#x}, inside the overwritten range {start:#x}..{end:#x}; it would land in the middle of the jump (choose another site)"
     )]
     BranchIntoRange {
@@ -233,6 +242,61 @@ fn is_call(i: &Instruction) -> bool {
         i.flow_control(),
         FlowControl::Call | FlowControl::IndirectCall
     )
+}
+
+/// The furthest end a micropatch at `at` may displace to: the fewest whole instructions that
+/// cover a `jump_len` jump, extended by any later instruction that branches back into them (a
+/// loop's tail, which rule 3 would otherwise refuse), until nothing later does. `fend` when
+/// the function's instructions end first.
+fn micropatch_reach(finsns: &[Instruction], at: u64, jump_len: usize, fend: u64) -> u64 {
+    let Some(first) = finsns.iter().position(|i| i.ip() == at) else {
+        return fend;
+    };
+    let Some(cover) = finsns[first..]
+        .iter()
+        .find(|i| i.next_ip() - at >= jump_len as u64)
+    else {
+        return fend;
+    };
+    let mut end = cover.next_ip();
+    loop {
+        let back = finsns
+            .iter()
+            .filter(|i| i.ip() >= end)
+            .filter(|i| branch_target(i).is_some_and(|t| t > at && t < end))
+            .map(Instruction::next_ip)
+            .max();
+        match back {
+            Some(e) if e > end => end = e,
+            _ => return end,
+        }
+    }
+}
+
+/// A micropatch overwrites no more guest code than its jump needs: every displaced byte is
+/// code the guest then runs only as a relocated copy, so a signed patch cannot make the
+/// engine take over a whole function (or a megabyte of code) as a "micropatch". Checked on an
+/// analysis [`analyze`] accepted, against the function's instructions.
+pub fn check_extent(site: &SiteInput<'_>, a: &Analysis) -> Result<(), PlanError> {
+    let Some(f) = site.function else {
+        return Ok(());
+    };
+    if a.kind != SiteKind::Micropatch {
+        return Ok(());
+    }
+    let fend = f.start + f.bytes.len() as u64;
+    let finsns = decode_prefix(f.bytes, f.start);
+    let max = micropatch_reach(&finsns, a.jump_at, a.jump_len, fend);
+    let (_, end) = a.range();
+    if end > max {
+        return Err(PlanError::ExpectedTooLong {
+            site: a.name.clone(),
+            have: a.displaced_len(),
+            max: max.saturating_sub(a.jump_at) as usize,
+            jump_len: a.jump_len,
+        });
+    }
+    Ok(())
 }
 
 /// Whether a rel32 jump at `from` (5 bytes long) reaches `to`.

@@ -6,7 +6,7 @@ use guest_control::paging::{PagingRegs, PhysRead};
 use guest_control::{ArenaWindow, GuestControl, GuestError, VcpuState};
 
 use crate::memory::GuestMemory;
-use crate::vcpu::ControlError;
+use crate::vcpu::{ControlError, VcpuSnapshot};
 use crate::vm::Vm;
 
 /// The control registers that decide translation, from KVM's special registers.
@@ -42,6 +42,24 @@ impl Vm {
     }
 }
 
+/// What the engine may decide on about a parked vCPU: its registers, or the failed read that
+/// left none (the snapshot's zeros are not the vCPU's).
+fn vcpu_state(id: usize, s: &VcpuSnapshot) -> Result<VcpuState, GuestError> {
+    if let Some(errno) = s.read_error {
+        return Err(GuestError::Registers {
+            vcpu: id,
+            source: Box::new(std::io::Error::from_raw_os_error(errno)),
+        });
+    }
+    Ok(VcpuState {
+        id,
+        rip: s.regs.rip,
+        rsp: s.regs.rsp,
+        cpl: s.sregs.cs.dpl,
+        paging: paging_regs(&s.sregs),
+    })
+}
+
 impl GuestControl for Vm {
     fn vcpu_count(&self) -> usize {
         Vm::vcpu_count(self)
@@ -55,23 +73,16 @@ impl GuestControl for Vm {
                 out.push(None);
                 continue;
             };
-            if let Some(errno) = s.read_error {
-                // Never hand the engine invented registers: refuse, and let the guest run.
-                if let Err(e) = self.resume() {
-                    tracing::error!(error = %e, "could not resume the guest after a failed register read");
+            match vcpu_state(id, s) {
+                Ok(v) => out.push(Some(v)),
+                Err(e) => {
+                    // Never hand the engine invented registers: refuse, and let the guest run.
+                    if let Err(e) = self.resume() {
+                        tracing::error!(error = %e, "could not resume the guest after a failed register read");
+                    }
+                    return Err(e);
                 }
-                return Err(GuestError::Registers {
-                    vcpu: id,
-                    source: Box::new(std::io::Error::from_raw_os_error(errno)),
-                });
             }
-            out.push(Some(VcpuState {
-                id,
-                rip: s.regs.rip,
-                rsp: s.regs.rsp,
-                cpl: s.sregs.cs.dpl,
-                paging: paging_regs(&s.sregs),
-            }));
         }
         Ok(out)
     }
@@ -112,5 +123,35 @@ impl GuestControl for Vm {
             ControlError::NotPaused => GuestError::NotPaused,
             _ => GuestError::NoSuchVcpu(vcpu),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_regs, kvm_sregs};
+
+    #[test]
+    fn a_failed_register_read_is_refused_not_reported_as_zeros() {
+        let mut regs = kvm_regs::default();
+        regs.rip = 0x10_1000;
+        regs.rsp = 0x8000;
+        let ok = VcpuSnapshot {
+            regs,
+            sregs: kvm_sregs::default(),
+            read_error: None,
+        };
+        let v = vcpu_state(0, &ok).unwrap();
+        assert_eq!((v.rip, v.rsp), (0x10_1000, 0x8000));
+
+        let failed = VcpuSnapshot {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            read_error: Some(libc::EIO),
+        };
+        match vcpu_state(1, &failed) {
+            Err(GuestError::Registers { vcpu: 1, .. }) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }

@@ -547,6 +547,33 @@ fn oracle(
     Ok(())
 }
 
+/// Whether a micropatch may displace `displaced`, decided independently of the planner: no
+/// further than the shortest run of whole instructions from its start that holds the jump,
+/// grown while an instruction after the run branches back into the run's interior.
+fn oracle_extent(finsns: &[Instruction], displaced: &[Instruction], jump_len: usize) -> bool {
+    let start = displaced[0].ip();
+    let end = displaced.last().unwrap().next_ip();
+    let first = finsns.iter().position(|i| i.ip() == start).unwrap();
+    let mut limit = start;
+    for i in &finsns[first..] {
+        if limit - start >= jump_len as u64 {
+            break;
+        }
+        limit = i.next_ip();
+    }
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for i in finsns {
+            if i.ip() >= limit && direct_target(i).is_some_and(|t| t > start && t < limit) {
+                limit = i.next_ip();
+                grew = true;
+            }
+        }
+    }
+    end <= limit
+}
+
 fn error_name(e: &PlanError) -> &'static str {
     match e {
         PlanError::ExpectedMismatch { .. } => "ExpectedMismatch",
@@ -555,6 +582,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::Undecodable { .. } => "Undecodable",
         PlanError::TooShort { .. } => "TooShort",
         PlanError::DisplacedTooShort { .. } => "DisplacedTooShort",
+        PlanError::ExpectedTooLong { .. } => "ExpectedTooLong",
         PlanError::BranchIntoRange { .. } => "BranchIntoRange",
         PlanError::CallNotLast { .. } => "CallNotLast",
         PlanError::DisplacesEndbr { .. } => "DisplacesEndbr",
@@ -574,6 +602,8 @@ struct Tally {
     ok_inner_branch: usize,
     /// Plans whose copy holds a long form (`jmp/call [rip]`) other than the jump back.
     ok_long_branch: usize,
+    /// Accepted by the rules, but longer than the jump needs ([`check_extent`]).
+    too_long: usize,
     errors: std::collections::BTreeMap<&'static str, usize>,
 }
 
@@ -667,6 +697,15 @@ fn check_micropatch_sites(b: &Booted<'_>, jump_len: usize, code_at: u64) -> Tall
                     .and_then(|a| build(&a, &code, code_at, 0));
                 match (want, got) {
                     (Ok(()), Ok(p)) => {
+                        let capped = check_extent(&b.micro(name, start, len), &p.analysis);
+                        assert_eq!(
+                            capped.is_err(),
+                            !oracle_extent(&finsns, displaced, jump_len),
+                            "{ctx}: {capped:?}"
+                        );
+                        if capped.is_err() {
+                            t.too_long += 1;
+                        }
                         let copy = check_plan(b, &p, &code, 0);
                         t.ok += 1;
                         if copy[..copy.len() - 1].iter().any(Exec::is_long) {
@@ -723,6 +762,7 @@ pub(super) fn check_image(img: &Image<'_>) {
         let near = check_micropatch_sites(b, JMP_REL32_LEN, near_arena);
         assert!(near.ok >= 50, "{ctx}: {near:?}");
         assert!(near.ok_inner_branch >= 1, "{ctx}: {near:?}");
+        assert!(near.too_long >= 1, "{ctx}: {near:?}");
         for must in ["BranchIntoRange", "CallNotLast"] {
             assert!(near.errors.contains_key(must), "{ctx}: {near:?}");
         }
@@ -1554,4 +1594,52 @@ fn micropatch_over_endbr64_is_refused() {
     );
     // Right after it: fine.
     assert!(analyze(&b.micro("first_or", 0x401044, 5), JMP_REL32_LEN).is_ok());
+}
+
+/// A micropatch displaces no more than its jump needs, and a loop's tail that branches back
+/// into those bytes (spin_wait's shape: `mov rax,rdi; pause; dec rax; jnz pause; ret`).
+#[test]
+fn micropatch_extent_is_what_the_jump_needs() {
+    let f = [
+        0x48, 0x89, 0xf8, 0xf3, 0x90, 0x48, 0xff, 0xc8, 0x75, 0xf9, 0xc3,
+    ];
+    let site = |len: usize| SiteInput {
+        name: "f".into(),
+        kind: SiteKind::Micropatch,
+        at: 0x1000,
+        expected: &f[..len],
+        current: &f[..len],
+        function: Some(FunctionCode {
+            start: 0x1000,
+            bytes: &f,
+        }),
+    };
+    // mov; pause covers the jump, but the jnz would land inside: the rules refuse it...
+    assert!(matches!(
+        analyze(&site(5), JMP_REL32_LEN),
+        Err(PlanError::BranchIntoRange { .. })
+    ));
+    // ...so the loop's tail may come along, and no more.
+    let a = analyze(&site(10), JMP_REL32_LEN).unwrap();
+    check_extent(&site(10), &a).unwrap();
+    let a = analyze(&site(11), JMP_REL32_LEN).unwrap();
+    assert_eq!(
+        check_extent(&site(11), &a).unwrap_err(),
+        PlanError::ExpectedTooLong {
+            site: "f".into(),
+            have: 11,
+            max: 10,
+            jump_len: JMP_REL32_LEN,
+        }
+    );
+    // PLAIN `sum`'s loop head is a site of 7 bytes (add (%rdi),%rax; add $0x8,%rdi); the
+    // jne back to it targets the range start, which the jump is: no reason to take more.
+    let b = PLAIN.boot();
+    let a = analyze(&b.micro("sum", 0x401090, 12), JMP_REL32_LEN).unwrap();
+    assert!(matches!(
+        check_extent(&b.micro("sum", 0x401090, 12), &a),
+        Err(PlanError::ExpectedTooLong { max: 7, .. })
+    ));
+    let a = analyze(&b.micro("sum", 0x401090, 7), JMP_REL32_LEN).unwrap();
+    check_extent(&b.micro("sum", 0x401090, 7), &a).unwrap();
 }
