@@ -133,9 +133,11 @@ mod tests {
 
     #[test]
     fn a_failed_register_read_is_refused_not_reported_as_zeros() {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x10_1000;
-        regs.rsp = 0x8000;
+        let regs = kvm_regs {
+            rip: 0x10_1000,
+            rsp: 0x8000,
+            ..Default::default()
+        };
         let ok = VcpuSnapshot {
             regs,
             sregs: kvm_sregs::default(),
