@@ -292,6 +292,31 @@ fn micropatch_displacing_a_call_before_another_instruction() {
 }
 
 #[test]
+fn a_micropatch_longer_than_its_jump_needs() {
+    let mut s = setup(EngineConfig::default());
+    // probe+4: `mov rax, [rip+PROBE_FACTOR]` (7 bytes) holds the jump alone; taking
+    // `imul rax, rdi` too (11 bytes) breaks no other rule, but overwrites code for nothing.
+    let (_, probe) = elf_symbol(GuestBuild::V1, "probe");
+    assert_eq!(
+        &probe[11..15],
+        &[0x48, 0x0f, 0xaf, 0xc7],
+        "imul rax, rdi at probe+11"
+    );
+    let p = micropatch("too-long", "probe", 4, &probe[4..15], &[0x90]);
+    refuse(&mut s, &signed(&p), "only 7 may be displaced", |e| {
+        matches!(
+            e,
+            EngineError::Plan(PlanError::ExpectedTooLong {
+                have: 11,
+                max: 7,
+                ..
+            })
+        )
+    });
+    finish(s, &[]);
+}
+
+#[test]
 fn function_site_in_a_functions_tail() {
     let mut s = setup(EngineConfig::default());
     // No function of the test guest is shorter than 5 bytes (the smallest has 6), so the only
