@@ -56,3 +56,81 @@ fn kaslr_slide_is_found_on_several_boots_and_the_arena_is_mapped() {
         "KASLR gave the same slide on every boot: {slides:?}"
     );
 }
+
+/// Without `memmap=` the arena's range is RAM the kernel may hand out, and an arena over the
+/// kernel's own image would overwrite its code: both are refused from what the running kernel
+/// says (its e820 table, its image's physical range) before anything is written.
+#[test]
+fn an_arena_the_kernel_did_not_reserve_is_refused_and_nothing_is_written() {
+    use guest_control::GuestControl;
+    use linux_guest::arena::{self, KernelArenaError};
+    use linux_guest::attach::LinuxAttachError;
+
+    let kit = Kit::ensure();
+    let image = KernelImage::from_file(&kit.vmlinuz).expect("read the kernel image");
+    let g = LinuxGuest::boot(&kit, &BootOptions::default());
+    g.wait_for_line(Duration::from_secs(180), |l| l.starts_with("hpl: seq="));
+    let guest = QemuGuest::attach(&g.gdb_addr(), g.qmp_path()).expect("attach");
+    let idt = guest.idt_base().expect("IDT base");
+
+    let look = || {
+        let states = guest.pause_all().expect("pause");
+        let vcpu = *states.iter().flatten().next().expect("a vCPU");
+        let idt_bytes = guest
+            .read_virtual(
+                &linux_guest::address_space::kernel_view(&vcpu),
+                idt,
+                linux_guest::kaslr::IDT_BYTES,
+            )
+            .expect("IDT");
+        let slide = linux_guest::kaslr::slide_from_idt(&idt_bytes, &image.kallsyms)
+            .expect("slide")
+            .slide;
+        let slot = arena::slot_entry(&guest, &vcpu, &image.kallsyms, slide).expect("slot");
+        let kernel = arena::image_phys(&guest, &vcpu, &image.kallsyms, slide).expect("image range");
+        guest.resume_all().expect("resume");
+        (slot, kernel)
+    };
+    // The only write an attach makes is the slot's entry (the RAM at ARENA_GPA is the running
+    // kernel's here, so it changes by itself).
+    let (slot, (kernel_start, kernel_end)) = look();
+    assert_eq!(slot.1, 0, "the arena's slot is already mapped");
+
+    let err = attach::attach(&guest, idt, &image, ARENA_GPA).expect_err("not reserved");
+    println!("{err}");
+    assert!(
+        matches!(
+            err,
+            LinuxAttachError::Arena(KernelArenaError::NotReserved { .. })
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("usable RAM") && msg.contains("memmap=2M$"),
+        "{msg}"
+    );
+
+    let over = kernel_start & !(arena::ARENA_SIZE - 1);
+    let err = attach::attach(&guest, idt, &image, over).expect_err("over the kernel");
+    println!("{err}");
+    assert!(
+        matches!(
+            err,
+            LinuxAttachError::Arena(KernelArenaError::OverlapsKernel { image_start, image_end, .. })
+                if image_start == kernel_start && image_end == kernel_end
+        ),
+        "{err:?}"
+    );
+
+    let (slot_after, _) = look();
+    assert_eq!(
+        slot_after, slot,
+        "a refused attach wrote the page directory"
+    );
+    // And the kernel goes on.
+    let seq = g.workload_lines().last().map_or(0, |l| l.seq);
+    g.wait_for_line(Duration::from_secs(60), |l| {
+        integration_tests::linux::parse_workload_line(l).is_some_and(|w| w.seq > seq + 2)
+    });
+}

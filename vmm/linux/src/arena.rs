@@ -12,9 +12,10 @@
 //! executable.
 //!
 //! Safety against the kernel's later allocations: nothing in the kernel allocates in that page
-//! directory after boot, and the physical pages are reserved from the start. The entry is
-//! checked before it is written (empty, or already ours), so a kernel that did use the slot is
-//! refused rather than corrupted.
+//! directory after boot, and the physical pages are reserved from the start. Both are checked
+//! in the running guest before anything is written: the range must be reserved in the kernel's
+//! own e820 table (what it allocates from, `memmap=` applied) and must not overlap the kernel's
+//! image (`check_arena_memory`); the page-directory entry must be empty, or already ours.
 
 use thiserror::Error;
 
@@ -47,8 +48,191 @@ pub enum KernelArenaError {
         "the page-directory slot for {gva:#x} already holds {entry:#x}: the kernel uses it; refusing to overwrite it"
     )]
     InUse { gva: u64, entry: u64 },
+    #[error(
+        "the arena's guest-physical range {gpa:#x}..{end:#x} is not reserved by the running kernel ({found}); nothing was written. Boot the guest with `memmap=2M${gpa:#x}` on its command line (in GRUB's config the `$` must be escaped: `memmap=2M\\${gpa:#x}`), or give --arena a 2 MiB range the kernel reserved",
+        end = gpa + ARENA_SIZE
+    )]
+    NotReserved { gpa: u64, found: String },
+    #[error(
+        "the arena's guest-physical range {gpa:#x}..{end:#x} overlaps the running kernel's own image at {image_start:#x}..{image_end:#x}; nothing was written. Give --arena a range reserved with memmap= (physical KASLR never places the kernel there)",
+        end = gpa + ARENA_SIZE
+    )]
+    OverlapsKernel {
+        gpa: u64,
+        image_start: u64,
+        image_end: u64,
+    },
+    #[error(
+        "kallsyms has no {0}: cannot check that the arena is memory the kernel does not use; refusing to write it"
+    )]
+    NoSymbol(&'static str),
     #[error(transparent)]
     Guest(#[from] GuestError),
+}
+
+/// `E820_TYPE_RESERVED`: what `memmap=nn$ss` makes of a range.
+const E820_RESERVED: u32 = 2;
+/// More entries than any kernel's table holds (`E820_MAX_ENTRIES` is 128 + 3 × MAX_NUMNODES,
+/// 3,200 for Debian's 1,024 nodes): a larger count is not a table to believe.
+const E820_MAX_ENTRIES: u32 = 8192;
+/// `struct e820_entry` is packed: `u64 addr, u64 size, u32 type`.
+const E820_ENTRY_LEN: usize = 20;
+
+/// One entry of the running kernel's memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// The running kernel's own memory map (`*e820_table`, the table it allocates from, with
+/// `memmap=` applied), read through the kernel view of `vcpu`.
+pub fn read_e820<G: GuestControl + ?Sized>(
+    guest: &G,
+    vcpu: &VcpuState,
+    kallsyms: &Kallsyms,
+    slide: u64,
+) -> Result<Vec<E820Entry>, KernelArenaError> {
+    let view = crate::address_space::kernel_view(vcpu);
+    let ptr_at = kallsyms
+        .lookup("e820_table")
+        .ok_or(KernelArenaError::NoSymbol("e820_table"))?
+        .wrapping_add(slide);
+    let table = u64::from_le_bytes(
+        guest
+            .read_virtual(&view, ptr_at, 8)?
+            .try_into()
+            .map_err(|_| KernelArenaError::Tables("short read of e820_table".into()))?,
+    );
+    let count = u32::from_le_bytes(
+        guest
+            .read_virtual(&view, table, 4)?
+            .try_into()
+            .map_err(|_| KernelArenaError::Tables("short read of the e820 table".into()))?,
+    );
+    if count > E820_MAX_ENTRIES {
+        return Err(KernelArenaError::NotReserved {
+            gpa: 0,
+            found: format!("the kernel's e820 table claims {count} entries"),
+        });
+    }
+    let bytes = guest.read_virtual(
+        &view,
+        table.wrapping_add(4),
+        count as usize * E820_ENTRY_LEN,
+    )?;
+    Ok(bytes
+        .chunks_exact(E820_ENTRY_LEN)
+        .map(|e| {
+            let u64_at = |o: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&e[o..o + 8]);
+                u64::from_le_bytes(b)
+            };
+            E820Entry {
+                addr: u64_at(0),
+                size: u64_at(8),
+                kind: u32::from_le_bytes([e[16], e[17], e[18], e[19]]),
+            }
+        })
+        .collect())
+}
+
+/// Whether reserved entries of `map` cover `[start, end)` whole, and no other entry touches it.
+/// `Err` says what the map holds there instead.
+pub fn check_reserved(map: &[E820Entry], start: u64, end: u64) -> Result<(), String> {
+    let touching: Vec<&E820Entry> = map
+        .iter()
+        .filter(|e| e.addr < end && start < e.addr.saturating_add(e.size))
+        .collect();
+    if let Some(e) = touching.iter().find(|e| e.kind != E820_RESERVED) {
+        return Err(format!(
+            "its e820 map has {}..{} as {} there",
+            hexa(e.addr),
+            hexa(e.addr.saturating_add(e.size)),
+            e820_kind(e.kind)
+        ));
+    }
+    let mut reserved: Vec<(u64, u64)> = touching
+        .iter()
+        .map(|e| (e.addr, e.addr.saturating_add(e.size)))
+        .collect();
+    reserved.sort_unstable();
+    let mut covered = start;
+    for (a, b) in reserved {
+        if a > covered {
+            break;
+        }
+        covered = covered.max(b);
+    }
+    if covered >= end {
+        Ok(())
+    } else if covered == start {
+        Err("its e820 map has nothing there: not RAM the kernel was told to leave alone".into())
+    } else {
+        Err(format!(
+            "its e820 map reserves only {}..{} of it",
+            hexa(start),
+            hexa(covered)
+        ))
+    }
+}
+
+fn hexa(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+fn e820_kind(kind: u32) -> String {
+    match kind {
+        1 => "usable RAM".into(),
+        2 => "reserved".into(),
+        3 => "ACPI data".into(),
+        4 => "ACPI NVS".into(),
+        5 => "unusable".into(),
+        7 => "persistent memory".into(),
+        12 => "protected memory".into(),
+        k => format!("type {k}"),
+    }
+}
+
+/// The kernel image's guest-physical range (`_text` to `_end`; KASLR places it as one block).
+pub fn image_phys<G: GuestControl + ?Sized>(
+    guest: &G,
+    vcpu: &VcpuState,
+    kallsyms: &Kallsyms,
+    slide: u64,
+) -> Result<(u64, u64), KernelArenaError> {
+    let text = kallsyms
+        .lookup("_text")
+        .ok_or(KernelArenaError::NoSymbol("_text"))?;
+    let end = kallsyms.lookup("_end").ok_or(KernelArenaError::NoEnd)?;
+    let view = crate::address_space::kernel_view(vcpu);
+    let start = guest.translate(&view, text.wrapping_add(slide))?.gpa;
+    Ok((start, start.saturating_add(end.saturating_sub(text))))
+}
+
+/// Before anything is written: the arena at `gpa` is memory the running kernel reserved and
+/// not its own image (`memmap=` missing or mistyped leaves it RAM the kernel may hand out, and
+/// physical KASLR may even have put the kernel there).
+pub fn check_arena_memory<G: GuestControl + ?Sized>(
+    guest: &G,
+    vcpu: &VcpuState,
+    kallsyms: &Kallsyms,
+    slide: u64,
+    gpa: u64,
+) -> Result<(), KernelArenaError> {
+    let end = gpa.saturating_add(ARENA_SIZE);
+    let (image_start, image_end) = image_phys(guest, vcpu, kallsyms, slide)?;
+    if gpa < image_end && image_start < end {
+        return Err(KernelArenaError::OverlapsKernel {
+            gpa,
+            image_start,
+            image_end,
+        });
+    }
+    let map = read_e820(guest, vcpu, kallsyms, slide)?;
+    check_reserved(&map, gpa, end).map_err(|found| KernelArenaError::NotReserved { gpa, found })
 }
 
 /// Where the arena lives.
@@ -108,6 +292,19 @@ fn page_directory_of<G: GuestControl + ?Sized>(
     Ok(table)
 }
 
+/// The page-directory entry the arena's mapping goes in: its guest-physical address and what it
+/// holds now (0 before the first attach).
+pub fn slot_entry<G: GuestControl + ?Sized>(
+    guest: &G,
+    vcpu: &VcpuState,
+    kallsyms: &Kallsyms,
+    slide: u64,
+) -> Result<(u64, u64), KernelArenaError> {
+    let gva = arena_gva(kallsyms, slide)?;
+    let at = page_directory_of(guest, vcpu, gva)? + ((gva >> 21) & 511) * 8;
+    Ok((at, guest.read_u64(at)?))
+}
+
 /// Maps the arena (guest-physical `gpa`) at [`arena_gva`] through the kernel page tables of
 /// `vcpu`. Call with the guest paused. Idempotent: an entry that already maps `gpa` there is
 /// accepted as is (a second command on the same guest).
@@ -121,6 +318,7 @@ pub fn install<G: GuestControl + ?Sized>(
     if !gpa.is_multiple_of(ARENA_SIZE) {
         return Err(KernelArenaError::Misaligned(gpa));
     }
+    check_arena_memory(guest, vcpu, kallsyms, slide, gpa)?;
     let gva = arena_gva(kallsyms, slide)?;
     let pd = page_directory_of(guest, vcpu, gva)?;
     // The slot must be in the page directory that maps the kernel image itself: a walk that
@@ -258,5 +456,33 @@ mod tests {
         let mut v = vcpu(cr3, false);
         v.paging.efer = 0;
         assert!(page_directory_of(&mem, &v, KERNEL).is_err());
+    }
+
+    #[test]
+    fn only_memory_the_kernel_reserved_is_an_arena() {
+        let e = |addr: u64, size: u64, kind: u32| E820Entry { addr, size, kind };
+        let (a, b) = (0x1000_0000, 0x1020_0000);
+        // memmap=2M$0x10000000 splits the RAM around a reserved entry.
+        let map = [
+            e(0x10_0000, 0x0ff0_0000, 1),
+            e(a, ARENA_SIZE, 2),
+            e(b, 0x1000_0000, 1),
+        ];
+        assert_eq!(check_reserved(&map, a, b), Ok(()));
+        // No memmap=: usable RAM, named as such.
+        let ram = [e(0x10_0000, 0x3000_0000, 1)];
+        let why = check_reserved(&ram, a, b).unwrap_err();
+        assert!(why.contains("usable RAM"), "{why}");
+        // A reservation that stops short, or none at all (a hole in the map).
+        let short = [e(a, 0x10_0000, 2)];
+        assert!(check_reserved(&short, a, b).unwrap_err().contains("only"));
+        assert!(
+            check_reserved(&[], a, b)
+                .unwrap_err()
+                .contains("nothing there")
+        );
+        // Two adjacent reserved entries cover it together.
+        let two = [e(a, 0x10_0000, 2), e(a + 0x10_0000, 0x10_0000, 2)];
+        assert_eq!(check_reserved(&two, a, b), Ok(()));
     }
 }
