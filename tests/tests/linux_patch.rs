@@ -205,7 +205,49 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
         "{}",
         patched.version
     );
+    let first_id = out.split_whitespace().nth(1).expect("id").to_string();
+
+    // A second build of the fix replaces the first in one blackout (`--replaces`): the fixed
+    // code never goes away in between, so no workload line shows the original.
+    cli(&[
+        "patch",
+        "build",
+        "--linux-kernel",
+        &vmlinuz,
+        "--object",
+        object.to_str().expect("utf-8"),
+        "--replace",
+        &format!("{function}={code}"),
+        "--replaces",
+        &first_id,
+        "--key",
+        &d("ops.key"),
+        "--name",
+        "version-tag-2",
+        "-o",
+        &d("fix2.hpatch"),
+    ]);
+    let out = stdout(&run(target(&["apply", &d("fix2.hpatch")])));
+    println!("{out}");
+    assert!(out.starts_with("applied "), "{out}");
+    assert!(out.contains(&format!("replaced {first_id}")), "{out}");
     let id = out.split_whitespace().nth(1).expect("id").to_string();
+    assert_ne!(id, first_id);
+    let after_swap = last_seq(&g);
+    wait_line(
+        &g,
+        after_swap + 2,
+        "more patched lines after the swap",
+        |l| l.version.contains(VERSION_PROC_SHOW_TAG),
+    );
+    let hole: Vec<_> = g
+        .workload_lines()
+        .into_iter()
+        .filter(|l| l.seq > patched.seq && !l.version.contains(VERSION_PROC_SHOW_TAG))
+        .collect();
+    assert!(hole.is_empty(), "the fix was out during the swap: {hole:?}");
+    let listed = stdout(&run(target(&["list"])));
+    assert!(listed.contains("version-tag-2"), "{listed}");
 
     let before = last_seq(&g);
     let out = stdout(&run(target(&["revert", &id[..8]])));
@@ -275,4 +317,77 @@ fn the_fix_applies_and_reverts_on_a_kernel_with_5_level_paging() {
     wait_line(&g, before, "the original /proc/version again", |l| {
         l.version == original
     });
+
+    // A jump label right after ping_close's entry (dynamic debug): a jump there would be
+    // overwritten by the kernel's next toggle of it, so the patch is refused, naming it, and
+    // nothing is written.
+    let refused = ping_close_replacement(&image, &key);
+    let ping_at = image.kallsyms.lookup("ping_close").expect("ping_close") + engine.target().slide;
+    let read_ping = || {
+        let at = ping_at;
+        let states = guest.pause_all().expect("pause");
+        let vcpu = *states.iter().flatten().next().expect("a vCPU");
+        let bytes = guest
+            .read_virtual(&linux_guest::address_space::kernel_view(&vcpu), at, 64)
+            .expect("read ping_close");
+        guest.resume_all().expect("resume");
+        bytes
+    };
+    let text_before = read_ping();
+    let records = engine.records().to_vec();
+    let err = engine
+        .apply(&refused)
+        .expect_err("a jump over a jump label");
+    assert!(
+        matches!(
+            err,
+            patch_engine::EngineError::Plan(patch_engine::plan::PlanError::LiveRewrite { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("jump label"), "{err}");
+    assert_eq!(
+        read_ping(),
+        text_before,
+        "the refused patch wrote ping_close"
+    );
+    assert_eq!(engine.records(), &records[..]);
+}
+
+/// A signed function replacement of `ping_close` (by a bare `ret`): its expected bytes are the
+/// vmlinux's, so only the engine's rules can refuse it.
+fn ping_close_replacement(
+    image: &linux_guest::attach::KernelImage,
+    key: &patch_format::SecretKey,
+) -> Vec<u8> {
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let sym = info
+        .symbols
+        .iter()
+        .find(|s| s.name == "ping_close")
+        .expect("ping_close")
+        .clone();
+    let expected = linux_guest::patch::file_bytes(&image.vmlinux, sym.addr, sym.size as usize)
+        .expect("ping_close in the file")
+        .to_vec();
+    let mut p = patch_format::Patch {
+        meta: patch_format::Metadata {
+            name: "ping-close-ret".into(),
+            created: 1,
+            ..Default::default()
+        },
+        target: info.identity,
+        sites: vec![patch_format::Site {
+            kind: patch_format::SiteKind::Function,
+            target: patch_format::Location::Symbol {
+                name: "ping_close".into(),
+                offset: 0,
+            },
+            expected,
+            code: vec![0xc3],
+            relocations: Vec::new(),
+        }],
+    };
+    p.normalize();
+    p.to_file_signed(key).expect("sign")
 }

@@ -577,13 +577,7 @@ fn build(a: BuildArgs) -> Result<()> {
         let (Some(old), Some(new)) = (&a.old, &a.new) else {
             bail!("give either --old and --new, or --manifest");
         };
-        let mut replaces = Vec::new();
-        for r in &a.replaces {
-            replaces
-                .push(PatchId::from_hex(r).with_context(|| {
-                    format!("--replaces {r:?}: not a patch id (64 hex digits)")
-                })?);
-        }
+        let replaces = replaced_ids(&a.replaces)?;
         let default_name = a
             .output
             .file_stem()
@@ -646,6 +640,16 @@ fn build(a: BuildArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `--replaces` ids: each a whole patch id.
+fn replaced_ids(ids: &[String]) -> Result<Vec<PatchId>> {
+    ids.iter()
+        .map(|r| {
+            PatchId::from_hex(r)
+                .with_context(|| format!("--replaces {r:?}: not a patch id (64 hex digits)"))
+        })
+        .collect()
+}
+
 /// `vmm patch build --linux-kernel`: function replacements in a stock kernel, from C.
 fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutput> {
     let Some(object) = &a.object else {
@@ -672,7 +676,7 @@ fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutpu
         author: a.author.clone(),
         created,
         advisories: a.advisories.clone(),
-        replaces: Vec::new(),
+        replaces: replaced_ids(&a.replaces)?,
     };
     let patch = linux_guest::patch::build_kernel_patch(
         &image.vmlinux,

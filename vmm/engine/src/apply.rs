@@ -324,6 +324,17 @@ impl<G: GuestControl> Engine<G> {
         };
         let analysis = plan::analyze(&input, jump_len)?;
         plan::check_extent(&input, &analysis)?;
+        let (start, end) = analysis.range();
+        if let Some(live) = self.rewrites.live_rewrite(start, end, &self.target) {
+            return Err(PlanError::LiveRewrite {
+                site: name,
+                at: live.at,
+                what: live.what,
+                start,
+                end,
+            }
+            .into());
+        }
         // Rule 5: no overlap with this patch's other sites.
         if let Some(p) = planned
             .sites

@@ -176,8 +176,10 @@ impl<G: GuestControl> Engine<G> {
     ) -> Result<Attempt, EngineError> {
         let started = Instant::now();
         let vcpus: Vec<&VcpuState> = states.iter().flatten().collect();
-        let first = vcpus.first().ok_or(EngineError::NoVcpu)?;
-        self.recheck_guest(change, first)?;
+        let first = self
+            .rewrites
+            .code_view(vcpus.first().ok_or(EngineError::NoVcpu)?);
+        self.recheck_guest(change, &first)?;
         let mut moves: Vec<Move> = Vec::new();
         let mut stacks: Vec<Vec<u64>> = Vec::with_capacity(vcpus.len());
         for v in &vcpus {

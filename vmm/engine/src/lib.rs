@@ -629,7 +629,12 @@ impl<G: GuestControl> Engine<G> {
             return Ok(p);
         }
         let paused = guest_control::Paused::pause(&*self.guest)?;
-        let p = paused.vcpus().iter().flatten().next().map(|s| s.paging);
+        let p = paused
+            .vcpus()
+            .iter()
+            .flatten()
+            .next()
+            .map(|s| self.rewrites.code_view(s).paging);
         paused.resume()?;
         let p = p.ok_or(EngineError::NoVcpu)?;
         self.paging = Some(p);

@@ -83,6 +83,16 @@ pub enum PlanError {
         needed: usize,
     },
     #[error(
+        "site {site}: the kernel rewrites its own code at {at:#x} while it runs ({what}), inside the bytes the jump would displace ({start:#x}..{end:#x}); its next rewrite there would corrupt the jump, so this site cannot be patched (choose another site, or patch the functions that call it)"
+    )]
+    LiveRewrite {
+        site: String,
+        at: u64,
+        what: String,
+        start: u64,
+        end: u64,
+    },
+    #[error(
         "site {site}: the micropatch expects {have} bytes, but only {max} may be displaced there (the fewest whole instructions that cover the {jump_len}-byte jump, and those after them that branch back into them); rebuild the patch with the shorter site"
     )]
     ExpectedTooLong {

@@ -7,6 +7,7 @@
 use crate::Engine;
 use crate::plan::PlanError;
 use crate::target::Target;
+use guest_control::VcpuState;
 
 /// One site's code as the patch expects it and as the guest holds it.
 #[derive(Debug, Clone, Copy)]
@@ -20,12 +21,36 @@ pub struct SiteText<'a> {
     pub function_entry: bool,
 }
 
+/// A place where the OS rewrites its code while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveRewrite {
+    /// Run-time address of the first byte the OS may rewrite.
+    pub at: u64,
+    /// What rewrites it, in words for the operator (e.g. "a jump label (…)").
+    pub what: String,
+}
+
 /// An OS's known rewrites of its own text.
 pub trait TextRewrites: Send + Sync {
     /// `text.expected` with the OS's rewrites taken from `text.current` where (and only where)
     /// they are the known ones; an error when the guest's code is in a form the patcher must
     /// not touch.
     fn reconcile(&self, text: &SiteText<'_>, target: &Target) -> Result<Vec<u8>, PlanError>;
+
+    /// The first place in `[start, end)` (run-time addresses) that the OS may rewrite while it
+    /// runs (a jump label, a static call...): the engine never displaces one, since the OS's
+    /// next rewrite there would land in the middle of the jump. None by default.
+    fn live_rewrite(&self, _start: u64, _end: u64, _target: &Target) -> Option<LiveRewrite> {
+        None
+    }
+
+    /// The address space the OS's code is mapped in, as seen from a parked vCPU: what the
+    /// engine translates sites and the arena through. A kernel with page-table isolation runs
+    /// a vCPU halted in user mode on a copy that does not map its text; the OS layer knows how
+    /// to get from one to the other. The vCPU's own by default.
+    fn code_view(&self, vcpu: &VcpuState) -> VcpuState {
+        *vcpu
+    }
 }
 
 /// Images loaded as they are: the expected bytes must match exactly.

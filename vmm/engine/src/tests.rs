@@ -49,6 +49,8 @@ struct Fake {
     hold_cv: std::sync::Condvar,
     /// A read was held.
     held: std::sync::atomic::AtomicBool,
+    /// The CR3 and address of every translation asked for.
+    translated_with: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Fake {
@@ -174,7 +176,11 @@ impl GuestControl for Fake {
         self.vcpus.lock().unwrap()[vcpu].rip = rip;
         Ok(())
     }
-    fn translate(&self, _v: &VcpuState, gva: u64) -> Result<Translation, GuestError> {
+    fn translate(&self, v: &VcpuState, gva: u64) -> Result<Translation, GuestError> {
+        self.translated_with
+            .lock()
+            .unwrap()
+            .push((v.paging.cr3, gva));
         Ok(Translation {
             gpa: gva,
             page_size: 4096,
@@ -990,4 +996,49 @@ fn a_plan_made_before_another_change_is_refused_as_stale() {
     let before = g.snapshot();
     assert!(matches!(e.commit_planned(planned), Err(EngineError::Stale)));
     assert_eq!(g.snapshot(), before);
+}
+
+#[test]
+fn sites_are_translated_in_the_address_space_the_os_maps_its_code_in() {
+    /// A kernel with page-table isolation: a vCPU parked in user mode holds the user CR3.
+    struct KernelView;
+    impl rewrites::TextRewrites for KernelView {
+        fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
+            Ok(t.expected.to_vec())
+        }
+        fn code_view(&self, v: &VcpuState) -> VcpuState {
+            let mut k = *v;
+            k.paging.cr3 &= !0x1fff;
+            k
+        }
+    }
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.vcpus.lock().unwrap()[0].paging.cr3 = 0x7000 | 0x1000;
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        g.clone(),
+        target(),
+        ARENA,
+        config,
+        None,
+        Box::new(KernelView),
+    )
+    .unwrap();
+    let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
+    e.revert(&id).unwrap();
+    // The code (sites, functions) through the kernel's view; a vCPU's own stack is read
+    // through its own page tables, which map it whichever half it runs in.
+    let code: Vec<u64> = g
+        .translated_with
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, gva)| (F_AT..G_AT + 13).contains(gva))
+        .map(|(cr3, _)| *cr3)
+        .collect();
+    assert!(!code.is_empty());
+    assert!(code.iter().all(|&cr3| cr3 == 0x6000), "{code:x?}");
 }

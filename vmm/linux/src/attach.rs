@@ -31,6 +31,8 @@ pub enum LinuxAttachError {
     #[error(transparent)]
     Kaslr(#[from] KaslrError),
     #[error(transparent)]
+    TextSites(#[from] crate::text_sites::TextSitesError),
+    #[error(transparent)]
     Arena(#[from] KernelArenaError),
     #[error(transparent)]
     Guest(#[from] GuestError),
@@ -49,6 +51,8 @@ pub struct KernelImage {
     pub kallsyms: Kallsyms,
     /// `linux_banner`, trailing newline included.
     pub banner: String,
+    /// Where the kernel rewrites its own text, from its tables.
+    pub text_sites: std::sync::Arc<crate::text_sites::KernelTextSites>,
 }
 
 impl KernelImage {
@@ -62,11 +66,15 @@ impl KernelImage {
         let kallsyms = Kallsyms::from_vmlinux(&vmlinux)?;
         let banner = super::linux_banner(&vmlinux, &kallsyms)
             .ok_or_else(|| LinuxAttachError::NoBanner(path.display().to_string()))?;
+        let text_sites = std::sync::Arc::new(crate::text_sites::KernelTextSites::from_vmlinux(
+            &vmlinux, &kallsyms,
+        )?);
         Ok(KernelImage {
             name: path.display().to_string(),
             vmlinux,
             kallsyms,
             banner,
+            text_sites,
         })
     }
 }
@@ -76,6 +84,9 @@ impl KernelImage {
 pub struct Attached {
     pub slide: Slide,
     pub arena: KernelArena,
+    /// The kernel booted on one CPU (`uniproc_patched`): it rewrites its lock prefixes back
+    /// when it gains a CPU, so they count as run-time rewrites. True when it cannot be told.
+    pub smp_locks_live: bool,
 }
 
 /// Finds the slide, checks the running kernel is `image`, maps the arena at guest-physical
@@ -108,13 +119,21 @@ pub fn attach<G: GuestControl + ?Sized>(
                 image: image.banner.trim_end().to_string(),
             });
         }
+        let smp_locks_live = match image.kallsyms.lookup("uniproc_patched") {
+            Some(at) => guest.read_virtual(&vcpu, at.wrapping_add(slide.slide), 1)?[0] != 0,
+            None => true,
+        };
         let arena = arena::install(guest, &vcpu, &image.kallsyms, slide.slide, arena_gpa)?;
         tracing::info!(
             slide = format_args!("{:#x}", slide.slide),
             arena = format_args!("{:#x}", arena.gva),
             "attached to the Linux kernel"
         );
-        Ok(Attached { slide, arena })
+        Ok(Attached {
+            slide,
+            arena,
+            smp_locks_live,
+        })
     })();
     guest.resume_all()?;
     result

@@ -21,15 +21,51 @@
 use iced_x86::{Code, Decoder, DecoderOptions};
 
 use patch_engine::plan::{NOP5, PlanError};
-use patch_engine::rewrites::{SiteText, TextRewrites};
+use std::sync::Arc;
+
+use patch_engine::rewrites::{LiveRewrite, SiteText, TextRewrites};
 use patch_engine::target::Target;
 
+use crate::text_sites::{KernelTextSites, Mechanism};
+
 /// The stock Linux kernel's rewrites, for the engine's rule 1 (see the module doc): its
-/// fentry and return-thunk symbols and KASLR slide come from the target.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LinuxBootRewrites;
+/// fentry and return-thunk symbols and KASLR slide come from the target. With the kernel's
+/// tables of text it rewrites ([`KernelTextSites`]), also where it rewrites while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct LinuxBootRewrites {
+    sites: Arc<KernelTextSites>,
+    /// The kernel booted on one CPU and keeps its lock prefixes to rewrite when it gains one.
+    smp_locks_live: bool,
+}
+
+impl LinuxBootRewrites {
+    pub fn new(sites: Arc<KernelTextSites>, smp_locks_live: bool) -> LinuxBootRewrites {
+        LinuxBootRewrites {
+            sites,
+            smp_locks_live,
+        }
+    }
+}
 
 impl TextRewrites for LinuxBootRewrites {
+    fn code_view(&self, vcpu: &guest_control::VcpuState) -> guest_control::VcpuState {
+        crate::address_space::kernel_view(vcpu)
+    }
+
+    fn live_rewrite(&self, start: u64, end: u64, target: &Target) -> Option<LiveRewrite> {
+        let slide = target.slide;
+        self.sites
+            .touching(start.wrapping_sub(slide), end.wrapping_sub(slide))
+            .find(|s| match s.mechanism {
+                Mechanism::SmpLock => self.smp_locks_live,
+                m => m.at_run_time(),
+            })
+            .map(|s| LiveRewrite {
+                at: s.addr.wrapping_add(slide),
+                what: s.mechanism.name().to_string(),
+            })
+    }
+
     fn reconcile(&self, t: &SiteText<'_>, target: &Target) -> Result<Vec<u8>, PlanError> {
         reconcile(
             t.site,

@@ -44,6 +44,9 @@ pub fn engine_for_kernel<G: GuestControl>(
         },
         config,
         state_dir,
-        Box::new(LinuxBootRewrites),
+        Box::new(LinuxBootRewrites::new(
+            image.text_sites.clone(),
+            attached.smp_locks_live,
+        )),
     )?)
 }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod patch;
+pub mod text_sites;
 
 pub use bzimage::{LinuxImageError, MAX_VMLINUX_SIZE, vmlinux_from_bzimage};
 pub use kallsyms::{

@@ -583,6 +583,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::TooShort { .. } => "TooShort",
         PlanError::DisplacedTooShort { .. } => "DisplacedTooShort",
         PlanError::ExpectedTooLong { .. } => "ExpectedTooLong",
+        PlanError::LiveRewrite { .. } => "LiveRewrite",
         PlanError::BranchIntoRange { .. } => "BranchIntoRange",
         PlanError::CallNotLast { .. } => "CallNotLast",
         PlanError::DisplacesEndbr { .. } => "DisplacesEndbr",

@@ -1,0 +1,128 @@
+//! Where the stock Debian kernel rewrites its own text, from the tables it carries
+//! (`linux_guest::text_sites`), and the engine's refusal to place a jump over a site it
+//! rewrites while it runs. Offline: the real vmlinux, no boot.
+
+use std::sync::Arc;
+
+use integration_tests::linux::Kit;
+use linux_guest::attach::KernelImage;
+use linux_guest::boot_rewrites::LinuxBootRewrites;
+use linux_guest::text_sites::{KernelTextSites, Mechanism};
+use patch_engine::rewrites::TextRewrites;
+use patch_engine::target::Target;
+
+fn image() -> KernelImage {
+    let kit = Kit::ensure();
+    KernelImage::from_file(&kit.vmlinuz).expect("read the kernel image")
+}
+
+#[test]
+fn the_kernels_tables_of_its_own_rewrites_are_read() {
+    let image = image();
+    let sites = &image.text_sites;
+    let count = |m| sites.of(m).count();
+    for (m, at_least) in [
+        (Mechanism::JumpLabel, 3_000),
+        (Mechanism::StaticCall, 1_000),
+        (Mechanism::Ftrace, 30_000),
+        (Mechanism::SmpLock, 1_000),
+        (Mechanism::Alternative, 1_000),
+        (Mechanism::Paravirt, 500),
+        (Mechanism::Retpoline, 1_000),
+        (Mechanism::ReturnThunk, 10_000),
+    ] {
+        println!("{m:?}: {}", count(m));
+        assert!(count(m) >= at_least, "{m:?}: only {} sites", count(m));
+    }
+    // Every site is in the kernel's image, nearly all in its text (a few jump labels sit in
+    // alternatives' replacement code, `.altinstr_replacement`).
+    let k = |n: &str| image.kallsyms.lookup(n).expect(n);
+    let (image_start, image_end) = (k("_text"), k("_end"));
+    let text = [
+        (k("_stext"), k("_etext")),
+        (k("_sinittext"), k("_einittext")),
+    ];
+    for m in [
+        Mechanism::JumpLabel,
+        Mechanism::StaticCall,
+        Mechanism::Ftrace,
+        Mechanism::SmpLock,
+    ] {
+        let mut outside = 0;
+        for s in sites.of(m) {
+            assert!(
+                (image_start..image_end).contains(&s.addr),
+                "{m:?} at {:#x}",
+                s.addr
+            );
+            if !text.iter().any(|(a, b)| (*a..*b).contains(&s.addr)) {
+                outside += 1;
+            }
+        }
+        assert!(
+            outside * 100 <= count(m),
+            "{m:?}: {outside} sites outside the text"
+        );
+    }
+    // ftrace's sites are function entries (`call __fentry__` as the first instruction).
+    let f = image.kallsyms.lookup("version_proc_show").expect("symbol");
+    assert!(sites.of(Mechanism::Ftrace).any(|s| s.addr == f));
+    // ping_close: fentry, then a dynamic-debug jump label at +9 (`pr_debug` first thing).
+    let p = image.kallsyms.lookup("ping_close").expect("ping_close");
+    let in_ping: Vec<_> = sites.touching(p, p + 16).collect();
+    println!("ping_close: {in_ping:x?}");
+    assert!(
+        in_ping
+            .iter()
+            .any(|s| s.mechanism == Mechanism::JumpLabel && s.addr == p + 9),
+        "{in_ping:x?}"
+    );
+}
+
+#[test]
+fn a_jump_over_a_site_the_kernel_rewrites_while_it_runs_is_found() {
+    let image = image();
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let slide = 0x2a00_0000;
+    let target = Target::new(info, slide);
+    let rewrites = LinuxBootRewrites::new(image.text_sites.clone(), false);
+    let ping = image.kallsyms.lookup("ping_close").expect("ping_close") + slide;
+    // The function site's jump goes after the entry's NOP: +5..+10 holds the jump label.
+    let live = rewrites
+        .live_rewrite(ping + 5, ping + 10, &target)
+        .expect("the jump label is found");
+    assert_eq!(live.at, ping + 9);
+    assert!(live.what.contains("jump label"), "{}", live.what);
+    // version_proc_show's first bytes after its entry hold none.
+    let v = image.kallsyms.lookup("version_proc_show").expect("symbol") + slide;
+    assert_eq!(rewrites.live_rewrite(v + 5, v + 12, &target), None);
+    // Lock prefixes count only on a kernel that keeps them to rewrite (booted on one CPU).
+    let lock = image
+        .text_sites
+        .of(Mechanism::SmpLock)
+        .next()
+        .expect("a lock prefix")
+        .addr
+        + slide;
+    assert_eq!(rewrites.live_rewrite(lock, lock + 1, &target), None);
+    let up = LinuxBootRewrites::new(image.text_sites.clone(), true);
+    let live = up
+        .live_rewrite(lock, lock + 1, &target)
+        .expect("live on UP");
+    assert!(live.what.contains("lock prefix"), "{}", live.what);
+    // Boot-time rewrites are not live: their final form is what the jump displaces.
+    let alt = image
+        .text_sites
+        .of(Mechanism::Alternative)
+        .find(|a| {
+            image
+                .text_sites
+                .touching(a.addr, a.addr + u64::from(a.len))
+                .all(|s| !s.mechanism.at_run_time())
+        })
+        .expect("an alternative alone")
+        .addr
+        + slide;
+    assert_eq!(rewrites.live_rewrite(alt, alt + 1, &target), None);
+    let _: Arc<KernelTextSites> = image.text_sites.clone();
+}
