@@ -207,6 +207,20 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     );
     let first_id = out.split_whitespace().nth(1).expect("id").to_string();
 
+    // Another state dir (or this one lost) still sees the live patch, from the guest's arena
+    // ledger, and says it cannot take it out without its signed file.
+    let mut other_dir = target(&["list"]);
+    let at = other_dir
+        .iter()
+        .position(|a| a == "--state-dir")
+        .expect("state dir")
+        + 1;
+    other_dir[at] = d("state-2");
+    let listed = stdout(&run(other_dir));
+    println!("{listed}");
+    assert!(listed.contains(&first_id[..16]), "{listed}");
+    assert!(listed.contains("arena ledger"), "{listed}");
+
     // A second build of the fix replaces the first in one blackout (`--replaces`): the fixed
     // code never goes away in between, so no workload line shows the original.
     cli(&[

@@ -126,3 +126,87 @@ fn a_jump_over_a_site_the_kernel_rewrites_while_it_runs_is_found() {
     assert_eq!(rewrites.live_rewrite(alt, alt + 1, &target), None);
     let _: Arc<KernelTextSites> = image.text_sites.clone();
 }
+
+/// kallsyms sizes `loadavg_proc_show` up to the next named symbol, which takes in the unnamed
+/// code after it (another function with its own ftrace entry): the planner refused it for what
+/// that code does. Cut at the next ftrace entry, it is the function alone, and accepted.
+#[test]
+fn functions_end_at_the_next_function_entry() {
+    use patch_engine::plan::{self, FunctionCode, SiteInput};
+    use patch_format::SiteKind;
+    let image = image();
+    let full = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let mut cut = full.clone();
+    image.text_sites.cut_at_function_entries(&mut cut.symbols);
+    let find = |info: &patch_format::ImageInfo, name: &str| {
+        info.symbols
+            .iter()
+            .find(|s| s.name == name)
+            .expect(name)
+            .clone()
+    };
+    let (long, short) = (
+        find(&full, "loadavg_proc_show"),
+        find(&cut, "loadavg_proc_show"),
+    );
+    println!(
+        "loadavg_proc_show: {} bytes by kallsyms, {} to the next entry",
+        long.size, short.size
+    );
+    assert!(short.size < long.size);
+    assert!(
+        image
+            .text_sites
+            .of(Mechanism::Ftrace)
+            .any(|s| s.addr == short.addr + short.size)
+    );
+    let analyze = |size: u64| {
+        let bytes = linux_guest::patch::file_bytes(&image.vmlinux, long.addr, size as usize)
+            .expect("in the file");
+        plan::analyze(
+            &SiteInput {
+                name: "loadavg_proc_show".into(),
+                kind: SiteKind::Function,
+                at: long.addr,
+                expected: bytes,
+                current: bytes,
+                function: Some(FunctionCode {
+                    start: long.addr,
+                    bytes,
+                }),
+            },
+            plan::JMP_REL32_LEN,
+        )
+    };
+    println!("by kallsyms: {:?}", analyze(long.size).err());
+    analyze(short.size).expect("the function alone is patchable");
+    // A fix built against the symbol's whole extent expects the unnamed function's `call
+    // __fentry__`, which the running kernel holds as a NOP: accepted at that ftrace entry.
+    let expected = linux_guest::patch::file_bytes(&image.vmlinux, long.addr, long.size as usize)
+        .expect("in the file")
+        .to_vec();
+    let inner = short.size as usize;
+    assert_eq!(expected[inner], 0xe8, "call __fentry__ at the next entry");
+    let mut current = expected.clone();
+    current[..5].copy_from_slice(&patch_engine::plan::NOP5);
+    current[inner..inner + 5].copy_from_slice(&patch_engine::plan::NOP5);
+    let rewrites = LinuxBootRewrites::new(image.text_sites.clone(), false);
+    let target = Target::new(full.clone(), 0);
+    let got = rewrites
+        .reconcile(
+            &patch_engine::rewrites::SiteText {
+                site: "loadavg_proc_show",
+                expected: &expected,
+                current: &current,
+                at: long.addr,
+                function_entry: true,
+            },
+            &target,
+        )
+        .expect("reconcile");
+    assert_eq!(got, current);
+    // No function grows, and the cut only ever lands on an entry.
+    for (a, b) in full.symbols.iter().zip(&cut.symbols) {
+        assert!(b.size <= a.size);
+    }
+}

@@ -107,6 +107,10 @@ fn parse_gpa(text: &str) -> std::result::Result<u64, String> {
 }
 
 /// An engine attached to the QEMU VM named by `q`, for one command.
+/// Both arenas (the test guest's and a Linux kernel's) are one 2 MiB page.
+const ARENA_SIZE: u64 = linux_guest::arena::ARENA_SIZE;
+const _: () = assert!(ARENA_SIZE == kvm_vmm::layout::PATCH_ARENA_SIZE);
+
 fn qemu_engine(q: &QemuArgs) -> Result<patch_engine::Engine<qemu_backend::QemuGuest>> {
     let (Some(gdb), Some(qmp), Some(state_dir)) = (&q.qemu_gdb, &q.qmp, &q.state_dir) else {
         bail!("--qemu-gdb needs --qmp and --state-dir");
@@ -137,7 +141,7 @@ fn qemu_engine(q: &QemuArgs) -> Result<patch_engine::Engine<qemu_backend::QemuGu
     let window = patch_engine::arena::ArenaWindow {
         gpa: q.arena,
         gva: q.arena,
-        size: kvm_vmm::layout::PATCH_ARENA_SIZE,
+        size: ARENA_SIZE,
     };
     Ok(patch_engine::Engine::for_elf_image(
         guest,
@@ -360,7 +364,8 @@ impl<'a> PatchTarget<'a> {
     }
 
     /// Never writes to the guest: for QEMU it reads the journal in --state-dir read-only
-    /// (without attaching to the VM, taking the lock or running recovery).
+    /// (without taking the lock or running recovery) and the arena's ledger from guest memory
+    /// (two short reads), so patches applied through another state dir are listed too.
     pub fn list(&self) -> Result<Vec<PatchRecord>> {
         match self {
             PatchTarget::Api(c) => Ok(api_call::<ListView>(c, "GET", "/v1/patches", b"")?.patches),
@@ -368,7 +373,25 @@ impl<'a> PatchTarget<'a> {
                 let Some(dir) = &q.state_dir else {
                     bail!("--qemu-gdb needs --state-dir (the directory apply and revert used)");
                 };
-                Ok(patch_engine::journal::Journal::read_only(dir)?)
+                let mut records = patch_engine::journal::Journal::read_only(dir)?;
+                // The journal alone still answers when the VM cannot be reached.
+                if let (Some(gdb), Some(qmp)) = (&q.qemu_gdb, &q.qmp) {
+                    match qemu_backend::QemuGuest::attach(gdb, qmp) {
+                        Ok(guest) => {
+                            if let Some(l) =
+                                patch_engine::ledger::read_from(&guest, q.arena, ARENA_SIZE)
+                            {
+                                let extra =
+                                    patch_engine::ledger::unjournaled(&l, &records, q.arena);
+                                records.extend(extra);
+                            }
+                        }
+                        Err(e) => eprintln!(
+                            "warning: the VM cannot be reached ({e}); listing this state dir's journal only, not the patches the guest's arena ledger names"
+                        ),
+                    }
+                }
+                Ok(records)
             }
         }
     }

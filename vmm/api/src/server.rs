@@ -380,7 +380,7 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
         | EngineError::Unvouched { .. } => ErrorKind::Conflict,
         // Retrying does not help until the operator resumes the VM.
         EngineError::OperatorPaused => ErrorKind::Conflict,
-        EngineError::ArenaFull { .. } => ErrorKind::ArenaFull,
+        EngineError::ArenaFull { .. } | EngineError::LedgerFull(_) => ErrorKind::ArenaFull,
         EngineError::Busy { .. } | EngineError::Raced { .. } | EngineError::Stale => {
             ErrorKind::Busy
         }

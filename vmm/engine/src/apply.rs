@@ -43,8 +43,21 @@ struct Planned {
 pub(crate) struct PlannedApply {
     /// The engine's [`Engine::generation`] the plan was made at.
     generation: u64,
-    /// The work to commit, or the outcome when the patch is already applied.
-    work: Result<Work, Box<ApplyOutcome>>,
+    work: Planned2,
+}
+
+enum Planned2 {
+    /// Sites planned: commit them.
+    Apply(Box<Work>),
+    /// The patch is already applied, and this engine can take it out again.
+    Done(Box<ApplyOutcome>),
+    /// The patch is in the guest, but this engine cannot vouch for its record (known only from
+    /// the arena ledger, or its kept file is lost): the signed file given now can.
+    Adopt {
+        parsed: Box<patch_format::ParsedPatch>,
+        file: Vec<u8>,
+        t0: Instant,
+    },
 }
 
 struct Work {
@@ -116,9 +129,19 @@ impl<G: GuestControl> Engine<G> {
         } = checked;
         let id = parsed.id.to_string();
         if let Some(done) = self.already_applied(&id, t0) {
+            let work = if self.unvouched.contains_key(&id) {
+                self.target.check_identity(&parsed.patch.target)?;
+                Planned2::Adopt {
+                    parsed: Box::new(parsed),
+                    file,
+                    t0,
+                }
+            } else {
+                Planned2::Done(Box::new(done))
+            };
             return Ok(PlannedApply {
                 generation: self.generation,
-                work: Err(Box::new(done)),
+                work,
             });
         }
         let patch = &parsed.patch;
@@ -138,13 +161,13 @@ impl<G: GuestControl> Engine<G> {
         let record = self.intent(&id, patch, &planned, &lifting);
         Ok(PlannedApply {
             generation: self.generation,
-            work: Ok(Work {
+            work: Planned2::Apply(Box::new(Work {
                 record,
                 planned,
                 lifting,
                 file,
                 t0,
-            }),
+            })),
         })
     }
 
@@ -163,8 +186,9 @@ impl<G: GuestControl> Engine<G> {
             file,
             t0,
         } = match planned.work {
-            Ok(w) => w,
-            Err(done) => return Ok(*done),
+            Planned2::Apply(w) => *w,
+            Planned2::Done(done) => return Ok(*done),
+            Planned2::Adopt { parsed, file, t0 } => return self.adopt(&parsed, &file, t0),
         };
         // The signed file, then the intent: a crash from here on is found and repaired by
         // `recover`, which writes only what this file vouches for. Until the planned arena is
@@ -176,17 +200,22 @@ impl<G: GuestControl> Engine<G> {
         self.arena = planned.arena;
         let chunks = planned.chunks;
         let prepared = planned.sites;
+        // The ledger claims the new chunks and sites before any jump can lead there.
         let outcome = self
             .stage(&prepared)
+            .and_then(|()| self.write_ledger())
             .and_then(|()| self.commit_apply(&record, &prepared, &lifting));
         let committed = match outcome {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(&mut record, &chunks, &e)?;
+                self.update_ledger();
                 return Err(e);
             }
         };
-        self.record_applied(record, lifting, committed, t0)
+        let out = self.record_applied(record, lifting, committed, t0);
+        self.update_ledger();
+        out
     }
 
     fn already_applied(&self, id: &str, t0: Instant) -> Option<ApplyOutcome> {
@@ -604,6 +633,7 @@ impl<G: GuestControl> Engine<G> {
         r.revert_blackout_us = Some(blackout_us);
         self.put(r.clone())?;
         self.retire_arena(&rec);
+        self.update_ledger();
         self.reverts += 1;
         self.revert_blackouts.push(blackout_us);
         info!(patch = %r.id, blackout_us, "patch reverted");

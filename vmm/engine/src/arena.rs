@@ -99,6 +99,17 @@ impl Arena {
         true
     }
 
+    /// Keeps a chunk out of use for good (code the guest still jumps into): taken from the
+    /// free list, or out of quarantine so no sweep frees it. `false` when neither holds it
+    /// whole (it is allocated already).
+    pub fn pin(&mut self, chunk: Chunk) -> bool {
+        if let Some(i) = self.quarantine.iter().position(|q| *q == chunk) {
+            self.quarantine.remove(i);
+            return true;
+        }
+        self.reserve(chunk)
+    }
+
     /// Returns a chunk no vCPU ever saw (an apply that failed before its blackout's writes).
     pub fn release(&mut self, chunk: Chunk) {
         let i = self.free.partition_point(|c| c.offset < chunk.offset);
@@ -147,6 +158,33 @@ impl Arena {
             self.release(c);
         }
         n
+    }
+
+    /// Every range that is not free (allocated or quarantined), in order.
+    pub fn in_use(&self) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for c in &self.free {
+            if c.offset > at {
+                out.push(Chunk {
+                    offset: at,
+                    len: c.offset - at,
+                });
+            }
+            at = c.end();
+        }
+        if at < self.window.size {
+            out.push(Chunk {
+                offset: at,
+                len: self.window.size - at,
+            });
+        }
+        out
+    }
+
+    /// The quarantined chunks.
+    pub fn quarantine(&self) -> &[Chunk] {
+        &self.quarantine
     }
 
     pub fn gva(&self, c: Chunk) -> u64 {

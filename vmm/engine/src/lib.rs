@@ -11,6 +11,7 @@ pub mod arena;
 mod blackout;
 pub mod journal;
 pub mod keys;
+pub mod ledger;
 pub mod plan;
 pub mod rewrites;
 pub mod shared;
@@ -24,6 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use patch_format::{ParsedPatch, PublicKey, SignatureBlock};
 use serde::Serialize;
+use sha2::Digest;
 use thiserror::Error;
 use tracing::warn;
 
@@ -117,13 +119,15 @@ pub enum EngineError {
     )]
     InArena { site: String, gva: u64, end: u64 },
     #[error(
-        "patch {id} cannot be reverted or replaced by this VMM: {why}. Nothing was written; its sites still hold the patch. Restore the patch's signed file at that path and restart the vmm, or restart the guest to remove the patch"
+        "patch {id} cannot be reverted or replaced by this VMM: {why}. Nothing was written; its sites still hold the patch. Apply its signed file again (the VMM then adopts it and can revert it), or restart the guest to remove the patch"
     )]
     Unvouched { id: String, why: String },
     #[error(
         "another apply or revert finished while this patch was being planned; nothing was written, try again"
     )]
     Stale,
+    #[error(transparent)]
+    LedgerFull(ledger::LedgerFull),
     #[error("the guest has no running vCPU")]
     NoVcpu,
     #[error(
@@ -275,6 +279,11 @@ pub struct Engine<G: GuestControl> {
     /// Counts changes of the engine's state (every record put): a plan made at another
     /// generation is stale.
     generation: u64,
+    /// Where the arena's ledger is, the sequence number of the last one written or read, and
+    /// who this engine is in it (a hash of its state dir).
+    ledger: ledger::Layout,
+    ledger_seq: u64,
+    owner: [u8; 16],
     apply_blackouts: History,
     revert_blackouts: History,
     apply_totals: History,
@@ -360,17 +369,29 @@ impl<G: GuestControl> Engine<G> {
             }
             None => (None, Vec::new()),
         };
+        let ledger = ledger::Layout::for_arena(window.size);
+        let mut arena = Arena::new(window);
+        arena.reserve(ledger.chunk());
+        let mut owner = [0u8; 16];
+        if let Some(dir) = state_dir {
+            let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            let h = sha2::Sha256::digest(abs.as_os_str().as_encoded_bytes());
+            owner.copy_from_slice(&h[..16]);
+        }
         let mut engine = Engine {
             guest,
             target,
             config,
-            arena: Arena::new(window),
+            arena,
             journal,
             records,
             paging: None,
             rewrites,
             unvouched: Default::default(),
             generation: 0,
+            ledger,
+            ledger_seq: 0,
+            owner,
             apply_blackouts: History::new(4096),
             revert_blackouts: History::new(4096),
             apply_totals: History::new(4096),
@@ -381,6 +402,7 @@ impl<G: GuestControl> Engine<G> {
             moved: 0,
         };
         engine.recover()?;
+        engine.attach_ledger()?;
         Ok(engine)
     }
 

@@ -28,6 +28,11 @@ const ARENA: ArenaWindow = ArenaWindow {
     size: 0x1000,
 };
 
+/// The arena's bytes the allocator may hand out: all but the ledger at its end.
+fn capacity() -> u64 {
+    ARENA.size - ledger::Layout::for_arena(ARENA.size).chunk().len
+}
+
 /// Decides, per write (guest-physical address), whether the fake backend fails it.
 type WriteFault = Box<dyn FnMut(u64) -> bool + Send>;
 
@@ -386,7 +391,7 @@ fn multi_function_patches_wait_until_old_code_is_idle() {
         g.bytes(F_AT, 13),
         mem.iter().find(|(k, _)| *k == 0x1000).unwrap().1[..13]
     );
-    assert_eq!(e.arena().free_bytes(), ARENA.size, "arena given back");
+    assert_eq!(e.arena().free_bytes(), capacity(), "arena given back");
     assert_eq!(e.records()[0].state, PatchState::Failed);
     // Once the vCPU has left, it applies.
     g.vcpus.lock().unwrap()[0].rip = 0x5000;
@@ -488,7 +493,7 @@ fn journal_survives_restart_and_a_restarted_guest_is_noticed() {
     {
         let e = engine(&g, Some(&dir));
         assert_eq!(e.find(&id).unwrap().state, PatchState::Applied);
-        assert!(e.arena().free_bytes() < ARENA.size);
+        assert!(e.arena().free_bytes() < capacity());
     }
     // A fresh guest (VMM restart): the patch is not there any more.
     let fresh = Fake::new(&[(0x5000, 0x8000)]);
@@ -566,10 +571,10 @@ fn a_failed_write_in_the_blackout_rolls_back_every_site_written() {
     assert_eq!(g.bytes(F_AT, 13), F, "f's jump was left in place");
     assert_eq!(g.bytes(G_AT, 13), G);
     assert_eq!(
-        g.bytes(ARENA.gpa, ARENA.size as usize),
-        vec![0; ARENA.size as usize]
+        g.bytes(ARENA.gpa, capacity() as usize),
+        vec![0; capacity() as usize]
     );
-    assert_eq!(e.arena().free_bytes(), ARENA.size, "arena given back");
+    assert_eq!(e.arena().free_bytes(), capacity(), "arena given back");
     assert_eq!(e.records()[0].state, PatchState::Failed);
     assert!(!*g.paused.lock().unwrap(), "the guest was left paused");
     // Without the fault the same patch applies.
@@ -595,7 +600,7 @@ fn an_undo_that_fails_keeps_the_arena_code_the_guest_can_reach() {
         "arena code under a live jump was wiped"
     );
     assert!(
-        e.arena().free_bytes() < ARENA.size,
+        e.arena().free_bytes() < capacity(),
         "arena under a live jump was freed"
     );
     assert!(!*g.paused.lock().unwrap());
@@ -611,7 +616,7 @@ fn a_failed_vcpu_move_rolls_back_the_writes() {
     assert!(matches!(err, EngineError::Guest(_)), "{err}");
     assert_eq!(g.bytes(F_AT, 13), F);
     assert_eq!(g.rip(0), F_AT + 1);
-    assert_eq!(e.arena().free_bytes(), ARENA.size);
+    assert_eq!(e.arena().free_bytes(), capacity());
 }
 
 #[test]
@@ -635,7 +640,7 @@ fn a_failed_pause_or_resume_never_frees_code_in_use() {
     let err = e.apply(&signed(&fix_f())).unwrap_err();
     assert!(matches!(err, EngineError::Stranded { .. }), "{err}");
     assert_eq!(g.bytes(F_AT, 1), [0xe9]);
-    assert!(e.arena().free_bytes() < ARENA.size);
+    assert!(e.arena().free_bytes() < capacity());
 }
 
 #[test]
@@ -1041,4 +1046,82 @@ fn sites_are_translated_in_the_address_space_the_os_maps_its_code_in() {
         .collect();
     assert!(!code.is_empty());
     assert!(code.iter().all(|&cr3| cr3 == 0x6000), "{code:x?}");
+}
+
+fn fix_g() -> Patch {
+    patch("fix-g", vec![function_site("g", &G, &F)], Vec::new())
+}
+
+fn chunks_of(r: &PatchRecord) -> Vec<(u64, u64)> {
+    r.arena.iter().map(|a| (a.gpa, a.gpa + a.len)).collect()
+}
+
+#[test]
+fn another_state_dir_sees_the_live_patch_in_the_guest_and_never_allocates_over_it() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let (a, b) = (temp_dir("ledger-a"), temp_dir("ledger-b"));
+    let first = engine(&g, Some(a.path()))
+        .apply(&signed(&fix_f()))
+        .unwrap()
+        .patch;
+
+    // A fresh state dir (or a lost one): the guest's ledger names the patch, its jump is there.
+    let mut e = engine(&g, Some(b.path()));
+    let seen = e.find(&first.id).unwrap().clone();
+    assert_eq!(seen.state, PatchState::Applied);
+    assert!(
+        seen.note.as_deref().unwrap_or("").contains("arena ledger"),
+        "{seen:?}"
+    );
+    assert_eq!(chunks_of(&seen), chunks_of(&first));
+    // Nothing vouches for its original bytes here: no revert, the guest untouched.
+    let before = g.snapshot();
+    let err = e.revert(&first.id).unwrap_err();
+    assert!(matches!(err, EngineError::Unvouched { .. }), "{err}");
+    assert_eq!(g.snapshot(), before);
+    // A new patch goes elsewhere in the arena.
+    let other = e.apply(&signed(&fix_g())).unwrap().patch;
+    for (s, t) in chunks_of(&other) {
+        for (u, v) in chunks_of(&first) {
+            assert!(t <= u || s >= v, "{:?} over the live {:?}", (s, t), (u, v));
+        }
+    }
+    // Its signed file, given again, adopts it; then it reverts like any other.
+    let adopted = e.apply(&signed(&fix_f())).unwrap();
+    assert!(adopted.already_applied);
+    assert_eq!(adopted.patch.sites[0].location, "f");
+    e.revert(&first.id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+    e.revert(&other.id).unwrap();
+    assert_eq!(g.bytes(G_AT, 13), G);
+    drop(e);
+    // No state dir at all: the same from the guest.
+    let g2 = Fake::new(&[(0x5000, 0x8000)]);
+    let id = engine(&g2, None).apply(&signed(&fix_f())).unwrap().patch.id;
+    let e2 = engine(&g2, None);
+    assert_eq!(e2.find(&id).unwrap().state, PatchState::Applied);
+}
+
+#[test]
+fn a_ledger_is_a_claim_to_verify_not_to_believe() {
+    let layout = ledger::Layout::for_arena(ARENA.size);
+    // The jump gone (the guest restarted the code, say): the patch is not listed, and its
+    // chunks wait in quarantine rather than being handed out at once.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let first = engine(&g, None).apply(&signed(&fix_f())).unwrap().patch;
+    g.write_phys(F_AT, &F).unwrap();
+    let e = engine(&g, None);
+    assert!(e.find(&first.id).is_err());
+    assert!(e.arena().quarantined_bytes() > 0);
+    drop(e);
+    // Both slots scribbled on: no claim is believed (and nothing crashes).
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let first = engine(&g, None).apply(&signed(&fix_f())).unwrap().patch;
+    g.write_phys(ARENA.gpa + layout.offset + 20, &[0x41; 4])
+        .unwrap();
+    g.write_phys(ARENA.gpa + layout.offset + layout.slot + 20, &[0x41; 4])
+        .unwrap();
+    let e = engine(&g, None);
+    assert!(e.find(&first.id).is_err());
+    assert_eq!(e.arena().free_bytes(), capacity());
 }

@@ -43,17 +43,21 @@ impl<G: GuestControl> Engine<G> {
                     path.display()
                 )
             })?;
-        let checked = self.verifier().check(&file).map_err(|e| {
-            format!(
-                "its signed patch file, kept at {}, is refused now ({e})",
-                path.display()
-            )
-        })?;
+        self.vouch_with(r, &file)
+            .map_err(|why| why.replace("PATCH_FILE", &path.display().to_string()))
+    }
+
+    /// [`Engine::vouch`] with the signed file in hand (`PATCH_FILE` in the reason names it).
+    pub(crate) fn vouch_with(&mut self, r: &PatchRecord, file: &[u8]) -> Result<(), String> {
+        let path = "PATCH_FILE";
+        let checked = self
+            .verifier()
+            .check(file)
+            .map_err(|e| format!("its signed patch file, kept at {path}, is refused now ({e})"))?;
         let parsed = checked.parsed;
         if parsed.id.to_string() != r.id {
             return Err(format!(
-                "the file kept at {} is patch {}, not this one",
-                path.display(),
+                "the file kept at {path} is patch {}, not this one",
                 parsed.id
             ));
         }

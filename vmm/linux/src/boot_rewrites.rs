@@ -67,18 +67,42 @@ impl TextRewrites for LinuxBootRewrites {
     }
 
     fn reconcile(&self, t: &SiteText<'_>, target: &Target) -> Result<Vec<u8>, PlanError> {
-        reconcile(
+        let fentry = target.symbol("__fentry__");
+        let mut out = reconcile(
             t.site,
             t.expected,
             t.current,
             t.at,
             t.function_entry,
             KernelRewrites {
-                fentry: target.symbol("__fentry__"),
+                fentry,
                 return_thunk: target.symbol("__x86_return_thunk"),
                 slide: target.slide,
             },
-        )
+        )?;
+        // Past the site's own entry, other functions' entries (ftrace knows each one, from
+        // `__mcount_loc`) hold their NOP in the running kernel: the expected bytes of a
+        // function whose symbol also covers unnamed code after it run through one.
+        if let (Some(fentry), true) = (fentry, t.current.len() == t.expected.len()) {
+            let mut decoder = Decoder::with_ip(64, t.expected, t.at, DecoderOptions::NONE);
+            for insn in decoder.iter().skip(usize::from(t.function_entry)) {
+                if insn.is_invalid() {
+                    break;
+                }
+                let off = (insn.ip() - t.at) as usize;
+                let end = off + insn.len();
+                if insn.code() == Code::Call_rel32_64
+                    && insn.near_branch_target() == fentry
+                    && t.current.get(off..end) == Some(&NOP5[..])
+                    && self
+                        .sites
+                        .of_at(Mechanism::Ftrace, insn.ip().wrapping_sub(target.slide))
+                {
+                    out[off..end].copy_from_slice(&NOP5);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

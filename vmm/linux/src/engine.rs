@@ -33,7 +33,8 @@ pub fn engine_for_kernel<G: GuestControl>(
     state_dir: Option<&Path>,
 ) -> Result<Engine<G>, LinuxEngineError> {
     let attached = crate::attach::attach(guest.as_ref(), idt, image, arena_gpa)?;
-    let info = crate::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let mut info = crate::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    image.text_sites.cut_at_function_entries(&mut info.symbols);
     Ok(Engine::new(
         guest,
         Target::new(info, attached.slide.slide),

@@ -247,12 +247,34 @@ impl KernelTextSites {
         self.sites.iter().filter(move |s| s.mechanism == mechanism)
     }
 
+    /// Whether a site of `mechanism` starts exactly at `addr` (link-time).
+    pub fn of_at(&self, mechanism: Mechanism, addr: u64) -> bool {
+        self.touching(addr, addr + 1)
+            .any(|s| s.mechanism == mechanism && s.addr == addr)
+    }
+
     pub fn len(&self) -> usize {
         self.sites.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.sites.is_empty()
+    }
+
+    /// Ends every function symbol of `symbols` at the next function entry ftrace knows of
+    /// (`__mcount_loc`): kallsyms sizes a symbol up to the next *named* one, which counts in
+    /// unnamed code after it (the body of an overridden `__weak` default, with its own entry),
+    /// and the planner would analyse that as part of the function.
+    pub fn cut_at_function_entries(&self, symbols: &mut [patch_format::ImageSymbol]) {
+        let entries: Vec<u64> = self.of(Mechanism::Ftrace).map(|s| s.addr).collect();
+        for sym in symbols.iter_mut().filter(|s| s.function && s.size > 0) {
+            let next = entries.partition_point(|&e| e <= sym.addr);
+            if let Some(&e) = entries.get(next)
+                && e < sym.addr.saturating_add(sym.size)
+            {
+                sym.size = e - sym.addr;
+            }
+        }
     }
 
     /// Sites whose rewrite touches `[start, end)` (link-time addresses), in address order.
