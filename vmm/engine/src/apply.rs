@@ -557,6 +557,9 @@ impl<G: GuestControl> Engine<G> {
         self.applies += 1;
         self.moved += u64::from(committed.moved);
         self.apply_blackouts.push(blackout_us);
+        let engine_us = committed.engine.as_micros() as u64;
+        self.apply_engine.push(engine_us);
+        self.last_engine_us = Some(engine_us);
         let total_us = t0.elapsed().as_micros() as u64;
         self.apply_totals.push(total_us);
         info!(patch = %record.id, name = %record.name, sites = record.sites.len(), blackout_us, attempts = committed.attempts, moved_vcpus = committed.moved, total_us, "patch applied");
@@ -636,6 +639,9 @@ impl<G: GuestControl> Engine<G> {
         self.update_ledger();
         self.reverts += 1;
         self.revert_blackouts.push(blackout_us);
+        let engine_us = committed.engine.as_micros() as u64;
+        self.revert_engine.push(engine_us);
+        self.last_engine_us = Some(engine_us);
         info!(patch = %r.id, blackout_us, "patch reverted");
         Ok(r)
     }

@@ -51,6 +51,9 @@ impl Change<'_> {
 /// What a committed blackout did.
 pub(crate) struct Committed {
     pub(crate) blackout: Duration,
+    /// Of the blackout, the engine's own work: from the pause returning (every vCPU parked,
+    /// registers in hand) to asking for the resume.
+    pub(crate) engine: Duration,
     pub(crate) attempts: u32,
     pub(crate) moved: u32,
 }
@@ -135,9 +138,11 @@ impl<G: GuestControl> Engine<G> {
         let guest = self.guest.clone();
         for attempt in 1..=self.config.max_attempts.max(1) {
             let paused = Paused::pause(&*guest)?;
+            let parked = Instant::now();
             // An early return (`?`) below resumes the guest as `paused` drops.
             match self.check_and_write(change, paused.vcpus())? {
                 Attempt::Written { moved } => {
+                    let engine = parked.elapsed();
                     // Everything is written: a resume failure now must not make the caller
                     // free arena code the new jumps point into.
                     let blackout = paused.resume().map_err(|e| EngineError::Stranded {
@@ -146,6 +151,7 @@ impl<G: GuestControl> Engine<G> {
                     })?;
                     return Ok(Committed {
                         blackout,
+                        engine,
                         attempts: attempt,
                         moved,
                     });

@@ -237,6 +237,10 @@ pub struct EngineMetrics {
     pub moved_vcpus: u64,
     pub apply_blackout_us: Summary,
     pub revert_blackout_us: Summary,
+    /// Of those blackouts, the engine's own work with every vCPU parked (checks, writes,
+    /// vCPU moves): what is left once the hypervisor's pause/resume floor is taken away.
+    pub apply_engine_us: Summary,
+    pub revert_engine_us: Summary,
     pub apply_total_us: Summary,
     pub arena_free_bytes: u64,
     pub arena_quarantined_bytes: u64,
@@ -286,6 +290,10 @@ pub struct Engine<G: GuestControl> {
     owner: [u8; 16],
     apply_blackouts: History,
     revert_blackouts: History,
+    apply_engine: History,
+    revert_engine: History,
+    /// The engine's share of the last committed blackout (µs).
+    last_engine_us: Option<u64>,
     apply_totals: History,
     applies: u64,
     reverts: u64,
@@ -394,6 +402,9 @@ impl<G: GuestControl> Engine<G> {
             owner,
             apply_blackouts: History::new(4096),
             revert_blackouts: History::new(4096),
+            apply_engine: History::new(4096),
+            revert_engine: History::new(4096),
+            last_engine_us: None,
             apply_totals: History::new(4096),
             applies: 0,
             reverts: 0,
@@ -432,10 +443,18 @@ impl<G: GuestControl> Engine<G> {
             moved_vcpus: self.moved,
             apply_blackout_us: self.apply_blackouts.summary(),
             revert_blackout_us: self.revert_blackouts.summary(),
+            apply_engine_us: self.apply_engine.summary(),
+            revert_engine_us: self.revert_engine.summary(),
             apply_total_us: self.apply_totals.summary(),
             arena_free_bytes: self.arena.free_bytes(),
             arena_quarantined_bytes: self.arena.quarantined_bytes(),
         }
+    }
+
+    /// Of the last apply's or revert's blackout, the engine's own work with every vCPU parked
+    /// (µs): the benchmark's `engine_us`.
+    pub fn last_engine_us(&self) -> Option<u64> {
+        self.last_engine_us
     }
 
     /// Finds a patch by id or unique id prefix (at least 4 hex digits).
