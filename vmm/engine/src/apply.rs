@@ -344,7 +344,8 @@ impl<G: GuestControl> Engine<G> {
                 bytes: b,
             }),
         };
-        let near = plan::rel32_reaches(loc.gva, window.gva)
+        let near = !self.config.far_jumps
+            && plan::rel32_reaches(loc.gva, window.gva)
             && plan::rel32_reaches(loc.gva, window.gva.saturating_add(window.size));
         let jump_len = if near {
             plan::JMP_REL32_LEN

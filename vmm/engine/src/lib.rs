@@ -198,6 +198,9 @@ pub struct EngineConfig {
     /// Longest the checks of one blackout attempt may keep the guest parked before the attempt
     /// gives up, writes nothing and counts as busy (default [`MAX_CHECK_TIME`]).
     pub max_check: std::time::Duration,
+    /// Always the 14-byte absolute jump (`jmp [rip]`), even where `jmp rel32` reaches the arena:
+    /// what a far arena costs, measured on a near one (`vmm bench call`). Off by default.
+    pub far_jumps: bool,
 }
 
 impl Default for EngineConfig {
@@ -208,6 +211,7 @@ impl Default for EngineConfig {
             max_attempts: 50,
             stack_scan: 1024,
             max_check: MAX_CHECK_TIME,
+            far_jumps: false,
         }
     }
 }

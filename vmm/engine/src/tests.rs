@@ -1125,3 +1125,29 @@ fn a_ledger_is_a_claim_to_verify_not_to_believe() {
     assert!(e.find(&first.id).is_err());
     assert_eq!(e.arena().free_bytes(), capacity());
 }
+
+#[test]
+fn far_jumps_can_be_asked_for_where_a_near_one_would_reach() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        far_jumps: true,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        g.clone(),
+        target(),
+        ARENA,
+        config,
+        None,
+        Box::new(crate::rewrites::NoRewrites),
+    )
+    .unwrap();
+    // f (13 bytes) holds a 5-byte jump but not the 14-byte one it was asked for.
+    let before = g.snapshot();
+    match e.apply(&signed(&fix_f())) {
+        Err(EngineError::Plan(PlanError::TooShort { needed: 14, .. })) => {}
+        other => panic!("expected the far jump to be planned: {other:?}"),
+    }
+    assert_eq!(g.snapshot(), before);
+}
