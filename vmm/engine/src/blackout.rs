@@ -118,8 +118,17 @@ impl fmt::Display for Busy {
 
 /// The outcome of one attempt with the guest parked.
 enum Attempt {
-    Written { moved: u32 },
+    Written { moved: u32, parked: ParkedView },
     Busy(Busy),
+}
+
+/// Where the parked vCPUs were and what their stacks held: enough to decide, after the resume,
+/// which quarantined arena code no vCPU can be running (nothing leads into quarantined code any
+/// more, so a chunk idle at the blackout stays idle).
+struct ParkedView {
+    rips: Vec<u64>,
+    stacks: Vec<Vec<u64>>,
+    moved_to: Vec<u64>,
 }
 
 /// A vCPU to move when it resumes: (vCPU, from, to).
@@ -138,17 +147,25 @@ impl<G: GuestControl> Engine<G> {
         let guest = self.guest.clone();
         for attempt in 1..=self.config.max_attempts.max(1) {
             let paused = Paused::pause(&*guest)?;
-            let parked = Instant::now();
+            let parked_at = Instant::now();
             // An early return (`?`) below resumes the guest as `paused` drops.
             match self.check_and_write(change, paused.vcpus())? {
-                Attempt::Written { moved } => {
-                    let engine = parked.elapsed();
+                Attempt::Written { moved, parked } => {
+                    let engine = parked_at.elapsed();
                     // Everything is written: a resume failure now must not make the caller
                     // free arena code the new jumps point into.
                     let blackout = paused.resume().map_err(|e| EngineError::Stranded {
                         failed_at: "resuming the guest after the writes".into(),
                         detail: format!("every site was written; {e}"),
                     })?;
+                    // Quarantined arena code no vCPU was running or returning into becomes
+                    // free: decided on the parked state, done with the guest running.
+                    self.arena.sweep(|a, b| {
+                        let inside = |w: &u64| *w >= a && *w < b;
+                        parked.rips.iter().any(inside)
+                            || parked.stacks.iter().flatten().any(inside)
+                            || parked.moved_to.iter().any(inside)
+                    });
                     return Ok(Committed {
                         blackout,
                         engine,
@@ -205,15 +222,13 @@ impl<G: GuestControl> Engine<G> {
             }));
         }
         self.write_all(change, &moves)?;
-        // Quarantined arena code nobody can be running any more becomes free.
-        let rips: Vec<u64> = vcpus.iter().map(|v| v.rip).collect();
-        self.arena.sweep(|a, b| {
-            rips.iter().any(|&r| r >= a && r < b)
-                || stacks.iter().flatten().any(|&w| w >= a && w < b)
-                || moves.iter().any(|&(_, _, to)| to >= a && to < b)
-        });
         Ok(Attempt::Written {
             moved: moves.len() as u32,
+            parked: ParkedView {
+                rips: vcpus.iter().map(|v| v.rip).collect(),
+                stacks,
+                moved_to: moves.iter().map(|&(_, _, to)| to).collect(),
+            },
         })
     }
 
@@ -234,9 +249,13 @@ impl<G: GuestControl> Engine<G> {
             }
             self.paging = Some(first.paging);
         }
+        // One scratch buffer for every compare: this runs with the guest parked.
+        let mut cur = Vec::with_capacity(64);
         for r in change.restore {
             for s in &r.sites {
-                if self.read(s.gpa, s.patched.len())? != s.patched {
+                cur.resize(s.patched.len(), 0);
+                self.guest.read_phys(s.gpa, &mut cur)?;
+                if cur != s.patched {
                     return Err(EngineError::Tampered {
                         id: r.id.clone(),
                         site: s.location.clone(),
@@ -245,12 +264,15 @@ impl<G: GuestControl> Engine<G> {
             }
         }
         for p in change.write {
-            let mut cur = self.read(p.gpa, p.plan.original.len())?;
-            overlay_originals(
-                &mut cur,
-                p.plan.analysis.jump_at,
-                change.restore.iter().flat_map(|r| &r.sites),
-            );
+            cur.resize(p.plan.original.len(), 0);
+            self.guest.read_phys(p.gpa, &mut cur)?;
+            if !change.restore.is_empty() {
+                overlay_originals(
+                    &mut cur,
+                    p.plan.analysis.jump_at,
+                    change.restore.iter().flat_map(|r| &r.sites),
+                );
+            }
             if cur != p.plan.original {
                 return Err(EngineError::Raced {
                     site: p.location.clone(),
@@ -332,9 +354,11 @@ impl<G: GuestControl> Engine<G> {
     pub(crate) fn stack_words(&self, v: &VcpuState) -> Vec<u64> {
         // In 128 bits the top of the address space is an ordinary bound: nothing can wrap.
         const TOP: u128 = 1 << 64;
-        let mut words = Vec::new();
+        let scan = self.config.stack_scan.min(MAX_STACK_SCAN);
+        let mut words = Vec::with_capacity(scan / 8);
         let mut at = u128::from(v.rsp & !7);
-        let end = (at + self.config.stack_scan.min(MAX_STACK_SCAN) as u128).min(TOP);
+        let end = (at + scan as u128).min(TOP);
+        let mut page = [0u8; 4096];
         while at < end {
             let page_end = ((at | 0xfff) + 1).min(end);
             // `at` < 2^64 inside the loop, so these conversions are exact.
@@ -342,8 +366,8 @@ impl<G: GuestControl> Engine<G> {
             let Ok(t) = self.guest.translate(v, gva) else {
                 break;
             };
-            let mut buf = vec![0u8; (page_end - at) as usize];
-            if self.guest.read_phys(t.gpa, &mut buf).is_err() {
+            let buf = &mut page[..(page_end - at) as usize];
+            if self.guest.read_phys(t.gpa, buf).is_err() {
                 break;
             }
             words.extend(buf.chunks_exact(8).map(|c| {
