@@ -209,6 +209,21 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The cost of a patched call: the workload's call rate with `mix` unpatched, replaced by
+    /// a byte-identical copy through a near `jmp rel32`, and through a far `jmp [rip]`
+    /// (target: near ≤ 1% slower).
+    Call {
+        /// Rounds of (unpatched, near, far) runs on one guest, the order reversed every other
+        /// round.
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Seconds measured per run.
+        #[arg(long, default_value_t = 2.0)]
+        window_s: f64,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -490,6 +505,23 @@ fn bench_integrity(rounds: usize, window_s: f64, out: Option<PathBuf>) -> Result
     })
 }
 
+fn bench_call(rounds: usize, window_s: f64, out: Option<PathBuf>) -> Result<()> {
+    let host = bench::host_info();
+    eprintln!(
+        "bench: patched call cost, {rounds} rounds of unpatched / near jmp rel32 / far jmp [rip] call rate…"
+    );
+    let window = Duration::try_from_secs_f64(window_s)
+        .context("--window-s must be a positive number of seconds")?;
+    let mut report = bench::call_cost::run(rounds.max(1), window, host)?;
+    report.host.loadavg_after = bench::loadavg();
+    print!("{}", bench::call_cost::table(&report));
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    // The target is reported, not asserted: a wrong result or a wrong jump is an error above.
+    Ok(())
+}
+
 fn bench_qemu(cycles: usize, out: Option<PathBuf>) -> Result<ExitCode> {
     let host = bench::host_info();
     eprintln!("bench: {cycles} apply/revert cycles through this VMM and through QEMU…");
@@ -629,6 +661,11 @@ fn main() -> ExitCode {
             window_s,
             out,
         }) => bench_integrity(rounds, window_s, out),
+        Command::Bench(BenchCommand::Call {
+            rounds,
+            window_s,
+            out,
+        }) => bench_call(rounds, window_s, out).map(|_| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Qemu { cycles, out }) => bench_qemu(cycles, out),
         Command::Bench(BenchCommand::Linux {
             kernel,

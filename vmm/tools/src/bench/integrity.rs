@@ -3,11 +3,11 @@
 //! instruction fetches never exit), and the cost of one trapped write, from a guest that does
 //! little else (`mode=tamper writes=N`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{BenchError, HostInfo};
+use super::{BenchError, HostInfo, latest_report, rate};
 use guest_control::stats::{Summary, summarize};
 use kvm_vmm::integrity::Mode;
 use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
@@ -62,37 +62,6 @@ fn boot(mode: Mode, cmdline: &str) -> Result<std::sync::Arc<Vm>, BenchError> {
     Ok(Vm::start(config)?)
 }
 
-/// `(when, calls)` of vCPU 0's latest report, once it has one with `seq >= min_seq`.
-fn sample(vm: &Vm, min_seq: u64, timeout: Duration) -> Result<(Instant, u64, u64), BenchError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(r) = vm.reports().first().and_then(|r| r.last)
-            && r.seq >= min_seq
-        {
-            return Ok((Instant::now(), r.seq, r.calls));
-        }
-        if let Some(reason) = vm.stop_reason() {
-            return Err(BenchError::Setup(format!("the guest stopped: {reason}")));
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Setup("the guest made no progress".into()));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-/// Calls per second over `window`, measured between two report arrivals (so whole batches).
-fn rate(vm: &Vm, window: Duration) -> Result<(f64, u64, f64), BenchError> {
-    // Skip the boot and the first batch, then time from one report's arrival to a later one's.
-    let (_, seq0, _) = sample(vm, 2, Duration::from_secs(30))?;
-    let (t0, seq0, calls0) = sample(vm, seq0 + 1, Duration::from_secs(30))?;
-    std::thread::sleep(window);
-    let (_, seq1, _) = sample(vm, seq0 + 1, Duration::from_secs(30))?;
-    let (t1, _, calls1) = sample(vm, seq1 + 1, Duration::from_secs(30))?;
-    let secs = (t1 - t0).as_secs_f64();
-    Ok(((calls1 - calls0) as f64 / secs, calls1 - calls0, secs))
-}
-
 fn stop(vm: &Vm) {
     vm.request_stop(kvm_vmm::devices::StopReason::Requested(
         "benchmark done".into(),
@@ -111,7 +80,7 @@ pub fn run(rounds: usize, window: Duration, host: HostInfo) -> Result<IntegrityR
         };
         for mode in order {
             let vm = boot(mode, &format!("batch={RATE_BATCH}"))?;
-            let (calls_per_s, _, _) = rate(&vm, window)?;
+            let calls_per_s = rate(&vm, window)?.calls_per_s;
             let violations = vm.integrity_metrics().violations;
             stop(&vm);
             if violations != 0 {
@@ -144,12 +113,12 @@ pub fn run(rounds: usize, window: Duration, host: HostInfo) -> Result<IntegrityR
             mode,
             &format!("mode=tamper batch={WRITE_BATCH} writes={WRITES_PER_BATCH}"),
         )?;
-        let (_, seq0, _) = sample(&vm, 2, Duration::from_secs(30))?;
-        let (t0, seq0, calls0) = sample(&vm, seq0 + 1, Duration::from_secs(30))?;
+        let (_, seq0, _) = latest_report(&vm, 2, Duration::from_secs(30))?;
+        let (t0, seq0, calls0) = latest_report(&vm, seq0 + 1, Duration::from_secs(30))?;
         let v0 = vm.integrity_metrics().violations;
         std::thread::sleep(window);
-        let (_, seq1, _) = sample(&vm, seq0 + 1, Duration::from_secs(60))?;
-        let (t1, _, calls1) = sample(&vm, seq1 + 1, Duration::from_secs(60))?;
+        let (_, seq1, _) = latest_report(&vm, seq0 + 1, Duration::from_secs(60))?;
+        let (t1, _, calls1) = latest_report(&vm, seq1 + 1, Duration::from_secs(60))?;
         // Read at once: the next batch's first writes may already be counted.
         let metrics = vm.integrity_metrics();
         let v1 = metrics.violations;

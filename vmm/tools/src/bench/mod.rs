@@ -4,6 +4,7 @@
 //! no wrong results, no lost reports) are reported as failures, since a fast wrong answer is
 //! worthless.
 
+pub mod call_cost;
 pub mod integrity;
 pub mod linux;
 pub mod qemu;
@@ -62,6 +63,14 @@ pub enum BenchError {
     Guest(String),
     #[error("cannot create a temporary directory for the benchmark (check TMPDIR)")]
     TempDir(#[source] std::io::Error),
+    #[error("round {round}, {mode}: the patched site {site} starts with {found}, not {expected}")]
+    WrongJump {
+        round: usize,
+        mode: &'static str,
+        site: String,
+        expected: &'static str,
+        found: String,
+    },
 }
 
 /// One run of the pause/resume benchmark.
@@ -92,6 +101,65 @@ fn wait_reports(vm: &Vm, at_least: &[u64], timeout: Duration) -> Result<(), Benc
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// `(when seen, seq, calls)` of vCPU 0's latest report, once it has one with `seq >= min_seq`.
+/// Polled every 200 µs: over a window of seconds that is well under the 1% the call-rate
+/// benchmarks resolve.
+pub(crate) fn latest_report(
+    vm: &Vm,
+    min_seq: u64,
+    timeout: Duration,
+) -> Result<(Instant, u64, u64), BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(r) = vm.reports().first().and_then(|r| r.last)
+            && r.seq >= min_seq
+        {
+            return Ok((Instant::now(), r.seq, r.calls));
+        }
+        if let Some(reason) = vm.stop_reason() {
+            return Err(BenchError::Guest(format!("the guest stopped: {reason}")));
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::NoReports(timeout));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// vCPU 0's `compute` call rate over one window, from the guest's own reports.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CallRate {
+    pub calls_per_s: f64,
+    /// Calls counted between the two reports that bound the window.
+    pub calls: u64,
+    /// Host time between those two reports' arrivals.
+    pub seconds: f64,
+}
+
+/// Calls per second over at least `window`, measured between two report arrivals, so whole
+/// batches only: the batch running when this is called (a boot, a patch being applied) is not
+/// counted.
+pub(crate) fn rate(vm: &Vm, window: Duration) -> Result<CallRate, BenchError> {
+    let timeout = Duration::from_secs(30);
+    let (_, seq0, _) = latest_report(vm, 2, timeout)?;
+    let (t0, seq0, calls0) = latest_report(vm, seq0 + 1, timeout)?;
+    std::thread::sleep(window);
+    let (_, seq1, _) = latest_report(vm, seq0 + 1, timeout)?;
+    let (t1, _, calls1) = latest_report(vm, seq1 + 1, timeout)?;
+    // The counts are the guest's word: a count that goes backwards is its fault, not a panic.
+    let calls = calls1.checked_sub(calls0).ok_or_else(|| {
+        BenchError::Guest(format!(
+            "vCPU 0's call count went backwards ({calls0} → {calls1})"
+        ))
+    })?;
+    let seconds = (t1 - t0).as_secs_f64();
+    Ok(CallRate {
+        calls_per_s: calls as f64 / seconds.max(1e-9),
+        calls,
+        seconds,
+    })
 }
 
 /// Waits for every vCPU to report again after `before` (it still makes progress), stops the
@@ -597,12 +665,23 @@ fn boot_guest(vcpus: usize) -> Result<(Arc<Vm>, Vec<u64>), BenchError> {
 
 /// An engine for the benchmark's guest that trusts the bench key only.
 fn bench_engine(vm: &Arc<Vm>, key: &PublicKey) -> Result<Engine<Vm>, BenchError> {
+    bench_engine_with(vm, key, false)
+}
+
+/// [`bench_engine`], with [`EngineConfig::far_jumps`] as given: the call benchmark's far mode
+/// needs the 14-byte jump on a guest whose arena `jmp rel32` reaches.
+fn bench_engine_with(
+    vm: &Arc<Vm>,
+    key: &PublicKey,
+    far_jumps: bool,
+) -> Result<Engine<Vm>, BenchError> {
     Ok(sample::engine_for(
         vm.clone(),
         GUEST_NAME,
         guest_tools::test_guest(guest_tools::GuestBuild::V1),
         EngineConfig {
             trusted_keys: vec![key.clone()],
+            far_jumps,
             ..Default::default()
         },
         None,
