@@ -210,3 +210,45 @@ fn functions_end_at_the_next_function_entry() {
         assert!(b.size <= a.size);
     }
 }
+
+/// The decompressed vmlinux is cached by the bzImage's hash and checked on every read: a
+/// damaged entry, or a cache directory another user could write, is never used.
+#[test]
+fn the_decompressed_kernel_is_cached_and_checked_on_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let kit = Kit::ensure();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("linux");
+    let load = || KernelImage::from_file_cached(&kit.vmlinuz, Some(&cache)).expect("image");
+    let first = load();
+    assert!(!first.from_cache);
+    let second = load();
+    assert!(second.from_cache, "the second read decompressed again");
+    assert!(second.vmlinux == first.vmlinux);
+    let entry = std::fs::read_dir(&cache)
+        .expect("cache dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "vmlinux"))
+        .expect("an entry");
+    assert_eq!(
+        std::fs::metadata(&entry)
+            .expect("entry")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // One flipped byte: detected, decompressed again, and the entry rewritten good.
+    let mut bytes = std::fs::read(&entry).expect("read entry");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&entry, &bytes).expect("damage it");
+    let third = load();
+    assert!(!third.from_cache);
+    assert!(third.vmlinux == first.vmlinux);
+    assert!(load().from_cache);
+    // A cache others can write is not trusted.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert!(!load().from_cache);
+}

@@ -53,16 +53,27 @@ pub struct KernelImage {
     pub banner: String,
     /// Where the kernel rewrites its own text, from its tables.
     pub text_sites: std::sync::Arc<crate::text_sites::KernelTextSites>,
+    /// The vmlinux came from the image cache (not decompressed again).
+    pub from_cache: bool,
 }
 
 impl KernelImage {
-    /// From a bzImage (or an ELF vmlinux).
+    /// From a bzImage (or an ELF vmlinux), its vmlinux from the user's image cache when it
+    /// holds a valid entry ([`crate::image_cache`]).
     pub fn from_file(path: &Path) -> Result<KernelImage, LinuxAttachError> {
+        Self::from_file_cached(path, crate::image_cache::default_dir().as_deref())
+    }
+
+    /// [`KernelImage::from_file`] with the cache in `cache` (none: always decompress).
+    pub fn from_file_cached(
+        path: &Path,
+        cache: Option<&Path>,
+    ) -> Result<KernelImage, LinuxAttachError> {
         let bytes = std::fs::read(path).map_err(|source| LinuxAttachError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let vmlinux = super::vmlinux_from_bzimage(&bytes)?;
+        let (vmlinux, source) = crate::image_cache::vmlinux(&bytes, cache)?;
         let kallsyms = Kallsyms::from_vmlinux(&vmlinux)?;
         let banner = super::linux_banner(&vmlinux, &kallsyms)
             .ok_or_else(|| LinuxAttachError::NoBanner(path.display().to_string()))?;
@@ -75,6 +86,7 @@ impl KernelImage {
             kallsyms,
             banner,
             text_sites,
+            from_cache: source == crate::image_cache::Source::Cache,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod attach;
 pub mod boot_rewrites;
 pub mod bzimage;
 pub mod engine;
+pub mod image_cache;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod patch;
