@@ -90,6 +90,15 @@ impl<G: GuestControl> Engine<G> {
         self.counted(r)
     }
 
+    /// Everything an apply checks before it writes (parse, signature, identity, every rule on
+    /// every site, arena space), and nothing written: whether the patch would be accepted now.
+    /// For coverage measurements; not counted in the metrics.
+    pub fn dry_run(&mut self, file: &[u8]) -> Result<(), EngineError> {
+        let checked = self.verifier().check(file)?;
+        let paging = self.paging()?;
+        self.plan_apply(checked, paging).map(|_| ())
+    }
+
     /// Counts a patch refused by [`crate::Verifier::check`] outside the engine (in the metrics'
     /// `refused`, as [`Engine::apply`] counts its own).
     pub fn note_refused(&mut self) {

@@ -1151,3 +1151,21 @@ fn far_jumps_can_be_asked_for_where_a_near_one_would_reach() {
     }
     assert_eq!(g.snapshot(), before);
 }
+
+#[test]
+fn a_dry_run_checks_everything_and_writes_nothing() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let before = g.snapshot();
+    e.dry_run(&signed(&fix_f())).unwrap();
+    let mut wrong = fix_f();
+    wrong.sites[0].expected[3] ^= 1;
+    wrong.normalize();
+    assert!(matches!(
+        e.dry_run(&signed(&wrong)),
+        Err(EngineError::Plan(PlanError::ExpectedMismatch { .. }))
+    ));
+    assert_eq!(g.snapshot(), before);
+    assert!(e.records().is_empty());
+    assert_eq!(e.metrics().refused, 0);
+}
