@@ -361,7 +361,32 @@ impl<G: GuestControl> Engine<G> {
         } else {
             plan::JMP_ABS_LEN
         };
-        let analysis = plan::analyze(&input, jump_len)?;
+        let analysis = plan::analyze(&input, jump_len).map_err(|e| match e {
+            PlanError::ExpectedMismatch {
+                site,
+                offset,
+                expected,
+                found,
+            } => {
+                let at = loc.gva.wrapping_add(offset as u64);
+                match self.rewrites.explain(at, &self.target) {
+                    Some(what) => PlanError::RewrittenByOs {
+                        site,
+                        at,
+                        expected,
+                        found,
+                        what,
+                    },
+                    None => PlanError::ExpectedMismatch {
+                        site,
+                        offset,
+                        expected,
+                        found,
+                    },
+                }
+            }
+            e => e,
+        })?;
         plan::check_extent(&input, &analysis)?;
         let (start, end) = analysis.range();
         if let Some(live) = self.rewrites.live_rewrite(start, end, &self.target) {

@@ -83,6 +83,16 @@ pub enum PlanError {
         needed: usize,
     },
     #[error(
+        "site {site}: the guest's bytes at {at:#x} differ from the patch's (expected {expected:#04x}, found {found:#04x}) where the guest's OS rewrites its own code ({what}); this patcher does not reconcile that form, so the patch cannot be checked against it"
+    )]
+    RewrittenByOs {
+        site: String,
+        at: u64,
+        expected: u8,
+        found: u8,
+        what: String,
+    },
+    #[error(
         "site {site}: the kernel rewrites its own code at {at:#x} while it runs ({what}), inside the bytes the jump would displace ({start:#x}..{end:#x}); its next rewrite there would corrupt the jump, so this site cannot be patched (choose another site, or patch the functions that call it)"
     )]
     LiveRewrite {

@@ -44,6 +44,16 @@ pub trait TextRewrites: Send + Sync {
         None
     }
 
+    /// What, if anything, the OS rewrites at `at` (run-time address) by itself: named in the
+    /// refusal when the guest's bytes there differ from the patch's in a way [`reconcile`]
+    /// does not accept, so the operator reads "the kernel rewrote it (an alternative)" rather
+    /// than "the patch was built for other code". None by default.
+    ///
+    /// [`reconcile`]: TextRewrites::reconcile
+    fn explain(&self, _at: u64, _target: &Target) -> Option<String> {
+        None
+    }
+
     /// The address space the OS's code is mapped in, as seen from a parked vCPU: what the
     /// engine translates sites and the arena through. A kernel with page-table isolation runs
     /// a vCPU halted in user mode on a copy that does not map its text; the OS layer knows how

@@ -1169,3 +1169,41 @@ fn a_dry_run_checks_everything_and_writes_nothing() {
     assert!(e.records().is_empty());
     assert_eq!(e.metrics().refused, 0);
 }
+
+#[test]
+fn a_difference_where_the_os_rewrites_its_code_is_refused_naming_it() {
+    struct Explains;
+    impl rewrites::TextRewrites for Explains {
+        fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
+            Ok(t.expected.to_vec())
+        }
+        fn explain(&self, at: u64, _: &Target) -> Option<String> {
+            (at == F_AT + 4).then(|| "an alternative (.altinstructions)".to_string())
+        }
+    }
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(g.clone(), target(), ARENA, config, None, Box::new(Explains)).unwrap();
+    g.write_phys(F_AT + 4, &[0x90]).unwrap();
+    let before = g.snapshot();
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(
+        matches!(err, EngineError::Plan(PlanError::RewrittenByOs { at, .. }) if at == F_AT + 4),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("an alternative"), "{err}");
+    assert_eq!(g.snapshot(), before);
+    // Elsewhere the plain refusal stays.
+    g.write_phys(F_AT + 4, &[F[4]]).unwrap();
+    g.write_phys(F_AT + 7, &[0x90]).unwrap();
+    assert!(matches!(
+        e.apply(&signed(&fix_f())),
+        Err(EngineError::Plan(PlanError::ExpectedMismatch {
+            offset: 7,
+            ..
+        }))
+    ));
+}

@@ -102,9 +102,36 @@ impl TextRewrites for LinuxBootRewrites {
                 }
             }
         }
+        // A kernel booted on one CPU turns every `lock` prefix its `.smp_locks` lists into a
+        // `ds` prefix (same instruction, no bus lock); only there is that accepted.
+        if t.current.len() == t.expected.len() {
+            for (i, (&want, &have)) in t.expected.iter().zip(t.current).enumerate() {
+                if want == LOCK
+                    && have == DS
+                    && self.sites.of_at(
+                        Mechanism::SmpLock,
+                        (t.at + i as u64).wrapping_sub(target.slide),
+                    )
+                {
+                    out[i] = DS;
+                }
+            }
+        }
         Ok(out)
     }
+
+    fn explain(&self, at: u64, target: &Target) -> Option<String> {
+        let link = at.wrapping_sub(target.slide);
+        self.sites
+            .touching(link, link + 1)
+            .next()
+            .map(|s| s.mechanism.name().to_string())
+    }
 }
+
+/// The `lock` prefix, and the `ds` prefix the kernel replaces it by on one CPU.
+const LOCK: u8 = 0xf0;
+const DS: u8 = 0x3e;
 
 /// `ret; int3; int3; int3; int3`: the kernel's replacement of `jmp __x86_return_thunk`.
 const RET_INT3: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
@@ -188,15 +215,19 @@ fn relocated_by(
         Some(h) if h.code() == insn.code() && h.len() == insn.len() => {}
         _ => return false,
     }
-    // RIP-relative operands are position-independent: KASLR never rewrites them.
-    if w.is_ip_rel_memory_operand() {
+    // RIP-relative operands are position-independent: KASLR never rewrites them, except a
+    // per-CPU one (`gs:[rip+X]`): X names an offset in the per-CPU area, not an image address,
+    // so the decompressor's inverse relocations take the slide back off it.
+    let per_cpu = w.is_ip_rel_memory_operand() && w.segment_prefix() == iced_x86::Register::GS;
+    if w.is_ip_rel_memory_operand() && !per_cpu {
         return false;
     }
+    let slide = if per_cpu { slide.wrapping_neg() } else { slide };
     let mut fields = Vec::new();
     if offsets.has_displacement() {
         fields.push((offsets.displacement_offset(), offsets.displacement_size()));
     }
-    if offsets.has_immediate() {
+    if offsets.has_immediate() && !per_cpu {
         fields.push((offsets.immediate_offset(), offsets.immediate_size()));
     }
     let in_field = |i: usize| fields.iter().any(|&(o, n)| i >= o && i < o + n);
@@ -337,5 +368,81 @@ mod tests {
             reconcile("f", &file, &traced, AT, true, k()),
             Err(PlanError::FtraceActive { .. })
         ));
+    }
+
+    #[test]
+    fn per_cpu_references_moved_back_by_the_slide_are_accepted_and_only_those() {
+        // mov eax, gs:[rip+X]: 65 8b 05 disp32
+        let file = [0x65, 0x8b, 0x05, 0x10, 0x20, 0x03, 0x00];
+        let slide = 0x2540_0000u64;
+        let mut running = file;
+        let x = u32::from_le_bytes([0x10, 0x20, 0x03, 0x00]);
+        running[3..7].copy_from_slice(&x.wrapping_sub(slide as u32).to_le_bytes());
+        let kk = KernelRewrites { slide, ..k() };
+        assert_eq!(
+            reconcile("f", &file, &running, AT, false, kk).ok(),
+            Some(running.to_vec())
+        );
+        // Moved forward, as an image address would be: not a per-CPU relocation.
+        let mut forward = file;
+        forward[3..7].copy_from_slice(&x.wrapping_add(slide as u32).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &file, &forward, AT, false, kk).ok(),
+            Some(file.to_vec())
+        );
+        // The same displacement without the GS prefix is an ordinary RIP-relative operand,
+        // which KASLR never touches.
+        let plain = [0x8b, 0x05, 0x10, 0x20, 0x03, 0x00];
+        let mut moved = plain;
+        moved[2..6].copy_from_slice(&x.wrapping_sub(slide as u32).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &plain, &moved, AT, false, kk).ok(),
+            Some(plain.to_vec())
+        );
+    }
+
+    fn linux(sites: Vec<crate::text_sites::TextSite>) -> (LinuxBootRewrites, Target) {
+        let info = patch_format::ImageInfo {
+            identity: patch_format::TargetIdentity {
+                name: "Linux".into(),
+                build_id: Some(vec![1]),
+                text_sha256: None,
+            },
+            symbols: Vec::new(),
+        };
+        (
+            LinuxBootRewrites::new(Arc::new(KernelTextSites::from_sites(sites)), false),
+            Target::new(info, 0),
+        )
+    }
+
+    #[test]
+    fn a_lock_prefix_the_kernel_made_ds_on_one_cpu_is_accepted_where_smp_locks_lists_it() {
+        use crate::text_sites::TextSite;
+        // lock inc qword [rip+0x10]; lock inc qword [rip+0x10]
+        let one = [0xf0, 0x48, 0xff, 0x05, 0x10, 0, 0, 0];
+        let file: Vec<u8> = one.iter().chain(one.iter()).copied().collect();
+        let mut up = file.clone();
+        up[0] = DS;
+        up[8] = DS;
+        // Only the first is listed in .smp_locks.
+        let (r, target) = linux(vec![TextSite {
+            addr: AT,
+            len: 1,
+            mechanism: Mechanism::SmpLock,
+        }]);
+        let text = SiteText {
+            site: "f",
+            expected: &file,
+            current: &up,
+            at: AT,
+            function_entry: false,
+        };
+        let got = r.reconcile(&text, &target).unwrap();
+        assert_eq!(got[0], DS, "the listed prefix");
+        assert_eq!(got[8], LOCK, "an unlisted prefix stays a difference");
+        // The refusal for the unlisted one can name what the kernel does there, when it knows.
+        assert_eq!(r.explain(AT + 8, &target), None);
+        assert!(r.explain(AT, &target).unwrap().contains("lock prefix"));
     }
 }

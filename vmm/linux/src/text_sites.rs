@@ -242,6 +242,12 @@ impl KernelTextSites {
         Ok(KernelTextSites { sites })
     }
 
+    /// From a list of sites (tests, and kernels whose tables were read elsewhere).
+    pub fn from_sites(mut sites: Vec<TextSite>) -> KernelTextSites {
+        sites.sort_unstable();
+        KernelTextSites { sites }
+    }
+
     /// Sites of `mechanism`, for reports and tests.
     pub fn of(&self, mechanism: Mechanism) -> impl Iterator<Item = &TextSite> {
         self.sites.iter().filter(move |s| s.mechanism == mechanism)

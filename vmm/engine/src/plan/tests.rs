@@ -584,6 +584,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::DisplacedTooShort { .. } => "DisplacedTooShort",
         PlanError::ExpectedTooLong { .. } => "ExpectedTooLong",
         PlanError::LiveRewrite { .. } => "LiveRewrite",
+        PlanError::RewrittenByOs { .. } => "RewrittenByOs",
         PlanError::BranchIntoRange { .. } => "BranchIntoRange",
         PlanError::CallNotLast { .. } => "CallNotLast",
         PlanError::DisplacesEndbr { .. } => "DisplacesEndbr",
