@@ -27,6 +27,22 @@ pub mod limits {
     pub const MAX_BUILD_ID: usize = 64;
 }
 
+/// Splits livepatch's `sympos` off a symbol name: `name,N` (N ≥ 1, decimal) names the N-th, in
+/// address order, of the symbols called `name` (static functions of one name in several files).
+/// Any other name is returned whole with `None`.
+pub fn split_sympos(name: &str) -> (&str, Option<usize>) {
+    if let Some((base, pos)) = name.rsplit_once(',')
+        && !base.is_empty()
+        && !pos.is_empty()
+        && pos.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(n) = pos.parse::<usize>()
+        && n >= 1
+    {
+        return (base, Some(n));
+    }
+    (name, None)
+}
+
 /// The format version this crate writes and the only one it reads.
 pub const FORMAT_VERSION: u16 = 1;
 
@@ -232,6 +248,23 @@ impl Patch {
         self.sites.sort_by(|a, b| a.target.cmp(&b.target));
         for s in &mut self.sites {
             s.relocations.sort_by_key(|r| r.offset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod sympos_tests {
+    use super::split_sympos;
+
+    #[test]
+    fn sympos_is_split_off_only_when_it_is_one() {
+        assert_eq!(
+            split_sympos("load_elf_binary,2"),
+            ("load_elf_binary", Some(2))
+        );
+        assert_eq!(split_sympos("load_elf_binary"), ("load_elf_binary", None));
+        for whole in ["f,0", "f,", ",2", "f,x", "f,-1", "f,2a"] {
+            assert_eq!(split_sympos(whole), (whole, None), "{whole}");
         }
     }
 }

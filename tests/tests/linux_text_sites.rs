@@ -252,3 +252,35 @@ fn the_decompressed_kernel_is_cached_and_checked_on_read() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     assert!(!load().from_cache);
 }
+
+/// Static functions of one name (`load_elf_binary` in binfmt_elf and compat_binfmt_elf) are
+/// named by position, as livepatch's sympos: `load_elf_binary,2` is the second in address order.
+#[test]
+fn duplicate_names_are_chosen_by_position() {
+    use patch_format::Location;
+    let image = image();
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let mut addrs: Vec<u64> = info
+        .symbols
+        .iter()
+        .filter(|s| s.name == "load_elf_binary")
+        .map(|s| s.addr)
+        .collect();
+    addrs.sort_unstable();
+    assert!(addrs.len() >= 2, "{addrs:x?}");
+    let target = Target::new(info, 0);
+    let at = |name: &str| {
+        target.resolve(
+            name,
+            &Location::Symbol {
+                name: name.into(),
+                offset: 0,
+            },
+        )
+    };
+    let err = at("load_elf_binary").unwrap_err().to_string();
+    assert!(err.contains("load_elf_binary,N"), "{err}");
+    assert_eq!(at("load_elf_binary,1").unwrap().gva, addrs[0]);
+    assert_eq!(at("load_elf_binary,2").unwrap().gva, addrs[1]);
+    assert!(at(&format!("load_elf_binary,{}", addrs.len() + 1)).is_err());
+}

@@ -22,7 +22,9 @@ pub enum TargetError {
     Incomparable { what: &'static str },
     #[error("site {site}: the guest has no symbol {name:?}; the patch was built for other code")]
     NoSymbol { site: String, name: String },
-    #[error("site {site}: the guest has {count} symbols named {name:?}; the location is ambiguous")]
+    #[error(
+        "site {site}: the guest has {count} symbols named {name:?}; the location is ambiguous: name one as {name},N (the N-th in address order, as livepatch's sympos)"
+    )]
     Ambiguous {
         site: String,
         name: String,
@@ -140,8 +142,24 @@ impl Target {
                 function: self.function_at(*a),
             }),
             Location::Symbol { name, offset } => {
-                let named: Vec<&ImageSymbol> =
+                let mut named: Vec<&ImageSymbol> =
                     self.symbols.iter().filter(|s| &s.name == name).collect();
+                // `name,N`: the N-th of several symbols of that name, in address order.
+                if let (true, (base, Some(pos))) =
+                    (named.is_empty(), patch_format::split_sympos(name))
+                {
+                    let all: Vec<&ImageSymbol> =
+                        self.symbols.iter().filter(|s| s.name == base).collect();
+                    match all.get(pos - 1) {
+                        Some(s) => named = vec![*s],
+                        None => {
+                            return Err(TargetError::NoSymbol {
+                                site: site.into(),
+                                name: name.clone(),
+                            });
+                        }
+                    }
+                }
                 let s = match named.as_slice() {
                     [] => {
                         return Err(TargetError::NoSymbol {

@@ -77,9 +77,8 @@ pub enum KernelPatchError {
         kind: char,
     },
     #[error(
-        "function {function}: {} kernel symbols have that name ({}); the patch engine finds \
-         sites by unique name, so this one cannot be patched by name: choose a uniquely named \
-         function (e.g. its caller)",
+        "function {function}: {} kernel symbols have that name ({}); name the one to replace \
+         as {function},N, the N-th in address order (as livepatch's sympos)",
         .symbols.len(),
         describe(.symbols)
     )]
@@ -391,7 +390,14 @@ fn function_bytes<'v>(
     name: &str,
 ) -> Result<&'v [u8], KernelPatchError> {
     let function = name.to_string();
-    let (sym, size) = match table.named(name).as_slice() {
+    let mut named = table.named(name);
+    // `name,N`: the N-th of several symbols of that name, in address order.
+    if let (true, (base, Some(pos))) = (named.is_empty(), patch_format::split_sympos(name)) {
+        let mut all = table.named(base);
+        all.sort_by_key(|(s, _)| s.address);
+        named = all.get(pos - 1).copied().into_iter().collect();
+    }
+    let (sym, size) = match named.as_slice() {
         [] => {
             return Err(match table.absolute(name) {
                 Some(s) => KernelPatchError::NotAFunction {
@@ -702,6 +708,20 @@ int reads_percpu(void) { return pcpu_hot; }
             "{err}"
         );
         assert!(err.contains("0xffffffff810000c0 (t)"), "{err}");
+        assert!(err.contains("dup,N"), "{err}");
+        // By position: the second `dup` in address order.
+        let p = build(&[("dup,2", "fix")]).expect("dup,2");
+        assert_eq!(
+            p.sites[0].target,
+            Location::Symbol {
+                name: "dup,2".into(),
+                offset: 0
+            }
+        );
+        assert!(matches!(
+            build(&[("dup,3", "fix")]).unwrap_err(),
+            KernelPatchError::UnknownFunction { .. }
+        ));
 
         let err = build(&[("some_data", "fix")]).unwrap_err();
         assert!(
