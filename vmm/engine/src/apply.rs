@@ -43,10 +43,10 @@ struct Planned {
 pub(crate) struct PlannedApply {
     /// The engine's [`Engine::generation`] the plan was made at.
     generation: u64,
-    work: Planned2,
+    work: PlanOutcome,
 }
 
-enum Planned2 {
+enum PlanOutcome {
     /// Sites planned: commit them.
     Apply(Box<Work>),
     /// The patch is already applied, and this engine can take it out again.
@@ -140,13 +140,13 @@ impl<G: GuestControl> Engine<G> {
         if let Some(done) = self.already_applied(&id, t0) {
             let work = if self.unvouched.contains_key(&id) {
                 self.target.check_identity(&parsed.patch.target)?;
-                Planned2::Adopt {
+                PlanOutcome::Adopt {
                     parsed: Box::new(parsed),
                     file,
                     t0,
                 }
             } else {
-                Planned2::Done(Box::new(done))
+                PlanOutcome::Done(Box::new(done))
             };
             return Ok(PlannedApply {
                 generation: self.generation,
@@ -170,7 +170,7 @@ impl<G: GuestControl> Engine<G> {
         let record = self.intent(&id, patch, &planned, &lifting);
         Ok(PlannedApply {
             generation: self.generation,
-            work: Planned2::Apply(Box::new(Work {
+            work: PlanOutcome::Apply(Box::new(Work {
                 record,
                 planned,
                 lifting,
@@ -195,9 +195,9 @@ impl<G: GuestControl> Engine<G> {
             file,
             t0,
         } = match planned.work {
-            Planned2::Apply(w) => *w,
-            Planned2::Done(done) => return Ok(*done),
-            Planned2::Adopt { parsed, file, t0 } => return self.adopt(&parsed, &file, t0),
+            PlanOutcome::Apply(w) => *w,
+            PlanOutcome::Done(done) => return Ok(*done),
+            PlanOutcome::Adopt { parsed, file, t0 } => return self.adopt(&parsed, &file, t0),
         };
         // The signed file, then the intent: a crash from here on is found and repaired by
         // `recover`, which writes only what this file vouches for. Until the planned arena is
