@@ -65,6 +65,16 @@ pub const VERSION_PROC_SHOW_FIX: (&str, &str) = ("hp_version_proc_show", "versio
 /// The tag [`VERSION_PROC_SHOW_C`] puts before the newline of `/proc/version`.
 pub const VERSION_PROC_SHOW_TAG: &str = " [hotpatched by hvpatch]";
 
+/// A fix reading the per-CPU `current` (`%gs:current_task`): `/proc/version` then ends with
+/// " [read by COMM]", COMM the reading task's name.
+pub const VERSION_PROC_SHOW_COMM_C: &str =
+    include_str!("../linux/patches/version_proc_show_comm.c");
+/// Its (code symbol, kernel function).
+pub const VERSION_PROC_SHOW_COMM_FIX: (&str, &str) =
+    ("hp_version_proc_show_comm", "version_proc_show");
+/// What the patched line contains.
+pub const VERSION_PROC_SHOW_COMM_TAG: &str = " [read by ";
+
 /// The C compiler: `$HOTPATCH_KERNEL_CC`, else `gcc`.
 fn compiler() -> String {
     std::env::var("HOTPATCH_KERNEL_CC")

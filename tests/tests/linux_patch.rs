@@ -334,6 +334,66 @@ fn the_fix_applies_and_reverts_on_a_kernel_with_5_level_paging() {
         l.version == original
     });
 
+    // Per-CPU data from C: the fix reads `current` (%gs:current_task, an absolute per-CPU
+    // offset resolved without the slide) and prints the reading task's name.
+    let object = guest_tools::kernel_patch::compile(
+        guest_tools::kernel_patch::VERSION_PROC_SHOW_COMM_C,
+        dir.path(),
+    )
+    .expect("compile the per-CPU fix");
+    let (code, function) = guest_tools::kernel_patch::VERSION_PROC_SHOW_COMM_FIX;
+    let comm_fix = linux_guest::patch::build_kernel_patch(
+        &image.vmlinux,
+        &image.kallsyms,
+        &std::fs::read(&object).expect("object"),
+        &[linux_guest::patch::KernelFix::new(function, code)],
+        patch_format::Metadata {
+            name: "version-comm".into(),
+            created: 1,
+            ..Default::default()
+        },
+    )
+    .expect("build the per-CPU fix");
+    assert!(
+        comm_fix.sites[0]
+            .relocations
+            .iter()
+            .any(|r| r.symbol == "current_task" && r.kind == patch_format::RelocKind::Abs32S),
+        "{:?}",
+        comm_fix.sites[0].relocations
+    );
+    let before = last_seq(&g);
+    let applied = engine
+        .apply(&comm_fix.to_file_signed(&key).expect("sign"))
+        .expect("apply the per-CPU fix");
+    let tag = guest_tools::kernel_patch::VERSION_PROC_SHOW_COMM_TAG;
+    let line = wait_line(&g, before, "/proc/version naming its reader", |l| {
+        l.version.contains(tag)
+    });
+    let comm = line
+        .version
+        .split(tag)
+        .nth(1)
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or_default()
+        .to_string();
+    println!("per-CPU fix: {}", line.version);
+    assert!(
+        !comm.is_empty() && comm.len() < 16 && comm.bytes().all(|b| b.is_ascii_graphic()),
+        "the task name read through current is {comm:?}: {}",
+        line.version
+    );
+    let before = last_seq(&g);
+    engine
+        .revert(&applied.patch.id)
+        .expect("revert the per-CPU fix");
+    wait_line(
+        &g,
+        before,
+        "the original /proc/version after the per-CPU fix",
+        |l| l.version == original,
+    );
+
     // A jump label right after ping_close's entry (dynamic debug): a jump there would be
     // overwritten by the kernel's next toggle of it, so the patch is refused, naming it, and
     // nothing is written.

@@ -49,6 +49,9 @@ pub struct Target {
     pub slide: u64,
     /// Sorted by address.
     symbols: Vec<ImageSymbol>,
+    /// Absolute symbols (a kernel's per-CPU offsets), sorted by name: values, not addresses in
+    /// the image, so the slide never applies. Only relocations resolve to them.
+    absolute: Vec<(String, u64)>,
 }
 
 /// A resolved site location.
@@ -67,7 +70,16 @@ impl Target {
             identity: info.identity,
             slide,
             symbols,
+            absolute: Vec::new(),
         }
+    }
+
+    /// With the image's absolute symbols (per-CPU offsets: `%gs`-relative code refers to them),
+    /// which relocations resolve to their value, unslid, when no image symbol has the name.
+    pub fn with_absolute(mut self, symbols: impl IntoIterator<Item = (String, u64)>) -> Target {
+        self.absolute = symbols.into_iter().collect();
+        self.absolute.sort();
+        self
     }
 
     /// Rule 6: the patch is for this build. Both ids are compared when both sides have them;
@@ -116,10 +128,16 @@ impl Target {
         parts.join(",")
     }
 
-    /// The address of a symbol, for relocations: unique names only.
+    /// The address of a symbol, for relocations: unique names only; an absolute symbol (a
+    /// per-CPU offset) resolves to its value when no image symbol has the name.
     pub fn symbol(&self, name: &str) -> Option<u64> {
         let mut it = self.symbols.iter().filter(|s| s.name == name);
-        let s = it.next()?;
+        let Some(s) = it.next() else {
+            let from = self.absolute.partition_point(|(n, _)| n.as_str() < name);
+            let mut same = self.absolute[from..].iter().take_while(|(n, _)| n == name);
+            let (_, v) = same.next()?;
+            return same.next().is_none().then_some(*v);
+        };
         it.next().is_none().then(|| s.addr.wrapping_add(self.slide))
     }
 

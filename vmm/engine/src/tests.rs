@@ -1207,3 +1207,29 @@ fn a_difference_where_the_os_rewrites_its_code_is_refused_naming_it() {
         }))
     ));
 }
+
+#[test]
+fn absolute_symbols_resolve_unslid_and_only_when_no_image_symbol_has_the_name() {
+    let t = Target::new(
+        ImageInfo {
+            identity: identity(),
+            symbols: vec![ImageSymbol {
+                name: "f".into(),
+                addr: F_AT,
+                size: 13,
+                function: true,
+            }],
+        },
+        0x2000_0000,
+    )
+    .with_absolute([
+        ("current_task".to_string(), 0x1fb80),
+        ("f".to_string(), 0x10),
+        ("twice".to_string(), 1),
+        ("twice".to_string(), 2),
+    ]);
+    assert_eq!(t.symbol("current_task"), Some(0x1fb80));
+    assert_eq!(t.symbol("f"), Some(F_AT + 0x2000_0000));
+    assert_eq!(t.symbol("twice"), None);
+    assert_eq!(t.symbol("nothing"), None);
+}

@@ -37,7 +37,14 @@ pub fn engine_for_kernel<G: GuestControl>(
     image.text_sites.cut_at_function_entries(&mut info.symbols);
     Ok(Engine::new(
         guest,
-        Target::new(info, attached.slide.slide),
+        Target::new(info, attached.slide.slide).with_absolute(
+            image
+                .kallsyms
+                .symbols()
+                .iter()
+                .filter(|s| s.is_absolute())
+                .map(|s| (s.name.clone(), s.address)),
+        ),
         ArenaWindow {
             gpa: attached.arena.gpa,
             gva: attached.arena.gva,

@@ -132,8 +132,9 @@ pub enum KernelPatchError {
     #[error(
         "replacement for {function}: {code_symbol}+{offset:#x} refers to {symbol:?}, an \
          absolute kernel symbol (type {kind:?}: a per-CPU offset or a constant, not an address \
-         in the kernel image); per-CPU data needs %gs-relative code, which format 1 cannot \
-         relocate: reach it through a kernel function instead"
+         in the kernel image) through a RIP-relative reference, which would point at nothing: \
+         refer to per-CPU data %gs-relative with an absolute displacement, as the kernel does \
+         (`movq %gs:SYMBOL, %rax`, an R_X86_64_32S relocation)"
     )]
     AbsoluteSymbol {
         function: String,
@@ -360,7 +361,7 @@ fn build_patch(
             }
         })?;
         for r in &relocations {
-            check_relocation_symbol(table, fix, r.offset, &r.symbol)?;
+            check_relocation_symbol(table, fix, r.offset, &r.symbol, r.kind)?;
         }
         sites.push(Site {
             kind: SiteKind::Function,
@@ -450,12 +451,25 @@ fn check_relocation_symbol(
     fix: &KernelFix,
     offset: u32,
     symbol: &str,
+    kind: patch_format::RelocKind,
 ) -> Result<(), KernelPatchError> {
     let function = fix.function.clone();
     let code_symbol = fix.code_symbol.clone();
     let symbol_name = symbol.to_string();
     match table.named(symbol).as_slice() {
         [_] => Ok(()),
+        // A per-CPU offset (`%gs:current_task`): an absolute value, which the engine resolves
+        // unslid; only an absolute reference to it means anything.
+        [] if table.absolute(symbol).is_some()
+            && matches!(
+                kind,
+                patch_format::RelocKind::Abs32S
+                    | patch_format::RelocKind::Abs32
+                    | patch_format::RelocKind::Abs64
+            ) =>
+        {
+            Ok(())
+        }
         [] => Err(match table.absolute(symbol) {
             Some(s) => KernelPatchError::AbsoluteSymbol {
                 function,
