@@ -115,8 +115,20 @@ impl Drop for ActiveGuard {
 }
 
 fn serve_connection(mut stream: UnixStream, handler: &Handler, limits: &Limits) {
+    if serve(&mut stream, handler, limits).is_some() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Serves one request on `stream`: reads it, asks `handler`, writes the reply. Returns the
+/// status answered, or `None` if the client went away before a request could be answered.
+///
+/// Generic over the stream (the server passes its `UnixStream`, whose timeouts are set by
+/// [`accept_loop`]) so the whole exchange can be driven from bytes in memory: the fuzz target
+/// `api` does, with no socket and no VM.
+pub fn serve<S: Read + Write>(stream: &mut S, handler: &Handler, limits: &Limits) -> Option<u16> {
     let started = Instant::now();
-    let reply = match read_request(&mut stream, limits, started) {
+    let reply = match read_request(stream, limits, started) {
         Ok(req) => {
             let reply = handler(&req.method, &req.url, &req.body);
             tracing::debug!(
@@ -128,7 +140,7 @@ fn serve_connection(mut stream: UnixStream, handler: &Handler, limits: &Limits) 
             );
             reply
         }
-        Err(ReadFailure::Gone) => return,
+        Err(ReadFailure::Gone) => return None,
         Err(ReadFailure::Answer(fault)) => {
             tracing::debug!(
                 kind = fault.kind.as_str(),
@@ -138,17 +150,21 @@ fn serve_connection(mut stream: UnixStream, handler: &Handler, limits: &Limits) 
             fault.into()
         }
     };
-    write_reply(&mut stream, &reply);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    write_reply(stream, &reply);
+    Some(reply.status)
 }
 
-struct Request {
-    method: String,
-    url: String,
-    body: Vec<u8>,
+/// One request as read from a connection: what the handler is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub url: String,
+    pub body: Vec<u8>,
 }
 
-enum ReadFailure {
+/// Why [`read_request`] returned no request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFailure {
     /// The client went away or stalled before a request could be answered: nothing to say.
     Gone,
     /// Answer with this fault.
@@ -162,8 +178,16 @@ fn timed_out(e: &std::io::Error) -> bool {
     )
 }
 
-fn read_request(
-    stream: &mut UnixStream,
+/// Reads one request (head, then `Content-Length` bytes of body) within `limits`, measuring
+/// the request deadline from `started`.
+///
+/// Generic over the stream so that the parsing is the server's own when driven from memory (the
+/// fuzz target `api`). A stream with a read timeout (the server's socket) reports a stall as
+/// `WouldBlock`/`TimedOut`, answered 408 (or `Gone` before any byte); a stream that reaches its
+/// end is a client that went away. The `100 Continue` interim answer is written to the same
+/// stream.
+pub fn read_request<S: Read + Write>(
+    stream: &mut S,
     limits: &Limits,
     started: Instant,
 ) -> Result<Request, ReadFailure> {
@@ -308,7 +332,7 @@ fn reason(status: u16) -> &'static str {
 
 /// Writes a whole reply (always with Content-Length, never chunked); a client that went away
 /// or stopped reading is logged and dropped.
-fn write_reply(stream: &mut UnixStream, reply: &Reply) {
+fn write_reply<W: Write>(stream: &mut W, reply: &Reply) {
     let body = reply.body.to_string();
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
