@@ -282,45 +282,64 @@ pub fn unjournaled(l: &Ledger, records: &[PatchRecord], gpa: u64) -> Vec<PatchRe
         .filter(|id| !records.iter().any(|r| &r.id == id && r.state == PatchState::Applied))
         .map(|id| {
             let pid = id_bytes(&id);
-            PatchRecord {
-                name: "(named only by the guest's arena ledger)".into(),
-                state: PatchState::Applied,
-                sites: l
-                    .sites
-                    .iter()
-                    .filter(|s| s.patch == pid)
-                    .map(|s| SiteRecord {
-                        location: format!("{:#x}", s.gva),
-                        gva: s.gva,
-                        gpa: 0,
-                        original: Vec::new(),
-                        patched: Vec::new(),
-                    })
-                    .collect(),
-                arena: l
-                    .chunks
-                    .iter()
-                    .filter(|c| c.patch == pid)
-                    .map(|c| ArenaRecord {
-                        gpa: gpa + c.chunk.offset,
-                        len: c.chunk.len,
-                    })
-                    .collect(),
-                replaces: Vec::new(),
-                applied_at: None,
-                reverted_at: None,
-                apply_blackout_us: None,
-                revert_blackout_us: None,
-                moved_vcpus: 0,
-                function_sites: 0,
-                target: None,
-                note: Some(format!(
-                    "claimed by the guest's arena ledger, not by this journal (not verified by list; apply or revert checks the jumps): {GUEST_ONLY}"
-                )),
+            let sites = l
+                .sites
+                .iter()
+                .filter(|s| s.patch == pid)
+                .map(|s| SiteRecord {
+                    location: format!("{:#x}", s.gva),
+                    gva: s.gva,
+                    gpa: 0,
+                    original: Vec::new(),
+                    patched: Vec::new(),
+                })
+                .collect();
+            let arena = l
+                .chunks
+                .iter()
+                .filter(|c| c.patch == pid)
+                .map(|c| ArenaRecord {
+                    gpa: gpa + c.chunk.offset,
+                    len: c.chunk.len,
+                })
+                .collect();
+            ledger_record(
                 id,
-            }
+                sites,
+                arena,
+                None,
+                format!(
+                    "claimed by the guest's arena ledger, not by this journal (not verified by list; apply or revert checks the jumps): {GUEST_ONLY}"
+                ),
+            )
         })
         .collect()
+}
+
+/// The record of a patch known only from the guest's ledger: applied there, nothing else known.
+fn ledger_record(
+    id: String,
+    sites: Vec<SiteRecord>,
+    arena: Vec<ArenaRecord>,
+    target: Option<String>,
+    note: String,
+) -> PatchRecord {
+    PatchRecord {
+        id,
+        name: "(named only by the guest's arena ledger)".into(),
+        state: PatchState::Applied,
+        sites,
+        arena,
+        replaces: Vec::new(),
+        applied_at: None,
+        reverted_at: None,
+        apply_blackout_us: None,
+        revert_blackout_us: None,
+        moved_vcpus: 0,
+        function_sites: 0,
+        target,
+        note: Some(note),
+    }
 }
 
 /// Why a patch the ledger names cannot be taken out by this engine until its file is given.
@@ -510,30 +529,19 @@ impl<G: GuestControl> Engine<G> {
                 continue;
             }
             warn!(patch = %id, sites = found.len(), "the arena ledger names a patch this journal does not hold as applied; listing it from the guest");
-            let rec = PatchRecord {
-                id: id.clone(),
-                name: "(named only by the guest's arena ledger)".into(),
-                state: PatchState::Applied,
-                sites: found,
-                arena: chunks
+            let rec = ledger_record(
+                id.clone(),
+                found,
+                chunks
                     .iter()
                     .map(|c| ArenaRecord {
                         gpa: window.gpa + c.offset,
                         len: c.len,
                     })
                     .collect(),
-                replaces: Vec::new(),
-                applied_at: None,
-                reverted_at: None,
-                apply_blackout_us: None,
-                revert_blackout_us: None,
-                moved_vcpus: 0,
-                function_sites: 0,
-                target: Some(self.target.identity_tag()),
-                note: Some(format!(
-                    "in the guest; this VMM will not revert it: {GUEST_ONLY}"
-                )),
-            };
+                Some(self.target.identity_tag()),
+                format!("in the guest; this VMM will not revert it: {GUEST_ONLY}"),
+            );
             self.unvouched.insert(id.clone(), GUEST_ONLY.into());
             // Known to the guest only: listed, not journaled (the journal holds what this VMM
             // did or can vouch for).
