@@ -265,8 +265,46 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     let listed = stdout(&run(target(&["list"])));
     assert!(listed.contains("version-tag-2"), "{listed}");
 
+    // Through another state dir the second fix is named by the guest's ledger only: its revert
+    // is refused (nothing vouches for the bytes) and changes nothing; applying its signed file
+    // there adopts it, and then that state dir reverts it.
+    let in_state = |verb: &[&str], dir: &str| {
+        let mut v = target(verb);
+        let at = v
+            .iter()
+            .position(|a| a == "--state-dir")
+            .expect("state dir")
+            + 1;
+        v[at] = d(dir);
+        v
+    };
+    let refused = cli_output(
+        &in_state(&["revert", &id[..8]], "state-3")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        !refused.status.success() && err.contains("arena ledger"),
+        "{err}"
+    );
+    let still = wait_line(
+        &g,
+        last_seq(&g),
+        "the fix still in after a refused revert",
+        |_| true,
+    );
+    assert!(
+        still.version.contains(VERSION_PROC_SHOW_TAG),
+        "{}",
+        still.version
+    );
+    let adopted = stdout(&run(in_state(&["apply", &d("fix2.hpatch")], "state-3")));
+    println!("{adopted}");
+    assert!(adopted.starts_with("already applied"), "{adopted}");
     let before = last_seq(&g);
-    let out = stdout(&run(target(&["revert", &id[..8]])));
+    let out = stdout(&run(in_state(&["revert", &id[..8]], "state-3")));
     assert!(out.starts_with("reverted "), "{out}");
     wait_line(&g, before, "the original /proc/version again", |l| {
         l.version == original
