@@ -8,8 +8,9 @@
 //!
 //! - [`Kit::ensure`] runs `scripts/linux-kit` once per process: QEMU, busybox-static and the
 //!   kernel's `boot/` files, fetched only when missing.
-//! - [`LinuxGuest::boot`] starts QEMU with a gdbstub on a free local port and a QMP socket, and
-//!   collects the serial console line by line while it runs.
+//! - [`LinuxGuest::boot`] starts QEMU with a gdbstub on a free local port (unless
+//!   [`BootOptions::gdb`] is off, as on an operator's VM) and a QMP socket, and collects the
+//!   serial console line by line while it runs.
 //! - [`proc_kallsyms`] is the guest's own `/proc/kallsyms` of a `nokaslr` boot (the package's
 //!   System.map is a stub), cached next to the kernel.
 
@@ -125,6 +126,9 @@ pub struct BootOptions {
     /// QEMU's `-cpu` model (`max` offers LA57, so the kernel runs on 5-level paging); QEMU's
     /// default when `None`.
     pub cpu: Option<&'static str>,
+    /// Start QEMU with a gdbstub (`-gdb tcp:127.0.0.1:PORT`). Off, only QMP is offered, as by
+    /// a VM an operator started: the backend then starts a gdbstub through QMP.
+    pub gdb: bool,
 }
 
 impl Default for BootOptions {
@@ -136,6 +140,7 @@ impl Default for BootOptions {
             memory_mib: 512,
             extra_cmdline: String::new(),
             cpu: None,
+            gdb: true,
         }
     }
 }
@@ -149,7 +154,8 @@ pub struct LinuxGuest {
     child: Mutex<Child>,
     /// Holds the initramfs and the QMP socket; removed on drop.
     _dir: TempDir,
-    gdb_port: u16,
+    /// `None`: started without a gdbstub.
+    gdb_port: Option<u16>,
     qmp: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
     /// Set by the console reader when QEMU's stdout closed: QEMU has exited.
@@ -198,7 +204,7 @@ impl LinuxGuest {
             std::fs::write(&initrd, &archive)
                 .unwrap_or_else(|e| panic!("writing {}: {e}", initrd.display()));
             let qmp = dir.path().join("qmp.sock");
-            let gdb_port = free_port();
+            let gdb_port = opts.gdb.then(free_port);
             let mut cmd = Command::new(&kit.qemu);
             cmd.args(["-M", "pc", "-accel", &accel]);
             if let Some(cpu) = opts.cpu {
@@ -212,13 +218,15 @@ impl LinuxGuest {
                 .arg("-initrd")
                 .arg(&initrd)
                 .args(["-append", &cmdline])
-                .args(["-gdb", &format!("tcp:127.0.0.1:{gdb_port}")])
                 .arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", qmp.display()))
                 .arg("-no-reboot")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
+            if let Some(port) = gdb_port {
+                cmd.args(["-gdb", &format!("tcp:127.0.0.1:{port}")]);
+            }
             let started = Instant::now();
             let mut child = cmd
                 .spawn()
@@ -258,7 +266,7 @@ impl LinuxGuest {
                         "linux guest: qemu -accel {accel}, {} vCPU, {} MiB, gdb {}, append \"{cmdline}\"",
                         opts.vcpus,
                         opts.memory_mib,
-                        guest.gdb_addr()
+                        gdb_port.map_or("none".to_string(), |p| format!("127.0.0.1:{p}"))
                     );
                     return guest;
                 }
@@ -275,11 +283,12 @@ impl LinuxGuest {
         panic!("QEMU did not start:\n{}", failures.join("\n---\n"));
     }
 
-    /// Waits until QEMU listens on the gdb port and the QMP socket, or fails with why not.
+    /// Waits until QEMU listens on the gdb port (if any) and the QMP socket, or fails with why
+    /// not.
     fn wait_listening(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.qmp.exists() && tcp_listening(self.gdb_port) {
+            if self.qmp.exists() && self.gdb_port.is_none_or(tcp_listening) {
                 return Ok(());
             }
             if let Some(status) = self.try_wait() {
@@ -292,7 +301,7 @@ impl LinuxGuest {
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "QEMU was not listening on gdb port {} and {} after {timeout:?}:\n{}",
+                    "QEMU was not listening on gdb port {:?} and {} after {timeout:?}:\n{}",
                     self.gdb_port,
                     self.qmp.display(),
                     lock(&self.stderr)
@@ -303,8 +312,12 @@ impl LinuxGuest {
     }
 
     /// The gdbstub address, `127.0.0.1:PORT`. QEMU 7.2 stops the VM when a client connects.
+    /// Panics on a guest booted without a gdbstub ([`BootOptions::gdb`] off).
     pub fn gdb_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.gdb_port)
+        let port = self
+            .gdb_port
+            .expect("this guest was booted without a gdbstub (BootOptions::gdb off)");
+        format!("127.0.0.1:{port}")
     }
 
     /// The QMP Unix socket (the greeting and `qmp_capabilities` come first, as always).

@@ -505,3 +505,84 @@ fn ping_close_replacement(
     p.normalize();
     p.to_file_signed(key).expect("sign")
 }
+
+/// A kernel whose QEMU was started without `-gdb`, as operators' VMs are: `vmm patch apply`
+/// and `revert` with only `--qmp` start a gdbstub on a private Unix socket for each command
+/// (the KASLR slide still comes from QMP's `info registers`, on the connection the backend
+/// holds), and leave none behind.
+#[test]
+fn a_kernel_started_without_gdb_is_patched_with_only_its_qmp_socket() {
+    let kit = Kit::ensure();
+    let dir = TempDir::new("linux-qmp-only");
+    let d = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_string();
+    let g = LinuxGuest::boot(
+        &kit,
+        &BootOptions {
+            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x}"),
+            gdb: false,
+            ..BootOptions::default()
+        },
+    );
+    let first = wait_line_within(&g, 0, "workload line", BOOT_WITHIN, |_| true);
+    let original = first.version.clone();
+    let image = linux_guest::attach::KernelImage::from_file(&kit.vmlinuz).expect("image");
+    let key = patch_format::SecretKey::generate().expect("key");
+    let (_, file) =
+        vmm_tools::demo_linux::version_fix(dir.path(), &image, &key).expect("build the fix");
+    std::fs::write(d("fix.hpatch"), file).expect("write the fix");
+    std::fs::write(d("ops.pub"), key.public().to_file_text()).expect("write the key");
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).expect("runtime dir");
+
+    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
+    let run = |verb: &[&str]| -> String {
+        let out = std::process::Command::new(integration_tests::vmm_bin())
+            .arg("patch")
+            .args(verb)
+            .args(["--qmp", g.qmp_path().to_str().expect("utf-8")])
+            .args(["--linux-kernel", &vmlinuz])
+            .args(["--arena", &format!("{ARENA_GPA:#x}")])
+            .args(["--state-dir", &d("state"), "--trusted-key", &d("ops.pub")])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .output()
+            .expect("spawn vmm");
+        let text = stdout(&out);
+        assert!(
+            out.status.success(),
+            "vmm patch {verb:?} failed ({}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{text}");
+        assert!(text.contains("\nguest halted "), "no halt report: {text}");
+        text
+    };
+    let no_gdbstub = |what: &str| {
+        let mut qmp =
+            qemu_backend::Qmp::connect(g.qmp_path(), qemu_backend::IO_TIMEOUT).expect("QMP");
+        let devs = qmp.chardevs().expect("query-chardev");
+        assert!(
+            devs.iter().all(|c| c.label != qemu_backend::GDB_CHARDEV),
+            "{what}: a gdbstub remains: {devs:?}"
+        );
+        assert_eq!(qmp.status().expect("status"), "running", "{what}");
+        let left: Vec<_> = std::fs::read_dir(&runtime).expect("runtime dir").collect();
+        assert!(left.is_empty(), "{what}: left behind: {left:?}");
+    };
+
+    let before = last_seq(&g);
+    let out = run(&["apply", &d("fix.hpatch")]);
+    assert!(out.starts_with("applied "), "{out}");
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+    wait_line(&g, before, "patched /proc/version", |l| {
+        l.version.contains(VERSION_PROC_SHOW_TAG)
+    });
+    no_gdbstub("after the apply");
+    let before = last_seq(&g);
+    let out = run(&["revert", &id[..8]]);
+    assert!(out.starts_with("reverted "), "{out}");
+    wait_line(&g, before, "the original /proc/version again", |l| {
+        l.version == original
+    });
+    no_gdbstub("after the revert");
+}

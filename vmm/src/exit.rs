@@ -13,7 +13,8 @@ Exit status:
   2  usage error (bad arguments)
   3  refused: the patch was checked and not applied (signature, wrong target,
      plan refusal, conflict with an applied patch, arena full, tampered code)
-  4  busy: try again later (vCPUs in the way, VM paused, state dir locked)
+  4  busy: try again later (vCPUs in the way, VM paused, state dir locked,
+     QEMU's QMP socket held by another client)
   5  unreachable: no VMM on the API socket, or QEMU's gdbstub/QMP cannot be reached
   6  not found: no such patch (or a file named on the command line is missing)
 `vmm run` exits with the guest's status instead.";
@@ -116,20 +117,29 @@ pub fn code(err: &anyhow::Error) -> u8 {
         }
         if let Some(e) = cause.downcast_ref::<QemuError>() {
             match e {
-                QemuError::Gdb(RspError::Connect { .. })
+                QemuError::Gdb(RspError::Connect { .. } | RspError::ConnectUnix { .. })
                 | QemuError::Qmp(QmpError::Connect { .. }) => {
                     return UNREACHABLE;
                 }
-                QemuError::NotRunning(_) => return BUSY,
+                QemuError::NotRunning(_) | QemuError::Qmp(QmpError::Busy { .. }) => return BUSY,
                 _ => {}
             }
+        }
+        if matches!(
+            cause.downcast_ref::<qemu_backend::qmp::QmpError>(),
+            Some(qemu_backend::qmp::QmpError::Busy { .. })
+        ) {
+            return BUSY;
         }
         if matches!(
             cause.downcast_ref::<qemu_backend::qmp::QmpError>(),
             Some(qemu_backend::qmp::QmpError::Connect { .. })
         ) || matches!(
             cause.downcast_ref::<qemu_backend::rsp::RspError>(),
-            Some(qemu_backend::rsp::RspError::Connect { .. })
+            Some(
+                qemu_backend::rsp::RspError::Connect { .. }
+                    | qemu_backend::rsp::RspError::ConnectUnix { .. }
+            )
         ) {
             return UNREACHABLE;
         }
@@ -287,6 +297,16 @@ mod tests {
             code(&anyhow::Error::new(QemuError::NotRunning("paused".into()))),
             BUSY
         );
+        let held = QemuError::Qmp(QmpError::Busy {
+            path: "/q".into(),
+            why: "it sent no greeting".into(),
+        });
+        assert_eq!(code(&anyhow::Error::new(held)), BUSY);
+        let gdb = QemuError::Gdb(RspError::ConnectUnix {
+            path: "/g".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(code(&anyhow::Error::new(gdb)), UNREACHABLE);
         assert_eq!(code(&anyhow::anyhow!("something else")), FAILURE);
     }
 }

@@ -12,9 +12,11 @@ use patch_format::{
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use control_api::client::ApiClient;
 use patch_engine::journal::{PatchRecord, PatchState};
+use qemu_backend::QemuGuest;
 use serde::{Deserialize, Serialize};
 
 use crate::exit::ApiFailure;
@@ -31,8 +33,8 @@ pub enum PatchCommand {
     Verify(VerifyArgs),
     /// Show a patch: id, signature, metadata, target, sites with disassembly.
     Inspect(InspectArgs),
-    /// Apply a patch to a running VM (through its API socket, or to a QEMU VM through its
-    /// gdbstub and QMP). Applying it again is a no-op.
+    /// Apply a patch to a running VM (through its API socket, or to a QEMU VM through its QMP
+    /// socket and a gdbstub). Applying it again is a no-op.
     Apply(ApplyArgs),
     /// List the patches a running VM has seen: id, name, state, sites, blackout.
     List(ListArgs),
@@ -46,23 +48,26 @@ pub struct SockArg {
     /// The VM's API socket (`vmm run --api-sock PATH`).
     #[arg(
         long,
-        required_unless_present = "qemu_gdb",
-        conflicts_with = "qemu_gdb"
+        required_unless_present_any = ["qemu_gdb", "qmp"],
+        conflicts_with_all = ["qemu_gdb", "qmp"]
     )]
     pub api_sock: Option<PathBuf>,
     #[command(flatten)]
     pub qemu: QemuArgs,
 }
 
-/// A VM under stock QEMU, patched through its gdbstub and QMP (`docs/patch-engine.md`).
+/// A VM under stock QEMU, patched through its QMP socket and a gdbstub (`docs/qemu-backend.md`).
 #[derive(Args, Debug)]
 pub struct QemuArgs {
-    /// Patch a VM running under QEMU, through its gdbstub (`-gdb tcp:HOST:PORT`).
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["qmp", "state_dir"])]
-    pub qemu_gdb: Option<String>,
-    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`): run state and vCPUs.
-    #[arg(long, value_name = "PATH")]
+    /// Patch a VM running under QEMU through its QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    /// Alone it is enough: for the length of the command vmm starts a gdbstub on a Unix socket
+    /// in a new owner-only directory (HMP `gdbserver`), then stops it and removes the directory.
+    #[arg(long, value_name = "PATH", requires = "state_dir")]
     pub qmp: Option<PathBuf>,
+    /// Use the VM's own gdbstub instead: HOST:PORT (`-gdb tcp:HOST:PORT`) or unix:PATH
+    /// (`-gdb unix:PATH,server=on,wait=off`).
+    #[arg(long, value_name = "HOST:PORT|unix:PATH", requires_all = ["qmp", "state_dir"])]
+    pub qemu_gdb: Option<String>,
     /// The ELF image the QEMU guest booted: its symbols and build identity.
     #[arg(long, value_name = "ELF", required_unless_present_any = ["api_sock", "linux_kernel"])]
     pub image: Option<PathBuf>,
@@ -106,14 +111,38 @@ fn parse_gpa(text: &str) -> std::result::Result<u64, String> {
     }
 }
 
-/// An engine attached to the QEMU VM named by `q`, for one command.
 /// Both arenas (the test guest's and a Linux kernel's) are one 2 MiB page.
 const ARENA_SIZE: u64 = linux_guest::arena::ARENA_SIZE;
 const _: () = assert!(ARENA_SIZE == kvm_vmm::layout::PATCH_ARENA_SIZE);
 
-fn qemu_engine(q: &QemuArgs) -> Result<patch_engine::Engine<qemu_backend::QemuGuest>> {
-    let (Some(gdb), Some(qmp), Some(state_dir)) = (&q.qemu_gdb, &q.qmp, &q.state_dir) else {
-        bail!("--qemu-gdb needs --qmp and --state-dir");
+/// Attaches to the QEMU VM named by `q`, for one command: through its own gdbstub with
+/// --qemu-gdb, else through a gdbstub started over QMP for the command.
+fn qemu_attach(q: &QemuArgs) -> Result<Arc<QemuGuest>> {
+    let Some(qmp) = &q.qmp else {
+        bail!("a QEMU VM needs --qmp (its QMP socket) and --state-dir");
+    };
+    Ok(Arc::new(match &q.qemu_gdb {
+        Some(gdb) => QemuGuest::attach(gdb, qmp)?,
+        None => QemuGuest::attach_qmp(qmp)?,
+    }))
+}
+
+/// Detaches from QEMU (a gdbstub vmm started is stopped) and returns every halt the command
+/// caused. A failure to clean up is a warning: the command itself was done.
+fn qemu_detach(guest: &QemuGuest) -> HaltView {
+    if let Err(e) = guest.detach() {
+        eprintln!(
+            "warning: detaching from QEMU: {}",
+            crate::exit::render(&anyhow::Error::new(e))
+        );
+    }
+    guest.halts().into()
+}
+
+/// An engine over `guest`, the QEMU VM named by `q`.
+fn qemu_engine(q: &QemuArgs, guest: Arc<QemuGuest>) -> Result<patch_engine::Engine<QemuGuest>> {
+    let Some(state_dir) = &q.state_dir else {
+        bail!("a QEMU VM needs --state-dir (where its patch states are journaled)");
     };
     let config = patch_engine::EngineConfig {
         trusted_keys: patch_engine::keys::read_keys(&q.trusted_keys)?,
@@ -122,7 +151,6 @@ fn qemu_engine(q: &QemuArgs) -> Result<patch_engine::Engine<qemu_backend::QemuGu
     };
     if let Some(kernel) = &q.linux_kernel {
         let image = linux_guest::attach::KernelImage::from_file(kernel)?;
-        let guest = std::sync::Arc::new(qemu_backend::QemuGuest::attach(gdb, qmp)?);
         let idt = guest.idt_base()?;
         return Ok(linux_guest::engine::engine_for_kernel(
             guest,
@@ -134,10 +162,9 @@ fn qemu_engine(q: &QemuArgs) -> Result<patch_engine::Engine<qemu_backend::QemuGu
         )?);
     }
     let Some(image) = &q.image else {
-        bail!("--qemu-gdb needs --image (an ELF guest) or --linux-kernel (a Linux guest)");
+        bail!("a QEMU VM needs --image (an ELF guest) or --linux-kernel (a Linux guest)");
     };
     let bytes = read(image)?;
-    let guest = std::sync::Arc::new(qemu_backend::QemuGuest::attach(gdb, qmp)?);
     let window = patch_engine::arena::ArenaWindow {
         gpa: q.arena,
         gva: q.arena,
@@ -321,6 +348,40 @@ pub struct ApplyView {
     pub replaced: Vec<String>,
     pub attempts: u32,
     pub total_us: u64,
+    /// A QEMU VM only: every halt of the guest the command caused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halts: Option<HaltView>,
+}
+
+/// Every halt of a QEMU guest one command caused (attaching, memory access, blackouts).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct HaltView {
+    pub count: u64,
+    pub total_us: u64,
+    pub longest_us: u64,
+}
+
+impl From<qemu_backend::HaltStats> for HaltView {
+    fn from(h: qemu_backend::HaltStats) -> Self {
+        HaltView {
+            count: h.count,
+            total_us: h.total_us,
+            longest_us: h.longest_us,
+        }
+    }
+}
+
+impl std::fmt::Display for HaltView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "guest halted {} time{}, {} µs in total (longest {} µs)",
+            self.count,
+            if self.count == 1 { "" } else { "s" },
+            self.total_us,
+            self.longest_us
+        )
+    }
 }
 
 impl From<patch_engine::ApplyOutcome> for ApplyView {
@@ -331,6 +392,7 @@ impl From<patch_engine::ApplyOutcome> for ApplyView {
             replaced: o.replaced,
             attempts: o.attempts,
             total_us: o.total_us,
+            halts: None,
         }
     }
 }
@@ -339,6 +401,18 @@ impl From<patch_engine::ApplyOutcome> for ApplyView {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ListView {
     pub patches: Vec<PatchRecord>,
+    /// A QEMU VM only: every halt of the guest the command caused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halts: Option<HaltView>,
+}
+
+/// `vmm patch revert --json`: the patch's record, and for a QEMU VM the halts.
+#[derive(Debug, Serialize)]
+pub struct RevertView {
+    #[serde(flatten)]
+    pub patch: PatchRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halts: Option<HaltView>,
 }
 
 /// The VM `apply`, `list` and `revert` act on: one of this VMM's (its API socket) or one under
@@ -359,48 +433,64 @@ impl<'a> PatchTarget<'a> {
     pub fn apply(&self, file: &[u8]) -> Result<ApplyView> {
         match self {
             PatchTarget::Api(c) => api_call(c, "POST", "/v1/patches", file),
-            PatchTarget::Qemu(q) => Ok(qemu_engine(q)?.apply(file)?.into()),
+            PatchTarget::Qemu(q) => {
+                let guest = qemu_attach(q)?;
+                let outcome = qemu_engine(q, guest.clone())?.apply(file)?;
+                let mut v = ApplyView::from(outcome);
+                v.halts = Some(qemu_detach(&guest));
+                Ok(v)
+            }
         }
     }
 
     /// Never writes to the guest: for QEMU it reads the journal in --state-dir read-only
     /// (without taking the lock or running recovery) and the arena's ledger from guest memory
     /// (two short reads), so patches applied through another state dir are listed too.
-    pub fn list(&self) -> Result<Vec<PatchRecord>> {
+    pub fn list(&self) -> Result<ListView> {
         match self {
-            PatchTarget::Api(c) => Ok(api_call::<ListView>(c, "GET", "/v1/patches", b"")?.patches),
+            PatchTarget::Api(c) => api_call::<ListView>(c, "GET", "/v1/patches", b""),
             PatchTarget::Qemu(q) => {
                 let Some(dir) = &q.state_dir else {
-                    bail!("--qemu-gdb needs --state-dir (the directory apply and revert used)");
+                    bail!("a QEMU VM needs --state-dir (the directory apply and revert used)");
                 };
-                let mut records = patch_engine::journal::Journal::read_only(dir)?;
+                let mut patches = patch_engine::journal::Journal::read_only(dir)?;
+                let mut halts = None;
                 // The journal alone still answers when the VM cannot be reached.
-                if let (Some(gdb), Some(qmp)) = (&q.qemu_gdb, &q.qmp) {
-                    match qemu_backend::QemuGuest::attach(gdb, qmp) {
-                        Ok(guest) => {
-                            if let Some(l) =
-                                patch_engine::ledger::read_from(&guest, q.arena, ARENA_SIZE)
-                            {
-                                let extra =
-                                    patch_engine::ledger::unjournaled(&l, &records, q.arena);
-                                records.extend(extra);
-                            }
+                match qemu_attach(q) {
+                    Ok(guest) => {
+                        if let Some(l) =
+                            patch_engine::ledger::read_from(guest.as_ref(), q.arena, ARENA_SIZE)
+                        {
+                            let extra = patch_engine::ledger::unjournaled(&l, &patches, q.arena);
+                            patches.extend(extra);
                         }
-                        Err(e) => eprintln!(
-                            "warning: the VM cannot be reached ({e}); listing this state dir's journal only, not the patches the guest's arena ledger names"
-                        ),
+                        halts = Some(qemu_detach(&guest));
                     }
+                    Err(e) => eprintln!(
+                        "warning: the VM cannot be reached ({}); listing this state dir's journal only, not the patches the guest's arena ledger names",
+                        crate::exit::render(&e)
+                    ),
                 }
-                Ok(records)
+                Ok(ListView { patches, halts })
             }
         }
     }
 
-    pub fn revert(&self, id: &str) -> Result<PatchRecord> {
+    pub fn revert(&self, id: &str) -> Result<RevertView> {
         let id: String = id.chars().filter(char::is_ascii_hexdigit).collect();
         match self {
-            PatchTarget::Api(c) => api_call(c, "POST", &format!("/v1/patches/{id}/revert"), b""),
-            PatchTarget::Qemu(q) => Ok(qemu_engine(q)?.revert(&id)?),
+            PatchTarget::Api(c) => Ok(RevertView {
+                patch: api_call(c, "POST", &format!("/v1/patches/{id}/revert"), b"")?,
+                halts: None,
+            }),
+            PatchTarget::Qemu(q) => {
+                let guest = qemu_attach(q)?;
+                let patch = qemu_engine(q, guest.clone())?.revert(&id)?;
+                Ok(RevertView {
+                    patch,
+                    halts: Some(qemu_detach(&guest)),
+                })
+            }
         }
     }
 }
@@ -434,6 +524,7 @@ fn apply(a: ApplyArgs) -> Result<()> {
     let p = &v.patch;
     if v.already_applied {
         println!("already applied: {} {}", p.id, p.name);
+        print_halts(v.halts);
         return Ok(());
     }
     let blackout = p
@@ -451,7 +542,15 @@ fn apply(a: ApplyArgs) -> Result<()> {
     for r in &v.replaced {
         println!("  replaced {r}");
     }
+    print_halts(v.halts);
     Ok(())
+}
+
+/// The halts line of a QEMU VM, under the command's result.
+fn print_halts(halts: Option<HaltView>) {
+    if let Some(h) = halts {
+        println!("{h}");
+    }
 }
 
 fn state_name(s: PatchState) -> &'static str {
@@ -465,19 +564,21 @@ fn state_name(s: PatchState) -> &'static str {
 }
 
 fn list(a: ListArgs) -> Result<()> {
-    let patches = PatchTarget::from_args(&a.sock).list()?;
+    let view = PatchTarget::from_args(&a.sock).list()?;
     if a.json {
-        return pretty(&ListView { patches });
+        return pretty(&view);
     }
+    let patches = &view.patches;
     if patches.is_empty() {
         println!("no patches");
+        print_halts(view.halts);
         return Ok(());
     }
     println!(
         "{:<16}  {:<24} {:<9} {:>5}  {:<20} {:>12}",
         "ID", "NAME", "STATE", "SITES", "APPLIED AT (UTC)", "BLACKOUT µs"
     );
-    for p in &patches {
+    for p in patches {
         let applied = p
             .applied_at
             .map(patch_format::format_utc)
@@ -498,18 +599,21 @@ fn list(a: ListArgs) -> Result<()> {
             println!("{:<18}note: {note}", "");
         }
     }
+    print_halts(view.halts);
     Ok(())
 }
 
 fn revert(a: RevertArgs) -> Result<()> {
-    let p = PatchTarget::from_args(&a.sock).revert(&a.id)?;
+    let v = PatchTarget::from_args(&a.sock).revert(&a.id)?;
     if a.json {
-        return pretty(&p);
+        return pretty(&v);
     }
+    let p = &v.patch;
     let blackout = p
         .revert_blackout_us
         .map_or("-".to_string(), |b| b.to_string());
     println!("reverted {} {}: blackout {blackout} µs", p.id, p.name);
+    print_halts(v.halts);
     Ok(())
 }
 

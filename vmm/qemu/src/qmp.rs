@@ -1,5 +1,10 @@
 //! A client for QEMU's machine protocol (QMP) on a Unix socket: the VM's run state and its
-//! vCPUs, and `stop`/`cont` (the peer floor the benchmarks compare against).
+//! vCPUs, its character devices, HMP commands (`human-monitor-command`), and `stop`/`cont` (the
+//! peer floor the benchmarks compare against).
+//!
+//! A QMP socket serves one client at a time. QEMU leaves later clients waiting in the socket's
+//! queue, without a greeting, until the first one leaves; once the queue is full a connect
+//! fails at once. Both are reported as [`QmpError::Busy`].
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -17,6 +22,12 @@ pub enum QmpError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "QEMU's QMP socket {path} is held by another client: QEMU serves one client per QMP \
+         socket, and {why}. Close the other client (or start QEMU with a second -qmp socket for \
+         vmm) and try again"
+    )]
+    Busy { path: String, why: String },
     #[error("the QMP connection failed")]
     Io(#[from] std::io::Error),
     #[error("QMP sent something that is not a QMP message: {0}")]
@@ -38,23 +49,54 @@ pub struct QmpCpu {
     pub thread_id: u64,
 }
 
+/// One character device as `query-chardev` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpChardev {
+    /// Its id: `gdb` for the gdbstub's socket (`-gdb`, HMP `gdbserver`).
+    pub label: String,
+    /// What it is connected to, e.g. `disconnected:unix:/run/x/gdb.sock,server=on`.
+    pub filename: String,
+}
+
 /// Events from an earlier client tolerated before the greeting.
 const MAX_STALE_EVENTS: usize = 64;
 
+/// How long the greeting may take. QEMU greets a client as soon as it accepts it, so a
+/// connection without one is queued behind another client.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+        let busy = |why: String| QmpError::Busy {
             path: path.display().to_string(),
-            source,
+            why,
+        };
+        let stream = connect_nonblocking(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::WouldBlock {
+                busy("its queue of waiting clients is full".into())
+            } else {
+                QmpError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                }
+            }
         })?;
-        stream.set_read_timeout(Some(timeout))?;
+        let greeting = timeout.min(GREETING_TIMEOUT);
+        stream.set_read_timeout(Some(greeting))?;
         let reader = BufReader::new(stream.try_clone()?);
         let mut qmp = Qmp { stream, reader };
         // QEMU's monitor socket serves one client at a time and may still flush an event meant
         // for the previous one (seen: a RESUME) before the new client's greeting: skip events.
         let mut skipped = 0;
         loop {
-            let line = qmp.line()?;
+            let line = match qmp.line() {
+                Err(QmpError::Io(e)) if is_timeout(&e) => {
+                    return Err(busy(format!(
+                        "it sent this connection no greeting within {greeting:?} (or QEMU is hung)"
+                    )));
+                }
+                r => r?,
+            };
             if line.get("QMP").is_some() {
                 break;
             }
@@ -63,6 +105,7 @@ impl Qmp {
                 return Err(QmpError::Malformed(line.to_string()));
             }
         }
+        qmp.stream.set_read_timeout(Some(timeout))?;
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
     }
@@ -127,6 +170,40 @@ impl Qmp {
             .collect()
     }
 
+    /// Every character device (`query-chardev`).
+    pub fn chardevs(&mut self) -> Result<Vec<QmpChardev>, QmpError> {
+        let r = self.execute("query-chardev", json!({}))?;
+        let list = r
+            .as_array()
+            .ok_or_else(|| QmpError::Malformed(r.to_string()))?;
+        list.iter()
+            .map(|c| {
+                let text = |k: &str| {
+                    c.get(k)
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .ok_or_else(|| QmpError::Malformed(c.to_string()))
+                };
+                Ok(QmpChardev {
+                    label: text("label")?,
+                    filename: text("filename")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs one HMP command (`human-monitor-command`) and returns its output. HMP reports most
+    /// failures only in that text.
+    pub fn hmp(&mut self, command_line: &str) -> Result<String, QmpError> {
+        let r = self.execute(
+            "human-monitor-command",
+            json!({ "command-line": command_line }),
+        )?;
+        r.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| QmpError::Malformed(r.to_string()))
+    }
+
     pub fn stop(&mut self) -> Result<(), QmpError> {
         self.execute("stop", json!({})).map(|_| ())
     }
@@ -134,6 +211,32 @@ impl Qmp {
     pub fn cont(&mut self) -> Result<(), QmpError> {
         self.execute("cont", json!({})).map(|_| ())
     }
+}
+
+/// A blocking connection to the Unix socket `path`, made without blocking: when the listener's
+/// queue is full a blocking connect would wait for a free slot without end; this one fails at
+/// once with `WouldBlock`.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    // A Unix stream connect completes at once or fails (EAGAIN: the queue is full).
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Whether a read failed because its timeout passed (`EAGAIN` on Linux).
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 #[cfg(test)]
@@ -177,6 +280,37 @@ mod tests {
         let (_dir, path) = serve(&[r#"{"event": "RESUME", "timestamp": {"seconds": 1}}"#]);
         let mut q = Qmp::connect(&path, Duration::from_secs(5)).expect("connect");
         assert_eq!(q.status().expect("status"), "running");
+    }
+
+    #[test]
+    fn a_socket_held_by_another_client_is_named_as_busy() {
+        // A listener that never accepts: the connection waits in its queue without a greeting,
+        // as behind QEMU's current QMP client.
+        let dir = tempfile::Builder::new()
+            .prefix("qmp-test-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let _listener = UnixListener::bind(&path).expect("bind");
+        let err = Qmp::connect(&path, Duration::from_millis(200))
+            .err()
+            .expect("no greeting");
+        assert!(matches!(err, QmpError::Busy { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&path.display().to_string())
+                && text.contains("held by another client")
+                && text.contains("Close the other client"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_missing_socket_is_a_connect_error() {
+        let err = Qmp::connect(Path::new("/nonexistent/qmp.sock"), Duration::from_secs(1))
+            .err()
+            .expect("no socket");
+        assert!(matches!(err, QmpError::Connect { .. }), "{err:?}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! A client for QEMU's gdbstub (the GDB remote serial protocol over TCP), all-stop mode.
+//! A client for QEMU's gdbstub (the GDB remote serial protocol over TCP or a Unix socket),
+//! all-stop mode.
 //!
 //! Only what the patch engine needs: halt every vCPU (`0x03` → a stop reply), read the
 //! registers of each vCPU (`Hg` + `g`, laid out by the target description QEMU sends), set RIP
@@ -6,7 +7,8 @@
 //! (`c`). QEMU 7.2 does not offer no-ack mode, so every packet is acknowledged with `+`.
 
 use std::io::{BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -26,6 +28,14 @@ pub enum RspError {
     )]
     Connect {
         addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot connect to QEMU's gdbstub at unix:{path}: start QEMU with -gdb unix:{path},server=on,wait=off (or give only --qmp: vmm then starts a gdbstub itself)"
+    )]
+    ConnectUnix {
+        path: String,
         #[source]
         source: std::io::Error,
     },
@@ -181,10 +191,86 @@ fn collect_regs(
     }
 }
 
+/// The connection to the stub: TCP (`HOST:PORT`) or a Unix socket (`unix:PATH`).
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `unix:PATH` or `HOST:PORT`.
+    pub fn connect(addr: &str) -> Result<Stream, RspError> {
+        match addr.strip_prefix("unix:") {
+            Some(path) => UnixStream::connect(path)
+                .map(Stream::Unix)
+                .map_err(|source| RspError::ConnectUnix {
+                    path: path.to_string(),
+                    source,
+                }),
+            None => {
+                let s = TcpStream::connect(addr).map_err(|source| RspError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                // Every packet waits for its ack: do not let Nagle hold the small ones.
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
 /// An all-stop gdbstub session.
 pub struct Rsp {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    stream: Stream,
+    reader: BufReader<Stream>,
     pub layout: RegLayout,
     /// Thread ids as the stub names them (one per vCPU, in vCPU order).
     pub threads: Vec<String>,
@@ -198,12 +284,10 @@ impl Rsp {
     /// Connects, learns the register layout and the vCPU threads, and switches memory access
     /// to guest-physical addresses. QEMU halts the guest when a debugger attaches: the guest is
     /// left halted; call [`Rsp::cont`] to let it run.
+    ///
+    /// `addr` is `HOST:PORT` (`-gdb tcp:HOST:PORT`) or `unix:PATH` (`-gdb unix:PATH,server=on`).
     pub fn connect(addr: &str, timeout: Duration) -> Result<Rsp, RspError> {
-        let stream = TcpStream::connect(addr).map_err(|source| RspError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
-        stream.set_nodelay(true)?;
+        let stream = Stream::connect(addr)?;
         stream.set_read_timeout(Some(timeout))?;
         let reader = BufReader::new(stream.try_clone()?);
         let mut rsp = Rsp {
@@ -424,6 +508,16 @@ impl Rsp {
     pub fn cont(&mut self) -> Result<(), RspError> {
         // `send` waits for the ack.
         self.send("c")
+    }
+
+    /// Closes the connection (QEMU leaves the guest as it is: let it run first). Any later
+    /// request fails.
+    pub fn close(&mut self) -> Result<(), RspError> {
+        match self.stream.shutdown() {
+            // Already closed by the other end.
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+            r => Ok(r?),
+        }
     }
 
     /// All registers of thread `thread` as the raw `g` bytes.
@@ -686,26 +780,52 @@ mod tests {
     }
 }
 
-/// The client against a fake gdbstub on a local TCP socket, speaking RSP byte for byte.
+/// The client against a fake gdbstub on a local TCP or Unix socket, speaking RSP byte for byte.
 #[cfg(test)]
 mod fake_stub {
     use super::*;
     use std::net::TcpListener;
+    use std::os::unix::net::UnixListener;
     use std::thread;
 
-    /// A client connected to `stub`, which runs on its own thread with the server's socket.
-    fn with_stub<T: Send + 'static>(
-        stub: impl FnOnce(&mut TcpStream) -> T + Send + 'static,
-    ) -> (Rsp, thread::JoinHandle<T>) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
+    /// Runs `stub` on its own thread with the server's side of the first connection to a new
+    /// socket: TCP on loopback, or a Unix socket when `unix`. Returns the address to give
+    /// [`Rsp::connect`] (the Unix socket lives as long as the returned directory).
+    fn start_stub<T: Send + 'static>(
+        unix: bool,
+        stub: impl FnOnce(&mut Stream) -> T + Send + 'static,
+    ) -> (String, Option<tempfile::TempDir>, thread::JoinHandle<T>) {
+        let accept: Box<dyn FnOnce() -> Stream + Send>;
+        let (addr, dir) = if unix {
+            let dir = tempfile::Builder::new()
+                .prefix("rsp-test-")
+                .tempdir()
+                .expect("temp dir");
+            let path = dir.path().join("gdb.sock");
+            let listener = UnixListener::bind(&path).expect("bind");
+            accept = Box::new(move || Stream::Unix(listener.accept().expect("accept").0));
+            (format!("unix:{}", path.display()), Some(dir))
+        } else {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            accept = Box::new(move || Stream::Tcp(listener.accept().expect("accept").0));
+            (addr, None)
+        };
         let server = thread::spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
+            let mut s = accept();
             s.set_read_timeout(Some(Duration::from_secs(10)))
                 .expect("timeout");
             stub(&mut s)
         });
-        let stream = TcpStream::connect(addr).expect("connect");
+        (addr, dir, server)
+    }
+
+    /// A client connected to `stub` over TCP, without the setup [`Rsp::connect`] does.
+    fn with_stub<T: Send + 'static>(
+        stub: impl FnOnce(&mut Stream) -> T + Send + 'static,
+    ) -> (Rsp, thread::JoinHandle<T>) {
+        let (addr, _, server) = start_stub(false, stub);
+        let stream = Stream::connect(&addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
@@ -719,14 +839,14 @@ mod fake_stub {
         (rsp, server)
     }
 
-    fn byte(s: &mut TcpStream) -> u8 {
+    fn byte(s: &mut Stream) -> u8 {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).expect("stub read");
         b[0]
     }
 
     /// Reads one packet from the client (checking its checksum) and acks it.
-    fn read_packet(s: &mut TcpStream) -> String {
+    fn read_packet(s: &mut Stream) -> String {
         while byte(s) != b'$' {}
         let mut data = Vec::new();
         loop {
@@ -743,16 +863,17 @@ mod fake_stub {
     }
 
     /// Sends `raw` framed as a packet (checksum over `raw` as sent) and returns the ack.
-    fn send_packet(s: &mut TcpStream, raw: &str) -> u8 {
+    fn send_packet(s: &mut Stream, raw: &str) -> u8 {
         write!(s, "${raw}#{:02x}", checksum(raw.as_bytes())).expect("send");
         byte(s)
     }
 
-    /// A stub that answers every request through `answer` until the client hangs up.
-    fn serve(
+    /// A stub that answers every request through `answer` until the client hangs up; `c`
+    /// (continue) gets no reply, as from QEMU until the guest stops. Returns the requests seen.
+    fn answering(
         answer: impl Fn(&str) -> String + Send + 'static,
-    ) -> (Rsp, thread::JoinHandle<Vec<String>>) {
-        with_stub(move |s| {
+    ) -> impl FnOnce(&mut Stream) -> Vec<String> + Send + 'static {
+        move |s| {
             let mut seen = Vec::new();
             loop {
                 let mut b = [0u8; 1];
@@ -771,11 +892,94 @@ mod fake_stub {
                 let _ = [byte(s), byte(s)];
                 s.write_all(b"+").expect("ack");
                 let request = String::from_utf8(data).expect("utf-8");
+                if request == "c" {
+                    seen.push(request);
+                    continue;
+                }
                 let reply = answer(&request);
                 seen.push(request);
                 assert_eq!(send_packet(s, &reply), b'+', "client acks {reply:?}");
             }
-        })
+        }
+    }
+
+    /// A TCP client of a stub that answers through `answer` (see [`answering`]).
+    fn serve(
+        answer: impl Fn(&str) -> String + Send + 'static,
+    ) -> (Rsp, thread::JoinHandle<Vec<String>>) {
+        with_stub(answering(answer))
+    }
+
+    #[test]
+    fn connects_over_a_unix_socket() {
+        // What QEMU answers during the setup, for two vCPUs with a minimal register set.
+        const REGS: &str = r#"<feature><reg name="rip" bitsize="64"/><reg name="rsp" bitsize="64"/><reg name="cs" bitsize="32"/><reg name="cr0" bitsize="64"/><reg name="cr3" bitsize="64"/><reg name="cr4" bitsize="64"/><reg name="efer" bitsize="64"/></feature>"#;
+        let (addr, _dir, stub) = start_stub(
+            true,
+            answering(|req| {
+                match req {
+                    r if r.starts_with("qSupported") => "PacketSize=1000;qXfer:features:read+",
+                    "?" => "T05thread:01;",
+                    r if r.starts_with("qXfer:features:read:target.xml:0,") => {
+                        r#"l<target><xi:include href="regs.xml"/></target>"#
+                    }
+                    r if r.starts_with("qXfer:features:read:regs.xml:0,") => {
+                        return format!("l{REGS}");
+                    }
+                    "qfThreadInfo" => "m1,2",
+                    "qsThreadInfo" => "l",
+                    "qqemu.Supported" => "sstepbits;sstep;PhyMemMode",
+                    "Qqemu.PhyMemMode:1" | "Hg2" => "OK",
+                    // rip, rsp = 0x1000, cs = 0x33, the rest 0.
+                    "g" => {
+                        return format!(
+                            "{}{}{}{}",
+                            hex::encode(0xffff_ffff_8100_0000u64.to_le_bytes()),
+                            hex::encode(0x1000u64.to_le_bytes()),
+                            hex::encode(0x33u32.to_le_bytes()),
+                            "00".repeat(32)
+                        );
+                    }
+                    _ => "",
+                }
+                .to_string()
+            }),
+        );
+        assert!(addr.starts_with("unix:"), "{addr}");
+        let mut rsp = Rsp::connect(&addr, Duration::from_secs(10)).expect("connect over unix:");
+        assert_eq!(rsp.threads, ["1", "2"]);
+        let g = rsp.registers("2").expect("g");
+        assert_eq!(rsp.reg(&g, "rip"), Some(0xffff_ffff_8100_0000));
+        assert_eq!(rsp.reg(&g, "rsp"), Some(0x1000));
+        assert_eq!(rsp.reg(&g, "cs"), Some(0x33));
+        rsp.cont().expect("c");
+        rsp.close().expect("close");
+        assert!(
+            rsp.request("?").is_err(),
+            "a closed session refuses requests"
+        );
+        let seen = stub.join().expect("stub");
+        assert_eq!(seen.first().map(|s| &s[..10]), Some("qSupported"));
+        assert!(seen.iter().any(|r| r == "Qqemu.PhyMemMode:1"), "{seen:?}");
+        assert_eq!(seen.last().map(String::as_str), Some("c"), "{seen:?}");
+    }
+
+    #[test]
+    fn a_unix_socket_nobody_serves_names_the_path_and_the_qemu_option() {
+        let dir = tempfile::Builder::new()
+            .prefix("rsp-test-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("none.sock");
+        let err = Rsp::connect(&format!("unix:{}", path.display()), Duration::from_secs(1))
+            .err()
+            .expect("nothing listens there");
+        assert!(matches!(err, RspError::ConnectUnix { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("-gdb unix:{},server=on", path.display())),
+            "{text}"
+        );
     }
 
     #[test]

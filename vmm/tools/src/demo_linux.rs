@@ -107,6 +107,7 @@ pub fn boot(
         memory_mib: 512,
         vcpus: 1,
         accel,
+        gdb: true,
         dir: dir.join("qemu"),
     })?)
 }
@@ -206,7 +207,7 @@ fn run_in(
         patch.sites[0].relocations.len()
     ));
 
-    let guest = Arc::new(QemuGuest::attach(&q.gdb, q.qmp_path())?);
+    let guest = Arc::new(q.attach()?);
     let config = EngineConfig {
         trusted_keys: vec![key.public()],
         ..Default::default()

@@ -1,11 +1,13 @@
-//! Starting a stock QEMU with its gdbstub and QMP on loopback and a Unix socket, for the
-//! benchmarks and tests that patch a guest through the QEMU backend.
+//! Starting a stock QEMU with its gdbstub and QMP on loopback and a Unix socket (or, as an
+//! operator's VM, with QMP alone), for the benchmarks and tests that patch a guest through the
+//! QEMU backend.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use qemu_backend::{QemuError, QemuGuest};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -34,6 +36,9 @@ pub struct LaunchOptions {
     pub vcpus: usize,
     /// `kvm` or `tcg`.
     pub accel: &'static str,
+    /// Start a gdbstub (`-gdb tcp:127.0.0.1:PORT`); without it only QMP is offered, as by an
+    /// operator's VM.
+    pub gdb: bool,
     /// Where the sockets, console log and QEMU's stderr go (created if missing).
     pub dir: PathBuf,
 }
@@ -41,7 +46,8 @@ pub struct LaunchOptions {
 /// A running QEMU; killed on drop.
 pub struct QemuProcess {
     child: Child,
-    pub gdb: String,
+    /// The gdbstub's `127.0.0.1:PORT` (`None`: started without one).
+    pub gdb: Option<String>,
     pub qmp: PathBuf,
     pub console: PathBuf,
     pub accel: &'static str,
@@ -54,8 +60,11 @@ fn free_port() -> std::io::Result<u16> {
 impl QemuProcess {
     pub fn spawn(o: &LaunchOptions) -> Result<QemuProcess, LaunchError> {
         std::fs::create_dir_all(&o.dir)?;
-        let port = free_port()?;
-        let gdb = format!("127.0.0.1:{port}");
+        let gdb = if o.gdb {
+            Some(format!("127.0.0.1:{}", free_port()?))
+        } else {
+            None
+        };
         let qmp = o.dir.join("qmp.sock");
         let console = o.dir.join("console.log");
         let _ = std::fs::remove_file(&qmp);
@@ -86,7 +95,6 @@ impl QemuProcess {
         .arg("-kernel")
         .arg(&o.kernel)
         .args(["-append", &o.append])
-        .args(["-gdb", &format!("tcp:{gdb}")])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .stdin(Stdio::null())
@@ -94,6 +102,9 @@ impl QemuProcess {
         .stderr(stderr);
         if let Some(initrd) = &o.initrd {
             cmd.arg("-initrd").arg(initrd);
+        }
+        if let Some(gdb) = &gdb {
+            cmd.arg("-gdb").arg(format!("tcp:{gdb}"));
         }
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             program: "qemu-system-x86_64".into(),
@@ -135,6 +146,15 @@ impl QemuProcess {
 
     pub fn qmp_path(&self) -> &Path {
         &self.qmp
+    }
+
+    /// Attaches the QEMU backend: through the gdbstub if QEMU has one, else through QMP alone
+    /// ([`QemuGuest::attach_qmp`]).
+    pub fn attach(&self) -> Result<QemuGuest, QemuError> {
+        match &self.gdb {
+            Some(gdb) => QemuGuest::attach(gdb, &self.qmp),
+            None => QemuGuest::attach_qmp(&self.qmp),
+        }
     }
 
     /// Whether QEMU is still running.

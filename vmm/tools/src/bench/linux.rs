@@ -15,7 +15,6 @@ use guest_control::GuestControl;
 use guest_control::stats::{Summary, summarize};
 use linux_guest::attach::KernelImage;
 use patch_engine::EngineConfig;
-use qemu_backend::QemuGuest;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LinuxReport {
@@ -46,7 +45,7 @@ pub fn run(
     demo_linux::wait_booted(&mut q)?;
     let key = SecretKey::generate()?;
     let (_, file) = demo_linux::version_fix(&dir, &image, &key)?;
-    let guest = Arc::new(QemuGuest::attach(&q.gdb, q.qmp_path())?);
+    let guest = Arc::new(q.attach()?);
     let config = EngineConfig {
         trusted_keys: vec![key.public()],
         ..Default::default()

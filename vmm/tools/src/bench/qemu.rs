@@ -15,7 +15,7 @@ use guest_control::stats::{Summary, summarize};
 use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 use patch_engine::arena::ArenaWindow;
 use patch_engine::{Engine, EngineConfig};
-use qemu_backend::{QemuGuest, Qmp, Rsp};
+use qemu_backend::{Qmp, Rsp};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct QemuReport {
@@ -138,6 +138,7 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
         memory_mib: 2048,
         vcpus: 1,
         accel: "kvm",
+        gdb: true,
         dir: scratch.join("qemu"),
     })
     .map_err(|e| setup("starting QEMU")(chain(&e)))?;
@@ -155,8 +156,9 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
     drop(qmp);
     let mut gdb_floor = Vec::new();
     {
-        let mut rsp = Rsp::connect(&q.gdb, qemu_backend::IO_TIMEOUT)
-            .map_err(|e| setup("gdbstub")(chain(&e)))?;
+        let gdb = q.gdb.as_deref().unwrap_or_default();
+        let mut rsp =
+            Rsp::connect(gdb, qemu_backend::IO_TIMEOUT).map_err(|e| setup("gdbstub")(chain(&e)))?;
         rsp.cont().map_err(|e| setup("gdbstub")(chain(&e)))?;
         for _ in 0..cycles {
             std::thread::sleep(gap);
@@ -167,8 +169,7 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
             gdb_floor.push(t.elapsed().as_micros() as u64);
         }
     }
-    let guest =
-        Arc::new(QemuGuest::attach(&q.gdb, q.qmp_path()).map_err(|e| setup("attach")(chain(&e)))?);
+    let guest = Arc::new(q.attach().map_err(|e| setup("attach")(chain(&e)))?);
     let arena = kvm_vmm::layout::PATCH_ARENA;
     let mut qengine = Engine::for_elf_image(
         guest.clone(),
