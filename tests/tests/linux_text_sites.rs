@@ -30,6 +30,8 @@ fn the_kernels_tables_of_its_own_rewrites_are_read() {
         (Mechanism::Paravirt, 500),
         (Mechanism::Retpoline, 1_000),
         (Mechanism::ReturnThunk, 10_000),
+        (Mechanism::StaticCallTrampoline, 500),
+        (Mechanism::ExceptionFixup, 300),
     ] {
         println!("{m:?}: {}", count(m));
         assert!(count(m) >= at_least, "{m:?}: only {} sites", count(m));
@@ -283,4 +285,38 @@ fn duplicate_names_are_chosen_by_position() {
     assert_eq!(at("load_elf_binary,1").unwrap().gva, addrs[0]);
     assert_eq!(at("load_elf_binary,2").unwrap().gva, addrs[1]);
     assert!(at(&format!("load_elf_binary,{}", addrs.len() + 1)).is_err());
+}
+
+/// What must stay in place though no table says the kernel rewrites it: a static call's
+/// trampoline (static_call_update() rewrites its jump) and an instruction with an exception
+/// fixup (`native_read_msr_safe`'s `rdmsr`: run from a copy, its #GP would find no fixup).
+#[test]
+fn trampolines_and_fixed_up_instructions_stay_in_place() {
+    let image = image();
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let target = Target::new(info, 0);
+    let rewrites = LinuxBootRewrites::new(image.text_sites.clone(), false);
+    let sct = image
+        .kallsyms
+        .symbols()
+        .iter()
+        .find(|s| s.name.starts_with("__SCT__"))
+        .expect("a static call trampoline");
+    let live = rewrites
+        .live_rewrite(sct.address, sct.address + 5, &target)
+        .expect("the trampoline is found");
+    assert!(live.what.contains("trampoline"), "{}", live.what);
+    let msr = image
+        .kallsyms
+        .lookup("native_read_msr_safe")
+        .expect("native_read_msr_safe");
+    let fixups: Vec<_> = image
+        .text_sites
+        .touching(msr, msr + 64)
+        .filter(|s| s.mechanism == Mechanism::ExceptionFixup)
+        .collect();
+    assert!(
+        !fixups.is_empty(),
+        "no __ex_table entry in native_read_msr_safe"
+    );
 }

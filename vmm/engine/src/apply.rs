@@ -305,6 +305,17 @@ impl<G: GuestControl> Engine<G> {
                 gva: loc.gva,
             });
         };
+        // A compiler-split cold part (`f.cold`, `f.cold.3`) is entered by jumps from its parent
+        // at offsets no check of the part alone can see.
+        if let Some(f) = self.target.function_name_at(loc.gva)
+            && (f.ends_with(".cold") || f.contains(".cold."))
+        {
+            return Err(PlanError::ColdPart {
+                site: name,
+                function: f.to_string(),
+            }
+            .into());
+        }
         let window = planned.arena.window;
         let arena = (window.gva, window.gva.saturating_add(window.size));
         if ranges_overlap(span, arena)

@@ -83,6 +83,10 @@ pub enum PlanError {
         needed: usize,
     },
     #[error(
+        "site {site}: {function} is a compiler-split cold part, not a function: its parent jumps into it wherever the compiler chose, which no check of this part alone can see; patch the parent function instead"
+    )]
+    ColdPart { site: String, function: String },
+    #[error(
         "site {site}: the guest's bytes at {at:#x} differ from the patch's (expected {expected:#04x}, found {found:#04x}) where the guest's OS rewrites its own code ({what}); this patcher does not reconcile that form, so the patch cannot be checked against it"
     )]
     RewrittenByOs {
@@ -93,7 +97,7 @@ pub enum PlanError {
         what: String,
     },
     #[error(
-        "site {site}: the kernel rewrites its own code at {at:#x} while it runs ({what}), inside the bytes the jump would displace ({start:#x}..{end:#x}); its next rewrite there would corrupt the jump, so this site cannot be patched (choose another site, or patch the functions that call it)"
+        "site {site}: the code at {at:#x} must stay where it is ({what}), and it lies inside the bytes the jump would displace ({start:#x}..{end:#x}): the kernel's next rewrite there would corrupt the jump, or the moved instruction would lose what the kernel ties to its address, so this site cannot be patched (choose another site, or patch the functions that call it)"
     )]
     LiveRewrite {
         site: String,

@@ -1233,3 +1233,41 @@ fn absolute_symbols_resolve_unslid_and_only_when_no_image_symbol_has_the_name() 
     assert_eq!(t.symbol("twice"), None);
     assert_eq!(t.symbol("nothing"), None);
 }
+
+#[test]
+fn a_cold_part_is_not_a_function_to_patch() {
+    let cold = Target::new(
+        ImageInfo {
+            identity: identity(),
+            symbols: vec![ImageSymbol {
+                name: "f.cold".into(),
+                addr: F_AT,
+                size: 13,
+                function: true,
+            }],
+        },
+        0,
+    );
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        g.clone(),
+        cold,
+        ARENA,
+        config,
+        None,
+        Box::new(crate::rewrites::NoRewrites),
+    )
+    .unwrap();
+    let before = g.snapshot();
+    let p = patch("cold", vec![function_site("f.cold", &F, &G)], Vec::new());
+    let err = e.apply(&signed(&p)).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Plan(PlanError::ColdPart { function, .. }) if function == "f.cold"),
+        "{err:?}"
+    );
+    assert_eq!(g.snapshot(), before);
+}

@@ -31,6 +31,11 @@ pub enum Mechanism {
     Paravirt,
     Retpoline,
     ReturnThunk,
+    /// A static call's trampoline (`__SCT__*`): `static_call_update()` rewrites its jump.
+    StaticCallTrampoline,
+    /// An instruction with an exception-table fixup (`__ex_table`): not a rewrite, but it must
+    /// stay where it is, since run from a relocated copy its fault would find no fixup.
+    ExceptionFixup,
 }
 
 impl Mechanism {
@@ -45,14 +50,26 @@ impl Mechanism {
             Mechanism::Paravirt => "a paravirt call (.parainstructions)",
             Mechanism::Retpoline => "a retpoline site (.retpoline_sites)",
             Mechanism::ReturnThunk => "a return thunk (.return_sites)",
+            Mechanism::StaticCallTrampoline => {
+                "a static call trampoline (__SCT__, rewritten by static_call_update)"
+            }
+            Mechanism::ExceptionFixup => {
+                "an instruction with an exception fixup (__ex_table), whose fault would find no fixup if run from a copy"
+            }
         }
     }
 
-    /// Rewritten while the kernel runs, not only while it boots.
+    /// Must never be displaced: rewritten while the kernel runs (not only while it boots), or,
+    /// for an exception fixup, bound to its address.
     pub fn at_run_time(self) -> bool {
         matches!(
             self,
-            Mechanism::JumpLabel | Mechanism::StaticCall | Mechanism::Ftrace | Mechanism::SmpLock
+            Mechanism::JumpLabel
+                | Mechanism::StaticCall
+                | Mechanism::Ftrace
+                | Mechanism::SmpLock
+                | Mechanism::StaticCallTrampoline
+                | Mechanism::ExceptionFixup
         )
     }
 }
@@ -136,6 +153,14 @@ const TABLES: &[Table] = &[
         relative: true,
         site_len: 1,
         mechanism: Mechanism::SmpLock,
+    },
+    Table {
+        start: "__start___ex_table",
+        end: "__stop___ex_table",
+        entry: 12,
+        relative: true,
+        site_len: 1,
+        mechanism: Mechanism::ExceptionFixup,
     },
     Table {
         start: "__alt_instructions",
@@ -238,6 +263,18 @@ impl KernelTextSites {
                 });
             }
         }
+        // Static call trampolines are no table but symbols: `jmp rel32; ud1` (8 bytes) each.
+        sites.extend(
+            kallsyms
+                .symbols()
+                .iter()
+                .filter(|s| s.name.starts_with("__SCT__") && s.is_text())
+                .map(|s| TextSite {
+                    addr: s.address,
+                    len: 8,
+                    mechanism: Mechanism::StaticCallTrampoline,
+                }),
+        );
         sites.sort_unstable();
         Ok(KernelTextSites { sites })
     }

@@ -585,6 +585,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::ExpectedTooLong { .. } => "ExpectedTooLong",
         PlanError::LiveRewrite { .. } => "LiveRewrite",
         PlanError::RewrittenByOs { .. } => "RewrittenByOs",
+        PlanError::ColdPart { .. } => "ColdPart",
         PlanError::BranchIntoRange { .. } => "BranchIntoRange",
         PlanError::CallNotLast { .. } => "CallNotLast",
         PlanError::DisplacesEndbr { .. } => "DisplacesEndbr",
