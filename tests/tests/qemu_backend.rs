@@ -109,6 +109,7 @@ fn the_same_patch_file_applies_and_reverts_through_qemu() {
         append: "batch=2000000".into(),
         memory_mib: 2048,
         vcpus: 1,
+        cpu: None,
         accel: "kvm",
         dir: dir.path().join("qemu"),
     })

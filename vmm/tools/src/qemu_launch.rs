@@ -32,6 +32,9 @@ pub struct LaunchOptions {
     pub append: String,
     pub memory_mib: u64,
     pub vcpus: usize,
+    /// QEMU's `-cpu` model (`max` offers every feature the accelerator can, LA57 included under
+    /// TCG); `None` leaves QEMU's default (`qemu64`).
+    pub cpu: Option<String>,
     /// `kvm` or `tcg`.
     pub accel: &'static str,
     /// Where the sockets, console log and QEMU's stderr go (created if missing).
@@ -94,6 +97,9 @@ impl QemuProcess {
         .stderr(stderr);
         if let Some(initrd) = &o.initrd {
             cmd.arg("-initrd").arg(initrd);
+        }
+        if let Some(cpu) = &o.cpu {
+            cmd.args(["-cpu", cpu]);
         }
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             program: "qemu-system-x86_64".into(),
