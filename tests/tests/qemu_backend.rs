@@ -84,6 +84,7 @@ fn spawn(dir: &TempDir, gdb: bool) -> QemuProcess {
         append: "batch=2000000".into(),
         memory_mib: 2048,
         vcpus: 1,
+        cpu: None,
         accel: "kvm",
         gdb,
         dir: dir.path().join("qemu"),

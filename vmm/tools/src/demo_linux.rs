@@ -88,12 +88,26 @@ fn wait(
     }
 }
 
-/// Boots `kernel` under QEMU with the workload initramfs and the arena reserved.
+/// Boots `kernel` under QEMU with the workload initramfs and the arena reserved, on one vCPU
+/// of QEMU's default CPU model.
 pub fn boot(
     dir: &Path,
     kernel: &Path,
     busybox: &Path,
     accel: &'static str,
+) -> anyhow::Result<QemuProcess> {
+    boot_on(dir, kernel, busybox, accel, 1, None)
+}
+
+/// [`boot`] on `vcpus` vCPUs of CPU model `cpu` (`None`: QEMU's default): what a measurement
+/// per machine shape needs (`vmm bench coverage`).
+pub fn boot_on(
+    dir: &Path,
+    kernel: &Path,
+    busybox: &Path,
+    accel: &'static str,
+    vcpus: usize,
+    cpu: Option<&str>,
 ) -> anyhow::Result<QemuProcess> {
     let initrd = dir.join("initramfs.cpio");
     std::fs::write(
@@ -105,7 +119,8 @@ pub fn boot(
         initrd: Some(initrd),
         append: format!("console=ttyS0 panic=-1 memmap=2M${ARENA_GPA:#x}"),
         memory_mib: 512,
-        vcpus: 1,
+        vcpus,
+        cpu: cpu.map(str::to_string),
         accel,
         gdb: true,
         dir: dir.join("qemu"),

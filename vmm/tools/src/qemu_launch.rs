@@ -34,6 +34,9 @@ pub struct LaunchOptions {
     pub append: String,
     pub memory_mib: u64,
     pub vcpus: usize,
+    /// QEMU's `-cpu` model (`max` offers every feature the accelerator can, LA57 included under
+    /// TCG); `None` leaves QEMU's default (`qemu64`).
+    pub cpu: Option<String>,
     /// `kvm` or `tcg`.
     pub accel: &'static str,
     /// Start a gdbstub (`-gdb tcp:127.0.0.1:PORT`); without it only QMP is offered, as by an
@@ -105,6 +108,9 @@ impl QemuProcess {
         }
         if let Some(gdb) = &gdb {
             cmd.arg("-gdb").arg(format!("tcp:{gdb}"));
+        }
+        if let Some(cpu) = &o.cpu {
+            cmd.args(["-cpu", cpu]);
         }
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             program: "qemu-system-x86_64".into(),

@@ -5,6 +5,7 @@
 //! worthless.
 
 pub mod call_cost;
+pub mod coverage;
 pub mod integrity;
 pub mod linux;
 pub mod qemu;

@@ -137,6 +137,7 @@ pub fn run(cycles: usize, host: HostInfo) -> Result<QemuReport, BenchError> {
         append: "batch=2000000".into(),
         memory_mib: 2048,
         vcpus: 1,
+        cpu: None,
         accel: "kvm",
         gdb: true,
         dir: scratch.join("qemu"),
