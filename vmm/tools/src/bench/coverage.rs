@@ -387,6 +387,12 @@ fn plan_class(p: &PlanError) -> Class {
             "the jump would displace a run-time rewrite: {what}"
         )),
         P::ExpectedMismatch { .. } => Class::unnamed(UNEXPLAINED),
+        P::RewrittenByOs { what, .. } => Class::named(format!(
+            "bytes differ where the kernel rewrote its code, in a form not reconciled: {what}"
+        )),
+        P::ColdPart { .. } => {
+            Class::named("a compiler-split .cold part (its parent jumps into it; patch the parent)")
+        }
         P::ExpectedLength { .. } => Class::unnamed("the guest holds fewer bytes than expected"),
         P::TooShort { .. } => Class::named("too short for the jump"),
         P::BranchIntoRange { .. } => Class::named("a branch in the function lands inside the jump"),
