@@ -319,4 +319,11 @@ fn trampolines_and_fixed_up_instructions_stay_in_place() {
         !fixups.is_empty(),
         "no __ex_table entry in native_read_msr_safe"
     );
+    // A difference in freed init text is explained as such, not blamed on the patch.
+    let init = image
+        .kallsyms
+        .lookup("debug_kernel")
+        .expect("an __init function");
+    let why = rewrites.explain(init, &target).expect("explained");
+    assert!(why.contains("init memory"), "{why}");
 }

@@ -122,6 +122,11 @@ impl TextRewrites for LinuxBootRewrites {
 
     fn explain(&self, at: u64, target: &Target) -> Option<String> {
         let link = at.wrapping_sub(target.slide);
+        if self.sites.in_freed_init(link) {
+            return Some(
+                "init memory, freed and poisoned after boot (__init_begin..__init_end): the function no longer exists in the running kernel".into(),
+            );
+        }
         self.sites
             .touching(link, link + 1)
             .next()

@@ -101,6 +101,8 @@ pub enum TextSitesError {
 #[derive(Debug, Clone, Default)]
 pub struct KernelTextSites {
     sites: Vec<TextSite>,
+    /// `[__init_begin, __init_end)`: text the kernel frees (and poisons) after booting.
+    init: Option<(u64, u64)>,
 }
 
 /// A table: its kallsyms bounds, entry size, where the code address is in an entry, whether
@@ -276,13 +278,21 @@ impl KernelTextSites {
                 }),
         );
         sites.sort_unstable();
-        Ok(KernelTextSites { sites })
+        let init = kallsyms
+            .lookup("__init_begin")
+            .zip(kallsyms.lookup("__init_end"));
+        Ok(KernelTextSites { sites, init })
     }
 
     /// From a list of sites (tests, and kernels whose tables were read elsewhere).
     pub fn from_sites(mut sites: Vec<TextSite>) -> KernelTextSites {
         sites.sort_unstable();
-        KernelTextSites { sites }
+        KernelTextSites { sites, init: None }
+    }
+
+    /// Whether `addr` (link-time) is in the init memory the kernel frees after booting.
+    pub fn in_freed_init(&self, addr: u64) -> bool {
+        self.init.is_some_and(|(a, b)| (a..b).contains(&addr))
     }
 
     /// Sites of `mechanism`, for reports and tests.
