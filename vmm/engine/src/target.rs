@@ -143,18 +143,16 @@ impl Target {
 
     /// The sized function containing `gva`.
     pub fn function_at(&self, gva: u64) -> Option<(u64, u64)> {
-        let addr = gva.wrapping_sub(self.slide);
-        let upto = self.symbols.partition_point(|s| s.addr <= addr);
-        self.symbols[..upto]
-            .iter()
-            .rev()
-            .take(64)
-            .find(|s| s.function && s.size > 0 && addr < s.addr.saturating_add(s.size))
+        self.containing(gva)
             .map(|s| (s.addr.wrapping_add(self.slide), s.size))
     }
 
     /// The name of the sized function containing `gva`.
     pub fn function_name_at(&self, gva: u64) -> Option<&str> {
+        self.containing(gva).map(|s| s.name.as_str())
+    }
+
+    fn containing(&self, gva: u64) -> Option<&ImageSymbol> {
         let addr = gva.wrapping_sub(self.slide);
         let upto = self.symbols.partition_point(|s| s.addr <= addr);
         self.symbols[..upto]
@@ -162,7 +160,6 @@ impl Target {
             .rev()
             .take(64)
             .find(|s| s.function && s.size > 0 && addr < s.addr.saturating_add(s.size))
-            .map(|s| s.name.as_str())
     }
 
     pub fn resolve(&self, site: &str, loc: &Location) -> Result<Resolved, TargetError> {
