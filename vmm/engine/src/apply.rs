@@ -15,7 +15,6 @@ use crate::arena::{Arena, Chunk};
 use crate::blackout::{Change, Committed};
 use crate::journal::{ArenaRecord, PatchRecord, PatchState, SiteRecord};
 use crate::plan::{self, FunctionCode, PlanError, SiteInput, SitePlan};
-use crate::rewrites::SiteText;
 use crate::{
     ApplyOutcome, CheckedPatch, Engine, EngineError, GuestControl, PagingRegs, now_secs,
     quiesce_arena, ranges_overlap, site_range,
@@ -343,16 +342,7 @@ impl<G: GuestControl> Engine<G> {
                 .1,
         ));
         // The OS may have rewritten some instructions since loading (crate::rewrites).
-        let expected = self.rewrites.reconcile(
-            &SiteText {
-                site: &name,
-                expected: &site.expected,
-                current: &current,
-                at: loc.gva,
-                function_entry: site.kind == SiteKind::Function,
-            },
-            &self.target,
-        )?;
+        let expected = self.reconciled(&name, site, loc.gva, &current)?;
         let input = SiteInput {
             name: name.clone(),
             kind: site.kind,

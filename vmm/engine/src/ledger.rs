@@ -627,16 +627,7 @@ impl<G: GuestControl> Engine<G> {
                 false,
             )?;
             current[off..off + len].copy_from_slice(&site.expected[off..off + len]);
-            let expected = self.rewrites.reconcile(
-                &crate::rewrites::SiteText {
-                    site: &name,
-                    expected: &site.expected,
-                    current: &current,
-                    at,
-                    function_entry: site.kind == patch_format::SiteKind::Function,
-                },
-                &self.target,
-            )?;
+            let expected = self.reconciled(&name, site, at, &current)?;
             s.original = expected[off..off + len].to_vec();
             s.location = name;
         }

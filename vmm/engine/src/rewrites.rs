@@ -3,7 +3,6 @@
 //! policy in when it builds the engine ([`Engine::new`]); without one, guest code must match the patch's
 //! expected bytes exactly.
 
-#[cfg(doc)]
 use crate::Engine;
 use crate::plan::PlanError;
 use crate::target::Target;
@@ -60,6 +59,30 @@ pub trait TextRewrites: Send + Sync {
     /// to get from one to the other. The vCPU's own by default.
     fn code_view(&self, vcpu: &VcpuState) -> VcpuState {
         *vcpu
+    }
+}
+
+impl<G: crate::GuestControl> Engine<G> {
+    /// `site`'s expected bytes (resolved at run-time address `at`) with the OS's known rewrites
+    /// taken from `current`: what rule 1 compares against, and what recovery and adoption
+    /// derive original bytes from. One place, so all three read the policy the same way.
+    pub(crate) fn reconciled(
+        &self,
+        name: &str,
+        site: &patch_format::Site,
+        at: u64,
+        current: &[u8],
+    ) -> Result<Vec<u8>, PlanError> {
+        self.rewrites.reconcile(
+            &SiteText {
+                site: name,
+                expected: &site.expected,
+                current,
+                at,
+                function_entry: site.kind == patch_format::SiteKind::Function,
+            },
+            &self.target,
+        )
     }
 }
 

@@ -20,10 +20,9 @@
 
 use std::collections::HashSet;
 
-use patch_format::{Patch, SiteKind};
+use patch_format::Patch;
 
 use crate::journal::{PatchRecord, SiteRecord};
-use crate::rewrites::SiteText;
 use crate::{Engine, GuestControl, PagingRegs, overlay_originals, plan};
 
 impl<G: GuestControl> Engine<G> {
@@ -124,17 +123,7 @@ impl<G: GuestControl> Engine<G> {
         }
         overlay_originals(&mut current, loc.gva, r.sites.iter());
         let expected = self
-            .rewrites
-            .reconcile(
-                &SiteText {
-                    site: &s.location,
-                    expected: &site.expected,
-                    current: &current,
-                    at: loc.gva,
-                    function_entry: site.kind == SiteKind::Function,
-                },
-                &self.target,
-            )
+            .reconciled(&s.location, site, loc.gva, &current)
             .map_err(|e| {
                 format!("its original bytes are not what the signed patch expects ({e})")
             })?;
