@@ -70,6 +70,7 @@ impl VmmProcess {
     pub fn spawn(args: &[&str]) -> Self {
         let mut child = Command::new(vmm_bin())
             .args(args)
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -14,6 +14,7 @@ use kvm_vmm::devices::StopReason;
 use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 use vmm_tools::bench;
 
+mod console;
 mod exit;
 mod integrity_cli;
 mod patch_cli;
@@ -91,18 +92,24 @@ struct DemoLinuxArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Guest image: an x86-64 ELF (PVH note → 32-bit PVH entry, otherwise 64-bit entry).
+    /// Guest image: a Linux bzImage (x86 boot protocol, 64-bit entry, KASLR by its own
+    /// decompressor) or an x86-64 ELF (PVH note → 32-bit PVH entry, otherwise 64-bit entry).
     /// Without it, the built-in test guest runs.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initrd (initramfs) for a Linux kernel: placed at the top of RAM below 4 GiB and
+    /// handed over in the zero page (bzImage) or as a PVH module (vmlinux).
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: usize,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
-    /// Kernel command line (the test guest understands reports=N, batch=N, cpus=N,
-    /// mode=normal|probe|spin|tamper, spin=N, writes=N; see docs/guest-protocol.md).
+    /// Kernel command line (for Linux e.g. "console=ttyS0"; the test guest understands
+    /// reports=N, batch=N, cpus=N, mode=normal|probe|spin|tamper, spin=N, writes=N; see
+    /// docs/guest-protocol.md).
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Serve the control API on this Unix socket (created mode 0600).
@@ -303,6 +310,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             bytes: guest_tools::test_guest(guest_tools::GuestBuild::V1).into(),
         },
     };
+    let initrd = match &args.initrd {
+        Some(path) => Some(Image::from_file(path)?),
+        None => None,
+    };
     let trusted = patch_engine::keys::read_keys(&args.trusted_keys)?;
     let image_name = image.name.clone();
     let image_bytes = image.bytes.clone();
@@ -310,6 +321,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         vcpus: args.vcpus,
         memory_mib: args.memory,
         image,
+        initrd,
         cmdline: args.cmdline,
         kvm_device: args.kvm_device,
         console: ConsoleSink::Stdout,
@@ -319,6 +331,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     install_terminate_handlers()?;
     let vm = Vm::start(config)?;
+    // The terminal goes raw only once the VM runs; the guard restores it on every way out.
+    let _console = console::forward_stdin(vm.clone());
     let engine = match vmm_tools::sample::engine_for(
         vm.clone(),
         &image_name,
@@ -371,6 +385,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         StopReason::PoweredOff(status) => {
             tracing::info!(status, "guest powered off");
             Ok(ExitCode::from(status.min(255) as u8))
+        }
+        StopReason::Rebooted => {
+            eprintln!("vmm: {}", StopReason::Rebooted);
+            Ok(ExitCode::SUCCESS)
         }
         StopReason::Requested(why) => {
             eprintln!("vmm: stopped: {why}");

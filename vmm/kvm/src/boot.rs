@@ -1,9 +1,17 @@
 //! Loading a guest image and the register state each vCPU starts with.
 //!
-//! Two entry protocols, chosen by the image: an ELF with a PVH note (`XEN_ELFNOTE_PHYS32_ENTRY`)
+//! Three ways in, chosen by the image: an ELF with a PVH note (`XEN_ELFNOTE_PHYS32_ENTRY`)
 //! starts in 32-bit protected mode with paging off at the note's address and `ebx` pointing at
 //! `hvm_start_info` (what QEMU and cloud-hypervisor do); any other x86-64 ELF starts in long mode
-//! at `e_entry`, on the VMM's identity map, with `rsi` pointing at a Linux zero page.
+//! at `e_entry`, on the VMM's identity map, with `rsi` pointing at a Linux zero page; a Linux
+//! bzImage is loaded by the x86 boot protocol and entered at its 64-bit entry (`startup_64`,
+//! 0x200 past the protected-mode kernel) with the zero page built from its own setup header,
+//! so its decompressor runs and randomises where the kernel lands (KASLR) as on any PC.
+//!
+//! Linux guests (a bzImage, or an ELF carrying a Linux banner) also get ACPI tables
+//! ([`crate::acpi`]), an initrd when one is given (zero page `ramdisk_*`, or a PVH module), and
+//! their application processors wait for the INIT/SIPI the kernel sends, where our own test
+//! guest starts every vCPU at its entry.
 
 use std::io::Cursor;
 
@@ -13,7 +21,8 @@ use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{
-    XEN_HVM_MEMMAP_TYPE_RAM, XEN_HVM_MEMMAP_TYPE_RESERVED, hvm_memmap_table_entry, hvm_start_info,
+    XEN_HVM_MEMMAP_TYPE_RAM, XEN_HVM_MEMMAP_TYPE_RESERVED, hvm_memmap_table_entry,
+    hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{Cmdline, KernelLoader, load_cmdline};
@@ -55,6 +64,31 @@ pub enum BootError {
         arena_start: u64,
         arena_end: u64,
     },
+    #[error(
+        "{path} needs {needed_mib} MiB of RAM to decompress and run ({what}), but the VM has {have_mib} MiB; raise --memory"
+    )]
+    TooLarge {
+        path: String,
+        what: &'static str,
+        needed_mib: u64,
+        have_mib: u64,
+    },
+    #[error(
+        "the initrd {path} ({size} bytes) does not fit in guest memory: it must lie below {limit:#x}, above the kernel's {kernel_end:#x}, in RAM; raise --memory (at least {needed_mib} MiB)"
+    )]
+    InitrdTooLarge {
+        path: String,
+        size: u64,
+        limit: u64,
+        kernel_end: u64,
+        needed_mib: u64,
+    },
+    #[error(
+        "an initrd was given, but {path} is not a Linux kernel; only Linux guests take an initrd"
+    )]
+    InitrdNotLinux { path: String },
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
     #[error("the kernel command line is invalid: {0}")]
     Cmdline(String),
     #[error("could not write the boot structures into guest memory: {0}")]
@@ -76,6 +110,44 @@ pub struct BootSpec {
     pub mode: EntryMode,
     pub entry: u64,
     pub kernel_end: u64,
+    /// A Linux kernel: only vCPU 0 starts at the entry; the others wait for INIT/SIPI.
+    pub linux: bool,
+}
+
+impl BootSpec {
+    /// Whether vCPU `id` starts at the entry point (else it waits for the guest's INIT/SIPI).
+    pub fn starts_at_entry(&self, id: usize) -> bool {
+        !self.linux || id == 0
+    }
+}
+
+/// What to boot besides the image: the command line, an initrd, and what the ACPI tables of a
+/// Linux guest describe.
+pub struct BootRequest<'a> {
+    pub image: &'a Image<'a>,
+    pub cmdline: &'a str,
+    pub initrd: Option<&'a Image<'a>>,
+    pub acpi: crate::acpi::AcpiConfig,
+}
+
+/// Offset of the 64-bit entry (`startup_64`) in a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
+/// Setup header `xloadflags` bit: the kernel has a 64-bit entry at +0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// Boot protocol version that added `init_size`/`pref_address` (2.10).
+const BOOT_PROTOCOL_2_10: u16 = 0x20a;
+/// Setup header offset in a bzImage, and its magic.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+
+/// A Linux bzImage: the boot protocol's `HdrS` magic at 0x202.
+pub fn is_bzimage(b: &[u8]) -> bool {
+    b.len() >= 0x206 && &b[0x202..0x206] == b"HdrS"
+}
+
+/// An ELF that is a Linux kernel (a vmlinux): it carries `Linux version ` (its banner).
+fn is_linux_elf(b: &[u8]) -> bool {
+    const BANNER: &[u8] = b"Linux version ";
+    b.windows(BANNER.len()).any(|w| w == BANNER)
 }
 
 /// The image to boot: a path for messages and its bytes.
@@ -123,14 +195,9 @@ fn check_image(image: &Image<'_>) -> Result<(), BootError> {
         path: image.name.clone(),
         why: why.to_string(),
     };
-    if b.len() >= 0x206 && &b[0x202..0x206] == b"HdrS" {
-        return Err(not(
-            "it is a Linux bzImage; this VMM boots ELF images (a PVH-capable vmlinux or the test guest). Run bzImage guests under QEMU",
-        ));
-    }
     if b.len() < 64 || &b[0..4] != b"\x7fELF" {
         return Err(not(
-            "it is not an ELF file (expected an x86-64 ELF executable)",
+            "it is not an ELF file or a Linux bzImage (expected a bzImage, a vmlinux, or an x86-64 ELF executable)",
         ));
     }
     if b[4] != 2 || b[5] != 1 {
@@ -198,14 +265,23 @@ fn bytes_at<const N: usize>(b: &[u8], offset: usize) -> Option<[u8; N]> {
     b.get(offset..offset.checked_add(N)?)?.try_into().ok()
 }
 
-/// Loads `image` into `mem`, writes the command line and the boot structures.
+/// Loads the image of `req` into `mem`, writes the command line and the boot structures.
 pub fn load(
     mem: &GuestMemory,
     mem_size: u64,
-    image: &Image<'_>,
-    cmdline: &str,
+    req: &BootRequest<'_>,
 ) -> Result<BootSpec, BootError> {
+    let image = req.image;
+    if is_bzimage(&image.bytes) {
+        return load_bzimage(mem, mem_size, req);
+    }
     check_image(image)?;
+    let linux = is_linux_elf(&image.bytes);
+    if req.initrd.is_some() && !linux {
+        return Err(BootError::InitrdNotLinux {
+            path: image.name.clone(),
+        });
+    }
     let mut cursor = Cursor::new(image.bytes.as_ref());
     let result =
         Elf::load(mem, None, &mut cursor, Some(GuestAddress(HIMEM_START))).map_err(|source| {
@@ -214,21 +290,31 @@ pub fn load(
                 source,
             }
         })?;
-
-    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    if !cmdline.is_empty() {
-        cl.insert_str(cmdline)
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    }
-    load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    write_cmdline(mem, req.cmdline)?;
+    let rsdp = if linux {
+        Some(crate::acpi::write(mem, &req.acpi)?)
+    } else {
+        None
+    };
+    let initrd = match req.initrd {
+        Some(initrd) => Some(place_initrd(
+            mem,
+            mem_size,
+            initrd,
+            result.kernel_end,
+            u64::from(u32::MAX),
+        )?),
+        None => None,
+    };
 
     let spec = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => {
-            write_pvh_start_info(mem, mem_size)?;
+            write_pvh_start_info(mem, mem_size, rsdp, initrd)?;
             BootSpec {
                 mode: EntryMode::Pvh32,
                 entry: addr.0,
                 kernel_end: result.kernel_end,
+                linux,
             }
         }
         _ => {
@@ -236,18 +322,203 @@ pub fn load(
                 path: image.name.clone(),
                 why: "its ELF header is truncated".into(),
             })?;
-            write_zero_page(mem, mem_size, cmdline.len())?;
+            let mut params = boot_params::default();
+            params.hdr.type_of_loader = 0xff;
+            params.hdr.boot_flag = 0xaa55;
+            params.hdr.header = 0x5372_6448; // "HdrS"
+            params.hdr.kernel_alignment = 0x0100_0000;
+            write_zero_page(mem, mem_size, params, req.cmdline.len(), rsdp, initrd)?;
             write_page_tables(mem)?;
             BootSpec {
                 mode: EntryMode::Long64,
                 entry,
                 kernel_end: result.kernel_end,
+                linux,
             }
         }
     };
     write_gdt(mem, spec.mode)?;
-    tracing::debug!(mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), kernel_end = spec.kernel_end, "image loaded");
+    tracing::debug!(mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), kernel_end = spec.kernel_end, linux, "image loaded");
     Ok(spec)
+}
+
+fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    if !cmdline.is_empty() {
+        cl.insert_str(cmdline)
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))
+}
+
+fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// The first RAM region at or above 1 MiB: where kernels and initrds go.
+fn high_ram(mem_size: u64) -> Option<layout::RamRegion> {
+    layout::ram_regions(mem_size)
+        .into_iter()
+        .find(|r| r.end() > HIMEM_START)
+}
+
+/// The setup header of a bzImage, read without trusting any of its fields.
+fn bzimage_header(
+    image: &Image<'_>,
+) -> Result<linux_loader::loader::bootparam::setup_header, BootError> {
+    use linux_loader::loader::bootparam::setup_header;
+    let size = std::mem::size_of::<setup_header>();
+    let raw = image
+        .bytes
+        .get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + size)
+        .ok_or_else(|| BootError::NotBootable {
+            path: image.name.clone(),
+            why: "it is a bzImage truncated inside its setup header".into(),
+        })?;
+    // SAFETY: `setup_header` is a plain-old-data `repr(C, packed)` struct of integers (every bit
+    // pattern is valid), and `raw` holds exactly `size_of::<setup_header>()` bytes; the read is
+    // unaligned-safe.
+    Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr().cast::<setup_header>()) })
+}
+
+/// Loads a bzImage by the x86 boot protocol and prepares its 64-bit entry.
+fn load_bzimage(
+    mem: &GuestMemory,
+    mem_size: u64,
+    req: &BootRequest<'_>,
+) -> Result<BootSpec, BootError> {
+    use linux_loader::loader::bzimage::BzImage;
+    let image = req.image;
+    let name = image.name.clone();
+    let not = |why: &str| BootError::NotBootable {
+        path: name.clone(),
+        why: why.to_string(),
+    };
+    let hdr = bzimage_header(image)?;
+    let version = hdr.version;
+    let xloadflags = hdr.xloadflags;
+    if version < BOOT_PROTOCOL_2_10 {
+        return Err(not(&format!(
+            "its boot protocol is {}.{:02}; this VMM needs 2.10 or later (kernels since 2.6.31)",
+            version >> 8,
+            version & 0xff
+        )));
+    }
+    if xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(not(
+            "it has no 64-bit entry point (XLF_KERNEL_64): not an x86-64 kernel",
+        ));
+    }
+    let setup_sects = if hdr.setup_sects == 0 {
+        4
+    } else {
+        u64::from(hdr.setup_sects)
+    };
+    let payload = (image.bytes.len() as u64).saturating_sub((setup_sects + 1) * 512);
+    if payload == 0 {
+        return Err(not(
+            "it is a bzImage with no protected-mode kernel after its setup code",
+        ));
+    }
+    // The decompressor runs in place at the load address and writes the kernel at
+    // `pref_address` (or wherever KASLR picks), needing `init_size` bytes there.
+    let init_size = u64::from(hdr.init_size);
+    let pref = hdr.pref_address.max(HIMEM_START);
+    let needed = pref
+        .saturating_add(init_size)
+        .max(HIMEM_START.saturating_add(payload));
+    let ram = high_ram(mem_size);
+    let have_end = ram.map(|r| r.end()).unwrap_or(0);
+    if needed > have_end {
+        return Err(BootError::TooLarge {
+            path: name,
+            what: "its decompressed size",
+            needed_mib: mib_up(needed),
+            have_mib: mem_size >> 20,
+        });
+    }
+    let mut cursor = Cursor::new(image.bytes.as_ref());
+    let result = BzImage::load(mem, Some(GuestAddress(HIMEM_START)), &mut cursor, None).map_err(
+        |source| BootError::Load {
+            path: name.clone(),
+            source,
+        },
+    )?;
+    let Some(mut setup) = result.setup_header else {
+        return Err(not("the loader returned no setup header"));
+    };
+    write_cmdline(mem, req.cmdline)?;
+    let rsdp = crate::acpi::write(mem, &req.acpi)?;
+    let initrd = match req.initrd {
+        Some(initrd) => Some(place_initrd(
+            mem,
+            mem_size,
+            initrd,
+            needed,
+            u64::from(hdr.initrd_addr_max),
+        )?),
+        None => None,
+    };
+    setup.type_of_loader = 0xff;
+    setup.code32_start = HIMEM_START as u32;
+    let params = boot_params {
+        hdr: setup,
+        ..Default::default()
+    };
+    write_zero_page(mem, mem_size, params, req.cmdline.len(), Some(rsdp), initrd)?;
+    write_page_tables(mem)?;
+    let spec = BootSpec {
+        mode: EntryMode::Long64,
+        entry: HIMEM_START + BZIMAGE_64BIT_ENTRY,
+        kernel_end: needed,
+        linux: true,
+    };
+    write_gdt(mem, spec.mode)?;
+    tracing::debug!(entry = format_args!("{:#x}", spec.entry), init_size, protocol = format_args!("{version:#x}"), initrd = ?initrd, "bzImage loaded");
+    Ok(spec)
+}
+
+/// Where an initrd was put: guest-physical start and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitrdPlace {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Puts `initrd` at the top of the RAM below `limit` (the kernel's `initrd_addr_max`, and 4 GiB
+/// for the 32-bit fields that carry it), page-aligned, above `kernel_end`.
+///
+/// Why the top: the kernel's decompressor and early allocator work upwards from the kernel;
+/// what QEMU and the reference VMMs do too.
+fn place_initrd(
+    mem: &GuestMemory,
+    mem_size: u64,
+    initrd: &Image<'_>,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<InitrdPlace, BootError> {
+    let size = initrd.bytes.len() as u64;
+    let limit = limit.saturating_add(1).min(1 << 32);
+    let top = layout::ram_regions(mem_size)
+        .into_iter()
+        .filter(|r| r.end() > HIMEM_START && r.start < limit)
+        .map(|r| r.end().min(limit))
+        .next()
+        .unwrap_or(0);
+    let addr = top.saturating_sub(size) & !0xfff;
+    if size == 0 || addr < kernel_end || top == 0 {
+        let needed = kernel_end.saturating_add(size).saturating_add(0xfff);
+        return Err(BootError::InitrdTooLarge {
+            path: initrd.name.clone(),
+            size,
+            limit,
+            kernel_end,
+            needed_mib: mib_up(needed),
+        });
+    }
+    mem.write_slice(&initrd.bytes, GuestAddress(addr))
+        .map_err(|e| BootError::BootParams(format!("initrd at {addr:#x}: {e}")))?;
+    Ok(InitrdPlace { addr, size })
 }
 
 fn elf_entry(b: &[u8]) -> Option<u64> {
@@ -265,7 +536,12 @@ fn pvh_memmap_type(e820_kind: u32) -> u32 {
     }
 }
 
-fn write_pvh_start_info(mem: &GuestMemory, mem_size: u64) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemory,
+    mem_size: u64,
+    rsdp: Option<u64>,
+    initrd: Option<InitrdPlace>,
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout::e820_map(mem_size)
         .iter()
         .map(|e| hvm_memmap_table_entry {
@@ -281,22 +557,50 @@ fn write_pvh_start_info(mem: &GuestMemory, mem_size: u64) -> Result<(), BootErro
         cmdline_paddr: CMDLINE,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() {
+            layout::PVH_MODLIST
+        } else {
+            0
+        },
         ..Default::default()
     };
     let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(BOOT_INFO));
     params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP));
+    if let Some(initrd) = initrd {
+        params.set_modules::<hvm_modlist_entry>(
+            &[hvm_modlist_entry {
+                paddr: initrd.addr,
+                size: initrd.size,
+                cmdline_paddr: 0,
+                reserved: 0,
+            }],
+            GuestAddress(layout::PVH_MODLIST),
+        );
+    }
     PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
         .map_err(|e| BootError::BootParams(e.to_string()))
 }
 
-fn write_zero_page(mem: &GuestMemory, mem_size: u64, cmdline_len: usize) -> Result<(), BootError> {
-    let mut params = boot_params::default();
-    params.hdr.type_of_loader = 0xff;
-    params.hdr.boot_flag = 0xaa55;
-    params.hdr.header = 0x5372_6448; // "HdrS"
+/// Writes the zero page: `params` (its setup header from the image, or a minimal one) with the
+/// command line, memory map, RSDP and initrd filled in.
+fn write_zero_page(
+    mem: &GuestMemory,
+    mem_size: u64,
+    mut params: boot_params,
+    cmdline_len: usize,
+    rsdp: Option<u64>,
+    initrd: Option<InitrdPlace>,
+) -> Result<(), BootError> {
     params.hdr.cmd_line_ptr = CMDLINE as u32;
     params.hdr.cmdline_size = cmdline_len as u32 + 1;
-    params.hdr.kernel_alignment = 0x0100_0000;
+    if let Some(initrd) = initrd {
+        // Both below 4 GiB by construction (`place_initrd`).
+        params.hdr.ramdisk_image = initrd.addr as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+    }
+    params.acpi_rsdp_addr = rsdp.unwrap_or(0);
     let e820 = layout::e820_map(mem_size);
     for (slot, e) in params.e820_table.iter_mut().zip(e820.iter()) {
         slot.addr = e.addr;
@@ -477,13 +781,6 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("not an ELF"), "{err}");
-        let mut bz = vec![0u8; 4096];
-        bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let err = check_image(&image(bz))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("bzImage"), "{err}");
         let mut elf32 = vec![0u8; 64];
         elf32[..4].copy_from_slice(b"\x7fELF");
         elf32[4] = 1;
@@ -542,7 +839,13 @@ mod tests {
             panic!("16 MiB must be allocatable")
         };
         let guest = image(guest_tools::test_guest(guest_tools::GuestBuild::V1).to_vec());
-        let spec = load(&mem, 16 << 20, &guest, "").map_err(|e| e.to_string());
+        let req = BootRequest {
+            image: &guest,
+            cmdline: "",
+            initrd: None,
+            acpi: Default::default(),
+        };
+        let spec = load(&mem, 16 << 20, &req).map_err(|e| e.to_string());
         assert_eq!(spec.map(|s| s.mode), Ok(EntryMode::Pvh32));
         let info: Option<hvm_start_info> = mem.read_obj(GuestAddress(BOOT_INFO)).ok();
         let Some(info) = info else {
@@ -576,12 +879,155 @@ mod tests {
         );
     }
 
+    /// A synthetic bzImage: setup header fields a loader reads, `payload` bytes of "kernel".
+    fn bzimage(version: u16, xloadflags: u16, init_size: u32, payload: usize) -> Vec<u8> {
+        let setup_sects = 1u8;
+        let mut b = vec![0u8; (usize::from(setup_sects) + 1) * 512 + payload];
+        b[0x1f1] = setup_sects;
+        b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        b[0x211] = 1; // LOADED_HIGH
+        b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        b[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+        b[0x234] = 1;
+        b[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        b[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        b
+    }
+
+    fn boot(
+        mem_mib: u64,
+        kernel: &Image<'_>,
+        initrd: Option<&Image<'_>>,
+    ) -> Result<(BootSpec, GuestMemory), BootError> {
+        let Ok(mem) = crate::memory::allocate(mem_mib << 20) else {
+            panic!("{mem_mib} MiB must be allocatable")
+        };
+        let req = BootRequest {
+            image: kernel,
+            cmdline: "console=ttyS0",
+            initrd,
+            acpi: crate::acpi::AcpiConfig {
+                vcpus: 2,
+                virtio_mmio: Vec::new(),
+            },
+        };
+        load(&mem, mem_mib << 20, &req).map(|spec| (spec, mem))
+    }
+
+    #[test]
+    fn a_bzimage_boots_at_its_64_bit_entry_with_initrd_and_acpi() {
+        let kernel = image(bzimage(0x20f, XLF_KERNEL_64, 4 << 20, 64 << 10));
+        let initrd = image(vec![0x5a; 3 << 20]);
+        let (spec, mem) = match boot(64, &kernel, Some(&initrd)) {
+            Ok(v) => v,
+            Err(e) => panic!("boot: {e}"),
+        };
+        assert_eq!(spec.mode, EntryMode::Long64);
+        assert_eq!(spec.entry, HIMEM_START + BZIMAGE_64BIT_ENTRY);
+        assert!(spec.linux);
+        assert!(spec.starts_at_entry(0) && !spec.starts_at_entry(1));
+        let zp: boot_params = mem.read_obj(GuestAddress(BOOT_INFO)).unwrap_or_default();
+        let (image_at, size) = (zp.hdr.ramdisk_image, zp.hdr.ramdisk_size);
+        assert_eq!(size, 3 << 20);
+        assert_eq!(u64::from(image_at) % 0x1000, 0);
+        assert!(u64::from(image_at) + u64::from(size) <= 64 << 20);
+        assert!(
+            u64::from(image_at) >= 0x100_0000 + (4 << 20),
+            "above the decompressed kernel"
+        );
+        let mut first = [0u8; 4];
+        let _ = mem.read_slice(&mut first, GuestAddress(u64::from(image_at)));
+        assert_eq!(first, [0x5a; 4]);
+        let rsdp = zp.acpi_rsdp_addr;
+        assert_eq!(rsdp, layout::ACPI_START);
+        let (cmd, loader, code32) = (
+            zp.hdr.cmd_line_ptr,
+            zp.hdr.type_of_loader,
+            zp.hdr.code32_start,
+        );
+        assert_eq!(
+            (u64::from(cmd), loader, u64::from(code32)),
+            (CMDLINE, 0xff, HIMEM_START)
+        );
+        let mut sig = [0u8; 8];
+        let _ = mem.read_slice(&mut sig, GuestAddress(layout::ACPI_START));
+        assert_eq!(&sig, b"RSD PTR ");
+    }
+
+    #[test]
+    fn bad_kernels_and_initrds_are_refused_with_reasons() {
+        let msg = |r: Result<(BootSpec, GuestMemory), BootError>| match r {
+            Ok(_) => panic!("must be refused"),
+            Err(e) => e,
+        };
+        // Truncated inside the setup header.
+        let mut cut = bzimage(0x20f, XLF_KERNEL_64, 1 << 20, 0);
+        cut.truncate(0x210);
+        let e = msg(boot(32, &image(cut), None));
+        assert!(matches!(e, BootError::NotBootable { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        // Too old a protocol, a 32-bit-only kernel, no kernel after the setup code.
+        let e = msg(boot(
+            32,
+            &image(bzimage(0x209, XLF_KERNEL_64, 1 << 20, 4096)),
+            None,
+        ));
+        assert!(e.to_string().contains("2.10"), "{e}");
+        let e = msg(boot(32, &image(bzimage(0x20f, 0, 1 << 20, 4096)), None));
+        assert!(e.to_string().contains("64-bit"), "{e}");
+        let e = msg(boot(
+            32,
+            &image(bzimage(0x20f, XLF_KERNEL_64, 1 << 20, 0)),
+            None,
+        ));
+        assert!(e.to_string().contains("no protected-mode kernel"), "{e}");
+        // A kernel that needs more than --memory.
+        let e = msg(boot(
+            32,
+            &image(bzimage(0x20f, XLF_KERNEL_64, 64 << 20, 4096)),
+            None,
+        ));
+        assert!(
+            matches!(
+                e,
+                BootError::TooLarge {
+                    needed_mib: 80,
+                    have_mib: 32,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--memory"), "{e}");
+        // An initrd that does not fit above the kernel.
+        let big = image(vec![1; 20 << 20]);
+        let e = msg(boot(
+            32,
+            &image(bzimage(0x20f, XLF_KERNEL_64, 4 << 20, 4096)),
+            Some(&big),
+        ));
+        assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("--memory"), "{e}");
+        // An initrd for a guest that is not Linux.
+        let guest = image(guest_tools::test_guest(guest_tools::GuestBuild::V1).to_vec());
+        let e = msg(boot(32, &guest, Some(&image(vec![1; 4096]))));
+        assert!(matches!(e, BootError::InitrdNotLinux { .. }), "{e}");
+        // Not a kernel at all.
+        let e = msg(boot(32, &image(b"#!/bin/sh\necho hi\n".to_vec()), None));
+        assert!(e.to_string().contains("not an ELF"), "{e}");
+    }
+
     #[test]
     fn pvh_entry_is_protected_mode_without_paging() {
         let spec = BootSpec {
             mode: EntryMode::Pvh32,
             entry: 0x10_0000,
             kernel_end: 0,
+            linux: false,
         };
         let mut sregs = kvm_sregs::default();
         let regs = entry_state(&spec, &mut sregs);
@@ -599,6 +1045,7 @@ mod tests {
             mode: EntryMode::Long64,
             entry: 0x20_0000,
             kernel_end: 0,
+            linux: false,
         };
         let mut sregs = kvm_sregs::default();
         let regs = entry_state(&spec, &mut sregs);

@@ -12,10 +12,34 @@ pub const BOOT_GDT_ENTRIES: usize = 4;
 pub const BOOT_INFO: u64 = 0x6000;
 /// PVH memory map table (array of `hvm_memmap_table_entry`).
 pub const PVH_MEMMAP: u64 = 0x7000;
+/// PVH module list (one `hvm_modlist_entry`: the initrd).
+pub const PVH_MODLIST: u64 = 0x8000;
 /// Identity-map page tables built by the VMM for the 64-bit entry path (PML4, PDPT, 4 PDs).
 pub const PAGE_TABLES: u64 = 0x9000;
 /// Bytes reserved for the page tables: PML4 + PDPT + 4 page directories.
 pub const PAGE_TABLES_SIZE: u64 = 6 * 0x1000;
+/// ACPI tables (RSDP first) for Linux guests, in the BIOS area the e820 map leaves out, where
+/// Linux also looks for an RSDP when nothing tells it where one is.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End (exclusive) of the ACPI area.
+pub const ACPI_END: u64 = 0x10_0000;
+/// The in-kernel IOAPIC's MMIO base (KVM's default, and what the MADT says).
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' MMIO base.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// The ACPI sleep control register (hardware-reduced ACPI): the guest writes its S5 sleep type
+/// here to power off. The sleep status register is the port after it. (Not 0x600, where
+/// cloud-hypervisor puts it: that is the test guest's report port.)
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x700;
+/// The ACPI sleep status register.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x701;
+/// The i8042 command port: 0xfe written here pulses the CPU reset line (reboot). The FADT's
+/// reset register points here too.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The i8042 data port.
+pub const I8042_DATA_PORT: u16 = 0x60;
+/// The i8042 command that resets the machine.
+pub const I8042_RESET: u8 = 0xfe;
 /// Kernel command line, NUL-terminated.
 pub const CMDLINE: u64 = 0x20000;
 /// Largest command line accepted, including the NUL.

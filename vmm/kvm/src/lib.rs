@@ -1,7 +1,8 @@
 //! The KVM VMM: VM and vCPUs (kvm-ioctls), guest memory and its KVM slots (vm-memory), boot
-//! (PVH and 64-bit ELF entry), devices, code integrity, and this VMM as a
+//! (PVH, 64-bit ELF entry and Linux bzImage; ACPI tables for Linux guests), devices, code integrity, and this VMM as a
 //! [`guest_control::GuestControl`] backend ([`guest`]).
 
+pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod cpuid;

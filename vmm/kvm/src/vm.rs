@@ -82,6 +82,8 @@ pub struct VmConfig {
     pub vcpus: usize,
     pub memory_mib: u64,
     pub image: Image<'static>,
+    /// An initrd for a Linux image (`vmm run --initrd`).
+    pub initrd: Option<Image<'static>>,
     pub cmdline: String,
     pub kvm_device: PathBuf,
     pub console: ConsoleSink,
@@ -104,6 +106,7 @@ impl VmConfig {
                 name: "built-in test guest".into(),
                 bytes: guest_tools::test_guest(guest_tools::GuestBuild::V1).into(),
             },
+            initrd: None,
             cmdline: cmdline.to_string(),
             kvm_device: PathBuf::from("/dev/kvm"),
             console: ConsoleSink::Stdout,
@@ -203,7 +206,19 @@ impl Vm {
         let max_slots = kvm.get_nr_memslots();
         let integrity = Arc::new(code_integrity(&kvm, &config, mem_size)?);
         integrity.install(&vm_fd, &memory::backing(&mem)?, max_slots)?;
-        let spec = boot::load(&mem, mem_size, &config.image, &config.cmdline)?;
+        let spec = boot::load(
+            &mem,
+            mem_size,
+            &boot::BootRequest {
+                image: &config.image,
+                cmdline: &config.cmdline,
+                initrd: config.initrd.as_ref(),
+                acpi: crate::acpi::AcpiConfig {
+                    vcpus: config.vcpus,
+                    virtio_mmio: Vec::new(),
+                },
+            },
+        )?;
         let console_lines = config
             .keep_console
             .then(|| Arc::new(Mutex::new(Vec::new())));
@@ -434,6 +449,12 @@ impl Vm {
     }
 
     /// Console lines kept so far (only with `keep_console`).
+    /// Feeds console input to the guest's COM1; returns how many bytes it took (0: its FIFO is
+    /// full, retry after the guest has read).
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.bus.serial.input(bytes)
+    }
+
     pub fn console_lines(&self) -> Vec<String> {
         self.console_lines
             .as_ref()

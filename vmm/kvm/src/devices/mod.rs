@@ -3,6 +3,8 @@
 //! The test-guest protocol is documented in `docs/guest-protocol.md`; its constants and the
 //! report layout come from `guest_tools::protocol`, the same file the guest compiles.
 
+use crate::{acpi, layout};
+
 pub mod reports;
 pub mod serial;
 
@@ -26,6 +28,9 @@ pub enum StopReason {
     TripleFault { vcpu: usize, rip: u64 },
     /// KVM could not run the vCPU.
     VcpuError { vcpu: usize, message: String },
+    /// The guest asked to reboot (the i8042 reset command, which the ACPI reset register also
+    /// names). The VMM does not restart it: it stops, and whoever runs it decides.
+    Rebooted,
     /// The VMM was asked to stop (signal or API).
     Requested(String),
 }
@@ -49,6 +54,10 @@ impl std::fmt::Display for StopReason {
                 write!(f, "the guest triple-faulted on vCPU {vcpu} at rip {rip:#x}")
             }
             StopReason::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+            StopReason::Rebooted => write!(
+                f,
+                "the guest rebooted (the VMM stops instead of restarting it)"
+            ),
             StopReason::Requested(why) => write!(f, "stopped: {why}"),
         }
     }
@@ -119,6 +128,19 @@ impl PortBus {
                 PioOutcome::Handled
             }
             p::EXIT_PORT => PioOutcome::Stop(StopReason::PoweredOff(le_value(data) as u32)),
+            layout::ACPI_SLEEP_CONTROL_PORT => {
+                let v = data.first().copied().unwrap_or(0);
+                let sleep_type = (v >> 2) & 0x7;
+                if v & acpi::SLEEP_ENABLE != 0 && sleep_type == acpi::S5_SLEEP_TYPE {
+                    PioOutcome::Stop(StopReason::PoweredOff(0))
+                } else {
+                    tracing::debug!(vcpu, value = v, "ACPI sleep request other than S5 ignored");
+                    PioOutcome::Handled
+                }
+            }
+            layout::I8042_COMMAND_PORT if data.first() == Some(&layout::I8042_RESET) => {
+                PioOutcome::Stop(StopReason::Rebooted)
+            }
             p::REPORT_PORT => {
                 self.reports.record(vcpu, le_value(data));
                 PioOutcome::Handled
@@ -141,6 +163,16 @@ impl PortBus {
             if let Some(b) = data.first_mut() {
                 *b = self.serial.read((port - serial::COM1_BASE) as u8);
             }
+        } else if matches!(
+            port,
+            layout::I8042_COMMAND_PORT
+                | layout::I8042_DATA_PORT
+                | layout::ACPI_SLEEP_STATUS_PORT
+                | layout::ACPI_SLEEP_CONTROL_PORT
+        ) {
+            // i8042: both buffers empty (a kernel resetting through it polls the input-buffer
+            // bit first); ACPI sleep status: not woken.
+            data.fill(0);
         } else {
             // Nothing there: an ISA bus floats high.
             data.fill(0xff);

@@ -97,6 +97,12 @@ pub fn create(
         ..Default::default()
     };
     fd.set_fpu(&fpu).map_err(|e| setup("FPU", e))?;
+    set_lint(&fd).map_err(|e| setup("local APIC", e))?;
+    if !spec.starts_at_entry(id) {
+        // A Linux application processor: KVM's in-kernel irqchip leaves it waiting for the
+        // INIT/SIPI its kernel sends once the boot CPU is up, as firmware leaves it on a PC.
+        return Ok(fd);
+    }
     let mut sregs = fd
         .get_sregs()
         .map_err(|e| setup("reading special registers", e))?;
@@ -104,9 +110,8 @@ pub fn create(
     fd.set_sregs(&sregs)
         .map_err(|e| setup("special registers", e))?;
     fd.set_regs(&regs).map_err(|e| setup("registers", e))?;
-    set_lint(&fd).map_err(|e| setup("local APIC", e))?;
-    // With an in-kernel irqchip, KVM leaves application processors waiting for INIT/SIPI; this
-    // VMM starts every vCPU at the entry point directly (the PVH convention for our guests).
+    // Our own guests start every vCPU at the entry point directly (the PVH convention the test
+    // guest follows), so the application processors are made runnable here.
     fd.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
@@ -383,9 +388,7 @@ fn classify(
         Ok(VcpuExit::Shutdown) => ExitAction::TripleFault,
         Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(StopReason::PoweredOff(0)),
-            kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                ExitAction::Stop(StopReason::Requested("the guest asked for a reset".into()))
-            }
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(StopReason::Rebooted),
             other => stop(format!("system event {other}")),
         },
         Ok(VcpuExit::InternalError) => ExitAction::InternalError,
