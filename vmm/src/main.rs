@@ -8,15 +8,20 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use control_api::client::ApiClient;
-use control_api::server::{ApiContext, ApiServer};
+use control_api::server::{ApiContext, ApiServer, EngineSlot};
 use kvm_vmm::boot::Image;
 use kvm_vmm::devices::StopReason;
 use kvm_vmm::vm::{ConsoleSink, Vm, VmConfig};
 use vmm_tools::bench;
 
+/// How long a Linux guest may take to boot before the VMM gives up attaching patching to it
+/// (generous: under nested emulation a boot takes a minute or more).
+const LINUX_ATTACH_DEADLINE: Duration = Duration::from_secs(900);
+
 mod console;
 mod exit;
 mod integrity_cli;
+mod linux_vm;
 mod patch_cli;
 
 #[derive(Parser, Debug)]
@@ -330,35 +335,61 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         code_ranges: args.code_ranges,
     };
     install_terminate_handlers()?;
+    let patching_requested =
+        args.state_dir.is_some() || !args.trusted_keys.is_empty() || args.allow_unsigned;
+    let engine_config = patch_engine::EngineConfig {
+        trusted_keys: trusted,
+        allow_unsigned: args.allow_unsigned,
+        ..Default::default()
+    };
+    let linux = kvm_vmm::boot::is_linux_image(&image_bytes);
+    // A Linux kernel's symbols, tables and banner, read before the VM starts so a bad image
+    // fails here and not after boot (from the image cache when it holds them).
+    let kernel_image = match (&args.kernel, linux && patching_requested) {
+        (Some(path), true) => Some(linux_guest::attach::KernelImage::from_file(path)?),
+        _ => None,
+    };
     let vm = Vm::start(config)?;
     // The terminal goes raw only once the VM runs; the guard restores it on every way out.
     let _console = console::forward_stdin(vm.clone());
-    let engine = match vmm_tools::sample::engine_for(
-        vm.clone(),
-        &image_name,
-        &image_bytes,
-        patch_engine::EngineConfig {
-            trusted_keys: trusted,
-            allow_unsigned: args.allow_unsigned,
-            ..Default::default()
-        },
-        args.state_dir.as_deref(),
-    ) {
-        Ok(e) => Some(std::sync::Arc::new(
-            patch_engine::shared::SharedEngine::new(e),
-        )),
-        Err(e) => {
-            if args.state_dir.is_some() || !args.trusted_keys.is_empty() || args.allow_unsigned {
-                vm.request_stop(StopReason::Requested("patching could not start".into()));
-                vm.join();
-                return Err(e.into());
+    let engine = if let Some(image) = kernel_image {
+        let slot = EngineSlot::attaching("the Linux kernel to finish booting");
+        linux_vm::attach_when_booted(
+            vm.clone(),
+            image,
+            engine_config,
+            args.state_dir.clone(),
+            slot.clone(),
+            LINUX_ATTACH_DEADLINE,
+        )
+        .context("starting the thread that attaches patching to the kernel")?;
+        slot
+    } else if linux {
+        EngineSlot::disabled()
+    } else {
+        match vmm_tools::sample::engine_for(
+            vm.clone(),
+            &image_name,
+            &image_bytes,
+            engine_config,
+            args.state_dir.as_deref(),
+        ) {
+            Ok(e) => EngineSlot::ready(std::sync::Arc::new(
+                patch_engine::shared::SharedEngine::new(e),
+            )),
+            Err(e) => {
+                if patching_requested {
+                    vm.request_stop(StopReason::Requested("patching could not start".into()));
+                    vm.join();
+                    return Err(e.into());
+                }
+                let e = anyhow::Error::new(e);
+                tracing::warn!(
+                    error = exit::render(&e),
+                    "hot patching is unavailable for this image"
+                );
+                EngineSlot::disabled()
             }
-            let e = anyhow::Error::new(e);
-            tracing::warn!(
-                error = exit::render(&e),
-                "hot patching is unavailable for this image"
-            );
-            None
         }
     };
     let _api = match &args.api_sock {

@@ -49,7 +49,89 @@ pub const MAX_BODY: usize = 16 << 20;
 #[derive(Clone)]
 pub struct ApiContext {
     pub vm: Arc<Vm>,
-    pub engine: Option<Arc<SharedEngine<Vm>>>,
+    pub engine: EngineSlot,
+}
+
+/// Where the API finds the patch engine. A Linux guest gets its engine only once its kernel
+/// has booted (the VMM attaches to it then: slide, arena, identity), so until then requests
+/// that need it are told to retry, and if attaching fails they are told why.
+#[derive(Clone)]
+pub struct EngineSlot(Arc<std::sync::RwLock<SlotState>>);
+
+#[derive(Clone)]
+enum SlotState {
+    Disabled,
+    Attaching(String),
+    Failed(String),
+    Ready(Arc<SharedEngine<Vm>>),
+}
+
+impl EngineSlot {
+    /// Patching is not enabled on this VM.
+    pub fn disabled() -> Self {
+        Self::with(SlotState::Disabled)
+    }
+
+    /// The engine is ready now.
+    pub fn ready(engine: Arc<SharedEngine<Vm>>) -> Self {
+        Self::with(SlotState::Ready(engine))
+    }
+
+    /// The engine comes later; `waiting_for` says what for (shown to callers meanwhile).
+    pub fn attaching(waiting_for: &str) -> Self {
+        Self::with(SlotState::Attaching(waiting_for.to_string()))
+    }
+
+    fn with(state: SlotState) -> Self {
+        EngineSlot(Arc::new(std::sync::RwLock::new(state)))
+    }
+
+    fn set(&self, state: SlotState) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// The engine has arrived.
+    pub fn set_ready(&self, engine: Arc<SharedEngine<Vm>>) {
+        self.set(SlotState::Ready(engine));
+    }
+
+    /// Attaching failed for good; `why` is what callers are told.
+    pub fn set_failed(&self, why: String) {
+        self.set(SlotState::Failed(why));
+    }
+
+    fn state(&self) -> SlotState {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The engine, if it is ready.
+    pub fn engine(&self) -> Option<Arc<SharedEngine<Vm>>> {
+        match self.state() {
+            SlotState::Ready(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether patching is enabled (ready, or coming).
+    pub fn enabled(&self) -> bool {
+        !matches!(self.state(), SlotState::Disabled | SlotState::Failed(_))
+    }
+
+    /// The engine, or the fault that tells the caller why there is none (yet).
+    fn get(&self) -> Result<Arc<SharedEngine<Vm>>, Fault> {
+        match self.state() {
+            SlotState::Ready(e) => Ok(e),
+            SlotState::Disabled => Err(no_engine()),
+            SlotState::Attaching(what) => Err(Fault::new(
+                ErrorKind::Busy,
+                format!("patching is not ready yet: the VMM is waiting for {what}; retry shortly"),
+            )),
+            SlotState::Failed(why) => Err(Fault::new(
+                ErrorKind::Internal,
+                format!("patching is unavailable on this VM: {why}"),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -595,7 +677,7 @@ pub fn route(ctx: &ApiContext, method: &str, url: &str, body: &[u8]) -> Reply {
 
 fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result<Reply, Fault> {
     let vm = &ctx.vm;
-    let engine = || ctx.engine.as_deref().ok_or_else(no_engine);
+    let engine = || ctx.engine.get();
     let not_paused = || {
         if vm.is_paused() {
             Err(engine_fault(&EngineError::OperatorPaused))
@@ -620,7 +702,7 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             )
         }
         Endpoint::Metrics => {
-            let patches = ctx.engine.as_deref().map(|e| e.read().metrics());
+            let patches = ctx.engine.engine().map(|e| e.read().metrics());
             Reply::ok(
                 200,
                 json!({"pause": vm.pause_metrics(), "patches": patches, "integrity": vm.integrity_metrics()}),
@@ -631,7 +713,7 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "patch_format_versions": [patch_format::FORMAT_VERSION],
-                "patching_enabled": ctx.engine.is_some(),
+                "patching_enabled": ctx.engine.enabled(),
                 "features": FEATURES,
             }),
         ),
@@ -651,7 +733,8 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             Reply::ok(if out.already_applied { 200 } else { 201 }, json!(out))
         }
         Endpoint::GetPatch => {
-            let engine = engine()?.read();
+            let shared = engine()?;
+            let engine = shared.read();
             let r = engine.find(id).map_err(|e| engine_fault(&e))?;
             Reply::ok(200, json!(r))
         }

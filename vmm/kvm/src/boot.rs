@@ -144,6 +144,11 @@ pub fn is_bzimage(b: &[u8]) -> bool {
     b.len() >= 0x206 && &b[0x202..0x206] == b"HdrS"
 }
 
+/// A Linux kernel: a bzImage, or an ELF vmlinux.
+pub fn is_linux_image(b: &[u8]) -> bool {
+    is_bzimage(b) || is_linux_elf(b)
+}
+
 /// An ELF that is a Linux kernel (a vmlinux): it carries `Linux version ` (its banner).
 fn is_linux_elf(b: &[u8]) -> bool {
     const BANNER: &[u8] = b"Linux version ";

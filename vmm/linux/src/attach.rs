@@ -101,6 +101,45 @@ pub struct Attached {
     pub smp_locks_live: bool,
 }
 
+/// `system_state` once the kernel has freed its init memory and runs user space
+/// (`SYSTEM_RUNNING` of 6.1's `enum system_states`).
+const SYSTEM_RUNNING: u32 = 3;
+
+/// Whether the kernel `image` in `guest` has finished booting: its `system_state` is
+/// `SYSTEM_RUNNING`. From then on boot-time text rewriting (alternatives, the UP lock rewrite
+/// at CPU bring-up, init text) is over, so attaching sees the text it will patch. While the
+/// kernel is still booting (its IDT not yet the final one, the slide not yet findable) this
+/// answers `Ok(false)`; a running kernel that is not `image` is an error. Pauses the guest once.
+pub fn kernel_running<G: GuestControl + ?Sized>(
+    guest: &G,
+    idt_base: u64,
+    image: &KernelImage,
+) -> Result<bool, LinuxAttachError> {
+    let Some(state_at) = image.kallsyms.lookup("system_state") else {
+        // An image without it cannot be told apart mid-boot: treat it as booted.
+        return Ok(true);
+    };
+    let states = guest.pause_all()?;
+    let result = (|| {
+        let Some(vcpu) = states.iter().flatten().next().map(kernel_view) else {
+            return Ok(false);
+        };
+        let Ok(idt) = guest.read_virtual(&vcpu, idt_base, kaslr::IDT_BYTES) else {
+            return Ok(false);
+        };
+        let Ok(slide) = kaslr::slide_from_idt(&idt, &image.kallsyms) else {
+            return Ok(false);
+        };
+        let Ok(raw) = guest.read_virtual(&vcpu, state_at.wrapping_add(slide.slide), 4) else {
+            return Ok(false);
+        };
+        let state = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        Ok(state == SYSTEM_RUNNING)
+    })();
+    guest.resume_all()?;
+    result
+}
+
 /// Finds the slide, checks the running kernel is `image`, maps the arena at guest-physical
 /// `arena_gpa`. Pauses the guest once; leaves it running.
 pub fn attach<G: GuestControl + ?Sized>(

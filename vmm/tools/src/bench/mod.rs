@@ -901,7 +901,7 @@ pub fn patch_cycles(
         &socket,
         ApiContext {
             vm: vm.clone(),
-            engine: Some(engine.clone()),
+            engine: control_api::server::EngineSlot::ready(engine.clone()),
         },
     )?;
     let client = ApiClient::new(&socket);
