@@ -70,7 +70,7 @@ pub fn attach_when_booted(
                         return;
                     }
                     Some((_, Err(e))) => {
-                        let why = format!("{}", patch_engine_chain(&e));
+                        let why = error_chain(&e);
                         tracing::error!(%why, "patching is unavailable");
                         slot.set_failed(why);
                         return;
@@ -108,7 +108,7 @@ fn attach(
             slot.set_ready(Arc::new(SharedEngine::new(engine)));
         }
         Err(e) => {
-            let why = patch_engine_chain(&e);
+            let why = error_chain(&e);
             tracing::error!(%why, "patching is unavailable: could not attach to the kernel");
             slot.set_failed(why);
         }
@@ -116,7 +116,7 @@ fn attach(
 }
 
 /// An error and its sources, one line.
-fn patch_engine_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
