@@ -91,7 +91,7 @@ fn attach(
     started: Instant,
 ) {
     let arena = vm.arena_window();
-    match linux_guest::engine::engine_for_kernel(
+    match linux_guest::engine::engine_and_attachment(
         vm.clone(),
         idt,
         image,
@@ -99,19 +99,101 @@ fn attach(
         config,
         state_dir,
     ) {
-        Ok(engine) => {
+        Ok((engine, attached)) => {
             tracing::info!(
                 kernel = %image.banner.trim_end(),
+                slide = format_args!("{:#x}", attached.slide.slide),
                 waited_ms = started.elapsed().as_millis() as u64,
                 "patching is ready: attached to the Linux kernel"
             );
             slot.set_ready(Arc::new(SharedEngine::new(engine)));
+            if vm.integrity_metrics().mode != kvm_vmm::integrity::Mode::Off {
+                protect_text(vm, image, attached.slide.slide);
+            }
         }
         Err(e) => {
             let why = error_chain(&e);
             tracing::error!(%why, "patching is unavailable: could not attach to the kernel");
             slot.set_failed(why);
         }
+    }
+}
+
+/// Protects the kernel's text now that it has booted, with the policy that lets its own
+/// run-time rewrites through (docs/code-integrity.md, "Linux guests").
+fn protect_text(vm: &Arc<Vm>, image: &KernelImage, slide: u64) {
+    let text = match linux_guest::attach::kernel_text(vm.as_ref(), image, slide) {
+        Ok(Some(text)) => text,
+        Ok(None) => {
+            tracing::error!(
+                "code integrity: the kernel's text is not one contiguous range here; it stays unprotected"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "code integrity: could not locate the kernel's text; it stays unprotected");
+            return;
+        }
+    };
+    vm.set_rewrite_policy(Arc::new(KernelTextPolicy {
+        sites: image.text_sites.clone(),
+        text,
+        slide,
+    }));
+    match vm.protect_kernel_text(text.gpa, text.gpa + text.len) {
+        Ok(range) => tracing::info!(
+            start = format_args!("{:#x}", range.start),
+            end = format_args!("{:#x}", range.end),
+            "code integrity: the kernel's text is protected; its own rewrites are checked against its tables"
+        ),
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "code integrity: could not protect the kernel's text")
+        }
+    }
+}
+
+/// Module space (`MODULES_VADDR`..`MODULES_END` on x86-64): where ftrace trampolines and
+/// module code live, which static calls and ftrace sites may call.
+const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
+
+/// Vouches for the kernel's own rewrites of its text: the write must change a site listed in
+/// the image's tables from one of its forms to another (linux_guest::text_sites).
+#[derive(Debug)]
+struct KernelTextPolicy {
+    sites: Arc<linux_guest::text_sites::KernelTextSites>,
+    text: linux_guest::attach::KernelText,
+    slide: u64,
+}
+
+impl kvm_vmm::integrity::RewritePolicy for KernelTextPolicy {
+    fn allows(
+        &self,
+        mem: &kvm_vmm::memory::GuestMemory,
+        gpa: u64,
+        data: &[u8],
+    ) -> Option<&'static str> {
+        use vm_memory::{Bytes, GuestAddress};
+        let t = self.text;
+        let off = gpa.checked_sub(t.gpa)?;
+        if off.checked_add(data.len() as u64)? > t.len {
+            return None;
+        }
+        let current = |link: u64, len: usize| {
+            let at = link.checked_sub(t.link)?;
+            if at.checked_add(len as u64)? > t.len {
+                return None;
+            }
+            let mut buf = vec![0u8; len];
+            mem.read_slice(&mut buf, GuestAddress(t.gpa + at)).ok()?;
+            Some(buf)
+        };
+        let target_ok = |link: u64| {
+            (t.link..t.link + t.len).contains(&link)
+                || MODULES.contains(&link.wrapping_add(self.slide))
+        };
+        self.sites
+            .judge_rewrite(t.link + off, data, current, target_ok)
+            .map(|m| m.name())
     }
 }
 

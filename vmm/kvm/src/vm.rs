@@ -295,11 +295,31 @@ impl Vm {
     /// Protects one more guest-physical range (page-aligned outwards) while the guest runs:
     /// its memory slots are re-cut with every vCPU parked, unless the operator already paused
     /// the VM. Refused when code integrity is off.
+    /// Installs what vouches for the guest's own rewrites of its protected code
+    /// ([`integrity::RewritePolicy`]); install it before protecting code the guest rewrites.
+    pub fn set_rewrite_policy(&self, policy: Arc<dyn integrity::RewritePolicy>) {
+        self.integrity.set_policy(policy);
+    }
+
     pub fn protect_code(&self, start: u64, end: u64) -> Result<CodeRange, VmControlError> {
+        self.protect(start, end, RangeSource::Api)
+    }
+
+    /// Protects a Linux guest's kernel text, once it has booted.
+    pub fn protect_kernel_text(&self, start: u64, end: u64) -> Result<CodeRange, VmControlError> {
+        self.protect(start, end, RangeSource::KernelText)
+    }
+
+    fn protect(
+        &self,
+        start: u64,
+        end: u64,
+        source: RangeSource,
+    ) -> Result<CodeRange, VmControlError> {
         if self.integrity.mode() == integrity::Mode::Off {
             return Err(IntegrityError::Off.into());
         }
-        let range = CodeRange::covering(start, end, RangeSource::Api);
+        let range = CodeRange::covering(start, end, source);
         let backing = memory::backing(&self.mem).map_err(VmError::from)?;
         let operator_paused = self.is_paused();
         if !operator_paused {
@@ -518,7 +538,15 @@ fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integri
     if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
         return Err(IntegrityError::Unsupported(mode).into());
     }
-    let image = integrity::ranges::image_code(&config.image.bytes).map_err(IntegrityError::from)?;
+    // A Linux kernel rewrites its own text while it boots (alternatives, paravirt, the lock
+    // prefixes as CPUs come up) and frees its init text: its text is protected only once it
+    // runs (`linux_vm` in the binary, with a policy for its run-time rewrites). A bzImage
+    // has no ELF segments to protect anyway.
+    let image = if boot::is_linux_image(&config.image.bytes) {
+        integrity::ranges::ImageCode::default()
+    } else {
+        integrity::ranges::image_code(&config.image.bytes).map_err(IntegrityError::from)?
+    };
     for page in &image.shared_pages {
         tracing::warn!(
             page = format_args!("{page:#x}"),

@@ -140,6 +140,55 @@ pub fn kernel_running<G: GuestControl + ?Sized>(
     result
 }
 
+/// Where the running kernel's text (`_stext`..`_etext`) is in guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelText {
+    pub gpa: u64,
+    pub len: u64,
+    /// `_stext` at its link-time address.
+    pub link: u64,
+}
+
+/// Finds the kernel's text in guest-physical memory through its page tables (it is one
+/// physically contiguous range, wherever KASLR put it). Pauses the guest once.
+pub fn kernel_text<G: GuestControl + ?Sized>(
+    guest: &G,
+    image: &KernelImage,
+    slide: u64,
+) -> Result<Option<KernelText>, LinuxAttachError> {
+    let (Some(start), Some(end)) = (
+        image.kallsyms.lookup("_stext"),
+        image.kallsyms.lookup("_etext"),
+    ) else {
+        return Ok(None);
+    };
+    if end <= start {
+        return Ok(None);
+    }
+    let states = guest.pause_all()?;
+    let result = (|| {
+        let vcpu = states
+            .iter()
+            .flatten()
+            .next()
+            .map(kernel_view)
+            .ok_or(LinuxAttachError::NoVcpu)?;
+        let first = guest.translate(&vcpu, start.wrapping_add(slide))?;
+        let last = guest.translate(&vcpu, (end - 1).wrapping_add(slide))?;
+        let len = end - start;
+        // One contiguous physical range, as the kernel maps its image.
+        Ok(
+            (last.gpa.wrapping_sub(first.gpa) == len - 1).then_some(KernelText {
+                gpa: first.gpa,
+                len,
+                link: start,
+            }),
+        )
+    })();
+    guest.resume_all()?;
+    result
+}
+
 /// Finds the slide, checks the running kernel is `image`, maps the arena at guest-physical
 /// `arena_gpa`. Pauses the guest once; leaves it running.
 pub fn attach<G: GuestControl + ?Sized>(

@@ -32,10 +32,23 @@ pub fn engine_for_kernel<G: GuestControl>(
     config: EngineConfig,
     state_dir: Option<&Path>,
 ) -> Result<Engine<G>, LinuxEngineError> {
+    engine_and_attachment(guest, idt, image, arena_gpa, config, state_dir).map(|(e, _)| e)
+}
+
+/// [`engine_for_kernel`], with what attaching found (the slide, the arena), for a backend
+/// that does more with the kernel (this VMM protects its text).
+pub fn engine_and_attachment<G: GuestControl>(
+    guest: Arc<G>,
+    idt: u64,
+    image: &KernelImage,
+    arena_gpa: u64,
+    config: EngineConfig,
+    state_dir: Option<&Path>,
+) -> Result<(Engine<G>, crate::attach::Attached), LinuxEngineError> {
     let attached = crate::attach::attach(guest.as_ref(), idt, image, arena_gpa)?;
     let mut info = crate::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
     image.text_sites.cut_at_function_entries(&mut info.symbols);
-    Ok(Engine::new(
+    let engine = Engine::new(
         guest,
         Target::new(info, attached.slide.slide).with_absolute(
             image
@@ -56,5 +69,6 @@ pub fn engine_for_kernel<G: GuestControl>(
             image.text_sites.clone(),
             attached.smp_locks_live,
         )),
-    )?)
+    )?;
+    Ok((engine, attached))
 }

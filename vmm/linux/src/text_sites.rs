@@ -83,6 +83,55 @@ pub struct TextSite {
     pub mechanism: Mechanism,
 }
 
+/// The x86-64 5-byte NOP the kernel puts at disabled jump labels, static calls and ftrace sites.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// The 2-byte NOP of a disabled short jump label.
+pub const NOP2: [u8; 2] = [0x66, 0x90];
+const INT3: u8 = 0xcc;
+const LOCK: u8 = 0xf0;
+/// `ds` segment prefix: what a UP kernel writes over its lock prefixes.
+const DS: u8 = 0x3e;
+
+/// Whether `bytes` (a whole site of `mechanism` at link-time `addr`) is a form the kernel
+/// puts there: int3 first (mid `text_poke_bp`), a NOP, a `jmp`/`call` whose target
+/// `target_ok` accepts, `ret` for a static call to nothing, `lock`/`ds` at a lock prefix.
+pub fn known_form(
+    mechanism: Mechanism,
+    addr: u64,
+    bytes: &[u8],
+    target_ok: &impl Fn(u64) -> bool,
+) -> bool {
+    let Some(&first) = bytes.first() else {
+        return false;
+    };
+    if mechanism == Mechanism::SmpLock {
+        return bytes.len() == 1 && (first == LOCK || first == DS);
+    }
+    if first == INT3 {
+        return true;
+    }
+    let rel_target = |rel: i64| {
+        addr.wrapping_add(bytes.len() as u64)
+            .wrapping_add(rel as u64)
+    };
+    match bytes {
+        [0xeb, rel] => target_ok(rel_target(i64::from(*rel as i8))),
+        b if b == NOP2 => true,
+        b if b == NOP5 => true,
+        [op @ (0xe8 | 0xe9), r0, r1, r2, r3] => {
+            let rel = i32::from_le_bytes([*r0, *r1, *r2, *r3]);
+            // A jump label only ever jumps; calls are static calls and ftrace.
+            (*op == 0xe9 || mechanism != Mechanism::JumpLabel)
+                && target_ok(rel_target(i64::from(rel)))
+        }
+        [0xc3, ..] => matches!(
+            mechanism,
+            Mechanism::StaticCall | Mechanism::StaticCallTrampoline
+        ),
+        _ => false,
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum TextSitesError {
     #[error(
@@ -330,6 +379,48 @@ impl KernelTextSites {
         }
     }
 
+    /// Whether writing `data` at link-time address `at` is one of the kernel's own run-time
+    /// rewrites: it lies inside one site of a run-time table (jump label, static call, ftrace
+    /// call, static-call trampoline, SMP lock prefix), and the site's bytes after it are one of
+    /// that site's forms ([`known_form`]), or a step of `text_poke_bp`'s protocol (an int3 on
+    /// the first byte while the rest changes). `current` reads a site's bytes as they are;
+    /// `target_ok` says whether a jump or call may go to a link-time address.
+    ///
+    /// Code integrity for a Linux guest lets exactly these writes through; they are vouched
+    /// for by the image's own tables, never by the guest.
+    pub fn judge_rewrite(
+        &self,
+        at: u64,
+        data: &[u8],
+        current: impl Fn(u64, usize) -> Option<Vec<u8>>,
+        target_ok: impl Fn(u64) -> bool,
+    ) -> Option<Mechanism> {
+        let end = at.checked_add(data.len() as u64)?;
+        self.touching(at, end)
+            .filter(|s| {
+                matches!(
+                    s.mechanism,
+                    Mechanism::JumpLabel
+                        | Mechanism::StaticCall
+                        | Mechanism::Ftrace
+                        | Mechanism::StaticCallTrampoline
+                        | Mechanism::SmpLock
+                )
+            })
+            .find(|s| {
+                if s.addr > at || s.addr + u64::from(s.len) < end {
+                    return false;
+                }
+                let Some(mut bytes) = current(s.addr, usize::from(s.len)) else {
+                    return false;
+                };
+                let off = (at - s.addr) as usize;
+                bytes[off..off + data.len()].copy_from_slice(data);
+                known_form(s.mechanism, s.addr, &bytes, &target_ok)
+            })
+            .map(|s| s.mechanism)
+    }
+
     /// Sites whose rewrite touches `[start, end)` (link-time addresses), in address order.
     pub fn touching(&self, start: u64, end: u64) -> impl Iterator<Item = &TextSite> {
         // No site is longer than 255 bytes: look from there.
@@ -340,5 +431,127 @@ impl KernelTextSites {
             .iter()
             .take_while(move |s| s.addr < end)
             .filter(move |s| s.addr.saturating_add(u64::from(s.len)) > start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SITE: u64 = 0xffff_ffff_8100_1000;
+
+    fn sites() -> KernelTextSites {
+        KernelTextSites::from_sites(vec![
+            TextSite {
+                addr: SITE,
+                len: 5,
+                mechanism: Mechanism::JumpLabel,
+            },
+            TextSite {
+                addr: SITE + 0x100,
+                len: 5,
+                mechanism: Mechanism::StaticCall,
+            },
+            TextSite {
+                addr: SITE + 0x200,
+                len: 1,
+                mechanism: Mechanism::SmpLock,
+            },
+            TextSite {
+                addr: SITE + 0x300,
+                len: 5,
+                mechanism: Mechanism::Alternative,
+            },
+        ])
+    }
+
+    fn in_text(t: u64) -> bool {
+        (0xffff_ffff_8100_0000..0xffff_ffff_8200_0000).contains(&t)
+    }
+
+    fn jmp(from: u64, to: u64) -> [u8; 5] {
+        let rel = (to as i64 - (from as i64 + 5)) as i32;
+        let r = rel.to_le_bytes();
+        [0xe9, r[0], r[1], r[2], r[3]]
+    }
+
+    /// Replays writes over `mem` (site address → bytes), each judged against the bytes
+    /// before it, as the VMM does for every trapped fragment.
+    fn judge(
+        mem: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+        at: u64,
+        data: &[u8],
+    ) -> Option<Mechanism> {
+        let s = sites();
+        let verdict = s.judge_rewrite(
+            at,
+            data,
+            |addr, len| mem.get(&addr).filter(|b| b.len() == len).cloned(),
+            in_text,
+        );
+        if verdict.is_some()
+            && let Some((base, bytes)) = mem.range_mut(..=at).next_back()
+        {
+            let off = (at - *base) as usize;
+            bytes[off..off + data.len()].copy_from_slice(data);
+        }
+        verdict
+    }
+
+    #[test]
+    fn text_poke_bp_enabling_a_jump_label_passes_step_by_step() {
+        let mut mem = std::collections::BTreeMap::from([(SITE, NOP5.to_vec())]);
+        let target = jmp(SITE, SITE + 0x40);
+        // int3 first, then the tail, then the opcode: every step is vouched for.
+        assert_eq!(judge(&mut mem, SITE, &[0xcc]), Some(Mechanism::JumpLabel));
+        assert_eq!(
+            judge(&mut mem, SITE + 1, &target[1..]),
+            Some(Mechanism::JumpLabel)
+        );
+        assert_eq!(
+            judge(&mut mem, SITE, &target[..1]),
+            Some(Mechanism::JumpLabel)
+        );
+        assert_eq!(mem[&SITE], target.to_vec());
+        // And back to the NOP.
+        assert_eq!(judge(&mut mem, SITE, &NOP5), Some(Mechanism::JumpLabel));
+    }
+
+    #[test]
+    fn writes_that_are_not_the_kernels_own_rewrites_are_not_vouched_for() {
+        let mut mem = std::collections::BTreeMap::from([
+            (SITE, NOP5.to_vec()),
+            (SITE + 0x100, NOP5.to_vec()),
+            (SITE + 0x200, vec![0xf0]),
+            (SITE + 0x300, NOP5.to_vec()),
+        ]);
+        // A jump out of the kernel's text, a call at a jump label, arbitrary bytes.
+        assert_eq!(judge(&mut mem, SITE, &jmp(SITE, 0x4000_0000)), None);
+        let mut call = jmp(SITE, SITE + 0x40);
+        call[0] = 0xe8;
+        assert_eq!(judge(&mut mem, SITE, &call), None);
+        assert_eq!(judge(&mut mem, SITE, &[0x90, 0x90, 0x90, 0x48, 0x31]), None);
+        // Crossing the site's end, or next to it, or at a boot-time-only site.
+        assert_eq!(judge(&mut mem, SITE + 3, &[0, 0, 0]), None);
+        assert_eq!(judge(&mut mem, SITE + 5, &[0xcc]), None);
+        assert_eq!(judge(&mut mem, SITE + 0x300, &[0xcc]), None);
+        // A static call may call; its lock prefix neighbour only flips lock/ds.
+        let mut sc = jmp(SITE + 0x100, SITE + 0x40);
+        sc[0] = 0xe8;
+        assert_eq!(
+            judge(&mut mem, SITE + 0x100, &sc),
+            Some(Mechanism::StaticCall)
+        );
+        assert_eq!(
+            judge(&mut mem, SITE + 0x100, &[0xc3]),
+            Some(Mechanism::StaticCall)
+        );
+        assert_eq!(
+            judge(&mut mem, SITE + 0x200, &[0x3e]),
+            Some(Mechanism::SmpLock)
+        );
+        assert_eq!(judge(&mut mem, SITE + 0x200, &[0xcc]), None);
+        // Nothing unmapped is vouched for.
+        assert_eq!(judge(&mut mem, SITE + 0x400, &[0xcc]), None);
     }
 }

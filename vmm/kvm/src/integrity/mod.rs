@@ -67,6 +67,22 @@ impl std::fmt::Display for Mode {
 pub enum Action {
     Dropped,
     Written,
+    /// A legitimate rewrite by the guest's own mechanism (see [`RewritePolicy`]), performed
+    /// for it by the VMM in every mode.
+    Allowed,
+}
+
+/// The guest's own legitimate rewrites of its protected code, which the VMM performs for it.
+///
+/// Why: a stock kernel rewrites its text while it runs (static keys, static calls, ftrace,
+/// through `text_poke_bp`'s int3 protocol). With its text read-only those writes trap here;
+/// dropping them would make the kernel BUG (it reads every poke back). A policy built from the
+/// kernel image's own tables of rewritable sites vouches for the writes that change such a
+/// site from one of its known forms to another; every other write is handled by the mode.
+pub trait RewritePolicy: Send + Sync + std::fmt::Debug {
+    /// The mechanism (for the report), when writing `data` at `gpa` is such a rewrite. `mem`
+    /// holds the bytes as they are before the write.
+    fn allows(&self, mem: &GuestMemory, gpa: u64, data: &[u8]) -> Option<&'static str>;
 }
 
 /// One guest write into protected code.
@@ -90,6 +106,9 @@ pub struct Violation {
     /// The bytes the guest tried to write, in hex.
     pub bytes: String,
     pub action: Action,
+    /// For an allowed rewrite, the mechanism that vouched for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<String>,
     pub uptime_ms: u64,
 }
 
@@ -110,6 +129,8 @@ pub struct IntegrityMetrics {
     pub violations: u64,
     pub dropped: u64,
     pub written: u64,
+    /// Legitimate rewrites the VMM performed for the guest ([`RewritePolicy`]).
+    pub allowed: u64,
     pub log_suppressed: u64,
     /// Nanoseconds the VMM spent per trapped write, from the exit reaching the vCPU thread to
     /// the record (finding the writer included); KVM's exit and re-entry come on top.
@@ -158,6 +179,7 @@ struct Book {
     total: u64,
     dropped: u64,
     written: u64,
+    allowed: u64,
     by_vcpu: Vec<u64>,
     recent: VecDeque<Violation>,
     fragments: Vec<Option<Fragments>>,
@@ -178,6 +200,7 @@ pub struct Integrity {
     protected: RwLock<Protected>,
     slots: Mutex<SlotTable>,
     book: Mutex<Book>,
+    policy: RwLock<Option<std::sync::Arc<dyn RewritePolicy>>>,
     started: Instant,
 }
 
@@ -198,18 +221,25 @@ impl Integrity {
                 total: 0,
                 dropped: 0,
                 written: 0,
+                allowed: 0,
                 by_vcpu: vec![0; vcpus],
                 recent: VecDeque::new(),
                 fragments: vec![None; vcpus],
                 limiter: Limiter::new(),
                 handle_ns: History::new(10_000),
             }),
+            policy: RwLock::new(None),
             started: Instant::now(),
         }
     }
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Installs the policy that vouches for the guest's own rewrites of its code.
+    pub fn set_policy(&self, policy: std::sync::Arc<dyn RewritePolicy>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy);
     }
 
     fn protected(&self) -> std::sync::RwLockReadGuard<'_, Protected> {
@@ -293,8 +323,20 @@ impl Integrity {
         data: &[u8],
         ctx: WriteContext,
     ) -> Action {
-        let action = match self.mode {
-            Mode::Audit => {
+        let mechanism = self
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|p| p.allows(mem, gpa, data));
+        let action = match (mechanism, self.mode) {
+            (Some(_), _) => {
+                if let Err(e) = mem.write_slice(data, GuestAddress(gpa)) {
+                    tracing::warn!(vcpu, gpa = format_args!("{gpa:#x}"), error = %e, "an allowed rewrite could not be performed");
+                }
+                Action::Allowed
+            }
+            (None, Mode::Audit) => {
                 if let Err(e) = mem.write_slice(data, GuestAddress(gpa)) {
                     tracing::warn!(vcpu, gpa = format_args!("{gpa:#x}"), error = %e, "audited guest write could not be performed");
                 }
@@ -331,6 +373,7 @@ impl Integrity {
         match action {
             Action::Dropped => book.dropped += 1,
             Action::Written => book.written += 1,
+            Action::Allowed => book.allowed += 1,
         }
         book.by_vcpu[vcpu] += 1;
         let seq = book.total;
@@ -352,9 +395,18 @@ impl Integrity {
             size: data.len(),
             bytes: hex::encode(data),
             action,
+            mechanism: mechanism.map(str::to_string),
             uptime_ms: now.saturating_duration_since(self.started).as_millis() as u64,
         };
-        if let Some(suppressed) = book.limiter.admit(now) {
+        if let Some(mechanism) = mechanism {
+            tracing::debug!(
+                vcpu,
+                gpa = format_args!("{gpa:#x}"),
+                bytes = %v.bytes,
+                mechanism,
+                "the guest's own code rewrite was vouched for and performed"
+            );
+        } else if let Some(suppressed) = book.limiter.admit(now) {
             tracing::warn!(
                 vcpu,
                 rip = %v.rip.map_or("unknown".to_string(), |r| format!("{r:#x}")),
@@ -385,6 +437,7 @@ impl Integrity {
             violations: book.total,
             dropped: book.dropped,
             written: book.written,
+            allowed: book.allowed,
             log_suppressed: book.limiter.suppressed_total,
             handle_ns: book.handle_ns.summary(),
         }

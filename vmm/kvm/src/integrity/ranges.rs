@@ -23,6 +23,8 @@ pub enum RangeSource {
     CommandLine,
     /// `POST /v1/integrity/ranges` (or `vmm integrity --protect`).
     Api,
+    /// A Linux guest's kernel text (`_stext`..`_etext`), protected once the kernel has booted.
+    KernelText,
 }
 
 /// A protected guest-physical range, `[start, end)`, page-aligned.
