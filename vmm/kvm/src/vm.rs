@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::boot::{self, BootError, BootSpec, Image};
 use crate::builder;
+use crate::devices::virtio::{self, DiskConfig, DiskError};
 use crate::devices::{PortBus, StopReason};
 use crate::integrity::{self, CodeRange, Integrity, IntegrityError, IntegrityStatus, RangeSource};
 use crate::layout;
@@ -57,6 +58,8 @@ pub enum VmError {
     Integrity(#[from] IntegrityError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("could not create the VM ({what})")]
     Kvm {
         what: &'static str,
@@ -92,6 +95,11 @@ pub struct VmConfig {
     /// Guest-physical `[start, end)` ranges to protect besides the image's executable segments
     /// and the patch arena (`vmm run --code-range`).
     pub code_ranges: Vec<(u64, u64)>,
+    /// Disk images served to the guest as virtio-blk devices (`vmm run --disk`).
+    pub disks: Vec<DiskConfig>,
+    /// Append `virtio_mmio.device=...` for each disk to the command line (Linux guests); off
+    /// for the built-in test guest, whose command-line parser refuses options it does not know.
+    pub announce_devices: bool,
 }
 
 impl VmConfig {
@@ -110,6 +118,8 @@ impl VmConfig {
             keep_console: false,
             code_integrity: integrity::Mode::Off,
             code_ranges: Vec::new(),
+            disks: Vec::new(),
+            announce_devices: false,
         }
     }
 }
@@ -196,6 +206,9 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
+        // Disk errors (missing file, read-only file for a read-write disk, ...) come first:
+        // they are the operator's to fix and need no KVM to find.
+        let disks = virtio::block::open_all(&config.disks)?;
         let kvm = builder::open(&config)?;
         let mem_size = config.memory_mib.saturating_mul(1 << 20);
         let mem = memory::allocate(mem_size)?;
@@ -203,11 +216,18 @@ impl Vm {
         let max_slots = kvm.get_nr_memslots();
         let integrity = Arc::new(code_integrity(&kvm, &config, mem_size)?);
         integrity.install(&vm_fd, &memory::backing(&mem)?, max_slots)?;
-        let spec = boot::load(&mem, mem_size, &config.image, &config.cmdline)?;
+        let cmdline = match (config.announce_devices, disks.len()) {
+            (true, n) if n > 0 => format!("{} {}", config.cmdline, virtio::kernel_params(n))
+                .trim_start()
+                .to_string(),
+            _ => config.cmdline.clone(),
+        };
+        let spec = boot::load(&mem, mem_size, &config.image, &cmdline)?;
         let console_lines = config
             .keep_console
             .then(|| Arc::new(Mutex::new(Vec::new())));
         let bus = builder::devices(&vm_fd, &mem, config.vcpus, config.console, &console_lines)?;
+        let mmio = builder::mmio_devices(&vm_fd, &mem, disks, dma_filter(&integrity))?;
         let fds = builder::create_vcpus(&kvm, &vm_fd, config.vcpus, &spec)?;
 
         let control = Arc::new(Control::new(config.vcpus));
@@ -227,6 +247,7 @@ impl Vm {
                 id,
                 fd,
                 bus: bus.clone(),
+                mmio: mmio.clone(),
                 control: control.clone(),
                 on_stop: on_stop.clone(),
                 integrity: integrity.clone(),
@@ -524,6 +545,34 @@ fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integri
     }
     tracing::info!(%mode, ranges = ranges.len(), "code integrity");
     Ok(Integrity::new(mode, config.vcpus, ranges))
+}
+
+/// Which guest memory devices may write: never the patch arena (hot-patch code), and not
+/// protected code under `--code-integrity enforce` (under `audit` such writes are logged and
+/// let through, like the guest's own).
+fn dma_filter(integrity: &Arc<Integrity>) -> virtio::block::DmaFilter {
+    let integrity = integrity.clone();
+    Arc::new(move |start, end| {
+        if layout::PATCH_ARENA.overlaps(start, end) {
+            tracing::warn!(
+                start = format_args!("{start:#x}"),
+                end = format_args!("{end:#x}"),
+                "device write into the patch arena refused"
+            );
+            return false;
+        }
+        if integrity.protects_any(start, end) {
+            let enforce = integrity.mode() == integrity::Mode::Enforce;
+            tracing::warn!(
+                start = format_args!("{start:#x}"),
+                end = format_args!("{end:#x}"),
+                refused = enforce,
+                "device write into protected code"
+            );
+            return !enforce;
+        }
+        true
+    })
 }
 
 fn kick_ids(kickers: &OnceLock<Vec<kick::Kicker>>, ids: &[usize]) {
