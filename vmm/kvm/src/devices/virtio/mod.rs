@@ -7,6 +7,8 @@
 //! `docs/devices.md`.
 
 pub mod block;
+#[cfg(test)]
+mod block_tests;
 pub mod mmio;
 
 use std::sync::Mutex;
