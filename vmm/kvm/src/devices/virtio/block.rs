@@ -164,7 +164,7 @@ impl DiskImage {
                 source,
             })?
             .len();
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::BadSize { path, size });
         }
         tracing::info!(
@@ -433,7 +433,7 @@ impl Block {
     /// The byte offset of `len` bytes at `sector`, if they are whole sectors within the disk.
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
         let len = len as u64;
-        let ok = len % SECTOR_SIZE == 0
+        let ok = len.is_multiple_of(SECTOR_SIZE)
             && sector
                 .checked_add(len / SECTOR_SIZE)
                 .is_some_and(|end| end <= self.image.sectors);

@@ -362,7 +362,7 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
                 .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 offset = format_args!("{offset:#x}"),
                 len = data.len(),
@@ -391,7 +391,7 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             tracing::warn!(
                 offset = format_args!("{offset:#x}"),
                 "virtio-mmio: unaligned register write; ignored"
