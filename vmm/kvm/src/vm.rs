@@ -216,12 +216,7 @@ impl Vm {
         let max_slots = kvm.get_nr_memslots();
         let integrity = Arc::new(code_integrity(&kvm, &config, mem_size)?);
         integrity.install(&vm_fd, &memory::backing(&mem)?, max_slots)?;
-        let cmdline = match (config.announce_devices, disks.len()) {
-            (true, n) if n > 0 => format!("{} {}", config.cmdline, virtio::kernel_params(n))
-                .trim_start()
-                .to_string(),
-            _ => config.cmdline.clone(),
-        };
+        let cmdline = guest_cmdline(&config.cmdline, config.announce_devices, disks.len());
         let spec = boot::load(&mem, mem_size, &config.image, &cmdline)?;
         let console_lines = config
             .keep_console
@@ -547,6 +542,17 @@ fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integri
     Ok(Integrity::new(mode, config.vcpus, ranges))
 }
 
+/// The command line the guest gets: the operator's, plus one `virtio_mmio.device=` per disk
+/// when the devices are announced.
+fn guest_cmdline(cmdline: &str, announce: bool, disks: usize) -> String {
+    if !announce || disks == 0 {
+        return cmdline.to_string();
+    }
+    format!("{cmdline} {}", virtio::kernel_params(disks))
+        .trim_start()
+        .to_string()
+}
+
 /// Which guest memory devices may write: never the patch arena (hot-patch code), and not
 /// protected code under `--code-integrity enforce` (under `audit` such writes are logged and
 /// let through, like the guest's own).
@@ -606,5 +612,24 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.request_stop(StopReason::Requested("the VM was dropped".into()));
         self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_cmdline;
+
+    #[test]
+    fn disks_are_announced_on_the_command_line_only_when_asked() {
+        assert_eq!(guest_cmdline("console=ttyS0", false, 2), "console=ttyS0");
+        assert_eq!(guest_cmdline("console=ttyS0", true, 0), "console=ttyS0");
+        assert_eq!(
+            guest_cmdline("console=ttyS0 root=/dev/vda", true, 1),
+            "console=ttyS0 root=/dev/vda virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(
+            guest_cmdline("", true, 2),
+            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
     }
 }
