@@ -112,6 +112,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 _ => from_kind(control_api::server::engine_kind(e).as_str()).unwrap_or(FAILURE),
             };
         }
+        if let Some(kvm_vmm::vm::VmError::Disk(kvm_vmm::devices::virtio::DiskError::Missing {
+            ..
+        })) = cause.downcast_ref::<kvm_vmm::vm::VmError>()
+        {
+            return NOT_FOUND;
+        }
         if let Some(JournalError::Locked { .. }) = cause.downcast_ref::<JournalError>() {
             return BUSY;
         }

@@ -141,6 +141,13 @@ struct RunArgs {
     /// decimal), rounded out to pages. Repeatable. For images whose code the VMM cannot see.
     #[arg(long = "code-range", value_name = "RANGE", value_parser = parse_code_range)]
     code_ranges: Vec<(u64, u64)>,
+    /// A raw disk image the guest sees as a virtio-blk device (virtio-MMIO): FILE for a
+    /// read-write disk (opened O_RDWR), FILE,ro for a read-only one. Repeatable, up to 8
+    /// (/dev/vda, /dev/vdb, ... in order). FILE must be a regular file whose size is a non-zero
+    /// multiple of 512 bytes. With --kernel, `virtio_mmio.device=4K@0xd0000000:5` (one per
+    /// disk) is appended to the command line; see docs/devices.md.
+    #[arg(long = "disk", value_name = "FILE[,ro]", value_parser = parse_disk)]
+    disks: Vec<kvm_vmm::devices::virtio::DiskConfig>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
@@ -287,6 +294,10 @@ struct BenchPatchArgs {
     out: Option<PathBuf>,
 }
 
+fn parse_disk(text: &str) -> Result<kvm_vmm::devices::virtio::DiskConfig, String> {
+    kvm_vmm::devices::virtio::DiskConfig::parse(text).map_err(|e| e.to_string())
+}
+
 fn parse_code_range(text: &str) -> Result<(u64, u64), String> {
     kvm_vmm::integrity::ranges::parse(text).map_err(|e| e.to_string())
 }
@@ -333,6 +344,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         keep_console: false,
         code_integrity: args.code_integrity,
         code_ranges: args.code_ranges,
+        disks: args.disks,
+        // Linux learns of the disks from its command line; the built-in guest refuses options
+        // it does not know.
     };
     install_terminate_handlers()?;
     let patching_requested =

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::BootSpec;
 use crate::devices::serial::{COM1_GSI, ConsoleOut, IrqTrigger};
+use crate::devices::virtio::{self, Block, DiskImage, MmioBus, MmioTransport};
 use crate::devices::{PortBus, ReportBook, SerialConsole};
 use crate::layout;
 use crate::memory::GuestMemory;
@@ -113,6 +114,51 @@ pub fn devices(
         ),
         ReportBook::new(mem.clone(), vcpus),
     )))
+}
+
+/// The MMIO devices: one virtio-blk device per opened disk, each in its own window of
+/// [`layout`] with its interrupt through an irqfd. `dma` says which guest memory the devices
+/// may write.
+pub fn mmio_devices(
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    disks: Vec<DiskImage>,
+    dma: virtio::block::DmaFilter,
+) -> Result<Arc<MmioBus>, VmError> {
+    let mut bus = MmioBus::new();
+    for (index, image) in disks.into_iter().enumerate() {
+        let (base, gsi) =
+            virtio::device_window(index).ok_or(VmError::Disk(virtio::DiskError::TooMany {
+                count: index + 1,
+                max: layout::VIRTIO_MMIO_MAX_DEVICES,
+            }))?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
+            what: "a disk's IRQ",
+            source,
+        })?;
+        vm_fd
+            .register_irqfd(&irq, gsi)
+            .map_err(|source| VmError::Kvm {
+                what: "disk irqfd",
+                source,
+            })?;
+        tracing::info!(
+            disk = %image.path.display(),
+            index,
+            base = format_args!("{base:#x}"),
+            gsi,
+            read_only = image.read_only,
+            sectors = image.sectors,
+            "virtio-blk device"
+        );
+        let device = Block::new(image, index, dma.clone());
+        bus.add(
+            base,
+            layout::VIRTIO_MMIO_SIZE,
+            Box::new(MmioTransport::new(device, mem.clone(), irq)),
+        );
+    }
+    Ok(Arc::new(bus))
 }
 
 /// Every vCPU, set up for the boot `spec` with its own CPUID.

@@ -54,6 +54,17 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// KVM's TSS needs three pages of guest-physical space no RAM uses (VMX requirement).
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// virtio-MMIO devices (the `--disk` block devices): one 4 KiB register window each, the
+/// first at this address in the 32-bit MMIO hole, the next ones right after it. The guest
+/// learns of them from `virtio_mmio.device=4K@ADDR:GSI` on its command line.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-MMIO device's register window (registers + config space).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// How many virtio-MMIO devices fit: their windows end well below the KVM TSS.
+pub const VIRTIO_MMIO_MAX_DEVICES: usize = 8;
+/// The interrupt line (GSI, an IOAPIC pin) of the first virtio-MMIO device; device `i` uses
+/// `VIRTIO_MMIO_GSI_START + i` (5..=12: no emulated legacy device uses those; COM1 is 4).
+pub const VIRTIO_MMIO_GSI_START: u32 = 5;
 /// The smallest guest this VMM builds: boot structures plus room to load an image.
 pub const MIN_MEMORY: u64 = 4 << 20;
 
@@ -294,6 +305,13 @@ mod tests {
         assert_well_formed(&regions);
         assert_eq!(total(&regions), 6 << 30);
         const { assert!(KVM_TSS_ADDR >= MMIO_HOLE_START && KVM_TSS_ADDR + 3 * 4096 <= MMIO_HOLE_END) };
+        const {
+            assert!(
+                VIRTIO_MMIO_START >= MMIO_HOLE_START
+                    && VIRTIO_MMIO_START + VIRTIO_MMIO_MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE
+                        <= KVM_TSS_ADDR
+            )
+        };
     }
 
     #[test]

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::boot::{self, BootError, BootSpec, Image};
 use crate::builder;
+use crate::devices::virtio::{self, DiskConfig, DiskError};
 use crate::devices::{PortBus, StopReason};
 use crate::integrity::{self, CodeRange, Integrity, IntegrityError, IntegrityStatus, RangeSource};
 use crate::layout;
@@ -57,6 +58,8 @@ pub enum VmError {
     Integrity(#[from] IntegrityError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("could not create the VM ({what})")]
     Kvm {
         what: &'static str,
@@ -94,6 +97,8 @@ pub struct VmConfig {
     /// Guest-physical `[start, end)` ranges to protect besides the image's executable segments
     /// and the patch arena (`vmm run --code-range`).
     pub code_ranges: Vec<(u64, u64)>,
+    /// Disk images served to the guest as virtio-blk devices (`vmm run --disk`).
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -113,6 +118,7 @@ impl VmConfig {
             keep_console: false,
             code_integrity: integrity::Mode::Off,
             code_ranges: Vec::new(),
+            disks: Vec::new(),
         }
     }
 }
@@ -199,6 +205,9 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
+        // Disk errors (missing file, read-only file for a read-write disk, ...) come first:
+        // they are the operator's to fix and need no KVM to find.
+        let disks = virtio::block::open_all(&config.disks)?;
         let kvm = builder::open(&config)?;
         let mem_size = config.memory_mib.saturating_mul(1 << 20);
         let mem = memory::allocate(mem_size)?;
@@ -206,6 +215,16 @@ impl Vm {
         let max_slots = kvm.get_nr_memslots();
         let integrity = Arc::new(code_integrity(&kvm, &config, mem_size)?);
         integrity.install(&vm_fd, &memory::backing(&mem)?, max_slots)?;
+        // Linux learns of the virtio-MMIO windows from the DSDT (`LNRO0005` devices): the
+        // stock kernel has no `virtio_mmio.device=` command-line option.
+        let virtio_mmio = (0..disks.len())
+            .filter_map(virtio::device_window)
+            .map(|(base, gsi)| crate::acpi::MmioDevice {
+                base,
+                len: layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            })
+            .collect();
         let spec = boot::load(
             &mem,
             mem_size,
@@ -215,7 +234,7 @@ impl Vm {
                 initrd: config.initrd.as_ref(),
                 acpi: crate::acpi::AcpiConfig {
                     vcpus: config.vcpus,
-                    virtio_mmio: Vec::new(),
+                    virtio_mmio,
                 },
             },
         )?;
@@ -223,6 +242,7 @@ impl Vm {
             .keep_console
             .then(|| Arc::new(Mutex::new(Vec::new())));
         let bus = builder::devices(&vm_fd, &mem, config.vcpus, config.console, &console_lines)?;
+        let mmio = builder::mmio_devices(&vm_fd, &mem, disks, dma_filter(&integrity))?;
         let fds = builder::create_vcpus(&kvm, &vm_fd, config.vcpus, &spec)?;
 
         let control = Arc::new(Control::new(config.vcpus));
@@ -242,6 +262,7 @@ impl Vm {
                 id,
                 fd,
                 bus: bus.clone(),
+                mmio: mmio.clone(),
                 control: control.clone(),
                 on_stop: on_stop.clone(),
                 integrity: integrity.clone(),
@@ -573,6 +594,36 @@ fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integri
     }
     tracing::info!(%mode, ranges = ranges.len(), "code integrity");
     Ok(Integrity::new(mode, config.vcpus, ranges))
+}
+
+/// The command line the guest gets: the operator's, plus one `virtio_mmio.device=` per disk
+/// when the devices are announced.
+/// Which guest memory devices may write: never the patch arena (hot-patch code), and not
+/// protected code under `--code-integrity enforce` (under `audit` such writes are logged and
+/// let through, like the guest's own).
+fn dma_filter(integrity: &Arc<Integrity>) -> virtio::block::DmaFilter {
+    let integrity = integrity.clone();
+    Arc::new(move |start, end| {
+        if layout::PATCH_ARENA.overlaps(start, end) {
+            tracing::warn!(
+                start = format_args!("{start:#x}"),
+                end = format_args!("{end:#x}"),
+                "device write into the patch arena refused"
+            );
+            return false;
+        }
+        if integrity.protects_any(start, end) {
+            let enforce = integrity.mode() == integrity::Mode::Enforce;
+            tracing::warn!(
+                start = format_args!("{start:#x}"),
+                end = format_args!("{end:#x}"),
+                refused = enforce,
+                "device write into protected code"
+            );
+            return !enforce;
+        }
+        true
+    })
 }
 
 fn kick_ids(kickers: &OnceLock<Vec<kick::Kicker>>, ids: &[usize]) {

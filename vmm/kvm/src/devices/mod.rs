@@ -1,4 +1,5 @@
-//! The VM's port-I/O devices: the COM1 console and the test-guest ports (report, fault, exit).
+//! The VM's port-I/O devices: the COM1 console and the test-guest ports (report, fault, exit);
+//! and its MMIO devices: virtio-blk disks over virtio-MMIO ([`virtio`]).
 //!
 //! The test-guest protocol is documented in `docs/guest-protocol.md`; its constants and the
 //! report layout come from `guest_tools::protocol`, the same file the guest compiles.
@@ -7,6 +8,7 @@ use crate::{acpi, layout};
 
 pub mod reports;
 pub mod serial;
+pub mod virtio;
 
 pub use reports::{GuestReport, ReportBook};
 pub use serial::SerialConsole;

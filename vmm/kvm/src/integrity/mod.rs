@@ -261,6 +261,18 @@ impl Integrity {
             .any(|&(s, e)| s <= gpa && gpa < e)
     }
 
+    /// Whether any byte of guest-physical `[start, end)` is protected code (device DMA checks
+    /// its buffers with this: a device writes guest memory behind KVM's read-only slots).
+    pub fn protects_any(&self, start: u64, end: u64) -> bool {
+        if self.mode == Mode::Off {
+            return false;
+        }
+        self.protected()
+            .merged
+            .iter()
+            .any(|&(s, e)| start < e && s < end)
+    }
+
     /// Registers guest memory with KVM as slots: before the vCPUs are created, or (from
     /// [`Integrity::protect`]) while they are all parked.
     pub fn install(

@@ -18,6 +18,7 @@ use thiserror::Error;
 use vm_memory::Bytes;
 
 use crate::boot::{self, BootSpec};
+use crate::devices::virtio::MmioBus;
 use crate::devices::{PioOutcome, PortBus, StopReason};
 use crate::integrity::{self, Integrity, WriteContext};
 use crate::memory::GuestMemory;
@@ -145,6 +146,8 @@ pub struct VcpuThread {
     pub id: usize,
     pub fd: VcpuFd,
     pub bus: Arc<PortBus>,
+    /// The MMIO devices (virtio-blk disks).
+    pub mmio: Arc<MmioBus>,
     pub control: Arc<Control>,
     /// Called with the reason when this vCPU decides the VM must stop.
     pub on_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
@@ -281,7 +284,7 @@ impl VcpuThread {
                     Checkpoint::Continue(None) => {}
                 }
             }
-            let action = classify(self.fd.run(), id, &self.bus, &self.integrity);
+            let action = classify(self.fd.run(), id, &self.bus, &self.mmio, &self.integrity);
             // Any non-EINTR exit may leave an access half-done until the next KVM_RUN.
             consistent = false;
             let stop = match action {
@@ -347,6 +350,7 @@ fn classify(
     exit: Result<VcpuExit<'_>, kvm_ioctls::Error>,
     id: usize,
     bus: &PortBus,
+    mmio: &MmioBus,
     integrity: &Integrity,
 ) -> ExitAction {
     let stop = |message: String| ExitAction::Stop(StopReason::VcpuError { vcpu: id, message });
@@ -361,12 +365,14 @@ fn classify(
             ExitAction::Continue
         }
         Ok(VcpuExit::MmioRead(addr, data)) => {
-            tracing::trace!(
-                vcpu = id,
-                addr = format_args!("{addr:#x}"),
-                "read of unbacked MMIO"
-            );
-            data.fill(0xff);
+            if !mmio.read(addr, data) {
+                tracing::trace!(
+                    vcpu = id,
+                    addr = format_args!("{addr:#x}"),
+                    "read of unbacked MMIO"
+                );
+                data.fill(0xff);
+            }
             ExitAction::Continue
         }
         Ok(VcpuExit::MmioWrite(addr, data)) if integrity.protects(addr) => {
@@ -375,6 +381,7 @@ fn classify(
             bytes[..len].copy_from_slice(&data[..len]);
             ExitAction::ProtectedWrite { addr, bytes, len }
         }
+        Ok(VcpuExit::MmioWrite(addr, data)) if mmio.write(addr, data) => ExitAction::Continue,
         Ok(VcpuExit::MmioWrite(addr, _)) => {
             tracing::trace!(
                 vcpu = id,
