@@ -576,7 +576,10 @@ fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integri
             if mode == integrity::Mode::Enforce { " and dropped" } else { "" }
         );
     }
-    if image.ranges.is_empty() && config.code_ranges.is_empty() {
+    if image.ranges.is_empty()
+        && config.code_ranges.is_empty()
+        && !boot::is_linux_image(&config.image.bytes)
+    {
         tracing::warn!(
             image = %config.image.name,
             "the image names no executable segment and no --code-range was given: only the patch arena is protected"
