@@ -38,11 +38,12 @@ pub fn run(args: IntegrityArgs) -> Result<()> {
         Some(x) => x.to_string(),
     };
     println!(
-        "code integrity {}  violations {} (dropped {}, written {})  log lines held back {}",
+        "code integrity {}  trapped writes {} (dropped {}, written {}, allowed as the guest's own rewrites {})  log lines held back {}",
         s(v.get("mode")),
         s(v.get("violations")),
         s(v.get("dropped")),
         s(v.get("written")),
+        s(v.get("allowed")),
         s(v.get("log_suppressed")),
     );
     let list = |k: &str| {
@@ -73,7 +74,7 @@ pub fn run(args: IntegrityArgs) -> Result<()> {
     let skip = recent.len().saturating_sub(args.last);
     for x in recent.iter().skip(skip) {
         println!(
-            "  #{} vcpu {} cpl {} rip {} ({}) wrote {} bytes at {}: {} -> {}",
+            "  #{} vcpu {} cpl {} rip {} ({}) wrote {} bytes at {}: {} -> {}{}",
             s(x.get("seq")),
             s(x.get("vcpu")),
             s(x.get("cpl")),
@@ -83,6 +84,10 @@ pub fn run(args: IntegrityArgs) -> Result<()> {
             s(x.get("gpa")),
             s(x.get("bytes")),
             s(x.get("action")),
+            match x.get("mechanism") {
+                Some(Value::String(m)) => format!(" ({m})"),
+                _ => String::new(),
+            },
         );
     }
     Ok(())
