@@ -110,19 +110,31 @@ pub fn known_form(
     if first == INT3 {
         return true;
     }
+    // A static call trampoline is a 5-byte instruction followed by the kernel's signature
+    // (`ud1 %esp, %ecx`), which no rewrite touches.
+    let insn = if mechanism == Mechanism::StaticCallTrampoline && bytes.len() == 8 {
+        if bytes[5..] != SCT_SIGNATURE {
+            return false;
+        }
+        &bytes[..5]
+    } else if mechanism == Mechanism::JumpLabel && (first == 0xeb || bytes.starts_with(&NOP2)) {
+        // A short jump label: its 2-byte forms within the 5 bytes its table entry spans.
+        &bytes[..2.min(bytes.len())]
+    } else {
+        bytes
+    };
     let rel_target = |rel: i64| {
-        addr.wrapping_add(bytes.len() as u64)
+        addr.wrapping_add(insn.len() as u64)
             .wrapping_add(rel as u64)
     };
-    match bytes {
+    match insn {
         [0xeb, rel] => target_ok(rel_target(i64::from(*rel as i8))),
         b if b == NOP2 => true,
         b if b == NOP5 => true,
         [op @ (0xe8 | 0xe9), r0, r1, r2, r3] => {
             let rel = i32::from_le_bytes([*r0, *r1, *r2, *r3]);
             // A jump label only ever jumps; calls are static calls and ftrace.
-            (*op == 0xe9 || mechanism != Mechanism::JumpLabel)
-                && target_ok(rel_target(i64::from(rel)))
+            (*op == 0xe9 || mechanism != Mechanism::JumpLabel) && target_ok(rel_target(i64::from(rel)))
         }
         [0xc3, ..] => matches!(
             mechanism,
@@ -131,6 +143,9 @@ pub fn known_form(
         _ => false,
     }
 }
+
+/// The bytes after a static call trampoline's instruction (`ud1 %esp, %ecx`).
+const SCT_SIGNATURE: [u8; 3] = [0x0f, 0xb9, 0xcc];
 
 #[derive(Debug, Error)]
 pub enum TextSitesError {
@@ -462,6 +477,11 @@ mod tests {
                 len: 5,
                 mechanism: Mechanism::Alternative,
             },
+            TextSite {
+                addr: SITE + 0x400,
+                len: 8,
+                mechanism: Mechanism::StaticCallTrampoline,
+            },
         ])
     }
 
@@ -515,6 +535,10 @@ mod tests {
         assert_eq!(mem[&SITE], target.to_vec());
         // And back to the NOP.
         assert_eq!(judge(&mut mem, SITE, &NOP5), Some(Mechanism::JumpLabel));
+        // A short jump label flips between its 2-byte forms.
+        assert_eq!(judge(&mut mem, SITE, &NOP2), Some(Mechanism::JumpLabel));
+        assert_eq!(judge(&mut mem, SITE, &[0xeb, 0x10]), Some(Mechanism::JumpLabel));
+        assert_eq!(judge(&mut mem, SITE, &[0xeb, 0x80]), Some(Mechanism::JumpLabel), "back into text");
     }
 
     #[test]
@@ -552,6 +576,25 @@ mod tests {
         );
         assert_eq!(judge(&mut mem, SITE + 0x200, &[0xcc]), None);
         // Nothing unmapped is vouched for.
-        assert_eq!(judge(&mut mem, SITE + 0x400, &[0xcc]), None);
+        assert_eq!(judge(&mut mem, SITE + 0x500, &[0xcc]), None);
+    }
+
+    /// `static_call_update()` on a trampoline (`__SCT__tp_func_sched_wakeup` when a tracepoint
+    /// is enabled): 8 bytes, the 5-byte jump then the `ud1` signature, rewritten by
+    /// `text_poke_bp` in three steps.
+    #[test]
+    fn a_static_call_trampoline_is_retargeted_and_keeps_its_signature() {
+        let at = SITE + 0x400;
+        let mut tramp = jmp(at, SITE + 0x80).to_vec();
+        tramp.extend_from_slice(&SCT_SIGNATURE);
+        let mut mem = std::collections::BTreeMap::from([(at, tramp)]);
+        let next = jmp(at, SITE - 0x1000);
+        assert_eq!(judge(&mut mem, at, &[0xcc]), Some(Mechanism::StaticCallTrampoline));
+        assert_eq!(judge(&mut mem, at + 1, &next[1..]), Some(Mechanism::StaticCallTrampoline));
+        assert_eq!(judge(&mut mem, at, &next[..1]), Some(Mechanism::StaticCallTrampoline));
+        assert_eq!(judge(&mut mem, at, &[0xc3]), Some(Mechanism::StaticCallTrampoline));
+        // Its signature is not the kernel's to rewrite, nor is a jump out of its text.
+        assert_eq!(judge(&mut mem, at + 5, &[0x90]), None);
+        assert_eq!(judge(&mut mem, at, &jmp(at, 0x1000)), None);
     }
 }
