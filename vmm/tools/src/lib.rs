@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod demo;
 pub mod demo_linux;
+pub mod nested;
 pub mod phases;
 pub mod qemu_launch;
 pub mod sample;
