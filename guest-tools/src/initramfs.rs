@@ -523,10 +523,13 @@ mod tests {
         a.symlink("bin/sh", "busybox").expect("symlink");
         a.char_dev("dev/console", 0o600, 5, 1).expect("console");
         a.dir("job", 0o755).expect("existing dirs merge");
-        a.file("init", 0o755, b"#!/bin/sh\n".to_vec()).expect("init");
+        a.file("init", 0o755, b"#!/bin/sh\n".to_vec())
+            .expect("init");
         assert!(a.contains("job/l2") && a.contains("/job/l2/bzImage/"));
         assert!(!a.contains("job/l3"));
-        let dup = a.file("job/l2/bzImage", 0o644, Vec::new()).expect_err("dup");
+        let dup = a
+            .file("job/l2/bzImage", 0o644, Vec::new())
+            .expect_err("dup");
         assert_eq!(dup.kind(), io::ErrorKind::AlreadyExists);
         for bad in ["", "/", "a/../b", "a//b", "./x"] {
             let e = a.file(bad, 0o644, Vec::new()).expect_err(bad);

@@ -38,7 +38,9 @@ pub fn nested_vmm_bin() -> PathBuf {
 }
 
 /// L1 options for the tests: the defaults, `-smp $NESTED_L1_VCPUS` and `-cpu max,la57=off`
-/// when `NESTED_L1_LA57=0`, `NESTED_L1_GZIP=1` to gzip the initramfs.
+/// when `NESTED_L1_LA57=0`, `NESTED_L1_GZIP=1` to gzip the initramfs, `NESTED_L1_STRIP=0` to
+/// put `vmm` in with its debug info, `NESTED_L1_BZIMAGE=1` to boot the bzImage instead of its
+/// vmlinux's PVH entry.
 pub fn l1_options() -> L1Options {
     let mut o = L1Options::default();
     if let Ok(n) = std::env::var("NESTED_L1_VCPUS") {
@@ -52,6 +54,12 @@ pub fn l1_options() -> L1Options {
     }
     if std::env::var("NESTED_L1_GZIP").is_ok_and(|v| v.trim() == "1") {
         o.gzip = true;
+    }
+    if std::env::var("NESTED_L1_STRIP").is_ok_and(|v| v.trim() == "0") {
+        o.strip_vmm = false;
+    }
+    if std::env::var("NESTED_L1_BZIMAGE").is_ok_and(|v| v.trim() == "1") {
+        o.pvh = false;
     }
     o
 }

@@ -38,11 +38,7 @@ fn builtin_guest_runs_and_is_hot_patched_on_svm_kvm() {
 
     // The host side reads the guest's own lines too: a job that printed "pass" without the
     // reports, or a demo that did not say ok, fails here.
-    let lines: Vec<String> = outcome
-        .job_lines()
-        .iter()
-        .map(|l| l.to_string())
-        .collect();
+    let lines: Vec<String> = outcome.job_lines().iter().map(|l| l.to_string()).collect();
     let by_vcpu = reports_by_vcpu(&lines);
     let reports = by_vcpu.get(&0).map(Vec::as_slice).unwrap_or(&[]);
     assert_eq!(
@@ -70,9 +66,10 @@ fn builtin_guest_runs_and_is_hot_patched_on_svm_kvm() {
     }
     let t = &outcome.timings;
     eprintln!(
-        "nested tier (a) wall time: initramfs build {:.1?}, L1 boot to job start {:.1?}, job {:.1?}, test total {:.1?}",
+        "nested tier (a) wall time: initramfs build {:.1?}, L1 boot to job start {:.1?} (/init at {:.1?}), job {:.1?}, test total {:.1?}",
         t.build,
         t.boot,
+        t.init.unwrap_or_default(),
         t.job.unwrap_or_default(),
         started.elapsed()
     );
