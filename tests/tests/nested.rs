@@ -11,9 +11,9 @@ use integration_tests::nested::{
 use integration_tests::{assert_contiguous, reports_by_vcpu};
 use vmm_tools::nested::{NestedError, run_in_l1};
 
-/// `vmm run` of the built-in guest (3 reports on 1 vCPU), then `vmm demo` (apply and revert
-/// the signed sample patch while the guest runs). Both outputs go to the log for the host side
-/// to check too.
+/// `vmm run` of the built-in guest (3 reports on 1 vCPU), then `vmm demo` (its 2 vCPUs; apply
+/// and revert the signed sample patch while the guest runs). Both outputs go to the log for the
+/// host side to check too.
 const BUILTIN_JOB: &str = r#"
 echo "job: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPU(s), KVM $(ls -l /dev/kvm)"
 "$VMM" run --vcpus 1 --cmdline "reports=3 cpus=1" >run.log 2>&1
@@ -25,7 +25,7 @@ if [ "$rc" = 0 ] && [ "$reports" = 3 ] && grep -q '^hp: all 1 vcpus done' run.lo
 else
   nested_result builtin-run fail "exit=$rc reports=$reports"
 fi
-nested_check demo "$VMM" demo --vcpus 1
+nested_check demo "$VMM" demo
 "#;
 
 #[test]
