@@ -464,7 +464,7 @@ pub fn run_where_real_kvm(
     }
 }
 
-/// The helper functions every job script gets, and the wrapper that marks its start and exit.
+/// The helper functions every job script gets (`nested_result`, `nested_check`).
 fn job_prelude() -> &'static str {
     r#"nested_result() {
   echo "NESTED-RESULT $1 $2${3:+ $3}"
