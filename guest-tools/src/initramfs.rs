@@ -94,17 +94,7 @@ impl<'a> Member<'a> {
 /// at `busybox`. Fails if it cannot be read or is not a static x86-64 ELF: a dynamically linked
 /// busybox would only show up later as the kernel's opaque "No working init found" panic.
 pub fn build(busybox: &Path, mode: InitMode) -> io::Result<Vec<u8>> {
-    let bb = fs::read(busybox)
-        .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", busybox.display())))?;
-    check_static_elf(&bb).map_err(|why| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} cannot be the initramfs busybox: {why} (install busybox-static)",
-                busybox.display()
-            ),
-        )
-    })?;
+    let bb = read_static_busybox(busybox)?;
     let mode_file = format!("{}\n", mode.name());
     let members = [
         Member::dir("bin", 0o755),
@@ -120,6 +110,137 @@ pub fn build(busybox: &Path, mode: InitMode) -> io::Result<Vec<u8>> {
         Member::file("init", 0o755, INIT_SCRIPT.as_bytes()),
     ];
     write_archive(&members)
+}
+
+/// Reads the busybox at `busybox` and checks it is a static x86-64 ELF, the only kind that runs
+/// in an initramfs without a libc.
+pub fn read_static_busybox(busybox: &Path) -> io::Result<Vec<u8>> {
+    let bb = fs::read(busybox)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", busybox.display())))?;
+    check_static_elf(&bb).map_err(|why| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} cannot be the initramfs busybox: {why} (install busybox-static)",
+                busybox.display()
+            ),
+        )
+    })?;
+    Ok(bb)
+}
+
+/// One member of an [`Archive`], owned.
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    mode: u32,
+    data: Vec<u8>,
+    rdev: (u32, u32),
+}
+
+/// A newc archive assembled member by member, for initramfs images other than the kit's (the
+/// nested tier's L1, docs/nested-tier.md). Paths are relative to the archive root (a leading
+/// `/` is dropped); missing parent directories are added before their children (the kernel's
+/// unpacker does not create them); a path may be added only once.
+#[derive(Debug, Clone, Default)]
+pub struct Archive {
+    entries: Vec<Entry>,
+    names: std::collections::BTreeSet<String>,
+}
+
+impl Archive {
+    pub fn new() -> Self {
+        Archive::default()
+    }
+
+    /// A directory (`perm` like 0o755).
+    pub fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {
+        let name = Self::clean(path)?;
+        if self.names.contains(&name) {
+            // Already there, explicitly or as some file's parent: directories merge.
+            return Ok(());
+        }
+        self.push(name, S_IFDIR | (perm & 0o7777), Vec::new(), (0, 0))
+    }
+
+    /// A regular file.
+    pub fn file(&mut self, path: &str, perm: u32, data: Vec<u8>) -> io::Result<()> {
+        let name = Self::clean(path)?;
+        self.push(name, S_IFREG | (perm & 0o7777), data, (0, 0))
+    }
+
+    /// A symbolic link to `target` (relative targets resolve from the link's directory).
+    pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
+        let name = Self::clean(path)?;
+        self.push(name, S_IFLNK | 0o777, target.as_bytes().to_vec(), (0, 0))
+    }
+
+    /// A character device node (e.g. `dev/console`, 5:1), so no root is needed to make one.
+    pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+        let name = Self::clean(path)?;
+        self.push(name, S_IFCHR | (perm & 0o7777), Vec::new(), (major, minor))
+    }
+
+    /// Whether `path` is in the archive (as any kind of member).
+    pub fn contains(&self, path: &str) -> bool {
+        Self::clean(path).is_ok_and(|n| self.names.contains(&n))
+    }
+
+    /// The total size of the members' data, before headers.
+    pub fn data_bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.data.len() as u64).sum()
+    }
+
+    /// The archive, uncompressed, ready for `-initrd`.
+    pub fn finish(&self) -> io::Result<Vec<u8>> {
+        let members: Vec<Member<'_>> = self
+            .entries
+            .iter()
+            .map(|e| Member {
+                name: &e.name,
+                mode: e.mode,
+                data: &e.data,
+                rdev: e.rdev,
+            })
+            .collect();
+        write_archive(&members)
+    }
+
+    fn clean(path: &str) -> io::Result<String> {
+        let trimmed = path.trim_start_matches('/').trim_end_matches('/');
+        let bad = trimmed.is_empty()
+            || trimmed
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            || trimmed.contains('\0');
+        if bad {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path:?} is not a usable archive path"),
+            ));
+        }
+        Ok(trimmed.to_string())
+    }
+
+    fn push(&mut self, name: String, mode: u32, data: Vec<u8>, rdev: (u32, u32)) -> io::Result<()> {
+        if self.names.contains(&name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{name} is already in the archive"),
+            ));
+        }
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            self.dir(parent, 0o755)?;
+        }
+        self.names.insert(name.clone());
+        self.entries.push(Entry {
+            name,
+            mode,
+            data,
+            rdev,
+        });
+        Ok(())
+    }
 }
 
 fn write_archive(members: &[Member<'_>]) -> io::Result<Vec<u8>> {
@@ -392,6 +513,51 @@ mod tests {
             assert!(INIT_SCRIPT.contains(marker), "{marker}");
         }
         assert_eq!(InitMode::default(), InitMode::Workload);
+    }
+
+    #[test]
+    fn archive_builder_adds_parents_first_and_refuses_duplicates() {
+        let mut a = Archive::new();
+        a.file("/job/l2/bzImage", 0o644, b"kernel".to_vec())
+            .expect("file");
+        a.symlink("bin/sh", "busybox").expect("symlink");
+        a.char_dev("dev/console", 0o600, 5, 1).expect("console");
+        a.dir("job", 0o755).expect("existing dirs merge");
+        a.file("init", 0o755, b"#!/bin/sh\n".to_vec())
+            .expect("init");
+        assert!(a.contains("job/l2") && a.contains("/job/l2/bzImage/"));
+        assert!(!a.contains("job/l3"));
+        let dup = a
+            .file("job/l2/bzImage", 0o644, Vec::new())
+            .expect_err("dup");
+        assert_eq!(dup.kind(), io::ErrorKind::AlreadyExists);
+        for bad in ["", "/", "a/../b", "a//b", "./x"] {
+            let e = a.file(bad, 0o644, Vec::new()).expect_err(bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert_eq!(a.data_bytes(), 6 + 7 + 10);
+        let members = parse(&a.finish().expect("finish"));
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "job",
+                "job/l2",
+                "job/l2/bzImage",
+                "bin",
+                "bin/sh",
+                "dev",
+                "dev/console",
+                "init"
+            ]
+        );
+        let get = |n: &str| members.iter().find(|m| m.name == n).expect(n);
+        assert_eq!(get("job/l2").mode, 0o040755);
+        assert_eq!(get("job/l2/bzImage").mode, 0o100644);
+        assert_eq!(get("job/l2/bzImage").data, b"kernel");
+        assert_eq!(get("bin/sh").mode, 0o120777);
+        assert_eq!(get("dev/console").rdev, (5, 1));
+        assert_eq!(get("init").mode, 0o100755);
     }
 
     #[test]

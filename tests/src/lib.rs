@@ -7,6 +7,7 @@
 //! ([`patching`]).
 
 pub mod linux;
+pub mod nested;
 pub mod patching;
 
 use std::collections::BTreeMap;

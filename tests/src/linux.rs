@@ -40,6 +40,9 @@ pub struct Kit {
     pub version: String,
     /// The kernel's build configuration (`config-<version>`).
     pub config: PathBuf,
+    /// The KVM modules of that kernel the nested tier's L1 loads (`irqbypass.ko`, `ccp.ko`,
+    /// `kvm.ko`, `kvm-amd.ko`).
+    pub modules: PathBuf,
 }
 
 impl Kit {
@@ -93,8 +96,15 @@ fn run_kit_script() -> Kit {
         qemu: PathBuf::from(get("qemu")),
         version: get("version"),
         config: PathBuf::from(get("config")),
+        modules: PathBuf::from(get("modules")),
     };
-    for p in [&kit.vmlinuz, &kit.busybox, &kit.qemu, &kit.config] {
+    for p in [
+        &kit.vmlinuz,
+        &kit.busybox,
+        &kit.qemu,
+        &kit.config,
+        &kit.modules,
+    ] {
         assert!(
             p.exists(),
             "{} reported {}, which does not exist",
