@@ -1,0 +1,306 @@
+//! The nested tier, parts (b)–(d): the stock Debian kernel booted by this VMM from its bzImage
+//! (KASLR on, 2 vCPUs, an initramfs workload, a read-only virtio disk), its C fix applied and
+//! reverted through `vmm patch apply --api-sock` while the workload runs, a refused patch
+//! leaving the kernel as it was, and code integrity `enforce` letting the kernel's own static-key
+//! rewrite through while dropping a write its tables do not vouch for. Runs where KVM has real
+//! SVM/VMX: here, inside L1 under QEMU TCG (docs/nested-tier.md); on a VMX/SVM host, directly.
+//! Run alone: `cargo test -p integration-tests --test nested_linux -- --nocapture`.
+
+use std::time::{Duration, Instant};
+
+use guest_tools::initramfs::Archive;
+use guest_tools::kernel_patch;
+use integration_tests::linux::Kit;
+use integration_tests::nested::{
+    NestedJob, expect_passed, l1_options, nested_vmm_bin, run_with_real_kvm,
+};
+use integration_tests::{TempDir, cli};
+
+/// The L2 workload, its /init: loads the virtio disk modules, reads the disk, then prints one
+/// `SEQ n uptime state` line a second (state: `patched` when `/proc/version` carries the fix's
+/// tag) and obeys commands typed on its console (this VMM's stdin): `toggle` flips the
+/// `sched_schedstats` static key on and off, `kprobe` arms a kprobe inside `version_proc_show`
+/// (a text write no table of the kernel vouches for).
+const L2_INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_mmio virtio_blk; do $B insmod /modules/$m.ko || echo "L2-INSMOD-FAIL $m"; done
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 20 ]; do $B sleep 1; n=$((n+1)); done
+echo "L2-DISK $($B dd if=/dev/vda bs=512 count=1 2>/dev/null | $B head -c 16)"
+echo "L2-UP cpus=$($B grep -c ^processor /proc/cpuinfo) $($B uname -r)"
+( while read -r cmd; do
+    case "$cmd" in
+    toggle)
+      echo 1 > /proc/sys/kernel/sched_schedstats; a=$($B cat /proc/sys/kernel/sched_schedstats)
+      echo 0 > /proc/sys/kernel/sched_schedstats; b=$($B cat /proc/sys/kernel/sched_schedstats)
+      echo "L2-TOGGLE $a $b";;
+    kprobe)
+      $B mount -t tracefs nodev /sys/kernel/tracing
+      for o in 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        echo "p:hp version_proc_show+$o" > /sys/kernel/tracing/kprobe_events 2>/dev/null && break
+      done
+      echo "L2-KPROBE-ARMING +$o"
+      echo 1 > /sys/kernel/tracing/events/kprobes/hp/enable
+      echo "L2-KPROBE-DONE $?";;
+    esac
+  done ) < /dev/console &
+i=0
+while [ $i -lt 100000 ]; do
+  if $B grep -q 'hotpatched by hvpatch' /proc/version; then s=patched; else s=stock; fi
+  echo "SEQ $i $($B cut -d' ' -f1 /proc/uptime) $s"
+  i=$((i+1)); $B sleep 1
+done
+"#;
+
+/// The L1 side. Every step reports a `nested_result`; the host checks the lines as well.
+const JOB: &str = r#"
+set -u
+mkdir -p -m 700 /tmp/vmm-cache && cp -a cache/. /tmp/vmm-cache/ && chmod -R go-rwx /tmp/vmm-cache
+export VMM_CACHE_DIR=/tmp/vmm-cache
+printf 'HOTPATCH-DISK-OK' > disk.img && dd if=/dev/zero bs=1024 count=1023 >> disk.img 2>/dev/null
+mkfifo console.in
+( sleep 100000 > console.in ) &
+HOLD=$!
+started=$(cut -d' ' -f1 /proc/uptime)
+"$VMM" run --kernel l2/bzImage --initrd l2/initrd.cpio --memory 512 --vcpus 2 \
+  --cmdline "console=ttyS0 quiet" --api-sock api.sock --trusted-key ops.pub \
+  --code-integrity enforce --disk disk.img,ro --log vmm=info < console.in > vm.log 2>&1 &
+VPID=$!
+exec 3> console.in
+
+# wait_for SECONDS PATTERN: until vm.log has a line matching PATTERN.
+wait_for() {
+  _n=0
+  while ! grep -q "$2" vm.log; do
+    _n=$((_n+1)); [ $_n -gt $(($1 * 2)) ] && return 1
+    kill -0 $VPID 2>/dev/null || return 1
+    sleep 0.5
+  done
+}
+last_seq() { grep '^SEQ ' vm.log | tail -n 1 | cut -d' ' -f2; }
+
+if wait_for 240 '^L2-UP cpus=2'; then
+  nested_result boot pass "booted in $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $started}") s of L1 time"
+else
+  nested_result boot fail "no L2-UP cpus=2 line"; cat vm.log; exit 1
+fi
+grep -q '^L2-DISK HOTPATCH-DISK-OK' vm.log && nested_result disk pass || nested_result disk fail "$(grep L2-DISK vm.log)"
+
+# Patching attaches once the kernel runs user space.
+n=0
+until "$VMM" patch list --api-sock api.sock > list.out 2>&1; do
+  n=$((n+1)); [ $n -gt 120 ] && break; sleep 1
+done
+cat list.out
+grep -q "attached to the Linux kernel" vm.log && nested_result attach pass || nested_result attach fail "$(tail -n 5 vm.log)"
+grep "attached to the Linux kernel" vm.log | head -n 1
+
+# (c) A refused patch (its expected bytes are not the running kernel's) changes nothing.
+if "$VMM" patch apply --api-sock api.sock wrong-bytes.hpatch > refused.out 2>&1; then
+  nested_result refusal fail "the wrong-bytes patch applied"
+else
+  cat refused.out; nested_result refusal pass
+fi
+
+s0=$(last_seq)
+"$VMM" patch apply --api-sock api.sock fix.hpatch && nested_result apply pass || nested_result apply fail
+wait_for 60 'SEQ .* patched$' && nested_result patched-output pass "first patched line after SEQ $s0" || nested_result patched-output fail
+s1=$(last_seq)
+id=$("$VMM" patch list --api-sock api.sock --json | grep -o '"id": *"[0-9a-f]*"' | head -n 1 | grep -o '[0-9a-f]\{64\}')
+"$VMM" patch revert --api-sock api.sock "$id" && nested_result revert pass || nested_result revert fail
+n=0
+while ! grep '^SEQ ' vm.log | awk -v s="$s1" '$2 > s+1 && $4 == "stock"' | grep -q .; do
+  n=$((n+1)); [ $n -gt 120 ] && break; sleep 0.5
+done
+[ $n -le 120 ] && nested_result reverted-output pass || nested_result reverted-output fail
+
+# (d) Integrity: the kernel's own static-key rewrite goes through, a stray text write does not.
+echo toggle >&3
+wait_for 60 '^L2-TOGGLE 1 0' && nested_result static-key pass || nested_result static-key fail "$(grep L2-TOGGLE vm.log)"
+"$VMM" integrity --api-sock api.sock --json > integrity1.json
+echo kprobe >&3
+wait_for 60 'L2-KPROBE-ARMING' || true
+sleep 10
+"$VMM" integrity --api-sock api.sock --json > integrity2.json
+"$VMM" integrity --api-sock api.sock
+grep -q '"allowed"' integrity1.json && nested_result rewrite-allowed pass || nested_result rewrite-allowed fail "$(cat integrity1.json)"
+grep -q '"dropped"' integrity2.json && nested_result stray-write-dropped pass || nested_result stray-write-dropped fail
+"$VMM" status --api-sock api.sock > /dev/null && nested_result vmm-alive pass || nested_result vmm-alive fail
+
+kill $VPID; wait $VPID
+kill $HOLD 2>/dev/null
+echo "--- vm.log (L2 console and the VMM) ---"
+grep -v '^SEQ ' vm.log | tail -n 60
+grep '^SEQ ' vm.log
+exit 0
+"#;
+
+#[test]
+fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
+    let started = Instant::now();
+    let kit = Kit::ensure();
+    let dir = TempDir::new("nested-linux");
+    let d = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
+
+    // The operator's side, on the host: a key, the fix from C, and a patch whose expected
+    // bytes are not the running kernel's (it must be refused, changing nothing).
+    cli(&["patch", "keygen", "-o", &d("ops")]);
+    let object = kernel_patch::compile(kernel_patch::VERSION_PROC_SHOW_C, dir.path())
+        .expect("compile the C fix");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).expect("cache dir");
+    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
+    let (code, function) = kernel_patch::VERSION_PROC_SHOW_FIX;
+    let build = std::process::Command::new(integration_tests::vmm_bin())
+        .env("VMM_CACHE_DIR", &cache)
+        .args([
+            "patch",
+            "build",
+            "--linux-kernel",
+            &vmlinuz,
+            "--object",
+            object.to_str().expect("utf-8"),
+            "--replace",
+            &format!("{function}={code}"),
+            "--key",
+            &d("ops.key"),
+            "-o",
+            &d("fix.hpatch"),
+        ])
+        .output()
+        .expect("run vmm patch build");
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let fix = patch_format::parse(&std::fs::read(d("fix.hpatch")).expect("read")).expect("parse");
+    let key = patch_format::SecretKey::from_file_text(
+        &std::fs::read_to_string(d("ops.key")).expect("key"),
+    )
+    .expect("key");
+    let mut wrong = fix.patch.clone();
+    wrong.meta.name = "wrong-bytes".into();
+    wrong.sites[0].expected[12] ^= 0xff;
+    std::fs::write(
+        d("wrong-bytes.hpatch"),
+        wrong.to_file_signed(&key).expect("sign"),
+    )
+    .expect("write");
+
+    // L2's initramfs: busybox, the workload, the virtio modules.
+    let mut a = Archive::new();
+    for dir in ["bin", "dev", "proc", "sys", "modules"] {
+        a.dir(dir, 0o755).expect("dir");
+    }
+    a.file(
+        "bin/busybox",
+        0o755,
+        std::fs::read(&kit.busybox).expect("busybox"),
+    )
+    .expect("busybox");
+    a.file("init", 0o755, L2_INIT.as_bytes().to_vec())
+        .expect("init");
+    for m in ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"] {
+        let ko = kit.modules.join(format!("{m}.ko"));
+        a.file(
+            &format!("modules/{m}.ko"),
+            0o644,
+            std::fs::read(&ko).unwrap_or_else(|e| panic!("{}: {e}", ko.display())),
+        )
+        .expect("module");
+    }
+    let initrd = a.finish().expect("initramfs");
+
+    let mut job = NestedJob::new("linux-guest", JOB, &nested_vmm_bin())
+        .file("l2/bzImage", &kit.vmlinuz)
+        .bytes("l2/initrd.cpio", initrd, false)
+        .file("ops.pub", &dir.path().join("ops.pub"))
+        .file("fix.hpatch", &dir.path().join("fix.hpatch"))
+        .file("wrong-bytes.hpatch", &dir.path().join("wrong-bytes.hpatch"))
+        .timeout(Duration::from_secs(420));
+    // The decompressed kernel and its tables, so L1 (at TCG speed) need not rebuild them.
+    for entry in std::fs::read_dir(cache.join("linux")).expect("the image cache was filled") {
+        let entry = entry.expect("cache entry");
+        let name = entry.file_name().to_string_lossy().to_string();
+        job = job.file(&format!("cache/linux/{name}"), &entry.path());
+    }
+    let outcome = run_with_real_kvm(&job, &l1_options());
+    expect_passed(
+        &outcome,
+        &[
+            "boot",
+            "disk",
+            "attach",
+            "refusal",
+            "apply",
+            "patched-output",
+            "revert",
+            "reverted-output",
+            "static-key",
+            "rewrite-allowed",
+            "stray-write-dropped",
+            "vmm-alive",
+        ],
+    );
+
+    // The host reads the workload itself: sequence numbers without a gap, uptime rising,
+    // stock → patched → stock, so the guest never rebooted and the fix really changed and
+    // then restored what it computes.
+    let lines = outcome.job_lines();
+    let seq: Vec<(u64, f64, String)> = lines
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == "SEQ").then_some(())?;
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.to_string(),
+            ))
+        })
+        .collect();
+    assert!(seq.len() > 5, "too few workload lines\n{}", outcome.log());
+    for w in seq.windows(2) {
+        assert_eq!(
+            w[1].0,
+            w[0].0 + 1,
+            "a gap in the workload's sequence\n{}",
+            outcome.log()
+        );
+        assert!(
+            w[1].1 > w[0].1,
+            "uptime went back: the guest rebooted\n{}",
+            outcome.log()
+        );
+    }
+    let states: Vec<&str> = seq.iter().map(|s| s.2.as_str()).collect();
+    let first_patched = states.iter().position(|s| *s == "patched");
+    let back = first_patched.and_then(|p| states[p..].iter().position(|s| *s == "stock"));
+    assert!(
+        states.first() == Some(&"stock") && first_patched.is_some() && back.is_some(),
+        "expected stock → patched → stock, got {states:?}\n{}",
+        outcome.log()
+    );
+    let slide = lines
+        .iter()
+        .find(|l| l.contains("attached to the Linux kernel"))
+        .map(|l| l.to_string())
+        .unwrap_or_default();
+    assert!(
+        slide.contains("slide=0x") && !slide.contains("slide=0x0 "),
+        "KASLR must be on (a non-zero slide): {slide}\n{}",
+        outcome.log()
+    );
+    let t = &outcome.timings;
+    eprintln!(
+        "nested tier (b-d) wall time: initramfs build {:.1?}, L1 boot to job start {:.1?}, job {:.1?}, test total {:.1?}",
+        t.build,
+        t.boot,
+        t.job.unwrap_or_default(),
+        started.elapsed()
+    );
+}
