@@ -15,7 +15,8 @@
 //! - `NESTED-L1 <fact>`: L1's /init (module loads, nested paging, `/dev/kvm`);
 //! - `NESTED-FAIL <why>`: L1 could not give the job a KVM (it powers off right after);
 //! - `NESTED-JOB-START <name>`: the job starts (boot time ends here);
-//! - `NESTED-RESULT <name> <status> [detail]`: a named check (`nested_result`, `nested_check`);
+//! - `NESTED-RESULT <name> <status> [detail]`: a named check (`nested_result`, `nested_check`;
+//!   name and status are single words);
 //! - `NESTED-EXIT <code>`: the job script's exit status (job time ends here).
 //!
 //! The job sees `$VMM` (the `vmm` binary), `$JOB_DIR` (its working directory, holding its
