@@ -215,6 +215,30 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The stock kernel in this VMM vs QEMU -enable-kvm on the same real SVM/VMX KVM (inside
+    /// the nested tier's L1 here): boot to the init workload, the kernel fix's apply/revert
+    /// blackout against each floor, the workload with code integrity enforce vs off.
+    LinuxVmm {
+        /// The kernel bzImage (scripts/linux-kit prints its path as vmlinuz=).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The KVM modules of that kernel for L1 (scripts/linux-kit's modules=).
+        #[arg(long)]
+        modules: PathBuf,
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+        qemu: PathBuf,
+        /// Boots of each VMM to time.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Apply/revert cycles (and floor samples) on each side.
+        #[arg(long, default_value_t = 20)]
+        cycles: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Function-replacement coverage of the stock kernel under QEMU: for every named text
     /// function, whether the engine would accept replacing it (a dry run: every check of an
     /// apply, nothing written), per boot (vCPUs × CPU model), every refusal classed by the
@@ -656,6 +680,26 @@ fn bench_linux(
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_linux_vmm(
+    kit: vmm_tools::nested::L1Kit,
+    rounds: usize,
+    cycles: usize,
+    out: Option<PathBuf>,
+) -> Result<ExitCode> {
+    eprintln!(
+        "bench: the stock kernel in this VMM vs QEMU -enable-kvm on the same KVM (nested: minutes)…"
+    );
+    let vmm = std::env::current_exe().context("finding this vmm binary")?;
+    let mut report =
+        bench::linux_vmm::run(&kit, &vmm, rounds.max(1), cycles.max(1), bench::host_info())?;
+    report.host.loadavg_after = bench::loadavg();
+    print!("{}", bench::linux_vmm::table(&report));
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_coverage(
     kernel: &std::path::Path,
@@ -798,6 +842,25 @@ fn main() -> ExitCode {
             cycles,
             out,
         }) => bench_linux(&kernel, &busybox, &accel, cycles, out),
+        Command::Bench(BenchCommand::LinuxVmm {
+            kernel,
+            modules,
+            busybox,
+            qemu,
+            rounds,
+            cycles,
+            out,
+        }) => bench_linux_vmm(
+            vmm_tools::nested::L1Kit {
+                qemu,
+                vmlinuz: kernel,
+                modules,
+                busybox,
+            },
+            rounds,
+            cycles,
+            out,
+        ),
         Command::Bench(BenchCommand::Coverage {
             kernel,
             busybox,

@@ -1,9 +1,9 @@
 //! Latency samples and their percentiles, for the API metrics and the benchmarks.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Percentiles of a set of samples, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub count: usize,
     pub p50: u64,

@@ -8,6 +8,7 @@ pub mod call_cost;
 pub mod coverage;
 pub mod integrity;
 pub mod linux;
+pub mod linux_vmm;
 pub mod qemu;
 
 use std::path::Path;

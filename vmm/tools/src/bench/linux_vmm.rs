@@ -1,0 +1,313 @@
+//! `vmm bench linux-vmm`: the stock kernel in this VMM against QEMU `-enable-kvm`, on the same
+//! real SVM/VMX KVM (L1 of the nested tier here, the host where it has VMX/SVM), in one run:
+//!
+//! - boot to the init workload: this VMM's `vmm run --kernel` vs QEMU `-enable-kvm` (SeaBIOS,
+//!   QEMU's default machine), same bzImage, initramfs, memory and vCPUs; target ≤ 0.5×;
+//! - the kernel fix's apply/revert blackout through this VMM's API vs the QEMU backend on
+//!   QEMU `-enable-kvm` (`vmm bench linux --accel kvm`), each with its own pause → resume
+//!   floor; targets: this VMM ≥ 10× lower p50, and ≤ 1.2× its own floor;
+//! - a syscall-heavy workload's rate with `--code-integrity enforce` vs `off`; target: equal
+//!   within noise.
+//!
+//! Everything runs in one job of [`crate::nested`], so the ratios compare like with like;
+//! absolute numbers under QEMU TCG mean nothing against a host.
+
+use std::path::Path;
+use std::time::Duration;
+
+use guest_control::stats::{Summary, summarize};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::HostInfo;
+use crate::nested::{L1Kit, L1Options, NestedJob, Placement};
+
+/// The L2 /init: `bench=boot` prints `L2-UP` and idles; `bench=tput` waits for the VMM to have
+/// attached (and protected the text), then counts `/proc/version` reads per second for a few
+/// windows; `bench=patch` prints a line a second for the apply/revert cycles.
+const L2_INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+echo "L2-UP"
+mode=boot
+for a in $($B cat /proc/cmdline); do case "$a" in bench=*) mode=${a#bench=};; esac; done
+case "$mode" in
+tput)
+  $B sleep 20
+  for w in 1 2 3 4 5; do
+    n=0; t0=$($B cut -d' ' -f1 /proc/uptime); end=$($B awk "BEGIN{print $t0 + 4}")
+    while :; do
+      read -r _l < /proc/version; read -r _l < /proc/version; read -r _l < /proc/version; read -r _l < /proc/version
+      n=$((n+4))
+      now=$($B cut -d' ' -f1 /proc/uptime)
+      [ "$($B awk "BEGIN{print ($now >= $end)}")" = 1 ] && break
+    done
+    echo "L2-TPUT $($B awk "BEGIN{print $n / ($now - $t0)}")"
+  done
+  $B poweroff -f;;
+*)
+  while :; do echo "L2-ALIVE $($B cut -d' ' -f1 /proc/uptime)"; $B sleep 1; done;;
+esac
+"#;
+
+const JOB: &str = r#"
+set -u
+mkdir -p -m 700 /tmp/vmm-cache && cp -a cache/. /tmp/vmm-cache/ && chmod -R go-rwx /tmp/vmm-cache
+export VMM_CACHE_DIR=/tmp/vmm-cache
+mkdir -p /usr/share/qemu && cp qemu/share/* /usr/share/qemu/
+chmod +x qemu/bin/qemu-system-x86_64
+export PATH="$JOB_DIR/qemu/bin:$PATH" LD_LIBRARY_PATH="$JOB_DIR/qemu/lib"
+now() { cut -d' ' -f1 /proc/uptime; }
+# until LOG has PATTERN (at most SECONDS); prints the elapsed seconds since T0.
+wait_line() {
+  _n=0
+  while ! grep -q "$2" "$1" 2>/dev/null; do
+    _n=$((_n+1)); [ $_n -gt $(($3 * 10)) ] && return 1; sleep 0.1
+  done
+}
+K="--kernel l2/bzImage --initrd l2/initrd.cpio --memory 512 --vcpus 2"
+A="console=ttyS0 quiet"
+for i in $(seq 1 $ROUNDS); do
+  t0=$(now)
+  "$VMM" run $K --cmdline "$A bench=boot" > boot-vmm.log 2>&1 < /dev/null &
+  p=$!
+  wait_line boot-vmm.log L2-UP 300 && echo "BENCH boot-vmm $(awk "BEGIN{print $(now) - $t0}")"
+  kill $p; wait $p
+  t0=$(now)
+  qemu-system-x86_64 -enable-kvm -cpu host -M pc -m 512 -smp 2 -nodefaults -display none \
+    -serial file:boot-qemu.log -kernel l2/bzImage -initrd l2/initrd.cpio -append "$A bench=boot" &
+  p=$!
+  wait_line boot-qemu.log L2-UP 300 && echo "BENCH boot-qemu $(awk "BEGIN{print $(now) - $t0}")"
+  kill $p; wait $p
+  rm -f boot-qemu.log
+done
+
+# Blackouts through this VMM's API, interleaved with its pause -> resume floor.
+"$VMM" run $K --cmdline "$A bench=patch" --api-sock api.sock --trusted-key ops.pub > patch.log 2>&1 < /dev/null &
+p=$!
+n=0
+until "$VMM" patch list --api-sock api.sock > /dev/null 2>&1; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 1; done
+for i in $(seq 1 $CYCLES); do
+  "$VMM" pause --api-sock api.sock > /dev/null
+  echo "BENCH floor-vmm $("$VMM" resume --api-sock api.sock --json | grep -o '"blackout_us": *[0-9]*' | grep -o '[0-9]*$')"
+  out=$("$VMM" patch apply --api-sock api.sock fix.hpatch --json)
+  echo "BENCH apply-vmm $(echo "$out" | grep -o '"apply_blackout_us": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')"
+  id=$(echo "$out" | grep -o '"id": *"[0-9a-f]*"' | head -n 1 | grep -o '[0-9a-f]\{64\}')
+  out=$("$VMM" patch revert --api-sock api.sock "$id" --json)
+  echo "BENCH revert-vmm $(echo "$out" | grep -o '"revert_blackout_us": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')"
+done
+kill $p; wait $p
+
+# The QEMU backend on QEMU -enable-kvm, same kernel and fix (its own run, its own floor).
+"$VMM" bench linux --kernel l2/bzImage --busybox /bin/busybox --accel kvm --cycles $CYCLES --out qemu-linux.json > qemu-linux.out 2>&1
+cat qemu-linux.out
+echo "BENCH-JSON qemu $(tr -d '\n' < qemu-linux.json)"
+
+# Workload rate with code integrity off and enforce (patching on in both, so only that differs).
+for mode in off enforce off enforce; do
+  "$VMM" run $K --cmdline "$A bench=tput" --trusted-key ops.pub --code-integrity $mode > tput.log 2>&1 < /dev/null
+  grep L2-TPUT tput.log | sed "s/^.*L2-TPUT/BENCH tput-$mode/"
+done
+"#;
+
+/// One side of a comparison, µs or s.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinuxVmmReport {
+    pub benchmark: &'static str,
+    pub host: HostInfo,
+    /// Where the job ran: `l1` (QEMU TCG with emulated SVM) or `host`.
+    pub ran: String,
+    pub kernel: String,
+    pub cycles: usize,
+    /// Seconds from starting the process to the init workload's first line.
+    pub boot_vmm_s: Vec<f64>,
+    pub boot_qemu_s: Vec<f64>,
+    pub vmm_floor_us: Summary,
+    pub vmm_apply_us: Summary,
+    pub vmm_revert_us: Summary,
+    pub qemu_floor_us: Option<Summary>,
+    pub qemu_apply_us: Option<Summary>,
+    pub qemu_revert_us: Option<Summary>,
+    /// `/proc/version` reads per second, per 4 s window.
+    pub tput_off: Vec<f64>,
+    pub tput_enforce: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn summary_of(v: &Value) -> Option<Summary> {
+    serde_json::from_value(v.clone()).ok()
+}
+
+/// QEMU's firmware a `-M pc -kernel` boot loads, looked for where Debian installs it.
+const QEMU_FIRMWARE: [&str; 4] = [
+    "/usr/share/seabios/bios-256k.bin",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/linuxboot.bin",
+    "/usr/share/qemu/kvmvapic.bin",
+];
+
+/// Runs the whole comparison as one nested job: builds the fix (signed with a fresh key), the
+/// L2 initramfs and the image cache on this host, packs QEMU with its libraries and firmware,
+/// and parses the job's `BENCH` lines.
+pub fn run(
+    kit: &L1Kit,
+    vmm: &Path,
+    rounds: usize,
+    cycles: usize,
+    host: HostInfo,
+) -> anyhow::Result<LinuxVmmReport> {
+    let tmp = tempfile::Builder::new()
+        .prefix("vmm-bench-linux-vmm-")
+        .tempdir()?;
+    let dir = tmp.path();
+    let cache = dir.join("cache");
+    std::fs::create_dir(&cache)?;
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let image = linux_guest::attach::KernelImage::from_file_cached(&kit.vmlinuz, Some(&cache))?;
+    let key = patch_format::SecretKey::generate()?;
+    let (_, fix_bytes) = crate::demo_linux::version_fix(dir, &image, &key)?;
+    let fix = dir.join("fix.hpatch");
+    std::fs::write(&fix, fix_bytes)?;
+    let public_key = dir.join("ops.pub");
+    std::fs::write(&public_key, key.public().to_file_text())?;
+    let mut qemu_files = vec![("qemu/bin/qemu-system-x86_64".to_string(), kit.qemu.clone())];
+    for lib in crate::nested::shared_libraries(&kit.qemu)? {
+        if let Some(name) = lib.file_name() {
+            qemu_files.push((format!("qemu/lib/{}", name.to_string_lossy()), lib.clone()));
+        }
+    }
+    for fw in QEMU_FIRMWARE {
+        let fw = Path::new(fw);
+        if fw.is_file()
+            && let Some(name) = fw.file_name()
+        {
+            qemu_files.push((
+                format!("qemu/share/{}", name.to_string_lossy()),
+                fw.to_path_buf(),
+            ));
+        }
+    }
+    let mut a = guest_tools::initramfs::Archive::new();
+    for d in ["bin", "dev", "proc"] {
+        a.dir(d, 0o755)?;
+    }
+    a.file("bin/busybox", 0o755, std::fs::read(&kit.busybox)?)?;
+    a.file("init", 0o755, L2_INIT.as_bytes().to_vec())?;
+    let script = format!("ROUNDS={rounds}\nCYCLES={cycles}\n{JOB}");
+    let mut job = NestedJob::new("bench-linux-vmm", &script, vmm)
+        .file("l2/bzImage", &kit.vmlinuz)
+        .bytes("l2/initrd.cpio", a.finish()?, false)
+        .file("fix.hpatch", &fix)
+        .file("ops.pub", &public_key)
+        .timeout(Duration::from_secs(3600));
+    for entry in std::fs::read_dir(cache.join("linux"))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        job = job.file(&format!("cache/linux/{name}"), &entry.path());
+    }
+    for (path, host_path) in &qemu_files {
+        job = job.file(path, host_path);
+    }
+    let outcome = crate::nested::run_where_real_kvm(
+        &job,
+        Placement::from_env()?,
+        || Ok(kit.clone()),
+        &L1Options::default(),
+    )?;
+    let mut nums: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut qemu = Value::Null;
+    for line in outcome.job_lines() {
+        let mut f = line.split_whitespace();
+        match f.next() {
+            Some("BENCH") => {
+                if let (Some(k), Some(v)) = (f.next(), f.next().and_then(|v| v.parse().ok())) {
+                    nums.entry(k.to_string()).or_default().push(v);
+                }
+            }
+            Some("BENCH-JSON") if f.next() == Some("qemu") => {
+                let rest: Vec<&str> = f.collect();
+                qemu = serde_json::from_str(&rest.join(" ")).unwrap_or(Value::Null);
+            }
+            _ => {}
+        }
+    }
+    let get = |k: &str| nums.get(k).cloned().unwrap_or_default();
+    let us = |k: &str| summarize(&get(k).iter().map(|v| *v as u64).collect::<Vec<_>>());
+    if get("apply-vmm").is_empty() || get("boot-vmm").is_empty() {
+        anyhow::bail!(
+            "the nested job produced no measurements of this VMM:\n{}",
+            outcome.log()
+        );
+    }
+    Ok(LinuxVmmReport {
+        benchmark: "linux-vmm",
+        host,
+        ran: format!("{:?}", outcome.ran).to_lowercase(),
+        kernel: image.banner.trim_end().to_string(),
+        cycles,
+        boot_vmm_s: get("boot-vmm"),
+        boot_qemu_s: get("boot-qemu"),
+        vmm_floor_us: us("floor-vmm"),
+        vmm_apply_us: us("apply-vmm"),
+        vmm_revert_us: us("revert-vmm"),
+        qemu_floor_us: summary_of(&qemu["floor_us"]),
+        qemu_apply_us: summary_of(&qemu["apply_us"]),
+        qemu_revert_us: summary_of(&qemu["revert_us"]),
+        tput_off: get("tput-off"),
+        tput_enforce: get("tput-enforce"),
+    })
+}
+
+/// The table `scripts/bench` prints.
+pub fn table(r: &LinuxVmmReport) -> String {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let (bv, bq) = (median(&r.boot_vmm_s), median(&r.boot_qemu_s));
+    let mut t = format!(
+        "Stock kernel in this VMM vs QEMU -enable-kvm, same KVM ({}), {} patch cycles:\n",
+        r.ran, r.cycles
+    );
+    t.push_str("| measure                                   | this VMM   | QEMU       | ratio   | target        |\n");
+    t.push_str("|-------------------------------------------|------------|------------|---------|---------------|\n");
+    t.push_str(&format!(
+        "| boot to init workload, median (s)         | {bv:>10.2} | {bq:>10.2} | {:>7.2} | ≤ 0.5         |\n",
+        ratio(bv, bq)
+    ));
+    let q50 = |s: &Option<Summary>| s.as_ref().map_or(0, |s| s.p50);
+    for (name, v, q) in [
+        (
+            "apply blackout p50 (µs)",
+            r.vmm_apply_us.p50,
+            q50(&r.qemu_apply_us),
+        ),
+        (
+            "revert blackout p50 (µs)",
+            r.vmm_revert_us.p50,
+            q50(&r.qemu_revert_us),
+        ),
+        (
+            "pause → resume floor p50 (µs)",
+            r.vmm_floor_us.p50,
+            q50(&r.qemu_floor_us),
+        ),
+    ] {
+        t.push_str(&format!(
+            "| {name:<41} | {v:>10} | {q:>10} | {:>7.1} | QEMU/VMM ≥ 10 |\n",
+            ratio(q as f64, v as f64)
+        ));
+    }
+    t.push_str(&format!(
+        "| this VMM: apply p50 / its floor p50       | {:>10.2} |            |         | ≤ 1.2         |\n",
+        ratio(r.vmm_apply_us.p50 as f64, r.vmm_floor_us.p50 as f64)
+    ));
+    let (off, on) = (median(&r.tput_off), median(&r.tput_enforce));
+    t.push_str(&format!(
+        "| workload reads/s, integrity off / enforce | {off:>10.0} | {on:>10.0} | {:>7.3} | ≈ 1 (noise)   |\n",
+        ratio(on, off)
+    ));
+    t
+}
