@@ -135,3 +135,59 @@ fn api_sock_on_a_regular_file_is_refused_and_the_file_kept() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Bad Linux boots are refused before KVM runs anything, each with what to do.
+#[test]
+fn bad_linux_kernels_and_initrds_are_refused() {
+    require_kvm();
+    let dir = TempDir::new("bad-linux");
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p.to_str().expect("utf-8").to_string()
+    };
+    let kit = integration_tests::linux::Kit::ensure();
+    let stock = std::fs::read(&kit.vmlinuz).expect("read the stock kernel");
+    let kernel = kit.vmlinuz.to_str().expect("utf-8").to_string();
+
+    // Not a kernel; a bzImage cut inside its setup header; cut after it (no kernel left).
+    run_fails(
+        &["run", "--kernel", &file("notes.txt", b"hello\n")],
+        "not an ELF file or a Linux bzImage",
+    );
+    run_fails(
+        &["run", "--kernel", &file("cut.bz", &stock[..0x210])],
+        "truncated",
+    );
+    let setup = (usize::from(stock[0x1f1]) + 1) * 512;
+    run_fails(
+        &["run", "--kernel", &file("head.bz", &stock[..setup])],
+        "no protected-mode kernel",
+    );
+    // The stock kernel does not decompress in 32 MiB, and a 200 MiB initrd does not fit in 128.
+    run_fails(
+        &["run", "--kernel", &kernel, "--memory", "32"],
+        "raise --memory",
+    );
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(200 << 20))
+        .expect("sparse initrd");
+    run_fails(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--memory",
+            "128",
+            "--initrd",
+            big.to_str().expect("utf-8"),
+        ],
+        "does not fit in guest memory",
+    );
+    // An initrd needs a Linux kernel.
+    run_fails(
+        &["run", "--initrd", big.to_str().expect("utf-8")],
+        "--kernel",
+    );
+}
