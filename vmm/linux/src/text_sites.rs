@@ -134,7 +134,8 @@ pub fn known_form(
         [op @ (0xe8 | 0xe9), r0, r1, r2, r3] => {
             let rel = i32::from_le_bytes([*r0, *r1, *r2, *r3]);
             // A jump label only ever jumps; calls are static calls and ftrace.
-            (*op == 0xe9 || mechanism != Mechanism::JumpLabel) && target_ok(rel_target(i64::from(rel)))
+            (*op == 0xe9 || mechanism != Mechanism::JumpLabel)
+                && target_ok(rel_target(i64::from(rel)))
         }
         [0xc3, ..] => matches!(
             mechanism,
@@ -537,8 +538,15 @@ mod tests {
         assert_eq!(judge(&mut mem, SITE, &NOP5), Some(Mechanism::JumpLabel));
         // A short jump label flips between its 2-byte forms.
         assert_eq!(judge(&mut mem, SITE, &NOP2), Some(Mechanism::JumpLabel));
-        assert_eq!(judge(&mut mem, SITE, &[0xeb, 0x10]), Some(Mechanism::JumpLabel));
-        assert_eq!(judge(&mut mem, SITE, &[0xeb, 0x80]), Some(Mechanism::JumpLabel), "back into text");
+        assert_eq!(
+            judge(&mut mem, SITE, &[0xeb, 0x10]),
+            Some(Mechanism::JumpLabel)
+        );
+        assert_eq!(
+            judge(&mut mem, SITE, &[0xeb, 0x80]),
+            Some(Mechanism::JumpLabel),
+            "back into text"
+        );
     }
 
     #[test]
@@ -589,10 +597,22 @@ mod tests {
         tramp.extend_from_slice(&SCT_SIGNATURE);
         let mut mem = std::collections::BTreeMap::from([(at, tramp)]);
         let next = jmp(at, SITE - 0x1000);
-        assert_eq!(judge(&mut mem, at, &[0xcc]), Some(Mechanism::StaticCallTrampoline));
-        assert_eq!(judge(&mut mem, at + 1, &next[1..]), Some(Mechanism::StaticCallTrampoline));
-        assert_eq!(judge(&mut mem, at, &next[..1]), Some(Mechanism::StaticCallTrampoline));
-        assert_eq!(judge(&mut mem, at, &[0xc3]), Some(Mechanism::StaticCallTrampoline));
+        assert_eq!(
+            judge(&mut mem, at, &[0xcc]),
+            Some(Mechanism::StaticCallTrampoline)
+        );
+        assert_eq!(
+            judge(&mut mem, at + 1, &next[1..]),
+            Some(Mechanism::StaticCallTrampoline)
+        );
+        assert_eq!(
+            judge(&mut mem, at, &next[..1]),
+            Some(Mechanism::StaticCallTrampoline)
+        );
+        assert_eq!(
+            judge(&mut mem, at, &[0xc3]),
+            Some(Mechanism::StaticCallTrampoline)
+        );
         // Its signature is not the kernel's to rewrite, nor is a jump out of its text.
         assert_eq!(judge(&mut mem, at + 5, &[0x90]), None);
         assert_eq!(judge(&mut mem, at, &jmp(at, 0x1000)), None);
