@@ -108,7 +108,8 @@ fn attach(
             );
             slot.set_ready(Arc::new(SharedEngine::new(engine)));
             if vm.integrity_metrics().mode != kvm_vmm::integrity::Mode::Off {
-                protect_text(vm, image, attached.slide.slide);
+                let arena = attached.arena.gva..attached.arena.gva + attached.arena.size;
+                protect_text(vm, image, attached.slide.slide, arena);
             }
         }
         Err(e) => {
@@ -121,7 +122,7 @@ fn attach(
 
 /// Protects the kernel's text now that it has booted, with the policy that lets its own
 /// run-time rewrites through (docs/code-integrity.md, "Linux guests").
-fn protect_text(vm: &Arc<Vm>, image: &KernelImage, slide: u64) {
+fn protect_text(vm: &Arc<Vm>, image: &KernelImage, slide: u64, arena: std::ops::Range<u64>) {
     let text = match linux_guest::attach::kernel_text(vm.as_ref(), image, slide) {
         Ok(Some(text)) => text,
         Ok(None) => {
@@ -139,6 +140,7 @@ fn protect_text(vm: &Arc<Vm>, image: &KernelImage, slide: u64) {
         sites: image.text_sites.clone(),
         text,
         slide,
+        arena,
     }));
     match vm.protect_kernel_text(text.gpa, text.gpa + text.len) {
         Ok(range) => tracing::info!(
@@ -163,6 +165,9 @@ struct KernelTextPolicy {
     sites: Arc<linux_guest::text_sites::KernelTextSites>,
     text: linux_guest::attach::KernelText,
     slide: u64,
+    /// The arena's guest-virtual range: hot-patch code. No form of a site jumps there, so a
+    /// patched site is never rewritten for the guest.
+    arena: std::ops::Range<u64>,
 }
 
 impl kvm_vmm::integrity::RewritePolicy for KernelTextPolicy {

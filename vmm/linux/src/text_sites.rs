@@ -397,9 +397,11 @@ impl KernelTextSites {
 
     /// Whether writing `data` at link-time address `at` is one of the kernel's own run-time
     /// rewrites: it lies inside one site of a run-time table (jump label, static call, ftrace
-    /// call, static-call trampoline, SMP lock prefix), and the site's bytes after it are one of
-    /// that site's forms ([`known_form`]), or a step of `text_poke_bp`'s protocol (an int3 on
-    /// the first byte while the rest changes). `current` reads a site's bytes as they are;
+    /// call, static-call trampoline, SMP lock prefix), and the site's bytes before and after it
+    /// are forms of that site ([`known_form`]; an int3 on the first byte while the rest changes
+    /// is a step of `text_poke_bp`'s protocol). A site holding a hot patch's jump (its target
+    /// is the arena, which `target_ok` refuses) is never the kernel's to rewrite, so a guest
+    /// cannot write a patched function's entry back to its NOP and undo a fix. `current` reads a site's bytes as they are;
     /// `target_ok` says whether a jump or call may go to a link-time address.
     ///
     /// Code integrity for a Linux guest lets exactly these writes through; they are vouched
@@ -427,12 +429,16 @@ impl KernelTextSites {
                 if s.addr > at || s.addr + u64::from(s.len) < end {
                     return false;
                 }
-                let Some(mut bytes) = current(s.addr, usize::from(s.len)) else {
+                let Some(before) = current(s.addr, usize::from(s.len)) else {
                     return false;
                 };
+                let mut after = before.clone();
                 let off = (at - s.addr) as usize;
-                bytes[off..off + data.len()].copy_from_slice(data);
-                known_form(s.mechanism, s.addr, &bytes, &target_ok)
+                after[off..off + data.len()].copy_from_slice(data);
+                // From one of the site's forms to another: a site that holds something else
+                // (a hot patch's jump into the arena) is not the kernel's to rewrite.
+                known_form(s.mechanism, s.addr, &before, &target_ok)
+                    && known_form(s.mechanism, s.addr, &after, &target_ok)
             })
             .map(|s| s.mechanism)
     }
@@ -585,6 +591,26 @@ mod tests {
         assert_eq!(judge(&mut mem, SITE + 0x200, &[0xcc]), None);
         // Nothing unmapped is vouched for.
         assert_eq!(judge(&mut mem, SITE + 0x500, &[0xcc]), None);
+    }
+
+    /// A hot patch's jump at a function's ftrace site targets the arena: the guest may not
+    /// write the site back to its NOP (undoing the fix), nor step it through int3.
+    #[test]
+    fn a_site_holding_a_hot_patch_jump_is_not_the_kernels_to_rewrite() {
+        let arena = 0xffff_ffff_c100_0000u64;
+        let to_arena = jmp(SITE, arena);
+        let mut mem = std::collections::BTreeMap::from([(SITE, to_arena.to_vec())]);
+        let s = sites();
+        let read = |addr: u64, len: usize| mem.get(&addr).filter(|b| b.len() == len).cloned();
+        let not_arena = |t: u64| in_text(t) && !(arena..arena + 0x20_0000).contains(&t);
+        assert_eq!(s.judge_rewrite(SITE, &NOP5, read, not_arena), None);
+        assert_eq!(s.judge_rewrite(SITE, &[0xcc], read, not_arena), None);
+        mem.insert(SITE, NOP5.to_vec());
+        let read = |addr: u64, len: usize| mem.get(&addr).filter(|b| b.len() == len).cloned();
+        assert_eq!(
+            s.judge_rewrite(SITE, &[0xcc], read, not_arena),
+            Some(Mechanism::JumpLabel)
+        );
     }
 
     /// `static_call_update()` on a trampoline (`__SCT__tp_func_sched_wakeup` when a tracepoint
