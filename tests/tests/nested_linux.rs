@@ -255,13 +255,16 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
     let seq: Vec<(u64, f64, String)> = lines
         .iter()
         .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next()? == "SEQ").then_some(())?;
-            Some((
-                f.next()?.parse().ok()?,
-                f.next()?.parse().ok()?,
-                f.next()?.to_string(),
-            ))
+            // The kernel's own messages (the kprobe's BUG report) may run into a line.
+            let at = l.find("SEQ ")?;
+            let mut f = l[at..].split_whitespace().skip(1);
+            let (n, up, state) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?);
+            let state = if state.starts_with("patched") {
+                "patched"
+            } else {
+                "stock"
+            };
+            Some((n, up, state.to_string()))
         })
         .collect();
     assert!(seq.len() > 5, "too few workload lines\n{}", outcome.log());

@@ -193,8 +193,9 @@ impl kvm_vmm::integrity::RewritePolicy for KernelTextPolicy {
             Some(buf)
         };
         let target_ok = |link: u64| {
-            (t.link..t.link + t.len).contains(&link)
-                || MODULES.contains(&link.wrapping_add(self.slide))
+            let runtime = link.wrapping_add(self.slide);
+            !self.arena.contains(&runtime)
+                && ((t.link..t.link + t.len).contains(&link) || MODULES.contains(&runtime))
         };
         self.sites
             .judge_rewrite(t.link + off, data, current, target_ok)
