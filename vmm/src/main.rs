@@ -144,8 +144,8 @@ struct RunArgs {
     /// A raw disk image the guest sees as a virtio-blk device (virtio-MMIO): FILE for a
     /// read-write disk (opened O_RDWR), FILE,ro for a read-only one. Repeatable, up to 8
     /// (/dev/vda, /dev/vdb, ... in order). FILE must be a regular file whose size is a non-zero
-    /// multiple of 512 bytes. With --kernel, `virtio_mmio.device=4K@0xd0000000:5` (one per
-    /// disk) is appended to the command line; see docs/devices.md.
+    /// multiple of 512 bytes. A Linux guest finds them in the ACPI DSDT (LNRO0005 devices);
+    /// see docs/devices.md.
     #[arg(long = "disk", value_name = "FILE[,ro]", value_parser = parse_disk)]
     disks: Vec<kvm_vmm::devices::virtio::DiskConfig>,
     /// KVM device to use.
@@ -369,8 +369,6 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         code_integrity: args.code_integrity,
         code_ranges: args.code_ranges,
         disks: args.disks,
-        // Linux learns of the disks from its command line; the built-in guest refuses options
-        // it does not know.
     };
     install_terminate_handlers()?;
     let patching_requested =

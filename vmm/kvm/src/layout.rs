@@ -55,8 +55,8 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// KVM's TSS needs three pages of guest-physical space no RAM uses (VMX requirement).
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// virtio-MMIO devices (the `--disk` block devices): one 4 KiB register window each, the
-/// first at this address in the 32-bit MMIO hole, the next ones right after it. The guest
-/// learns of them from `virtio_mmio.device=4K@ADDR:GSI` on its command line.
+/// first at this address in the 32-bit MMIO hole, the next ones right after it. A Linux
+/// guest learns of them from the ACPI DSDT (`acpi.rs`).
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-MMIO device's register window (registers + config space).
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;

@@ -599,8 +599,6 @@ fn code_integrity(kvm: &Kvm, config: &VmConfig, mem_size: u64) -> Result<Integri
     Ok(Integrity::new(mode, config.vcpus, ranges))
 }
 
-/// The command line the guest gets: the operator's, plus one `virtio_mmio.device=` per disk
-/// when the devices are announced.
 /// Which guest memory devices may write: never the patch arena (hot-patch code), and not
 /// protected code under `--code-integrity enforce` (under `audit` such writes are logged and
 /// let through, like the guest's own).

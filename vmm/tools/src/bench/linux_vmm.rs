@@ -168,7 +168,11 @@ pub fn run(
     let cache = dir.join("cache");
     std::fs::create_dir(&cache)?;
     std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let image = linux_guest::attach::KernelImage::from_file_cached(&kit.vmlinuz, Some(&cache))?;
+    // Laid out as `VMM_CACHE_DIR` is (its `linux/` subdirectory), for the job to copy.
+    let image = linux_guest::attach::KernelImage::from_file_cached(
+        &kit.vmlinuz,
+        Some(&cache.join("linux")),
+    )?;
     let key = patch_format::SecretKey::generate()?;
     let (_, fix_bytes) = crate::demo_linux::version_fix(dir, &image, &key)?;
     let fix = dir.join("fix.hpatch");
