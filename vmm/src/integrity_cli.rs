@@ -38,7 +38,7 @@ pub fn run(args: IntegrityArgs) -> Result<()> {
         Some(x) => x.to_string(),
     };
     println!(
-        "code integrity {}  trapped writes {} (dropped {}, written {}, allowed as the guest's own rewrites {})  log lines held back {}",
+        "code integrity {}  violations {} (dropped {}, written {}, allowed as the guest's own rewrites {})  log lines held back {}",
         s(v.get("mode")),
         s(v.get("violations")),
         s(v.get("dropped")),
