@@ -45,7 +45,7 @@ enum Command {
     /// Boot a guest and run it until it powers off (exit status = the guest's).
     Run(RunArgs),
     /// Pause every vCPU of a running VM (through its API socket).
-    Pause(StatusArgs),
+    Pause(PauseArgs),
     /// Resume a paused VM.
     Resume(StatusArgs),
     /// Show a VM's state, vCPUs and guest reports.
@@ -167,6 +167,15 @@ struct StatusArgs {
     /// Print the VMM's JSON answer instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PauseArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+    /// Release the vCPUs at once (one request): prints the blackout, the patching floor.
+    #[arg(long)]
+    and_resume: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -505,6 +514,21 @@ fn pause_resume(args: StatusArgs, pause: bool) -> Result<()> {
     Ok(())
 }
 
+/// `vmm pause --and-resume`.
+fn pause_and_resume(args: StatusArgs) -> Result<()> {
+    let v = ApiClient::new(&args.sock.api_sock).pause_resume()?;
+    if args.json {
+        return print_json(&v);
+    }
+    let field = |k: &str| v.get(k).map_or("-".to_string(), |x| x.to_string());
+    println!(
+        "paused in {} µs and resumed: blackout {} µs",
+        field("park_us"),
+        field("blackout_us")
+    );
+    Ok(())
+}
+
 fn status(args: StatusArgs) -> Result<()> {
     let v = ApiClient::new(&args.sock.api_sock).status()?;
     if args.json {
@@ -812,7 +836,10 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Pause(args) => pause_resume(args, true).map(|_| ExitCode::SUCCESS),
+        Command::Pause(args) if args.and_resume => {
+            pause_and_resume(args.status).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Pause(args) => pause_resume(args.status, true).map(|_| ExitCode::SUCCESS),
         Command::Resume(args) => pause_resume(args, false).map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
         Command::DemoLinux(args) => demo_linux(args),

@@ -183,6 +183,11 @@ impl ApiClient {
         self.call("POST", "/v1/vm/resume", b"")
     }
 
+    /// Parks and releases the vCPUs at once; the reply has the blackout (the patching floor).
+    pub fn pause_resume(&self) -> Result<Value, ClientError> {
+        self.call("POST", "/v1/vm/pause-resume", b"")
+    }
+
     pub fn metrics(&self) -> Result<Value, ClientError> {
         self.call("GET", "/v1/metrics", b"")
     }

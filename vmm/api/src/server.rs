@@ -6,6 +6,7 @@
 //! - `GET  /v1/vm`          status: state, vCPUs (phase, registers when paused, guest reports)
 //! - `POST /v1/vm/pause`    park every vCPU; returns the park latency and each vCPU's registers
 //! - `POST /v1/vm/resume`   release them; returns the blackout
+//! - `POST /v1/vm/pause-resume` park and release at once: the patching floor (its blackout)
 //! - `GET  /v1/metrics`     pause/resume latency percentiles and patch engine counters
 //! - `GET  /v1/version`     crate version, accepted patch-format versions, features
 //! - `POST /v1/patches`     apply a patch (body = the `.hpatch` file, `application/octet-stream`;
@@ -534,6 +535,9 @@ pub enum Endpoint {
     Status,
     Pause,
     Resume,
+    /// Park every vCPU and release them at once: the patching floor, measured as an apply's
+    /// blackout is (what `vmm bench` compares a patch's blackout with).
+    PauseResume,
     Metrics,
     Version,
     ListPatches,
@@ -566,6 +570,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/vm", Endpoint::Status),
     r("POST", "/v1/vm/pause", Endpoint::Pause),
     r("POST", "/v1/vm/resume", Endpoint::Resume),
+    r("POST", "/v1/vm/pause-resume", Endpoint::PauseResume),
     r("GET", "/v1/metrics", Endpoint::Metrics),
     r("GET", "/v1/version", Endpoint::Version),
     r("GET", "/v1/patches", Endpoint::ListPatches),
@@ -699,6 +704,15 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             Reply::ok(
                 200,
                 json!({"state": "running", "blackout_us": info.blackout_us}),
+            )
+        }
+        Endpoint::PauseResume => {
+            not_paused()?;
+            let (info, _) = vm.pause().map_err(control_fault)?;
+            let resumed = vm.resume().map_err(control_fault)?;
+            Reply::ok(
+                200,
+                json!({"state": "running", "park_us": info.park_us, "blackout_us": resumed.blackout_us}),
             )
         }
         Endpoint::Metrics => {
@@ -836,6 +850,7 @@ mod tests {
             ("GET", "/v1/vm?verbose=1", Status, ""),
             ("POST", "/v1/vm/pause", Pause, ""),
             ("POST", "/v1/vm/resume/", Resume, ""),
+            ("POST", "/v1/vm/pause-resume", PauseResume, ""),
             ("GET", "/v1/metrics", Metrics, ""),
             ("GET", "/v1/version", Version, ""),
             ("GET", "/v1/patches", ListPatches, ""),

@@ -54,7 +54,6 @@ const JOB: &str = r#"
 set -u
 mkdir -p -m 700 /tmp/vmm-cache && cp -a cache/. /tmp/vmm-cache/ && chmod -R go-rwx /tmp/vmm-cache
 export VMM_CACHE_DIR=/tmp/vmm-cache
-mkdir -p /usr/share/qemu && cp qemu/share/* /usr/share/qemu/
 chmod +x qemu/bin/qemu-system-x86_64
 export PATH="$JOB_DIR/qemu/bin:$PATH" LD_LIBRARY_PATH="$JOB_DIR/qemu/lib"
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -88,8 +87,7 @@ p=$!
 n=0
 until "$VMM" patch list --api-sock api.sock > /dev/null 2>&1; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 1; done
 for i in $(seq 1 $CYCLES); do
-  "$VMM" pause --api-sock api.sock > /dev/null
-  echo "BENCH floor-vmm $("$VMM" resume --api-sock api.sock --json | grep -o '"blackout_us": *[0-9]*' | grep -o '[0-9]*$')"
+  echo "BENCH floor-vmm $("$VMM" pause --and-resume --api-sock api.sock --json | grep -o '"blackout_us": *[0-9]*' | grep -o '[0-9]*$')"
   out=$("$VMM" patch apply --api-sock api.sock fix.hpatch --json)
   echo "BENCH apply-vmm $(echo "$out" | grep -o '"apply_blackout_us": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')"
   id=$(echo "$out" | grep -o '"id": *"[0-9a-f]*"' | head -n 1 | grep -o '[0-9a-f]\{64\}')
