@@ -101,6 +101,18 @@ pub struct Attached {
     pub smp_locks_live: bool,
 }
 
+/// Runs `f` with the guest paused, on the kernel's view of its first live vCPU (`None` when
+/// every vCPU has stopped), and resumes it whatever `f` returned.
+fn paused_kernel_view<G: GuestControl + ?Sized, T>(
+    guest: &G,
+    f: impl FnOnce(Option<guest_control::VcpuState>) -> Result<T, LinuxAttachError>,
+) -> Result<T, LinuxAttachError> {
+    let states = guest.pause_all()?;
+    let result = f(states.iter().flatten().next().map(kernel_view));
+    guest.resume_all()?;
+    result
+}
+
 /// `system_state` once the kernel has freed its init memory and runs user space
 /// (`SYSTEM_RUNNING` of 6.1's `enum system_states`).
 const SYSTEM_RUNNING: u32 = 3;
@@ -119,9 +131,8 @@ pub fn kernel_running<G: GuestControl + ?Sized>(
         // An image without it cannot be told apart mid-boot: treat it as booted.
         return Ok(true);
     };
-    let states = guest.pause_all()?;
-    let result = (|| {
-        let Some(vcpu) = states.iter().flatten().next().map(kernel_view) else {
+    paused_kernel_view(guest, |vcpu| {
+        let Some(vcpu) = vcpu else {
             return Ok(false);
         };
         let Ok(idt) = guest.read_virtual(&vcpu, idt_base, kaslr::IDT_BYTES) else {
@@ -135,9 +146,7 @@ pub fn kernel_running<G: GuestControl + ?Sized>(
         };
         let state = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         Ok(state == SYSTEM_RUNNING)
-    })();
-    guest.resume_all()?;
-    result
+    })
 }
 
 /// Where the running kernel's text (`_stext`..`_etext`) is in guest-physical memory.
@@ -165,14 +174,8 @@ pub fn kernel_text<G: GuestControl + ?Sized>(
     if end <= start {
         return Ok(None);
     }
-    let states = guest.pause_all()?;
-    let result = (|| {
-        let vcpu = states
-            .iter()
-            .flatten()
-            .next()
-            .map(kernel_view)
-            .ok_or(LinuxAttachError::NoVcpu)?;
+    paused_kernel_view(guest, |vcpu| {
+        let vcpu = vcpu.ok_or(LinuxAttachError::NoVcpu)?;
         let first = guest.translate(&vcpu, start.wrapping_add(slide))?;
         let last = guest.translate(&vcpu, (end - 1).wrapping_add(slide))?;
         let len = end - start;
@@ -184,9 +187,7 @@ pub fn kernel_text<G: GuestControl + ?Sized>(
                 link: start,
             }),
         )
-    })();
-    guest.resume_all()?;
-    result
+    })
 }
 
 /// Finds the slide, checks the running kernel is `image`, maps the arena at guest-physical
@@ -197,14 +198,8 @@ pub fn attach<G: GuestControl + ?Sized>(
     image: &KernelImage,
     arena_gpa: u64,
 ) -> Result<Attached, LinuxAttachError> {
-    let states = guest.pause_all()?;
-    let result = (|| {
-        let vcpu = states
-            .iter()
-            .flatten()
-            .next()
-            .map(kernel_view)
-            .ok_or(LinuxAttachError::NoVcpu)?;
+    paused_kernel_view(guest, |vcpu| {
+        let vcpu = vcpu.ok_or(LinuxAttachError::NoVcpu)?;
         let idt = guest.read_virtual(&vcpu, idt_base, kaslr::IDT_BYTES)?;
         let slide = kaslr::slide_from_idt(&idt, &image.kallsyms)?;
         let banner_at = image
@@ -234,7 +229,5 @@ pub fn attach<G: GuestControl + ?Sized>(
             arena,
             smp_locks_live,
         })
-    })();
-    guest.resume_all()?;
-    result
+    })
 }
