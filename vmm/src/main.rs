@@ -198,6 +198,37 @@ enum BenchCommand {
     /// Hot-patch blackout against the pause/resume floor (measured in the same run), API
     /// end-to-end latency, and a patch storm the guest checks result by result.
     Patch(BenchPatchArgs),
+    /// `vmm bench patch` where KVM has real SVM/VMX semantics: inside the nested tier's L1
+    /// (QEMU TCG -cpu max with kvm-amd) here, directly on a host whose KVM is kvm-intel/amd.
+    PatchL1 {
+        /// The kernel bzImage L1 boots (scripts/linux-kit prints its path as vmlinuz=).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Its KVM modules (scripts/linux-kit's modules=).
+        #[arg(long)]
+        modules: PathBuf,
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+        qemu: PathBuf,
+        /// vCPU counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        vcpus: Vec<usize>,
+        /// Cycles per vCPU count (see `vmm bench patch --help`).
+        #[arg(long, default_value_t = 300)]
+        cycles: usize,
+        /// Apply/revert cycles of the guest-checked storm (0: none).
+        #[arg(long, default_value_t = 2000)]
+        storm: usize,
+        #[arg(long, default_value_t = 2)]
+        storm_vcpus: usize,
+        /// L1's vCPUs (at least the largest guest's, so each has a CPU of its own).
+        #[arg(long, default_value_t = 2)]
+        l1_vcpus: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The same patch on the same test guest through this VMM and through the QEMU backend
     /// (QEMU -enable-kvm), with QMP stop→cont and gdbstub halt→continue as the peer floors.
     Qemu {
@@ -722,6 +753,26 @@ fn bench_linux_vmm(
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_patch_l1(
+    kit: vmm_tools::nested::L1Kit,
+    args: bench::patch_l1::PatchL1Args,
+    out: Option<PathBuf>,
+) -> Result<ExitCode> {
+    eprintln!(
+        "bench: vmm bench patch on a real SVM/VMX KVM ({} cycles per vCPU count, storm {}; nested: tens of minutes)…",
+        args.cycles, args.storm
+    );
+    let vmm = std::env::current_exe().context("finding this vmm binary")?;
+    let mut report = bench::patch_l1::run(&kit, &vmm, &args, bench::host_info())?;
+    report.host.loadavg_after = bench::loadavg();
+    println!("{}", report.nested);
+    print!("{}", report.table);
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_coverage(
     kernel: &std::path::Path,
@@ -888,6 +939,33 @@ fn main() -> ExitCode {
             },
             rounds,
             cycles,
+            out,
+        ),
+        Command::Bench(BenchCommand::PatchL1 {
+            kernel,
+            modules,
+            busybox,
+            qemu,
+            vcpus,
+            cycles,
+            storm,
+            storm_vcpus,
+            l1_vcpus,
+            out,
+        }) => bench_patch_l1(
+            vmm_tools::nested::L1Kit {
+                qemu,
+                vmlinuz: kernel,
+                modules,
+                busybox,
+            },
+            bench::patch_l1::PatchL1Args {
+                vcpus,
+                cycles,
+                storm,
+                storm_vcpus,
+                l1_vcpus,
+            },
             out,
         ),
         Command::Bench(BenchCommand::Coverage {

@@ -9,6 +9,7 @@ pub mod coverage;
 pub mod integrity;
 pub mod linux;
 pub mod linux_vmm;
+pub mod patch_l1;
 pub mod qemu;
 
 use std::path::Path;
