@@ -160,8 +160,17 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// text an outer message already quotes (some library errors still include their source in
 /// their own message) is not repeated.
 pub fn render(err: &anyhow::Error) -> String {
+    join_causes(err.chain())
+}
+
+/// [`render`] for a typed error and its sources.
+pub fn render_error(err: &(dyn std::error::Error + 'static)) -> String {
+    join_causes(std::iter::successors(Some(err), |e| e.source()))
+}
+
+fn join_causes<'a>(causes: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
     let mut text = String::new();
-    for cause in err.chain() {
+    for cause in causes {
         let part = cause.to_string();
         if text.contains(&part) {
             continue;
@@ -184,8 +193,10 @@ mod tests {
             path: "/nonexistent".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOENT),
         };
-        let text = render(&anyhow::Error::new(gone));
+        let text = render_error(&gone);
         assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+        assert!(text.contains("/nonexistent"), "{text}");
+        assert_eq!(render(&anyhow::Error::new(gone)), text);
         let e = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOENT))
             .context("cannot read p.hpatch");
         assert_eq!(

@@ -70,7 +70,7 @@ pub fn attach_when_booted(
                         return;
                     }
                     Some((_, Err(e))) => {
-                        let why = error_chain(&e);
+                        let why = crate::exit::render_error(&e);
                         tracing::error!(%why, "patching is unavailable");
                         slot.set_failed(why);
                         return;
@@ -113,7 +113,7 @@ fn attach(
             }
         }
         Err(e) => {
-            let why = error_chain(&e);
+            let why = crate::exit::render_error(&e);
             tracing::error!(%why, "patching is unavailable: could not attach to the kernel");
             slot.set_failed(why);
         }
@@ -132,7 +132,7 @@ fn protect_text(vm: &Arc<Vm>, image: &KernelImage, slide: u64, arena: std::ops::
             return;
         }
         Err(e) => {
-            tracing::error!(error = %error_chain(&e), "code integrity: could not locate the kernel's text; it stays unprotected");
+            tracing::error!(error = %crate::exit::render_error(&e), "code integrity: could not locate the kernel's text; it stays unprotected");
             return;
         }
     };
@@ -149,7 +149,7 @@ fn protect_text(vm: &Arc<Vm>, image: &KernelImage, slide: u64, arena: std::ops::
             "code integrity: the kernel's text is protected; its own rewrites are checked against its tables"
         ),
         Err(e) => {
-            tracing::error!(error = %error_chain(&e), "code integrity: could not protect the kernel's text")
+            tracing::error!(error = %crate::exit::render_error(&e), "code integrity: could not protect the kernel's text")
         }
     }
 }
@@ -201,16 +201,4 @@ impl kvm_vmm::integrity::RewritePolicy for KernelTextPolicy {
             .judge_rewrite(t.link + off, data, current, target_ok)
             .map(|m| m.name())
     }
-}
-
-/// An error and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
