@@ -730,7 +730,13 @@ struct Console {
     /// Readers still running.
     open: Arc<AtomicUsize>,
     started: Instant,
+    /// Also copy each line to stderr as it arrives (`HOTPATCH_NESTED_ECHO=1`): a long job (the
+    /// nested benchmarks take tens of minutes) is otherwise silent until it ends.
+    echo: bool,
 }
+
+/// The environment variable that makes [`Console`] echo lines live.
+pub const ECHO_ENV: &str = "HOTPATCH_NESTED_ECHO";
 
 impl Console {
     fn new(started: Instant) -> Self {
@@ -738,6 +744,7 @@ impl Console {
             lines: Arc::new(Mutex::new(Vec::new())),
             open: Arc::new(AtomicUsize::new(0)),
             started,
+            echo: std::env::var_os(ECHO_ENV).is_some_and(|v| !v.is_empty() && v != "0"),
         }
     }
 
@@ -755,6 +762,9 @@ impl Console {
                         let text = String::from_utf8_lossy(&buf);
                         let text = text.trim_end_matches(['\n', '\r']).to_string();
                         let at = me.started.elapsed();
+                        if me.echo {
+                            eprintln!("[nested {:7.2}] {text}", at.as_secs_f64());
+                        }
                         lock(&me.lines).push(Line { at, text });
                     }
                 }
