@@ -50,6 +50,10 @@ enum Command {
     Resume(StatusArgs),
     /// Show a VM's state, vCPUs and guest reports.
     Status(StatusArgs),
+    /// Print a VM's metrics as JSON (GET /v1/metrics): pause/resume latency, the patch engine's
+    /// counters and blackout summaries (with `apply_engine_us`, its own in-blackout work),
+    /// code integrity counters.
+    Metrics(SockArgs),
     /// Show a VM's code integrity (mode, protected ranges, slots, violations); protect more code.
     Integrity(integrity_cli::IntegrityArgs),
     /// Build, sign, verify and inspect hot-patch files.
@@ -893,6 +897,11 @@ fn main() -> ExitCode {
         Command::Pause(args) => pause_resume(args.status, true).map(|_| ExitCode::SUCCESS),
         Command::Resume(args) => pause_resume(args, false).map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).map(|_| ExitCode::SUCCESS),
+        Command::Metrics(args) => ApiClient::new(&args.api_sock)
+            .metrics()
+            .map_err(anyhow::Error::from)
+            .and_then(|v| print_json(&v))
+            .map(|_| ExitCode::SUCCESS),
         Command::DemoLinux(args) => demo_linux(args),
         Command::Integrity(args) => integrity_cli::run(args).map(|_| ExitCode::SUCCESS),
         Command::Patch(cmd) => patch_cli::run(cmd).map(|_| ExitCode::SUCCESS),

@@ -70,13 +70,21 @@ for i in $(seq 1 $ROUNDS); do
   t0=$(now)
   "$VMM" run $K --cmdline "$A bench=boot" > boot-vmm.log 2>&1 < /dev/null &
   p=$!
-  wait_line boot-vmm.log L2-UP 300 && echo "BENCH boot-vmm $(awk "BEGIN{print $(now) - $t0}")"
+  if wait_line boot-vmm.log L2-UP 300; then
+    echo "BENCH boot-vmm $(awk "BEGIN{print $(now) - $t0}")"
+  else
+    echo "BENCH-FAIL boot-vmm: no L2-UP within 300 s; its log:"; tail -n 30 boot-vmm.log
+  fi
   kill $p; wait $p
   t0=$(now)
   qemu-system-x86_64 -enable-kvm -cpu host -M pc -m 512 -smp 2 -nodefaults -display none \
     -serial file:boot-qemu.log -kernel l2/bzImage -initrd l2/initrd.cpio -append "$A bench=boot" &
   p=$!
-  wait_line boot-qemu.log L2-UP 300 && echo "BENCH boot-qemu $(awk "BEGIN{print $(now) - $t0}")"
+  if wait_line boot-qemu.log L2-UP 300; then
+    echo "BENCH boot-qemu $(awk "BEGIN{print $(now) - $t0}")"
+  else
+    echo "BENCH-FAIL boot-qemu: no L2-UP within 300 s; its console:"; tail -n 30 boot-qemu.log
+  fi
   kill $p; wait $p
   rm -f boot-qemu.log
 done
@@ -94,10 +102,12 @@ for i in $(seq 1 $CYCLES); do
   out=$("$VMM" patch revert --api-sock api.sock "$id" --json)
   echo "BENCH revert-vmm $(echo "$out" | grep -o '"revert_blackout_us": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')"
 done
+echo "BENCH-JSON vmm-metrics $("$VMM" metrics --api-sock api.sock | tr -d '\n')"
 kill $p; wait $p
 
 # The QEMU backend on QEMU -enable-kvm, same kernel and fix (its own run, its own floor).
 "$VMM" bench linux --kernel l2/bzImage --busybox /bin/busybox --accel kvm --cycles $CYCLES --out qemu-linux.json > qemu-linux.out 2>&1
+[ -f qemu-linux.json ] || echo "BENCH-FAIL qemu-backend: vmm bench linux --accel kvm wrote no report"
 cat qemu-linux.out
 echo "BENCH-JSON qemu $(tr -d '\n' < qemu-linux.json)"
 
@@ -123,6 +133,11 @@ pub struct LinuxVmmReport {
     pub vmm_floor_us: Summary,
     pub vmm_apply_us: Summary,
     pub vmm_revert_us: Summary,
+    /// The engine's own work inside this VMM's blackouts (the API's metrics).
+    pub vmm_apply_engine_us: Option<Summary>,
+    pub vmm_revert_engine_us: Option<Summary>,
+    /// `BENCH-FAIL` lines: what the job could not measure, and why.
+    pub failures: Vec<String>,
     pub qemu_floor_us: Option<Summary>,
     pub qemu_apply_us: Option<Summary>,
     pub qemu_revert_us: Option<Summary>,
@@ -189,7 +204,9 @@ pub fn run(
             && let Some(name) = fw.file_name()
         {
             qemu_files.push((
-                format!("qemu/share/{}", name.to_string_lossy()),
+                // QEMU looks for its firmware in <its bin>/../share/qemu (then its build's
+                // data dir, which L1 does not have).
+                format!("qemu/share/qemu/{}", name.to_string_lossy()),
                 fw.to_path_buf(),
             ));
         }
@@ -223,6 +240,8 @@ pub fn run(
     )?;
     let mut nums: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut qemu = Value::Null;
+    let mut metrics = Value::Null;
+    let mut failures = Vec::new();
     for line in outcome.job_lines() {
         let mut f = line.split_whitespace();
         match f.next() {
@@ -231,10 +250,17 @@ pub fn run(
                     nums.entry(k.to_string()).or_default().push(v);
                 }
             }
-            Some("BENCH-JSON") if f.next() == Some("qemu") => {
+            Some("BENCH-JSON") => {
+                let which = f.next();
                 let rest: Vec<&str> = f.collect();
-                qemu = serde_json::from_str(&rest.join(" ")).unwrap_or(Value::Null);
+                let v = serde_json::from_str(&rest.join(" ")).unwrap_or(Value::Null);
+                match which {
+                    Some("qemu") => qemu = v,
+                    Some("vmm-metrics") => metrics = v,
+                    _ => {}
+                }
             }
+            Some("BENCH-FAIL") => failures.push(line.to_string()),
             _ => {}
         }
     }
@@ -244,6 +270,18 @@ pub fn run(
         anyhow::bail!(
             "the nested job produced no measurements of this VMM:\n{}",
             outcome.log()
+        );
+    }
+    if !failures.is_empty() || qemu.is_null() {
+        // The numbers that are there are still reported; the log says why the rest is not.
+        eprintln!(
+            "bench linux-vmm: some measurements are missing ({}); the job's output:\n{}",
+            if failures.is_empty() {
+                "no QEMU backend report".to_string()
+            } else {
+                failures.join("; ")
+            },
+            outcome.job_lines().join("\n")
         );
     }
     Ok(LinuxVmmReport {
@@ -260,15 +298,28 @@ pub fn run(
         qemu_floor_us: summary_of(&qemu["floor_us"]),
         qemu_apply_us: summary_of(&qemu["apply_us"]),
         qemu_revert_us: summary_of(&qemu["revert_us"]),
+        vmm_apply_engine_us: summary_of(&metrics["patches"]["apply_engine_us"]),
+        vmm_revert_engine_us: summary_of(&metrics["patches"]["revert_engine_us"]),
+        failures,
         tput_off: get("tput-off"),
         tput_enforce: get("tput-enforce"),
     })
 }
 
-/// The table `scripts/bench` prints.
+/// The table `scripts/bench` prints; a measurement the run lacks shows as `-`.
 pub fn table(r: &LinuxVmmReport) -> String {
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    let (bv, bq) = (median(&r.boot_vmm_s), median(&r.boot_qemu_s));
+    let num = |v: Option<f64>, prec: usize| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"))
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let med = |v: &[f64]| (!v.is_empty()).then(|| median(v));
+    let p50 = |s: &Summary| (s.count > 0).then_some(s.p50 as f64);
+    let q50 = |s: &Option<Summary>| s.as_ref().and_then(p50);
+    let (bv, bq) = (med(&r.boot_vmm_s), med(&r.boot_qemu_s));
     let mut t = format!(
         "Stock kernel in this VMM vs QEMU -enable-kvm, same KVM ({}), {} patch cycles:\n",
         r.ran, r.cycles
@@ -276,40 +327,105 @@ pub fn table(r: &LinuxVmmReport) -> String {
     t.push_str("| measure                                   | this VMM   | QEMU       | ratio   | target        |\n");
     t.push_str("|-------------------------------------------|------------|------------|---------|---------------|\n");
     t.push_str(&format!(
-        "| boot to init workload, median (s)         | {bv:>10.2} | {bq:>10.2} | {:>7.2} | ≤ 0.5         |\n",
-        ratio(bv, bq)
+        "| boot to init workload, median (s)         | {:>10} | {:>10} | {:>7} | ≤ 0.5         |\n",
+        num(bv, 2),
+        num(bq, 2),
+        num(ratio(bv, bq), 2)
     ));
-    let q50 = |s: &Option<Summary>| s.as_ref().map_or(0, |s| s.p50);
     for (name, v, q) in [
         (
             "apply blackout p50 (µs)",
-            r.vmm_apply_us.p50,
+            p50(&r.vmm_apply_us),
             q50(&r.qemu_apply_us),
         ),
         (
             "revert blackout p50 (µs)",
-            r.vmm_revert_us.p50,
+            p50(&r.vmm_revert_us),
             q50(&r.qemu_revert_us),
         ),
         (
             "pause → resume floor p50 (µs)",
-            r.vmm_floor_us.p50,
+            p50(&r.vmm_floor_us),
             q50(&r.qemu_floor_us),
         ),
     ] {
         t.push_str(&format!(
-            "| {name:<41} | {v:>10} | {q:>10} | {:>7.1} | QEMU/VMM ≥ 10 |\n",
-            ratio(q as f64, v as f64)
+            "| {name:<41} | {:>10} | {:>10} | {:>7} | QEMU/VMM ≥ 10 |\n",
+            num(v, 0),
+            num(q, 0),
+            num(ratio(q, v), 1)
         ));
     }
     t.push_str(&format!(
-        "| this VMM: apply p50 / its floor p50       | {:>10.2} |            |         | ≤ 1.2         |\n",
-        ratio(r.vmm_apply_us.p50 as f64, r.vmm_floor_us.p50 as f64)
+        "| this VMM: apply p50 / its floor p50       | {:>10} |            |         | ≤ 1.2         |\n",
+        num(ratio(p50(&r.vmm_apply_us), p50(&r.vmm_floor_us)), 2)
     ));
-    let (off, on) = (median(&r.tput_off), median(&r.tput_enforce));
     t.push_str(&format!(
-        "| workload reads/s, integrity off / enforce | {off:>10.0} | {on:>10.0} | {:>7.3} | ≈ 1 (noise)   |\n",
-        ratio(on, off)
+        "| this VMM: engine's own work p50 (µs)      | {:>10} |            |         | apply/revert  |\n",
+        format!(
+            "{}/{}",
+            num(q50(&r.vmm_apply_engine_us), 0),
+            num(q50(&r.vmm_revert_engine_us), 0)
+        )
     ));
+    let (off, on) = (med(&r.tput_off), med(&r.tput_enforce));
+    t.push_str(&format!(
+        "| workload reads/s, integrity off / enforce | {:>10} | {:>10} | {:>7} | ≈ 1 (noise)   |\n",
+        num(off, 0),
+        num(on, 0),
+        num(ratio(on, off), 3)
+    ));
+    for f in &r.failures {
+        t.push_str(&format!("missing: {f}\n"));
+    }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(p50: u64) -> Summary {
+        summarize(&[p50])
+    }
+
+    #[test]
+    fn a_missing_side_shows_as_a_dash_not_a_zero_ratio() {
+        let r = LinuxVmmReport {
+            benchmark: "linux-vmm",
+            host: crate::bench::host_info(),
+            ran: "l1".into(),
+            kernel: "Linux version 6.1".into(),
+            cycles: 20,
+            boot_vmm_s: vec![24.0, 25.0, 26.0],
+            boot_qemu_s: vec![],
+            vmm_floor_us: s(450),
+            vmm_apply_us: s(540),
+            vmm_revert_us: s(500),
+            vmm_apply_engine_us: Some(s(40)),
+            vmm_revert_engine_us: None,
+            failures: vec!["BENCH-FAIL boot-qemu: no L2-UP".into()],
+            qemu_floor_us: None,
+            qemu_apply_us: Some(s(9000)),
+            qemu_revert_us: None,
+            tput_off: vec![30.0],
+            tput_enforce: vec![30.0],
+        };
+        let t = table(&r);
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.contains(name))
+                .unwrap_or_else(|| panic!("no row {name} in\n{t}"))
+                .split('|')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(row("boot to init")[2..5], ["25.00", "-", "-"]);
+        assert_eq!(row("apply blackout")[2..5], ["540", "9000", "16.7"]);
+        assert_eq!(row("revert blackout")[2..5], ["500", "-", "-"]);
+        assert_eq!(row("its floor")[2], "1.20");
+        assert_eq!(row("engine's own")[2], "40/-");
+        assert!(t.contains("missing: BENCH-FAIL boot-qemu"), "{t}");
+        assert!(!t.contains("NaN"), "{t}");
+    }
 }
