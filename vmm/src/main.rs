@@ -255,6 +255,13 @@ enum BenchCommand {
         accel: String,
         #[arg(long, default_value_t = 100)]
         cycles: usize,
+        /// A signed fix of version_proc_show built beforehand (with --trusted-key), instead of
+        /// building it here from C (which needs gcc).
+        #[arg(long, requires = "trusted_key")]
+        patch: Option<PathBuf>,
+        /// The public key that verifies --patch.
+        #[arg(long = "trusted-key", value_name = "PUB", requires = "patch")]
+        trusted_key: Option<PathBuf>,
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -724,11 +731,30 @@ fn bench_linux(
     busybox: &std::path::Path,
     accel: &str,
     cycles: usize,
+    prebuilt: Option<(PathBuf, PathBuf)>,
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let accel: &'static str = if accel == "kvm" { "kvm" } else { "tcg" };
     eprintln!("bench: {cycles} apply/revert cycles of a kernel fix on the stock kernel ({accel})…");
-    let mut report = bench::linux::run(kernel, busybox, accel, cycles.max(1), bench::host_info())?;
+    let prebuilt = match prebuilt {
+        Some((patch, key)) => Some(bench::linux::Prebuilt {
+            file: std::fs::read(&patch).with_context(|| format!("reading {}", patch.display()))?,
+            key: patch_format::PublicKey::from_file_text(
+                &std::fs::read_to_string(&key)
+                    .with_context(|| format!("reading {}", key.display()))?,
+            )
+            .with_context(|| format!("{} is not a public key file", key.display()))?,
+        }),
+        None => None,
+    };
+    let mut report = bench::linux::run(
+        kernel,
+        busybox,
+        accel,
+        cycles.max(1),
+        prebuilt,
+        bench::host_info(),
+    )?;
     report.host.loadavg_after = bench::loadavg();
     print!("{}", bench::linux::table(&report));
     if let Some(path) = out {
@@ -929,8 +955,17 @@ fn main() -> ExitCode {
             busybox,
             accel,
             cycles,
+            patch,
+            trusted_key,
             out,
-        }) => bench_linux(&kernel, &busybox, &accel, cycles, out),
+        }) => bench_linux(
+            &kernel,
+            &busybox,
+            &accel,
+            cycles,
+            patch.zip(trusted_key),
+            out,
+        ),
         Command::Bench(BenchCommand::LinuxVmm {
             kernel,
             modules,

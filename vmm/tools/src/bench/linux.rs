@@ -28,11 +28,20 @@ pub struct LinuxReport {
     pub revert_us: Summary,
 }
 
+/// A fix built elsewhere: its signed file and the key that verifies it. Where no C compiler
+/// is (inside the nested tier's L1) the fix comes built from the host, which also makes both
+/// sides of `vmm bench linux-vmm` apply the very same file.
+pub struct Prebuilt {
+    pub file: Vec<u8>,
+    pub key: patch_format::PublicKey,
+}
+
 pub fn run(
     kernel: &Path,
     busybox: &Path,
     accel: &'static str,
     cycles: usize,
+    prebuilt: Option<Prebuilt>,
     host: HostInfo,
 ) -> anyhow::Result<LinuxReport> {
     // Removed when dropped, after QEMU and the engine that use it (declared before them).
@@ -43,11 +52,16 @@ pub fn run(
     let image = KernelImage::from_file(kernel)?;
     let mut q = demo_linux::boot(&dir, kernel, busybox, accel)?;
     demo_linux::wait_booted(&mut q)?;
-    let key = SecretKey::generate()?;
-    let (_, file) = demo_linux::version_fix(&dir, &image, &key)?;
+    let (file, trusted) = match prebuilt {
+        Some(p) => (p.file, p.key),
+        None => {
+            let key = SecretKey::generate()?;
+            (demo_linux::version_fix(&dir, &image, &key)?.1, key.public())
+        }
+    };
     let guest = Arc::new(q.attach()?);
     let config = EngineConfig {
-        trusted_keys: vec![key.public()],
+        trusted_keys: vec![trusted],
         ..Default::default()
     };
     let mut engine = demo_linux::engine(guest.clone(), &image, config, &dir.join("state"))?;
