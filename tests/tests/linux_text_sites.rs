@@ -202,6 +202,7 @@ fn functions_end_at_the_next_function_entry() {
                 current: &current,
                 at: long.addr,
                 function_entry: true,
+                memory: patch_engine::rewrites::GuestMemory::NONE,
             },
             &target,
         )

@@ -117,6 +117,19 @@ impl TextRewrites for LinuxBootRewrites {
                 }
             }
         }
+        // Whole sites the kernel rewrote at boot (static calls, paravirt, alternatives), each
+        // only towards one of its own forms (crate::boot_forms).
+        crate::boot_forms::reconcile_sites(
+            self.sites.boot(),
+            &crate::boot_forms::Body {
+                file: t.expected,
+                current: t.current,
+                at: t.at,
+                slide: target.slide,
+                memory: t.memory,
+            },
+            &mut out,
+        );
         Ok(out)
     }
 
@@ -442,6 +455,7 @@ mod tests {
             current: &up,
             at: AT,
             function_entry: false,
+            memory: patch_engine::rewrites::GuestMemory::NONE,
         };
         let got = r.reconcile(&text, &target).unwrap();
         assert_eq!(got[0], DS, "the listed prefix");

@@ -62,7 +62,7 @@ use linux_guest::attach::KernelImage;
 use linux_guest::boot_rewrites::LinuxBootRewrites;
 use linux_guest::text_sites::{KernelTextSites, Mechanism};
 use patch_engine::plan::{ENDBR64, JMP_ABS_LEN, JMP_REL32_LEN, NOP1, NOP5, PlanError};
-use patch_engine::rewrites::{SiteText, TextRewrites};
+use patch_engine::rewrites::{GuestMemory, SiteText, TextRewrites};
 use patch_engine::target::TargetError;
 use patch_engine::{Engine, EngineConfig, EngineError};
 use patch_format::{
@@ -1123,12 +1123,14 @@ impl Sweeper<'_> {
                 );
             }
         };
+        let read = |gva: u64, len: usize| self.guest.read_virtual(&self.view, gva, len).ok();
         let text = SiteText {
             site: &f.name,
             expected,
             current: &current,
             at,
             function_entry: true,
+            memory: GuestMemory(&read),
         };
         let reconciled = self
             .rewrites
