@@ -13,8 +13,14 @@
 //!   linux_proc_banner`, sign-extended 32-bit immediates and displacements, 64-bit ones) is
 //!   relocated by the decompressor: it holds the link-time value plus the slide.
 //!
+//! - whole sites of the boot-time tables in a function's body: a static call (`call`/`jmp`
+//!   to where its key's trampoline jumps now, `nop5`, `xor eax, eax`), a paravirt call (a
+//!   direct call to its op), an alternative (its replacement, relocated, or its original with
+//!   re-encoded NOPs): [`crate::boot_forms`].
+//!
 //! Only these rewrites are accepted, each only at an instruction boundary of the expected
-//! code and only towards its known rewritten form; everything else must match byte for byte.
+//! code (a whole table-listed site, for the last kind) and only towards its known rewritten
+//! form; everything else must match byte for byte.
 //! A live ftrace call at the entry is refused: ftrace owns that site, and the patcher does not
 //! fight it.
 
