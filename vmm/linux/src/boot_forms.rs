@@ -17,6 +17,12 @@
 //!   to `jmp rel8`), padded with NOPs (`apply_alternatives`, `recompute_jump`). Paravirt runs
 //!   first, so an alternative's "original" at a paravirt site is the paravirt form.
 //!
+//! And one run-time table, whose sites a function's body may hold in either state:
+//! `__jump_table` (a static key or dynamic debug enabled at boot, or since): the 2- or 5-byte
+//! NOP, or `jmp` (`rel8`/`rel32`, the same size) to exactly the entry's target
+//! (`arch/x86/kernel/jump_label.c`, `__jump_label_set_jump_code`). As before, one in the
+//! bytes the jump displaces is refused (the kernel may flip it at any time).
+//!
 //! A site is accepted only as a whole: the running bytes over its full extent (lying inside
 //! the function) must decode to exactly one of its forms, instruction by instruction, with
 //! NOP-class instructions as padding; a branch or RIP-relative operand must reach the same
@@ -29,7 +35,7 @@
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
 use patch_engine::rewrites::GuestMemory;
 
-use crate::text_sites::{Alternative, BootSites, ParavirtSite, StaticCallSite};
+use crate::text_sites::{Alternative, BootSites, JumpLabelSite, ParavirtSite, StaticCallSite};
 
 /// The 5-byte NOP `__static_call_transform` writes for a call to NULL (`x86_nops[5]`).
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
@@ -37,6 +43,8 @@ const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 pub const XOR5_EAX: [u8; 5] = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 /// `ret; int3 ×4`: a static call trampoline, or tail call, to NULL (no return thunk).
 const RET_INT3: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+/// The 2-byte NOP of a disabled short jump label (`x86_nops[2]`).
+const NOP2: [u8; 2] = [0x66, 0x90];
 
 /// Where one reconciliation happens: the function's bytes, the run-time address they start
 /// at and the KASLR slide (run-time = link-time + slide).
@@ -81,6 +89,13 @@ pub(crate) fn reconcile_sites(boot: &BootSites, body: &Body<'_>, out: &mut [u8])
             .take_while(|s| s.addr < hi)
             .map(|s| s.addr),
     );
+    let from = boot.jump_labels.partition_point(|j| j.addr < lo);
+    starts.extend(
+        boot.jump_labels[from..]
+            .iter()
+            .take_while(|j| j.addr < hi)
+            .map(|j| j.addr),
+    );
     starts.sort_unstable();
     starts.dedup();
     let mut taken = 0;
@@ -89,11 +104,13 @@ pub(crate) fn reconcile_sites(boot: &BootSites, body: &Body<'_>, out: &mut [u8])
         let alts = boot.alternatives_at(link);
         let pv = boot.paravirt_at(link);
         let sc = boot.static_call_at(link);
+        let jl = boot.jump_label_at(link);
         let len = alts
             .iter()
             .map(|a| usize::from(a.instrlen))
             .chain(pv.map(|p| usize::from(p.len)))
             .chain(sc.map(|_| static_call_len(&body.file[off..])))
+            .chain(jl.map(|_| jump_label_len(&body.file[off..])))
             .max()
             .unwrap_or(0);
         let end = off + len;
@@ -105,10 +122,11 @@ pub(crate) fn reconcile_sites(boot: &BootSites, body: &Body<'_>, out: &mut [u8])
             continue;
         }
         let run = body.at.wrapping_add(off as u64);
-        let ok = match sc {
-            // A static call site is nothing else: its forms are exact bytes.
-            Some(sc) => static_call_form(boot, sc, &body.file[off..end], have, run, body),
-            None => {
+        let ok = match (sc, jl) {
+            // A static call site or a jump label is nothing else: its forms are exact bytes.
+            (Some(sc), _) => static_call_form(boot, sc, &body.file[off..end], have, run, body),
+            (None, Some(jl)) => jump_label_form(jl, have, run, body.slide),
+            (None, None) => {
                 same_code(&out[off..end], run, have, run, &|t| t)
                     || pv.is_some_and(|p| {
                         paravirt_form(boot, p, &body.file[off..end], have, run, body)
@@ -124,6 +142,37 @@ pub(crate) fn reconcile_sites(boot: &BootSites, body: &Body<'_>, out: &mut [u8])
         }
     }
     taken
+}
+
+/// A jump label's length from its file bytes (the kernel decodes the instruction there):
+/// 2 for `jmp rel8` or the 2-byte NOP, 5 for `jmp rel32` or the 5-byte NOP, 0 (no site to
+/// reconcile) for anything else.
+fn jump_label_len(file: &[u8]) -> usize {
+    match file {
+        [0xeb, _, ..] => 2,
+        [0x66, 0x90, ..] => 2,
+        [0xe9, _, _, _, _, ..] => 5,
+        f if f.starts_with(&NOP5) => 5,
+        _ => 0,
+    }
+}
+
+/// Whether `have` (run-time `run`) is a state of the jump label `jl`: its NOP, or a jump of
+/// the same size to exactly the entry's target.
+fn jump_label_form(jl: &JumpLabelSite, have: &[u8], run: u64, slide: u64) -> bool {
+    let to = jl.target.wrapping_add(slide);
+    match have.len() {
+        2 => {
+            have == NOP2
+                || (have[0] == 0xeb
+                    && run
+                        .wrapping_add(2)
+                        .wrapping_add(i64::from(have[1] as i8) as u64)
+                        == to)
+        }
+        5 => have == NOP5 || rel32_to(&[0xe9], run, to).as_deref() == Some(have),
+        _ => false,
+    }
 }
 
 /// A static call site's length from its file bytes: a `call`/`jmp rel32` (5), or a
@@ -765,6 +814,70 @@ mod tests {
             &none,
             &long,
             &body(&load)
+        ));
+    }
+
+    fn jump_label(target: u64) -> BootSites {
+        BootSites {
+            jump_labels: vec![JumpLabelSite {
+                addr: F + 1,
+                target,
+            }],
+            symbols: symbols(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_jump_label_in_the_body_is_accepted_in_either_state_and_only_to_its_target() {
+        let none = Guest(BTreeMap::new());
+        let run = F + SLIDE + 1;
+        let to = F + 0x40;
+        // 5 bytes: the file's NOP, enabled at boot (a jmp to the entry's target), and back.
+        let file = body(&NOP5);
+        let enabled = body(&rel(&[0xe9], run, to + SLIDE));
+        assert!(accepted(jump_label(to), &none, &file, &enabled));
+        let file_jmp = body(&rel(&[0xe9], F + 1, to));
+        assert!(accepted(jump_label(to), &none, &file_jmp, &body(&NOP5)));
+        // A jump elsewhere, a call, or mid text_poke_bp (int3 first): refused.
+        let elsewhere = body(&rel(&[0xe9], run, to + SLIDE + 0x10));
+        assert!(!accepted(jump_label(to), &none, &file, &elsewhere));
+        let call = body(&rel(&[0xe8], run, to + SLIDE));
+        assert!(!accepted(jump_label(to), &none, &file, &call));
+        let mut poked = enabled.clone();
+        poked[1] = 0xcc;
+        assert!(!accepted(jump_label(to), &none, &file, &poked));
+        // 2 bytes: the 2-byte NOP and a jmp rel8 to the target, nothing else.
+        let short = |b: [u8; 2]| {
+            let mut v = vec![0x55];
+            v.extend_from_slice(&b);
+            v.extend_from_slice(&[0x5d, 0xc3]);
+            v
+        };
+        let rel8 = (to + SLIDE).wrapping_sub(run + 2) as u8;
+        assert!(accepted(
+            jump_label(to),
+            &none,
+            &short(NOP2),
+            &short([0xeb, rel8])
+        ));
+        assert!(accepted(
+            jump_label(to),
+            &none,
+            &short([0xeb, rel8]),
+            &short(NOP2)
+        ));
+        assert!(!accepted(
+            jump_label(to),
+            &none,
+            &short(NOP2),
+            &short([0xeb, rel8.wrapping_add(1)])
+        ));
+        assert!(!accepted(
+            jump_label(to),
+            &none,
+            &short(NOP2),
+            &short([0x90, 0x90])
         ));
     }
 

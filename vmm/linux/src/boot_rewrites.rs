@@ -16,7 +16,8 @@
 //! - whole sites of the boot-time tables in a function's body: a static call (`call`/`jmp`
 //!   to where its key's trampoline jumps now, `nop5`, `xor eax, eax`), a paravirt call (a
 //!   direct call to its op), an alternative (its replacement, relocated, or its original with
-//!   re-encoded NOPs): [`crate::boot_forms`].
+//!   re-encoded NOPs), and a jump label in either state (its NOP, or a jump to its entry's
+//!   target): [`crate::boot_forms`].
 //!
 //! Only these rewrites are accepted, each only at an instruction boundary of the expected
 //! code (a whole table-listed site, for the last kind) and only towards its known rewritten

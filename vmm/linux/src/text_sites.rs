@@ -211,6 +211,15 @@ pub struct StaticCallSite {
     pub trampoline: Option<u64>,
 }
 
+/// One entry of `__jump_table` (`struct jump_entry { s32 code; s32 target; long key; }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JumpLabelSite {
+    /// Link-time address of the NOP or jump.
+    pub addr: u64,
+    /// Link-time address it jumps to when enabled.
+    pub target: u64,
+}
+
 /// The symbols the boot-time rewrites use (link-time addresses).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BootSymbols {
@@ -236,6 +245,9 @@ pub struct BootSites {
     pub alternatives: Vec<Alternative>,
     pub paravirt: Vec<ParavirtSite>,
     pub static_calls: Vec<StaticCallSite>,
+    /// Jump labels: rewritten while the kernel runs too (never displaced), but in a body
+    /// their state at the time of the check is one of two exact forms.
+    pub jump_labels: Vec<JumpLabelSite>,
     pub symbols: BootSymbols,
 }
 
@@ -325,10 +337,22 @@ impl BootSites {
             }
         }
         static_calls.sort_by_key(|s| s.addr);
+        let mut jump_labels = Vec::new();
+        if let Some((start, bytes)) = table("__start___jump_table", "__stop___jump_table", 16) {
+            for (i, e) in bytes.chunks_exact(16).enumerate() {
+                let field = start + (i * 16) as u64;
+                jump_labels.push(JumpLabelSite {
+                    addr: rel(field, &e[0..4]),
+                    target: rel(field + 4, &e[4..8]),
+                });
+            }
+        }
+        jump_labels.sort_by_key(|j| j.addr);
         BootSites {
             alternatives,
             paravirt,
             static_calls,
+            jump_labels,
             symbols: BootSymbols {
                 pv_ops: sym("pv_ops"),
                 paravirt_nop: sym("_paravirt_nop"),
@@ -357,6 +381,11 @@ impl BootSites {
     pub fn static_call_at(&self, addr: u64) -> Option<&StaticCallSite> {
         let i = self.static_calls.partition_point(|s| s.addr < addr);
         self.static_calls.get(i).filter(|s| s.addr == addr)
+    }
+
+    pub fn jump_label_at(&self, addr: u64) -> Option<&JumpLabelSite> {
+        let i = self.jump_labels.partition_point(|j| j.addr < addr);
+        self.jump_labels.get(i).filter(|j| j.addr == addr)
     }
 }
 
@@ -558,6 +587,7 @@ impl KernelTextSites {
         boot.alternatives.sort_by_key(|a| a.instr);
         boot.paravirt.sort_by_key(|p| p.instr);
         boot.static_calls.sort_by_key(|s| s.addr);
+        boot.jump_labels.sort_by_key(|j| j.addr);
         self.boot = boot;
         self
     }
