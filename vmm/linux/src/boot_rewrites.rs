@@ -240,16 +240,20 @@ fn relocated_by(
         Some(h) if h.code() == insn.code() && h.len() == insn.len() => {}
         _ => return false,
     }
-    // RIP-relative operands are position-independent: KASLR never rewrites them, except a
-    // per-CPU one (`gs:[rip+X]`): X names an offset in the per-CPU area, not an image address,
-    // so the decompressor's inverse relocations take the slide back off it.
-    let per_cpu = w.is_ip_rel_memory_operand() && w.segment_prefix() == iced_x86::Register::GS;
-    if w.is_ip_rel_memory_operand() && !per_cpu {
+    // A direct branch's offset is relative: KASLR never moves it.
+    if w.is_call_near() || w.is_jmp_short_or_near() || w.is_jcc_short_or_near() {
         return false;
     }
+    // RIP-relative operands are position-independent: KASLR never rewrites them, except a
+    // per-CPU one (`gs:[rip+X]`): X names an offset in the per-CPU area, not an image address,
+    // so the decompressor's inverse relocations take the slide back off it. The absolute
+    // immediate of an instruction with an ordinary RIP-relative operand (`movq $sym,
+    // x(%rip)`, `cmpq $sym, x(%rip)`) is moved like any other; its displacement must stay.
+    let per_cpu = w.is_ip_rel_memory_operand() && w.segment_prefix() == iced_x86::Register::GS;
+    let rip_relative = w.is_ip_rel_memory_operand() && !per_cpu;
     let slide = if per_cpu { slide.wrapping_neg() } else { slide };
     let mut fields = Vec::new();
-    if offsets.has_displacement() {
+    if offsets.has_displacement() && !rip_relative {
         fields.push((offsets.displacement_offset(), offsets.displacement_size()));
     }
     if offsets.has_immediate() && !per_cpu {
@@ -382,6 +386,58 @@ mod tests {
                 .map(|e| e[..5].to_vec()),
             Some(file[..5].to_vec())
         );
+    }
+
+    #[test]
+    fn the_immediate_of_an_instruction_with_a_rip_relative_operand_moves_its_displacement_does_not()
+    {
+        // movq $0xffffffff82a04000, 0x1a1841f(%rip): 48 c7 05 disp32 imm32
+        let file = [
+            0x48, 0xc7, 0x05, 0x1f, 0x84, 0xa1, 0x01, 0x00, 0x40, 0xa0, 0x82,
+        ];
+        let slide = 0x1c00_0000u64;
+        let kk = KernelRewrites { slide, ..k() };
+        let mut running = file;
+        running[7..11].copy_from_slice(&(0x82a0_4000u32 + slide as u32).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &file, &running, AT, false, kk).ok(),
+            Some(running.to_vec())
+        );
+        // The displacement moved (by the slide, or with the immediate): not KASLR's.
+        let mut disp = file;
+        disp[3..7].copy_from_slice(&(0x01a1_841fu32 + slide as u32).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &file, &disp, AT, false, kk).ok(),
+            Some(file.to_vec())
+        );
+        let mut both = running;
+        both[3..7].copy_from_slice(&disp[3..7]);
+        assert_eq!(
+            reconcile("f", &file, &both, AT, false, kk).ok(),
+            Some(file.to_vec())
+        );
+    }
+
+    #[test]
+    fn a_branch_whose_offset_moved_by_the_slide_is_not_a_relocation() {
+        let slide = 0x1c00_0000u64;
+        let kk = KernelRewrites { slide, ..k() };
+        // call rel32, jmp rel32, jne rel32
+        for file in [
+            vec![0xe8, 0x10, 0x00, 0x00, 0x00],
+            vec![0xe9, 0x10, 0x00, 0x00, 0x00],
+            vec![0x0f, 0x85, 0x10, 0x00, 0x00, 0x00],
+        ] {
+            let mut running = file.clone();
+            let n = running.len();
+            let rel = u32::from_le_bytes(running[n - 4..].try_into().unwrap());
+            running[n - 4..].copy_from_slice(&rel.wrapping_add(slide as u32).to_le_bytes());
+            assert_eq!(
+                reconcile("f", &file, &running, AT, false, kk).ok(),
+                Some(file.clone()),
+                "{file:02x?}"
+            );
+        }
     }
 
     #[test]
