@@ -75,9 +75,27 @@ impl TextRewrites for LinuxBootRewrites {
 
     fn reconcile(&self, t: &SiteText<'_>, target: &Target) -> Result<Vec<u8>, PlanError> {
         let fentry = target.symbol("__fentry__");
+        // A kernel booted on one CPU turns every `lock` prefix its `.smp_locks` lists into a
+        // `ds` prefix (same instruction, no bus lock); only there is that accepted. Taken
+        // first, so the same instruction's other rewrites (a KASLR-relocated displacement,
+        // `lock incl sym(,%rbp,4)`) are judged on an otherwise equal instruction.
+        let mut expected = t.expected.to_vec();
+        if t.current.len() == t.expected.len() {
+            for (i, (&want, &have)) in t.expected.iter().zip(t.current).enumerate() {
+                if want == LOCK
+                    && have == DS
+                    && self.sites.of_at(
+                        Mechanism::SmpLock,
+                        (t.at + i as u64).wrapping_sub(target.slide),
+                    )
+                {
+                    expected[i] = DS;
+                }
+            }
+        }
         let mut out = reconcile(
             t.site,
-            t.expected,
+            &expected,
             t.current,
             t.at,
             t.function_entry,
@@ -106,21 +124,6 @@ impl TextRewrites for LinuxBootRewrites {
                         .of_at(Mechanism::Ftrace, insn.ip().wrapping_sub(target.slide))
                 {
                     out[off..end].copy_from_slice(&NOP5);
-                }
-            }
-        }
-        // A kernel booted on one CPU turns every `lock` prefix its `.smp_locks` lists into a
-        // `ds` prefix (same instruction, no bus lock); only there is that accepted.
-        if t.current.len() == t.expected.len() {
-            for (i, (&want, &have)) in t.expected.iter().zip(t.current).enumerate() {
-                if want == LOCK
-                    && have == DS
-                    && self.sites.of_at(
-                        Mechanism::SmpLock,
-                        (t.at + i as u64).wrapping_sub(target.slide),
-                    )
-                {
-                    out[i] = DS;
                 }
             }
         }
@@ -495,6 +498,68 @@ mod tests {
             LinuxBootRewrites::new(Arc::new(KernelTextSites::from_sites(sites)), false),
             Target::new(info, 0),
         )
+    }
+
+    #[test]
+    fn a_listed_lock_prefix_made_ds_and_a_relocated_displacement_in_one_instruction_are_accepted() {
+        use crate::text_sites::TextSite;
+        // lock incl -0x7d3c9060(,%rbp,4): f0 ff 04 ad disp32
+        let file = [0xf0, 0xff, 0x04, 0xad, 0xa0, 0x6f, 0xc3, 0x82];
+        let slide = 0x1c00_0000u64;
+        let mut up = file;
+        up[0] = DS;
+        up[4..8].copy_from_slice(&(0x82c3_6fa0u32 + slide as u32).to_le_bytes());
+        let sites = vec![TextSite {
+            addr: AT.wrapping_sub(slide),
+            len: 1,
+            mechanism: Mechanism::SmpLock,
+        }];
+        let info = patch_format::ImageInfo {
+            identity: patch_format::TargetIdentity {
+                name: "Linux".into(),
+                build_id: Some(vec![1]),
+                text_sha256: None,
+            },
+            symbols: vec![patch_format::ImageSymbol {
+                name: "__fentry__".into(),
+                addr: FENTRY.wrapping_sub(slide),
+                size: 1,
+                function: true,
+            }],
+        };
+        let target = Target::new(info, slide);
+        let r = LinuxBootRewrites::new(Arc::new(KernelTextSites::from_sites(sites)), false);
+        let text = |current: &[u8]| {
+            r.reconcile(
+                &SiteText {
+                    site: "f",
+                    expected: &file,
+                    current,
+                    at: AT,
+                    function_entry: false,
+                    memory: patch_engine::rewrites::GuestMemory::NONE,
+                },
+                &target,
+            )
+            .unwrap()
+        };
+        assert_eq!(text(&up), up.to_vec());
+        // Unlisted, the prefix stays a difference (and so does the displacement with it).
+        let unlisted = LinuxBootRewrites::new(Arc::new(KernelTextSites::default()), false);
+        let got = unlisted
+            .reconcile(
+                &SiteText {
+                    site: "f",
+                    expected: &file,
+                    current: &up,
+                    at: AT,
+                    function_entry: false,
+                    memory: patch_engine::rewrites::GuestMemory::NONE,
+                },
+                &target,
+            )
+            .unwrap();
+        assert_eq!(got, file.to_vec());
     }
 
     #[test]
