@@ -202,6 +202,7 @@ fn functions_end_at_the_next_function_entry() {
                 current: &current,
                 at: long.addr,
                 function_entry: true,
+                memory: patch_engine::rewrites::GuestMemory::NONE,
             },
             &target,
         )
@@ -326,4 +327,134 @@ fn trampolines_and_fixed_up_instructions_stay_in_place() {
         .expect("an __init function");
     let why = rewrites.explain(init, &target).expect("explained");
     assert!(why.contains("init memory"), "{why}");
+}
+
+/// The boot-time tables a function's body is reconciled with (`linux_guest::boot_forms`) are
+/// read from the real vmlinux with 6.1's layouts: every paravirt site is the indirect call
+/// through its `pv_ops` slot the table says, every static call site calls (or tail-calls) its
+/// key's trampoline, every alternative's replacement is in the file.
+#[test]
+fn the_boot_time_tables_are_read_with_the_kernels_layouts() {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    let image = image();
+    let boot = image.text_sites.boot();
+    let k = |n: &str| image.kallsyms.lookup(n).expect(n);
+    println!(
+        "{} alternatives, {} paravirt sites, {} static call sites",
+        boot.alternatives.len(),
+        boot.paravirt.len(),
+        boot.static_calls.len()
+    );
+    assert!(boot.alternatives.len() >= 1_000);
+    assert!(boot.paravirt.len() >= 500);
+    assert!(boot.static_calls.len() >= 1_000);
+    let sym = boot.symbols;
+    assert_eq!(sym.pv_ops, Some(k("pv_ops")));
+    assert!(sym.paravirt_nop.is_some() && sym.paravirt_bug.is_some());
+    assert!(sym.static_call_return0.is_some() && sym.return_thunk.is_some());
+    let pv_ops = k("pv_ops");
+    for p in &boot.paravirt {
+        let bytes = linux_guest::patch::file_bytes(&image.vmlinux, p.instr, usize::from(p.len))
+            .expect("paravirt site in the file");
+        let insn = Decoder::with_ip(64, bytes, p.instr, DecoderOptions::NONE).decode();
+        assert_eq!(insn.mnemonic(), Mnemonic::Call, "{:#x}", p.instr);
+        assert_eq!(
+            insn.ip_rel_memory_address(),
+            pv_ops + 8 * u64::from(p.op),
+            "{:#x}",
+            p.instr
+        );
+    }
+    let mut tails = 0;
+    for s in &boot.static_calls {
+        let tramp = s.trampoline.expect("every key has its trampoline");
+        let bytes = linux_guest::patch::file_bytes(&image.vmlinux, s.addr, 6).expect("in the file");
+        let insn = Decoder::with_ip(64, bytes, s.addr, DecoderOptions::NONE).decode();
+        assert_eq!(insn.near_branch_target(), tramp, "{:#x}", s.addr);
+        assert_eq!(
+            s.tail,
+            insn.mnemonic() != Mnemonic::Call,
+            "tail flag at {:#x}",
+            s.addr
+        );
+        tails += usize::from(s.tail);
+    }
+    assert!(tails > 0, "some static calls are tail calls");
+    for a in &boot.alternatives {
+        assert!(a.replacement.len() <= usize::from(a.instrlen));
+    }
+}
+
+/// On the real tables: a function whose alternative the kernel applied (its replacement
+/// copied over the site, its `call` relocated), and whose paravirt call became a direct
+/// call, is accepted exactly when its bytes are those forms.
+#[test]
+fn a_function_with_applied_alternatives_is_reconciled_on_the_real_tables() {
+    let image = image();
+    let boot = image.text_sites.boot();
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let slide = 0x2a00_0000u64;
+    let target = Target::new(info.clone(), slide);
+    let rewrites = LinuxBootRewrites::new(image.text_sites.clone(), false);
+    let (lo, hi) = (
+        image.kallsyms.lookup("_stext").expect("_stext"),
+        image.kallsyms.lookup("_etext").expect("_etext"),
+    );
+    // An alternative in a function's text whose replacement is one instruction with no
+    // address in it (`stac`, `clac`, `lfence`...), alone at its address.
+    let alt = boot
+        .alternatives
+        .iter()
+        .find(|a| {
+            (lo..hi).contains(&a.instr)
+                && a.replacement.len() == 3
+                && a.instrlen == 3
+                && boot.alternatives_at(a.instr).len() == 1
+                && boot.paravirt_at(a.instr).is_none()
+                && image
+                    .text_sites
+                    .touching(a.instr, a.instr + 3)
+                    .all(|s| s.mechanism == Mechanism::Alternative)
+        })
+        .expect("a 3-byte alternative");
+    let f = image.kallsyms.containing(alt.instr).expect("its function");
+    let len = (alt.instr - f.address + 16) as usize;
+    let expected = linux_guest::patch::file_bytes(&image.vmlinux, f.address, len)
+        .expect("in the file")
+        .to_vec();
+    let off = (alt.instr - f.address) as usize;
+    let mut current = expected.clone();
+    current[off..off + 3].copy_from_slice(&alt.replacement);
+    let none = |_: u64, _: usize| None;
+    let text = |current: &[u8]| {
+        rewrites
+            .reconcile(
+                &patch_engine::rewrites::SiteText {
+                    site: &f.name,
+                    expected: &expected,
+                    current,
+                    at: f.address + slide,
+                    function_entry: false,
+                    memory: patch_engine::rewrites::GuestMemory(&none),
+                },
+                &target,
+            )
+            .expect("reconcile")
+    };
+    println!(
+        "{} +{off:#x}: {:02x?} -> {:02x?}",
+        f.name,
+        &expected[off..off + 3],
+        alt.replacement
+    );
+    assert_ne!(
+        current, expected,
+        "the replacement differs from the original"
+    );
+    assert_eq!(text(&current), current, "the replacement is accepted");
+    // One byte after the site changed as well: that byte stays a difference.
+    let mut more = current.clone();
+    more[off + 3] ^= 0xff;
+    assert_ne!(text(&more), more);
+    assert_eq!(text(&more)[off..off + 3], alt.replacement[..]);
 }

@@ -342,7 +342,7 @@ impl<G: GuestControl> Engine<G> {
                 .1,
         ));
         // The OS may have rewritten some instructions since loading (crate::rewrites).
-        let expected = self.reconciled(&name, site, loc.gva, &current)?;
+        let expected = self.reconciled(paging, &name, site, loc.gva, &current)?;
         let input = SiteInput {
             name: name.clone(),
             kind: site.kind,

@@ -627,7 +627,7 @@ impl<G: GuestControl> Engine<G> {
                 false,
             )?;
             current[off..off + len].copy_from_slice(&site.expected[off..off + len]);
-            let expected = self.reconciled(&name, site, at, &current)?;
+            let expected = self.reconciled(&paging, &name, site, at, &current)?;
             s.original = expected[off..off + len].to_vec();
             s.location = name;
         }

@@ -7,6 +7,7 @@ use crate::Engine;
 use crate::plan::PlanError;
 use crate::target::Target;
 use guest_control::VcpuState;
+use guest_control::paging::PagingRegs;
 
 /// One site's code as the patch expects it and as the guest holds it.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +19,31 @@ pub struct SiteText<'a> {
     pub at: u64,
     /// The bytes start at a function's entry.
     pub function_entry: bool,
+    /// The guest's memory as it is now, for the OS layer to read the state a rewrite was
+    /// made from (e.g. where a static call's trampoline jumps): what the rewritten form must
+    /// agree with. What it reads is the guest's word, to check a form against, never a source
+    /// of accepted bytes.
+    pub memory: GuestMemory<'a>,
+}
+
+/// Reads `len` bytes of guest memory at a run-time virtual address (through the same page
+/// tables as the site), `None` when it cannot.
+#[derive(Clone, Copy)]
+pub struct GuestMemory<'a>(pub &'a (dyn Fn(u64, usize) -> Option<Vec<u8>> + 'a));
+
+impl GuestMemory<'_> {
+    /// No guest to read: every read fails (and whatever needs one is not accepted).
+    pub const NONE: GuestMemory<'static> = GuestMemory(&|_, _| None);
+
+    pub fn read(&self, gva: u64, len: usize) -> Option<Vec<u8>> {
+        (self.0)(gva, len).filter(|b| b.len() == len)
+    }
+}
+
+impl std::fmt::Debug for GuestMemory<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GuestMemory")
+    }
 }
 
 /// A place where the OS rewrites its code while it runs.
@@ -66,13 +92,23 @@ impl<G: crate::GuestControl> Engine<G> {
     /// `site`'s expected bytes (resolved at run-time address `at`) with the OS's known rewrites
     /// taken from `current`: what rule 1 compares against, and what recovery and adoption
     /// derive original bytes from. One place, so all three read the policy the same way.
+    ///
+    /// `paging` is what the site was translated through: the OS layer's reads of guest memory
+    /// (the state a rewrite was made from) go through the same page tables.
     pub(crate) fn reconciled(
         &self,
+        paging: &PagingRegs,
         name: &str,
         site: &patch_format::Site,
         at: u64,
         current: &[u8],
     ) -> Result<Vec<u8>, PlanError> {
+        let read = |gva: u64, len: usize| {
+            let gpa = self.gpa_of(paging, name, gva, len).ok()?;
+            let mut b = vec![0u8; len];
+            self.guest.read_phys(gpa, &mut b).ok()?;
+            Some(b)
+        };
         self.rewrites.reconcile(
             &SiteText {
                 site: name,
@@ -80,6 +116,7 @@ impl<G: crate::GuestControl> Engine<G> {
                 current,
                 at,
                 function_entry: site.kind == patch_format::SiteKind::Function,
+                memory: GuestMemory(&read),
             },
             &self.target,
         )

@@ -123,7 +123,7 @@ impl<G: GuestControl> Engine<G> {
         }
         overlay_originals(&mut current, loc.gva, r.sites.iter());
         let expected = self
-            .reconciled(&s.location, site, loc.gva, &current)
+            .reconciled(paging, &s.location, site, loc.gva, &current)
             .map_err(|e| {
                 format!("its original bytes are not what the signed patch expects ({e})")
             })?;

@@ -13,8 +13,15 @@
 //!   linux_proc_banner`, sign-extended 32-bit immediates and displacements, 64-bit ones) is
 //!   relocated by the decompressor: it holds the link-time value plus the slide.
 //!
+//! - whole sites of the boot-time tables in a function's body: a static call (`call`/`jmp`
+//!   to where its key's trampoline jumps now, `nop5`, `xor eax, eax`), a paravirt call (a
+//!   direct call to its op), an alternative (its replacement, relocated, or its original with
+//!   re-encoded NOPs), and a jump label in either state (its NOP, or a jump to its entry's
+//!   target): [`crate::boot_forms`].
+//!
 //! Only these rewrites are accepted, each only at an instruction boundary of the expected
-//! code and only towards its known rewritten form; everything else must match byte for byte.
+//! code (a whole table-listed site, for the last kind) and only towards its known rewritten
+//! form; everything else must match byte for byte.
 //! A live ftrace call at the entry is refused: ftrace owns that site, and the patcher does not
 //! fight it.
 
@@ -68,9 +75,27 @@ impl TextRewrites for LinuxBootRewrites {
 
     fn reconcile(&self, t: &SiteText<'_>, target: &Target) -> Result<Vec<u8>, PlanError> {
         let fentry = target.symbol("__fentry__");
+        // A kernel booted on one CPU turns every `lock` prefix its `.smp_locks` lists into a
+        // `ds` prefix (same instruction, no bus lock); only there is that accepted. Taken
+        // first, so the same instruction's other rewrites (a KASLR-relocated displacement,
+        // `lock incl sym(,%rbp,4)`) are judged on an otherwise equal instruction.
+        let mut expected = t.expected.to_vec();
+        if t.current.len() == t.expected.len() {
+            for (i, (&want, &have)) in t.expected.iter().zip(t.current).enumerate() {
+                if want == LOCK
+                    && have == DS
+                    && self.sites.of_at(
+                        Mechanism::SmpLock,
+                        (t.at + i as u64).wrapping_sub(target.slide),
+                    )
+                {
+                    expected[i] = DS;
+                }
+            }
+        }
         let mut out = reconcile(
             t.site,
-            t.expected,
+            &expected,
             t.current,
             t.at,
             t.function_entry,
@@ -102,21 +127,19 @@ impl TextRewrites for LinuxBootRewrites {
                 }
             }
         }
-        // A kernel booted on one CPU turns every `lock` prefix its `.smp_locks` lists into a
-        // `ds` prefix (same instruction, no bus lock); only there is that accepted.
-        if t.current.len() == t.expected.len() {
-            for (i, (&want, &have)) in t.expected.iter().zip(t.current).enumerate() {
-                if want == LOCK
-                    && have == DS
-                    && self.sites.of_at(
-                        Mechanism::SmpLock,
-                        (t.at + i as u64).wrapping_sub(target.slide),
-                    )
-                {
-                    out[i] = DS;
-                }
-            }
-        }
+        // Whole sites the kernel rewrote at boot (static calls, paravirt, alternatives), each
+        // only towards one of its own forms (crate::boot_forms).
+        crate::boot_forms::reconcile_sites(
+            self.sites.boot(),
+            &crate::boot_forms::Body {
+                file: t.expected,
+                current: t.current,
+                at: t.at,
+                slide: target.slide,
+                memory: t.memory,
+            },
+            &mut out,
+        );
         Ok(out)
     }
 
@@ -220,16 +243,20 @@ fn relocated_by(
         Some(h) if h.code() == insn.code() && h.len() == insn.len() => {}
         _ => return false,
     }
-    // RIP-relative operands are position-independent: KASLR never rewrites them, except a
-    // per-CPU one (`gs:[rip+X]`): X names an offset in the per-CPU area, not an image address,
-    // so the decompressor's inverse relocations take the slide back off it.
-    let per_cpu = w.is_ip_rel_memory_operand() && w.segment_prefix() == iced_x86::Register::GS;
-    if w.is_ip_rel_memory_operand() && !per_cpu {
+    // A direct branch's offset is relative: KASLR never moves it.
+    if w.is_call_near() || w.is_jmp_short_or_near() || w.is_jcc_short_or_near() {
         return false;
     }
+    // RIP-relative operands are position-independent: KASLR never rewrites them, except a
+    // per-CPU one (`gs:[rip+X]`): X names an offset in the per-CPU area, not an image address,
+    // so the decompressor's inverse relocations take the slide back off it. The absolute
+    // immediate of an instruction with an ordinary RIP-relative operand (`movq $sym,
+    // x(%rip)`, `cmpq $sym, x(%rip)`) is moved like any other; its displacement must stay.
+    let per_cpu = w.is_ip_rel_memory_operand() && w.segment_prefix() == iced_x86::Register::GS;
+    let rip_relative = w.is_ip_rel_memory_operand() && !per_cpu;
     let slide = if per_cpu { slide.wrapping_neg() } else { slide };
     let mut fields = Vec::new();
-    if offsets.has_displacement() {
+    if offsets.has_displacement() && !rip_relative {
         fields.push((offsets.displacement_offset(), offsets.displacement_size()));
     }
     if offsets.has_immediate() && !per_cpu {
@@ -365,6 +392,58 @@ mod tests {
     }
 
     #[test]
+    fn the_immediate_of_an_instruction_with_a_rip_relative_operand_moves_its_displacement_does_not()
+    {
+        // movq $0xffffffff82a04000, 0x1a1841f(%rip): 48 c7 05 disp32 imm32
+        let file = [
+            0x48, 0xc7, 0x05, 0x1f, 0x84, 0xa1, 0x01, 0x00, 0x40, 0xa0, 0x82,
+        ];
+        let slide = 0x1c00_0000u64;
+        let kk = KernelRewrites { slide, ..k() };
+        let mut running = file;
+        running[7..11].copy_from_slice(&(0x82a0_4000u32 + slide as u32).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &file, &running, AT, false, kk).ok(),
+            Some(running.to_vec())
+        );
+        // The displacement moved (by the slide, or with the immediate): not KASLR's.
+        let mut disp = file;
+        disp[3..7].copy_from_slice(&(0x01a1_841fu32 + slide as u32).to_le_bytes());
+        assert_eq!(
+            reconcile("f", &file, &disp, AT, false, kk).ok(),
+            Some(file.to_vec())
+        );
+        let mut both = running;
+        both[3..7].copy_from_slice(&disp[3..7]);
+        assert_eq!(
+            reconcile("f", &file, &both, AT, false, kk).ok(),
+            Some(file.to_vec())
+        );
+    }
+
+    #[test]
+    fn a_branch_whose_offset_moved_by_the_slide_is_not_a_relocation() {
+        let slide = 0x1c00_0000u64;
+        let kk = KernelRewrites { slide, ..k() };
+        // call rel32, jmp rel32, jne rel32
+        for file in [
+            vec![0xe8, 0x10, 0x00, 0x00, 0x00],
+            vec![0xe9, 0x10, 0x00, 0x00, 0x00],
+            vec![0x0f, 0x85, 0x10, 0x00, 0x00, 0x00],
+        ] {
+            let mut running = file.clone();
+            let n = running.len();
+            let rel = u32::from_le_bytes(running[n - 4..].try_into().unwrap());
+            running[n - 4..].copy_from_slice(&rel.wrapping_add(slide as u32).to_le_bytes());
+            assert_eq!(
+                reconcile("f", &file, &running, AT, false, kk).ok(),
+                Some(file.clone()),
+                "{file:02x?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_traced_function_is_refused() {
         let file = file_bytes();
         let mut traced = file.clone();
@@ -422,6 +501,68 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_lock_prefix_made_ds_and_a_relocated_displacement_in_one_instruction_are_accepted() {
+        use crate::text_sites::TextSite;
+        // lock incl -0x7d3c9060(,%rbp,4): f0 ff 04 ad disp32
+        let file = [0xf0, 0xff, 0x04, 0xad, 0xa0, 0x6f, 0xc3, 0x82];
+        let slide = 0x1c00_0000u64;
+        let mut up = file;
+        up[0] = DS;
+        up[4..8].copy_from_slice(&(0x82c3_6fa0u32 + slide as u32).to_le_bytes());
+        let sites = vec![TextSite {
+            addr: AT.wrapping_sub(slide),
+            len: 1,
+            mechanism: Mechanism::SmpLock,
+        }];
+        let info = patch_format::ImageInfo {
+            identity: patch_format::TargetIdentity {
+                name: "Linux".into(),
+                build_id: Some(vec![1]),
+                text_sha256: None,
+            },
+            symbols: vec![patch_format::ImageSymbol {
+                name: "__fentry__".into(),
+                addr: FENTRY.wrapping_sub(slide),
+                size: 1,
+                function: true,
+            }],
+        };
+        let target = Target::new(info, slide);
+        let r = LinuxBootRewrites::new(Arc::new(KernelTextSites::from_sites(sites)), false);
+        let text = |current: &[u8]| {
+            r.reconcile(
+                &SiteText {
+                    site: "f",
+                    expected: &file,
+                    current,
+                    at: AT,
+                    function_entry: false,
+                    memory: patch_engine::rewrites::GuestMemory::NONE,
+                },
+                &target,
+            )
+            .unwrap()
+        };
+        assert_eq!(text(&up), up.to_vec());
+        // Unlisted, the prefix stays a difference (and so does the displacement with it).
+        let unlisted = LinuxBootRewrites::new(Arc::new(KernelTextSites::default()), false);
+        let got = unlisted
+            .reconcile(
+                &SiteText {
+                    site: "f",
+                    expected: &file,
+                    current: &up,
+                    at: AT,
+                    function_entry: false,
+                    memory: patch_engine::rewrites::GuestMemory::NONE,
+                },
+                &target,
+            )
+            .unwrap();
+        assert_eq!(got, file.to_vec());
+    }
+
+    #[test]
     fn a_lock_prefix_the_kernel_made_ds_on_one_cpu_is_accepted_where_smp_locks_lists_it() {
         use crate::text_sites::TextSite;
         // lock inc qword [rip+0x10]; lock inc qword [rip+0x10]
@@ -442,6 +583,7 @@ mod tests {
             current: &up,
             at: AT,
             function_entry: false,
+            memory: patch_engine::rewrites::GuestMemory::NONE,
         };
         let got = r.reconcile(&text, &target).unwrap();
         assert_eq!(got[0], DS, "the listed prefix");

@@ -5,6 +5,7 @@
 pub mod address_space;
 pub mod arena;
 pub mod attach;
+pub mod boot_forms;
 pub mod boot_rewrites;
 pub mod bzimage;
 pub mod engine;

@@ -168,6 +168,225 @@ pub struct KernelTextSites {
     sites: Vec<TextSite>,
     /// `[__init_begin, __init_end)`: text the kernel frees (and poisons) after booting.
     init: Option<(u64, u64)>,
+    /// What each boot-time rewrite may have written, for reconciling a function's body.
+    boot: BootSites,
+}
+
+/// One entry of `.altinstructions` (`struct alt_instr`), with its replacement's bytes from the
+/// file (`.altinstr_replacement` is freed after boot: the file is the only place to read them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternative {
+    /// Link-time address of the original instructions.
+    pub instr: u64,
+    pub instrlen: u8,
+    /// Link-time address of the replacement.
+    pub repl: u64,
+    /// `X86_FEATURE_*`, with `ALTINSTR_FLAG_INV` (0x8000) for "patch when absent".
+    pub cpuid: u16,
+    pub replacement: Vec<u8>,
+}
+
+/// One entry of `.parainstructions` (6.1: `struct paravirt_patch_site { u8 *instr; u8 type;
+/// u8 len; }`, 16 bytes with padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParavirtSite {
+    /// Link-time address.
+    pub instr: u64,
+    /// Index of the op in `pv_ops` (a `void *` array for this purpose).
+    pub op: u8,
+    pub len: u8,
+}
+
+/// One entry of `.static_call_sites` (`struct static_call_site { s32 addr; s32 key; }`, the
+/// key's low bits flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticCallSite {
+    /// Link-time address of the call (or tail-call jump).
+    pub addr: u64,
+    /// Link-time address of its `struct static_call_key`.
+    pub key: u64,
+    /// `STATIC_CALL_SITE_TAIL`: a tail call (`jmp`), rewritten to `ret` for a NULL function.
+    pub tail: bool,
+    /// The key's trampoline (`__SCT__x` for the key `__SCK__x`), link-time.
+    pub trampoline: Option<u64>,
+}
+
+/// One entry of `__jump_table` (`struct jump_entry { s32 code; s32 target; long key; }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JumpLabelSite {
+    /// Link-time address of the NOP or jump.
+    pub addr: u64,
+    /// Link-time address it jumps to when enabled.
+    pub target: u64,
+}
+
+/// The symbols the boot-time rewrites use (link-time addresses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootSymbols {
+    /// `pv_ops`: the paravirt ops' table, indexed by a site's `op`.
+    pub pv_ops: Option<u64>,
+    /// `_paravirt_nop`: an op the kernel patches out to NOPs.
+    pub paravirt_nop: Option<u64>,
+    /// `paravirt_BUG`: what a NULL op is patched to call.
+    pub paravirt_bug: Option<u64>,
+    /// `__static_call_return0`: a call to it is patched to `xor eax, eax`.
+    pub static_call_return0: Option<u64>,
+    /// `__static_call_return`: where a conditional tail call to NULL jumps.
+    pub static_call_return: Option<u64>,
+    /// `__x86_return_thunk`.
+    pub return_thunk: Option<u64>,
+    /// `[_stext, _etext)`: the kernel's text, where a rewritten call may go.
+    pub text: Option<(u64, u64)>,
+}
+
+/// The boot-time rewrite tables, by address.
+#[derive(Debug, Clone, Default)]
+pub struct BootSites {
+    pub alternatives: Vec<Alternative>,
+    pub paravirt: Vec<ParavirtSite>,
+    pub static_calls: Vec<StaticCallSite>,
+    /// Jump labels: rewritten while the kernel runs too (never displaced), but in a body
+    /// their state at the time of the check is one of two exact forms.
+    pub jump_labels: Vec<JumpLabelSite>,
+    pub symbols: BootSymbols,
+}
+
+/// `STATIC_CALL_SITE_TAIL` and `STATIC_CALL_SITE_INIT`, in the key field's low bits.
+const STATIC_CALL_SITE_TAIL: u64 = 1;
+const STATIC_CALL_SITE_FLAGS: u64 = 3;
+
+impl BootSites {
+    fn from_vmlinux(vmlinux: &[u8], kallsyms: &Kallsyms) -> BootSites {
+        let sym = |n: &str| kallsyms.lookup(n);
+        let table = |start: &str, end: &str, entry: usize| -> Option<(u64, &[u8])> {
+            let (s, e) = (sym(start)?, sym(end)?);
+            let count = usize::try_from(e.checked_sub(s)? / entry as u64).ok()?;
+            if count > MAX_SITES_PER_TABLE {
+                return None;
+            }
+            Some((s, file_bytes(vmlinux, s, count * entry)?))
+        };
+        let rel = |field: u64, b: &[u8]| -> u64 {
+            let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            field.wrapping_add(i64::from(v) as u64)
+        };
+        let mut alternatives = Vec::new();
+        if let Some((start, bytes)) = table("__alt_instructions", "__alt_instructions_end", 12) {
+            for (i, e) in bytes.chunks_exact(12).enumerate() {
+                let field = start + (i * 12) as u64;
+                let (instr, repl) = (rel(field, &e[0..4]), rel(field + 4, &e[4..8]));
+                let (instrlen, repllen) = (e[10], e[11]);
+                // The kernel pads the original to the longest replacement (BUG_ON otherwise).
+                if repllen > instrlen {
+                    continue;
+                }
+                // A replacement the file does not hold cannot be checked: the site keeps only
+                // its original form.
+                let replacement = file_bytes(vmlinux, repl, usize::from(repllen))
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                if replacement.len() != usize::from(repllen) {
+                    continue;
+                }
+                alternatives.push(Alternative {
+                    instr,
+                    instrlen,
+                    repl,
+                    cpuid: u16::from_le_bytes([e[8], e[9]]),
+                    replacement,
+                });
+            }
+        }
+        alternatives.sort_by_key(|a| a.instr);
+        let mut paravirt = Vec::new();
+        if let Some((_, bytes)) = table("__parainstructions", "__parainstructions_end", 16) {
+            for e in bytes.chunks_exact(16) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&e[..8]);
+                let instr = u64::from_le_bytes(a);
+                if instr != 0 {
+                    paravirt.push(ParavirtSite {
+                        instr,
+                        op: e[8],
+                        len: e[9],
+                    });
+                }
+            }
+        }
+        paravirt.sort_by_key(|p| p.instr);
+        let mut static_calls = Vec::new();
+        if let Some((start, bytes)) =
+            table("__start_static_call_sites", "__stop_static_call_sites", 8)
+        {
+            for (i, e) in bytes.chunks_exact(8).enumerate() {
+                let field = start + (i * 8) as u64;
+                let raw = rel(field + 4, &e[4..8]);
+                let key = raw & !STATIC_CALL_SITE_FLAGS;
+                // The key's trampoline: `__SCK__x` has `__SCT__x`.
+                let trampoline = kallsyms
+                    .containing(key)
+                    .filter(|k| k.address == key)
+                    .and_then(|k| k.name.strip_prefix("__SCK__"))
+                    .and_then(|n| sym(&format!("__SCT__{n}")));
+                static_calls.push(StaticCallSite {
+                    addr: rel(field, &e[0..4]),
+                    key,
+                    tail: raw & STATIC_CALL_SITE_TAIL != 0,
+                    trampoline,
+                });
+            }
+        }
+        static_calls.sort_by_key(|s| s.addr);
+        let mut jump_labels = Vec::new();
+        if let Some((start, bytes)) = table("__start___jump_table", "__stop___jump_table", 16) {
+            for (i, e) in bytes.chunks_exact(16).enumerate() {
+                let field = start + (i * 16) as u64;
+                jump_labels.push(JumpLabelSite {
+                    addr: rel(field, &e[0..4]),
+                    target: rel(field + 4, &e[4..8]),
+                });
+            }
+        }
+        jump_labels.sort_by_key(|j| j.addr);
+        BootSites {
+            alternatives,
+            paravirt,
+            static_calls,
+            jump_labels,
+            symbols: BootSymbols {
+                pv_ops: sym("pv_ops"),
+                paravirt_nop: sym("_paravirt_nop"),
+                paravirt_bug: sym("paravirt_BUG"),
+                static_call_return0: sym("__static_call_return0"),
+                static_call_return: sym("__static_call_return"),
+                return_thunk: sym("__x86_return_thunk"),
+                text: sym("_stext").zip(sym("_etext")),
+            },
+        }
+    }
+
+    /// Alternatives whose original instructions start at `addr` (link-time), in table order
+    /// by address (an `ALTERNATIVE_2` has two).
+    pub fn alternatives_at(&self, addr: u64) -> &[Alternative] {
+        let from = self.alternatives.partition_point(|a| a.instr < addr);
+        let to = self.alternatives.partition_point(|a| a.instr <= addr);
+        &self.alternatives[from..to]
+    }
+
+    pub fn paravirt_at(&self, addr: u64) -> Option<&ParavirtSite> {
+        let i = self.paravirt.partition_point(|p| p.instr < addr);
+        self.paravirt.get(i).filter(|p| p.instr == addr)
+    }
+
+    pub fn static_call_at(&self, addr: u64) -> Option<&StaticCallSite> {
+        let i = self.static_calls.partition_point(|s| s.addr < addr);
+        self.static_calls.get(i).filter(|s| s.addr == addr)
+    }
+
+    pub fn jump_label_at(&self, addr: u64) -> Option<&JumpLabelSite> {
+        let i = self.jump_labels.partition_point(|j| j.addr < addr);
+        self.jump_labels.get(i).filter(|j| j.addr == addr)
+    }
 }
 
 /// A table: its kallsyms bounds, entry size, where the code address is in an entry, whether
@@ -346,13 +565,41 @@ impl KernelTextSites {
         let init = kallsyms
             .lookup("__init_begin")
             .zip(kallsyms.lookup("__init_end"));
-        Ok(KernelTextSites { sites, init })
+        Ok(KernelTextSites {
+            sites,
+            init,
+            boot: BootSites::from_vmlinux(vmlinux, kallsyms),
+        })
     }
 
     /// From a list of sites (tests, and kernels whose tables were read elsewhere).
     pub fn from_sites(mut sites: Vec<TextSite>) -> KernelTextSites {
         sites.sort_unstable();
-        KernelTextSites { sites, init: None }
+        KernelTextSites {
+            sites,
+            init: None,
+            boot: BootSites::default(),
+        }
+    }
+
+    /// With these boot-time tables (tests).
+    pub fn with_boot(mut self, mut boot: BootSites) -> KernelTextSites {
+        boot.alternatives.sort_by_key(|a| a.instr);
+        boot.paravirt.sort_by_key(|p| p.instr);
+        boot.static_calls.sort_by_key(|s| s.addr);
+        boot.jump_labels.sort_by_key(|j| j.addr);
+        self.boot = boot;
+        self
+    }
+
+    /// The boot-time rewrite tables' entries.
+    pub fn boot(&self) -> &BootSites {
+        &self.boot
+    }
+
+    /// `[__init_begin, __init_end)`, link-time, when the image has it.
+    pub fn freed_init(&self) -> Option<(u64, u64)> {
+        self.init
     }
 
     /// Whether `addr` (link-time) is in the init memory the kernel frees after booting.

@@ -12,12 +12,18 @@
 //!
 //! "All named text functions" = every kallsyms text symbol (`t`/`T`) with a non-zero extent,
 //! aliases and `.cold`/`.part` fragments included: each is a name an operator could write in a
-//! patch. Nothing is left out silently; the tool refuses three kinds itself, each its own class,
-//! without asking the engine:
-//! - the name is not unique among the image's symbols (the engine resolves sites by unique
-//!   name, so such a function cannot be named in a patch at all);
+//! patch. A name several symbols share is swept as `name,N` (the N-th in the engine's order,
+//! livepatch's sympos), as a patch must name it. Nothing is left out silently; the tool refuses
+//! three kinds itself, each its own class, without asking the engine:
+//! - the name is not unique and its position could not be computed (never, in practice);
 //! - the vmlinux file does not hold the function's bytes over its extent;
 //! - its extent is larger than a patch file may carry.
+//!
+//! The second denominator, "patchable functions", is all of them but what the running kernel
+//! cannot call ([`Excluded`]): freed init text (`[__init_begin, __init_end)`), `.cold`/`.part`
+//! fragments of a parent the image has (patched by patching the parent, as kpatch does) and the
+//! static call trampolines (`.static_call.text`, which `static_call_update()` rewrites). Each
+//! excluded class is counted and printed with its outcomes; the target is judged on this share.
 //!
 //! Every other refusal is the engine's, named from its error: a rule (too short, a branch into
 //! the jump, a run-time rewrite in the way...), freed init memory (`[__init_begin, __init_end)`:
@@ -30,7 +36,8 @@
 //! explains is "unexplained", the one class that names no mechanism (target: none).
 //!
 //! "Unsafe accepted" comes from an audit independent of the engine's rules, over every accepted
-//! function: the jump's displaced range (computed here from the file's bytes) must not be
+//! function: the jump's displaced range (computed here from the guest's bytes, which the engine
+//! planned on: a boot-time rewrite can move where the first instructions end) must not be
 //! entered by a direct branch from anywhere in the kernel's text (a `.cold` part jumping back,
 //! a tail call into the middle), hold an instruction with an exception fixup or a fixup's
 //! target, hold a run-time rewrite site (from the kernel's tables, and the static call
@@ -62,7 +69,7 @@ use linux_guest::attach::KernelImage;
 use linux_guest::boot_rewrites::LinuxBootRewrites;
 use linux_guest::text_sites::{KernelTextSites, Mechanism};
 use patch_engine::plan::{ENDBR64, JMP_ABS_LEN, JMP_REL32_LEN, NOP1, NOP5, PlanError};
-use patch_engine::rewrites::{SiteText, TextRewrites};
+use patch_engine::rewrites::{GuestMemory, SiteText, TextRewrites};
 use patch_engine::target::TargetError;
 use patch_engine::{Engine, EngineConfig, EngineError};
 use patch_format::{
@@ -192,6 +199,24 @@ pub struct ClassCount {
     pub count: usize,
     /// Of the functions swept.
     pub pct: f64,
+    /// Refusals of this class among the patchable functions.
+    pub patchable_count: usize,
+    /// Of the patchable functions swept.
+    pub patchable_pct: f64,
+    pub examples: Vec<String>,
+}
+
+/// A class of named text left out of the patchable functions.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExcludedCount {
+    pub class: Excluded,
+    pub reason: &'static str,
+    /// Swept functions of the class.
+    pub count: usize,
+    /// Of the functions swept.
+    pub pct: f64,
+    /// Of them, what the engine accepted anyway (the rest it refused).
+    pub accepted: usize,
     pub examples: Vec<String>,
 }
 
@@ -252,6 +277,17 @@ pub struct BootCoverage {
     pub accepted: usize,
     /// Of the functions swept.
     pub accepted_pct: f64,
+    /// Swept functions the running kernel can call: all swept but the excluded classes.
+    pub patchable: usize,
+    /// Of those, accepted.
+    pub accepted_patchable: usize,
+    /// Of the patchable functions swept: what the target is judged on.
+    pub accepted_patchable_pct: f64,
+    /// What is not counted among the patchable functions, by class, with its outcomes.
+    pub excluded: Vec<ExcludedCount>,
+    /// Functions whose name is not unique, swept as `name,N`, and how many were accepted.
+    pub duplicate_names: usize,
+    pub duplicate_names_accepted: usize,
     /// Refusals whose class names no mechanism.
     pub unnamed_refusals: usize,
     /// Of the refusals: the share whose class names its mechanism.
@@ -290,6 +326,84 @@ struct Function {
     /// Extent as the engine sees it (cut at the next ftrace entry): what the audit decodes.
     cut: u64,
     unique: bool,
+    /// For a name several symbols share: its position among them in the engine's order
+    /// (address, then name), as a patch names it (`name,N`, livepatch's sympos).
+    sympos: Option<usize>,
+    /// Not a function the running kernel can call, left out of the patchable share.
+    excluded: Option<Excluded>,
+}
+
+impl Function {
+    /// The name a patch gives it: `name`, or `name,N` when the name is not unique.
+    fn patch_name(&self) -> Option<String> {
+        match (self.unique, self.sympos) {
+            (true, _) => Some(self.name.clone()),
+            (false, Some(n)) => Some(format!("{},{n}", self.name)),
+            (false, None) => None,
+        }
+    }
+}
+
+/// Named text that is not a function the running kernel can call, so not counted among the
+/// patchable functions (each class is counted and printed, nothing is dropped silently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Excluded {
+    /// In `[__init_begin, __init_end)`: freed (and poisoned) once the kernel booted.
+    FreedInit,
+    /// A compiler-split `.cold`/`.part` fragment of a function the image has: patched by
+    /// patching its parent, as kpatch does.
+    Fragment,
+    /// A static call trampoline (`.static_call.text`): `static_call_update()` rewrites it.
+    StaticCallTrampoline,
+}
+
+impl Excluded {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Excluded::FreedInit => {
+                "freed init memory (__init_begin..__init_end: discarded after boot, not callable)"
+            }
+            Excluded::Fragment => {
+                ".cold/.part fragment of a parent function (patched by patching the parent, as kpatch does)"
+            }
+            Excluded::StaticCallTrampoline => {
+                "static call trampoline (.static_call.text, __SCT__*: rewritten by static_call_update)"
+            }
+        }
+    }
+}
+
+/// The parent a compiler-split fragment's name points to (`f` of `f.cold`, `f.cold.3`,
+/// `f.part.0`, `f.isra.0.cold`), if the name is a fragment's.
+pub fn fragment_parent(name: &str) -> Option<&str> {
+    let cold = name.match_indices(".cold").map(|(i, _)| i).find(|&i| {
+        let rest = &name[i + ".cold".len()..];
+        rest.is_empty() || rest.starts_with('.')
+    });
+    let cut = cold.into_iter().chain(name.find(".part.")).min()?;
+    let parent = &name[..cut];
+    (!parent.is_empty()).then_some(parent)
+}
+
+/// Why `(name, addr)` is not a patchable function, or `None`. `text_names` says whether a
+/// name is a text symbol of the image.
+fn exclusion(
+    name: &str,
+    addr: u64,
+    freed: (u64, u64),
+    static_calls: (u64, u64),
+    text_names: &dyn Fn(&str) -> bool,
+) -> Option<Excluded> {
+    if (freed.0..freed.1).contains(&addr) {
+        return Some(Excluded::FreedInit);
+    }
+    if (static_calls.0..static_calls.1).contains(&addr) || name.starts_with("__SCT__") {
+        return Some(Excluded::StaticCallTrampoline);
+    }
+    fragment_parent(name)
+        .filter(|p| text_names(p))
+        .map(|_| Excluded::Fragment)
 }
 
 /// All named text functions, by (address, name).
@@ -301,6 +415,28 @@ fn functions(image: &KernelImage) -> Vec<Function> {
     for s in &info.symbols {
         *count.entry(s.name.as_str()).or_default() += 1;
     }
+    // The engine orders symbols by (address, name) and takes `name,N` as the N-th.
+    let mut order: Vec<(u64, &str)> = info
+        .symbols
+        .iter()
+        .filter(|s| count.get(s.name.as_str()).is_some_and(|&c| c > 1))
+        .map(|s| (s.addr, s.name.as_str()))
+        .collect();
+    order.sort_unstable();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut sympos: HashMap<(u64, &str), usize> = HashMap::new();
+    for (addr, name) in order {
+        let n = seen.entry(name).or_default();
+        *n += 1;
+        sympos.entry((addr, name)).or_insert(*n);
+    }
+    let sym = |n: &str| image.kallsyms.lookup(n).unwrap_or(0);
+    let freed = (sym("__init_begin"), sym("__init_end"));
+    let static_calls = (
+        sym("__static_call_text_start"),
+        sym("__static_call_text_end"),
+    );
+    let text_names = |n: &str| image.kallsyms.named(n).any(|s| s.is_text());
     info.symbols
         .iter()
         .zip(&cut_syms)
@@ -311,6 +447,8 @@ fn functions(image: &KernelImage) -> Vec<Function> {
             size: s.size,
             cut: c.size,
             unique: count.get(s.name.as_str()) == Some(&1),
+            sympos: sympos.get(&(s.addr, s.name.as_str())).copied(),
+            excluded: exclusion(&s.name, s.addr, freed, static_calls, &text_names),
         })
         .collect()
 }
@@ -1067,12 +1205,12 @@ impl Sweeper<'_> {
     }
 
     fn one(&mut self, f: &Function) -> Outcome {
-        if !f.unique {
+        let Some(name) = f.patch_name() else {
             return Outcome::Refused(
                 Class::named(DUPLICATE_NAME),
-                "not swept: the name is not unique".into(),
+                "not swept: the name is not unique and its position is unknown".into(),
             );
-        }
+        };
         let image = self.k.image;
         let Some(expected) =
             linux_guest::patch::file_bytes(&image.vmlinux, f.addr, f.size as usize)
@@ -1085,7 +1223,7 @@ impl Sweeper<'_> {
                 ),
             );
         };
-        let file = match replacement(&self.k.identity, &self.k.key, &f.name, expected.to_vec()) {
+        let file = match replacement(&self.k.identity, &self.k.key, &name, expected.to_vec()) {
             Ok(file) => file,
             Err(e) => {
                 return Outcome::Refused(Class::named("too large for a patch file"), e);
@@ -1105,10 +1243,23 @@ impl Sweeper<'_> {
         }
     }
 
+    /// The audit of an accepted function, over the guest's bytes: the engine plans the jump
+    /// on the running code, whose boot-time sites (an alternative's NOPs re-encoded, a
+    /// replacement) the file does not show, so the displaced range is computed from the same
+    /// bytes (decoded at the link-time address, as the tables are).
     fn audit(&self, f: &Function) -> Option<Finding> {
-        let bytes = linux_guest::patch::file_bytes(&self.k.image.vmlinux, f.addr, f.cut as usize)?;
-        let jump_len = jump_len_at(f.addr.wrapping_add(self.slide), self.arena);
-        audit(f, bytes, jump_len, &self.audit)
+        let at = f.addr.wrapping_add(self.slide);
+        let bytes = match self.guest.read_virtual(&self.view, at, f.cut as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                return finding(
+                    "the displaced range cannot be computed",
+                    format!("the guest's bytes could not be read: {e}"),
+                );
+            }
+        };
+        let jump_len = jump_len_at(at, self.arena);
+        audit(f, &bytes, jump_len, &self.audit)
     }
 
     /// What made the guest's bytes of `f` differ from the file's.
@@ -1123,12 +1274,14 @@ impl Sweeper<'_> {
                 );
             }
         };
+        let read = |gva: u64, len: usize| self.guest.read_virtual(&self.view, gva, len).ok();
         let text = SiteText {
             site: &f.name,
             expected,
             current: &current,
             at,
             function_entry: true,
+            memory: GuestMemory(&read),
         };
         let reconciled = self
             .rewrites
@@ -1167,14 +1320,36 @@ fn summarize(
         every,
         seconds,
     } = swept;
-    let mut classes: HashMap<Class, (usize, Vec<String>)> = HashMap::new();
+    let mut classes: HashMap<Class, (usize, usize, Vec<String>)> = HashMap::new();
     let mut kinds: HashMap<&'static str, (usize, Vec<String>)> = HashMap::new();
+    let mut excluded: HashMap<Excluded, (usize, usize, Vec<String>)> = HashMap::new();
     let (mut refusals, mut hazards, mut accepted) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut patchable, mut accepted_patchable) = (0usize, 0usize);
+    let (mut duplicates, mut duplicates_accepted) = (0usize, 0usize);
     for (f, o) in fns.iter().zip(&outcomes) {
+        let Some(o) = o else { continue };
+        let ok = matches!(o, Outcome::Accepted(_));
+        match f.excluded {
+            Some(x) => {
+                let e = excluded.entry(x).or_default();
+                e.0 += 1;
+                e.1 += usize::from(ok);
+                if e.2.len() < EXAMPLES {
+                    e.2.push(f.name.clone());
+                }
+            }
+            None => {
+                patchable += 1;
+                accepted_patchable += usize::from(ok);
+            }
+        }
+        if !f.unique {
+            duplicates += 1;
+            duplicates_accepted += usize::from(ok);
+        }
         match o {
-            None => {}
-            Some(Outcome::Accepted(h)) => {
-                accepted.push(f.name.clone());
+            Outcome::Accepted(h) => {
+                accepted.push(f.patch_name().unwrap_or_else(|| f.name.clone()));
                 if let Some(h) = h {
                     let k = kinds.entry(h.kind).or_default();
                     k.0 += 1;
@@ -1189,11 +1364,12 @@ fn summarize(
                     });
                 }
             }
-            Some(Outcome::Refused(c, detail)) => {
+            Outcome::Refused(c, detail) => {
                 let e = classes.entry(c.clone()).or_default();
                 e.0 += 1;
-                if e.1.len() < EXAMPLES {
-                    e.1.push(f.name.clone());
+                e.1 += usize::from(f.excluded.is_none());
+                if e.2.len() < EXAMPLES {
+                    e.2.push(f.name.clone());
                 }
                 refusals.push(Refusal {
                     function: f.name.clone(),
@@ -1214,14 +1390,28 @@ fn summarize(
     };
     let mut classes: Vec<ClassCount> = classes
         .into_iter()
-        .map(|(c, (count, examples))| ClassCount {
+        .map(|(c, (count, in_patchable, examples))| ClassCount {
             class: c.name,
             names_mechanism: c.names_mechanism,
             count,
             pct: pct(count, swept),
+            patchable_count: in_patchable,
+            patchable_pct: pct(in_patchable, patchable),
             examples,
         })
         .collect();
+    let mut excluded: Vec<ExcludedCount> = excluded
+        .into_iter()
+        .map(|(class, (count, accepted, examples))| ExcludedCount {
+            class,
+            reason: class.reason(),
+            count,
+            pct: pct(count, swept),
+            accepted,
+            examples,
+        })
+        .collect();
+    excluded.sort_by_key(|e| e.class);
     classes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.class.cmp(&b.class)));
     let mut hazard_kinds: Vec<HazardCount> = kinds
         .into_iter()
@@ -1238,6 +1428,7 @@ fn summarize(
         .map(|c| c.count)
         .sum();
     let accepted_pct = pct(accepted.len(), swept);
+    let accepted_patchable_pct = pct(accepted_patchable, patchable);
     BootCoverage {
         vcpus: shape.vcpus,
         cpu: shape.cpu,
@@ -1251,6 +1442,12 @@ fn summarize(
         swept,
         accepted: accepted.len(),
         accepted_pct,
+        patchable,
+        accepted_patchable,
+        accepted_patchable_pct,
+        excluded,
+        duplicate_names: duplicates,
+        duplicate_names_accepted: duplicates_accepted,
         unnamed_refusals: unnamed,
         named_refusals_pct: if refusals.is_empty() {
             100.0
@@ -1261,7 +1458,7 @@ fn summarize(
         classes,
         hazard_kinds,
         targets: BootTargets {
-            accepted_at_least_95_pct: accepted_pct >= 100.0 * TARGET_ACCEPTED,
+            accepted_at_least_95_pct: accepted_patchable_pct >= 100.0 * TARGET_ACCEPTED,
             no_unsafe_accepted: hazards.is_empty(),
             every_refusal_names_its_mechanism: unnamed == 0,
         },
@@ -1281,9 +1478,12 @@ fn pass(ok: bool) -> &'static str {
 pub fn table(r: &CoverageReport) -> String {
     let mut t = format!(
         "Function-replacement coverage of the running kernel ({}, QEMU {}): each named text function\n\
-         replaced by `ret` in a dry run (every check of an apply, nothing written). \"bytes differ from\n\
-         the file at X\": the kernel rewrote them through X (at boot, or since) and the engine does not\n\
-         reconcile that form; \"unsafe (audit)\": accepted, but the tool's own audit finds a hazard.\n",
+         replaced by `ret` in a dry run (every check of an apply, nothing written), a name several\n\
+         symbols share as `name,N`. Two denominators: all named text functions, and the patchable\n\
+         ones (all but the classes listed under \"not patchable functions\", which the running kernel\n\
+         cannot call). \"bytes differ from the file at X\": the kernel rewrote them through X (at boot,\n\
+         or since) and the engine does not reconcile that form; \"unsafe (audit)\": accepted, but the\n\
+         tool's own audit finds a hazard.\n",
         r.kernel, r.accel
     );
     for b in &r.boots {
@@ -1293,7 +1493,7 @@ pub fn table(r: &CoverageReport) -> String {
             format!("every {}-th by address, from the first", b.every)
         };
         t.push_str(&format!(
-            "\n{} vCPU(s), CPU {}, LA57 {} (CR4 {}), KASLR slide {}, jump {} bytes: {} of {} named text functions swept ({sample}) in {:.0} s ({:.0} µs each)\n",
+            "\n{} vCPU(s), CPU {}, LA57 {} (CR4 {}), KASLR slide {}, jump {} bytes: {} of {} named text functions swept ({sample}), {} of them patchable, in {:.0} s ({:.0} µs each)\n",
             b.vcpus,
             b.cpu.name(),
             if b.la57 { "on" } else { "off" },
@@ -1302,15 +1502,22 @@ pub fn table(r: &CoverageReport) -> String {
             b.jump_len,
             b.swept,
             b.functions,
+            b.patchable,
             b.sweep_seconds,
             b.us_per_function,
         ));
-        let mut rows: Vec<(String, usize, String)> =
-            vec![("accepted".into(), b.accepted, String::new())];
+        // (outcome, count of all, count among the patchable (None: not counted there), examples)
+        let mut rows: Vec<(String, usize, Option<usize>, String)> = vec![(
+            "accepted".into(),
+            b.accepted,
+            Some(b.accepted_patchable),
+            String::new(),
+        )];
         for h in &b.hazard_kinds {
             rows.push((
                 format!("  unsafe (audit): {}", h.kind),
                 h.count,
+                None,
                 h.examples.join(", "),
             ));
         }
@@ -1323,27 +1530,55 @@ pub fn table(r: &CoverageReport) -> String {
             rows.push((
                 format!("refused: {}{tag}", c.class),
                 c.count,
+                Some(c.patchable_count),
                 c.examples.join(", "),
             ));
         }
         let w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
         t.push_str(&format!(
-            "| {:<w$} | {:>6} | {:>6} | examples\n",
-            "outcome", "count", "%"
+            "| {:<w$} | {:>6} | {:>6} | {:>9} | {:>6} | examples\n",
+            "outcome", "all", "%", "patchable", "%"
         ));
-        t.push_str(&format!("|-{:-<w$}-|--------|--------|---------\n", ""));
-        let pct = |n: usize| 100.0 * n as f64 / b.swept.max(1) as f64;
-        for (name, count, examples) in rows {
+        t.push_str(&format!(
+            "|-{:-<w$}-|--------|--------|-----------|--------|---------\n",
+            ""
+        ));
+        let pct = |n: usize, of: usize| 100.0 * n as f64 / of.max(1) as f64;
+        for (name, count, patchable, examples) in rows {
+            let (pn, pp) = match patchable {
+                Some(n) => (n.to_string(), format!("{:.2}", pct(n, b.patchable))),
+                None => ("".into(), "".into()),
+            };
             t.push_str(&format!(
-                "| {name:<w$} | {count:>6} | {:>6.2} | {examples}\n",
-                pct(count)
+                "| {name:<w$} | {count:>6} | {:>6.2} | {pn:>9} | {pp:>6} | {examples}\n",
+                pct(count, b.swept)
+            ));
+        }
+        t.push_str("not patchable functions (left out of the patchable share; their outcomes are in the rows above):\n");
+        for e in &b.excluded {
+            t.push_str(&format!(
+                "  {:>6} ({:.2}% of all; {} accepted, {} refused) {}: {}\n",
+                e.count,
+                e.pct,
+                e.accepted,
+                e.count - e.accepted,
+                e.reason,
+                e.examples.join(", ")
             ));
         }
         t.push_str(&format!(
-            "targets: accepted ≥ {:.0}% {} ({:.2}%); unsafe accepted = 0 {} ({}); refusals naming their mechanism 100% {} ({:.2}%, {} name none)\n",
+            "duplicate names swept as name,N: {}, accepted {}\n",
+            b.duplicate_names, b.duplicate_names_accepted
+        ));
+        t.push_str(&format!(
+            "accepted: {:.2}% of all named text functions, {:.2}% of the patchable ones\n",
+            b.accepted_pct, b.accepted_patchable_pct
+        ));
+        t.push_str(&format!(
+            "targets: accepted ≥ {:.0}% of the patchable {} ({:.2}%); unsafe accepted = 0 {} ({}); refusals naming their mechanism 100% {} ({:.2}%, {} name none)\n",
             100.0 * TARGET_ACCEPTED,
             pass(b.targets.accepted_at_least_95_pct),
-            b.accepted_pct,
+            b.accepted_patchable_pct,
             pass(b.targets.no_unsafe_accepted),
             b.unsafe_accepted,
             pass(b.targets.every_refusal_names_its_mechanism),
@@ -1444,6 +1679,8 @@ mod tests {
             size: 16,
             cut: 16,
             unique: true,
+            sympos: None,
+            excluded: None,
         };
         let fns = vec![f("a", 0x10), f("b", 0x20), f("c", 0x30), f("d", 0x40)];
         let outcomes = vec![
@@ -1502,6 +1739,117 @@ mod tests {
         assert!(t.contains("LA57 on"), "{t}");
         assert!(t.contains("refused: too short for the jump"), "{t}");
         assert!(t.contains("unsafe (audit): k"), "{t}");
+    }
+
+    #[test]
+    fn what_the_kernel_cannot_call_is_left_out_of_the_patchable_share_and_counted() {
+        let freed = (0x9000, 0xa000);
+        let sct = (0x8000, 0x8100);
+        let text = |n: &str| ["f", "g.isra.0"].contains(&n);
+        let x = |name: &str, addr: u64| exclusion(name, addr, freed, sct, &text);
+        assert_eq!(x("f", 0x1000), None);
+        assert_eq!(x("init_f", 0x9100), Some(Excluded::FreedInit));
+        assert_eq!(
+            x("__SCT__tp_func_x", 0x8010),
+            Some(Excluded::StaticCallTrampoline)
+        );
+        assert_eq!(
+            x("__static_call_text_start", 0x8000),
+            Some(Excluded::StaticCallTrampoline)
+        );
+        for frag in ["f.cold", "f.cold.3", "f.part.0", "g.isra.0.cold"] {
+            assert_eq!(x(frag, 0x2000), Some(Excluded::Fragment), "{frag}");
+        }
+        // A fragment whose parent the image does not have, and names that only look alike,
+        // stay patchable functions.
+        assert_eq!(x("h.cold", 0x2000), None);
+        assert_eq!(x("f.coldplug", 0x2000), None);
+        assert_eq!(fragment_parent("f.constprop.0"), None);
+
+        let f =
+            |name: &str, addr: u64, excluded: Option<Excluded>, sympos: Option<usize>| Function {
+                name: name.into(),
+                addr,
+                size: 16,
+                cut: 16,
+                unique: sympos.is_none(),
+                sympos,
+                excluded,
+            };
+        let fns = vec![
+            f("a", 0x10, None, None),
+            f("a.cold", 0x20, Some(Excluded::Fragment), None),
+            f("dup", 0x30, None, Some(1)),
+            f("dup", 0x40, None, Some(2)),
+            f("init_x", 0x9100, Some(Excluded::FreedInit), None),
+        ];
+        assert_eq!(fns[3].patch_name().as_deref(), Some("dup,2"));
+        let refused = |c: &str| Some(Outcome::Refused(Class::named(c), "x".into()));
+        let outcomes = vec![
+            Some(Outcome::Accepted(None)),
+            refused("cold"),
+            Some(Outcome::Accepted(None)),
+            refused("short"),
+            refused("init"),
+        ];
+        let vcpu = VcpuState {
+            id: 0,
+            rip: 0,
+            rsp: 0,
+            cpl: 0,
+            paging: guest_control::paging::PagingRegs {
+                cr0: 0,
+                cr3: 0,
+                cr4: 0,
+                efer: 0,
+            },
+        };
+        let swept = Swept {
+            vcpu,
+            smp_locks_live: false,
+            outcomes,
+            every: 1,
+            seconds: 1.0,
+        };
+        let shape = BootShape {
+            vcpus: 1,
+            cpu: CpuModel::Default,
+        };
+        let b = summarize(shape, 0, 5, &fns, swept);
+        assert_eq!((b.swept, b.accepted), (5, 2));
+        assert_eq!((b.patchable, b.accepted_patchable), (3, 2));
+        assert!((b.accepted_pct - 40.0).abs() < 1e-9);
+        assert!((b.accepted_patchable_pct - 100.0 * 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!((b.duplicate_names, b.duplicate_names_accepted), (2, 1));
+        assert!(b.accepted_functions.contains(&"dup,1".to_string()));
+        let counted: Vec<(Excluded, usize, usize)> = b
+            .excluded
+            .iter()
+            .map(|e| (e.class, e.count, e.accepted))
+            .collect();
+        assert_eq!(
+            counted,
+            vec![(Excluded::FreedInit, 1, 0), (Excluded::Fragment, 1, 0)]
+        );
+        let short = b.classes.iter().find(|c| c.class == "short").unwrap();
+        assert_eq!((short.count, short.patchable_count), (1, 1));
+        let cold = b.classes.iter().find(|c| c.class == "cold").unwrap();
+        assert_eq!(cold.patchable_count, 0);
+        let report = CoverageReport {
+            benchmark: "coverage",
+            host: crate::bench::host_info(),
+            accel: "tcg",
+            kernel: "k".into(),
+            boots: vec![b],
+            all_met: false,
+        };
+        let t = table(&report);
+        assert!(t.contains("3 of them patchable"), "{t}");
+        assert!(t.contains(Excluded::Fragment.reason()), "{t}");
+        assert!(
+            t.contains("duplicate names swept as name,N: 2, accepted 1"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -1568,6 +1916,8 @@ mod tests {
             size: bytes.len() as u64,
             cut: bytes.len() as u64,
             unique: true,
+            sympos: None,
+            excluded: None,
         };
         let sites = KernelTextSites::default();
         let mut entries = EntryPoints {
