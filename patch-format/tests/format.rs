@@ -35,13 +35,13 @@ fn sample() -> Patch {
                     Relocation {
                         offset: 1,
                         kind: RelocKind::Rel32,
-                        symbol: "mix".into(),
+                        target: RelocTarget::Symbol("mix".into()),
                         addend: -4,
                     },
                     Relocation {
                         offset: 7,
                         kind: RelocKind::Abs64,
-                        symbol: "table".into(),
+                        target: RelocTarget::Symbol("table".into()),
                         addend: 8,
                     },
                 ],
@@ -64,6 +64,7 @@ fn sample() -> Patch {
                 relocations: vec![],
             },
         ],
+        data: Vec::new(),
     }
 }
 
@@ -175,11 +176,11 @@ fn field_rules() {
             "sites[0].expected: must not be empty",
         ),
         (
-            Box::new(|p| p.sites[0].relocations[0].symbol.clear()),
+            Box::new(|p| p.sites[0].relocations[0].target = RelocTarget::Symbol(String::new())),
             "symbol: must not be empty",
         ),
         (
-            Box::new(|p| p.sites[0].relocations[0].symbol = "a\0b".into()),
+            Box::new(|p| p.sites[0].relocations[0].target = RelocTarget::Symbol("a\0b".into())),
             "control character",
         ),
         (
@@ -280,17 +281,26 @@ fn header_errors_name_offset_and_field() {
     b[0] = b'X';
     assert!(matches!(parse(&b), Err(ParseError::BadMagic { .. })));
     let mut b = good.clone();
-    b[8] = 2;
+    b[8] = 3;
     let e = parse(&b).unwrap_err();
     assert!(
         matches!(
             e,
             ParseError::UnsupportedVersion {
                 offset: 8,
-                found: 2,
+                found: 3,
                 ..
             }
         ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("versions 1 and 2"), "{e}");
+    // A version-1 body under a version-2 header: refused at the body tag.
+    let mut b = good.clone();
+    b[8] = 2;
+    let e = parse(&b).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::Invalid { offset: 20, field, .. } if field == "body_tag"),
         "{e}"
     );
     let mut b = good.clone();
@@ -555,7 +565,7 @@ fn arb_site() -> impl Strategy<Value = Site> {
                         RelocKind::Abs32,
                         RelocKind::Abs32S,
                     ][k as usize],
-                    symbol,
+                    target: RelocTarget::Symbol(symbol),
                     addend,
                 })
                 .collect();
@@ -598,6 +608,7 @@ fn arb_patch() -> impl Strategy<Value = Patch> {
                         text_sha256: Some(sha),
                     },
                     sites,
+                    data: Vec::new(),
                 };
                 p.normalize();
                 p.meta.advisories.dedup();
@@ -661,7 +672,7 @@ fn inspect_is_linear_and_summarises_large_sites() {
         .map(|k| Relocation {
             offset: (k * 5 + 1) as u32,
             kind: RelocKind::Rel32,
-            symbol: "mix".into(),
+            target: RelocTarget::Symbol("mix".into()),
             addend: -4,
         })
         .collect();

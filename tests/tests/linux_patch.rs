@@ -396,7 +396,8 @@ fn the_fix_applies_and_reverts_on_a_kernel_with_5_level_paging() {
         comm_fix.sites[0]
             .relocations
             .iter()
-            .any(|r| r.symbol == "current_task" && r.kind == patch_format::RelocKind::Abs32S),
+            .any(|r| r.symbol_name() == Some("current_task")
+                && r.kind == patch_format::RelocKind::Abs32S),
         "{:?}",
         comm_fix.sites[0].relocations
     );
@@ -501,6 +502,7 @@ fn ping_close_replacement(
             code: vec![0xc3],
             relocations: Vec::new(),
         }],
+        data: Vec::new(),
     };
     p.normalize();
     p.to_file_signed(key).expect("sign")

@@ -267,6 +267,7 @@ fn patch(name: &str, sites: Vec<Site>, replaces: Vec<PatchId>) -> Patch {
         },
         target: identity(),
         sites,
+        data: Vec::new(),
     };
     p.normalize();
     p
