@@ -726,7 +726,7 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             200,
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "patch_format_versions": [patch_format::FORMAT_VERSION],
+                "patch_format_versions": patch_format::SUPPORTED_VERSIONS,
                 "patching_enabled": ctx.engine.enabled(),
                 "features": FEATURES,
             }),
