@@ -25,7 +25,7 @@ pub use keys::{
     KeyFileError, KeyId, PUBLIC_KEY_HEADER, PublicKey, SECRET_KEY_HEADER, SecretKey, SignatureBlock,
 };
 pub use manifest::{
-    Manifest, ManifestSite, ManifestTarget, PatchObject, build_from_manifest,
+    Manifest, ManifestSite, ManifestTarget, ObjectCode, PatchObject, build_from_manifest,
     build_from_manifest_file, code_from_object, parse_location,
 };
 pub use model::*;

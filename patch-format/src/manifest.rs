@@ -260,13 +260,13 @@ pub fn build_from_manifest(
     Ok(BuildOutput { patch, report })
 }
 
+/// A symbol's code, its relocations, and the data blocks the relocations index.
+pub type ObjectCode = (Vec<u8>, Vec<Relocation>, Vec<DataBlock>);
+
 /// The code of `symbol` in an x86-64 relocatable object (`.o`), its relocations made symbolic
 /// and the read-only data it uses: [`PatchObject::code`] for a single symbol. The relocations
 /// index the returned data blocks.
-pub fn code_from_object(
-    object_file: &[u8],
-    symbol: &str,
-) -> Result<(Vec<u8>, Vec<Relocation>, Vec<DataBlock>), BuildError> {
+pub fn code_from_object(object_file: &[u8], symbol: &str) -> Result<ObjectCode, BuildError> {
     let fail = |reason: String| BuildError::Function {
         function: symbol.to_string(),
         reason,
