@@ -904,7 +904,8 @@ fn parse_data(r: &mut Reader<'_>) -> Result<Vec<DataBlock>, ParseError> {
         return Err(not_canonical(
             at,
             Fp::root("data"),
-            "a version-2 patch carries at least one data block; without data it is written as version 1",
+            "a version-2 patch carries at least one data block (a patch without data is written \
+             as version 1, and a data relocation needs the block it names)",
         ));
     }
     let mut data = Vec::new();

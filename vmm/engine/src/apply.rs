@@ -742,7 +742,16 @@ fn plan_data(patch: &Patch, planned: &mut Planned) -> Result<(), EngineError> {
     let slack = max_align - 1;
     let chunk = reserve(planned, len + slack)?;
     let chunk_at = planned.arena.gva(chunk);
-    let base = chunk_at.next_multiple_of(max_align);
+    let overflow = || -> EngineError {
+        PlanError::Verify {
+            site: "data".into(),
+            reason: format!("the data chunk at {chunk_at:#x} cannot be aligned to {max_align}"),
+        }
+        .into()
+    };
+    let base = chunk_at
+        .checked_next_multiple_of(max_align)
+        .ok_or_else(overflow)?;
     let mut bytes = vec![0u8; chunk.len as usize];
     for (d, off) in patch.data.iter().zip(&offsets) {
         let start = (base - chunk_at + off) as usize;
