@@ -479,9 +479,10 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
             | GuestError::NotPaused
             | GuestError::NoSuchVcpu(_) => ErrorKind::Internal,
         },
-        EngineError::NoVcpu | EngineError::Journal(_) | EngineError::Stranded { .. } => {
-            ErrorKind::Internal
-        }
+        EngineError::NoVcpu
+        | EngineError::Journal(_)
+        | EngineError::Stranded { .. }
+        | EngineError::DataPlacement { .. } => ErrorKind::Internal,
     }
 }
 

@@ -742,12 +742,8 @@ fn plan_data(patch: &Patch, planned: &mut Planned) -> Result<(), EngineError> {
     let slack = max_align - 1;
     let chunk = reserve(planned, len + slack)?;
     let chunk_at = planned.arena.gva(chunk);
-    let overflow = || -> EngineError {
-        PlanError::Verify {
-            site: "data".into(),
-            reason: format!("the data chunk at {chunk_at:#x} cannot be aligned to {max_align}"),
-        }
-        .into()
+    let overflow = || EngineError::DataPlacement {
+        reason: format!("the data chunk at {chunk_at:#x} cannot be aligned to {max_align}"),
     };
     let base = chunk_at
         .checked_next_multiple_of(max_align)
@@ -756,11 +752,9 @@ fn plan_data(patch: &Patch, planned: &mut Planned) -> Result<(), EngineError> {
     for (d, off) in patch.data.iter().zip(&offsets) {
         let start = (base - chunk_at + off) as usize;
         let Some(dst) = bytes.get_mut(start..start + d.bytes.len()) else {
-            return Err(PlanError::Verify {
-                site: "data".into(),
+            return Err(EngineError::DataPlacement {
                 reason: format!("data block at {:#x} overflows its allocation", base + off),
-            }
-            .into());
+            });
         };
         dst.copy_from_slice(&d.bytes);
         planned.data_at.push(base + off);

@@ -128,6 +128,10 @@ pub enum EngineError {
     Stale,
     #[error(transparent)]
     LedgerFull(ledger::LedgerFull),
+    #[error(
+        "the patch's read-only data cannot be placed in the arena: {reason} (this is a bug; please report it)"
+    )]
+    DataPlacement { reason: String },
     #[error("the guest has no running vCPU")]
     NoVcpu,
     #[error(
