@@ -2,11 +2,14 @@
 //! own code, so that `vmm::linux::patch::build_kernel_patch` can turn a function of the object
 //! into a function site.
 //!
-//! The C sources live in `guest-tools/linux/patches/`. Patch code carries no data in format 1: it
-//! may reference only kernel symbols (calls, `init_uts_ns`, `linux_proc_banner`, ...), which become
-//! relocations resolved against the running kernel when the patch is applied. String literals
-//! would land in `.rodata` of the object and are refused by the builder: build strings on the
-//! stack instead (`char s[] = "..."` compiles to immediate stores at `-O2`).
+//! The C sources live in `guest-tools/linux/patches/`. Patch code references kernel symbols
+//! (calls, `init_uts_ns`, `linux_proc_banner`, ...), which become relocations resolved against the
+//! running kernel when the patch is applied, and may carry read-only data of its own: string
+//! literals and `const` data land in the object's `.rodata*` sections, which the builder makes
+//! the patch's data blocks (format version 2; [`VERSION_PROC_SHOW_DATA_C`]). Writable data
+//! (`.data`, `.bss`) is refused: a patch has no per-patch writable state. The older fixes build
+//! their strings on the stack (`char s[] = "..."` compiles to immediate stores at `-O2`), which
+//! keeps them version-1 patches.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -74,6 +77,17 @@ pub const VERSION_PROC_SHOW_COMM_FIX: (&str, &str) =
     ("hp_version_proc_show_comm", "version_proc_show");
 /// What the patched line contains.
 pub const VERSION_PROC_SHOW_COMM_TAG: &str = " [read by ";
+
+/// A fix with data of its own: its `seq_printf` format is a string literal and its tag a `const`
+/// array, carried in the patch as read-only data blocks (format version 2). `/proc/version` then
+/// ends with [`VERSION_PROC_SHOW_DATA_TAG`].
+pub const VERSION_PROC_SHOW_DATA_C: &str =
+    include_str!("../linux/patches/version_proc_show_data.c");
+/// Its (code symbol, kernel function).
+pub const VERSION_PROC_SHOW_DATA_FIX: (&str, &str) =
+    ("hp_version_proc_show_data", "version_proc_show");
+/// What the patched line ends with.
+pub const VERSION_PROC_SHOW_DATA_TAG: &str = " [data from the patch]";
 
 /// The C compiler: `$HOTPATCH_KERNEL_CC`, else `gcc`.
 fn compiler() -> String {

@@ -30,6 +30,8 @@ pub enum BuildError {
     NoChanges,
     #[error("manifest: {0}")]
     Manifest(String),
+    #[error("object: {0}")]
+    Object(String),
     #[error("site {site}: {reason}")]
     Site { site: String, reason: String },
     #[error(transparent)]
@@ -298,6 +300,7 @@ pub fn build_from_elfs(
         meta: metadata(info),
         target: old.identity(info.target_name.as_deref().unwrap_or("guest")),
         sites,
+        data: Vec::new(),
     };
     patch.normalize();
     patch.validate()?;
@@ -434,7 +437,7 @@ fn function_code(
                     _,
                 ) => {
                     return Err(format!(
-                        "{at} refers to unnamed data at {section}+{offset:#x} (a literal, constant or jump table); format 1 can only reference named guest symbols: give the data a symbol in the guest, or move it into the code"
+                        "{at} refers to unnamed data at {section}+{offset:#x} (a literal, constant or jump table); a build from two executables references only named guest symbols (it carries no data; a build from an object can): give the data a symbol in the guest, or move it into the code"
                     ));
                 }
                 (SymTarget::GotSlot { symbol, offset }, FieldKind::Rel32) => {
@@ -476,13 +479,13 @@ fn function_code(
                             for b in code.iter_mut().skip(o + 1).take(4) {
                                 *b = 0;
                             }
-                            relocs.push(Relocation {
-                                offset: u32::try_from(o + 1).map_err(|e| e.to_string())?,
-                                kind: RelocKind::Rel32,
-                                symbol: symbol.clone(),
+                            relocs.push(Relocation::symbol(
+                                u32::try_from(o + 1).map_err(|e| e.to_string())?,
+                                RelocKind::Rel32,
+                                symbol.clone(),
                                 // The jump ends 4 bytes after the field.
-                                addend: sym_off as i64 - 4,
-                            });
+                                sym_off as i64 - 4,
+                            ));
                             report.warnings.push(format!(
                                 "{}: {at}: GOT jump to {symbol} relaxed to a direct jump",
                                 nf.name
@@ -534,12 +537,12 @@ fn function_code(
             for b in code.iter_mut().skip(start).take(fld.width) {
                 *b = 0;
             }
-            relocs.push(Relocation {
-                offset: u32::try_from(field_off).map_err(|e| e.to_string())?,
+            relocs.push(Relocation::symbol(
+                u32::try_from(field_off).map_err(|e| e.to_string())?,
                 kind,
                 symbol,
                 addend,
-            });
+            ));
         }
     }
     relocs.sort_by_key(|r| r.offset);

@@ -1,4 +1,4 @@
-//! The canonical binary encoding (format version 1) and its strict parser.
+//! The canonical binary encoding (format versions 1 and 2) and its strict parser.
 //!
 //! Encoding rules (see docs/patch-format.md): little-endian fixed-width
 //! integers, `u32` length prefixes, `u8` tags with a closed set of values, a
@@ -26,6 +26,14 @@ pub const SIGNATURE_CONTEXT: &[u8] = b"hvpatch signature v1\0";
 const SIG_UNSIGNED: u8 = 0;
 const SIG_ED25519: u8 = 1;
 const SIG_ED25519_LEN: usize = 1 + 8 + 64;
+
+/// The first 4 bytes of every version-2 body. Read as a version-1 body they would be the
+/// length of `meta.name`, 0x32765048, far over the 4 KiB string limit: no byte string is both a
+/// v1 and a v2 body, so the id (SHA-256 of the body) names one patch whatever the version.
+pub const BODY_TAG_V2: [u8; 4] = *b"HPv2";
+
+const RELOC_TARGET_SYMBOL: u8 = 1;
+const RELOC_TARGET_DATA: u8 = 2;
 
 /// Where in the file a field is: a dotted path such as `sites[3].relocations[0].symbol`.
 /// Copyable and allocation-free so the parser's happy path costs nothing for it.
@@ -96,13 +104,14 @@ pub enum ParseError {
     #[error("offset 0, magic: not a .hpatch file (starts with {found}, expected {expected})")]
     BadMagic { found: String, expected: String },
     #[error(
-        "offset {offset}, {field}: format version {found} is not supported; this build reads version {supported} (upgrade the tool or rebuild the patch)"
+        "offset {offset}, {field}: format version {found} is not supported; this build reads versions {supported} (upgrade the tool or rebuild the patch)"
     )]
     UnsupportedVersion {
         offset: usize,
         field: String,
         found: u16,
-        supported: u16,
+        /// The versions this build reads, e.g. `1 and 2`.
+        supported: &'static str,
     },
     #[error("offset {offset}, {field}: reserved, must be 0 but is {value}")]
     Reserved {
@@ -280,7 +289,7 @@ impl Patch {
     pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
         let body = self.write_body()?;
         // Validate by parsing: the encoder and the parser cannot disagree.
-        parse_body(&body, HEADER_LEN)?;
+        parse_body(&body, HEADER_LEN, self.format_version())?;
         Ok(body)
     }
 
@@ -295,7 +304,11 @@ impl Patch {
     }
 
     fn write_body(&self) -> Result<Vec<u8>, EncodeError> {
+        let version = self.format_version();
         let mut w = Writer { out: Vec::new() };
+        if version == 2 {
+            w.out.extend_from_slice(&BODY_TAG_V2);
+        }
         let m = &self.meta;
         let meta = Fp::root("meta");
         w.bytes(m.name.as_bytes(), meta.f("name"))?;
@@ -327,6 +340,13 @@ impl Patch {
                 w.out.extend_from_slice(h);
             }
         }
+        if version == 2 {
+            w.len(self.data.len(), Fp::root("data"))?;
+            for (i, d) in self.data.iter().enumerate() {
+                w.u32(d.align);
+                w.bytes(&d.bytes, Fp::idx("data", i).f("bytes"))?;
+            }
+        }
         w.len(self.sites.len(), Fp::root("sites"))?;
         for (i, s) in self.sites.iter().enumerate() {
             let sf = Fp::idx("sites", i);
@@ -345,10 +365,21 @@ impl Patch {
             w.bytes(&s.expected, sf.f("expected"))?;
             w.bytes(&s.code, sf.f("code"))?;
             w.len(s.relocations.len(), sf.f("relocations"))?;
-            for r in &s.relocations {
+            for (j, r) in s.relocations.iter().enumerate() {
+                let rf = sf.i("relocations", j);
                 w.u32(r.offset);
                 w.u8(r.kind.tag());
-                w.bytes(r.symbol.as_bytes(), sf.f("relocations"))?;
+                match (&r.target, version) {
+                    (RelocTarget::Symbol(name), 1) => w.bytes(name.as_bytes(), rf.f("symbol"))?,
+                    (RelocTarget::Symbol(name), _) => {
+                        w.u8(RELOC_TARGET_SYMBOL);
+                        w.bytes(name.as_bytes(), rf.f("symbol"))?;
+                    }
+                    (RelocTarget::Data(block), _) => {
+                        w.u8(RELOC_TARGET_DATA);
+                        w.u32(*block);
+                    }
+                }
                 w.u64(r.addend as u64);
             }
         }
@@ -360,14 +391,18 @@ impl Patch {
     pub fn to_file_unsigned(&self) -> Result<Vec<u8>, EncodeError> {
         let body = self.encode_body()?;
         check_file_size(body.len(), 1)?;
-        Ok(assemble(&body, &SignatureBlock::Unsigned))
+        Ok(assemble(
+            self.format_version(),
+            &body,
+            &SignatureBlock::Unsigned,
+        ))
     }
 
     /// A complete file signed with `key`.
     pub fn to_file_signed(&self, key: &crate::SecretKey) -> Result<Vec<u8>, EncodeError> {
         let body = self.encode_body()?;
         check_file_size(body.len(), SIG_ED25519_LEN)?;
-        Ok(sign_body(&body, key))
+        Ok(sign_body(self.format_version(), &body, key))
     }
 }
 
@@ -387,10 +422,10 @@ pub(crate) fn body_id(body: &[u8]) -> PatchId {
     PatchId(Sha256::digest(body).into())
 }
 
-fn header(body_len: usize, sig_len: usize) -> [u8; HEADER_LEN] {
+fn header(version: u16, body_len: usize, sig_len: usize) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&version.to_le_bytes());
     // h[10..12]: reserved, zero.
     // Lengths fit: the body was validated against limits far below u32::MAX.
     h[12..16].copy_from_slice(&(body_len as u32).to_le_bytes());
@@ -411,17 +446,17 @@ fn sig_block_bytes(sig: &SignatureBlock) -> Vec<u8> {
     }
 }
 
-fn assemble(body: &[u8], sig: &SignatureBlock) -> Vec<u8> {
+fn assemble(version: u16, body: &[u8], sig: &SignatureBlock) -> Vec<u8> {
     let sb = sig_block_bytes(sig);
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + sb.len());
-    out.extend_from_slice(&header(body.len(), sb.len()));
+    out.extend_from_slice(&header(version, body.len(), sb.len()));
     out.extend_from_slice(body);
     out.extend_from_slice(&sb);
     out
 }
 
-pub(crate) fn assemble_unsigned(body: &[u8]) -> Vec<u8> {
-    assemble(body, &SignatureBlock::Unsigned)
+pub(crate) fn assemble_unsigned(version: u16, body: &[u8]) -> Vec<u8> {
+    assemble(version, body, &SignatureBlock::Unsigned)
 }
 
 /// The exact bytes an ed25519 signature covers.
@@ -432,9 +467,11 @@ pub(crate) fn signed_message(header_and_body: &[u8]) -> Vec<u8> {
     m
 }
 
-pub(crate) fn sign_body(body: &[u8], key: &crate::SecretKey) -> Vec<u8> {
+/// `body` signed with `key` in a file of format `version` (the header, version included, is
+/// signed with the body).
+pub(crate) fn sign_body(version: u16, body: &[u8], key: &crate::SecretKey) -> Vec<u8> {
     let mut hb = Vec::with_capacity(HEADER_LEN + body.len());
-    hb.extend_from_slice(&header(body.len(), SIG_ED25519_LEN));
+    hb.extend_from_slice(&header(version, body.len(), SIG_ED25519_LEN));
     hb.extend_from_slice(body);
     let signature = key.sign(&signed_message(&hb));
     let sig = SignatureBlock::Ed25519 {
@@ -453,6 +490,9 @@ pub(crate) fn sign_body(body: &[u8], key: &crate::SecretKey) -> Vec<u8> {
 #[derive(Clone, Debug)]
 pub struct ParsedPatch {
     pub patch: Patch,
+    /// The file's format version (1 or 2): always `patch.format_version()`, since each patch
+    /// has one encoding.
+    pub version: u16,
     /// SHA-256 of the body.
     pub id: PatchId,
     pub signature: SignatureBlock,
@@ -634,12 +674,12 @@ pub fn parse(file: &[u8]) -> Result<ParsedPatch, ParseError> {
     }
     let at = r.off();
     let version = r.u16(h.f("version"))?;
-    if version != FORMAT_VERSION {
+    if !SUPPORTED_VERSIONS.contains(&version) {
         return Err(ParseError::UnsupportedVersion {
             offset: at,
             field: h.f("version").to_string(),
             found: version,
-            supported: FORMAT_VERSION,
+            supported: "1 and 2",
         });
     }
     let at = r.off();
@@ -673,13 +713,14 @@ pub fn parse(file: &[u8]) -> Result<ParsedPatch, ParseError> {
         });
     }
     let body = r.take(body_len, Fp::root("body"))?;
-    let patch = parse_body(body, HEADER_LEN)?;
+    let patch = parse_body(body, HEADER_LEN, version)?;
     let signature = parse_signature(
         r.take(sig_len, Fp::root("signature"))?,
         HEADER_LEN + body_len,
     )?;
     Ok(ParsedPatch {
         patch,
+        version,
         id: body_id(body),
         signature,
         header_and_body: file[..HEADER_LEN + body_len].to_vec(),
@@ -715,13 +756,28 @@ fn parse_signature(b: &[u8], base: usize) -> Result<SignatureBlock, ParseError> 
     Ok(sig)
 }
 
-/// Parses a body that starts at file offset `base`.
-fn parse_body(body: &[u8], base: usize) -> Result<Patch, ParseError> {
+/// Parses a body of format `version` (1 or 2) that starts at file offset `base`.
+fn parse_body(body: &[u8], base: usize, version: u16) -> Result<Patch, ParseError> {
     let mut r = Reader {
         buf: body,
         pos: 0,
         base,
     };
+    if version == 2 {
+        let at = r.off();
+        let tag = r.take(BODY_TAG_V2.len(), Fp::root("body_tag"))?;
+        if tag != BODY_TAG_V2 {
+            return Err(ParseError::Invalid {
+                offset: at,
+                field: "body_tag".into(),
+                reason: format!(
+                    "a version-2 body starts with {} (\"HPv2\"), this one with {}",
+                    hex::encode(BODY_TAG_V2),
+                    hex::encode(tag)
+                ),
+            });
+        }
+    }
     let mf = Fp::root("meta");
     let name = r.string(Text::Line, mf.f("name"))?;
     let description = r.string(Text::Para, mf.f("description"))?;
@@ -779,11 +835,19 @@ fn parse_body(body: &[u8], base: usize) -> Result<Patch, ParseError> {
         });
     }
 
+    let data = if version == 2 {
+        parse_data(&mut r)?
+    } else {
+        Vec::new()
+    };
+    // Which data blocks some relocation refers to: every one must be used.
+    let mut used = vec![false; data.len()];
+
     let n = r.count(limits::MAX_SITES, Fp::root("sites"))?;
     let mut sites: Vec<Site> = Vec::new();
     for i in 0..n {
         let start = r.off();
-        let site = parse_site(&mut r, i)?;
+        let site = parse_site(&mut r, i, version, &mut used)?;
         if let Some(prev) = sites.last()
             && prev.target >= site.target
         {
@@ -805,6 +869,13 @@ fn parse_body(body: &[u8], base: usize) -> Result<Patch, ParseError> {
             after: "body",
         });
     }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        return Err(not_canonical(
+            r.off(),
+            Fp::idx("data", unused),
+            "no relocation refers to this data block: a patch carries only data its code uses",
+        ));
+    }
     Ok(Patch {
         meta: Metadata {
             name,
@@ -820,7 +891,42 @@ fn parse_body(body: &[u8], base: usize) -> Result<Patch, ParseError> {
             text_sha256,
         },
         sites,
+        data,
     })
+}
+
+/// The data blocks of a version-2 body: at least one (a patch without data is version 1),
+/// each with a power-of-two alignment up to a page and 1 byte to 1 MiB of contents.
+fn parse_data(r: &mut Reader<'_>) -> Result<Vec<DataBlock>, ParseError> {
+    let at = r.off();
+    let n = r.count(limits::MAX_DATA_BLOCKS, Fp::root("data"))?;
+    if n == 0 {
+        return Err(not_canonical(
+            at,
+            Fp::root("data"),
+            "a version-2 patch carries at least one data block (a patch without data is written \
+             as version 1, and a data relocation needs the block it names)",
+        ));
+    }
+    let mut data = Vec::new();
+    for i in 0..n {
+        let df = Fp::idx("data", i);
+        let at = r.off();
+        let align = r.u32(df.f("align"))?;
+        if !align.is_power_of_two() || align > limits::MAX_DATA_ALIGN {
+            return Err(ParseError::Invalid {
+                offset: at,
+                field: df.f("align").to_string(),
+                reason: format!(
+                    "alignment {align} is not a power of two from 1 to {}",
+                    limits::MAX_DATA_ALIGN
+                ),
+            });
+        }
+        let bytes = r.bytes(1, limits::MAX_DATA, df.f("bytes"))?.to_vec();
+        data.push(DataBlock { align, bytes });
+    }
+    Ok(data)
 }
 
 fn parse_symbol(r: &mut Reader<'_>, f: Fp) -> Result<String, ParseError> {
@@ -828,7 +934,12 @@ fn parse_symbol(r: &mut Reader<'_>, f: Fp) -> Result<String, ParseError> {
     r.string(Text::Line, f)
 }
 
-fn parse_site(r: &mut Reader<'_>, i: usize) -> Result<Site, ParseError> {
+fn parse_site(
+    r: &mut Reader<'_>,
+    i: usize,
+    version: u16,
+    used: &mut [bool],
+) -> Result<Site, ParseError> {
     let sf = Fp::idx("sites", i);
     let at = r.off();
     let kind_tag = r.u8(sf.f("kind"))?;
@@ -872,7 +983,38 @@ fn parse_site(r: &mut Reader<'_>, i: usize) -> Result<Site, ParseError> {
             value: ktag.into(),
             allowed: "1 = rel32, 2 = abs64, 3 = abs32, 4 = abs32s",
         })?;
-        let symbol = parse_symbol(r, rf.f("symbol"))?;
+        let target = if version == 1 {
+            RelocTarget::Symbol(parse_symbol(r, rf.f("symbol"))?)
+        } else {
+            let tat = r.off();
+            match r.u8(rf.f("target"))? {
+                RELOC_TARGET_SYMBOL => RelocTarget::Symbol(parse_symbol(r, rf.f("symbol"))?),
+                RELOC_TARGET_DATA => {
+                    let bat = r.off();
+                    let block = r.u32(rf.f("data"))?;
+                    let Some(u) = used.get_mut(block as usize) else {
+                        return Err(ParseError::Invalid {
+                            offset: bat,
+                            field: rf.f("data").to_string(),
+                            reason: format!(
+                                "data block {block} does not exist (the patch has {})",
+                                used.len()
+                            ),
+                        });
+                    };
+                    *u = true;
+                    RelocTarget::Data(block)
+                }
+                v => {
+                    return Err(ParseError::BadTag {
+                        offset: tat,
+                        field: rf.f("target").to_string(),
+                        value: v.into(),
+                        allowed: "1 = symbol, 2 = data block",
+                    });
+                }
+            }
+        };
         let addend = r.u64(rf.f("addend"))? as i64;
         let end = u64::from(offset) + rkind.width() as u64;
         if end > code.len() as u64 {
@@ -897,7 +1039,7 @@ fn parse_site(r: &mut Reader<'_>, i: usize) -> Result<Site, ParseError> {
         relocations.push(Relocation {
             offset,
             kind: rkind,
-            symbol,
+            target,
             addend,
         });
     }

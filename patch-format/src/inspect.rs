@@ -54,6 +54,20 @@ fn sym_plus(sym: &str, addend: i64) -> String {
     }
 }
 
+/// Without `full`, at most this many bytes of a data block are shown.
+pub const SUMMARY_DATA: usize = 96;
+
+/// A data block as an escaped byte string (`"%s patched\n\x00"`): strings read as
+/// themselves, every other byte as `\xNN`. Cut to [`SUMMARY_DATA`] bytes unless `full`.
+fn data_preview(bytes: &[u8], full: bool) -> String {
+    let n = shown(bytes.len(), SUMMARY_DATA, full);
+    let mut s = format!("\"{}\"", bytes[..n].escape_ascii());
+    if n < bytes.len() {
+        let _ = write!(s, " ... {} more bytes (--full shows them)", bytes.len() - n);
+    }
+    s
+}
+
 /// Without `full`, at most this many relocations are listed per site.
 pub const SUMMARY_RELOCATIONS: usize = 32;
 /// Without `full`, at most this many disassembly lines are listed per code block.
@@ -89,7 +103,8 @@ pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) 
     let _ = writeln!(o, "patch id     {}", p.id);
     let _ = writeln!(
         o,
-        "format       version {FORMAT_VERSION}, {} bytes",
+        "format       version {}, {} bytes",
+        p.version,
         p.file_len()
     );
     let _ = writeln!(o, "signature    {}", signature_text(p, trusted));
@@ -135,6 +150,26 @@ pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) 
             .map(hex::encode)
             .unwrap_or_else(|| "-".into())
     );
+    let data = &p.patch.data;
+    if data.is_empty() {
+        let _ = writeln!(o, "data         -");
+    } else {
+        let total: usize = data.iter().map(|d| d.bytes.len()).sum();
+        let _ = writeln!(
+            o,
+            "data         {} read-only blocks, {total} bytes",
+            data.len()
+        );
+        for (i, d) in data.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  data[{i}]  {} bytes, align {}: {}",
+                d.bytes.len(),
+                d.align,
+                data_preview(&d.bytes, full)
+            );
+        }
+    }
     let _ = writeln!(o, "sites        {}", p.patch.sites.len());
     for (i, s) in p.patch.sites.iter().enumerate() {
         let _ = writeln!(o);
@@ -153,7 +188,7 @@ pub fn inspect_text(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) 
                 "    +{:#06x}  {:<6}  {}",
                 r.offset,
                 r.kind.as_str(),
-                sym_plus(&r.symbol, r.addend)
+                sym_plus(&r.target.to_string(), r.addend)
             );
         }
         if n < s.relocations.len() {
@@ -212,9 +247,16 @@ pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) 
                 "symbol": sym, "offset": off, "address": addr,
                 "expected": hex::encode(&s.expected),
                 "code": hex::encode(&s.code),
-                "relocations": s.relocations.iter().map(|r| json!({
-                    "offset": r.offset, "kind": r.kind.as_str(), "symbol": r.symbol, "addend": r.addend
-                })).collect::<Vec<_>>(),
+                "relocations": s.relocations.iter().map(|r| {
+                    let (symbol, data) = match &r.target {
+                        RelocTarget::Symbol(name) => (Some(name.clone()), None),
+                        RelocTarget::Data(block) => (None, Some(*block)),
+                    };
+                    json!({
+                        "offset": r.offset, "kind": r.kind.as_str(), "symbol": symbol,
+                        "data": data, "addend": r.addend
+                    })
+                }).collect::<Vec<_>>(),
                 "old_disassembly": old,
                 "old_disassembly_lines": old_lines,
                 "new_disassembly": new,
@@ -224,7 +266,7 @@ pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) 
         .collect();
     json!({
         "id": p.id.to_string(),
-        "format_version": FORMAT_VERSION,
+        "format_version": p.version,
         "file_size": p.file_len(),
         "signature": signature,
         "name": m.name,
@@ -239,6 +281,11 @@ pub fn inspect_json(p: &ParsedPatch, trusted: Option<&[PublicKey]>, full: bool) 
             "build_id": t.build_id.as_ref().map(hex::encode),
             "text_sha256": t.text_sha256.as_ref().map(hex::encode),
         },
+        "data": p.patch.data.iter().map(|d| json!({
+            "align": d.align,
+            "len": d.bytes.len(),
+            "bytes": hex::encode(&d.bytes),
+        })).collect::<Vec<_>>(),
         "sites": sites,
     })
 }

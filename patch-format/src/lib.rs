@@ -1,4 +1,4 @@
-//! The hot-patch file format (`.hpatch`, format version 1; see
+//! The hot-patch file format (`.hpatch`, format versions 1 and 2; see
 //! `docs/patch-format.md`): the patch model, its canonical encoding and strict
 //! parser, ed25519 signing, relocation resolution, and builders that make
 //! patches from ELF files. Knows nothing of KVM.
@@ -16,8 +16,8 @@ mod x86;
 
 pub use build::{BuildError, BuildOutput, BuildReport, PatchInfo, build_from_elfs, diff_elfs};
 pub use codec::{
-    EncodeError, HEADER_LEN, MAGIC, ParseError, ParsedPatch, ReadError, SIGNATURE_CONTEXT, parse,
-    read_patch,
+    BODY_TAG_V2, EncodeError, HEADER_LEN, MAGIC, ParseError, ParsedPatch, ReadError,
+    SIGNATURE_CONTEXT, parse, read_patch,
 };
 pub use elf::{ElfError, ImageInfo, ImageSymbol, read_image};
 pub use inspect::{format_utc, inspect_json, inspect_text};
@@ -25,8 +25,8 @@ pub use keys::{
     KeyFileError, KeyId, PUBLIC_KEY_HEADER, PublicKey, SECRET_KEY_HEADER, SecretKey, SignatureBlock,
 };
 pub use manifest::{
-    Manifest, ManifestSite, ManifestTarget, build_from_manifest, build_from_manifest_file,
-    code_from_object, parse_location,
+    Manifest, ManifestSite, ManifestTarget, ObjectCode, PatchObject, build_from_manifest,
+    build_from_manifest_file, code_from_object, parse_location,
 };
 pub use model::*;
 pub use reloc::{RelocError, apply_relocations};

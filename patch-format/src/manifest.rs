@@ -140,6 +140,7 @@ pub fn build_from_manifest(
     let img = Image::parse(&format!("target {}", m.target.elf), target_elf)?;
     let obj = parse_object(object_file)
         .map_err(|reason| BuildError::Manifest(format!("object {}: {reason}", m.object)))?;
+    let mut data = DataSections::default();
     let mut replaces = Vec::new();
     for r in &m.replaces {
         replaces.push(PatchId::from_hex(r).ok_or_else(|| {
@@ -218,14 +219,10 @@ pub fn build_from_manifest(
             }
             SiteKind::Micropatch => displaced_bytes(&img, &func, addr).map_err(&fail)?,
         };
-        let (code, relocations) = object_code(&obj, &ms.code).map_err(&fail)?;
-        for r in &relocations {
-            img.unique(&r.symbol).map_err(|e| {
-                fail(format!(
-                    "relocation against {:?}: the target has {e}",
-                    r.symbol
-                ))
-            })?;
+        let (code, relocations) = object_code(&obj, &ms.code, &mut data).map_err(&fail)?;
+        for name in relocations.iter().filter_map(Relocation::symbol_name) {
+            img.unique(name)
+                .map_err(|e| fail(format!("relocation against {name:?}: the target has {e}")))?;
         }
         if kind == SiteKind::Micropatch
             && let Ok(insns) = decode_all(&code, 0, &|_| false)
@@ -256,37 +253,208 @@ pub fn build_from_manifest(
         meta: metadata(&info),
         target: img.identity(info.target_name.as_deref().unwrap_or("guest")),
         sites,
+        data: data.blocks,
     };
     patch.normalize();
     patch.validate()?;
     Ok(BuildOutput { patch, report })
 }
 
-/// The code of `symbol` in an x86-64 relocatable object (`.o`) and its relocations, made
-/// symbolic as a site needs them: what a manifest's `code = "symbol"` takes, for builders that
-/// find their targets elsewhere (e.g. a Linux kernel's own symbol table).
-///
-/// - The bytes are the symbol's (`st_size`; an unsized symbol, such as an assembly label,
-///   extends to the next symbol of its section or the section's end).
-/// - Relocations against undefined symbols become [`Relocation`]s (sorted by offset) with their
-///   fields zeroed: `R_X86_64_PC32`/`PLT32` → rel32, `R_X86_64_64` → abs64, `R_X86_64_32` →
-///   abs32, `R_X86_64_32S` → abs32s. GOT-relative and other types are refused.
-/// - PC-relative references into the symbol's own code are resolved here; references to
-///   anything else defined in the object (helper functions, string literals in `.rodata`) are
-///   refused: format 1 carries no data, so such code must use the target's symbols instead.
-///
-/// It does not check that the relocation symbols exist in the target: the caller knows the
-/// target. Errors are [`BuildError::Function`] naming `symbol`.
-pub fn code_from_object(
-    object_file: &[u8],
-    symbol: &str,
-) -> Result<(Vec<u8>, Vec<Relocation>), BuildError> {
+/// A symbol's code, its relocations, and the data blocks the relocations index.
+pub type ObjectCode = (Vec<u8>, Vec<Relocation>, Vec<DataBlock>);
+
+/// The code of `symbol` in an x86-64 relocatable object (`.o`), its relocations made symbolic
+/// and the read-only data it uses: [`PatchObject::code`] for a single symbol. The relocations
+/// index the returned data blocks.
+pub fn code_from_object(object_file: &[u8], symbol: &str) -> Result<ObjectCode, BuildError> {
     let fail = |reason: String| BuildError::Function {
         function: symbol.to_string(),
         reason,
     };
     let obj = parse_object(object_file).map_err(|reason| fail(format!("object: {reason}")))?;
-    object_code(&obj, symbol).map_err(fail)
+    let mut data = DataSections::default();
+    let (code, relocations) = object_code(&obj, symbol, &mut data).map_err(fail)?;
+    Ok((code, relocations, data.blocks))
+}
+
+/// An x86-64 relocatable object (`.o`) that a patch's site code comes from, symbol by symbol,
+/// collecting the read-only data the code uses into the patch's data blocks (format version
+/// 2): what a manifest's `code = "symbol"` takes, for builders that find their targets
+/// elsewhere (e.g. a Linux kernel's own symbol table).
+///
+/// For each [`PatchObject::code`]:
+/// - The bytes are the symbol's (`st_size`; an unsized symbol, such as an assembly label,
+///   extends to the next symbol of its section or the section's end).
+/// - Relocations against undefined symbols become [`Relocation`]s against guest symbols
+///   (sorted by offset) with their fields zeroed: `R_X86_64_PC32`/`PLT32` → rel32,
+///   `R_X86_64_64` → abs64, `R_X86_64_32` → abs32, `R_X86_64_32S` → abs32s. GOT-relative and
+///   other types are refused.
+/// - PC-relative references into the symbol's own code are resolved here.
+/// - References into a read-only data section of the object (`.rodata`, `.rodata.str1.1`,
+///   `.rodata.cst8`, ...: string literals, `const` arrays) become relocations against a data
+///   block holding that whole section, with its alignment; each section becomes one block,
+///   numbered in the order first referenced, shared by every site of the patch. A data section
+///   that itself holds relocations (a table of pointers) is refused: data blocks are copied
+///   as they are, never relocated.
+/// - References to writable data (`.data`, `.bss`: variables) are refused: a patch has no
+///   per-patch writable state (nothing would keep it across a revert or a replacement, and the
+///   arena is mapped for code); so are references to other functions of the object.
+///
+/// It does not check that the relocation symbols exist in the target: the caller knows the
+/// target. Errors are [`BuildError::Function`] naming the symbol.
+pub struct PatchObject<'a> {
+    obj: object::File<'a>,
+    data: DataSections,
+}
+
+impl<'a> PatchObject<'a> {
+    /// Parses `object_file`, which must be an x86-64 relocatable object.
+    pub fn parse(object_file: &'a [u8]) -> Result<PatchObject<'a>, BuildError> {
+        let obj = parse_object(object_file).map_err(BuildError::Object)?;
+        Ok(PatchObject {
+            obj,
+            data: DataSections::default(),
+        })
+    }
+
+    /// The code of `symbol` and its relocations; the data it uses joins [`PatchObject::data`].
+    pub fn code(&mut self, symbol: &str) -> Result<(Vec<u8>, Vec<Relocation>), BuildError> {
+        object_code(&self.obj, symbol, &mut self.data).map_err(|reason| BuildError::Function {
+            function: symbol.to_string(),
+            reason,
+        })
+    }
+
+    /// The data blocks the code taken so far uses, as [`Patch::data`] takes them.
+    pub fn data(&self) -> &[DataBlock] {
+        &self.data.blocks
+    }
+
+    /// The data blocks, for the patch.
+    pub fn into_data(self) -> Vec<DataBlock> {
+        self.data.blocks
+    }
+}
+
+/// Read-only data of one object collected into a patch's data blocks: block `i` is the range
+/// `ranges[i]` (section, start, length) of the object: a sized data symbol (a `const` array or
+/// string) when one covers what the code refers to, else the whole section (string literals
+/// in `.rodata.str1.1`, unnamed constants).
+#[derive(Debug, Default)]
+struct DataSections {
+    blocks: Vec<DataBlock>,
+    ranges: Vec<(object::SectionIndex, u64, u64)>,
+}
+
+impl DataSections {
+    /// The block holding offset `at` of read-only section `sec` (added on first use) and the
+    /// block's start in the section, or why that data cannot be carried.
+    fn block_of(
+        &mut self,
+        obj: &object::File<'_>,
+        sec: &object::Section<'_, '_>,
+        at: i128,
+    ) -> Result<(u32, u64), String> {
+        let name = sec.name().unwrap_or("?");
+        let whole = sec.data().map_err(|e| format!("section {name}: {e}"))?;
+        // A sized object symbol of the section covering `at`, else the whole section.
+        let (start, len) = obj
+            .symbols()
+            .filter(|s| s.section() == SymbolSection::Section(sec.index()))
+            .filter(|s| s.kind() == SymbolKind::Data && s.size() > 0)
+            .map(|s| (s.address(), s.size()))
+            .find(|(a, n)| (i128::from(*a)..i128::from(*a) + i128::from(*n)).contains(&at))
+            .unwrap_or((0, whole.len() as u64));
+        if let Some(i) = self
+            .ranges
+            .iter()
+            .position(|r| *r == (sec.index(), start, len))
+        {
+            return Ok((u32::try_from(i).map_err(|e| e.to_string())?, start));
+        }
+        let end = start.saturating_add(len);
+        if sec
+            .relocations()
+            .any(|(off, _)| off < end && off.saturating_add(8) > start)
+        {
+            return Err(format!(
+                "{name}+{start:#x}..{end:#x} holds addresses (relocations: a table of \
+                 pointers or a jump table); a patch's data blocks are copied as they are, never \
+                 relocated: keep only plain constants and string literals in read-only data \
+                 (compile with -fno-jump-tables)"
+            ));
+        }
+        let bytes = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(end).ok())
+            .and_then(|(a, b)| whole.get(a..b))
+            .ok_or_else(|| format!("{name}+{start:#x}..{end:#x} is outside the section's data"))?
+            .to_vec();
+        if bytes.is_empty() {
+            return Err(format!("section {name} holds no bytes in the object"));
+        }
+        if bytes.len() > limits::MAX_DATA {
+            return Err(format!(
+                "{name}+{start:#x} is {} bytes, over the format's {}-byte limit for a data block",
+                bytes.len(),
+                limits::MAX_DATA
+            ));
+        }
+        // A symbol inside the section is aligned as far as both its offset and the section's
+        // alignment allow.
+        let sec_align = sec.align().max(1);
+        let align = if start == 0 {
+            sec_align
+        } else {
+            sec_align.min(1 << start.trailing_zeros())
+        };
+        let align = u32::try_from(align)
+            .ok()
+            .filter(|a| a.is_power_of_two() && *a <= limits::MAX_DATA_ALIGN)
+            .ok_or_else(|| {
+                format!(
+                    "section {name} asks for alignment {}; data blocks are aligned to a power of \
+                     two up to {}",
+                    sec.align(),
+                    limits::MAX_DATA_ALIGN
+                )
+            })?;
+        if self.blocks.len() >= limits::MAX_DATA_BLOCKS {
+            return Err(format!(
+                "more than {} read-only data blocks referenced",
+                limits::MAX_DATA_BLOCKS
+            ));
+        }
+        self.blocks.push(DataBlock { align, bytes });
+        self.ranges.push((sec.index(), start, len));
+        Ok((
+            u32::try_from(self.blocks.len() - 1).map_err(|e| e.to_string())?,
+            start,
+        ))
+    }
+}
+
+/// What kind of memory a section of the object is, for a reference from patch code into it.
+enum SectionUse {
+    /// Allocated, neither writable nor executable: `.rodata*`.
+    ReadOnly,
+    /// Allocated and writable: `.data*`, `.bss*`.
+    Writable,
+    /// Anything else (code, non-allocated sections).
+    Other,
+}
+
+fn section_use(sec: &object::Section<'_, '_>) -> SectionUse {
+    use object::SectionKind as K;
+    match sec.kind() {
+        K::ReadOnlyData | K::ReadOnlyString
+            if sec.name().is_ok_and(|n| n.starts_with(".rodata")) =>
+        {
+            SectionUse::ReadOnly
+        }
+        K::Data | K::UninitializedData | K::Tls | K::UninitializedTls => SectionUse::Writable,
+        _ => SectionUse::Other,
+    }
 }
 
 /// Parses `object_file`, checking that it is an x86-64 relocatable object.
@@ -346,8 +514,13 @@ fn displaced_bytes(img: &Image<'_>, func: &Sym, addr: u64) -> Result<Vec<u8>, St
         .ok_or_else(|| "displaced range outside the function".into())
 }
 
-/// The bytes of symbol `name` in the object and its relocations made symbolic.
-fn object_code(obj: &object::File<'_>, name: &str) -> Result<(Vec<u8>, Vec<Relocation>), String> {
+/// The bytes of symbol `name` in the object and its relocations made symbolic; read-only data
+/// it refers to joins `rodata`.
+fn object_code(
+    obj: &object::File<'_>,
+    name: &str,
+    rodata: &mut DataSections,
+) -> Result<(Vec<u8>, Vec<Relocation>), String> {
     let sym = obj
         .symbols()
         .find(|s| s.name() == Ok(name) && !s.is_undefined())
@@ -436,12 +609,12 @@ fn object_code(obj: &object::File<'_>, name: &str) -> Result<(Vec<u8>, Vec<Reloc
             let tname = t
                 .name()
                 .map_err(|e| format!("relocation at +{field:#x}: symbol name: {e}"))?;
-            relocs.push(Relocation {
-                offset: u32::try_from(field).map_err(|e| e.to_string())?,
+            relocs.push(Relocation::symbol(
+                u32::try_from(field).map_err(|e| e.to_string())?,
                 kind,
-                symbol: tname.to_string(),
+                tname,
                 addend,
-            });
+            ));
             if let Some(f) = code.get_mut(fstart..fend) {
                 f.fill(0);
             }
@@ -455,16 +628,66 @@ fn object_code(obj: &object::File<'_>, name: &str) -> Result<(Vec<u8>, Vec<Reloc
         let inside = same_section && (start as i128..=end as i128).contains(&pc_target);
         if !inside {
             // String literals are reached through their (unnamed) section symbol.
+            let tsec = t.section_index().and_then(|i| obj.section_by_index(i).ok());
             let tname = match t.name() {
                 Ok(n) if !n.is_empty() => format!("{n:?}"),
-                _ => match t.section_index().and_then(|i| obj.section_by_index(i).ok()) {
+                _ => match &tsec {
                     Some(s) => format!("section {}", s.name().unwrap_or("?")),
                     None => "?".to_string(),
                 },
             };
-            return Err(format!(
-                "relocation at +{field:#x} refers to {tname} defined in the object outside {name:?}; a site carries only its own code: declare guest symbols `extern` and keep constant data out of the patch code"
-            ));
+            let sec_name = tsec
+                .as_ref()
+                .map_or("?", |s| s.name().unwrap_or("?"))
+                .to_string();
+            match tsec.as_ref().map(|s| (s, section_use(s))) {
+                Some((sec, SectionUse::ReadOnly)) => {
+                    // What the code points at: for a PC-relative field, the symbol plus the
+                    // addend plus the field's width (exact unless an immediate follows it).
+                    let pointed = i128::from(t.address())
+                        + i128::from(addend)
+                        + if kind == RelocKind::Rel32 { 4 } else { 0 };
+                    let (block, block_start) =
+                        rodata.block_of(obj, sec, pointed).map_err(|why| {
+                            format!("relocation at +{field:#x} refers to {tname}: {why}")
+                        })?;
+                    // S = the block, A = the symbol's offset in the block plus the ELF addend.
+                    let addend = i64::try_from(i128::from(t.address()) - i128::from(block_start))
+                        .ok()
+                        .and_then(|a| a.checked_add(addend))
+                        .ok_or_else(|| {
+                            format!("relocation at +{field:#x}: offset into {sec_name} overflows")
+                        })?;
+                    relocs.push(Relocation {
+                        offset: u32::try_from(field).map_err(|e| e.to_string())?,
+                        kind,
+                        target: RelocTarget::Data(block),
+                        addend,
+                    });
+                    if let Some(f) = code.get_mut(fstart..fend) {
+                        f.fill(0);
+                    }
+                    continue;
+                }
+                Some((_, SectionUse::Writable)) => {
+                    return Err(format!(
+                        "relocation at +{field:#x} refers to {tname} in writable section \
+                         {sec_name} (a variable) defined in the object; a patch has no \
+                         per-patch writable state yet (it carries read-only data only: nothing \
+                         would keep a variable across a revert or a replacement): use the \
+                         guest's own variables (declare them `extern`), the stack, or `const` \
+                         data"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "relocation at +{field:#x} refers to {tname} defined in the object \
+                         outside {name:?}; a site carries only its own code and read-only \
+                         data: declare guest symbols `extern`, and make helper functions \
+                         `static inline` so they are part of the code"
+                    ));
+                }
+            }
         }
         if kind != RelocKind::Rel32 {
             return Err(format!(
@@ -524,15 +747,20 @@ mod tests {
             "extern int guest_helper(int);\n\
              int fixed(int x) { return guest_helper(x) + 1; }\n\
              static const char text[] = \"data\";\n\
-             const char *uses_data(void) { return text; }\n",
+             const char *uses_data(void) { return text; }\n\
+             int counter;\n\
+             int uses_variable(void) { return ++counter; }\n\
+             static const char *const table[] = { \"a\", \"b\" };\n\
+             const char *uses_pointers(int i) { return table[i]; }\n",
         );
-        let (code, relocs) = code_from_object(&obj, "fixed").unwrap();
+        let (code, relocs, data) = code_from_object(&obj, "fixed").unwrap();
         assert!(!code.is_empty());
+        assert!(data.is_empty(), "no data used: {data:?}");
         assert_eq!(relocs.len(), 1, "{relocs:?}");
         let r = &relocs[0];
         assert_eq!(
-            (r.kind, r.symbol.as_str(), r.addend),
-            (RelocKind::Rel32, "guest_helper", -4)
+            (r.kind, r.symbol_name(), r.addend),
+            (RelocKind::Rel32, Some("guest_helper"), -4)
         );
         let field = r.offset as usize..r.offset as usize + 4;
         assert_eq!(&code[field], &[0; 4], "relocation fields are zeroed");
@@ -542,9 +770,37 @@ mod tests {
             missing.contains("nowhere") && missing.contains("defines no symbol"),
             "{missing}"
         );
-        let data = code_from_object(&obj, "uses_data").unwrap_err().to_string();
-        assert!(data.contains("defined in the object"), "{data}");
-        assert!(data.contains("section .rodata"), "{data}");
+        // Read-only data becomes a data block (the whole section) and a data relocation.
+        let (code, relocs, data) = code_from_object(&obj, "uses_data").unwrap();
+        let [block] = data.as_slice() else {
+            panic!("one block: {data:?}");
+        };
+        let text_at = block
+            .bytes
+            .windows(5)
+            .position(|w| w == b"data\0")
+            .expect("the literal is in the block") as i64;
+        let [r] = relocs.as_slice() else {
+            panic!("one relocation: {relocs:?}");
+        };
+        assert_eq!(r.target, RelocTarget::Data(0));
+        let pc_adjust = if r.kind == RelocKind::Rel32 { -4 } else { 0 };
+        assert_eq!(r.addend, text_at + pc_adjust, "{r:?}");
+        let field = r.offset as usize..r.offset as usize + r.kind.width();
+        assert!(code[field].iter().all(|b| *b == 0));
+        // Writable data: refused, saying why.
+        let var = code_from_object(&obj, "uses_variable")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            var.contains("writable") && var.contains("no per-patch writable state"),
+            "{var}"
+        );
+        // Read-only data holding addresses: refused.
+        let ptrs = code_from_object(&obj, "uses_pointers")
+            .unwrap_err()
+            .to_string();
+        assert!(ptrs.contains("holds addresses"), "{ptrs}");
         let garbage = code_from_object(b"not an object", "fixed")
             .unwrap_err()
             .to_string();

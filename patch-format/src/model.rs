@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-/// Hard limits of format version 1. They bound what the parser will accept (and
+/// Hard limits of the format (versions 1 and 2). They bound what the parser will accept (and
 /// so what it can be made to allocate); the encoder refuses anything beyond them.
 pub mod limits {
     /// Largest accepted `.hpatch` file.
@@ -25,6 +25,13 @@ pub mod limits {
     pub const MAX_REPLACES: usize = 256;
     /// Longest build id (GNU build ids are 20 bytes for sha1, 16 for md5/uuid).
     pub const MAX_BUILD_ID: usize = 64;
+    /// Most read-only data blocks of one patch (version 2).
+    pub const MAX_DATA_BLOCKS: usize = 4096;
+    /// Largest data block (version 2).
+    pub const MAX_DATA: usize = 1024 * 1024;
+    /// Largest alignment a data block may ask for: a page. The arena places blocks at
+    /// guest-virtual addresses that are multiples of it.
+    pub const MAX_DATA_ALIGN: u32 = 4096;
 }
 
 /// Splits livepatch's `sympos` off a symbol name: `name,N` (N ≥ 1, decimal) names the N-th, in
@@ -43,8 +50,13 @@ pub fn split_sympos(name: &str) -> (&str, Option<usize>) {
     (name, None)
 }
 
-/// The format version this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest format version this crate writes: 2, for patches that carry read-only data.
+/// A patch without data is still written as version 1 (see [`Patch::format_version`]), so
+/// version-1 readers keep reading it and its id does not change.
+pub const FORMAT_VERSION: u16 = 2;
+
+/// Every format version this crate reads.
+pub const SUPPORTED_VERSIONS: [u16; 2] = [1, 2];
 
 /// A patch id: SHA-256 of the canonical body encoding.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,6 +90,22 @@ pub struct Patch {
     pub target: TargetIdentity,
     /// Sorted by [`Site::target`], no two at the same location.
     pub sites: Vec<Site>,
+    /// Read-only data the sites' code refers to (string literals, constant tables), placed by
+    /// the engine in the arena next to the code and reached through relocations whose target
+    /// is [`RelocTarget::Data`]. Indexed by those relocations; every block is referenced by at
+    /// least one. Empty for a version-1 patch.
+    pub data: Vec<DataBlock>,
+}
+
+/// One block of read-only data a patch carries (format version 2): bytes the engine copies into
+/// the arena at an address aligned to `align`. Nothing writes it afterwards: there is no
+/// per-patch writable state (the guest would have to be trusted to keep it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataBlock {
+    /// Alignment of the block's guest-virtual address: a power of two, 1..=4096.
+    pub align: u32,
+    /// The contents, 1..=1 MiB.
+    pub bytes: Vec<u8>,
 }
 
 /// Human-facing description of a patch, plus the ids it supersedes.
@@ -226,20 +254,75 @@ impl RelocKind {
     }
 }
 
-/// A symbolic relocation, resolved against the running guest's symbols when the
-/// patch is applied (like kernel livepatch's `.klp.rela` relocations).
+/// What a relocation's `S` is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RelocTarget {
+    /// A symbol of the running guest, resolved at apply time.
+    Symbol(String),
+    /// The start of the patch's data block with this index ([`Patch::data`]), wherever the
+    /// engine places it (format version 2).
+    Data(u32),
+}
+
+impl fmt::Display for RelocTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelocTarget::Symbol(s) => f.write_str(s),
+            RelocTarget::Data(i) => write!(f, "data[{i}]"),
+        }
+    }
+}
+
+/// A symbolic relocation, resolved when the patch is applied: against the running guest's
+/// symbols (like kernel livepatch's `.klp.rela` relocations) or against one of the patch's own
+/// data blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Relocation {
     /// Offset of the field in the site's `code`.
     pub offset: u32,
     pub kind: RelocKind,
-    /// Guest symbol name (S).
-    pub symbol: String,
+    /// S: a guest symbol or a data block of the patch.
+    pub target: RelocTarget,
     /// Addend (A).
     pub addend: i64,
 }
 
+impl Relocation {
+    /// A relocation against the guest symbol `symbol`.
+    pub fn symbol(offset: u32, kind: RelocKind, symbol: impl Into<String>, addend: i64) -> Self {
+        Relocation {
+            offset,
+            kind,
+            target: RelocTarget::Symbol(symbol.into()),
+            addend,
+        }
+    }
+
+    /// The guest symbol it refers to, `None` for a data relocation.
+    pub fn symbol_name(&self) -> Option<&str> {
+        match &self.target {
+            RelocTarget::Symbol(s) => Some(s),
+            RelocTarget::Data(_) => None,
+        }
+    }
+}
+
 impl Patch {
+    /// The format version this patch is written in: 1 without data, 2 with. Each patch has one
+    /// encoding, so a patch without data is never written as version 2.
+    pub fn format_version(&self) -> u16 {
+        let data_reloc = self.sites.iter().any(|s| {
+            s.relocations
+                .iter()
+                .any(|r| matches!(r.target, RelocTarget::Data(_)))
+        });
+        if self.data.is_empty() && !data_reloc {
+            1
+        } else {
+            2
+        }
+    }
+
     /// Puts the order-insensitive lists into their canonical order (advisories,
     /// replaces, sites, relocations). Duplicates are left for `validate` to report.
     pub fn normalize(&mut self) {

@@ -1,7 +1,8 @@
-//! Applying symbolic relocations to a site's code once the guest's symbols and
-//! the code's load address are known. Pure: the engine supplies the lookup.
+//! Applying symbolic relocations to a site's code once the guest's symbols, the addresses of
+//! the patch's data blocks and the code's load address are known. Pure: the engine supplies the
+//! lookup and the placement.
 
-use crate::model::{RelocKind, Relocation};
+use crate::model::{RelocKind, RelocTarget, Relocation};
 
 /// Why a relocation could not be applied. `index` is the relocation's index in
 /// the site's list.
@@ -9,6 +10,15 @@ use crate::model::{RelocKind, Relocation};
 pub enum RelocError {
     #[error("relocation {index}: symbol {symbol:?} is not known in the running guest")]
     UnknownSymbol { index: usize, symbol: String },
+    #[error(
+        "relocation {index}: refers to data block {block}, but only {placed} blocks were placed; \
+         the patch is inconsistent (rebuild it)"
+    )]
+    NoSuchData {
+        index: usize,
+        block: u32,
+        placed: usize,
+    },
     #[error(
         "relocation {index} ({kind} against {symbol}{addend:+}): value {value:#x} does not fit the field; place the code within reach of the symbol (rel32: within ±2 GiB)"
     )]
@@ -31,7 +41,8 @@ pub enum RelocError {
 }
 
 /// Writes every relocation's value into `code`, which will live at guest
-/// address `load_address`. `lookup` maps a guest symbol name to its address.
+/// address `load_address`. `lookup` maps a guest symbol name to its address; `data[i]` is the
+/// guest address the patch's data block `i` was placed at (S of a [`RelocTarget::Data`]).
 ///
 /// Values: `Rel32` = S + A - P (P = `load_address + offset`, signed 32-bit),
 /// `Abs64` = S + A, `Abs32` = S + A (zero-extended 32-bit), `Abs32S` = S + A
@@ -41,6 +52,7 @@ pub fn apply_relocations(
     code: &mut [u8],
     load_address: u64,
     relocations: &[Relocation],
+    data: &[u64],
     mut lookup: impl FnMut(&str) -> Option<u64>,
 ) -> Result<(), RelocError> {
     for (index, r) in relocations.iter().enumerate() {
@@ -56,15 +68,24 @@ pub fn apply_relocations(
                 width,
                 len,
             })?;
-        let s = lookup(&r.symbol).ok_or_else(|| RelocError::UnknownSymbol {
-            index,
-            symbol: r.symbol.clone(),
-        })?;
+        let s = match &r.target {
+            RelocTarget::Symbol(name) => lookup(name).ok_or_else(|| RelocError::UnknownSymbol {
+                index,
+                symbol: name.clone(),
+            })?,
+            RelocTarget::Data(block) => {
+                *data.get(*block as usize).ok_or(RelocError::NoSuchData {
+                    index,
+                    block: *block,
+                    placed: data.len(),
+                })?
+            }
+        };
         let sa = i128::from(s) + i128::from(r.addend);
         let overflow = |value: i128| RelocError::Overflow {
             index,
             kind: r.kind.as_str(),
-            symbol: r.symbol.clone(),
+            symbol: r.target.to_string(),
             addend: r.addend,
             value,
         };
@@ -108,12 +129,7 @@ mod tests {
     use super::*;
 
     fn rel(offset: u32, kind: RelocKind, symbol: &str, addend: i64) -> Relocation {
-        Relocation {
-            offset,
-            kind,
-            symbol: symbol.into(),
-            addend,
-        }
+        Relocation::symbol(offset, kind, symbol, addend)
     }
 
     fn syms(name: &str) -> Option<u64> {
@@ -133,6 +149,7 @@ mod tests {
             &mut code,
             0x20_0000,
             &[rel(1, RelocKind::Rel32, "near", -4)],
+            &[],
             syms,
         )
         .unwrap();
@@ -144,14 +161,21 @@ mod tests {
     #[test]
     fn rel32_overflow() {
         let mut code = [0u8; 4];
-        let e = apply_relocations(&mut code, 0, &[rel(0, RelocKind::Rel32, "far", 0)], syms)
-            .unwrap_err();
+        let e = apply_relocations(
+            &mut code,
+            0,
+            &[rel(0, RelocKind::Rel32, "far", 0)],
+            &[],
+            syms,
+        )
+        .unwrap_err();
         assert!(matches!(e, RelocError::Overflow { index: 0, .. }), "{e}");
         // Negative reach also overflows.
         let e = apply_relocations(
             &mut code,
             0x1_0000_0000_0000 + 0x8000_0000,
             &[rel(0, RelocKind::Rel32, "near", 0)],
+            &[],
             syms,
         )
         .unwrap_err();
@@ -169,6 +193,7 @@ mod tests {
                 rel(8, RelocKind::Abs32, "near", 1),
                 rel(12, RelocKind::Abs32S, "high", 0),
             ],
+            &[],
             syms,
         )
         .unwrap();
@@ -196,11 +221,17 @@ mod tests {
             rel(0, RelocKind::Abs64, "near", -0x20_0000),
             rel(0, RelocKind::Abs64, "high", i64::MAX),
         ] {
-            let e = apply_relocations(&mut code, 0, &[r], syms).unwrap_err();
+            let e = apply_relocations(&mut code, 0, &[r], &[], syms).unwrap_err();
             assert!(matches!(e, RelocError::Overflow { .. }), "{e}");
         }
-        let e = apply_relocations(&mut code, 0, &[rel(0, RelocKind::Abs32, "nope", 0)], syms)
-            .unwrap_err();
+        let e = apply_relocations(
+            &mut code,
+            0,
+            &[rel(0, RelocKind::Abs32, "nope", 0)],
+            &[],
+            syms,
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             RelocError::UnknownSymbol {
@@ -208,16 +239,59 @@ mod tests {
                 symbol: "nope".into()
             }
         );
-        let e = apply_relocations(&mut code, 0, &[rel(6, RelocKind::Rel32, "near", 0)], syms)
-            .unwrap_err();
+        let e = apply_relocations(
+            &mut code,
+            0,
+            &[rel(6, RelocKind::Rel32, "near", 0)],
+            &[],
+            syms,
+        )
+        .unwrap_err();
         assert!(matches!(e, RelocError::OutOfBounds { len: 8, .. }));
         let e = apply_relocations(
             &mut code,
             0,
             &[rel(u32::MAX, RelocKind::Abs64, "near", 0)],
+            &[],
             syms,
         )
         .unwrap_err();
         assert!(matches!(e, RelocError::OutOfBounds { .. }));
+    }
+
+    #[test]
+    fn data_relocations_resolve_to_the_placed_blocks() {
+        // lea rdi, [rip+data[1]+2] at 0x20_0000 and an abs64 of data[0].
+        let mut code = [0x48, 0x8d, 0x3d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let relocs = [
+            Relocation {
+                offset: 3,
+                kind: RelocKind::Rel32,
+                target: RelocTarget::Data(1),
+                addend: 2 - 4,
+            },
+            Relocation {
+                offset: 7,
+                kind: RelocKind::Abs64,
+                target: RelocTarget::Data(0),
+                addend: 0,
+            },
+        ];
+        apply_relocations(&mut code, 0x20_0000, &relocs, &[0x30_0000, 0x30_0040], syms).unwrap();
+        let v = i32::from_le_bytes(code[3..7].try_into().unwrap());
+        assert_eq!(0x20_0007i64 + i64::from(v), 0x30_0042);
+        assert_eq!(
+            u64::from_le_bytes(code[7..15].try_into().unwrap()),
+            0x30_0000
+        );
+        let e = apply_relocations(&mut code, 0x20_0000, &relocs, &[0x30_0000], syms).unwrap_err();
+        assert_eq!(
+            e,
+            RelocError::NoSuchData {
+                index: 0,
+                block: 1,
+                placed: 1
+            }
+        );
     }
 }

@@ -43,11 +43,14 @@ impl ParsedPatch {
 /// the patch id stay the same.
 pub fn sign_file(file: &[u8], key: &SecretKey) -> Result<Vec<u8>, ParseError> {
     let parsed = crate::parse(file)?;
-    Ok(crate::codec::sign_body(parsed.body(), key))
+    Ok(crate::codec::sign_body(parsed.version, parsed.body(), key))
 }
 
 /// Strips the signature, leaving an unsigned (development) file with the same id.
 pub fn unsigned_file(file: &[u8]) -> Result<Vec<u8>, ParseError> {
     let parsed = crate::parse(file)?;
-    Ok(crate::codec::assemble_unsigned(parsed.body()))
+    Ok(crate::codec::assemble_unsigned(
+        parsed.version,
+        parsed.body(),
+    ))
 }

@@ -221,9 +221,9 @@ pub fn disassemble(
             }
         };
         let name = match shown {
-            0 => r.symbol.clone(),
-            a if a > 0 => format!("{}+{:#x}", r.symbol, a),
-            a => format!("{}-{:#x}", r.symbol, a.unsigned_abs()),
+            0 => r.target.to_string(),
+            a if a > 0 => format!("{}+{:#x}", r.target, a),
+            a => format!("{}-{:#x}", r.target, a.unsigned_abs()),
         };
         names.insert(synth, name);
     }
@@ -364,12 +364,12 @@ mod tests {
     #[test]
     fn disassembly_shows_relocation_symbols() {
         let code = [0xe8, 0, 0, 0, 0, 0xc3, 0xff];
-        let relocs = [crate::Relocation {
-            offset: 1,
-            kind: crate::RelocKind::Rel32,
-            symbol: "helper".into(),
-            addend: -4,
-        }];
+        let relocs = [crate::Relocation::symbol(
+            1,
+            crate::RelocKind::Rel32,
+            "helper",
+            -4,
+        )];
         let lines = disassemble(&code, &relocs, None);
         assert_eq!(lines[0].text, "call    helper");
         assert_eq!(lines[0].bytes, "e800000000");

@@ -84,7 +84,11 @@ code = "triangle_check"
     let f = &p.sites[0];
     assert_eq!(f.target.to_string(), "compute");
     assert_eq!(f.kind, SiteKind::Function);
-    let mut syms: Vec<&str> = f.relocations.iter().map(|r| r.symbol.as_str()).collect();
+    let mut syms: Vec<&str> = f
+        .relocations
+        .iter()
+        .filter_map(|r| r.symbol_name())
+        .collect();
     syms.sort();
     assert_eq!(syms, ["counter", "helper", "mix"]);
     assert!(f.relocations.iter().all(|r| r.kind == RelocKind::Rel32));

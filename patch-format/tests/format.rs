@@ -35,13 +35,13 @@ fn sample() -> Patch {
                     Relocation {
                         offset: 1,
                         kind: RelocKind::Rel32,
-                        symbol: "mix".into(),
+                        target: RelocTarget::Symbol("mix".into()),
                         addend: -4,
                     },
                     Relocation {
                         offset: 7,
                         kind: RelocKind::Abs64,
-                        symbol: "table".into(),
+                        target: RelocTarget::Symbol("table".into()),
                         addend: 8,
                     },
                 ],
@@ -64,6 +64,7 @@ fn sample() -> Patch {
                 relocations: vec![],
             },
         ],
+        data: Vec::new(),
     }
 }
 
@@ -175,11 +176,11 @@ fn field_rules() {
             "sites[0].expected: must not be empty",
         ),
         (
-            Box::new(|p| p.sites[0].relocations[0].symbol.clear()),
+            Box::new(|p| p.sites[0].relocations[0].target = RelocTarget::Symbol(String::new())),
             "symbol: must not be empty",
         ),
         (
-            Box::new(|p| p.sites[0].relocations[0].symbol = "a\0b".into()),
+            Box::new(|p| p.sites[0].relocations[0].target = RelocTarget::Symbol("a\0b".into())),
             "control character",
         ),
         (
@@ -280,17 +281,26 @@ fn header_errors_name_offset_and_field() {
     b[0] = b'X';
     assert!(matches!(parse(&b), Err(ParseError::BadMagic { .. })));
     let mut b = good.clone();
-    b[8] = 2;
+    b[8] = 3;
     let e = parse(&b).unwrap_err();
     assert!(
         matches!(
             e,
             ParseError::UnsupportedVersion {
                 offset: 8,
-                found: 2,
+                found: 3,
                 ..
             }
         ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("versions 1 and 2"), "{e}");
+    // A version-1 body under a version-2 header: refused at the body tag.
+    let mut b = good.clone();
+    b[8] = 2;
+    let e = parse(&b).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::Invalid { offset: 20, field, .. } if field == "body_tag"),
         "{e}"
     );
     let mut b = good.clone();
@@ -555,7 +565,7 @@ fn arb_site() -> impl Strategy<Value = Site> {
                         RelocKind::Abs32,
                         RelocKind::Abs32S,
                     ][k as usize],
-                    symbol,
+                    target: RelocTarget::Symbol(symbol),
                     addend,
                 })
                 .collect();
@@ -580,9 +590,10 @@ fn arb_patch() -> impl Strategy<Value = Patch> {
         prop::option::of(prop::collection::vec(any::<u8>(), 1..30)),
         any::<[u8; 32]>(),
         prop::collection::vec(arb_site(), 0..5),
+        prop::option::of((0u32..13, prop::collection::vec(any::<u8>(), 1..40))),
     )
         .prop_map(
-            |(name, description, author, created, adv, rep, build_id, sha, sites)| {
+            |(name, description, author, created, adv, rep, build_id, sha, sites, data)| {
                 let mut p = Patch {
                     meta: Metadata {
                         name,
@@ -598,11 +609,26 @@ fn arb_patch() -> impl Strategy<Value = Patch> {
                         text_sha256: Some(sha),
                     },
                     sites,
+                    data: Vec::new(),
                 };
                 p.normalize();
                 p.meta.advisories.dedup();
                 p.meta.replaces.dedup();
                 p.sites.dedup_by(|a, b| a.target == b.target);
+                // Version 2: a data block, the target of the first relocation there is.
+                if let (Some((align_log, bytes)), Some(r)) = (
+                    data,
+                    p.sites
+                        .iter_mut()
+                        .flat_map(|s| s.relocations.iter_mut())
+                        .next(),
+                ) {
+                    r.target = RelocTarget::Data(0);
+                    p.data.push(DataBlock {
+                        align: 1 << align_log,
+                        bytes,
+                    });
+                }
                 p
             },
         )
@@ -623,7 +649,7 @@ proptest! {
     fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..600), sig in 0usize..80) {
         let mut f = Vec::new();
         f.extend_from_slice(&MAGIC);
-        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&(1 + (sig % 2) as u16).to_le_bytes());
         f.extend_from_slice(&0u16.to_le_bytes());
         f.extend_from_slice(&(body.len() as u32).to_le_bytes());
         f.extend_from_slice(&(sig.min(body.len()) as u32).to_le_bytes());
@@ -661,7 +687,7 @@ fn inspect_is_linear_and_summarises_large_sites() {
         .map(|k| Relocation {
             offset: (k * 5 + 1) as u32,
             kind: RelocKind::Rel32,
-            symbol: "mix".into(),
+            target: RelocTarget::Symbol("mix".into()),
             addend: -4,
         })
         .collect();
@@ -693,4 +719,241 @@ fn inspect_is_linear_and_summarises_large_sites() {
     assert_eq!(site["new_disassembly"].as_array().map(Vec::len), Some(64));
     assert_eq!(site["new_disassembly_lines"], n);
     assert_eq!(site["relocations"].as_array().map(Vec::len), Some(n));
+}
+
+// ---------------------------------------------------------------- format version 2: data
+
+/// The data block string of [`sample_v2`], unique in its files.
+const LITERAL: &[u8] = b"%s patched by hvpatch\n\0";
+
+/// [`sample`] with two read-only data blocks: a string for the function site's code and an
+/// aligned constant for the micropatch's.
+fn sample_v2() -> Patch {
+    let mut p = sample();
+    p.data = vec![
+        DataBlock {
+            align: 1,
+            bytes: LITERAL.to_vec(),
+        },
+        DataBlock {
+            align: 8,
+            bytes: 0x0123_4567_89ab_cdefu64.to_le_bytes().to_vec(),
+        },
+    ];
+    // compute: the abs64 field now holds the address of the string + 3.
+    p.sites[0].relocations[1].target = RelocTarget::Data(0);
+    p.sites[0].relocations[1].addend = 3;
+    // triangle+0x12: a rel32 to the constant.
+    p.sites[1].relocations.push(Relocation {
+        offset: 2,
+        kind: RelocKind::Rel32,
+        target: RelocTarget::Data(1),
+        addend: -4,
+    });
+    p
+}
+
+/// Where the data of a [`sample_v2`] file starts: the `data` count, then block 0's `align` and
+/// its `bytes` length, then [`LITERAL`].
+fn data_offsets(file: &[u8]) -> (usize, usize, usize) {
+    let lit = file
+        .windows(LITERAL.len())
+        .position(|w| w == LITERAL)
+        .expect("the literal is in the file");
+    (lit - 12, lit - 8, lit - 4)
+}
+
+#[test]
+fn version_2_round_trips_and_version_1_is_written_without_data() {
+    let p = sample_v2();
+    assert_eq!(p.format_version(), 2);
+    for bytes in [
+        p.to_file_unsigned().unwrap(),
+        p.to_file_signed(&key(1)).unwrap(),
+    ] {
+        assert_eq!(&bytes[8..10], &[2, 0], "header version 2");
+        assert_eq!(&bytes[HEADER_LEN..HEADER_LEN + 4], &BODY_TAG_V2);
+        let parsed = parse(&bytes).unwrap();
+        assert_eq!(parsed.version, 2);
+        assert_eq!(parsed.patch, p);
+        assert_eq!(parsed.id, p.id().unwrap());
+        check_canonical(&bytes);
+    }
+    let signed = p.to_file_signed(&key(1)).unwrap();
+    parse(&signed).unwrap().verify(&[key(1).public()]).unwrap();
+    // Re-signing and stripping keep the version and the id.
+    let resigned = sign_file(&signed, &key(2)).unwrap();
+    let stripped = unsigned_file(&signed).unwrap();
+    for f in [&resigned, &stripped] {
+        let q = parse(f).unwrap();
+        assert_eq!((q.version, q.id), (2, p.id().unwrap()));
+    }
+    // Without data the same patch is version 1, byte for byte what version 1 always was.
+    let v1 = sample();
+    assert_eq!(v1.format_version(), 1);
+    let f = v1.to_file_unsigned().unwrap();
+    assert_eq!(&f[8..10], &[1, 0]);
+    assert_eq!(parse(&f).unwrap().version, 1);
+    assert_ne!(p.id().unwrap(), v1.id().unwrap());
+}
+
+/// Files written by the version-1-only build (commit 8f30581) of [`sample`]: this build reads
+/// them as the same patch with the same id, and writes them again byte for byte.
+#[test]
+fn version_1_files_of_the_previous_build_still_parse() {
+    for (name, bytes) in [
+        (
+            "unsigned",
+            &include_bytes!("fixtures/v1-sample-unsigned.hpatch")[..],
+        ),
+        (
+            "signed",
+            &include_bytes!("fixtures/v1-sample-signed.hpatch")[..],
+        ),
+    ] {
+        let parsed = parse(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(parsed.version, 1, "{name}");
+        assert_eq!(parsed.patch, sample(), "{name}");
+        assert_eq!(parsed.id, sample().id().unwrap(), "{name}");
+        check_canonical(bytes);
+        if name == "signed" {
+            parsed.verify(&[key(1).public()]).unwrap();
+            assert_eq!(sample().to_file_signed(&key(1)).unwrap(), bytes);
+        } else {
+            assert_eq!(sample().to_file_unsigned().unwrap(), bytes);
+        }
+    }
+}
+
+#[test]
+fn corrupted_data_is_refused_naming_offset_and_field() {
+    let good = sample_v2().to_file_unsigned().unwrap();
+    let (count_at, align_at, len_at) = data_offsets(&good);
+    let set = |at: usize, v: u32| {
+        let mut b = good.clone();
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    // A data length over the limit, one the file cannot hold, zero, and one byte off.
+    let e = parse(&set(len_at, limits::MAX_DATA as u32 + 1)).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::OverLimit { offset, field, .. } if *offset == len_at && field == "data[0].bytes"),
+        "{e}"
+    );
+    let e = parse(&set(len_at, 1 << 20)).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::Truncated { field, .. } if field == "data[0].bytes"),
+        "{e}"
+    );
+    let e = parse(&set(len_at, 0)).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::Empty { offset, .. } if *offset == len_at),
+        "{e}"
+    );
+    for delta in [1u32, u32::MAX] {
+        let n = (LITERAL.len() as u32).wrapping_add(delta);
+        assert!(parse(&set(len_at, n)).is_err(), "length {n}");
+    }
+    // Alignments that are not a power of two up to a page.
+    for bad in [0u32, 3, 8192] {
+        let e = parse(&set(align_at, bad)).unwrap_err();
+        assert!(
+            matches!(&e, ParseError::Invalid { offset, field, .. } if *offset == align_at && field == "data[0].align"),
+            "{bad}: {e}"
+        );
+    }
+    // No data at all in a version-2 file, or more blocks than the limit.
+    let e = parse(&set(count_at, 0)).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::NotCanonical { offset, .. } if *offset == count_at),
+        "{e}"
+    );
+    let e = parse(&set(count_at, limits::MAX_DATA_BLOCKS as u32 + 1)).unwrap_err();
+    assert!(matches!(e, ParseError::OverLimit { .. }), "{e}");
+    // A version-2 body read as version 1: its tag is an impossible name length.
+    let mut b = good.clone();
+    b[8] = 1;
+    let e = parse(&b).unwrap_err();
+    assert!(
+        matches!(&e, ParseError::OverLimit { offset: 20, field, .. } if field == "meta.name"),
+        "{e}"
+    );
+    // A flipped data byte in a signed file: parses (it is a valid patch), never verifies.
+    let signed = sample_v2().to_file_signed(&key(1)).unwrap();
+    let (_, _, len_at) = data_offsets(&signed);
+    let mut b = signed.clone();
+    b[len_at + 4] ^= 0x20;
+    let q = parse(&b).unwrap();
+    assert_ne!(q.id, sample_v2().id().unwrap());
+    assert!(matches!(
+        q.verify(&[key(1).public()]),
+        Err(VerifyError::BadSignature { .. })
+    ));
+    // Truncated anywhere: an error at or before the cut.
+    for n in 0..signed.len() {
+        let e = parse(&signed[..n]).unwrap_err();
+        assert!(e.offset() <= n, "offset {} beyond {n}: {e}", e.offset());
+    }
+}
+
+#[test]
+fn data_rules_are_checked_by_the_encoder() {
+    // A relocation to a block that does not exist.
+    let mut p = sample_v2();
+    p.sites[1].relocations[0].target = RelocTarget::Data(2);
+    let e = p.validate().unwrap_err().to_string();
+    assert!(e.contains("data block 2 does not exist"), "{e}");
+    // A block nothing refers to.
+    let mut p = sample_v2();
+    p.data.push(DataBlock {
+        align: 4,
+        bytes: vec![1, 2, 3],
+    });
+    let e = p.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("data[2]") && e.contains("no relocation refers"),
+        "{e}"
+    );
+    // A data relocation without any data.
+    let mut p = sample();
+    p.sites[0].relocations[0].target = RelocTarget::Data(0);
+    assert!(p.validate().is_err());
+    // Empty and oversized blocks, bad alignment.
+    for (bytes, align) in [
+        (vec![], 1),
+        (vec![0; limits::MAX_DATA + 1], 1),
+        (vec![1], 6),
+        (vec![1], limits::MAX_DATA_ALIGN * 2),
+    ] {
+        let mut p = sample_v2();
+        p.data[1] = DataBlock { align, bytes };
+        assert!(p.validate().is_err(), "align {align}");
+    }
+}
+
+#[test]
+fn inspect_shows_the_data_blocks_and_data_relocations() {
+    let parsed = parse(&sample_v2().to_file_signed(&key(1)).unwrap()).unwrap();
+    let text = inspect_text(&parsed, Some(&[key(1).public()]), false);
+    assert!(text.contains("format       version 2,"), "{text}");
+    assert!(
+        text.contains("data         2 read-only blocks, 31 bytes"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"data[0]  23 bytes, align 1: "%s patched by hvpatch\n\x00""#),
+        "{text}"
+    );
+    assert!(text.contains("data[1]  8 bytes, align 8"), "{text}");
+    assert!(text.contains("abs64   data[0]+0x3"), "{text}");
+    assert!(text.contains("rel32   data[1]-0x4"), "{text}");
+    let json = inspect_json(&parsed, None, false);
+    assert_eq!(json["format_version"], 2);
+    assert_eq!(json["data"][0]["align"], 1);
+    assert_eq!(json["data"][1]["bytes"], "efcdab8967452301");
+    assert_eq!(json["sites"][0]["relocations"][1]["data"], 0);
+    assert!(json["sites"][0]["relocations"][1]["symbol"].is_null());
+    let v1 = parse(&sample().to_file_unsigned().unwrap()).unwrap();
+    assert!(inspect_text(&v1, None, false).contains("format       version 1,"));
+    assert!(inspect_text(&v1, None, false).contains("data         -"));
 }

@@ -174,6 +174,7 @@ pub fn micropatch(name: &str, symbol: &str, offset: u64, expected: &[u8], code: 
             code: code.to_vec(),
             relocations: Vec::new(),
         }],
+        data: Vec::new(),
     }
 }
 

@@ -322,6 +322,131 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     }
 }
 
+/// A C fix with data of its own (patch format version 2): its `seq_printf` format is a string
+/// literal and its tag a `const` array, which the builder carries as read-only data blocks and
+/// the engine places in the arena beside the code. Built, inspected, applied to the running
+/// stock kernel and reverted through the CLI, as an operator would.
+#[test]
+fn a_c_fix_carrying_a_string_literal_changes_what_the_guest_reads_and_reverts() {
+    use guest_tools::kernel_patch::{
+        VERSION_PROC_SHOW_DATA_C, VERSION_PROC_SHOW_DATA_FIX, VERSION_PROC_SHOW_DATA_TAG,
+    };
+    let kit = Kit::ensure();
+    let dir = TempDir::new("linux-data");
+    let d = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_string();
+    let g = LinuxGuest::boot(
+        &kit,
+        &BootOptions {
+            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x}"),
+            ..BootOptions::default()
+        },
+    );
+    let first = wait_line_within(&g, 0, "workload line", BOOT_WITHIN, |_| true);
+    let original = first.version.clone();
+    assert!(!original.contains(VERSION_PROC_SHOW_DATA_TAG));
+
+    cli(&["patch", "keygen", "-o", &d("ops")]);
+    let object =
+        kernel_patch::compile(VERSION_PROC_SHOW_DATA_C, dir.path()).expect("compile the C fix");
+    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
+    let (code, function) = VERSION_PROC_SHOW_DATA_FIX;
+    cli(&[
+        "patch",
+        "build",
+        "--linux-kernel",
+        &vmlinuz,
+        "--object",
+        object.to_str().expect("utf-8"),
+        "--replace",
+        &format!("{function}={code}"),
+        "--key",
+        &d("ops.key"),
+        "--name",
+        "version-data",
+        "-o",
+        &d("fix.hpatch"),
+    ]);
+    // The file says what it carries: version 2, the literal and the tag as data blocks.
+    let shown = stdout(&cli(&[
+        "patch",
+        "inspect",
+        &d("fix.hpatch"),
+        "--trusted-key",
+        &d("ops.pub"),
+    ]));
+    println!("{shown}");
+    assert!(shown.contains("format       version 2,"), "{shown}");
+    assert!(shown.contains("data         2 read-only blocks"), "{shown}");
+    assert!(shown.contains(r#"%s version %s %s%s\n"#), "{shown}");
+    assert!(shown.contains(VERSION_PROC_SHOW_DATA_TAG), "{shown}");
+    assert!(shown.contains("VALID"), "{shown}");
+
+    let run = |verb: &[&str]| -> String {
+        let mut args: Vec<String> = ["patch"]
+            .iter()
+            .chain(verb)
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(
+            [
+                "--qemu-gdb",
+                &g.gdb_addr(),
+                "--qmp",
+                g.qmp_path().to_str().expect("utf-8"),
+                "--linux-kernel",
+                &vmlinuz,
+                "--arena",
+                &format!("{ARENA_GPA:#x}"),
+                "--state-dir",
+                &d("state"),
+                "--trusted-key",
+                &d("ops.pub"),
+            ]
+            .map(str::to_string),
+        );
+        stdout(&cli(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let before = last_seq(&g);
+    let out = run(&["apply", &d("fix.hpatch")]);
+    println!("{out}");
+    assert!(out.starts_with("applied "), "{out}");
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+    let patched = wait_line(
+        &g,
+        before,
+        "/proc/version printed from the patch's data",
+        |l| l.version.contains(VERSION_PROC_SHOW_DATA_TAG),
+    );
+    println!("patched: {}", patched.version);
+    // "Linux version <release> <version>" from init_uts_ns, then the tag: the original line's
+    // release is there, and the format's own text came from the data block.
+    let release = original
+        .strip_prefix("Linux version ")
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the original names its release");
+    assert!(
+        patched
+            .version
+            .starts_with(&format!("Linux version {release} ")),
+        "{}",
+        patched.version
+    );
+    assert!(
+        patched
+            .version
+            .trim_end()
+            .ends_with(VERSION_PROC_SHOW_DATA_TAG),
+        "{}",
+        patched.version
+    );
+    let before = last_seq(&g);
+    let out = run(&["revert", &id[..8]]);
+    assert!(out.starts_with("reverted "), "{out}");
+    wait_line(&g, before, "the original /proc/version again", |l| {
+        l.version == original
+    });
+}
+
 /// The same fix on a kernel running with 5-level paging (QEMU `-cpu max` offers LA57 and the
 /// Debian kernel turns it on by itself): the arena must be mapped through the PML5, not into
 /// whatever table a 4-level walk would take for the PML4.
@@ -396,7 +521,8 @@ fn the_fix_applies_and_reverts_on_a_kernel_with_5_level_paging() {
         comm_fix.sites[0]
             .relocations
             .iter()
-            .any(|r| r.symbol == "current_task" && r.kind == patch_format::RelocKind::Abs32S),
+            .any(|r| r.symbol_name() == Some("current_task")
+                && r.kind == patch_format::RelocKind::Abs32S),
         "{:?}",
         comm_fix.sites[0].relocations
     );
@@ -501,6 +627,7 @@ fn ping_close_replacement(
             code: vec![0xc3],
             relocations: Vec::new(),
         }],
+        data: Vec::new(),
     };
     p.normalize();
     p.to_file_signed(key).expect("sign")

@@ -149,27 +149,34 @@ fn version_proc_show_patch_builds_against_the_stock_kernel() {
     assert_eq!((sym.addr, sym.size), (address, extent as u64));
 
     // The new code calls into the kernel through relocations, all of them resolvable.
-    let (code, relocations) =
+    let (code, relocations, data) =
         patch_format::code_from_object(&object, code_symbol).expect("code from the object");
     assert_eq!((&site.code, &site.relocations), (&code, &relocations));
-    let names: Vec<&str> = site.relocations.iter().map(|r| r.symbol.as_str()).collect();
+    assert!(
+        data.is_empty() && patch.data.is_empty(),
+        "stack strings only"
+    );
+    let names: Vec<&str> = site
+        .relocations
+        .iter()
+        .filter_map(|r| r.symbol_name())
+        .collect();
     assert!(
         names.contains(&"seq_printf") || names.contains(&"seq_puts"),
         "{names:?}"
     );
     assert!(names.contains(&"__x86_return_thunk"), "{names:?}");
-    for r in &site.relocations {
+    for name in &names {
         assert!(
-            unique_address(kallsyms, &r.symbol).is_some(),
-            "relocation symbol {} resolves uniquely in kallsyms",
-            r.symbol
+            unique_address(kallsyms, name).is_some(),
+            "relocation symbol {name} resolves uniquely in kallsyms"
         );
     }
     // Linked where a module would be (within ±2 GiB of the kernel), the code calls the
     // kernel's seq_printf and returns through its return thunk.
     let load = 0xffff_ffff_c000_0000;
     let mut linked = site.code.clone();
-    patch_format::apply_relocations(&mut linked, load, &site.relocations, |s| {
+    patch_format::apply_relocations(&mut linked, load, &site.relocations, &[], |s| {
         unique_address(kallsyms, s)
     })
     .unwrap_or_else(|e| panic!("{e}"));
@@ -277,13 +284,14 @@ fn kernel_patches_that_cannot_apply_are_refused_with_the_reason() {
         "{msg}"
     );
 
-    // Code with data of its own (a string literal in .rodata): format 1 cannot carry it.
-    let literal = compile(
+    // Code with writable data of its own (a variable in .bss): refused, saying why.
+    let variable = compile(
         "struct seq_file;\n\
          extern void seq_puts(struct seq_file *, const char *);\n\
-         int hp_literal(struct seq_file *m, void *v) { (void)v; seq_puts(m, \"hello\\n\"); return 0; }\n",
+         static int calls;\n\
+         int hp_counts(struct seq_file *m, void *v) { (void)m; (void)v; return ++calls; }\n",
     );
-    let err = build(&literal, &[("version_proc_show", "hp_literal")]).unwrap_err();
+    let err = build(&variable, &[("version_proc_show", "hp_counts")]).unwrap_err();
     // The cause is the source, printed once: render the chain as the CLI does.
     let mut msg = err.to_string();
     let mut cause = std::error::Error::source(&err);
@@ -293,5 +301,32 @@ fn kernel_patches_that_cannot_apply_are_refused_with_the_reason() {
     }
     eprintln!("refused: {msg}");
     assert!(matches!(err, KernelPatchError::Code { .. }), "{msg}");
-    assert!(msg.contains("defined in the object"), "{msg}");
+    assert!(
+        msg.contains("writable") && msg.contains("no per-patch writable state"),
+        "{msg}"
+    );
+
+    // A string literal (in .rodata.str1.1) is carried as a data block (format version 2).
+    let literal = compile(
+        "struct seq_file;\n\
+         extern void seq_puts(struct seq_file *, const char *);\n\
+         int hp_literal(struct seq_file *m, void *v) { (void)v; seq_puts(m, \"hello\\n\"); return 0; }\n",
+    );
+    let patch = build(&literal, &[("version_proc_show", "hp_literal")]).expect("literal");
+    assert_eq!(patch.format_version(), 2);
+    let [block] = patch.data.as_slice() else {
+        panic!("one data block: {:?}", patch.data);
+    };
+    assert!(
+        block.bytes.windows(7).any(|w| w == b"hello\n\0"),
+        "{block:?}"
+    );
+    assert!(
+        patch.sites[0]
+            .relocations
+            .iter()
+            .any(|r| r.target == patch_format::RelocTarget::Data(0)),
+        "{:?}",
+        patch.sites[0].relocations
+    );
 }

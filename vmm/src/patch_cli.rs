@@ -23,7 +23,10 @@ use crate::exit::ApiFailure;
 
 #[derive(Subcommand, Debug)]
 pub enum PatchCommand {
-    /// Build a patch from two builds of the guest (--old/--new) or from a manifest.
+    /// Build a patch from two builds of the guest (--old/--new), from a manifest, or for a stock
+    /// Linux kernel from a C object (--linux-kernel). Code built from an object may use
+    /// read-only data (string literals, const arrays), carried as data blocks (format version
+    /// 2); writable data is refused.
     Build(Box<BuildArgs>),
     /// Make a signing key pair: NAME.key (secret, mode 0600) and NAME.pub.
     Keygen(KeygenArgs),
@@ -31,7 +34,8 @@ pub enum PatchCommand {
     Sign(SignArgs),
     /// Check a patch's signature against trusted public keys.
     Verify(VerifyArgs),
-    /// Show a patch: id, signature, metadata, target, sites with disassembly.
+    /// Show a patch: id, format version, signature, metadata, target, read-only data blocks,
+    /// sites with disassembly.
     Inspect(InspectArgs),
     /// Apply a patch to a running VM (through its API socket, or to a QEMU VM through its QMP
     /// socket and a gdbstub). Applying it again is a no-op.
@@ -228,7 +232,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "BZIMAGE", requires_all = ["object", "replacements"], conflicts_with_all = ["old", "manifest"])]
     pub linux_kernel: Option<PathBuf>,
     /// The relocatable object with the new code (gcc -c with kernel flags; see
-    /// guest-tools/src/kernel_patch.rs).
+    /// guest-tools/src/kernel_patch.rs). Its string literals and const data (.rodata*) go into
+    /// the patch as read-only data blocks; variables (.data, .bss) are refused.
     #[arg(long, value_name = "FILE.o")]
     pub object: Option<PathBuf>,
     /// KERNEL_FUNCTION=CODE_SYMBOL: the kernel function to replace and the object's symbol

@@ -8,11 +8,12 @@
  * This one prints the same line with " [hotpatched by hvpatch]" before its newline, so the
  * change is obvious while the line still starts with "Linux version " for the workload's parser.
  *
- * Rules for patch code (hot-patch format 1):
- * - no data of its own: a site carries only code, so no string literals or constants in .rodata.
- *   Strings are built on the stack (gcc -O2 stores them as immediates); everything else comes
- *   from the kernel through relocations resolved at apply time (seq_printf, init_uts_ns,
- *   linux_proc_banner, __x86_return_thunk);
+ * Rules for patch code (written for hot-patch format 1; format 2 can carry read-only data, see
+ * version_proc_show_data.c):
+ * - no data of its own: no string literals or constants in .rodata, so the patch stays a
+ *   version-1 file. Strings are built on the stack (gcc -O2 stores them as immediates);
+ *   everything else comes from the kernel through relocations resolved at apply time
+ *   (seq_printf, init_uts_ns, linux_proc_banner, __x86_return_thunk);
  * - no kernel headers (-nostdinc): the few declarations needed are below, with the 6.1 layouts.
  *
  * Difference from the original: it reads init_uts_ns (the initial UTS namespace) instead of the

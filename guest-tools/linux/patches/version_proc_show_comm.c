@@ -33,7 +33,7 @@ extern char *__get_task_comm(char *buf, unsigned long buf_size, struct task_stru
 
 int hp_version_proc_show_comm(struct seq_file *m, void *v)
 {
-	/* Stack strings: immediate stores, no .rodata (format 1 carries no data). */
+	/* Stack strings: immediate stores, no .rodata (the patch stays format version 1). */
 	char format[] = "%s version %s %s [read by %s]\n";
 	char comm[16];
 	struct task_struct *task;

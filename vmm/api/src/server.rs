@@ -479,9 +479,10 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
             | GuestError::NotPaused
             | GuestError::NoSuchVcpu(_) => ErrorKind::Internal,
         },
-        EngineError::NoVcpu | EngineError::Journal(_) | EngineError::Stranded { .. } => {
-            ErrorKind::Internal
-        }
+        EngineError::NoVcpu
+        | EngineError::Journal(_)
+        | EngineError::Stranded { .. }
+        | EngineError::DataPlacement { .. } => ErrorKind::Internal,
     }
 }
 
@@ -726,7 +727,7 @@ fn handle(ctx: &ApiContext, endpoint: Endpoint, id: &str, body: &[u8]) -> Result
             200,
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "patch_format_versions": [patch_format::FORMAT_VERSION],
+                "patch_format_versions": patch_format::SUPPORTED_VERSIONS,
                 "patching_enabled": ctx.engine.enabled(),
                 "features": FEATURES,
             }),

@@ -36,6 +36,11 @@ struct Planned {
     /// The arena with this patch's chunks taken: becomes the engine's arena on adoption.
     arena: Arena,
     chunks: Vec<Chunk>,
+    /// The patch's read-only data: the whole chunk holding it (blocks at their offsets, zeroes
+    /// between them), staged with the code.
+    data: Option<(u64, Vec<u8>)>,
+    /// Where each data block was placed (guest-virtual): `S` of data relocations.
+    data_at: Vec<u64>,
 }
 
 /// An apply planned by [`Engine::plan_apply`], for [`Engine::commit_planned`].
@@ -208,9 +213,10 @@ impl<G: GuestControl> Engine<G> {
         self.arena = planned.arena;
         let chunks = planned.chunks;
         let prepared = planned.sites;
+        let data = planned.data;
         // The ledger claims the new chunks and sites before any jump can lead there.
         let outcome = self
-            .stage(&prepared)
+            .stage(&prepared, data.as_ref())
             .and_then(|()| self.write_ledger())
             .and_then(|()| self.commit_apply(&record, &prepared, &lifting));
         let committed = match outcome {
@@ -263,7 +269,10 @@ impl<G: GuestControl> Engine<G> {
             sites: Vec::with_capacity(patch.sites.len()),
             arena: self.arena.clone(),
             chunks: Vec::new(),
+            data: None,
+            data_at: Vec::new(),
         };
+        plan_data(patch, &mut planned)?;
         for site in &patch.sites {
             let p = self.plan_site(site, paging, lifting, &mut planned)?;
             planned.sites.push(p);
@@ -425,9 +434,13 @@ impl<G: GuestControl> Engine<G> {
         };
         let code_at = planned.arena.gva(code_chunk);
         let mut code = site.code.clone();
-        patch_format::apply_relocations(&mut code, code_at, &site.relocations, |s| {
-            self.target.symbol(s)
-        })
+        patch_format::apply_relocations(
+            &mut code,
+            code_at,
+            &site.relocations,
+            &planned.data_at,
+            |s| self.target.symbol(s),
+        )
         .map_err(|source| EngineError::Reloc {
             site: name.clone(),
             source,
@@ -498,10 +511,19 @@ impl<G: GuestControl> Engine<G> {
         }
     }
 
-    /// Writes the new code into the arena. No vCPU can be running it yet (nothing jumps there
-    /// until the commit), so this happens while the guest runs.
-    fn stage(&self, prepared: &[Prepared]) -> Result<(), EngineError> {
+    /// Writes the new code and the patch's read-only data into the arena. No vCPU can be
+    /// running or reading them yet (nothing jumps there until the commit), so this happens
+    /// while the guest runs.
+    fn stage(
+        &self,
+        prepared: &[Prepared],
+        data: Option<&(u64, Vec<u8>)>,
+    ) -> Result<(), EngineError> {
         let window = self.arena.window;
+        if let Some((at, bytes)) = data {
+            self.guest
+                .write_phys(window.gpa + (at - window.gva), bytes)?;
+        }
         for p in prepared {
             for (at, bytes) in &p.plan.arena {
                 let gpa = window.gpa + (at - window.gva);
@@ -608,15 +630,14 @@ impl<G: GuestControl> Engine<G> {
         })
     }
 
-    /// A reverted patch's arena code waits in quarantine until no vCPU can be running it.
+    /// A reverted patch's arena code and data wait in quarantine, as one group, until no vCPU
+    /// can be running or returning into any of them.
     fn retire_arena(&mut self, r: &PatchRecord) {
         let gpa0 = self.arena.window.gpa;
-        for a in &r.arena {
-            self.arena.retire(Chunk {
-                offset: a.gpa.wrapping_sub(gpa0),
-                len: a.len,
-            });
-        }
+        self.arena.retire_group(r.arena.iter().map(|a| Chunk {
+            offset: a.gpa.wrapping_sub(gpa0),
+            len: a.len,
+        }));
     }
 
     /// Reverts an applied patch: every byte it changed is put back in one blackout.
@@ -692,4 +713,59 @@ fn reserve(planned: &mut Planned, len: u64) -> Result<Chunk, EngineError> {
     })?;
     planned.chunks.push(c);
     Ok(c)
+}
+
+/// Places the patch's read-only data blocks in one chunk of the scratch arena, each at a
+/// guest-virtual address aligned as it asks, and fills in [`Planned::data`] and
+/// [`Planned::data_at`]. The chunk is written whole (the blocks, zeroes between them), so every
+/// byte of it is the signed patch's or the engine's own. Nothing for a patch without data.
+fn plan_data(patch: &Patch, planned: &mut Planned) -> Result<(), EngineError> {
+    if patch.data.is_empty() {
+        return Ok(());
+    }
+    // Offsets from a base aligned to the largest alignment asked for; the chunk gets the slack
+    // to reach such a base wherever it starts.
+    let max_align = patch
+        .data
+        .iter()
+        .map(|d| u64::from(d.align))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut offsets = Vec::with_capacity(patch.data.len());
+    let mut len: u64 = 0;
+    for d in &patch.data {
+        let at = len.next_multiple_of(u64::from(d.align).max(1));
+        offsets.push(at);
+        len = at + d.bytes.len() as u64;
+    }
+    let slack = max_align - 1;
+    let chunk = reserve(planned, len + slack)?;
+    let chunk_at = planned.arena.gva(chunk);
+    let overflow = || EngineError::DataPlacement {
+        reason: format!("the data chunk at {chunk_at:#x} cannot be aligned to {max_align}"),
+    };
+    let base = chunk_at
+        .checked_next_multiple_of(max_align)
+        .ok_or_else(overflow)?;
+    let mut bytes = vec![0u8; chunk.len as usize];
+    for (d, off) in patch.data.iter().zip(&offsets) {
+        let start = (base - chunk_at + off) as usize;
+        let Some(dst) = bytes.get_mut(start..start + d.bytes.len()) else {
+            return Err(EngineError::DataPlacement {
+                reason: format!("data block at {:#x} overflows its allocation", base + off),
+            });
+        };
+        dst.copy_from_slice(&d.bytes);
+        planned.data_at.push(base + off);
+    }
+    tracing::debug!(
+        blocks = patch.data.len(),
+        bytes = len,
+        gva = chunk_at,
+        chunk_len = chunk.len,
+        "placed the patch's read-only data in the arena"
+    );
+    planned.data = Some((chunk_at, bytes));
+    Ok(())
 }

@@ -4,6 +4,11 @@
 //! executing it. A retired chunk waits in quarantine; during a later blackout, with every vCPU
 //! parked, the engine checks that no vCPU's RIP and no return address near the top of its stack
 //! points into it, and only then frees it.
+//!
+//! A patch's chunks retire as one group ([`Arena::retire_group`]) and are freed together, when
+//! none of them is busy: its read-only data then lives as long as any of its code can run
+//! (code still on a stack may hand the kernel a pointer to a string of the patch, held in a
+//! register no scan can see).
 
 /// Chunks are aligned like functions, so a fetch never straddles two patches' code needlessly.
 pub const ALIGN: u64 = 16;
@@ -29,6 +34,10 @@ pub struct Arena {
     /// Free ranges, sorted by offset, coalesced.
     free: Vec<Chunk>,
     quarantine: Vec<Chunk>,
+    /// The group of each quarantined chunk (same index): chunks of one group are freed
+    /// together.
+    groups: Vec<u64>,
+    next_group: u64,
 }
 
 fn align_up(v: u64) -> u64 {
@@ -44,6 +53,8 @@ impl Arena {
                 len: window.size,
             }],
             quarantine: Vec::new(),
+            groups: Vec::new(),
+            next_group: 0,
         }
     }
 
@@ -105,6 +116,7 @@ impl Arena {
     pub fn pin(&mut self, chunk: Chunk) -> bool {
         if let Some(i) = self.quarantine.iter().position(|q| *q == chunk) {
             self.quarantine.remove(i);
+            self.groups.remove(i);
             return true;
         }
         self.reserve(chunk)
@@ -128,12 +140,24 @@ impl Arena {
     /// A chunk vCPUs may have executed: freed only after a later quiescence check. A chunk
     /// that is not inside the arena (a damaged journal) is ignored, never handed out later.
     pub fn retire(&mut self, chunk: Chunk) {
-        if chunk
-            .offset
-            .checked_add(chunk.len)
-            .is_some_and(|end| end <= self.window.size)
-        {
-            self.quarantine.push(chunk);
+        self.retire_group([chunk]);
+    }
+
+    /// Chunks of one patch (its code and its data) vCPUs may have used: quarantined as one
+    /// group, freed only when a quiescence check finds none of them busy. Chunks outside the
+    /// arena are ignored, as by [`Arena::retire`].
+    pub fn retire_group(&mut self, chunks: impl IntoIterator<Item = Chunk>) {
+        let group = self.next_group;
+        self.next_group += 1;
+        for chunk in chunks {
+            if chunk
+                .offset
+                .checked_add(chunk.len)
+                .is_some_and(|end| end <= self.window.size)
+            {
+                self.quarantine.push(chunk);
+                self.groups.push(group);
+            }
         }
     }
 
@@ -148,11 +172,26 @@ impl Arena {
     /// every vCPU parked. Returns how many were freed.
     pub fn sweep(&mut self, busy: impl Fn(u64, u64) -> bool) -> usize {
         let gva = self.window.gva;
-        let (keep, free): (Vec<Chunk>, Vec<Chunk>) = self
+        let busy_groups: std::collections::HashSet<u64> = self
             .quarantine
-            .drain(..)
-            .partition(|c| busy(gva + c.offset, gva + c.end()));
+            .iter()
+            .zip(&self.groups)
+            .filter(|(c, _)| busy(gva + c.offset, gva + c.end()))
+            .map(|(_, g)| *g)
+            .collect();
+        let mut keep = Vec::new();
+        let mut keep_groups = Vec::new();
+        let mut free = Vec::new();
+        for (c, g) in self.quarantine.drain(..).zip(self.groups.drain(..)) {
+            if busy_groups.contains(&g) {
+                keep.push(c);
+                keep_groups.push(g);
+            } else {
+                free.push(c);
+            }
+        }
         self.quarantine = keep;
+        self.groups = keep_groups;
         let n = free.len();
         for c in free {
             self.release(c);
@@ -245,6 +284,30 @@ mod tests {
             len: 16,
         });
         assert_eq!(a.quarantined_bytes(), 0);
+    }
+
+    #[test]
+    fn a_group_is_freed_only_when_none_of_its_chunks_is_busy() {
+        let mut a = arena();
+        let code = a.alloc(64).unwrap();
+        let data = a.alloc(32).unwrap();
+        let other = a.alloc(16).unwrap();
+        a.retire_group([code, data]);
+        a.retire(other);
+        // A return address into the code keeps the data too; the other patch's chunk goes.
+        let in_code = a.gva(code) + 8;
+        assert_eq!(a.sweep(|s, e| (s..e).contains(&in_code)), 1);
+        assert_eq!(a.quarantined_bytes(), 96);
+        assert_eq!(a.sweep(|_, _| false), 2);
+        assert_eq!(a.quarantined_bytes(), 0);
+        assert_eq!(a.free_bytes(), 4096);
+        // Pinning one chunk of a group keeps it for good; the rest still sweeps.
+        let c1 = a.alloc(16).unwrap();
+        let c2 = a.alloc(16).unwrap();
+        a.retire_group([c1, c2]);
+        assert!(a.pin(c1));
+        assert_eq!(a.sweep(|_, _| false), 1);
+        assert_eq!(a.free_bytes(), 4096 - 16);
     }
 
     #[test]

@@ -480,15 +480,19 @@ impl<G: GuestControl> Engine<G> {
         self.ledger_seq = l.seq;
         let window = self.arena.window;
         let mut named: BTreeMap<[u8; 32], (Vec<Chunk>, Vec<SiteClaim>)> = BTreeMap::new();
+        // The ledger does not say which quarantined chunks belonged together (a patch's code
+        // and data): they wait as one group, freed only when none of them is busy.
+        let mut quarantined = Vec::new();
         for c in &l.chunks {
             if c.patch == [0; 32] || c.quarantined {
                 if self.arena.reserve(c.chunk) && c.quarantined {
-                    self.arena.retire(c.chunk);
+                    quarantined.push(c.chunk);
                 }
                 continue;
             }
             named.entry(c.patch).or_default().0.push(c.chunk);
         }
+        self.arena.retire_group(quarantined);
         for s in &l.sites {
             named.entry(s.patch).or_default().1.push(*s);
         }
@@ -511,12 +515,14 @@ impl<G: GuestControl> Engine<G> {
                 }
             }
             if sites.is_empty() || found.len() != sites.len() {
-                // Not (or no longer) patched in: its code waits until no vCPU can run it.
-                for c in &chunks {
-                    if self.arena.reserve(*c) {
-                        self.arena.retire(*c);
-                    }
-                }
+                // Not (or no longer) patched in: its code and data wait until no vCPU can
+                // use them.
+                let free: Vec<Chunk> = chunks
+                    .iter()
+                    .copied()
+                    .filter(|c| self.arena.reserve(*c))
+                    .collect();
+                self.arena.retire_group(free);
                 continue;
             }
             for c in &chunks {

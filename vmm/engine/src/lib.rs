@@ -128,6 +128,10 @@ pub enum EngineError {
     Stale,
     #[error(transparent)]
     LedgerFull(ledger::LedgerFull),
+    #[error(
+        "the patch's read-only data cannot be placed in the arena: {reason} (this is a bug; please report it)"
+    )]
+    DataPlacement { reason: String },
     #[error("the guest has no running vCPU")]
     NoVcpu,
     #[error(
@@ -605,21 +609,28 @@ impl<G: GuestControl> Engine<G> {
         }
         // Code of patches reverted by an earlier run may still be executing in a guest that
         // kept running: it goes to quarantine, not straight back to the free list.
+        // Each patch's chunks (code and data) as one group.
         let gpa0 = self.arena.window.gpa;
-        let old: Vec<Chunk> = self
+        let old: Vec<Vec<Chunk>> = self
             .records
             .iter()
             .filter(|r| !matches!(r.state, PatchState::Applied))
-            .flat_map(|r| r.arena.iter())
-            .map(|a| Chunk {
-                offset: a.gpa.wrapping_sub(gpa0),
-                len: a.len,
+            .map(|r| {
+                r.arena
+                    .iter()
+                    .map(|a| Chunk {
+                        offset: a.gpa.wrapping_sub(gpa0),
+                        len: a.len,
+                    })
+                    .collect()
             })
             .collect();
-        for c in old {
-            if self.arena.reserve(c) {
-                self.arena.retire(c);
-            }
+        for group in old {
+            let free: Vec<Chunk> = group
+                .into_iter()
+                .filter(|c| self.arena.reserve(*c))
+                .collect();
+            self.arena.retire_group(free);
         }
         if restore.is_empty() {
             return Ok(());

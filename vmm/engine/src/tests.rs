@@ -267,6 +267,7 @@ fn patch(name: &str, sites: Vec<Site>, replaces: Vec<PatchId>) -> Patch {
         },
         target: identity(),
         sites,
+        data: Vec::new(),
     };
     p.normalize();
     p
@@ -465,9 +466,10 @@ fn reverted_arena_code_is_reused_only_once_idle() {
         F[..5],
         "applied again (into other arena space)"
     );
-    // The chunk the vCPU is in stays; the escape copy next to it was idle and is freed.
+    // The chunk the vCPU is in stays, and with it the rest of its patch (the escape copy next
+    // to it, and data if it had any): a patch's chunks are freed together.
     let still = e.arena().quarantined_bytes();
-    assert!(still > 0 && still < held, "{still} of {held}");
+    assert_eq!(still, held);
     assert!(
         e.arena()
             .quarantined()
@@ -1270,4 +1272,134 @@ fn a_cold_part_is_not_a_function_to_patch() {
         "{err:?}"
     );
     assert_eq!(g.snapshot(), before);
+}
+
+/// f := code that reads the patch's own data: `lea rax, [rip+data[1]]` (rel32), `movabs rcx,
+/// data[0]+2` (abs64), `ret`. Block 1 asks for 64-byte alignment.
+fn fix_f_with_data() -> Patch {
+    let mut code = vec![0x48, 0x8d, 0x05, 0, 0, 0, 0];
+    code.extend_from_slice(&[0x48, 0xb9, 0, 0, 0, 0, 0, 0, 0, 0]);
+    code.push(0xc3);
+    let mut site = function_site("f", &F, &code);
+    site.relocations = vec![
+        patch_format::Relocation {
+            offset: 3,
+            kind: patch_format::RelocKind::Rel32,
+            target: patch_format::RelocTarget::Data(1),
+            addend: -4,
+        },
+        patch_format::Relocation {
+            offset: 9,
+            kind: patch_format::RelocKind::Abs64,
+            target: patch_format::RelocTarget::Data(0),
+            addend: 2,
+        },
+    ];
+    let mut p = patch("fix-f-data", vec![site], Vec::new());
+    p.data = vec![
+        patch_format::DataBlock {
+            align: 1,
+            bytes: b"hello\0".to_vec(),
+        },
+        patch_format::DataBlock {
+            align: 64,
+            bytes: vec![0x11; 8],
+        },
+    ];
+    p
+}
+
+/// Where `f`'s jump leads.
+fn jump_target(g: &Fake) -> u64 {
+    let jump = g.bytes(F_AT, 5);
+    assert_eq!(jump[0], 0xe9, "f is patched");
+    let rel = i32::from_le_bytes(jump[1..5].try_into().unwrap());
+    (F_AT as i64 + 5 + i64::from(rel)) as u64
+}
+
+#[test]
+fn data_is_placed_in_the_arena_relocated_accounted_for_and_freed_by_revert() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let free0 = e.arena().free_bytes();
+    let out = e.apply(&signed(&fix_f_with_data())).unwrap();
+    let code_at = jump_target(&g);
+    let code = g.bytes(code_at, 18);
+    // The rel32 reaches block 1, 64-byte aligned, holding its bytes.
+    let disp = i32::from_le_bytes(code[3..7].try_into().unwrap());
+    let block1 = (code_at as i64 + 7 + i64::from(disp)) as u64;
+    assert_eq!(block1 % 64, 0, "{block1:#x}");
+    assert_eq!(g.bytes(block1, 8), vec![0x11; 8]);
+    // The abs64 is block 0 + 2.
+    let block0 = u64::from_le_bytes(code[9..17].try_into().unwrap()) - 2;
+    assert_eq!(g.bytes(block0, 6), b"hello\0");
+    // Both blocks lie in one chunk of the patch's record (so the ledger and revert know it),
+    // apart from its code.
+    let chunks = chunks_of(&out.patch);
+    let data_chunk = chunks
+        .iter()
+        .find(|(s, t)| (*s..*t).contains(&block0))
+        .copied()
+        .expect("a recorded chunk holds the data");
+    assert!((data_chunk.0..data_chunk.1).contains(&(block1 + 7)));
+    assert!(!(data_chunk.0..data_chunk.1).contains(&code_at));
+    for (s, t) in &chunks {
+        assert!(*t <= data_chunk.0 || *s >= data_chunk.1 || (*s, *t) == data_chunk);
+    }
+    // Every byte of the data chunk is the patch's or zero.
+    let whole = g.bytes(data_chunk.0, (data_chunk.1 - data_chunk.0) as usize);
+    let nonzero: usize = whole.iter().filter(|b| **b != 0).count();
+    assert_eq!(nonzero, b"hello".len() + 8);
+    assert_eq!(
+        e.arena().free_bytes(),
+        free0 - chunks.iter().map(|(s, t)| t - s).sum::<u64>()
+    );
+    // A second patch never lands on the data.
+    let other = e.apply(&signed(&fix_g())).unwrap().patch;
+    for (s, t) in chunks_of(&other) {
+        assert!(t <= data_chunk.0 || s >= data_chunk.1);
+    }
+    e.revert(&other.id).unwrap();
+    // Revert: f is back; the code and the data wait in quarantine together while a vCPU is
+    // still in the new code, and are freed together once it left.
+    g.vcpus.lock().unwrap()[0].rip = code_at + 7;
+    e.revert(&out.patch.id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+    assert!(
+        e.arena()
+            .quarantined()
+            .any(|(a, b)| (a..b).contains(&block0))
+    );
+    let g_id = e.apply(&signed(&fix_g())).unwrap().patch.id;
+    assert!(
+        e.arena()
+            .quarantined()
+            .any(|(a, b)| (a..b).contains(&block0)),
+        "the data was freed while its code could still run"
+    );
+    g.vcpus.lock().unwrap()[0].rip = 0x5000;
+    e.revert(&g_id).unwrap();
+    e.apply(&signed(&fix_g())).unwrap();
+    assert_eq!(e.arena().quarantined_bytes(), 0);
+    assert!(
+        !e.arena()
+            .quarantined()
+            .any(|(a, b)| (a..b).contains(&block0))
+    );
+}
+
+#[test]
+fn data_that_does_not_fit_is_refused_with_the_guest_untouched() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = engine(&g, None);
+    let mem = g.snapshot();
+    let mut p = fix_f_with_data();
+    p.data[0].bytes = vec![0x5a; capacity() as usize];
+    let err = e.apply(&signed(&p)).unwrap_err();
+    assert!(matches!(err, EngineError::ArenaFull { .. }), "{err}");
+    assert_eq!(g.snapshot(), mem, "a refused patch changed guest memory");
+    assert_eq!(e.arena().free_bytes(), capacity());
+    // A dry run places the data too, and writes nothing.
+    e.dry_run(&signed(&fix_f_with_data())).unwrap();
+    assert_eq!(g.snapshot(), mem);
 }

@@ -7,7 +7,9 @@
 //! - [`build_kernel_patch`] makes function sites from a relocatable object, as
 //!   `patch_format::build_from_manifest` does for the test guest: one `SiteKind::Function` site
 //!   per [`KernelFix`], its expected bytes the old function's bytes from the file, its code and
-//!   relocations from [`patch_format::code_from_object`].
+//!   relocations from [`patch_format::PatchObject`], and the read-only data the code uses
+//!   (string literals, `const` arrays: the object's `.rodata*` sections) as the patch's data
+//!   blocks (format version 2).
 //!
 //! Kallsyms records no sizes. A symbol's extent here is the distance to the next symbol at a
 //! greater address, which for a function includes the padding after it (`int3`s or NOPs up to
@@ -20,8 +22,8 @@ use object::read::elf::{FileHeader, ProgramHeader};
 use object::{Endianness, elf};
 use patch_format::limits::MAX_EXPECTED;
 use patch_format::{
-    BuildError, EncodeError, ImageInfo, ImageSymbol, Location, Metadata, Patch, Site, SiteKind,
-    TargetIdentity, code_from_object,
+    BuildError, EncodeError, ImageInfo, ImageSymbol, Location, Metadata, Patch, PatchObject, Site,
+    SiteKind, TargetIdentity,
 };
 use thiserror::Error;
 
@@ -112,6 +114,8 @@ pub enum KernelPatchError {
         address: u64,
         size: u64,
     },
+    #[error("the patch code object cannot be read")]
+    Object(#[source] BuildError),
     #[error("replacement for {function}")]
     Code {
         function: String,
@@ -121,7 +125,8 @@ pub enum KernelPatchError {
     #[error(
         "replacement for {function}: {code_symbol}+{offset:#x} refers to {symbol:?}, which the \
          kernel does not have; patch code may reference only kernel symbols (see \
-         /proc/kallsyms); it cannot bring functions or data of its own"
+         /proc/kallsyms); besides them it can bring only read-only data of its own (string \
+         literals, `const` data), no functions or variables"
     )]
     UnknownSymbol {
         function: String,
@@ -214,7 +219,8 @@ pub fn file_bytes(vmlinux: &[u8], vaddr: u64, len: usize) -> Option<&[u8]> {
 /// bytes in the vmlinux file from its kallsyms address over its extent (the distance to the next
 /// symbol at a greater address, inter-function padding included, nothing trimmed), so they start
 /// with the file's `call __fentry__` that the engine matches against the running kernel's NOP;
-/// `code`/`relocations` from [`code_from_object`]. The function name must be a unique kallsyms
+/// `code`/`relocations` from [`PatchObject::code`], and the patch's data blocks from the
+/// read-only sections the code uses (writable data is refused). The function name must be a unique kallsyms
 /// name of a text symbol, and every relocation symbol a unique, non-absolute kallsyms name:
 /// the engine resolves both by unique name at apply time. The target is
 /// [`kernel_image_info`]'s identity (the build id is required). The patch is normalized and
@@ -346,6 +352,7 @@ fn build_patch(
         return Err(KernelPatchError::NoFixes);
     }
     let mut sites = Vec::with_capacity(fixes.len());
+    let mut object = PatchObject::parse(object).map_err(KernelPatchError::Object)?;
     for (i, fix) in fixes.iter().enumerate() {
         let function = &fix.function;
         if fixes[..i].iter().any(|f| &f.function == function) {
@@ -354,14 +361,18 @@ fn build_patch(
             });
         }
         let expected = function_bytes(vmlinux, table, function)?;
-        let (code, relocations) = code_from_object(object, &fix.code_symbol).map_err(|source| {
-            KernelPatchError::Code {
-                function: function.clone(),
-                source,
-            }
-        })?;
+        let (code, relocations) =
+            object
+                .code(&fix.code_symbol)
+                .map_err(|source| KernelPatchError::Code {
+                    function: function.clone(),
+                    source,
+                })?;
         for r in &relocations {
-            check_relocation_symbol(table, fix, r.offset, &r.symbol, r.kind)?;
+            // Data relocations point into the patch's own blocks, placed by the engine.
+            if let Some(symbol) = r.symbol_name() {
+                check_relocation_symbol(table, fix, r.offset, symbol, r.kind)?;
+            }
         }
         sites.push(Site {
             kind: SiteKind::Function,
@@ -378,6 +389,7 @@ fn build_patch(
         meta,
         target: identity,
         sites,
+        data: object.into_data(),
     };
     patch.normalize();
     patch.validate()?;
@@ -698,7 +710,7 @@ int reads_percpu(void) { return pcpu_hot; }
         let relocs: Vec<(&str, RelocKind)> = site
             .relocations
             .iter()
-            .map(|r| (r.symbol.as_str(), r.kind))
+            .filter_map(|r| r.symbol_name().map(|s| (s, r.kind)))
             .collect();
         assert!(relocs.contains(&("helper", RelocKind::Rel32)), "{relocs:?}");
         assert!(

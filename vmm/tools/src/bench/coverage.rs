@@ -486,6 +486,7 @@ fn replacement(
             code: vec![0xc3],
             relocations: Vec::new(),
         }],
+        data: Vec::new(),
     };
     p.normalize();
     p.to_file_signed(key).map_err(|e| e.to_string())

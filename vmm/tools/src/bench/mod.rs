@@ -396,6 +396,7 @@ fn bench_patch(info: &ImageInfo, name: &str, description: &str, mut sites: Vec<S
         },
         target: info.identity.clone(),
         sites,
+        data: Vec::new(),
     }
 }
 
