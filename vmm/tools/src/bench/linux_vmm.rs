@@ -236,12 +236,14 @@ pub fn run(
     for (path, host_path) in &qemu_files {
         job = job.file(path, host_path);
     }
-    let outcome = crate::nested::run_where_real_kvm(
-        &job,
-        Placement::from_env()?,
-        || Ok(kit.clone()),
-        &L1Options::default(),
-    )?;
+    // L1 gets as many CPUs as L2 has vCPUs: with one, an L2 vCPU spinning on its sibling
+    // (which only the same L1 CPU could run) was seen to starve L1 for minutes under TCG.
+    let opts = L1Options {
+        vcpus: 2,
+        ..L1Options::default()
+    };
+    let outcome =
+        crate::nested::run_where_real_kvm(&job, Placement::from_env()?, || Ok(kit.clone()), &opts)?;
     let mut nums: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut qemu = Value::Null;
     let mut metrics = Value::Null;
