@@ -113,6 +113,8 @@ for mode in off enforce off enforce; do
   "$VMM" run $K --cmdline "$A bench=tput" --trusted-key ops.pub --code-integrity $mode > tput.log 2>&1 < /dev/null
   grep L2-TPUT tput.log | sed "s/^.*L2-TPUT/BENCH tput-$mode/"
 done
+# The QEMU backend talks to QEMU's gdbstub over TCP on 127.0.0.1: L1 brings up no network.
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 # The QEMU backend on QEMU -enable-kvm, same kernel and fix (its own run, its own floor), last
 # and bounded: in L1 it has been seen to stall with L1 idle after the L2 boot; its output is
 # shown as it comes.
