@@ -492,6 +492,37 @@ fn tcp_listening(port: u16) -> bool {
 ///
 /// Boots once (~15 s under TCG) and caches the text in the kernel's kit directory (keyed by
 /// the kernel version), so later calls, in this process or another, are instant.
+/// The arguments of `vmm patch build --linux-kernel` for a compiled C fix, as an operator types
+/// them: `fix` is the (replacement code symbol, kernel function) pair, `key` the signing key,
+/// `out` the patch file. Callers append `--name`, `--replaces` and the like.
+pub fn kernel_fix_build_args(
+    kit: &Kit,
+    object: &Path,
+    fix: (&str, &str),
+    key: &str,
+    out: &str,
+) -> Vec<String> {
+    let (code, function) = fix;
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    [
+        "patch",
+        "build",
+        "--linux-kernel",
+        &path(&kit.vmlinuz),
+        "--object",
+        &path(object),
+        "--replace",
+        &format!("{function}={code}"),
+        "--key",
+        key,
+        "-o",
+        out,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
 pub fn proc_kallsyms(kit: &Kit) -> String {
     // One boot even when several tests of a process ask at once.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());

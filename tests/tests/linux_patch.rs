@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use guest_control::GuestControl;
 use guest_tools::kernel_patch::{self, VERSION_PROC_SHOW_TAG};
-use integration_tests::linux::{BootOptions, Kit, LinuxGuest, WorkloadLine};
+use integration_tests::linux::{BootOptions, Kit, LinuxGuest, WorkloadLine, kernel_fix_build_args};
 use integration_tests::{TempDir, cli, cli_output, stdout};
 use qemu_backend::QemuGuest;
 use sha2::{Digest, Sha256};
@@ -105,23 +105,18 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     let object = kernel_patch::compile(kernel_patch::VERSION_PROC_SHOW_C, dir.path())
         .expect("compile the C fix");
     let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
-    let (code, function) = kernel_patch::VERSION_PROC_SHOW_FIX;
-    cli(&[
-        "patch",
-        "build",
-        "--linux-kernel",
-        &vmlinuz,
-        "--object",
-        object.to_str().expect("utf-8"),
-        "--replace",
-        &format!("{function}={code}"),
-        "--key",
-        &d("ops.key"),
-        "--name",
-        "version-tag",
-        "-o",
-        &d("fix.hpatch"),
-    ]);
+    let build = |extra: &[&str], out: &str| {
+        let mut args = kernel_fix_build_args(
+            &kit,
+            &object,
+            kernel_patch::VERSION_PROC_SHOW_FIX,
+            &d("ops.key"),
+            out,
+        );
+        args.extend(extra.iter().map(|a| a.to_string()));
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    build(&["--name", "version-tag"], &d("fix.hpatch"));
 
     let target = |verb: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = ["patch"]
@@ -225,24 +220,10 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
 
     // A second build of the fix replaces the first in one blackout (`--replaces`): the fixed
     // code never goes away in between, so no workload line shows the original.
-    cli(&[
-        "patch",
-        "build",
-        "--linux-kernel",
-        &vmlinuz,
-        "--object",
-        object.to_str().expect("utf-8"),
-        "--replace",
-        &format!("{function}={code}"),
-        "--replaces",
-        &first_id,
-        "--key",
-        &d("ops.key"),
-        "--name",
-        "version-tag-2",
-        "-o",
+    build(
+        &["--replaces", &first_id, "--name", "version-tag-2"],
         &d("fix2.hpatch"),
-    ]);
+    );
     let out = stdout(&run(target(&["apply", &d("fix2.hpatch")])));
     println!("{out}");
     assert!(out.starts_with("applied "), "{out}");
@@ -348,24 +329,16 @@ fn a_c_fix_carrying_a_string_literal_changes_what_the_guest_reads_and_reverts() 
     cli(&["patch", "keygen", "-o", &d("ops")]);
     let object =
         kernel_patch::compile(VERSION_PROC_SHOW_DATA_C, dir.path()).expect("compile the C fix");
-    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
-    let (code, function) = VERSION_PROC_SHOW_DATA_FIX;
-    cli(&[
-        "patch",
-        "build",
-        "--linux-kernel",
-        &vmlinuz,
-        "--object",
-        object.to_str().expect("utf-8"),
-        "--replace",
-        &format!("{function}={code}"),
-        "--key",
+    let mut build = kernel_fix_build_args(
+        &kit,
+        &object,
+        VERSION_PROC_SHOW_DATA_FIX,
         &d("ops.key"),
-        "--name",
-        "version-data",
-        "-o",
         &d("fix.hpatch"),
-    ]);
+    );
+    build.extend(["--name".to_string(), "version-data".to_string()]);
+    cli(&build.iter().map(String::as_str).collect::<Vec<_>>());
+    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
     // The file says what it carries: version 2, the literal and the tag as data blocks.
     let shown = stdout(&cli(&[
         "patch",

@@ -156,24 +156,15 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
         .expect("compile the C fix");
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).expect("cache dir");
-    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
-    let (code, function) = kernel_patch::VERSION_PROC_SHOW_FIX;
     let build = std::process::Command::new(integration_tests::vmm_bin())
         .env("VMM_CACHE_DIR", &cache)
-        .args([
-            "patch",
-            "build",
-            "--linux-kernel",
-            &vmlinuz,
-            "--object",
-            object.to_str().expect("utf-8"),
-            "--replace",
-            &format!("{function}={code}"),
-            "--key",
+        .args(integration_tests::linux::kernel_fix_build_args(
+            &kit,
+            &object,
+            kernel_patch::VERSION_PROC_SHOW_FIX,
             &d("ops.key"),
-            "-o",
             &d("fix.hpatch"),
-        ])
+        ))
         .output()
         .expect("run vmm patch build");
     assert!(
