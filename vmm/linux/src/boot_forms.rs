@@ -68,34 +68,10 @@ pub(crate) fn reconcile_sites(boot: &BootSites, body: &Body<'_>, out: &mut [u8])
     let lo = body.at.wrapping_sub(body.slide);
     let hi = lo.saturating_add(out.len() as u64);
     let mut starts: Vec<u64> = Vec::new();
-    let from = boot.alternatives.partition_point(|a| a.instr < lo);
-    starts.extend(
-        boot.alternatives[from..]
-            .iter()
-            .take_while(|a| a.instr < hi)
-            .map(|a| a.instr),
-    );
-    let from = boot.paravirt.partition_point(|p| p.instr < lo);
-    starts.extend(
-        boot.paravirt[from..]
-            .iter()
-            .take_while(|p| p.instr < hi)
-            .map(|p| p.instr),
-    );
-    let from = boot.static_calls.partition_point(|s| s.addr < lo);
-    starts.extend(
-        boot.static_calls[from..]
-            .iter()
-            .take_while(|s| s.addr < hi)
-            .map(|s| s.addr),
-    );
-    let from = boot.jump_labels.partition_point(|j| j.addr < lo);
-    starts.extend(
-        boot.jump_labels[from..]
-            .iter()
-            .take_while(|j| j.addr < hi)
-            .map(|j| j.addr),
-    );
+    starts.extend(sites_in(&boot.alternatives, |a| a.instr, lo, hi));
+    starts.extend(sites_in(&boot.paravirt, |p| p.instr, lo, hi));
+    starts.extend(sites_in(&boot.static_calls, |s| s.addr, lo, hi));
+    starts.extend(sites_in(&boot.jump_labels, |j| j.addr, lo, hi));
     starts.sort_unstable();
     starts.dedup();
     let mut taken = 0;
@@ -142,6 +118,17 @@ pub(crate) fn reconcile_sites(boot: &BootSites, body: &Body<'_>, out: &mut [u8])
         }
     }
     taken
+}
+
+/// The link-time addresses in `[lo, hi)` of a table sorted by address (`at` gives each entry's).
+fn sites_in<'a, T>(
+    table: &'a [T],
+    at: impl Fn(&T) -> u64 + Copy + 'a,
+    lo: u64,
+    hi: u64,
+) -> impl Iterator<Item = u64> + 'a {
+    let from = table.partition_point(|e| at(e) < lo);
+    table[from..].iter().map(at).take_while(move |&a| a < hi)
 }
 
 /// A jump label's length from its file bytes (the kernel decodes the instruction there):
