@@ -205,16 +205,8 @@ enum BenchCommand {
     /// `vmm bench patch` where KVM has real SVM/VMX semantics: inside the nested tier's L1
     /// (QEMU TCG -cpu max with kvm-amd) here, directly on a host whose KVM is kvm-intel/amd.
     PatchL1 {
-        /// The kernel bzImage L1 boots (scripts/linux-kit prints its path as vmlinuz=).
-        #[arg(long)]
-        kernel: PathBuf,
-        /// Its KVM modules (scripts/linux-kit's modules=).
-        #[arg(long)]
-        modules: PathBuf,
-        #[arg(long, default_value = "/bin/busybox")]
-        busybox: PathBuf,
-        #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
-        qemu: PathBuf,
+        #[command(flatten)]
+        l1: L1KitArgs,
         /// vCPU counts to measure, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         vcpus: Vec<usize>,
@@ -270,16 +262,8 @@ enum BenchCommand {
     /// the nested tier's L1 here): boot to the init workload, the kernel fix's apply/revert
     /// blackout against each floor, the workload with code integrity enforce vs off.
     LinuxVmm {
-        /// The kernel bzImage (scripts/linux-kit prints its path as vmlinuz=).
-        #[arg(long)]
-        kernel: PathBuf,
-        /// The KVM modules of that kernel for L1 (scripts/linux-kit's modules=).
-        #[arg(long)]
-        modules: PathBuf,
-        #[arg(long, default_value = "/bin/busybox")]
-        busybox: PathBuf,
-        #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
-        qemu: PathBuf,
+        #[command(flatten)]
+        l1: L1KitArgs,
         /// Boots of each VMM to time.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -344,6 +328,33 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// What the nested tier's L1 boots (the benchmarks that run there).
+#[derive(Args, Debug)]
+struct L1KitArgs {
+    /// The kernel bzImage, which L1 and its guests boot (scripts/linux-kit prints its path as
+    /// vmlinuz=).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// The KVM modules of that kernel for L1 (scripts/linux-kit's modules=).
+    #[arg(long)]
+    modules: PathBuf,
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+impl From<L1KitArgs> for vmm_tools::nested::L1Kit {
+    fn from(a: L1KitArgs) -> Self {
+        vmm_tools::nested::L1Kit {
+            qemu: a.qemu,
+            vmlinuz: a.kernel,
+            modules: a.modules,
+            busybox: a.busybox,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -967,29 +978,13 @@ fn main() -> ExitCode {
             out,
         ),
         Command::Bench(BenchCommand::LinuxVmm {
-            kernel,
-            modules,
-            busybox,
-            qemu,
+            l1,
             rounds,
             cycles,
             out,
-        }) => bench_linux_vmm(
-            vmm_tools::nested::L1Kit {
-                qemu,
-                vmlinuz: kernel,
-                modules,
-                busybox,
-            },
-            rounds,
-            cycles,
-            out,
-        ),
+        }) => bench_linux_vmm(l1.into(), rounds, cycles, out),
         Command::Bench(BenchCommand::PatchL1 {
-            kernel,
-            modules,
-            busybox,
-            qemu,
+            l1,
             vcpus,
             cycles,
             storm,
@@ -997,12 +992,7 @@ fn main() -> ExitCode {
             l1_vcpus,
             out,
         }) => bench_patch_l1(
-            vmm_tools::nested::L1Kit {
-                qemu,
-                vmlinuz: kernel,
-                modules,
-                busybox,
-            },
+            l1.into(),
             bench::patch_l1::PatchL1Args {
                 vcpus,
                 cycles,
