@@ -228,9 +228,25 @@ pub struct BuildArgs {
     #[arg(long, required_unless_present_any = ["old", "linux_kernel"])]
     pub manifest: Option<PathBuf>,
     /// A stock Linux kernel (its bzImage, as booted): replace its functions with code from
-    /// --object, named by --replace; symbols come from the kernel's own kallsyms.
-    #[arg(long, value_name = "BZIMAGE", requires_all = ["object", "replacements"], conflicts_with_all = ["old", "manifest"])]
+    /// --object, named by --replace, or with what --source-diff changes; symbols come from the
+    /// kernel's own kallsyms.
+    #[arg(long, value_name = "BZIMAGE", conflicts_with_all = ["old", "manifest"])]
     pub linux_kernel: Option<PathBuf>,
+    /// A fix as a unified diff (`git diff`, `git format-patch`, `diff -u`, paths a/… b/…):
+    /// the kernel's own source is fetched (Debian: linux-source and the headers' .config at the
+    /// banner's version, apt; prepared once into --source-cache) or taken from
+    /// --linux-source, every touched .c file compiled before and after, and each changed
+    /// function becomes a site (docs/source-patches.md).
+    #[arg(long, value_name = "FIX.patch", requires = "linux_kernel", conflicts_with_all = ["object", "replacements"])]
+    pub source_diff: Option<PathBuf>,
+    /// The prepared source tree the kernel was built from (.config, `make prepare` done),
+    /// instead of fetching the distribution's.
+    #[arg(long, value_name = "DIR", requires = "source_diff")]
+    pub linux_source: Option<PathBuf>,
+    /// Where fetched kernel sources are unpacked and prepared (~1.5 GB each). Default:
+    /// $VMM_CACHE_DIR/linux-source, else ~/.cache/vmm/linux-source.
+    #[arg(long, value_name = "DIR", requires = "source_diff")]
+    pub source_cache: Option<PathBuf>,
     /// The relocatable object with the new code (gcc -c with kernel flags; see
     /// guest-tools/src/kernel_patch.rs). Its string literals and const data (.rodata*) go into
     /// the patch as read-only data blocks; variables (.data, .bss) are refused.
@@ -784,9 +800,15 @@ fn replaced_ids(ids: &[String]) -> Result<Vec<PatchId>> {
 
 /// `vmm patch build --linux-kernel`: function replacements in a stock kernel, from C.
 fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutput> {
+    if let Some(diff) = &a.source_diff {
+        return build_kernel_from_diff(a, kernel, diff, created);
+    }
     let Some(object) = &a.object else {
-        bail!("--linux-kernel needs --object");
+        bail!("--linux-kernel needs --object and --replace, or --source-diff");
     };
+    if a.replacements.is_empty() {
+        bail!("--linux-kernel --object needs at least one --replace KERNEL_FUNCTION=CODE_SYMBOL");
+    }
     let image = linux_guest::attach::KernelImage::from_file(kernel)?;
     let fixes = a
         .replacements
@@ -819,6 +841,71 @@ fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutpu
     )?;
     let report = patch_format::BuildReport {
         changed: fixes.iter().map(|f| f.function.clone()).collect(),
+        ..Default::default()
+    };
+    Ok(BuildOutput { patch, report })
+}
+
+/// `vmm patch build --linux-kernel --source-diff`: the changed functions of a source fix.
+fn build_kernel_from_diff(
+    a: &BuildArgs,
+    kernel: &Path,
+    diff: &Path,
+    created: u64,
+) -> Result<BuildOutput> {
+    let image = linux_guest::attach::KernelImage::from_file(kernel)?;
+    let source = match (&a.linux_source, &a.source_cache) {
+        (Some(dir), _) => source_diff::SourceChoice::Tree(dir.clone()),
+        (None, Some(dir)) => source_diff::SourceChoice::Cache(dir.clone()),
+        (None, None) => source_diff::SourceChoice::Cache(
+            linux_guest::image_cache::default_dir()
+                .and_then(|d| d.parent().map(|p| p.join("linux-source")))
+                .context(
+                    "no cache directory for the kernel source (VMM_CACHE_DIR=off, no HOME):                      give --source-cache DIR or --linux-source DIR",
+                )?,
+        ),
+    };
+    let meta = Metadata {
+        name: a.name.clone().unwrap_or_else(|| {
+            a.output
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "kernel-fix".into())
+        }),
+        description: a.description.clone(),
+        author: a.author.clone(),
+        created,
+        advisories: a.advisories.clone(),
+        replaces: replaced_ids(&a.replaces)?,
+    };
+    if matches!(source, source_diff::SourceChoice::Cache(_)) {
+        eprintln!(
+            "note: the first build for a kernel fetches and prepares its source (~2 min); \
+             later builds reuse it"
+        );
+    }
+    let (patch, report) = source_diff::build_from_source_diff(
+        &source_diff::TargetKernel {
+            vmlinux: &image.vmlinux,
+            kallsyms: &image.kallsyms,
+            banner: &image.banner,
+        },
+        diff,
+        &source,
+        meta,
+    )?;
+    eprintln!("source    {} ({})", report.source, report.files.join(", "));
+    if !report.added.is_empty() {
+        eprintln!(
+            "note: functions the fix adds, carried in the patch code: {}",
+            report.added.join(", ")
+        );
+    }
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    let report = patch_format::BuildReport {
+        changed: report.changed.clone(),
         ..Default::default()
     };
     Ok(BuildOutput { patch, report })

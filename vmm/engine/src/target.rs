@@ -133,6 +133,16 @@ impl Target {
     pub fn symbol(&self, name: &str) -> Option<u64> {
         let mut it = self.symbols.iter().filter(|s| s.name == name);
         let Some(s) = it.next() else {
+            // `name,N`: the N-th of several symbols of that name, in address order (a
+            // file-local name that is not unique; the source-diff builder names them so).
+            if let (base, Some(pos)) = patch_format::split_sympos(name) {
+                return self
+                    .symbols
+                    .iter()
+                    .filter(|s| s.name == base)
+                    .nth(pos - 1)
+                    .map(|s| s.addr.wrapping_add(self.slide));
+            }
             let from = self.absolute.partition_point(|(n, _)| n.as_str() < name);
             let mut same = self.absolute[from..].iter().take_while(|(n, _)| n == name);
             let (_, v) = same.next()?;

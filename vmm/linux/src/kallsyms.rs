@@ -205,6 +205,39 @@ impl Kallsyms {
         })
     }
 
+    /// A table from a symbol list (e.g. `/proc/kallsyms` text, or a test's kernel): the same
+    /// lookups as one decoded from an image, with no image layout behind it.
+    pub fn from_symbols(symbols: Vec<KernelSymbol>) -> Kallsyms {
+        let n = symbols.len();
+        let mut by_name: Vec<u32> = (0..n as u32).collect();
+        by_name.sort_by(|&a, &b| symbols[a as usize].name.cmp(&symbols[b as usize].name));
+        let mut by_address: Vec<u32> = (0..n as u32)
+            .filter(|&i| !symbols[i as usize].is_absolute())
+            .collect();
+        by_address.sort_by_key(|&i| symbols[i as usize].address);
+        Kallsyms {
+            symbols,
+            by_name,
+            by_address,
+            layout: KallsymsLayout {
+                order: TableOrder::OffsetsFirst,
+                encoding: AddressEncoding::Relative,
+                num_syms: n,
+                offsets_at: 0,
+                relative_base_at: 0,
+                relative_base: 0,
+                num_syms_at: 0,
+                names_at: 0,
+                names_len: 0,
+                markers_at: 0,
+                seqs_of_names: None,
+                token_table_at: 0,
+                token_index_at: 0,
+                unsorted_pairs: 0,
+            },
+        }
+    }
+
     /// All symbols, in the kernel's table order (by address, like `/proc/kallsyms`).
     pub fn symbols(&self) -> &[KernelSymbol] {
         &self.symbols

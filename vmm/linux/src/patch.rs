@@ -243,6 +243,71 @@ pub fn build_kernel_patch(
     )
 }
 
+/// The new code of one kernel function, already linked: what [`build_kernel_patch_from_code`]
+/// makes a function site of (the source-diff builder produces these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelCode {
+    /// The kernel function replaced: a kallsyms name, `name,N` for the N-th of several.
+    pub function: String,
+    pub code: Vec<u8>,
+    /// Symbolic relocations: kernel symbols (`name,N` allowed) or the patch's data blocks.
+    pub relocations: Vec<patch_format::Relocation>,
+}
+
+/// [`build_kernel_patch`] for code linked elsewhere: one function site per [`KernelCode`],
+/// its expected bytes the kernel's whole function from the file, every relocation symbol
+/// checked against kallsyms as there, `data` the patch's read-only data blocks.
+pub fn build_kernel_patch_from_code(
+    vmlinux: &[u8],
+    kallsyms: &Kallsyms,
+    functions: Vec<KernelCode>,
+    data: Vec<patch_format::DataBlock>,
+    meta: Metadata,
+) -> Result<Patch, KernelPatchError> {
+    let identity = kernel_identity(vmlinux, kallsyms);
+    if identity.build_id.is_none() {
+        return Err(KernelPatchError::NoBuildId);
+    }
+    if functions.is_empty() {
+        return Err(KernelPatchError::NoFixes);
+    }
+    let table = SymbolTable::new(kallsyms.symbols());
+    let mut sites = Vec::with_capacity(functions.len());
+    for (i, f) in functions.iter().enumerate() {
+        if functions[..i].iter().any(|g| g.function == f.function) {
+            return Err(KernelPatchError::DuplicateFunction {
+                function: f.function.clone(),
+            });
+        }
+        let expected = function_bytes(vmlinux, &table, &f.function)?;
+        let fix = KernelFix::new(&f.function, &f.function);
+        for r in &f.relocations {
+            if let Some(symbol) = r.symbol_name() {
+                check_relocation_symbol(&table, &fix, r.offset, symbol, r.kind)?;
+            }
+        }
+        sites.push(Site {
+            kind: SiteKind::Function,
+            target: Location::Symbol {
+                name: f.function.clone(),
+                offset: 0,
+            },
+            expected: expected.to_vec(),
+            code: f.code.clone(),
+            relocations: f.relocations.clone(),
+        });
+    }
+    let mut patch = Patch {
+        meta,
+        target: identity,
+        sites,
+        data,
+    };
+    patch.normalize();
+    patch.validate()?;
+    Ok(patch)
+}
+
 /// `Linux <release>`, the build id, no text hash.
 fn kernel_identity(vmlinux: &[u8], kallsyms: &Kallsyms) -> TargetIdentity {
     let release = linux_banner(vmlinux, kallsyms).and_then(|b| release_of(&b));
@@ -468,7 +533,15 @@ fn check_relocation_symbol(
     let function = fix.function.clone();
     let code_symbol = fix.code_symbol.clone();
     let symbol_name = symbol.to_string();
-    match table.named(symbol).as_slice() {
+    let mut named = table.named(symbol);
+    // `name,N`: the N-th of several symbols of that name, in address order (as the engine
+    // resolves it).
+    if let (true, (base, Some(pos))) = (named.is_empty(), patch_format::split_sympos(symbol)) {
+        let mut all = table.named(base);
+        all.sort_by_key(|(s, _)| s.address);
+        named = all.get(pos - 1).copied().into_iter().collect();
+    }
+    match named.as_slice() {
         [_] => Ok(()),
         // A per-CPU offset (`%gs:current_task`): an absolute value, which the engine resolves
         // unslid; only an absolute reference to it means anything.

@@ -1,0 +1,372 @@
+//! `vmm patch build --source-diff`: from a fix's unified diff to a patch for the running
+//! kernel (`docs/source-patches.md`).
+//!
+//! 1. The diff is read: only `.c` files of the tree, no file created or deleted, no type
+//!    definition changed (a struct's layout is shared with code the patch does not replace).
+//! 2. The kernel's own source tree is found or fetched and prepared ([`crate::tree`]).
+//! 3. Each unit is compiled before and after ([`crate::compile`]) and the objects compared
+//!    ([`crate::objdiff`]). Changed variables (initial values) are refused; `__init` code is
+//!    ignored with a note (it has run and been freed).
+//! 4. The pre-fix code of every changed function must be the running kernel's (run-pre):
+//!    the proof that the tree is the kernel's source.
+//! 5. Each changed function's new code is linked ([`crate::link`]) and becomes one function
+//!    site of the patch, its expected bytes the kernel's whole function.
+
+use std::path::{Path, PathBuf};
+
+use linux_guest::Kallsyms;
+use linux_guest::patch::{KernelCode, KernelPatchError, build_kernel_patch_from_code};
+use patch_format::{Metadata, Patch};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::compile::{CompileError, compile_both};
+use crate::elf::Unit;
+use crate::link::{DataSet, Kernel, LinkError, Linker, Resolved};
+use crate::objdiff::diff;
+use crate::tree::{KernelBuild, SourceTree, TreeError};
+use crate::unified::{ConstructKind, DiffError, constructs, parse};
+
+/// Where the source comes from.
+#[derive(Debug, Clone)]
+pub enum SourceChoice {
+    /// A prepared tree the user gives.
+    Tree(PathBuf),
+    /// The distribution's source package, prepared under this cache directory.
+    Cache(PathBuf),
+}
+
+/// What the build found, for the operator and for `vmm patch inspect`.
+#[derive(Debug, Clone, Default)]
+pub struct SourceReport {
+    pub diff_sha256: String,
+    pub source: String,
+    pub files: Vec<String>,
+    /// Kernel functions replaced (kallsyms names).
+    pub changed: Vec<String>,
+    /// Functions the fix adds, carried in the code of the functions using them.
+    pub added: Vec<String>,
+    pub resolved: Vec<Resolved>,
+    pub notes: Vec<String>,
+    /// The tree was fetched and prepared by this build.
+    pub prepared_now: bool,
+}
+
+impl SourceReport {
+    /// The text the patch's description carries: signed with it, shown by `inspect`.
+    pub fn description(&self, user: &str) -> String {
+        let mut d = String::new();
+        if !user.is_empty() {
+            d.push_str(user);
+            d.push('\n');
+        }
+        d.push_str(&format!(
+            "source diff sha256 {} against {}\n",
+            self.diff_sha256, self.source
+        ));
+        d.push_str(&format!("files: {}\n", self.files.join(", ")));
+        d.push_str(&format!("changed functions: {}\n", self.changed.join(", ")));
+        if !self.added.is_empty() {
+            d.push_str(&format!("new functions: {}\n", self.added.join(", ")));
+        }
+        let mut refs: Vec<String> = self
+            .resolved
+            .iter()
+            .map(|r| format!("{} -> {}", r.symbol, r.how))
+            .collect();
+        refs.sort();
+        refs.dedup();
+        let mut notes = String::new();
+        for n in &self.notes {
+            notes.push_str(&format!("note: {n}\n"));
+        }
+        // The description is one string of the format (at most MAX_STRING bytes): the
+        // references that do not fit are counted, not listed.
+        let budget = patch_format::limits::MAX_STRING.saturating_sub(d.len() + notes.len() + 64);
+        d.push_str("references:\n");
+        let mut used = 0;
+        for (i, r) in refs.iter().enumerate() {
+            let line = format!("  {r}\n");
+            if used + line.len() > budget {
+                d.push_str(&format!("  … and {} more\n", refs.len() - i));
+                break;
+            }
+            used += line.len();
+            d.push_str(&line);
+        }
+        d.push_str(&notes);
+        d
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SourceBuildError {
+    #[error("the source diff {path}")]
+    Diff {
+        path: String,
+        #[source]
+        source: DiffError,
+    },
+    #[error(
+        "the diff changes {file}, which is not a C translation unit; a function-level live \
+         patch is built from .c files only (a header change reaches every unit that \
+         includes it, and build files or Kconfig change the build itself)"
+    )]
+    NotCFile { file: String },
+    #[error(
+        "the diff {what} {file}; a live patch changes existing units only (new files need \
+         a new build)"
+    )]
+    FileSet { what: &'static str, file: String },
+    #[error(
+        "the diff changes the definition of {kind} {name} ({file}:{line}); code the patch does \
+         not replace uses its layout, so this fix cannot be applied live: reboot into the \
+         fixed kernel"
+    )]
+    TypeChange {
+        kind: &'static str,
+        name: String,
+        file: String,
+        line: u32,
+    },
+    #[error(
+        "the fix changes the initial value of {name} ({section}) in {unit}; a live patch \
+         replaces code, not data that has been in use since boot"
+    )]
+    DataChanged {
+        name: String,
+        section: String,
+        unit: String,
+    },
+    #[error(
+        "{unit}: none of its functions are in the running kernel; it is not built into this \
+         kernel (a module, or not configured): module patching is a later step"
+    )]
+    NotBuiltIn { unit: String },
+    #[error(
+        "the fix changes no function built into the kernel (only {what}); there is nothing to \
+         patch"
+    )]
+    NothingChanged { what: String },
+    #[error("the kernel's banner cannot be read; is this a Linux kernel image?")]
+    NoBanner,
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("{unit}: {source}")]
+    Object {
+        unit: String,
+        #[source]
+        source: crate::elf::ElfError,
+    },
+    #[error("{unit}: {source}")]
+    Link {
+        unit: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error(transparent)]
+    Patch(#[from] KernelPatchError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running kernel a fix is built for.
+pub struct TargetKernel<'a> {
+    pub vmlinux: &'a [u8],
+    pub kallsyms: &'a Kallsyms,
+    pub banner: &'a str,
+}
+
+/// The checks of step 1: which units to compile.
+pub fn check_diff(
+    text: &str,
+    diff_path: &str,
+    tree: Option<&Path>,
+) -> Result<Vec<String>, SourceBuildError> {
+    let files = parse(text).map_err(|source| SourceBuildError::Diff {
+        path: diff_path.to_string(),
+        source,
+    })?;
+    let mut units = Vec::new();
+    for f in &files {
+        if f.created || f.deleted {
+            return Err(SourceBuildError::FileSet {
+                what: if f.created { "creates" } else { "deletes" },
+                file: f.path.clone(),
+            });
+        }
+        if !f.path.ends_with(".c") {
+            return Err(SourceBuildError::NotCFile {
+                file: f.path.clone(),
+            });
+        }
+        if let Some(dir) = tree
+            && let Ok(src) = std::fs::read_to_string(dir.join(&f.path))
+        {
+            let cs = constructs(&src);
+            for h in &f.hunks {
+                for &line in &h.touched {
+                    if let Some(c) = cs.iter().find(|c| {
+                        c.kind == ConstructKind::Type && c.first_line <= line && line <= c.last_line
+                    }) {
+                        return Err(SourceBuildError::TypeChange {
+                            kind: "type",
+                            name: c.name.clone(),
+                            file: f.path.clone(),
+                            line,
+                        });
+                    }
+                }
+            }
+        }
+        if !units.contains(&f.path) {
+            units.push(f.path.clone());
+        }
+    }
+    Ok(units)
+}
+
+/// Builds the patch for `diff_path` against `kernel`.
+pub fn build_from_source_diff(
+    kernel: &TargetKernel<'_>,
+    diff_path: &Path,
+    source: &SourceChoice,
+    meta: Metadata,
+) -> Result<(Patch, SourceReport), SourceBuildError> {
+    let text = std::fs::read_to_string(diff_path).map_err(|source| SourceBuildError::Io {
+        path: diff_path.to_path_buf(),
+        source,
+    })?;
+    let shown = diff_path.display().to_string();
+    // Step 1 without the tree (cheap refusals first), then again with it (type changes).
+    check_diff(&text, &shown, None)?;
+    let build = KernelBuild::from_banner(kernel.banner).ok_or(SourceBuildError::NoBanner)?;
+    let tree = match source {
+        SourceChoice::Tree(dir) => SourceTree::given(dir, &build)?,
+        SourceChoice::Cache(dir) => SourceTree::debian(dir, &build, kernel.banner)?,
+    };
+    let units = check_diff(&text, &shown, Some(&tree.dir))?;
+    let abs_diff = std::fs::canonicalize(diff_path).map_err(|source| SourceBuildError::Io {
+        path: diff_path.to_path_buf(),
+        source,
+    })?;
+    let objects = compile_both(&tree, &abs_diff, &units, &units)?;
+
+    let mut report = SourceReport {
+        diff_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        source: tree.describe.clone(),
+        files: units.clone(),
+        prepared_now: tree.prepared_now,
+        ..SourceReport::default()
+    };
+    let mut data = DataSet::default();
+    let mut code = Vec::new();
+    let mut ignored = Vec::new();
+    for (tag, o) in objects.iter().enumerate() {
+        let parse = |b: &[u8]| {
+            Unit::parse(b).map_err(|source| SourceBuildError::Object {
+                unit: o.unit.clone(),
+                source,
+            })
+        };
+        let (pre, post) = (parse(&o.pre)?, parse(&o.post)?);
+        let d = diff(&pre, &post);
+        let in_kernel = pre
+            .functions()
+            .any(|(_, s)| !s.local && kernel.kallsyms.named(&s.name).next().is_some());
+        if !in_kernel {
+            return Err(SourceBuildError::NotBuiltIn {
+                unit: o.unit.clone(),
+            });
+        }
+        if let Some((name, _, section)) = d
+            .data_changed
+            .iter()
+            .find(|(_, _, s)| !s.starts_with(".init") && !s.starts_with(".exit"))
+        {
+            return Err(SourceBuildError::DataChanged {
+                name: name.clone(),
+                section: section.clone(),
+                unit: o.unit.clone(),
+            });
+        }
+        let linker = Linker {
+            kernel: Kernel {
+                vmlinux: kernel.vmlinux,
+                kallsyms: kernel.kallsyms,
+            },
+            pre: &pre,
+            post: &post,
+            diff: &d,
+            unit_tag: tag,
+        };
+        for (pre_name, post_name) in &d.changed {
+            let sec = section_of(&post, post_name);
+            if sec.starts_with(".init") || sec.starts_with(".exit") {
+                ignored.push(format!("{pre_name} ({sec}: boot-time code, already run)"));
+                continue;
+            }
+            if post_name.ends_with(".cold") {
+                continue; // carried in its parent's code
+            }
+            let kernel_name =
+                linker
+                    .check_pre(pre_name)
+                    .map_err(|source| SourceBuildError::Link {
+                        unit: o.unit.clone(),
+                        source,
+                    })?;
+            let linked = linker
+                .link(post_name, &kernel_name, &mut data, &mut report.resolved)
+                .map_err(|source| SourceBuildError::Link {
+                    unit: o.unit.clone(),
+                    source,
+                })?;
+            for c in &linked.carried {
+                if d.added.contains(c) && !report.added.contains(c) {
+                    report.added.push(c.clone());
+                }
+            }
+            report.changed.push(kernel_name.clone());
+            code.push(KernelCode {
+                function: kernel_name,
+                code: linked.code,
+                relocations: linked.relocations,
+            });
+        }
+    }
+    if !ignored.is_empty() {
+        report
+            .notes
+            .push(format!("not patched: {}", ignored.join(", ")));
+    }
+    if code.is_empty() {
+        return Err(SourceBuildError::NothingChanged {
+            what: if ignored.is_empty() {
+                "comments, or code the compiler emits identically".into()
+            } else {
+                ignored.join(", ")
+            },
+        });
+    }
+    let meta = Metadata {
+        description: report.description(&meta.description),
+        ..meta
+    };
+    let patch =
+        build_kernel_patch_from_code(kernel.vmlinux, kernel.kallsyms, code, data.blocks, meta)?;
+    Ok((patch, report))
+}
+
+fn section_of(u: &Unit, name: &str) -> String {
+    u.defined(name)
+        .and_then(|i| u.symbols[i].section)
+        .map(|s| u.sections[s].name.clone())
+        .unwrap_or_default()
+}

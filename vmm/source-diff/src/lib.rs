@@ -1,0 +1,22 @@
+//! Kernel live patches from a source diff, as kpatch-build makes them, for a kernel patched
+//! from outside (`docs/source-patches.md`): the fix's diff, the running kernel's own source
+//! and compiler, and its image (the bytes a patch expects, the symbols it links against).
+//!
+//! - [`unified`]: the diff, and what it may touch.
+//! - [`tree`]: the kernel's source, fetched and prepared once.
+//! - [`compile`]: the touched units before and after.
+//! - [`elf`], [`objdiff`]: the objects, compared per function.
+//! - [`link`]: the changed functions' code, linked against the running kernel.
+//! - [`build`]: all of it, into a patch.
+
+pub mod build;
+pub mod compile;
+pub mod elf;
+pub mod link;
+pub mod objdiff;
+pub mod tree;
+pub mod unified;
+
+pub use build::{
+    SourceBuildError, SourceChoice, SourceReport, TargetKernel, build_from_source_diff,
+};

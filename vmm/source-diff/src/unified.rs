@@ -1,0 +1,438 @@
+//! The fix as the operator has it: a unified diff (`diff -u`, `git diff`, `git format-patch`).
+//!
+//! Only what the builder needs is parsed: which files change, and which lines of each old file
+//! a hunk removes or inserts at. Applying the diff to the source tree is left to GNU `patch`
+//! (its fuzz and offset rules are what kernel developers expect); this parse decides *before*
+//! anything is compiled whether the diff is something a function-level live patch can be:
+//! only C translation units, no new or deleted files, no type definitions changed.
+
+use thiserror::Error;
+
+/// One file's part of the diff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDiff {
+    /// Path relative to the tree root (the first component of `a/…`/`b/…` stripped, as
+    /// `patch -p1` does).
+    pub path: String,
+    /// The old file does not exist (`--- /dev/null`).
+    pub created: bool,
+    /// The new file does not exist (`+++ /dev/null`).
+    pub deleted: bool,
+    pub hunks: Vec<Hunk>,
+}
+
+/// One `@@ -a,b +c,d @@` hunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hunk {
+    /// First line of the old file the hunk covers (1-based).
+    pub old_start: u32,
+    pub old_len: u32,
+    /// Old-file lines the hunk removes or inserts before (1-based; an insertion before line n
+    /// records n, an insertion at the end of the file records `old_start + old_len`).
+    pub touched: Vec<u32>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DiffError {
+    #[error(
+        "the diff names no files (no `--- a/…` / `+++ b/…` header pair): give a unified diff \
+         (`diff -u`, `git diff`, `git format-patch`)"
+    )]
+    Empty,
+    #[error("diff line {line}: {what}; the diff is damaged or not a unified diff")]
+    Malformed { line: usize, what: String },
+}
+
+/// Parses a unified diff. Text before the first file header (a mail header, a commit message)
+/// is ignored, as `patch` ignores it.
+pub fn parse(text: &str) -> Result<Vec<FileDiff>, DiffError> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut files: Vec<FileDiff> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        if let (Some(old), Some(new)) = (
+            l.strip_prefix("--- "),
+            lines.get(i + 1).and_then(|n| n.strip_prefix("+++ ")),
+        ) {
+            let (old, new) = (header_path(old), header_path(new));
+            let created = old.is_none();
+            let deleted = new.is_none();
+            let path = new.or(old).ok_or(DiffError::Malformed {
+                line: i + 1,
+                what: "both sides are /dev/null".into(),
+            })?;
+            i += 2;
+            let mut hunks = Vec::new();
+            while let Some(h) = lines.get(i).and_then(|l| l.strip_prefix("@@ ")) {
+                let (old_start, old_len, new_len) = hunk_header(h).ok_or(DiffError::Malformed {
+                    line: i + 1,
+                    what: format!("bad hunk header {:?}", lines[i]),
+                })?;
+                i += 1;
+                let (mut old_seen, mut new_seen) = (0u32, 0u32);
+                let mut touched = Vec::new();
+                let mut old_line = old_start.max(1);
+                while old_seen < old_len || new_seen < new_len {
+                    let Some(body) = lines.get(i) else {
+                        return Err(DiffError::Malformed {
+                            line: i + 1,
+                            what: "the diff ends inside a hunk".into(),
+                        });
+                    };
+                    match body.as_bytes().first() {
+                        Some(b' ') | None => {
+                            old_seen += 1;
+                            new_seen += 1;
+                            old_line += 1;
+                        }
+                        Some(b'-') => {
+                            touched.push(old_line);
+                            old_seen += 1;
+                            old_line += 1;
+                        }
+                        Some(b'+') => {
+                            touched.push(old_line);
+                            new_seen += 1;
+                        }
+                        Some(b'\\') => {} // "\ No newline at end of file"
+                        _ => {
+                            return Err(DiffError::Malformed {
+                                line: i + 1,
+                                what: format!("unexpected line {body:?} inside a hunk"),
+                            });
+                        }
+                    }
+                    i += 1;
+                }
+                while lines.get(i).is_some_and(|l| l.starts_with('\\')) {
+                    i += 1;
+                }
+                touched.dedup();
+                hunks.push(Hunk {
+                    old_start,
+                    old_len,
+                    touched,
+                });
+            }
+            files.push(FileDiff {
+                path,
+                created,
+                deleted,
+                hunks,
+            });
+            continue;
+        }
+        i += 1;
+    }
+    if files.is_empty() {
+        return Err(DiffError::Empty);
+    }
+    Ok(files)
+}
+
+/// `a/fs/proc/base.c\t2026-…` → `fs/proc/base.c`; `/dev/null` → `None`.
+fn header_path(h: &str) -> Option<String> {
+    let p = h.split('\t').next().unwrap_or(h).trim_end();
+    if p == "/dev/null" {
+        return None;
+    }
+    Some(match p.split_once('/') {
+        Some((_, rest)) => rest.to_string(),
+        None => p.to_string(),
+    })
+}
+
+/// `-12,7 +12,8 @@ …` → (12, 7, 8).
+fn hunk_header(h: &str) -> Option<(u32, u32, u32)> {
+    let mut it = h.split_whitespace();
+    let old = it.next()?.strip_prefix('-')?;
+    let new = it.next()?.strip_prefix('+')?;
+    let range = |r: &str| -> Option<(u32, u32)> {
+        match r.split_once(',') {
+            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+            None => Some((r.parse().ok()?, 1)),
+        }
+    };
+    let (os, ol) = range(old)?;
+    let (_, nl) = range(new)?;
+    Some((os, ol, nl))
+}
+
+/// A top-level construct of a C file, by the lines it spans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Construct {
+    pub kind: ConstructKind,
+    /// What the head says: the tag of a type, the name of a function or variable (best effort).
+    pub name: String,
+    pub first_line: u32,
+    pub last_line: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConstructKind {
+    /// `struct x { … }`, `union x { … }`, `enum x { … }` (also inside a typedef).
+    Type,
+    /// `… name(args) { … }`.
+    Function,
+    /// `… name = { … };`: a variable with a braced initializer.
+    Initializer,
+}
+
+/// The brace-delimited top-level constructs of C source `text`: comments, strings, character
+/// literals and preprocessor lines are skipped; nested braces belong to their outermost
+/// construct. Best effort, as a reader scanning the file would: it exists to name *what* a
+/// hunk changes before compiling, and the object comparison after compiling is the check that
+/// decides.
+pub fn constructs(text: &str) -> Vec<Construct> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut line, mut depth) = (0usize, 1u32, 0u32);
+    let mut head = String::new();
+    let mut open: Option<(ConstructKind, String, u32)> = None;
+    let mut at_line_start = true;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\n' {
+            line += 1;
+            at_line_start = true;
+            if depth == 0 {
+                head.push(' ');
+            }
+            i += 1;
+            continue;
+        }
+        if at_line_start && c == b'#' {
+            // A preprocessor line, with its continuations.
+            while i < b.len() && b[i] != b'\n' {
+                if b[i] == b'\\' && b.get(i + 1) == Some(&b'\n') {
+                    line += 1;
+                    i += 1;
+                }
+                i += 1;
+            }
+            continue;
+        }
+        if !c.is_ascii_whitespace() {
+            at_line_start = false;
+        }
+        match c {
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                    if b[i] == b'\n' {
+                        line += 1;
+                    }
+                    i += 1;
+                }
+                i += 2;
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' => {
+                let q = c;
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    if b.get(i) == Some(&b'\n') {
+                        line += 1;
+                    }
+                    i += 1;
+                }
+                if depth == 0 {
+                    head.push_str("\"\"");
+                }
+                i += 1;
+                continue;
+            }
+            b'{' => {
+                if depth == 0 {
+                    open = Some((classify(&head), head_name(&head), line));
+                }
+                depth += 1;
+            }
+            b'}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0
+                    && let Some((kind, name, first)) = open.take()
+                {
+                    out.push(Construct {
+                        kind,
+                        name,
+                        first_line: first,
+                        last_line: line,
+                    });
+                    head.clear();
+                }
+            }
+            b';' if depth == 0 => head.clear(),
+            _ if depth == 0 => head.push(c as char),
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+fn classify(head: &str) -> ConstructKind {
+    let h = strip_attributes(head.trim());
+    if h.contains('=') {
+        return ConstructKind::Initializer;
+    }
+    if h.contains('(') {
+        return ConstructKind::Function;
+    }
+    let is_tag = h
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|w| matches!(w, "struct" | "union" | "enum"));
+    if is_tag {
+        ConstructKind::Type
+    } else {
+        ConstructKind::Function
+    }
+}
+
+/// `head` without `__attribute__((…))` and `__aligned(…)`-style annotations, whose
+/// parentheses would make a type definition look like a function.
+fn strip_attributes(head: &str) -> String {
+    let mut out = String::with_capacity(head.len());
+    let mut rest = head;
+    while let Some(pos) = rest.find("__") {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos..];
+        let ident_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let tail = after[ident_len..].trim_start();
+        if let Some(args) = tail.strip_prefix('(') {
+            // Skip the balanced parenthesis group.
+            let mut depth = 1;
+            let mut end = args.len();
+            for (i, c) in args.char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = i + 1;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            rest = &args[end..];
+        } else {
+            rest = &after[ident_len..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The identifier before `(` (functions), before `=` (variables), or after `struct`/`union`/
+/// `enum` (types).
+fn head_name(head: &str) -> String {
+    let h = strip_attributes(head.trim());
+    let h = h.trim();
+    let cut = h.find('(').or_else(|| h.find('=')).unwrap_or(h.len());
+    let ident = |s: &str| -> Option<String> {
+        s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .rfind(|w| !w.is_empty())
+            .map(str::to_string)
+    };
+    ident(&h[..cut]).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIFF: &str = r#"From 1234 Mon Sep 17 00:00:00 2001
+Subject: [PATCH] proc: fix a thing
+
+diff --git a/fs/proc/base.c b/fs/proc/base.c
+index 1..2 100644
+--- a/fs/proc/base.c
++++ b/fs/proc/base.c
+@@ -10,3 +10,4 @@ static int f(void)
+ a
+-b
++c
++d
+ e
+@@ -40,2 +41,3 @@
+ x
+ y
++z
+--- /dev/null
++++ b/fs/proc/new.c
+@@ -0,0 +1 @@
++int x;
+"#;
+
+    #[test]
+    fn files_hunks_and_touched_lines() {
+        let f = parse(DIFF).unwrap();
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].path, "fs/proc/base.c");
+        assert!(!f[0].created && !f[0].deleted);
+        assert_eq!(f[0].hunks.len(), 2);
+        // "-b" is old line 11; both insertions go before old line 12.
+        assert_eq!(f[0].hunks[0].touched, vec![11, 12]);
+        // Appended after old lines 40, 41: before line 42.
+        assert_eq!(f[0].hunks[1].touched, vec![42]);
+        assert_eq!(f[1].path, "fs/proc/new.c");
+        assert!(f[1].created);
+    }
+
+    #[test]
+    fn damaged_diffs_are_refused() {
+        assert_eq!(parse("just text\n"), Err(DiffError::Empty));
+        let cut = "--- a/x.c\n+++ b/x.c\n@@ -1,3 +1,3 @@\n a\n";
+        assert!(matches!(parse(cut), Err(DiffError::Malformed { .. })));
+        let bad = "--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n?a\n";
+        assert!(matches!(parse(bad), Err(DiffError::Malformed { .. })));
+    }
+
+    #[test]
+    fn constructs_of_a_c_file() {
+        let src = "#include <x.h>\n\
+/* a { comment */\n\
+struct s {\n\
+\tint a; /* } */\n\
+};\n\
+static const char *names[] = {\n\
+\t\"{\",\n\
+};\n\
+static int f(int x)\n\
+{\n\
+\tif (x) { return 1; }\n\
+\treturn 0;\n\
+}\n\
+typedef union u { int a; } u_t;\n\
+struct __attribute__((packed)) p { char c; };\n";
+        let c = constructs(src);
+        let kinds: Vec<_> = c
+            .iter()
+            .map(|c| (c.kind, c.name.as_str(), c.first_line, c.last_line))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (ConstructKind::Type, "s", 3, 5),
+                (ConstructKind::Initializer, "names", 6, 8),
+                (ConstructKind::Function, "f", 10, 13),
+                (ConstructKind::Type, "u", 14, 14),
+                (ConstructKind::Type, "p", 15, 15),
+            ]
+        );
+    }
+}
