@@ -12,6 +12,9 @@
 #                       uptime keeps growing unless the guest rebooted.
 #   kallsyms            prints /proc/kallsyms between "hpl: kallsyms-begin" and "hpl: kallsyms-end",
 #                       then powers off: the host's symbol table for this exact kernel and boot.
+#   probe               as workload, but version= is what the script /etc/hpl.probe prints (its
+#                       lines joined by " | "): a test's own observation of the kernel (a /proc
+#                       file, a syscall's result printed by a static program under /bin).
 # hpl.loglevel=<n> (default 4: errors and worse) is the console log level once /init runs, so that
 # routine kernel messages do not land in the middle of a workload line; oopses and panics still
 # show (the kernel raises the level itself for them).
@@ -57,6 +60,21 @@ case "$mode" in
       read -r up _ </proc/uptime
       read -r version </proc/version
       echo "hpl: seq=$n uptime=$up version=$version"
+      $bb usleep 100000
+    done
+    ;;
+  probe)
+    n=0
+    while :; do
+      n=$((n + 1))
+      read -r up _ </proc/uptime
+      out=""
+      while IFS= read -r l; do
+        out="${out:+$out | }$l"
+      done <<EOF_PROBE
+$($bb sh /etc/hpl.probe 2>&1)
+EOF_PROBE
+      echo "hpl: seq=$n uptime=$up version=$out"
       $bb usleep 100000
     done
     ;;

@@ -26,6 +26,9 @@ pub enum InitMode {
     Workload,
     /// Print `/proc/kallsyms` between `hpl: kallsyms-begin` and `hpl: kallsyms-end`, power off.
     Kallsyms,
+    /// As [`InitMode::Workload`], but `version=` is the output of `/etc/hpl.probe` (see
+    /// [`build_probe`]), lines joined by ` | `.
+    Probe,
 }
 
 impl InitMode {
@@ -34,6 +37,7 @@ impl InitMode {
         match self {
             InitMode::Workload => "workload",
             InitMode::Kallsyms => "kallsyms",
+            InitMode::Probe => "probe",
         }
     }
 }
@@ -110,6 +114,34 @@ pub fn build(busybox: &Path, mode: InitMode) -> io::Result<Vec<u8>> {
         Member::file("init", 0o755, INIT_SCRIPT.as_bytes()),
     ];
     write_archive(&members)
+}
+
+/// The kit's initramfs in [`InitMode::Probe`]: `/etc/hpl.probe` holds `probe` (a busybox `sh`
+/// script whose output the workload prints every ~100 ms), and each `(path, bytes)` of `files`
+/// is added executable (static test programs, e.g. under `bin/`).
+pub fn build_probe(
+    busybox: &Path,
+    probe: &str,
+    files: &[(String, Vec<u8>)],
+) -> io::Result<Vec<u8>> {
+    let bb = read_static_busybox(busybox)?;
+    let mut a = Archive::new();
+    a.dir("bin", 0o755)?;
+    a.file("bin/busybox", 0o755, bb)?;
+    a.symlink("bin/sh", "busybox")?;
+    a.dir("dev", 0o755)?;
+    a.char_dev("dev/console", 0o600, CONSOLE_MAJOR, CONSOLE_MINOR)?;
+    a.dir("etc", 0o755)?;
+    a.file("etc/hpl.mode", 0o644, b"probe\n".to_vec())?;
+    a.file("etc/hpl.probe", 0o644, probe.as_bytes().to_vec())?;
+    a.dir("proc", 0o555)?;
+    a.dir("sys", 0o555)?;
+    a.dir("tmp", 0o1777)?;
+    for (path, data) in files {
+        a.file(path, 0o755, data.clone())?;
+    }
+    a.file("init", 0o755, INIT_SCRIPT.as_bytes().to_vec())?;
+    a.finish()
 }
 
 /// Reads the busybox at `busybox` and checks it is a static x86-64 ELF, the only kind that runs
@@ -496,7 +528,7 @@ mod tests {
 
     #[test]
     fn init_script_handles_both_modes() {
-        for m in [InitMode::Workload, InitMode::Kallsyms] {
+        for m in [InitMode::Workload, InitMode::Kallsyms, InitMode::Probe] {
             assert!(
                 INIT_SCRIPT.contains(&format!("\n  {})", m.name())),
                 "no case for {m:?}"

@@ -14,7 +14,7 @@
 //! - [`proc_kallsyms`] is the guest's own `/proc/kallsyms` of a `nokaslr` boot (the package's
 //!   System.map is a stub), cached next to the kernel.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -53,14 +53,28 @@ impl Kit {
     /// and they must say so rather than pass.
     pub fn ensure() -> Kit {
         static KIT: OnceLock<Kit> = OnceLock::new();
-        KIT.get_or_init(run_kit_script).clone()
+        KIT.get_or_init(|| run_kit_script(None)).clone()
+    }
+
+    /// [`Kit::ensure`] for one pinned kernel package, e.g. `6.1.0-54-amd64` (an older build,
+    /// for fixes taken from a later one: `HOTPATCH_LINUX_VERSION`).
+    pub fn ensure_version(version: &str) -> Kit {
+        static KITS: Mutex<BTreeMap<String, Kit>> = Mutex::new(BTreeMap::new());
+        let mut kits = lock(&KITS);
+        kits.entry(version.to_string())
+            .or_insert_with(|| run_kit_script(Some(version)))
+            .clone()
     }
 }
 
-fn run_kit_script() -> Kit {
+fn run_kit_script(version: Option<&str>) -> Kit {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/linux-kit");
     let started = Instant::now();
-    let out = Command::new(&script)
+    let mut cmd = Command::new(&script);
+    if let Some(v) = version {
+        cmd.env("HOTPATCH_LINUX_VERSION", v);
+    }
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
@@ -139,6 +153,9 @@ pub struct BootOptions {
     /// Start QEMU with a gdbstub (`-gdb tcp:127.0.0.1:PORT`). Off, only QMP is offered, as by
     /// a VM an operator started: the backend then starts a gdbstub through QMP.
     pub gdb: bool,
+    /// With [`InitMode::Probe`]: the probe script and the files (static programs) added to the
+    /// initramfs ([`initramfs::build_probe`]).
+    pub probe: Option<(String, Vec<(String, Vec<u8>)>)>,
 }
 
 impl Default for BootOptions {
@@ -151,6 +168,7 @@ impl Default for BootOptions {
             extra_cmdline: String::new(),
             cpu: None,
             gdb: true,
+            probe: None,
         }
     }
 }
@@ -189,8 +207,14 @@ impl LinuxGuest {
     /// The serial console is QEMU's stdout, read by a thread, so lines are visible as soon as the
     /// guest prints them. Panics, with QEMU's stderr, if QEMU does not start.
     pub fn boot(kit: &Kit, opts: &BootOptions) -> LinuxGuest {
-        let archive = initramfs::build(&kit.busybox, opts.mode)
-            .unwrap_or_else(|e| panic!("building the initramfs: {e}"));
+        let archive = match (&opts.probe, opts.mode) {
+            (Some((script, files)), InitMode::Probe) => {
+                initramfs::build_probe(&kit.busybox, script, files)
+            }
+            (None, InitMode::Probe) => panic!("InitMode::Probe needs BootOptions::probe"),
+            _ => initramfs::build(&kit.busybox, opts.mode),
+        }
+        .unwrap_or_else(|e| panic!("building the initramfs: {e}"));
         let mut cmdline = vec!["console=ttyS0", "panic=-1"];
         if !opts.kaslr {
             cmdline.push("nokaslr");

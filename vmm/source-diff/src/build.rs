@@ -20,6 +20,7 @@ use patch_format::{Metadata, Patch};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::clobbers::{Clobbers, callers_in_unit};
 use crate::compile::{CompileError, compile_both};
 use crate::elf::Unit;
 use crate::link::{DataSet, Kernel, LinkError, Linker, Resolved};
@@ -50,6 +51,8 @@ pub struct SourceReport {
     pub notes: Vec<String>,
     /// The tree was fetched and prepared by this build.
     pub prepared_now: bool,
+    /// WARN()/BUG() were compiled as calls for patch code (`compile::WARN_REWRITE`).
+    pub warn_rewritten: bool,
 }
 
 impl SourceReport {
@@ -148,19 +151,41 @@ pub enum SourceBuildError {
          patch"
     )]
     NothingChanged { what: String },
+    #[error(
+        "{function}: the new code writes {} which the old code never did, and {} in the same \
+         unit call it unchanged; GCC compiled those callers to keep values in these registers \
+         across the call (interprocedural register allocation), so replacing only {function} \
+         would corrupt them",
+        .registers.join(", "),
+        .callers.join(", ")
+    )]
+    IpaRa {
+        function: String,
+        registers: Vec<String>,
+        callers: Vec<String>,
+    },
+    #[error(
+        "{unit}: {} changed but the running kernel has no such function (GCC inlined it into \
+         its callers there); the callers could not be found",
+        .functions.join(", ")
+    )]
+    Inlining {
+        unit: String,
+        functions: Vec<String>,
+    },
     #[error("the kernel's banner cannot be read; is this a Linux kernel image?")]
     NoBanner,
     #[error(transparent)]
     Tree(#[from] TreeError),
     #[error(transparent)]
     Compile(#[from] CompileError),
-    #[error("{unit}: {source}")]
+    #[error("{unit}")]
     Object {
         unit: String,
         #[source]
         source: crate::elf::ElfError,
     },
-    #[error("{unit}: {source}")]
+    #[error("{unit}")]
     Link {
         unit: String,
         #[source]
@@ -168,7 +193,7 @@ pub enum SourceBuildError {
     },
     #[error(transparent)]
     Patch(#[from] KernelPatchError),
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -258,13 +283,24 @@ pub fn build_from_source_diff(
     })?;
     let objects = compile_both(&tree, &abs_diff, &units, &units)?;
 
-    let mut report = SourceReport {
+    let report = SourceReport {
         diff_sha256: hex::encode(Sha256::digest(text.as_bytes())),
         source: tree.describe.clone(),
         files: units.clone(),
         prepared_now: tree.prepared_now,
         ..SourceReport::default()
     };
+    build_from_objects(kernel, &objects, report, meta)
+}
+
+/// Steps 3 to 5 on units already compiled both ways; `report` has the diff's and the tree's
+/// part filled in.
+pub fn build_from_objects(
+    kernel: &TargetKernel<'_>,
+    objects: &[crate::compile::UnitObjects],
+    mut report: SourceReport,
+    meta: Metadata,
+) -> Result<(Patch, SourceReport), SourceBuildError> {
     let mut data = DataSet::default();
     let mut code = Vec::new();
     let mut ignored = Vec::new();
@@ -275,8 +311,52 @@ pub fn build_from_source_diff(
                 source,
             })
         };
-        let (pre, post) = (parse(&o.pre)?, parse(&o.post)?);
-        let d = diff(&pre, &post);
+        let pre = parse(&o.pre)?;
+        let (mut base, mut post) = (parse(&o.base)?, parse(&o.post)?);
+        let mut d = diff(&base, &post);
+        if o.warn_rewritten {
+            // A changed function the kernel does not have out of line (the rewrite made GCC
+            // stop inlining it): its inlined copies in the kernel's callers would go unseen.
+            let unseen: Vec<String> = d
+                .changed
+                .iter()
+                .map(|(p, _)| p.clone())
+                .filter(|p| pre.defined(p).is_none())
+                .collect();
+            match (&o.plain, unseen.is_empty()) {
+                (_, true) => report.warn_rewritten = true,
+                (Some((b, p)), false) => {
+                    base = parse(b)?;
+                    post = parse(p)?;
+                    d = diff(&base, &post);
+                    report.notes.push(format!(
+                        "{}: compiling WARN() as a call changed GCC's inlining ({} out of line \
+                         only then); compared as the kernel was built, so WARN() in the new \
+                         code is refused",
+                        o.unit,
+                        unseen.join(", ")
+                    ));
+                }
+                (None, false) => {
+                    return Err(SourceBuildError::Inlining {
+                        unit: o.unit.clone(),
+                        functions: unseen,
+                    });
+                }
+            }
+        }
+        let unseen: Vec<String> = d
+            .changed
+            .iter()
+            .map(|(p, _)| p.clone())
+            .filter(|p| pre.defined(p).is_none())
+            .collect();
+        if !unseen.is_empty() {
+            return Err(SourceBuildError::Inlining {
+                unit: o.unit.clone(),
+                functions: unseen,
+            });
+        }
         let in_kernel = pre
             .functions()
             .any(|(_, s)| !s.local && kernel.kallsyms.named(&s.name).next().is_some());
@@ -301,8 +381,9 @@ pub fn build_from_source_diff(
                 vmlinux: kernel.vmlinux,
                 kallsyms: kernel.kallsyms,
             },
-            pre: &pre,
+            pre: &base,
             post: &post,
+            kernel_pre: &pre,
             diff: &d,
             unit_tag: tag,
         };
@@ -315,6 +396,7 @@ pub fn build_from_source_diff(
             if post_name.ends_with(".cold") {
                 continue; // carried in its parent's code
             }
+            check_ipa_ra(&pre, &post, pre_name, post_name, &d.changed)?;
             let kernel_name =
                 linker
                     .check_pre(pre_name)
@@ -341,6 +423,13 @@ pub fn build_from_source_diff(
             });
         }
     }
+    if report.warn_rewritten {
+        report.notes.push(
+            "WARN() in the new code calls __warn() (WARN_ONCE: rate-limited, not once); BUG() \
+             is a bare ud2"
+                .into(),
+        );
+    }
     if !ignored.is_empty() {
         report
             .notes
@@ -362,6 +451,38 @@ pub fn build_from_source_diff(
     let patch =
         build_kernel_patch_from_code(kernel.vmlinux, kernel.kallsyms, code, data.blocks, meta)?;
     Ok((patch, report))
+}
+
+/// The new version of a replaced function may clobber only what the old one did, if callers
+/// in its unit stay unreplaced ([`crate::clobbers`]).
+fn check_ipa_ra(
+    pre: &Unit,
+    post: &Unit,
+    pre_name: &str,
+    post_name: &str,
+    changed: &[(String, String)],
+) -> Result<(), SourceBuildError> {
+    let (Some(a), Some(b)) = (pre.defined(pre_name), post.defined(post_name)) else {
+        return Ok(());
+    };
+    let old = Clobbers::new(pre).of(a);
+    let new = Clobbers::new(post).of(b);
+    if new.is_subset_of(old) {
+        return Ok(());
+    }
+    let callers: Vec<String> = callers_in_unit(pre, a)
+        .into_iter()
+        .map(|c| pre.symbols[c].name.clone())
+        .filter(|c| !changed.iter().any(|(p, _)| p == c))
+        .collect();
+    if callers.is_empty() {
+        return Ok(());
+    }
+    Err(SourceBuildError::IpaRa {
+        function: pre_name.to_string(),
+        registers: new.minus(old),
+        callers,
+    })
 }
 
 fn section_of(u: &Unit, name: &str) -> String {

@@ -33,7 +33,7 @@ pub enum CompileError {
          can be patched today"
     )]
     Module { unit: String },
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -53,32 +53,133 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CompileError + '_ {
 pub struct UnitObjects {
     /// `fs/proc/base.c`.
     pub unit: String,
+    /// Before the fix, as the kernel was built ([`KERNEL_LAYOUT_CFLAGS`]): what the run-pre
+    /// check compares with the running kernel.
     pub pre: Vec<u8>,
+    /// Before the fix, built as `post` is ([`DIFF_CFLAGS`], and [`WARN_REWRITE`] when
+    /// `warn_rewritten`): the baseline of the comparison.
+    pub base: Vec<u8>,
+    /// After the fix.
     pub post: Vec<u8>,
+    /// `base` and `post` were built with `WARN()` as a call (see [`WARN_REWRITE`]).
+    pub warn_rewritten: bool,
+    /// With the rewrite, when it changed which functions GCC keeps out of line: `base` and
+    /// `post` without it, for the builder to fall back on (`build::build_from_objects`).
+    pub plain: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The flags added to the kernel's for the diff.
 pub const DIFF_CFLAGS: &str = "-ffunction-sections -fdata-sections";
 
+/// The flags added for the build compared with the running kernel: functions in sections of
+/// their own (their code is the same as without), data laid out as in the kernel's own build
+/// (one `.data`, one `.bss` per unit), which is how a file-local variable is told apart from
+/// others of its name (`link::Linker::kernel_name`).
+pub const KERNEL_LAYOUT_CFLAGS: &str = "-ffunction-sections";
+
+/// The architecture's `BUG()`/`WARN()` header, rewritten for patch code: the kernel finds a
+/// `WARN()`'s bug-table entry by the address of its `ud2` in its own text or a module's, never
+/// in the arena, so there a `ud2` would oops instead of warning. With these definitions, put
+/// before the header includes the generic one, a `WARN()` calls `__warn()` (what the kernel's
+/// `report_bug()` calls for a warning: the message with file, line and address, a stack dump,
+/// the taint; `WARN_ONCE`-style warnings are rate-limited by the global printk limit instead
+/// of once, which would need a variable), and `BUG()` is a bare `ud2` (an oops, as `BUG()` is,
+/// reported as an invalid opcode).
+pub const WARN_REWRITE: &str = r#"
+/* vmm source-diff: WARN() and BUG() for live patch code (docs/source-patches.md). */
+extern int __printk_ratelimit(const char *func);
+#undef BUG
+#define BUG()								\
+do {									\
+	instrumentation_begin();					\
+	asm volatile(ASM_UD2);						\
+	__builtin_unreachable();					\
+} while (0)
+#undef __WARN_FLAGS
+#define __WARN_FLAGS(flags)						\
+do {									\
+	unsigned long __hp_ip;						\
+	instrumentation_begin();					\
+	asm volatile("lea 0(%%rip), %0" : "=r" (__hp_ip));		\
+	if (!((flags) & BUGFLAG_ONCE) || __printk_ratelimit(__func__))	\
+		__warn(__FILE__, __LINE__, (void *)__hp_ip,		\
+		       (unsigned int)((BUGFLAG_WARNING | (flags)) >> 8),	\
+		       NULL, NULL);					\
+	instrumentation_end();						\
+} while (0)
+"#;
+
+/// The header [`WARN_REWRITE`] goes into, and the line it goes before.
+const BUG_HEADER: &str = "arch/x86/include/asm/bug.h";
+const BUG_HEADER_ANCHOR: &str = "#include <asm-generic/bug.h>";
+
 /// Holds the tree's lock; on drop, puts back every saved file.
 struct Session<'t> {
     tree: &'t SourceTree,
     _lock: File,
-    saved: Vec<(PathBuf, Vec<u8>)>,
+    /// Each saved file: its bytes and modification time.
+    saved: Vec<(PathBuf, Vec<u8>, std::time::SystemTime)>,
+}
+
+impl Session<'_> {
+    /// Saves `rel` (once) so that drop restores it.
+    fn save(&mut self, rel: &str) -> Result<(Vec<u8>, std::time::SystemTime), CompileError> {
+        let p = self.tree.dir.join(rel);
+        let bytes = std::fs::read(&p).map_err(io(&p))?;
+        let mtime = std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .map_err(io(&p))?;
+        if !self.saved.iter().any(|(q, _, _)| *q == p) {
+            self.saved.push((p, bytes.clone(), mtime));
+        }
+        Ok((bytes, mtime))
+    }
+
+    fn restore(&mut self, rel: &str) -> Result<(), CompileError> {
+        let p = self.tree.dir.join(rel);
+        if let Some((_, bytes, mtime)) = self.saved.iter().find(|(q, _, _)| *q == p) {
+            write_with_mtime(&p, bytes, *mtime)?;
+        }
+        Ok(())
+    }
+}
+
+/// Overwrites `path` and sets its modification time to `mtime`: a header rewritten for one
+/// unit's compile must not make kbuild rebuild its `prepare` outputs (which depend on every
+/// header) with the rewrite, and a restored file is the tree's file exactly, time included; the
+/// unit itself is always rebuilt (its object is removed first).
+fn write_with_mtime(
+    path: &Path,
+    bytes: &[u8],
+    mtime: std::time::SystemTime,
+) -> Result<(), CompileError> {
+    std::fs::write(path, bytes).map_err(io(path))?;
+    let f = File::options().write(true).open(path).map_err(io(path))?;
+    f.set_modified(mtime).map_err(io(path))?;
+    Ok(())
 }
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        for (path, bytes) in &self.saved {
-            if let Err(e) = std::fs::write(path, bytes) {
+        for (path, bytes, mtime) in &self.saved {
+            if let Err(e) = write_with_mtime(path, bytes, *mtime) {
                 tracing::error!(path = %path.display(), error = %e, "could not restore a source file; the tree at {} needs `patch -R`", self.tree.dir.display());
             }
         }
     }
 }
 
+/// The defined function names of an object, to compare two builds' inlining.
+fn function_names(obj: &[u8]) -> Option<std::collections::BTreeSet<String>> {
+    let u = crate::elf::Unit::parse(obj).ok()?;
+    Some(u.functions().map(|(_, s)| s.name.clone()).collect())
+}
+
 /// Compiles every unit in `units` (paths of `.c` files relative to the tree) before and
-/// after applying the unified diff at `diff_file`.
+/// after applying the unified diff at `diff_file`: before as the kernel was built, then
+/// before and after with [`WARN_REWRITE`]. When the rewrite changes which functions GCC keeps
+/// out of line in a unit (its inlining), the unit is also compiled before and after without
+/// it ([`UnitObjects::plain`]).
 pub fn compile_both(
     tree: &SourceTree,
     diff_file: &Path,
@@ -95,7 +196,31 @@ pub fn compile_both(
     };
     let mut pre = Vec::new();
     for u in units {
-        pre.push(compile(tree, u, "before")?);
+        pre.push(compile(tree, u, "before", KERNEL_LAYOUT_CFLAGS)?);
+    }
+    // The WARN rewrite, when the header has the expected shape.
+    let header = session.save(BUG_HEADER).ok();
+    let rewritten = header.as_ref().and_then(|(h, mtime)| {
+        let text = String::from_utf8_lossy(h);
+        let at = text.find(BUG_HEADER_ANCHOR)?;
+        Some((
+            format!("{}{WARN_REWRITE}\n{}", &text[..at], &text[at..]),
+            *mtime,
+        ))
+    });
+    // Before the fix, with the rewrite, and whether GCC kept the same functions out of line.
+    let mut base: Vec<Option<(Vec<u8>, bool)>> = Vec::new();
+    if let Some((r, mtime)) = &rewritten {
+        let p = tree.dir.join(BUG_HEADER);
+        write_with_mtime(&p, r.as_bytes(), *mtime)?;
+        for (u, plain) in units.iter().zip(&pre) {
+            let b = compile(tree, u, "before (WARN rewritten)", DIFF_CFLAGS)?;
+            let same_inlining =
+                function_names(plain).is_some() && function_names(plain) == function_names(&b);
+            base.push(Some((b, same_inlining)));
+        }
+    } else {
+        base.resize(units.len(), None);
     }
     // Apply: check first so a diff that does not apply leaves nothing half-done.
     let patch = |extra: &[&str]| {
@@ -122,9 +247,7 @@ pub fn compile_both(
         });
     }
     for f in touched_files {
-        let p = tree.dir.join(f);
-        let bytes = std::fs::read(&p).map_err(io(&p))?;
-        session.saved.push((p, bytes));
+        session.save(f)?;
     }
     let applied = patch(&[]).map_err(io(&tree.dir))?;
     if !applied.status.success() {
@@ -133,13 +256,69 @@ pub fn compile_both(
             detail: tail(&String::from_utf8_lossy(&applied.stdout)),
         });
     }
+    let mut post_rewritten = Vec::new();
+    for (u, b) in units.iter().zip(&base) {
+        post_rewritten.push(match b {
+            Some(_) => Some(compile(tree, u, "after (WARN rewritten)", DIFF_CFLAGS)?),
+            None => None,
+        });
+    }
+    session.restore(BUG_HEADER)?;
+    // Without the rewrite too, where it is missing or changed the unit's inlining: after the
+    // fix, then before it (the fix's files put back for that).
+    let needs_plain: Vec<bool> = base
+        .iter()
+        .map(|b| b.as_ref().is_none_or(|(_, same)| !same))
+        .collect();
+    let mut plain_post = Vec::new();
+    for (u, need) in units.iter().zip(&needs_plain) {
+        plain_post.push(match need {
+            true => Some(compile(tree, u, "after", DIFF_CFLAGS)?),
+            false => None,
+        });
+    }
+    if needs_plain.iter().any(|n| *n) {
+        for f in touched_files {
+            session.restore(f)?;
+        }
+    }
     let mut out = Vec::new();
-    for (u, pre) in units.iter().zip(pre) {
-        let post = compile(tree, u, "after")?;
-        out.push(UnitObjects {
-            unit: u.clone(),
-            pre,
-            post,
+    for ((((u, pre), base), post_w), plain_post) in units
+        .iter()
+        .zip(pre)
+        .zip(base)
+        .zip(post_rewritten)
+        .zip(plain_post)
+    {
+        let plain = match plain_post {
+            Some(post) => Some((compile(tree, u, "before", DIFF_CFLAGS)?, post)),
+            None => None,
+        };
+        out.push(match (base, post_w, plain) {
+            (Some((base, _)), Some(post), plain) => UnitObjects {
+                unit: u.clone(),
+                pre,
+                base,
+                post,
+                warn_rewritten: true,
+                plain,
+            },
+            (_, _, Some((base, post))) => UnitObjects {
+                unit: u.clone(),
+                pre,
+                base,
+                post,
+                warn_rewritten: false,
+                plain: None,
+            },
+            _ => {
+                return Err(CompileError::Failed {
+                    unit: u.clone(),
+                    when: "after",
+                    detail: "no build without the WARN rewrite was made (a bug of the builder)"
+                        .into(),
+                });
+            }
         });
     }
     drop(session);
@@ -156,7 +335,12 @@ fn object_path(unit: &str) -> String {
 }
 
 /// `make <unit>.o` with the diff's flags; the object's bytes.
-fn compile(tree: &SourceTree, unit: &str, when: &'static str) -> Result<Vec<u8>, CompileError> {
+fn compile(
+    tree: &SourceTree,
+    unit: &str,
+    when: &'static str,
+    cflags: &str,
+) -> Result<Vec<u8>, CompileError> {
     let obj = object_path(unit);
     let obj_path = tree.dir.join(&obj);
     let _ = std::fs::remove_file(&obj_path);
@@ -164,7 +348,7 @@ fn compile(tree: &SourceTree, unit: &str, when: &'static str) -> Result<Vec<u8>,
     let out = Command::new("make")
         .arg("-s")
         .arg(format!("CC={}", tree.cc))
-        .arg(format!("KCFLAGS={DIFF_CFLAGS}"))
+        .arg(format!("KCFLAGS={cflags}"))
         .arg(&obj)
         .current_dir(&tree.dir)
         .output()

@@ -261,7 +261,7 @@ impl Unit {
         self.symbols.iter().position(|s| {
             s.name == name
                 && s.section.is_some()
-                && matches!(s.kind, SymKind::Function | SymKind::Object)
+                && matches!(s.kind, SymKind::Function | SymKind::Object | SymKind::Other)
         })
     }
 
@@ -300,15 +300,16 @@ impl Unit {
             .enumerate()
             .filter(|(_, s)| {
                 s.section == Some(sec)
-                    && matches!(s.kind, SymKind::Function | SymKind::Object)
+                    && matches!(s.kind, SymKind::Function | SymKind::Object | SymKind::Other)
                     && !s.name.is_empty()
             })
             .filter(|(_, s)| {
                 let a = i128::from(s.value);
                 at == a || (at > a && at < a + i128::from(s.size))
             })
-            // Prefer a sized symbol; among equals, the first.
-            .max_by_key(|(i, s)| (s.size > 0, usize::MAX - *i))
+            // Prefer a typed symbol (function, object) over a label (`STT_NOTYPE`, e.g. the
+            // `.BTF_ids` sets), then a sized one; among equals, the first.
+            .max_by_key(|(i, s)| (s.kind != SymKind::Other, s.size > 0, usize::MAX - *i))
             .map(|(i, _)| i)
     }
 }

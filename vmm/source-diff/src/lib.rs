@@ -7,9 +7,11 @@
 //! - [`compile`]: the touched units before and after.
 //! - [`elf`], [`objdiff`]: the objects, compared per function.
 //! - [`link`]: the changed functions' code, linked against the running kernel.
+//! - [`clobbers`]: what callers the patch keeps may assume about a replaced callee.
 //! - [`build`]: all of it, into a patch.
 
 pub mod build;
+pub mod clobbers;
 pub mod compile;
 pub mod elf;
 pub mod link;

@@ -63,7 +63,8 @@ pub enum LinkError {
     },
     #[error(
         "{function}+{offset:#x}: refers to {symbol}, of which the running kernel has {count} \
-         symbols and none or several match this unit's copy; the fix cannot name the right one: \
+         symbols and none or several match this unit's copy (a function by its bytes, a \
+         variable by where the unit's other variables are); the fix cannot name the right one: \
          rename the symbol in the fix or build from the matching source"
     )]
     Ambiguous {
@@ -223,14 +224,27 @@ pub fn table_policy(section: &str) -> TablePolicy {
     }
 }
 
+/// Whether `section` is one of the tables [`table_policy`] names (code references into
+/// those are never data to bind).
+fn table_policy_known(section: &str) -> bool {
+    !matches!(
+        table_policy(section),
+        TablePolicy::Refuse("an entry of a kernel table this builder does not know")
+    )
+}
+
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const ALIGN: usize = 16;
 
 /// Links the new code of every function `diff` says changed.
 pub struct Linker<'a> {
     pub kernel: Kernel<'a>,
+    /// The pre-fix build compared with the post-fix one (names, variables).
     pub pre: &'a Unit,
     pub post: &'a Unit,
+    /// The pre-fix build exactly as the kernel was built: what its bytes are compared with
+    /// (the same unit as `pre` unless the comparison used the WARN rewrite).
+    pub kernel_pre: &'a Unit,
     pub diff: &'a UnitDiff,
     /// Distinguishes this unit's data blocks from other units' in `data`.
     pub unit_tag: usize,
@@ -266,7 +280,7 @@ impl<'a> Linker<'a> {
             }
             1 => Ok(pre_name.to_string()),
             n => {
-                let Some(sym) = self.pre.defined(pre_name) else {
+                let Some(sym) = self.kernel_pre.defined(pre_name) else {
                     return Err(LinkError::Ambiguous {
                         function: from.to_string(),
                         offset,
@@ -274,9 +288,10 @@ impl<'a> Linker<'a> {
                         count: n,
                     });
                 };
-                let matching: Vec<usize> = if self.pre.symbols[sym].kind == SymKind::Function {
-                    let want = shape(self.pre, sym);
-                    let masks = self.pre.relocs_of(sym);
+                let matching: Vec<usize> = if self.kernel_pre.symbols[sym].kind == SymKind::Function
+                {
+                    let want = shape(self.kernel_pre, sym);
+                    let masks = self.kernel_pre.relocs_of(sym);
                     cands
                         .iter()
                         .enumerate()
@@ -287,7 +302,7 @@ impl<'a> Linker<'a> {
                         .map(|(i, _)| i)
                         .collect()
                 } else {
-                    Vec::new()
+                    self.data_candidates(sym, &cands)
                 };
                 match matching.as_slice() {
                     [i] => Ok(format!("{pre_name},{}", i + 1)),
@@ -300,6 +315,52 @@ impl<'a> Linker<'a> {
                 }
             }
         }
+    }
+
+    /// Which of `cands` (kallsyms entries of one name, by address) is the kernel's copy of
+    /// variable `sym` of the kernel-layout build (`kernel_pre`, compiled without
+    /// `-fdata-sections`, so its data sections are laid out as the unit's part of the kernel's):
+    /// the candidates at which every other named variable of the same section, moved by the
+    /// same distance, is a kallsyms symbol of its name, and at least one is.
+    fn data_candidates(&self, sym: usize, cands: &[&linux_guest::KernelSymbol]) -> Vec<usize> {
+        let u = self.kernel_pre;
+        let s = &u.symbols[sym];
+        let Some(sec) = s.section else {
+            return Vec::new();
+        };
+        let others: Vec<&crate::elf::Symbol> = u
+            .symbols
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| {
+                *i != sym
+                    && o.section == Some(sec)
+                    && !o.name.is_empty()
+                    && matches!(o.kind, SymKind::Object | SymKind::Other)
+            })
+            .map(|(_, o)| o)
+            .collect();
+        cands
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                let mut confirmed = 0;
+                for o in &others {
+                    let at = c.address.wrapping_add(o.value).wrapping_sub(s.value);
+                    let mut named = self.kernel.kallsyms.named(&o.name).peekable();
+                    if named.peek().is_none() {
+                        continue; // not in kallsyms: says nothing
+                    }
+                    if named.any(|k| k.address == at) {
+                        confirmed += 1;
+                    } else {
+                        return false;
+                    }
+                }
+                confirmed > 0
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// The run-pre check of one changed function: the unit's pre-fix code is the running
@@ -329,19 +390,19 @@ impl<'a> Linker<'a> {
                 why: format!("the kernel's symbol is of type {:?}, not code", k.kind),
             });
         }
-        let Some(sym) = self.pre.defined(pre_name) else {
+        let Some(sym) = self.kernel_pre.defined(pre_name) else {
             return Err(LinkError::PreMismatch {
                 function: pre_name.to_string(),
                 kernel_name: name,
                 why: "the pre-fix unit does not define it".into(),
             });
         };
-        let want = shape(self.pre, sym);
+        let want = shape(self.kernel_pre, sym);
         kernel_matches(
             self.kernel.vmlinux,
             k.address,
             &want.bytes,
-            &self.pre.relocs_of(sym),
+            &self.kernel_pre.relocs_of(sym),
         )
         .map_err(|why| LinkError::PreMismatch {
             function: pre_name.to_string(),
@@ -534,10 +595,15 @@ impl<'a> Linker<'a> {
                         });
                         relocs.push(Relocation::symbol(field as u32, kind, name, addend(into)));
                     }
-                    // (e) Named read-only objects the kernel has: its copy (it may hold
-                    //     pointers, and its address may be compared).
+                    // (e) Named read-only objects the kernel has: its copy when it holds
+                    //     pointers (a copy would not be relocated) or is global (its address
+                    //     may be compared). A file-local constant of plain bytes (`__func__`,
+                    //     a lookup table) is carried as data (f), as a string literal is:
+                    //     its name is rarely unique in the kernel.
                     (Some(_), Some(SectionClass::ReadOnly))
-                        if named && self.pre_variable(&ts.name).is_some() =>
+                        if named
+                            && self.pre_variable(&ts.name).is_some()
+                            && (!ts.local || self.holds_addresses(t)) =>
                     {
                         let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
                         let name = self.kernel_name(&pre_name, &from, r.offset)?;
@@ -576,6 +642,22 @@ impl<'a> Linker<'a> {
                             target: RelocTarget::Data(block),
                             addend: a as i64,
                         });
+                    }
+                    // (g) Named data in a table the kernel's own link fills (`.BTF_ids`:
+                    //     BTF ids resolved by resolve_btfids): the kernel's copy.
+                    (Some(_), Some(SectionClass::OtherAlloc))
+                        if named
+                            && !table_policy_known(&u.sections[ts.section.unwrap_or(0)].name)
+                            && self.pre_variable(&ts.name).is_some() =>
+                    {
+                        let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
+                        let name = self.kernel_name(&pre_name, &from, r.offset)?;
+                        resolved.push(Resolved {
+                            from: from.clone(),
+                            symbol: ts.name.clone(),
+                            how: format!("kernel {name}"),
+                        });
+                        relocs.push(Relocation::symbol(field as u32, kind, name, addend(into)));
                     }
                     (Some(sec), _) => {
                         return Err(LinkError::Unsupported {
@@ -702,6 +784,11 @@ impl<'a> Linker<'a> {
             return None;
         }
         self.pre.defined(post_name).map(|_| post_name.to_string())
+    }
+
+    /// Whether post-build object `sym` has relocations in its bytes (holds addresses).
+    fn holds_addresses(&self, sym: usize) -> bool {
+        !self.post.relocs_of(sym).is_empty()
     }
 
     /// (section, offset) a relocation points at.

@@ -116,7 +116,7 @@ pub enum TreeError {
          object code must match the running kernel's)"
     )]
     Compiler { kernel: String, what: String },
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
