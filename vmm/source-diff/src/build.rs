@@ -122,12 +122,11 @@ pub enum SourceBuildError {
     )]
     FileSet { what: &'static str, file: String },
     #[error(
-        "the diff changes the definition of {kind} {name} ({file}:{line}); code the patch does \
-         not replace uses its layout, so this fix cannot be applied live: reboot into the \
-         fixed kernel"
+        "the diff changes the definition of {name} ({file}:{line}); code the patch does not \
+         replace uses its layout, so this fix cannot be applied live: reboot into the fixed \
+         kernel"
     )]
     TypeChange {
-        kind: &'static str,
         name: String,
         file: String,
         line: u32,
@@ -241,7 +240,6 @@ pub fn check_diff(
                         c.kind == ConstructKind::Type && c.first_line <= line && line <= c.last_line
                     }) {
                         return Err(SourceBuildError::TypeChange {
-                            kind: "type",
                             name: c.name.clone(),
                             file: f.path.clone(),
                             line,

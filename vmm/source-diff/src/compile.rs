@@ -194,6 +194,34 @@ pub fn compile_both(
         _lock: lock,
         saved: Vec::new(),
     };
+    // Check that the diff applies before anything else: one that does not is refused at
+    // once, and leaves nothing half-done.
+    let patch = |extra: &[&str]| {
+        // No fuzz: every context line must be the tree's, or the fix was made against other
+        // code than the running kernel's.
+        Command::new("patch")
+            .args([
+                "-p1",
+                "--forward",
+                "--batch",
+                "--fuzz=0",
+                "--no-backup-if-mismatch",
+                "-r",
+                "-",
+            ])
+            .args(extra)
+            .arg("-i")
+            .arg(diff_file)
+            .current_dir(&tree.dir)
+            .output()
+    };
+    let dry = patch(&["--dry-run"]).map_err(io(&tree.dir))?;
+    if !dry.status.success() {
+        return Err(CompileError::DoesNotApply {
+            tree: tree.describe.clone(),
+            detail: tail(&String::from_utf8_lossy(&dry.stdout)),
+        });
+    }
     let mut pre = Vec::new();
     for u in units {
         pre.push(compile(tree, u, "before", KERNEL_LAYOUT_CFLAGS)?);
@@ -221,30 +249,6 @@ pub fn compile_both(
         }
     } else {
         base.resize(units.len(), None);
-    }
-    // Apply: check first so a diff that does not apply leaves nothing half-done.
-    let patch = |extra: &[&str]| {
-        Command::new("patch")
-            .args([
-                "-p1",
-                "--forward",
-                "--batch",
-                "--no-backup-if-mismatch",
-                "-r",
-                "-",
-            ])
-            .args(extra)
-            .arg("-i")
-            .arg(diff_file)
-            .current_dir(&tree.dir)
-            .output()
-    };
-    let dry = patch(&["--dry-run"]).map_err(io(&tree.dir))?;
-    if !dry.status.success() {
-        return Err(CompileError::DoesNotApply {
-            tree: tree.describe.clone(),
-            detail: tail(&String::from_utf8_lossy(&dry.stdout)),
-        });
     }
     for f in touched_files {
         session.save(f)?;

@@ -48,6 +48,10 @@ pub struct Reloc {
     /// Index into [`Unit::symbols`].
     pub symbol: usize,
     pub addend: i64,
+    /// From the field to the end of its instruction (a PC-relative field in code counts from
+    /// there: `cmpl $0, x(%rip)` ends one byte after its displacement); the field's width
+    /// outside decodable code.
+    pub to_next_ip: u8,
 }
 
 impl Reloc {
@@ -71,7 +75,7 @@ impl Reloc {
         i128::from(s.value)
             + i128::from(self.addend)
             + if self.is_pc_relative() {
-                i128::from(self.width().unwrap_or(4))
+                i128::from(self.to_next_ip)
             } else {
                 0
             }
@@ -222,11 +226,16 @@ impl Unit {
                         "{name}+{offset:#x}: relocation target is not a symbol"
                     )));
                 };
-                relocs.push(Reloc {
+                let r = Reloc {
                     offset,
                     r_type: r_type.0,
                     symbol: t.0,
                     addend: r.addend(),
+                    to_next_ip: 0,
+                };
+                relocs.push(Reloc {
+                    to_next_ip: r.width().unwrap_or(4) as u8,
+                    ..r
                 });
             }
             relocs.sort_by_key(|r| r.offset);
@@ -238,7 +247,49 @@ impl Unit {
                 relocs,
             };
         }
-        Ok(Unit { sections, symbols })
+        let mut unit = Unit { sections, symbols };
+        unit.find_instruction_ends();
+        Ok(unit)
+    }
+
+    /// Sets [`Reloc::to_next_ip`] of every relocation inside a function's instructions, by
+    /// decoding each function once.
+    fn find_instruction_ends(&mut self) {
+        let funcs: Vec<(usize, u64, u64)> = self
+            .symbols
+            .iter()
+            .filter(|s| s.kind == SymKind::Function && s.size > 0)
+            .filter_map(|s| Some((s.section?, s.value, s.size)))
+            .collect();
+        for (sec, start, size) in funcs {
+            let section = &mut self.sections[sec];
+            if section.class != SectionClass::Text {
+                continue;
+            }
+            let (Ok(a), Ok(b)) = (usize::try_from(start), usize::try_from(start + size)) else {
+                continue;
+            };
+            let Some(bytes) = section.data.get(a..b) else {
+                continue;
+            };
+            let mut decoder =
+                iced_x86::Decoder::with_ip(64, bytes, start, iced_x86::DecoderOptions::NONE);
+            let first = section.relocs.partition_point(|r| r.offset < start);
+            let mut i = first;
+            while decoder.can_decode() && i < section.relocs.len() {
+                let ins = decoder.decode();
+                let (ip, end) = (ins.ip(), ins.next_ip());
+                while let Some(r) = section.relocs.get_mut(i) {
+                    if r.offset >= end {
+                        break;
+                    }
+                    if r.offset >= ip && !ins.is_invalid() {
+                        r.to_next_ip = (end - r.offset) as u8;
+                    }
+                    i += 1;
+                }
+            }
+        }
     }
 
     /// Defined functions with a size, by section and address.

@@ -198,6 +198,11 @@ impl SourceTree {
         let root = cache.join(format!("{source_pkg}_{version}_{abi}-{flavour}"));
         let tree = root.join("tree");
         let stamp = tree.join(".hotpatch-prepared");
+        // One preparation at a time per kernel: a second build waits for the first's tree.
+        std::fs::create_dir_all(cache).map_err(io(cache))?;
+        let lock_path = root.with_extension("lock");
+        let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
         if stamp.is_file() {
             let cc = check_compiler(&tree, build)?;
             return Ok(SourceTree {
@@ -207,7 +212,6 @@ impl SourceTree {
                 prepared_now: false,
             });
         }
-        std::fs::create_dir_all(cache).map_err(io(cache))?;
         let work = root.with_extension("partial");
         if work.exists() {
             std::fs::remove_dir_all(&work).map_err(io(&work))?;

@@ -254,7 +254,12 @@ pub fn constructs(text: &str) -> Vec<Construct> {
             }
             b'{' => {
                 if depth == 0 {
-                    open = Some((classify(&head), head_name(&head), line));
+                    let kind = classify(&head);
+                    let name = match kind {
+                        ConstructKind::Type => type_name(&head),
+                        _ => head_name(&head),
+                    };
+                    open = Some((kind, name, line));
                 }
                 depth += 1;
             }
@@ -335,6 +340,25 @@ fn strip_attributes(head: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// `struct x` (or `union x`, `enum x`; the keyword alone when anonymous) of a type's head.
+fn type_name(head: &str) -> String {
+    let h = strip_attributes(head.trim());
+    let words: Vec<&str> = h
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    match words
+        .iter()
+        .position(|w| matches!(*w, "struct" | "union" | "enum"))
+    {
+        Some(i) => match words.get(i + 1) {
+            Some(n) => format!("{} {n}", words[i]),
+            None => words[i].to_string(),
+        },
+        None => h.trim().to_string(),
+    }
 }
 
 /// The identifier before `(` (functions), before `=` (variables), or after `struct`/`union`/
@@ -427,11 +451,11 @@ struct __attribute__((packed)) p { char c; };\n";
         assert_eq!(
             kinds,
             vec![
-                (ConstructKind::Type, "s", 3, 5),
+                (ConstructKind::Type, "struct s", 3, 5),
                 (ConstructKind::Initializer, "names", 6, 8),
                 (ConstructKind::Function, "f", 10, 13),
-                (ConstructKind::Type, "u", 14, 14),
-                (ConstructKind::Type, "p", 15, 15),
+                (ConstructKind::Type, "union u", 14, 14),
+                (ConstructKind::Type, "struct p", 15, 15),
             ]
         );
     }
