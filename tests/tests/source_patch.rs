@@ -360,7 +360,7 @@ fn diffs_a_live_patch_cannot_carry_are_refused_and_write_nothing() {
         ),
         (
             "module-only",
-            "--- a/drivers/block/virtio_blk.c\n+++ b/drivers/block/virtio_blk.c\n@@ -887,2 +887,3 @@\n static int virtblk_probe(struct virtio_device *vdev)\n {\n+\tpr_info(\"probe\\n\");\n"
+            "--- a/drivers/block/virtio_blk.c\n+++ b/drivers/block/virtio_blk.c\n@@ -891,2 +891,3 @@\n \tint err, index;\n+\tpr_info(\"probe\\n\");\n \n"
                 .to_string(),
             "module",
         ),

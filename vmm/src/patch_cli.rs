@@ -878,12 +878,6 @@ fn build_kernel_from_diff(
         advisories: a.advisories.clone(),
         replaces: replaced_ids(&a.replaces)?,
     };
-    if matches!(source, source_diff::SourceChoice::Cache(_)) {
-        eprintln!(
-            "note: the first build for a kernel fetches and prepares its source (~2 min); \
-             later builds reuse it"
-        );
-    }
     let (patch, report) = source_diff::build_from_source_diff(
         &source_diff::TargetKernel {
             vmlinux: &image.vmlinux,
@@ -895,6 +889,12 @@ fn build_kernel_from_diff(
         meta,
     )?;
     eprintln!("source    {} ({})", report.source, report.files.join(", "));
+    if report.prepared_now {
+        eprintln!(
+            "note: the kernel's source was fetched and prepared for this build; later builds \
+             for this kernel reuse it"
+        );
+    }
     if !report.added.is_empty() {
         eprintln!(
             "note: functions the fix adds, carried in the patch code: {}",
