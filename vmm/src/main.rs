@@ -274,6 +274,30 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Source-diff coverage of a real update: every .c file that differs between the running
+    /// Debian kernel's source and a later version's, built as one fix on the prepared tree;
+    /// each changed built-in function patchable or why not (target >= 85%); build times,
+    /// and with --cold the first build with an empty cache (docs/source-patches.md).
+    SourceDiff {
+        /// The running (older) kernel's bzImage.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The later Debian version of linux-source to compare with (e.g. 6.1.192-1).
+        #[arg(long)]
+        new_version: String,
+        /// Where sources are fetched and prepared (default: as `vmm patch build`).
+        #[arg(long)]
+        source_cache: Option<PathBuf>,
+        /// Compile at most this many units (for a quick look).
+        #[arg(long)]
+        max_units: Option<usize>,
+        /// Also time the first build of this fix with an empty cache (fetch, unpack, prepare).
+        #[arg(long, value_name = "FIX.patch")]
+        cold: Option<PathBuf>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Function-replacement coverage of the stock kernel under QEMU: for every named text
     /// function, whether the engine would accept replacing it (a dry run: every check of an
     /// apply, nothing written), per boot (vCPUs × CPU model), every refusal classed by the
@@ -814,6 +838,33 @@ fn bench_patch_l1(
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_source_diff(
+    kernel: &std::path::Path,
+    new_version: &str,
+    source_cache: Option<PathBuf>,
+    max_units: Option<usize>,
+    cold: Option<&std::path::Path>,
+    out: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let cache = source_cache
+        .or_else(bench::source_diff::default_cache)
+        .context("no cache directory: give --source-cache DIR")?;
+    let mut report = bench::source_diff::run(
+        kernel,
+        new_version,
+        &cache,
+        max_units,
+        cold,
+        bench::host_info(),
+    )?;
+    report.host.loadavg_after = bench::loadavg();
+    print!("{}", bench::source_diff::table(&report));
+    if let Some(path) = out {
+        write_json(&path, &serde_json::to_value(&report)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_coverage(
     kernel: &std::path::Path,
@@ -1011,6 +1062,21 @@ fn main() -> ExitCode {
             max_sweep_s,
             out,
         }) => bench_coverage(&kernel, &busybox, &accel, &vcpus, &cpu, max_sweep_s, out),
+        Command::Bench(BenchCommand::SourceDiff {
+            kernel,
+            new_version,
+            source_cache,
+            max_units,
+            cold,
+            out,
+        }) => bench_source_diff(
+            &kernel,
+            &new_version,
+            source_cache,
+            max_units,
+            cold.as_deref(),
+            out,
+        ),
     };
     match result {
         Ok(code) => code,

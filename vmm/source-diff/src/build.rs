@@ -303,116 +303,13 @@ pub fn build_from_objects(
     let mut code = Vec::new();
     let mut ignored = Vec::new();
     for (tag, o) in objects.iter().enumerate() {
-        let parse = |b: &[u8]| {
-            Unit::parse(b).map_err(|source| SourceBuildError::Object {
-                unit: o.unit.clone(),
-                source,
-            })
-        };
-        let pre = parse(&o.pre)?;
-        let (mut base, mut post) = (parse(&o.base)?, parse(&o.post)?);
-        let mut d = diff(&base, &post);
-        if o.warn_rewritten {
-            // A changed function the kernel does not have out of line (the rewrite made GCC
-            // stop inlining it): its inlined copies in the kernel's callers would go unseen.
-            let unseen: Vec<String> = d
-                .changed
-                .iter()
-                .map(|(p, _)| p.clone())
-                .filter(|p| pre.defined(p).is_none())
-                .collect();
-            match (&o.plain, unseen.is_empty()) {
-                (_, true) => report.warn_rewritten = true,
-                (Some((b, p)), false) => {
-                    base = parse(b)?;
-                    post = parse(p)?;
-                    d = diff(&base, &post);
-                    report.notes.push(format!(
-                        "{}: compiling WARN() as a call changed GCC's inlining ({} out of line \
-                         only then); compared as the kernel was built, so WARN() in the new \
-                         code is refused",
-                        o.unit,
-                        unseen.join(", ")
-                    ));
-                }
-                (None, false) => {
-                    return Err(SourceBuildError::Inlining {
-                        unit: o.unit.clone(),
-                        functions: unseen,
-                    });
-                }
-            }
+        let a = analyze_unit(kernel, o, tag, &mut data, &mut report)?;
+        if let Some(e) = a.refusal {
+            return Err(e);
         }
-        let unseen: Vec<String> = d
-            .changed
-            .iter()
-            .map(|(p, _)| p.clone())
-            .filter(|p| pre.defined(p).is_none())
-            .collect();
-        if !unseen.is_empty() {
-            return Err(SourceBuildError::Inlining {
-                unit: o.unit.clone(),
-                functions: unseen,
-            });
-        }
-        let in_kernel = pre
-            .functions()
-            .any(|(_, s)| !s.local && kernel.kallsyms.named(&s.name).next().is_some());
-        if !in_kernel {
-            return Err(SourceBuildError::NotBuiltIn {
-                unit: o.unit.clone(),
-            });
-        }
-        if let Some((name, _, section)) = d
-            .data_changed
-            .iter()
-            .find(|(_, _, s)| !s.starts_with(".init") && !s.starts_with(".exit"))
-        {
-            return Err(SourceBuildError::DataChanged {
-                name: name.clone(),
-                section: section.clone(),
-                unit: o.unit.clone(),
-            });
-        }
-        let linker = Linker {
-            kernel: Kernel {
-                vmlinux: kernel.vmlinux,
-                kallsyms: kernel.kallsyms,
-            },
-            pre: &base,
-            post: &post,
-            kernel_pre: &pre,
-            diff: &d,
-            unit_tag: tag,
-        };
-        for (pre_name, post_name) in &d.changed {
-            let sec = section_of(&post, post_name);
-            if sec.starts_with(".init") || sec.starts_with(".exit") {
-                ignored.push(format!("{pre_name} ({sec}: boot-time code, already run)"));
-                continue;
-            }
-            if post_name.ends_with(".cold") {
-                continue; // carried in its parent's code
-            }
-            check_ipa_ra(&pre, &post, pre_name, post_name, &d.changed)?;
-            let kernel_name =
-                linker
-                    .check_pre(pre_name)
-                    .map_err(|source| SourceBuildError::Link {
-                        unit: o.unit.clone(),
-                        source,
-                    })?;
-            let linked = linker
-                .link(post_name, &kernel_name, &mut data, &mut report.resolved)
-                .map_err(|source| SourceBuildError::Link {
-                    unit: o.unit.clone(),
-                    source,
-                })?;
-            for c in &linked.carried {
-                if d.added.contains(c) && !report.added.contains(c) {
-                    report.added.push(c.clone());
-                }
-            }
+        ignored.extend(a.ignored);
+        for (_, result) in a.functions {
+            let (kernel_name, linked) = result?;
             report.changed.push(kernel_name.clone());
             code.push(KernelCode {
                 function: kernel_name,
@@ -449,6 +346,146 @@ pub fn build_from_objects(
     let patch =
         build_kernel_patch_from_code(kernel.vmlinux, kernel.kallsyms, code, data.blocks, meta)?;
     Ok((patch, report))
+}
+
+/// One unit's changed functions and what became of each.
+pub struct UnitAnalysis {
+    /// Every changed function (pre-fix names), `.cold` fragments and boot-time code included.
+    pub changed: Vec<String>,
+    /// Why no function of the unit can be patched (a changed variable, inlining the kernel
+    /// hides, not built in), if so.
+    pub refusal: Option<SourceBuildError>,
+    /// Each function that would become a site: its kernel name and code, or why not.
+    pub functions: Vec<(String, Result<(String, crate::link::LinkedFunction), SourceBuildError>)>,
+    /// Changed boot-time functions, not patched: `name (section: …)`.
+    pub ignored: Vec<String>,
+}
+
+/// Steps 3 to 5 for one unit: the comparison, the unit's refusals, and each changed function's
+/// run-pre check, IPA-RA check and link. Only an unreadable object is an error here.
+pub fn analyze_unit(
+    kernel: &TargetKernel<'_>,
+    o: &crate::compile::UnitObjects,
+    tag: usize,
+    data: &mut DataSet,
+    report: &mut SourceReport,
+) -> Result<UnitAnalysis, SourceBuildError> {
+    let parse = |b: &[u8]| {
+        Unit::parse(b).map_err(|source| SourceBuildError::Object {
+            unit: o.unit.clone(),
+            source,
+        })
+    };
+    let pre = parse(&o.pre)?;
+    let (mut base, mut post) = (parse(&o.base)?, parse(&o.post)?);
+    let mut d = diff(&base, &post);
+    let mut out = UnitAnalysis {
+        changed: Vec::new(),
+        refusal: None,
+        functions: Vec::new(),
+        ignored: Vec::new(),
+    };
+    let unseen_of = |d: &crate::objdiff::UnitDiff| -> Vec<String> {
+        d.changed
+            .iter()
+            .map(|(p, _)| p.clone())
+            .filter(|p| pre.defined(p).is_none())
+            .collect()
+    };
+    if o.warn_rewritten {
+        // A changed function the kernel does not have out of line (the rewrite made GCC stop
+        // inlining it): its inlined copies in the kernel's callers would go unseen.
+        let unseen = unseen_of(&d);
+        match (&o.plain, unseen.is_empty()) {
+            (_, true) => report.warn_rewritten = true,
+            (Some((b, p)), false) => {
+                base = parse(b)?;
+                post = parse(p)?;
+                d = diff(&base, &post);
+                report.notes.push(format!(
+                    "{}: compiling WARN() as a call changed GCC's inlining ({} out of line \
+                     only then); compared as the kernel was built, so WARN() in the new code \
+                     is refused",
+                    o.unit,
+                    unseen.join(", ")
+                ));
+            }
+            (None, false) => {}
+        }
+    }
+    out.changed = d.changed.iter().map(|(p, _)| p.clone()).collect();
+    let unseen = unseen_of(&d);
+    let in_kernel = pre
+        .functions()
+        .any(|(_, s)| !s.local && kernel.kallsyms.named(&s.name).next().is_some());
+    if !unseen.is_empty() {
+        out.refusal = Some(SourceBuildError::Inlining {
+            unit: o.unit.clone(),
+            functions: unseen,
+        });
+        return Ok(out);
+    }
+    if !in_kernel {
+        out.refusal = Some(SourceBuildError::NotBuiltIn {
+            unit: o.unit.clone(),
+        });
+        return Ok(out);
+    }
+    if let Some((name, _, section)) = d
+        .data_changed
+        .iter()
+        .find(|(_, _, s)| !s.starts_with(".init") && !s.starts_with(".exit"))
+    {
+        out.refusal = Some(SourceBuildError::DataChanged {
+            name: name.clone(),
+            section: section.clone(),
+            unit: o.unit.clone(),
+        });
+        return Ok(out);
+    }
+    let linker = Linker {
+        kernel: Kernel {
+            vmlinux: kernel.vmlinux,
+            kallsyms: kernel.kallsyms,
+        },
+        pre: &base,
+        post: &post,
+        kernel_pre: &pre,
+        diff: &d,
+        unit_tag: tag,
+    };
+    for (pre_name, post_name) in &d.changed {
+        let sec = section_of(&post, post_name);
+        if sec.starts_with(".init") || sec.starts_with(".exit") {
+            out.ignored
+                .push(format!("{pre_name} ({sec}: boot-time code, already run)"));
+            continue;
+        }
+        if post_name.ends_with(".cold") {
+            continue; // carried in its parent's code
+        }
+        let link_err = |source| SourceBuildError::Link {
+            unit: o.unit.clone(),
+            source,
+        };
+        let result = check_ipa_ra(&pre, &post, pre_name, post_name, &d.changed)
+            .and_then(|()| linker.check_pre(pre_name).map_err(link_err))
+            .and_then(|kernel_name| {
+                let linked = linker
+                    .link(post_name, &kernel_name, data, &mut report.resolved)
+                    .map_err(link_err)?;
+                Ok((kernel_name, linked))
+            });
+        if let Ok((_, linked)) = &result {
+            for c in &linked.carried {
+                if d.added.contains(c) && !report.added.contains(c) {
+                    report.added.push(c.clone());
+                }
+            }
+        }
+        out.functions.push((pre_name.clone(), result));
+    }
+    Ok(out)
 }
 
 /// The new version of a replaced function may clobber only what the old one did, if callers

@@ -285,6 +285,51 @@ impl SourceTree {
     }
 }
 
+/// The unpacked (not prepared) `linux-source-<series>` at `version`, from `cache` or fetched
+/// into it: another version's source to compare with (`vmm bench source-diff`).
+pub fn unpack_source(cache: &Path, series: &str, version: &str) -> Result<PathBuf, TreeError> {
+    let pkg = format!("linux-source-{series}");
+    let root = cache.join(format!("{pkg}_{version}_source"));
+    let tree = root.join("tree");
+    std::fs::create_dir_all(cache).map_err(io(cache))?;
+    let lock_path = root.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    if tree.join("Makefile").is_file() {
+        return Ok(tree);
+    }
+    let work = root.with_extension("partial");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(io(&work))?;
+    }
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
+    fetch_deb(&work, &pkg, version)?;
+    let deb = std::fs::read_dir(&work)
+        .map_err(io(&work))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| TreeError::Fetch {
+            what: format!("apt-get download {pkg}={version}"),
+            package: pkg.clone(),
+            detail: "no .deb was written".into(),
+        })?;
+    sh(
+        &work,
+        &format!(
+            "dpkg-deb --fsys-tarfile {} | tar -x -O ./usr/src/{pkg}.tar.xz | tar -xJ",
+            shell_quote(&deb)
+        ),
+        "unpacking the kernel source",
+    )?;
+    if root.exists() {
+        std::fs::remove_dir_all(&root).map_err(io(&root))?;
+    }
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    std::fs::rename(work.join(&pkg), &tree).map_err(io(&tree))?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(tree)
+}
+
 /// The compiler named in the tree's `.config`, checked against the kernel's banner and
 /// against what the machine's compiler of that name says it is.
 fn check_compiler(tree: &Path, build: &KernelBuild) -> Result<String, TreeError> {

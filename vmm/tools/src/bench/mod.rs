@@ -11,6 +11,7 @@ pub mod linux;
 pub mod linux_vmm;
 pub mod patch_l1;
 pub mod qemu;
+pub mod source_diff;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,400 @@
+//! `vmm bench source-diff`: how much of a real distribution update the source-diff builder turns
+//! into live patches, and how long a build takes (`docs/source-patches.md`).
+//!
+//! Every `.c` file that differs between the running kernel's source and a later version's is
+//! taken as one fix (its own unified diff), compiled before and after on the running kernel's
+//! prepared tree, and each changed function classed: patchable (run-pre, IPA-RA and link all
+//! pass), or the reason it is not. Units are first sorted out without compiling: other
+//! architectures, and units none of whose functions the running kernel has (modules, code not
+//! configured in); header changes are counted but not split into functions (a header reaches
+//! every unit that includes it). Build times: one fix on the prepared tree, per unit; and the
+//! first build of a fix with an empty cache (fetch, unpack, prepare, compile), with `--cold`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use linux_guest::attach::KernelImage;
+use serde::Serialize;
+use source_diff::build::{SourceBuildError, SourceReport, TargetKernel, analyze_unit, check_diff};
+use source_diff::compile::{CompileError, compile_both};
+use source_diff::link::{DataSet, LinkError};
+use source_diff::tree::{KernelBuild, SourceTree, unpack_source};
+use source_diff::unified::{ConstructKind, constructs};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitResult {
+    pub unit: String,
+    /// Changed functions (pre-fix names) and, for each, `patchable` or the reason class.
+    pub functions: BTreeMap<String, String>,
+    /// The refusal's full message where one applies to the unit or a function.
+    pub details: Vec<String>,
+    pub build_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceDiffReport {
+    pub kernel: String,
+    pub old_version: String,
+    pub new_version: String,
+    pub changed_c_files: usize,
+    pub changed_headers: usize,
+    pub other_arch_files: usize,
+    pub not_in_kernel_files: usize,
+    pub units_compiled: usize,
+    pub changed_functions: usize,
+    pub patchable: usize,
+    pub reasons: BTreeMap<String, usize>,
+    pub units: Vec<UnitResult>,
+    /// Seconds to build one unit's fix on the prepared tree: median and max.
+    pub build_s_median: f64,
+    pub build_s_max: f64,
+    /// The first build with an empty cache (`--cold`): fetch, unpack, prepare, compile.
+    pub cold_build_s: Option<f64>,
+    pub prepare_s: Option<f64>,
+    pub host: super::HostInfo,
+}
+
+/// A short class for a refusal, for the table.
+fn reason_class(e: &SourceBuildError) -> String {
+    match e {
+        SourceBuildError::TypeChange { .. } => "type definition changed".into(),
+        SourceBuildError::DataChanged { .. } => "variable's initial value changed".into(),
+        SourceBuildError::Inlining { .. } => "inlined where the kernel has it out of line".into(),
+        SourceBuildError::NotBuiltIn { .. } => "not built into the kernel".into(),
+        SourceBuildError::IpaRa { .. } => "new code clobbers more registers (IPA-RA)".into(),
+        SourceBuildError::Compile(CompileError::Module { .. }) => "module".into(),
+        SourceBuildError::Compile(CompileError::Failed { .. }) => "does not compile".into(),
+        SourceBuildError::Compile(CompileError::DoesNotApply { .. }) => "diff does not apply".into(),
+        SourceBuildError::Link { source, .. } => match source {
+            LinkError::PreMismatch { .. } => "run-pre mismatch".into(),
+            LinkError::NotInKernel { .. } => "refers to a symbol the kernel lacks".into(),
+            LinkError::Ambiguous { .. } => "ambiguous kernel symbol".into(),
+            LinkError::TooLarge { .. } => "too large".into(),
+            LinkError::Unsupported { what, .. } => {
+                let w = what.as_str();
+                if w.contains("exception-table") {
+                    "exception table (user access)".into()
+                } else if w.contains("alternative") {
+                    "CPU alternative".into()
+                } else if w.contains("WARN") {
+                    "WARN/BUG".into()
+                } else if w.contains("jump label") {
+                    "jump label (2-byte or odd)".into()
+                } else if w.contains("which the fix adds") || w.contains("allocate writable") {
+                    "new variable".into()
+                } else if w.contains("absolute address") || w.contains("stored in data") {
+                    "address of code taken".into()
+                } else if w.contains("table this builder does not know") {
+                    "unknown kernel table".into()
+                } else if w.contains("holds addresses") {
+                    "pointer table in new data".into()
+                } else {
+                    format!("unsupported: {}", w.chars().take(60).collect::<String>())
+                }
+            }
+        },
+        other => format!("other: {}", other.to_string().chars().take(60).collect::<String>()),
+    }
+}
+
+/// The full chain of an error, for the details.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// `diff -rq` of the two trees: the files that differ (paths relative to the trees).
+fn changed_files(old: &Path, new: &Path) -> Result<Vec<String>> {
+    let out = Command::new("diff")
+        .arg("-rq")
+        .arg(old)
+        .arg(new)
+        .output()
+        .context("running diff -rq")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{}/", old.display());
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Files ")?;
+            let (a, _) = rest.split_once(" and ")?;
+            a.strip_prefix(&prefix).map(str::to_string)
+        })
+        .collect())
+}
+
+/// Whether the running kernel has any function defined in the old version of `file`.
+fn in_kernel(image: &KernelImage, file: &Path) -> bool {
+    let Ok(src) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    constructs(&src)
+        .iter()
+        .filter(|c| c.kind == ConstructKind::Function && !c.name.is_empty())
+        .any(|c| image.kallsyms.named(&c.name).any(|s| s.is_text()))
+}
+
+/// One file's change as a unified diff with `a/`/`b/` labels.
+fn file_diff(old: &Path, new: &Path, rel: &str) -> Result<String> {
+    let out = Command::new("diff")
+        .args(["-u", "--label", &format!("a/{rel}"), "--label", &format!("b/{rel}")])
+        .arg(old.join(rel))
+        .arg(new.join(rel))
+        .output()
+        .context("running diff -u")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    kernel: &Path,
+    new_version: &str,
+    cache: &Path,
+    max_units: Option<usize>,
+    cold_fix: Option<&Path>,
+    host: super::HostInfo,
+) -> Result<SourceDiffReport> {
+    let image = KernelImage::from_file(kernel)?;
+    let build = KernelBuild::from_banner(&image.banner).context("the kernel's banner")?;
+    let old_version = build
+        .debian_version
+        .clone()
+        .context("not a Debian kernel (no package version in its banner)")?;
+    let target = TargetKernel {
+        vmlinux: &image.vmlinux,
+        kallsyms: &image.kallsyms,
+        banner: &image.banner,
+    };
+
+    // The first build with an empty cache, when asked: a fresh cache directory.
+    let (mut cold_build_s, mut prepare_s) = (None, None);
+    if let Some(fix) = cold_fix {
+        let fresh = tempfile::Builder::new()
+            .prefix("vmm-bench-cold-source-")
+            .tempdir_in(cache.parent().unwrap_or(Path::new("/tmp")))?;
+        let t = Instant::now();
+        let tree = SourceTree::debian(fresh.path(), &build, &image.banner)?;
+        prepare_s = Some(t.elapsed().as_secs_f64());
+        let units = check_diff(&std::fs::read_to_string(fix)?, "cold fix", Some(&tree.dir))?;
+        let objects = compile_both(&tree, &std::fs::canonicalize(fix)?, &units, &units)?;
+        for (i, o) in objects.iter().enumerate() {
+            let mut report = SourceReport::default();
+            analyze_unit(&target, o, i, &mut DataSet::default(), &mut report)?;
+        }
+        cold_build_s = Some(t.elapsed().as_secs_f64());
+        eprintln!(
+            "cold build: {:.1} s (of which fetch+unpack+prepare {:.1} s)",
+            cold_build_s.unwrap_or(0.0),
+            prepare_s.unwrap_or(0.0)
+        );
+    }
+
+    let tree = SourceTree::debian(cache, &build, &image.banner)?;
+    let series = build.series().context("no series in the release")?;
+    let new_tree = unpack_source(cache, &series, new_version)?;
+    let files = changed_files(&tree.dir, &new_tree)?;
+    let c_files: Vec<&String> = files.iter().filter(|f| f.ends_with(".c")).collect();
+    let changed_headers = files.iter().filter(|f| f.ends_with(".h")).count();
+    let mut other_arch = 0;
+    let mut not_in_kernel = 0;
+    let mut candidates: Vec<String> = Vec::new();
+    for f in &c_files {
+        if f.starts_with("arch/") && !f.starts_with("arch/x86/") {
+            other_arch += 1;
+        } else if f.starts_with("tools/") || f.starts_with("scripts/") || f.starts_with("samples/")
+        {
+            other_arch += 1;
+        } else if !in_kernel(&image, &tree.dir.join(f)) {
+            not_in_kernel += 1;
+        } else {
+            candidates.push(f.to_string());
+        }
+    }
+    if let Some(m) = max_units {
+        candidates.truncate(m);
+    }
+    eprintln!(
+        "bench source-diff: {} .c files changed ({} other arch/tools, {} not in this kernel), \
+         {} headers; compiling {} units",
+        c_files.len(),
+        other_arch,
+        not_in_kernel,
+        changed_headers,
+        candidates.len()
+    );
+    let scratch = tempfile::Builder::new()
+        .prefix("vmm-bench-source-diff-")
+        .tempdir()?;
+    let mut units = Vec::new();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut changed_functions, mut patchable) = (0, 0);
+    for (i, rel) in candidates.iter().enumerate() {
+        let diff_text = file_diff(&tree.dir, &new_tree, rel)?;
+        let diff_path = scratch.path().join(format!("{i}.patch"));
+        std::fs::write(&diff_path, &diff_text)?;
+        let t = Instant::now();
+        let mut result = UnitResult {
+            unit: rel.clone(),
+            functions: BTreeMap::new(),
+            details: Vec::new(),
+            build_s: 0.0,
+        };
+        let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
+        match compile_both(&tree, &diff_path, std::slice::from_ref(rel), std::slice::from_ref(rel))
+        {
+            Err(e) => {
+                let e = SourceBuildError::Compile(e);
+                result.details.push(chain(&e));
+                result.functions.insert("(unit)".into(), reason_class(&e));
+            }
+            Ok(objects) => {
+                let mut report = SourceReport::default();
+                let mut data = DataSet::default();
+                match analyze_unit(&target, &objects[0], 0, &mut data, &mut report) {
+                    Err(e) => {
+                        result.details.push(chain(&e));
+                        result.functions.insert("(unit)".into(), reason_class(&e));
+                    }
+                    Ok(a) if matches!(a.refusal, Some(SourceBuildError::NotBuiltIn { .. })) => {
+                        // Not the kernel's code after all: no function of it counts.
+                        let e = a.refusal.unwrap_or(SourceBuildError::NotBuiltIn {
+                            unit: rel.clone(),
+                        });
+                        result.details.push(chain(&e));
+                        result.functions.insert("(unit)".into(), reason_class(&e));
+                    }
+                    Ok(a) => {
+                        let unit_refusal = type_change.or(a.refusal);
+                        if let Some(e) = &unit_refusal {
+                            result.details.push(chain(e));
+                        }
+                        let mut seen: Vec<String> = Vec::new();
+                        for (name, r) in &a.functions {
+                            seen.push(name.clone());
+                            let class = match (&unit_refusal, r) {
+                                (Some(e), _) => reason_class(e),
+                                (None, Ok(_)) => "patchable".to_string(),
+                                (None, Err(e)) => {
+                                    result.details.push(chain(e));
+                                    reason_class(e)
+                                }
+                            };
+                            result.functions.insert(name.clone(), class);
+                        }
+                        // Refused units list every changed function; `.cold` fragments and
+                        // boot-time code are not functions of their own here.
+                        for name in &a.changed {
+                            if !seen.contains(name)
+                                && !name.ends_with(".cold")
+                                && !a.ignored.iter().any(|g| g.starts_with(&format!("{name} ")))
+                            {
+                                let class = match &unit_refusal {
+                                    Some(e) => reason_class(e),
+                                    None => continue,
+                                };
+                                result.functions.insert(name.clone(), class);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        result.build_s = t.elapsed().as_secs_f64();
+        for (name, class) in &result.functions {
+            if name == "(unit)" {
+                continue;
+            }
+            changed_functions += 1;
+            if class == "patchable" {
+                patchable += 1;
+            } else {
+                *reasons.entry(class.clone()).or_default() += 1;
+            }
+        }
+        eprintln!(
+            "[{}/{}] {rel}: {:.1} s, {:?}",
+            i + 1,
+            candidates.len(),
+            result.build_s,
+            result.functions
+        );
+        units.push(result);
+    }
+    let mut times: Vec<f64> = units.iter().map(|u| u.build_s).collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(SourceDiffReport {
+        kernel: image.name.clone(),
+        old_version,
+        new_version: new_version.to_string(),
+        changed_c_files: c_files.len(),
+        changed_headers,
+        other_arch_files: other_arch,
+        not_in_kernel_files: not_in_kernel,
+        units_compiled: units.len(),
+        changed_functions,
+        patchable,
+        reasons,
+        build_s_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
+        build_s_max: times.last().copied().unwrap_or(0.0),
+        cold_build_s,
+        prepare_s,
+        units,
+        host,
+    })
+}
+
+pub fn table(r: &SourceDiffReport) -> String {
+    let mut t = String::new();
+    let pct = |n: usize| {
+        if r.changed_functions == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / r.changed_functions as f64
+        }
+    };
+    t.push_str(&format!(
+        "source-diff coverage: {} ({}) -> {}\n",
+        r.kernel, r.old_version, r.new_version
+    ));
+    t.push_str(&format!(
+        "changed .c files {} (other arch/tools {}, not in this kernel {}), headers {} (not split into functions)\n",
+        r.changed_c_files, r.other_arch_files, r.not_in_kernel_files, r.changed_headers
+    ));
+    t.push_str(&format!(
+        "units compiled {}, changed built-in functions {}, patchable {} ({:.1}%)\n",
+        r.units_compiled,
+        r.changed_functions,
+        r.patchable,
+        pct(r.patchable)
+    ));
+    t.push_str("| why not patchable | functions | % of changed |\n|---|---|---|\n");
+    let mut rs: Vec<(&String, &usize)> = r.reasons.iter().collect();
+    rs.sort_by(|a, b| b.1.cmp(a.1));
+    for (why, n) in rs {
+        t.push_str(&format!("| {why} | {n} | {:.1}% |\n", pct(*n)));
+    }
+    t.push_str(&format!(
+        "build of one unit's fix on the prepared tree: median {:.1} s, max {:.1} s\n",
+        r.build_s_median, r.build_s_max
+    ));
+    if let (Some(c), Some(p)) = (r.cold_build_s, r.prepare_s) {
+        t.push_str(&format!(
+            "first build with an empty cache: {c:.1} s (fetch, unpack, prepare {p:.1} s)\n"
+        ));
+    }
+    t
+}
+
+/// The default cache, as `vmm patch build` uses it.
+pub fn default_cache() -> Option<PathBuf> {
+    linux_guest::image_cache::default_dir().and_then(|d| d.parent().map(|p| p.join("linux-source")))
+}
