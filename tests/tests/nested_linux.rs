@@ -1,11 +1,14 @@
-//! The nested tier, parts (b)–(d): the stock Debian kernel booted by this VMM from its bzImage
-//! (KASLR on, 2 vCPUs, an initramfs workload, a read-only virtio disk), its C fix applied and
-//! reverted through `vmm patch apply --api-sock` while the workload runs, a refused patch
-//! leaving the kernel as it was, and code integrity `enforce` letting the kernel's own static-key
-//! rewrite through while dropping a write its tables do not vouch for. Runs where KVM has real
-//! SVM/VMX: here, inside L1 under QEMU TCG (docs/nested-tier.md); on a VMX/SVM host, directly.
+//! The nested tier, parts (b)–(e): a stock Debian kernel (the older 6.1.0-54, the one the
+//! source-diff fixes are built for) booted by this VMM from its bzImage (KASLR on, 2 vCPUs, an
+//! initramfs workload, a read-only virtio disk), its C fix applied and reverted through
+//! `vmm patch apply --api-sock` while the workload runs, a refused patch leaving the kernel as it
+//! was, two real upstream fixes built from their source diffs applied and reverted the same way,
+//! and code integrity `enforce` letting the kernel's own static-key rewrite through while
+//! dropping a write its tables do not vouch for. Runs where KVM has real SVM/VMX: here, inside L1
+//! (the default kit kernel) under QEMU TCG (docs/nested-tier.md); on a VMX/SVM host, directly.
 //! Run alone: `cargo test -p integration-tests --test nested_linux -- --nocapture`.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use guest_tools::initramfs::Archive;
@@ -16,9 +19,61 @@ use integration_tests::nested::{
 };
 use integration_tests::{TempDir, cli};
 
+/// L2, the kernel this VMM boots inside L1: the build before the one that has the source-diff
+/// fixes (`tests/tests/source_patch.rs`), so they change what it does. L1 stays the default kit's.
+const L2_KERNEL: &str = "6.1.0-54-amd64";
+
+/// The source-diff fixes part (e) applies: (name, `guest-tools/linux/fixes/<name>.patch`), the
+/// program showing it (`fixes/tests/<program>.c`), and what that prints before and after.
+struct SourceFix {
+    name: &'static str,
+    program: &'static str,
+    before: &'static str,
+    after: &'static str,
+}
+
+const SOURCE_FIXES: &[SourceFix] = &[
+    SourceFix {
+        name: "timens-nsec",
+        program: "timens_nsec",
+        before: "timens: write=33",
+        after: "timens: write=-1 errno=22",
+    },
+    SourceFix {
+        name: "keys-read-method-check",
+        program: "keyctl_read_revoked",
+        before: "revoked read(NULL,0)=-1 errno=95",
+        after: "revoked read(NULL,0)=-1 errno=128",
+    },
+];
+
+fn fixes_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-tools/linux/fixes")
+}
+
+/// `gcc -static -O2` of a fix's test program.
+fn compile_program(name: &str, dir: &Path) -> Vec<u8> {
+    let src = fixes_dir().join("tests").join(format!("{name}.c"));
+    let out = dir.join(name);
+    let r = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("run gcc");
+    assert!(
+        r.status.success(),
+        "gcc -static {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::read(&out).expect("read program")
+}
+
 /// The L2 workload, its /init: loads the virtio disk modules, reads the disk, then prints one
 /// `SEQ n uptime state` line a second (state: `patched` when `/proc/version` carries the fix's
-/// tag) and obeys commands typed on its console (this VMM's stdin): `toggle` flips the
+/// tag), then one `SRC n <timens_nsec's output> | <keyctl_read_revoked's output>` line (each
+/// program's lines joined), and obeys commands typed on its console (this VMM's stdin): `toggle` flips the
 /// `sched_schedstats` static key on and off, `kprobe` arms a kprobe inside `version_proc_show`
 /// (a text write no table of the kernel vouches for).
 const L2_INIT: &str = r#"#!/bin/busybox sh
@@ -51,6 +106,7 @@ i=0
 while [ $i -lt 100000 ]; do
   if $B grep -q 'hotpatched by hvpatch' /proc/version; then s=patched; else s=stock; fi
   echo "SEQ $i $($B cut -d' ' -f1 /proc/uptime) $s"
+  echo "SRC $i $(/bin/timens_nsec 2>&1 | $B tr '\n' ' ')| $(/bin/keyctl_read_revoked 2>&1 | $B tr '\n' ' ')"
   i=$((i+1)); $B sleep 1
 done
 "#;
@@ -84,7 +140,7 @@ wait_for() {
 last_seq() { grep '^SEQ ' vm.log | tail -n 1 | cut -d' ' -f2; }
 
 if wait_for 240 '^L2-UP cpus=2'; then
-  nested_result boot pass "booted in $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $started}") s of L1 time"
+  nested_result boot pass "booted in $(awk "BEGIN{print $(cut -d' ' -f1 /proc/uptime) - $started}") s of L1 time: $(grep -m 1 '^L2-UP' vm.log)"
 else
   nested_result boot fail "no L2-UP cpus=2 line"; tail -n 80 vm.log; exit 1
 fi
@@ -118,6 +174,56 @@ while ! grep '^SEQ ' vm.log | awk -v s="$s1" '$2 > s+1 && $4 == "stock"' | grep 
 done
 [ $n -le 120 ] && nested_result reverted-output pass || nested_result reverted-output fail
 
+# (e) Two upstream fixes built on the host from their source diffs against this kernel: applied
+# together, the workload's programs show the fixed kernel's answers; reverted, the stock ones.
+TIMENS_STOCK='timens: write=33'; TIMENS_FIXED='timens: write=-1 errno=22'
+KEYS_STOCK='revoked read(NULL,0)=-1 errno=95'; KEYS_FIXED='revoked read(NULL,0)=-1 errno=128'
+last_src() { grep '^SRC ' vm.log | tail -n 1 | cut -d' ' -f2; }
+# src_line SEQ TIMENS KEYS: an SRC line after SEQ showing both outputs.
+src_line() { grep '^SRC ' vm.log | awk -v s="$1" '$2 > s' | grep -F "$2" | grep -F "$3" | head -n 1; }
+# wait_src SEQ TIMENS KEYS: until there is one (60 s).
+wait_src() {
+  _n=0
+  while [ -z "$(src_line "$1" "$2" "$3")" ]; do
+    _n=$((_n+1)); [ $_n -gt 120 ] && return 1
+    kill -0 $VPID 2>/dev/null || return 1
+    sleep 0.5
+  done
+}
+if wait_src -1 "$TIMENS_STOCK" "$KEYS_STOCK"; then
+  nested_result source-stock-output pass "$(src_line -1 "$TIMENS_STOCK" "$KEYS_STOCK")"
+else
+  nested_result source-stock-output fail "$(grep '^SRC ' vm.log | tail -n 1)"
+fi
+s2=$(last_src)
+ids=""; st=pass
+for p in timens-nsec keys-read-method-check; do
+  if "$VMM" patch apply --api-sock api.sock $p.hpatch > apply-$p.out 2>&1; then
+    ids="$(awk '/^applied /{print $2; exit}' apply-$p.out) $ids"
+  else
+    st=fail
+  fi
+  cat apply-$p.out
+done
+nested_result source-apply $st "after SRC $s2"
+if wait_src "$s2" "$TIMENS_FIXED" "$KEYS_FIXED"; then
+  nested_result source-fixed-output pass "$(src_line "$s2" "$TIMENS_FIXED" "$KEYS_FIXED")"
+else
+  nested_result source-fixed-output fail "$(grep '^SRC ' vm.log | tail -n 1)"
+fi
+s3=$(last_src)
+st=pass
+for id in $ids; do
+  "$VMM" patch revert --api-sock api.sock "$id" || st=fail
+done
+[ -n "$ids" ] || st=fail
+nested_result source-revert $st
+if wait_src $((s3 + 1)) "$TIMENS_STOCK" "$KEYS_STOCK"; then
+  nested_result source-reverted-output pass "$(src_line $((s3 + 1)) "$TIMENS_STOCK" "$KEYS_STOCK")"
+else
+  nested_result source-reverted-output fail "$(grep '^SRC ' vm.log | tail -n 1)"
+fi
+
 # (d) Integrity: the kernel's own static-key rewrite goes through, a stray text write does not.
 echo toggle >&3
 wait_for 60 '^L2-TOGGLE 1 0' && nested_result static-key pass || nested_result static-key fail "$(grep L2-TOGGLE vm.log)"
@@ -125,6 +231,7 @@ wait_for 60 '^L2-TOGGLE 1 0' && nested_result static-key pass || nested_result s
 # The workload's lines so far, for the host to check: the kprobe's BUG report, next, may run
 # into the console lines that follow it.
 grep 'SEQ [0-9]' vm.log > workload.txt
+grep 'SRC [0-9]' vm.log > src.txt
 echo kprobe >&3
 wait_for 60 'L2-KPROBE-ARMING' || true
 sleep 10
@@ -137,15 +244,22 @@ grep -q '"dropped": [1-9]' integrity2.json && nested_result stray-write-dropped 
 kill $VPID; wait $VPID
 kill $HOLD 2>/dev/null
 echo "--- vm.log (L2 console and the VMM) ---"
-grep -v 'SEQ [0-9]' vm.log | tail -n 60
+grep -v 'SEQ [0-9]\|SRC [0-9]' vm.log | tail -n 60
 sed 's/^/WORKLOAD /' workload.txt
+sed 's/^/SOURCE-WORKLOAD /' src.txt
 exit 0
 "#;
 
 #[test]
 fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
     let started = Instant::now();
-    let kit = Kit::ensure();
+    // L1 runs the default kit's kernel (`l1_kit()`); L2, the kernel this VMM boots, the older one.
+    let l1 = Kit::ensure();
+    let kit = Kit::ensure_version(L2_KERNEL);
+    eprintln!(
+        "nested-linux: L1 kernel {}, L2 kernel {}",
+        l1.version, kit.version
+    );
     let dir = TempDir::new("nested-linux");
     let d = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
 
@@ -186,7 +300,35 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
     )
     .expect("write");
 
-    // L2's initramfs: busybox, the workload, the virtio modules.
+    // Part (e): the real upstream fixes, built from their diffs against L2's kernel (the builder
+    // fetches and prepares its source into target/linux-source once), signed with the same key.
+    let source_cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux-source");
+    let mut programs = Vec::new();
+    for f in SOURCE_FIXES {
+        let t = Instant::now();
+        let out = d(&format!("{}.hpatch", f.name));
+        let build = std::process::Command::new(integration_tests::vmm_bin())
+            .env("VMM_CACHE_DIR", &cache)
+            .args(["patch", "build", "--linux-kernel"])
+            .arg(&kit.vmlinuz)
+            .arg("--source-diff")
+            .arg(fixes_dir().join(format!("{}.patch", f.name)))
+            .arg("--source-cache")
+            .arg(&source_cache)
+            .args(["--key", &d("ops.key"), "-o", &out])
+            .output()
+            .expect("run vmm patch build --source-diff");
+        assert!(
+            build.status.success(),
+            "{}: {}",
+            f.name,
+            String::from_utf8_lossy(&build.stderr)
+        );
+        eprintln!("{}: built from its diff in {:.1?}", f.name, t.elapsed());
+        programs.push((f.program, compile_program(f.program, dir.path())));
+    }
+
+    // L2's initramfs: busybox, the workload, the fixes' programs, the virtio modules.
     let mut a = Archive::new();
     for dir in ["bin", "dev", "proc", "sys", "modules"] {
         a.dir(dir, 0o755).expect("dir");
@@ -199,6 +341,10 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
     .expect("busybox");
     a.file("init", 0o755, L2_INIT.as_bytes().to_vec())
         .expect("init");
+    for (name, bytes) in programs {
+        a.file(&format!("bin/{name}"), 0o755, bytes)
+            .expect("program");
+    }
     for m in ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"] {
         let ko = kit.modules.join(format!("{m}.ko"));
         a.file(
@@ -216,7 +362,11 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
         .file("ops.pub", &dir.path().join("ops.pub"))
         .file("fix.hpatch", &dir.path().join("fix.hpatch"))
         .file("wrong-bytes.hpatch", &dir.path().join("wrong-bytes.hpatch"))
-        .timeout(Duration::from_secs(420));
+        .timeout(Duration::from_secs(540));
+    for f in SOURCE_FIXES {
+        let name = format!("{}.hpatch", f.name);
+        job = job.file(&name, &dir.path().join(&name));
+    }
     // The decompressed kernel and its tables, so L1 (at TCG speed) need not rebuild them.
     for entry in std::fs::read_dir(cache.join("linux")).expect("the image cache was filled") {
         let entry = entry.expect("cache entry");
@@ -235,6 +385,11 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
             "patched-output",
             "revert",
             "reverted-output",
+            "source-stock-output",
+            "source-apply",
+            "source-fixed-output",
+            "source-revert",
+            "source-reverted-output",
             "static-key",
             "rewrite-allowed",
             "stray-write-dropped",
@@ -284,6 +439,52 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
         "expected stock → patched → stock, got {states:?}\n{}",
         outcome.log()
     );
+    // L2 ran the older kernel, and the source fixes' programs went stock → fixed → stock, again
+    // without a gap in the sequence.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("NESTED-RESULT boot pass") && l.contains(L2_KERNEL)),
+        "L2 is not {L2_KERNEL}\n{}",
+        outcome.log()
+    );
+    let src: Vec<(u64, &str)> = lines
+        .iter()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("SOURCE-WORKLOAD ")?;
+            let at = rest.find("SRC ")?;
+            let rest = &rest[at + "SRC ".len()..];
+            let (n, outputs) = rest.split_once(' ')?;
+            Some((n.parse().ok()?, outputs))
+        })
+        .collect();
+    for w in src.windows(2) {
+        assert_eq!(
+            w[1].0,
+            w[0].0 + 1,
+            "a gap in the source workload's sequence\n{}",
+            outcome.log()
+        );
+    }
+    let src_states: Vec<&str> = src
+        .iter()
+        .filter_map(|(_, out)| {
+            if SOURCE_FIXES.iter().all(|f| out.contains(f.after)) {
+                Some("fixed")
+            } else if SOURCE_FIXES.iter().all(|f| out.contains(f.before)) {
+                Some("stock")
+            } else {
+                None // a line written while only one of the two was applied
+            }
+        })
+        .collect();
+    let first_fixed = src_states.iter().position(|s| *s == "fixed");
+    let back = first_fixed.and_then(|p| src_states[p..].iter().position(|s| *s == "stock"));
+    assert!(
+        src_states.first() == Some(&"stock") && first_fixed.is_some() && back.is_some(),
+        "expected the source fixes' outputs stock → fixed → stock, got {src_states:?}\n{}",
+        outcome.log()
+    );
     let slide = lines
         .iter()
         .find(|l| l.contains("attached to the Linux kernel"))
@@ -296,7 +497,7 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
     );
     let t = &outcome.timings;
     eprintln!(
-        "nested tier (b-d) wall time: initramfs build {:.1?}, L1 boot to job start {:.1?}, job {:.1?}, test total {:.1?}",
+        "nested tier (b-e) wall time: initramfs build {:.1?}, L1 boot to job start {:.1?}, job {:.1?}, test total {:.1?}",
         t.build,
         t.boot,
         t.job.unwrap_or_default(),

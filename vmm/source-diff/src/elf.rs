@@ -49,8 +49,9 @@ pub struct Reloc {
     pub symbol: usize,
     pub addend: i64,
     /// From the field to the end of its instruction (a PC-relative field in code counts from
-    /// there: `cmpl $0, x(%rip)` ends one byte after its displacement); the field's width
-    /// outside decodable code.
+    /// there: `cmpl $0, x(%rip)` ends one byte after its displacement); the field's width in
+    /// code outside a function's instructions; 0 outside code (a table's or a variable's
+    /// `.long x - .` points at `x` itself).
     pub to_next_ip: u8,
 }
 
@@ -234,7 +235,11 @@ impl Unit {
                     to_next_ip: 0,
                 };
                 relocs.push(Reloc {
-                    to_next_ip: r.width().unwrap_or(4) as u8,
+                    to_next_ip: if class == SectionClass::Text {
+                        r.width().unwrap_or(4) as u8
+                    } else {
+                        0
+                    },
                     ..r
                 });
             }

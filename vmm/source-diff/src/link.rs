@@ -183,6 +183,7 @@ pub enum TablePolicy {
 /// The policy for a section of the object that refers to patch code.
 ///
 /// - `.discard.*`: objtool's annotations, dropped by the kernel's own link.
+/// - `___ksymtab*`: `EXPORT_SYMBOL` entries, pointing at the kernel's function (redirected).
 /// - `__mcount_loc`: ftrace call sites. Patch code does not call `__fentry__` (the call is
 ///   replaced by a NOP): patched functions are not traceable.
 /// - `.orc_unwind_ip`: ORC unwind data. The arena has none, so a stack trace through patch
@@ -197,6 +198,11 @@ pub enum TablePolicy {
 pub fn table_policy(section: &str) -> TablePolicy {
     match section {
         s if s.starts_with(".discard") => TablePolicy::Ignore,
+        // EXPORT_SYMBOL entries: they point at the start of the kernel's function, which its
+        // site redirects.
+        s if s.starts_with("___ksymtab") || s.starts_with("__ksymtab") || s.starts_with("___kcrctab") => {
+            TablePolicy::Ignore
+        }
         "__mcount_loc"
         | ".orc_unwind_ip"
         | ".orc_unwind"
@@ -625,8 +631,10 @@ impl<'a> Linker<'a> {
                                     what,
                                 }
                             })?;
-                        // S = the block; A = the ELF addend made relative to the block.
-                        let a = i128::from(ts.value) + i128::from(r.addend) - i128::from(start);
+                        // S = the block; A = the ELF addend made relative to the block (the
+                        // ELF S is the relocation's own symbol, not the one it lands on).
+                        let a = i128::from(u.symbols[r.symbol].value) + i128::from(r.addend)
+                            - i128::from(start);
                         resolved.push(Resolved {
                             from: from.clone(),
                             symbol: if named {

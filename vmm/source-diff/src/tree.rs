@@ -195,12 +195,13 @@ impl SourceTree {
         };
         let source_pkg = format!("linux-source-{series}");
         let headers_pkg = format!("linux-headers-{abi}-{flavour}");
+        let cache = &std::path::absolute(cache).map_err(io(cache))?;
         let root = cache.join(format!("{source_pkg}_{version}_{abi}-{flavour}"));
         let tree = root.join("tree");
         let stamp = tree.join(".hotpatch-prepared");
         // One preparation at a time per kernel: a second build waits for the first's tree.
         std::fs::create_dir_all(cache).map_err(io(cache))?;
-        let lock_path = root.with_extension("lock");
+        let lock_path = sibling(&root, "lock");
         let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
         lock.lock().map_err(io(&lock_path))?;
         if stamp.is_file() {
@@ -212,7 +213,7 @@ impl SourceTree {
                 prepared_now: false,
             });
         }
-        let work = root.with_extension("partial");
+        let work = sibling(&root, "partial");
         if work.exists() {
             std::fs::remove_dir_all(&work).map_err(io(&work))?;
         }
@@ -289,16 +290,17 @@ impl SourceTree {
 /// into it: another version's source to compare with (`vmm bench source-diff`).
 pub fn unpack_source(cache: &Path, series: &str, version: &str) -> Result<PathBuf, TreeError> {
     let pkg = format!("linux-source-{series}");
+    let cache = &std::path::absolute(cache).map_err(io(cache))?;
     let root = cache.join(format!("{pkg}_{version}_source"));
     let tree = root.join("tree");
     std::fs::create_dir_all(cache).map_err(io(cache))?;
-    let lock_path = root.with_extension("lock");
+    let lock_path = sibling(&root, "lock");
     let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
     lock.lock().map_err(io(&lock_path))?;
     if tree.join("Makefile").is_file() {
         return Ok(tree);
     }
-    let work = root.with_extension("partial");
+    let work = sibling(&root, "partial");
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io(&work))?;
     }
@@ -328,6 +330,13 @@ pub fn unpack_source(cache: &Path, series: &str, version: &str) -> Result<PathBu
     std::fs::rename(work.join(&pkg), &tree).map_err(io(&tree))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(tree)
+}
+
+/// `<root>.<what>` beside `root` (names hold dots: `with_extension` would cut them).
+fn sibling(root: &Path, what: &str) -> PathBuf {
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{what}"));
+    root.with_file_name(name)
 }
 
 /// The compiler named in the tree's `.config`, checked against the kernel's banner and

@@ -143,6 +143,34 @@ fn in_kernel(image: &KernelImage, file: &Path) -> bool {
         .any(|c| image.kallsyms.named(&c.name).any(|s| s.is_text()))
 }
 
+/// The functions of the old `file` that the diff's hunks touch (by the lines they remove or
+/// insert at), for a unit that cannot be compiled.
+fn touched_functions(file: &Path, diff_text: &str) -> Vec<String> {
+    let (Ok(src), Ok(files)) = (
+        std::fs::read_to_string(file),
+        source_diff::unified::parse(diff_text),
+    ) else {
+        return Vec::new();
+    };
+    let cs = constructs(&src);
+    let mut out: Vec<String> = Vec::new();
+    for f in &files {
+        for h in &f.hunks {
+            for &line in &h.touched {
+                if let Some(c) = cs.iter().find(|c| {
+                    c.kind == ConstructKind::Function
+                        && c.first_line.saturating_sub(1) <= line
+                        && line <= c.last_line
+                }) && !out.contains(&c.name)
+                {
+                    out.push(c.name.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One file's change as a unified diff with `a/`/`b/` labels.
 fn file_diff(old: &Path, new: &Path, rel: &str) -> Result<String> {
     let out = Command::new("diff")
@@ -251,6 +279,17 @@ pub fn run(
         let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
         match compile_both(&tree, &diff_path, std::slice::from_ref(rel), std::slice::from_ref(rel))
         {
+            Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
+                // The file alone does not compile: it needs the update's other changes
+                // (usually its headers). Its changed functions are counted from the diff's
+                // hunks: the functions of the old file they touch.
+                result.details.push(chain(&SourceBuildError::Compile(e)));
+                for f in touched_functions(&tree.dir.join(rel), &diff_text) {
+                    result
+                        .functions
+                        .insert(f, "needs the update's other changes (does not compile alone)".into());
+                }
+            }
             Err(e) => {
                 let e = SourceBuildError::Compile(e);
                 result.details.push(chain(&e));
