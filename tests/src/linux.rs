@@ -155,8 +155,11 @@ pub struct BootOptions {
     pub gdb: bool,
     /// With [`InitMode::Probe`]: the probe script and the files (static programs) added to the
     /// initramfs ([`initramfs::build_probe`]).
-    pub probe: Option<(String, Vec<(String, Vec<u8>)>)>,
+    pub probe: Option<Probe>,
 }
+
+/// [`BootOptions::probe`]: the probe script, and the files (path in the initramfs, bytes).
+pub type Probe = (String, Vec<(String, Vec<u8>)>);
 
 impl Default for BootOptions {
     fn default() -> Self {

@@ -348,6 +348,9 @@ pub fn build_from_objects(
     Ok((patch, report))
 }
 
+/// A changed function as a site: its kernel name and linked code, or why it cannot be one.
+pub type FunctionResult = Result<(String, crate::link::LinkedFunction), SourceBuildError>;
+
 /// One unit's changed functions and what became of each.
 pub struct UnitAnalysis {
     /// Every changed function (pre-fix names), `.cold` fragments and boot-time code included.
@@ -356,7 +359,7 @@ pub struct UnitAnalysis {
     /// hides, not built in), if so.
     pub refusal: Option<SourceBuildError>,
     /// Each function that would become a site: its kernel name and code, or why not.
-    pub functions: Vec<(String, Result<(String, crate::link::LinkedFunction), SourceBuildError>)>,
+    pub functions: Vec<(String, FunctionResult)>,
     /// Changed boot-time functions, not patched: `name (section: …)`.
     pub ignored: Vec<String>,
 }

@@ -358,6 +358,7 @@ impl Unit {
                 s.section == Some(sec)
                     && matches!(s.kind, SymKind::Function | SymKind::Object | SymKind::Other)
                     && !s.name.is_empty()
+                    && !s.name.starts_with(".L")
             })
             .filter(|(_, s)| {
                 let a = i128::from(s.value);

@@ -200,7 +200,10 @@ pub fn table_policy(section: &str) -> TablePolicy {
         s if s.starts_with(".discard") => TablePolicy::Ignore,
         // EXPORT_SYMBOL entries: they point at the start of the kernel's function, which its
         // site redirects.
-        s if s.starts_with("___ksymtab") || s.starts_with("__ksymtab") || s.starts_with("___kcrctab") => {
+        s if s.starts_with("___ksymtab")
+            || s.starts_with("__ksymtab")
+            || s.starts_with("___kcrctab") =>
+        {
             TablePolicy::Ignore
         }
         "__mcount_loc"
@@ -546,7 +549,9 @@ impl<'a> Linker<'a> {
                     continue;
                 }
                 let sec_class = ts.section.map(|i| u.sections[i].class);
-                let named = ts.kind != SymKind::Section && !ts.name.is_empty();
+                let named = ts.kind != SymKind::Section
+                    && !ts.name.is_empty()
+                    && !ts.name.starts_with(".L");
                 let addend = |into: i128| -> i64 {
                     (into - if r.is_pc_relative() { width as i128 } else { 0 }) as i64
                 };

@@ -44,7 +44,9 @@ pub fn referent(unit: &Unit, r: &crate::elf::Reloc) -> Referent {
     // The field points `pointed - value` bytes into the symbol; written relative to the
     // symbol itself so it stays the same however the section is laid out.
     let addend_in = |value: u64| r.pointed(unit) - i128::from(value);
-    if s.kind != SymKind::Section {
+    // An assembler-local label the assembler kept (`.LC3`, a string's) names nothing stable:
+    // compared through its section, as a section symbol is.
+    if s.kind != SymKind::Section && !s.name.starts_with(".L") {
         return Referent::Named(normalized_name(&s.name), addend_in(s.value));
     }
     let Some(sec_idx) = s.section else {

@@ -67,7 +67,9 @@ fn reason_class(e: &SourceBuildError) -> String {
         SourceBuildError::IpaRa { .. } => "new code clobbers more registers (IPA-RA)".into(),
         SourceBuildError::Compile(CompileError::Module { .. }) => "module".into(),
         SourceBuildError::Compile(CompileError::Failed { .. }) => "does not compile".into(),
-        SourceBuildError::Compile(CompileError::DoesNotApply { .. }) => "diff does not apply".into(),
+        SourceBuildError::Compile(CompileError::DoesNotApply { .. }) => {
+            "diff does not apply".into()
+        }
         SourceBuildError::Link { source, .. } => match source {
             LinkError::PreMismatch { .. } => "run-pre mismatch".into(),
             LinkError::NotInKernel { .. } => "refers to a symbol the kernel lacks".into(),
@@ -96,7 +98,10 @@ fn reason_class(e: &SourceBuildError) -> String {
                 }
             }
         },
-        other => format!("other: {}", other.to_string().chars().take(60).collect::<String>()),
+        other => format!(
+            "other: {}",
+            other.to_string().chars().take(60).collect::<String>()
+        ),
     }
 }
 
@@ -174,7 +179,13 @@ fn touched_functions(file: &Path, diff_text: &str) -> Vec<String> {
 /// One file's change as a unified diff with `a/`/`b/` labels.
 fn file_diff(old: &Path, new: &Path, rel: &str) -> Result<String> {
     let out = Command::new("diff")
-        .args(["-u", "--label", &format!("a/{rel}"), "--label", &format!("b/{rel}")])
+        .args([
+            "-u",
+            "--label",
+            &format!("a/{rel}"),
+            "--label",
+            &format!("b/{rel}"),
+        ])
         .arg(old.join(rel))
         .arg(new.join(rel))
         .output()
@@ -236,10 +247,11 @@ pub fn run(
     let mut not_in_kernel = 0;
     let mut candidates: Vec<String> = Vec::new();
     for f in &c_files {
-        if f.starts_with("arch/") && !f.starts_with("arch/x86/") {
-            other_arch += 1;
-        } else if f.starts_with("tools/") || f.starts_with("scripts/") || f.starts_with("samples/")
-        {
+        let elsewhere = (f.starts_with("arch/") && !f.starts_with("arch/x86/"))
+            || ["tools/", "scripts/", "samples/"]
+                .iter()
+                .any(|p| f.starts_with(p));
+        if elsewhere {
             other_arch += 1;
         } else if !in_kernel(&image, &tree.dir.join(f)) {
             not_in_kernel += 1;
@@ -277,17 +289,22 @@ pub fn run(
             build_s: 0.0,
         };
         let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
-        match compile_both(&tree, &diff_path, std::slice::from_ref(rel), std::slice::from_ref(rel))
-        {
+        match compile_both(
+            &tree,
+            &diff_path,
+            std::slice::from_ref(rel),
+            std::slice::from_ref(rel),
+        ) {
             Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
                 // The file alone does not compile: it needs the update's other changes
                 // (usually its headers). Its changed functions are counted from the diff's
                 // hunks: the functions of the old file they touch.
                 result.details.push(chain(&SourceBuildError::Compile(e)));
                 for f in touched_functions(&tree.dir.join(rel), &diff_text) {
-                    result
-                        .functions
-                        .insert(f, "needs the update's other changes (does not compile alone)".into());
+                    result.functions.insert(
+                        f,
+                        "needs the update's other changes (does not compile alone)".into(),
+                    );
                 }
             }
             Err(e) => {
@@ -305,9 +322,9 @@ pub fn run(
                     }
                     Ok(a) if matches!(a.refusal, Some(SourceBuildError::NotBuiltIn { .. })) => {
                         // Not the kernel's code after all: no function of it counts.
-                        let e = a.refusal.unwrap_or(SourceBuildError::NotBuiltIn {
-                            unit: rel.clone(),
-                        });
+                        let e = a
+                            .refusal
+                            .unwrap_or(SourceBuildError::NotBuiltIn { unit: rel.clone() });
                         result.details.push(chain(&e));
                         result.functions.insert("(unit)".into(), reason_class(&e));
                     }
