@@ -100,6 +100,11 @@ pub enum TreeError {
         package: String,
         detail: String,
     },
+    #[error(
+        "preparing the kernel's source needs tools this machine lacks: install them with \
+         `apt-get install {packages}`"
+    )]
+    Tools { packages: String },
     #[error("{what} failed in {dir}: {detail}")]
     Prepare {
         what: String,
@@ -219,6 +224,7 @@ impl SourceTree {
         }
         let debs = work.join("debs");
         std::fs::create_dir_all(&debs).map_err(io(&debs))?;
+        check_build_tools()?;
         tracing::info!(package = %source_pkg, version, "fetching the kernel source");
         for pkg in [&source_pkg, &headers_pkg] {
             fetch_deb(&debs, pkg, version)?;
@@ -330,6 +336,40 @@ pub fn unpack_source(cache: &Path, series: &str, version: &str) -> Result<PathBu
     std::fs::rename(work.join(&pkg), &tree).map_err(io(&tree))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(tree)
+}
+
+/// What the kernel's `make olddefconfig prepare` needs besides the compiler; missing ones are
+/// named with their Debian packages. pahole matters beyond building: without it Kconfig turns
+/// `CONFIG_DEBUG_INFO_BTF` off, and the tree would not compile to the kernel's code.
+fn check_build_tools() -> Result<(), TreeError> {
+    let mut missing = Vec::new();
+    for (cmd, pkg) in [
+        ("flex", "flex"),
+        ("bison", "bison"),
+        ("bc", "bc"),
+        ("pahole", "dwarves"),
+        ("make", "make"),
+    ] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()));
+        if !found {
+            missing.push(pkg);
+        }
+    }
+    for (header, pkg) in [
+        ("/usr/include/libelf.h", "libelf-dev"),
+        ("/usr/include/openssl/ssl.h", "libssl-dev"),
+    ] {
+        if !Path::new(header).exists() {
+            missing.push(pkg);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(TreeError::Tools {
+        packages: missing.join(" "),
+    })
 }
 
 /// `<root>.<what>` beside `root` (names hold dots: `with_extension` would cut them).
