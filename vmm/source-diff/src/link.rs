@@ -261,7 +261,9 @@ pub struct Linker<'a> {
 
 impl<'a> Linker<'a> {
     /// Kernel name (with `,N` when needed) of the pre-build symbol `pre_name`, checked against
-    /// the running kernel: a function by its bytes, anything else by being the only one.
+    /// the running kernel: the unit's own functions by their bytes (always: a unique name may
+    /// be another unit's), its variables by being the only one or by where the unit's other
+    /// variables are, other units' symbols by being the only one.
     pub fn kernel_name(
         &self,
         pre_name: &str,
@@ -287,7 +289,24 @@ impl<'a> Linker<'a> {
                     hint: "",
                 })
             }
-            1 => Ok(pre_name.to_string()),
+            // A name the unit does not define (another unit's global): unique, so it.
+            1 if self.pre.defined(pre_name).is_none()
+                && self.kernel_pre.defined(pre_name).is_none() =>
+            {
+                Ok(pre_name.to_string())
+            }
+            // The unit's own variable: the kernel has it (same source, same compiler), so the
+            // only one of its name is it.
+            1 if self
+                .kernel_pre
+                .defined(pre_name)
+                .is_some_and(|i| self.kernel_pre.symbols[i].kind != SymKind::Function) =>
+            {
+                Ok(pre_name.to_string())
+            }
+            // The unit's own function, even when its name is unique: the kernel may have
+            // inlined it away and have another unit's function of that name, so its bytes
+            // must be this unit's.
             n => {
                 let Some(sym) = self.kernel_pre.defined(pre_name) else {
                     return Err(LinkError::Ambiguous {
@@ -314,6 +333,7 @@ impl<'a> Linker<'a> {
                     self.data_candidates(sym, &cands)
                 };
                 match matching.as_slice() {
+                    [_] if n == 1 => Ok(pre_name.to_string()),
                     [i] => Ok(format!("{pre_name},{}", i + 1)),
                     _ => Err(LinkError::Ambiguous {
                         function: from.to_string(),
@@ -375,7 +395,30 @@ impl<'a> Linker<'a> {
     /// The run-pre check of one changed function: the unit's pre-fix code is the running
     /// kernel's, relocated fields aside. Returns the kernel name.
     pub fn check_pre(&self, pre_name: &str) -> Result<String, LinkError> {
-        let name = self.kernel_name(pre_name, pre_name, 0)?;
+        // One function of that name: compared below (a mismatch is named as one). Several: the
+        // one whose bytes are the unit's, or none matches.
+        let unique = self
+            .kernel
+            .kallsyms
+            .named(pre_name)
+            .filter(|s| !s.is_absolute())
+            .count()
+            == 1;
+        let name = if unique {
+            pre_name.to_string()
+        } else {
+            self.kernel_name(pre_name, pre_name, 0)
+                .map_err(|e| match e {
+                    LinkError::Ambiguous { count, .. } => LinkError::PreMismatch {
+                        function: pre_name.to_string(),
+                        kernel_name: pre_name.to_string(),
+                        why: format!(
+                            "none of the kernel's {count} functions of that name has its code"
+                        ),
+                    },
+                    other => other,
+                })?
+        };
         let (base, pos) = patch_format::split_sympos(&name);
         let mut cands: Vec<&linux_guest::KernelSymbol> = self
             .kernel
@@ -445,7 +488,12 @@ impl<'a> Linker<'a> {
         if name.ends_with(".cold") || into != 0 {
             return true;
         }
-        self.kernel.kallsyms.named(pre_name).next().is_none()
+        // Not out of line in the kernel's own build (inlined into its callers there): the
+        // kernel has no copy of it to call.
+        self.kernel_pre
+            .defined(pre_name)
+            .is_none_or(|i| self.kernel_pre.symbols[i].kind != SymKind::Function)
+            || self.kernel.kallsyms.named(pre_name).next().is_none()
     }
 
     /// Links the post-fix function `post_name`, which replaces `kernel_name`.

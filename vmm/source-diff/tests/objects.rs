@@ -940,3 +940,78 @@ fn string_reached_through_a_kept_label() {
     assert!(file.starts_with('/') && file.ends_with("/unit.c"), "{file}");
     assert_eq!(strings, ["%s: new\n".to_string(), file]);
 }
+
+/// The kernel's build inlined `helper` (so it has no `helper` of this unit), another unit of
+/// the kernel has a function called `helper`, and the fix's build keeps it out of line.
+const INLINED: &str = r#"
+extern int printk(const char *fmt, ...);
+static ATTR int helper(int x)
+{
+	printk("helper %d\n", x);
+	return x * 3;
+}
+int user(int x)
+{
+	return helper(x) + BODY;
+}
+"#;
+
+#[test]
+fn a_function_the_kernel_inlined_is_carried_never_called_by_its_name() {
+    let kernel_build = compile(
+        &INLINED
+            .replace("ATTR", "inline __attribute__((always_inline))")
+            .replace("BODY", "1"),
+    );
+    let base = compile(
+        &INLINED
+            .replace("ATTR", "__attribute__((noinline))")
+            .replace("BODY", "1"),
+    );
+    let post = compile(
+        &INLINED
+            .replace("ATTR", "__attribute__((noinline))")
+            .replace("BODY", "2"),
+    );
+    // The premises: the kernel's build has no `helper`; the others do.
+    assert!(kernel_build.defined("helper").is_none());
+    assert!(base.defined("helper").is_some() && post.defined("helper").is_some());
+    let k = fake_kernel(&kernel_build, &post);
+    // Another unit's `helper`, unique in kallsyms.
+    let mut syms = k.kallsyms.symbols().to_vec();
+    syms.push(KernelSymbol {
+        address: EXTERN + 0x10_0000,
+        kind: 't',
+        name: "helper".into(),
+    });
+    let k = FakeKernel {
+        kallsyms: Kallsyms::from_symbols(syms),
+        ..k
+    };
+    let d = diff(&base, &post);
+    let l = Linker {
+        kernel: Kernel {
+            vmlinux: &k.vmlinux,
+            kallsyms: &k.kallsyms,
+        },
+        pre: &base,
+        post: &post,
+        kernel_pre: &kernel_build,
+        diff: &d,
+        unit_tag: 0,
+    };
+    let mut data = DataSet::default();
+    let linked = check_and_link(&l, "user", "user", &mut data).expect("link user");
+    assert_eq!(linked.carried, vec!["helper".to_string()]);
+    assert!(
+        symbol_relocs(&linked, "helper").is_empty(),
+        "the new code calls another unit's helper: {:?}",
+        linked.relocations
+    );
+    // And a unit's own function is never named by a unique name alone: the kernel's `helper`
+    // here is not this unit's code.
+    assert!(matches!(
+        l.kernel_name("helper", "user", 0),
+        Err(LinkError::Ambiguous { .. })
+    ));
+}
