@@ -294,6 +294,9 @@ enum BenchCommand {
         /// Also time the first build of this fix with an empty cache (fetch, unpack, prepare).
         #[arg(long, value_name = "FIX.patch")]
         cold: Option<PathBuf>,
+        /// Units built at once, each on its own copy of the prepared tree (~1.5 GB each).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -844,6 +847,7 @@ fn bench_source_diff(
     source_cache: Option<PathBuf>,
     max_units: Option<usize>,
     cold: Option<&std::path::Path>,
+    jobs: usize,
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let cache = source_cache
@@ -855,6 +859,7 @@ fn bench_source_diff(
         &cache,
         max_units,
         cold,
+        jobs,
         bench::host_info(),
     )?;
     report.host.loadavg_after = bench::loadavg();
@@ -1068,6 +1073,7 @@ fn main() -> ExitCode {
             source_cache,
             max_units,
             cold,
+            jobs,
             out,
         }) => bench_source_diff(
             &kernel,
@@ -1075,6 +1081,7 @@ fn main() -> ExitCode {
             source_cache,
             max_units,
             cold.as_deref(),
+            jobs,
             out,
         ),
     };

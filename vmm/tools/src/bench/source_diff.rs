@@ -200,6 +200,7 @@ pub fn run(
     cache: &Path,
     max_units: Option<usize>,
     cold_fix: Option<&Path>,
+    jobs: usize,
     host: super::HostInfo,
 ) -> Result<SourceDiffReport> {
     let image = KernelImage::from_file(kernel)?;
@@ -274,97 +275,76 @@ pub fn run(
     let scratch = tempfile::Builder::new()
         .prefix("vmm-bench-source-diff-")
         .tempdir()?;
-    let mut units = Vec::new();
+    // Workers, each with its own copy of the prepared tree (a tree is locked per build).
+    let jobs = jobs.max(1);
+    let mut trees = vec![tree.clone()];
+    for j in 1..jobs {
+        let dir = tree.dir.with_file_name(format!("tree-job{j}"));
+        if !dir.join(".hotpatch-prepared").is_file() {
+            let _ = std::fs::remove_dir_all(&dir);
+            let st = Command::new("cp")
+                .args(["-a", "--reflink=auto"])
+                .arg(&tree.dir)
+                .arg(&dir)
+                .status()
+                .context("copying the prepared tree")?;
+            anyhow::ensure!(
+                st.success(),
+                "copying the prepared tree to {}",
+                dir.display()
+            );
+        }
+        trees.push(SourceTree {
+            dir,
+            ..tree.clone()
+        });
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: std::sync::Mutex<Vec<(usize, UnitResult)>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for t in &trees {
+            let (next, done, candidates, target, new_tree, scratch) = (
+                &next,
+                &done,
+                &candidates,
+                &target,
+                &new_tree,
+                scratch.path(),
+            );
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(rel) = candidates.get(i) else { break };
+                    let r = one_unit(target, t, new_tree, rel, i, scratch).unwrap_or_else(|e| {
+                        UnitResult {
+                            unit: rel.clone(),
+                            functions: BTreeMap::from([(
+                                "(unit)".to_string(),
+                                format!("bench error: {e}"),
+                            )]),
+                            details: vec![format!("{e:#}")],
+                            build_s: 0.0,
+                        }
+                    });
+                    let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                    eprintln!(
+                        "[{}/{}] {rel}: {:.1} s, {:?}",
+                        d.len() + 1,
+                        candidates.len(),
+                        r.build_s,
+                        r.functions
+                    );
+                    d.push((i, r));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    let units: Vec<UnitResult> = done.into_iter().map(|(_, r)| r).collect();
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let (mut changed_functions, mut patchable) = (0, 0);
-    for (i, rel) in candidates.iter().enumerate() {
-        let diff_text = file_diff(&tree.dir, &new_tree, rel)?;
-        let diff_path = scratch.path().join(format!("{i}.patch"));
-        std::fs::write(&diff_path, &diff_text)?;
-        let t = Instant::now();
-        let mut result = UnitResult {
-            unit: rel.clone(),
-            functions: BTreeMap::new(),
-            details: Vec::new(),
-            build_s: 0.0,
-        };
-        let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
-        match compile_both(
-            &tree,
-            &diff_path,
-            std::slice::from_ref(rel),
-            std::slice::from_ref(rel),
-        ) {
-            Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
-                // The file alone does not compile: it needs the update's other changes
-                // (usually its headers). Its changed functions are counted from the diff's
-                // hunks: the functions of the old file they touch.
-                result.details.push(chain(&SourceBuildError::Compile(e)));
-                for f in touched_functions(&tree.dir.join(rel), &diff_text) {
-                    result.functions.insert(
-                        f,
-                        "needs the update's other changes (does not compile alone)".into(),
-                    );
-                }
-            }
-            Err(e) => {
-                let e = SourceBuildError::Compile(e);
-                result.details.push(chain(&e));
-                result.functions.insert("(unit)".into(), reason_class(&e));
-            }
-            Ok(objects) => {
-                let mut report = SourceReport::default();
-                let mut data = DataSet::default();
-                match analyze_unit(&target, &objects[0], 0, &mut data, &mut report) {
-                    Err(e) => {
-                        result.details.push(chain(&e));
-                        result.functions.insert("(unit)".into(), reason_class(&e));
-                    }
-                    Ok(a) if matches!(a.refusal, Some(SourceBuildError::NotBuiltIn { .. })) => {
-                        // Not the kernel's code after all: no function of it counts.
-                        let e = a
-                            .refusal
-                            .unwrap_or(SourceBuildError::NotBuiltIn { unit: rel.clone() });
-                        result.details.push(chain(&e));
-                        result.functions.insert("(unit)".into(), reason_class(&e));
-                    }
-                    Ok(a) => {
-                        let unit_refusal = type_change.or(a.refusal);
-                        if let Some(e) = &unit_refusal {
-                            result.details.push(chain(e));
-                        }
-                        let mut seen: Vec<String> = Vec::new();
-                        for (name, r) in &a.functions {
-                            seen.push(name.clone());
-                            let class = match (&unit_refusal, r) {
-                                (Some(e), _) => reason_class(e),
-                                (None, Ok(_)) => "patchable".to_string(),
-                                (None, Err(e)) => {
-                                    result.details.push(chain(e));
-                                    reason_class(e)
-                                }
-                            };
-                            result.functions.insert(name.clone(), class);
-                        }
-                        // Refused units list every changed function; `.cold` fragments and
-                        // boot-time code are not functions of their own here.
-                        for name in &a.changed {
-                            if !seen.contains(name)
-                                && !name.ends_with(".cold")
-                                && !a.ignored.iter().any(|g| g.starts_with(&format!("{name} ")))
-                            {
-                                let class = match &unit_refusal {
-                                    Some(e) => reason_class(e),
-                                    None => continue,
-                                };
-                                result.functions.insert(name.clone(), class);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        result.build_s = t.elapsed().as_secs_f64();
+    for result in &units {
         for (name, class) in &result.functions {
             if name == "(unit)" {
                 continue;
@@ -376,14 +356,6 @@ pub fn run(
                 *reasons.entry(class.clone()).or_default() += 1;
             }
         }
-        eprintln!(
-            "[{}/{}] {rel}: {:.1} s, {:?}",
-            i + 1,
-            candidates.len(),
-            result.build_s,
-            result.functions
-        );
-        units.push(result);
     }
     let mut times: Vec<f64> = units.iter().map(|u| u.build_s).collect();
     times.sort_by(|a, b| a.total_cmp(b));
@@ -406,6 +378,107 @@ pub fn run(
         units,
         host,
     })
+}
+
+/// One changed file as one fix: compiled both ways on `tree` and every changed function
+/// classed.
+fn one_unit(
+    target: &TargetKernel<'_>,
+    tree: &SourceTree,
+    new_tree: &Path,
+    rel: &str,
+    i: usize,
+    scratch: &Path,
+) -> Result<UnitResult> {
+    let rel = &rel.to_string();
+    let diff_text = file_diff(&tree.dir, new_tree, rel)?;
+    let diff_path = scratch.join(format!("{i}.patch"));
+    std::fs::write(&diff_path, &diff_text)?;
+    let t = Instant::now();
+    let mut result = UnitResult {
+        unit: rel.clone(),
+        functions: BTreeMap::new(),
+        details: Vec::new(),
+        build_s: 0.0,
+    };
+    let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
+    match compile_both(
+        tree,
+        &diff_path,
+        std::slice::from_ref(rel),
+        std::slice::from_ref(rel),
+    ) {
+        Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
+            // The file alone does not compile: it needs the update's other changes
+            // (usually its headers). Its changed functions are counted from the diff's
+            // hunks: the functions of the old file they touch.
+            result.details.push(chain(&SourceBuildError::Compile(e)));
+            for f in touched_functions(&tree.dir.join(rel), &diff_text) {
+                result.functions.insert(
+                    f,
+                    "needs the update's other changes (does not compile alone)".into(),
+                );
+            }
+        }
+        Err(e) => {
+            let e = SourceBuildError::Compile(e);
+            result.details.push(chain(&e));
+            result.functions.insert("(unit)".into(), reason_class(&e));
+        }
+        Ok(objects) => {
+            let mut report = SourceReport::default();
+            let mut data = DataSet::default();
+            match analyze_unit(target, &objects[0], 0, &mut data, &mut report) {
+                Err(e) => {
+                    result.details.push(chain(&e));
+                    result.functions.insert("(unit)".into(), reason_class(&e));
+                }
+                Ok(a) if matches!(a.refusal, Some(SourceBuildError::NotBuiltIn { .. })) => {
+                    // Not the kernel's code after all: no function of it counts.
+                    let e = a
+                        .refusal
+                        .unwrap_or(SourceBuildError::NotBuiltIn { unit: rel.clone() });
+                    result.details.push(chain(&e));
+                    result.functions.insert("(unit)".into(), reason_class(&e));
+                }
+                Ok(a) => {
+                    let unit_refusal = type_change.or(a.refusal);
+                    if let Some(e) = &unit_refusal {
+                        result.details.push(chain(e));
+                    }
+                    let mut seen: Vec<String> = Vec::new();
+                    for (name, r) in &a.functions {
+                        seen.push(name.clone());
+                        let class = match (&unit_refusal, r) {
+                            (Some(e), _) => reason_class(e),
+                            (None, Ok(_)) => "patchable".to_string(),
+                            (None, Err(e)) => {
+                                result.details.push(chain(e));
+                                reason_class(e)
+                            }
+                        };
+                        result.functions.insert(name.clone(), class);
+                    }
+                    // Refused units list every changed function; `.cold` fragments and
+                    // boot-time code are not functions of their own here.
+                    for name in &a.changed {
+                        if !seen.contains(name)
+                            && !name.ends_with(".cold")
+                            && !a.ignored.iter().any(|g| g.starts_with(&format!("{name} ")))
+                        {
+                            let class = match &unit_refusal {
+                                Some(e) => reason_class(e),
+                                None => continue,
+                            };
+                            result.functions.insert(name.clone(), class);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    result.build_s = t.elapsed().as_secs_f64();
+    Ok(result)
 }
 
 pub fn table(r: &SourceDiffReport) -> String {
