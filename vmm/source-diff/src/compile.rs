@@ -130,6 +130,13 @@ impl Session<'_> {
             .and_then(|m| m.modified())
             .map_err(io(&p))?;
         if !self.saved.iter().any(|(q, _, _)| *q == p) {
+            // Kept in the tree too, before anything is changed: a build killed before it
+            // restores leaves them for the next build to put back ([`recover`]).
+            let keep = self.tree.dir.join(SAVED_DIR).join(rel);
+            if let Some(parent) = keep.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            write_with_mtime(&keep, &bytes, mtime)?;
             self.saved.push((p, bytes.clone(), mtime));
         }
         Ok((bytes, mtime))
@@ -161,12 +168,50 @@ fn write_with_mtime(
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
+        let mut all = true;
         for (path, bytes, mtime) in &self.saved {
             if let Err(e) = write_with_mtime(path, bytes, *mtime) {
-                tracing::error!(path = %path.display(), error = %e, "could not restore a source file; the tree at {} needs `patch -R`", self.tree.dir.display());
+                all = false;
+                tracing::error!(path = %path.display(), error = %e, "could not restore a source file; the next build of this tree restores it from {SAVED_DIR}");
             }
         }
+        if all {
+            let _ = std::fs::remove_dir_all(self.tree.dir.join(SAVED_DIR));
+        }
     }
+}
+
+/// Where a build keeps the originals of the files it changes, inside the tree.
+const SAVED_DIR: &str = ".hotpatch-saved";
+
+/// Puts back the files an interrupted build left changed (killed between changing and
+/// restoring them), from the originals it kept; the tree lock is held.
+fn recover(tree: &SourceTree) -> Result<(), CompileError> {
+    let saved = tree.dir.join(SAVED_DIR);
+    if !saved.is_dir() {
+        return Ok(());
+    }
+    let mut stack = vec![saved.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let path = e.map_err(io(&dir))?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(&saved) else {
+                continue;
+            };
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let mtime = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(io(&path))?;
+            let target = tree.dir.join(rel);
+            tracing::warn!(file = %rel.display(), "restoring a file an interrupted build left changed");
+            write_with_mtime(&target, &bytes, mtime)?;
+        }
+    }
+    std::fs::remove_dir_all(&saved).map_err(io(&saved))
 }
 
 /// The defined function names of an object, to compare two builds' inlining.
@@ -189,6 +234,7 @@ pub fn compile_both(
     let lock_path = tree.dir.join(".hotpatch-lock");
     let lock = File::create(&lock_path).map_err(io(&lock_path))?;
     lock.lock().map_err(io(&lock_path))?;
+    recover(tree)?;
     let mut session = Session {
         tree,
         _lock: lock,
@@ -386,4 +432,53 @@ fn compile(
         });
     }
     std::fs::read(&obj_path).map_err(io(&obj_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_build_is_undone_by_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = SourceTree {
+            dir: dir.path().to_path_buf(),
+            cc: "gcc".into(),
+            describe: "test tree".into(),
+            prepared_now: false,
+        };
+        let unit = dir.path().join("fs/x.c");
+        std::fs::create_dir_all(unit.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&unit, "int x = 1;\n").expect("write");
+        let mtime = std::fs::metadata(&unit)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        // A build saved the file, changed it, and was killed before restoring it.
+        {
+            let lock = File::create(dir.path().join(".hotpatch-lock")).expect("lock");
+            let mut s = Session {
+                tree: &tree,
+                _lock: lock,
+                saved: Vec::new(),
+            };
+            s.save("fs/x.c").expect("save");
+            std::fs::write(&unit, "int x = 2; /* the fix */\n").expect("patch");
+            std::mem::forget(s);
+        }
+        assert!(dir.path().join(SAVED_DIR).join("fs/x.c").is_file());
+        recover(&tree).expect("recover");
+        assert_eq!(
+            std::fs::read_to_string(&unit).expect("read"),
+            "int x = 1;\n"
+        );
+        assert_eq!(
+            std::fs::metadata(&unit)
+                .and_then(|m| m.modified())
+                .expect("mtime"),
+            mtime
+        );
+        assert!(!dir.path().join(SAVED_DIR).exists());
+        // Nothing to do the next time.
+        recover(&tree).expect("recover again");
+    }
 }
