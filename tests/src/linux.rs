@@ -645,6 +645,93 @@ pub fn vmlinuz_path() -> PathBuf {
     Kit::ensure().vmlinuz
 }
 
+/// The real upstream fixes the source-diff tests build (`guest-tools/linux/fixes/`).
+pub fn fixes_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-tools/linux/fixes")
+}
+
+/// Where `vmm patch build --source-diff` fetches and prepares the kernel's source for the
+/// tests: the workspace's target directory, so a second run reuses it and a fresh clone
+/// starts clean.
+pub fn source_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux-source")
+}
+
+/// The arguments of `vmm patch build --source-diff` for `diff` against the kit's kernel,
+/// signed with `key`, into `out`.
+pub fn source_fix_build_args(kit: &Kit, diff: &Path, key: &str, out: &str) -> Vec<String> {
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    vec![
+        "patch".into(),
+        "build".into(),
+        "--linux-kernel".into(),
+        path(&kit.vmlinuz),
+        "--source-diff".into(),
+        path(diff),
+        "--source-cache".into(),
+        path(&source_cache()),
+        "--key".into(),
+        key.into(),
+        "-o".into(),
+        out.into(),
+    ]
+}
+
+/// `gcc -static -O2` of a fix's guest test program (`guest-tools/linux/fixes/tests/NAME.c`)
+/// into `dir`; its bytes.
+pub fn compile_fix_program(name: &str, dir: &Path) -> Vec<u8> {
+    let src = fixes_dir().join("tests").join(format!("{name}.c"));
+    let out = dir.join(name);
+    let r = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("run gcc");
+    assert!(
+        r.status.success(),
+        "gcc -static {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::read(&out).expect("read program")
+}
+
+impl LinuxGuest {
+    /// The first workload line after `after_seq` that satisfies `pred`, waiting up to
+    /// `within`; panics with the last console lines if none comes.
+    pub fn wait_workload(
+        &self,
+        after_seq: u64,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&WorkloadLine) -> bool,
+    ) -> WorkloadLine {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self
+                .workload_lines()
+                .into_iter()
+                .find(|l| l.seq > after_seq && pred(l))
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {within:?}; last lines:\n{}",
+                self.lines()
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

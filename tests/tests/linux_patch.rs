@@ -35,28 +35,7 @@ fn wait_line_within(
     within: Duration,
     pred: impl Fn(&WorkloadLine) -> bool,
 ) -> WorkloadLine {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(l) = g
-            .workload_lines()
-            .into_iter()
-            .find(|l| l.seq > seq && pred(l))
-        {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {within:?}; last lines:\n{}",
-            g.lines()
-                .iter()
-                .rev()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    g.wait_workload(seq, what, within, pred)
 }
 
 fn last_seq(g: &LinuxGuest) -> u64 {

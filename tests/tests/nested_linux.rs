@@ -8,12 +8,11 @@
 //! (the default kit kernel) under QEMU TCG (docs/nested-tier.md); on a VMX/SVM host, directly.
 //! Run alone: `cargo test -p integration-tests --test nested_linux -- --nocapture`.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use guest_tools::initramfs::Archive;
 use guest_tools::kernel_patch;
-use integration_tests::linux::Kit;
+use integration_tests::linux::{Kit, compile_fix_program, fixes_dir, source_cache};
 use integration_tests::nested::{
     NestedJob, expect_passed, l1_options, nested_vmm_bin, run_with_real_kvm,
 };
@@ -46,29 +45,6 @@ const SOURCE_FIXES: &[SourceFix] = &[
         after: "revoked read(NULL,0)=-1 errno=128",
     },
 ];
-
-fn fixes_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-tools/linux/fixes")
-}
-
-/// `gcc -static -O2` of a fix's test program.
-fn compile_program(name: &str, dir: &Path) -> Vec<u8> {
-    let src = fixes_dir().join("tests").join(format!("{name}.c"));
-    let out = dir.join(name);
-    let r = std::process::Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run gcc");
-    assert!(
-        r.status.success(),
-        "gcc -static {}: {}",
-        src.display(),
-        String::from_utf8_lossy(&r.stderr)
-    );
-    std::fs::read(&out).expect("read program")
-}
 
 /// The L2 workload, its /init: loads the virtio disk modules, reads the disk, then prints one
 /// `SEQ n uptime state` line a second (state: `patched` when `/proc/version` carries the fix's
@@ -302,7 +278,6 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
 
     // Part (e): the real upstream fixes, built from their diffs against L2's kernel (the builder
     // fetches and prepares its source into target/linux-source once), signed with the same key.
-    let source_cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux-source");
     let mut programs = Vec::new();
     for f in SOURCE_FIXES {
         let t = Instant::now();
@@ -314,7 +289,7 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
             .arg("--source-diff")
             .arg(fixes_dir().join(format!("{}.patch", f.name)))
             .arg("--source-cache")
-            .arg(&source_cache)
+            .arg(source_cache())
             .args(["--key", &d("ops.key"), "-o", &out])
             .output()
             .expect("run vmm patch build --source-diff");
@@ -325,7 +300,7 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
             String::from_utf8_lossy(&build.stderr)
         );
         eprintln!("{}: built from its diff in {:.1?}", f.name, t.elapsed());
-        programs.push((f.program, compile_program(f.program, dir.path())));
+        programs.push((f.program, compile_fix_program(f.program, dir.path())));
     }
 
     // L2's initramfs: busybox, the workload, the fixes' programs, the virtio modules.

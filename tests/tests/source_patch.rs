@@ -10,11 +10,13 @@
 //! The fixes, their upstream subjects and what each program prints before and after are in
 //! `guest-tools/linux/fixes/README.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest_tools::initramfs::InitMode;
-use integration_tests::linux::{BootOptions, Kit, LinuxGuest, WorkloadLine};
+use integration_tests::linux::{
+    BootOptions, Kit, LinuxGuest, compile_fix_program, fixes_dir, source_fix_build_args,
+};
 use integration_tests::{TempDir, cli, cli_output, stdout};
 
 /// The running kernel the fixes are built for: the build before the one that has them.
@@ -93,88 +95,8 @@ const FIXES: &[Fix] = &[
     },
 ];
 
-fn fixes_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-tools/linux/fixes")
-}
-
-/// Where the builder fetches and prepares the kernel's source: under the workspace's target
-/// directory, so a second run reuses it and a fresh clone starts clean.
-fn source_cache() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux-source")
-}
-
 fn s(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
-}
-
-/// `vmm patch build --source-diff` for `diff`, signed with `key`.
-fn build_args(kit: &Kit, diff: &Path, key: &str, out: &str) -> Vec<String> {
-    [
-        "patch",
-        "build",
-        "--linux-kernel",
-        &s(&kit.vmlinuz),
-        "--source-diff",
-        &s(diff),
-        "--source-cache",
-        &s(&source_cache()),
-        "--key",
-        key,
-        "-o",
-        out,
-    ]
-    .map(str::to_string)
-    .to_vec()
-}
-
-/// `gcc -static -O2` of a fix's test program.
-fn compile_program(name: &str, dir: &Path) -> Vec<u8> {
-    let src = fixes_dir().join("tests").join(format!("{name}.c"));
-    let out = dir.join(name);
-    let r = std::process::Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run gcc");
-    assert!(
-        r.status.success(),
-        "gcc -static {}: {}",
-        src.display(),
-        String::from_utf8_lossy(&r.stderr)
-    );
-    std::fs::read(&out).expect("read program")
-}
-
-fn wait_line(
-    g: &LinuxGuest,
-    after_seq: u64,
-    what: &str,
-    within: Duration,
-    pred: impl Fn(&WorkloadLine) -> bool,
-) -> WorkloadLine {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(l) = g
-            .workload_lines()
-            .into_iter()
-            .find(|l| l.seq > after_seq && pred(l))
-        {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {within:?}; last lines:\n{}",
-            g.lines()
-                .iter()
-                .rev()
-                .take(4)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn last_seq(g: &LinuxGuest) -> u64 {
@@ -195,7 +117,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
     for f in FIXES {
         programs.push((
             format!("bin/{}", f.program),
-            compile_program(f.program, dir.path()),
+            compile_fix_program(f.program, dir.path()),
         ));
         probe.push_str(&format!("/bin/{} {}\n", f.program, f.args));
     }
@@ -215,7 +137,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
     for f in FIXES {
         let out = d(&format!("{}.hpatch", f.name));
         let t = Instant::now();
-        let text = stdout(&cli(&build_args(
+        let text = stdout(&cli(&source_fix_build_args(
             &kit,
             &fixes_dir().join(f.diff),
             &d("ops.key"),
@@ -257,7 +179,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
     let keys = stdout(&cli(&["patch", "inspect", &built[2]]));
     assert!(keys.contains("new functions: __keyctl_read_key"), "{keys}");
 
-    let first = wait_line(&g, 0, "probe line", BOOT_WITHIN, |_| true);
+    let first = g.wait_workload(0, "probe line", BOOT_WITHIN, |_| true);
     let target = |verb: &str, file: Option<&str>| -> Vec<String> {
         let mut v: Vec<String> = vec!["patch".into(), verb.into()];
         if let Some(f) = file {
@@ -283,8 +205,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
         v
     };
     let run = |args: Vec<String>| cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let before_all = wait_line(
-        &g,
+    let before_all = g.wait_workload(
         first.seq,
         "the unfixed kernel's outputs",
         CHANGE_WITHIN,
@@ -299,7 +220,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
         let out = stdout(&run(target("apply", Some(file))));
         assert!(out.starts_with("applied "), "{}: {out}", f.name);
         let id = out.split_whitespace().nth(1).expect("id").to_string();
-        let fixed = wait_line(&g, seq, &format!("{} fixed", f.name), CHANGE_WITHIN, |l| {
+        let fixed = g.wait_workload(seq, &format!("{} fixed", f.name), CHANGE_WITHIN, |l| {
             l.version.contains(f.after)
         });
         println!("{}: fixed output after {:.1?}", f.name, t.elapsed());
@@ -321,13 +242,9 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
         let seq = last_seq(&g);
         let out = stdout(&run(target("revert", Some(&id))));
         assert!(out.starts_with("reverted "), "{}: {out}", f.name);
-        let back = wait_line(
-            &g,
-            seq,
-            &format!("{} reverted", f.name),
-            CHANGE_WITHIN,
-            |l| FIXES.iter().all(|o| l.version.contains(o.before)),
-        );
+        let back = g.wait_workload(seq, &format!("{} reverted", f.name), CHANGE_WITHIN, |l| {
+            FIXES.iter().all(|o| l.version.contains(o.before))
+        });
         assert!(
             back.seq > fixed.seq && back.uptime > fixed.uptime,
             "the guest rebooted"
@@ -370,7 +287,7 @@ fn diffs_a_live_patch_cannot_carry_are_refused_and_write_nothing() {
         std::fs::write(&diff_path, diff).expect("write diff");
         let out_path = d(&format!("{name}.hpatch"));
         let out = cli_output(
-            &build_args(&kit, &diff_path, &d("ops.key"), &out_path)
+            &source_fix_build_args(&kit, &diff_path, &d("ops.key"), &out_path)
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),

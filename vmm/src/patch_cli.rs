@@ -798,6 +798,23 @@ fn replaced_ids(ids: &[String]) -> Result<Vec<PatchId>> {
         .collect()
 }
 
+/// The metadata of a kernel patch from the build's flags (name: the output file's stem).
+fn kernel_meta(a: &BuildArgs, created: u64) -> Result<Metadata> {
+    Ok(Metadata {
+        name: a.name.clone().unwrap_or_else(|| {
+            a.output
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "kernel-fix".into())
+        }),
+        description: a.description.clone(),
+        author: a.author.clone(),
+        created,
+        advisories: a.advisories.clone(),
+        replaces: replaced_ids(&a.replaces)?,
+    })
+}
+
 /// `vmm patch build --linux-kernel`: function replacements in a stock kernel, from C.
 fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutput> {
     if let Some(diff) = &a.source_diff {
@@ -819,19 +836,7 @@ fn build_kernel(a: &BuildArgs, kernel: &Path, created: u64) -> Result<BuildOutpu
                 .with_context(|| format!("--replace {r:?}: give KERNEL_FUNCTION=CODE_SYMBOL"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = Metadata {
-        name: a.name.clone().unwrap_or_else(|| {
-            a.output
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "kernel-fix".into())
-        }),
-        description: a.description.clone(),
-        author: a.author.clone(),
-        created,
-        advisories: a.advisories.clone(),
-        replaces: replaced_ids(&a.replaces)?,
-    };
+    let meta = kernel_meta(a, created)?;
     let patch = linux_guest::patch::build_kernel_patch(
         &image.vmlinux,
         &image.kallsyms,
@@ -865,19 +870,7 @@ fn build_kernel_from_diff(
                 )?,
         ),
     };
-    let meta = Metadata {
-        name: a.name.clone().unwrap_or_else(|| {
-            a.output
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "kernel-fix".into())
-        }),
-        description: a.description.clone(),
-        author: a.author.clone(),
-        created,
-        advisories: a.advisories.clone(),
-        replaces: replaced_ids(&a.replaces)?,
-    };
+    let meta = kernel_meta(a, created)?;
     let (patch, report) = source_diff::build_from_source_diff(
         &source_diff::TargetKernel {
             vmlinux: &image.vmlinux,

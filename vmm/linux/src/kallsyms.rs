@@ -76,6 +76,18 @@ impl KernelSymbol {
     }
 }
 
+/// The name and address indexes of a symbol list. Stable sorts: aliases stay in table order.
+fn indexes(symbols: &[KernelSymbol]) -> (Vec<u32>, Vec<u32>) {
+    let n = symbols.len() as u32;
+    let mut by_name: Vec<u32> = (0..n).collect();
+    by_name.sort_by(|&a, &b| symbols[a as usize].name.cmp(&symbols[b as usize].name));
+    let mut by_address: Vec<u32> = (0..n)
+        .filter(|&i| !symbols[i as usize].is_absolute())
+        .collect();
+    by_address.sort_by_key(|&i| symbols[i as usize].address);
+    (by_name, by_address)
+}
+
 /// Where the tables are in which order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum TableOrder {
@@ -209,12 +221,7 @@ impl Kallsyms {
     /// lookups as one decoded from an image, with no image layout behind it.
     pub fn from_symbols(symbols: Vec<KernelSymbol>) -> Kallsyms {
         let n = symbols.len();
-        let mut by_name: Vec<u32> = (0..n as u32).collect();
-        by_name.sort_by(|&a, &b| symbols[a as usize].name.cmp(&symbols[b as usize].name));
-        let mut by_address: Vec<u32> = (0..n as u32)
-            .filter(|&i| !symbols[i as usize].is_absolute())
-            .collect();
-        by_address.sort_by_key(|&i| symbols[i as usize].address);
+        let (by_name, by_address) = indexes(&symbols);
         Kallsyms {
             symbols,
             by_name,
@@ -826,13 +833,7 @@ fn decode(
         });
     }
 
-    // Stable sorts: aliases stay in table order.
-    let mut by_name: Vec<u32> = (0..n as u32).collect();
-    by_name.sort_by(|&a, &b| symbols[a as usize].name.cmp(&symbols[b as usize].name));
-    let mut by_address: Vec<u32> = (0..n as u32)
-        .filter(|&i| !symbols[i as usize].is_absolute())
-        .collect();
-    by_address.sort_by_key(|&i| symbols[i as usize].address);
+    let (by_name, by_address) = indexes(&symbols);
     Some(Kallsyms {
         symbols,
         by_name,

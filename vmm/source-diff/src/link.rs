@@ -606,13 +606,15 @@ impl<'a> Linker<'a> {
                 match (ts.section, sec_class) {
                     // (b) Undefined: a kernel global (or per-CPU) symbol.
                     (None, _) => {
-                        let name = self.kernel_name(&ts.name, &from, r.offset)?;
-                        resolved.push(Resolved {
-                            from: from.clone(),
-                            symbol: ts.name.clone(),
-                            how: format!("kernel {name}"),
-                        });
-                        relocs.push(Relocation::symbol(field as u32, kind, name, r.addend));
+                        self.bind_kernel(
+                            &ts.name,
+                            &ts.name,
+                            &from,
+                            r.offset,
+                            (field, kind, r.addend),
+                            resolved,
+                            &mut relocs,
+                        )?;
                     }
                     // (c) Code of the unit not carried: the kernel's function (a changed one
                     //     is redirected to its new code by its own site).
@@ -624,13 +626,15 @@ impl<'a> Linker<'a> {
                                 what: format!("refers to {} which only the fix has", ts.name),
                             }
                         })?;
-                        let name = self.kernel_name(pre_name, &from, r.offset)?;
-                        resolved.push(Resolved {
-                            from: from.clone(),
-                            symbol: ts.name.clone(),
-                            how: format!("kernel {name}"),
-                        });
-                        relocs.push(Relocation::symbol(field as u32, kind, name, addend(into)));
+                        self.bind_kernel(
+                            pre_name,
+                            &ts.name,
+                            &from,
+                            r.offset,
+                            (field, kind, addend(into)),
+                            resolved,
+                            &mut relocs,
+                        )?;
                     }
                     // (d) Variables: always the running kernel's copy, never a fresh one.
                     (Some(_), Some(SectionClass::Writable)) if named => {
@@ -646,13 +650,15 @@ impl<'a> Linker<'a> {
                                         ts.name
                                     ),
                                 })?;
-                        let name = self.kernel_name(&pre_name, &from, r.offset)?;
-                        resolved.push(Resolved {
-                            from: from.clone(),
-                            symbol: ts.name.clone(),
-                            how: format!("kernel {name}"),
-                        });
-                        relocs.push(Relocation::symbol(field as u32, kind, name, addend(into)));
+                        self.bind_kernel(
+                            &pre_name,
+                            &ts.name,
+                            &from,
+                            r.offset,
+                            (field, kind, addend(into)),
+                            resolved,
+                            &mut relocs,
+                        )?;
                     }
                     // (e) Named read-only objects the kernel has: its copy when it holds
                     //     pointers (a copy would not be relocated) or is global (its address
@@ -665,13 +671,15 @@ impl<'a> Linker<'a> {
                             && (!ts.local || self.holds_addresses(t)) =>
                     {
                         let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
-                        let name = self.kernel_name(&pre_name, &from, r.offset)?;
-                        resolved.push(Resolved {
-                            from: from.clone(),
-                            symbol: ts.name.clone(),
-                            how: format!("kernel {name}"),
-                        });
-                        relocs.push(Relocation::symbol(field as u32, kind, name, addend(into)));
+                        self.bind_kernel(
+                            &pre_name,
+                            &ts.name,
+                            &from,
+                            r.offset,
+                            (field, kind, addend(into)),
+                            resolved,
+                            &mut relocs,
+                        )?;
                     }
                     // (f) Strings and constants: carried as patch data.
                     (Some(sec), Some(SectionClass::Strings | SectionClass::ReadOnly)) => {
@@ -712,13 +720,15 @@ impl<'a> Linker<'a> {
                             && self.pre_variable(&ts.name).is_some() =>
                     {
                         let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
-                        let name = self.kernel_name(&pre_name, &from, r.offset)?;
-                        resolved.push(Resolved {
-                            from: from.clone(),
-                            symbol: ts.name.clone(),
-                            how: format!("kernel {name}"),
-                        });
-                        relocs.push(Relocation::symbol(field as u32, kind, name, addend(into)));
+                        self.bind_kernel(
+                            &pre_name,
+                            &ts.name,
+                            &from,
+                            r.offset,
+                            (field, kind, addend(into)),
+                            resolved,
+                            &mut relocs,
+                        )?;
                     }
                     (Some(sec), _) => {
                         return Err(LinkError::Unsupported {
@@ -845,6 +855,31 @@ impl<'a> Linker<'a> {
             return None;
         }
         self.pre.defined(post_name).map(|_| post_name.to_string())
+    }
+
+    /// A reference of the new code bound to the running kernel's `pre_name` (the unit's name
+    /// for it, disambiguated by [`Linker::kernel_name`]): the relocation, and its line for
+    /// `inspect`. `at` is the field's offset in the code, its kind and the addend.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_kernel(
+        &self,
+        pre_name: &str,
+        symbol: &str,
+        from: &str,
+        offset: u64,
+        at: (usize, RelocKind, i64),
+        resolved: &mut Vec<Resolved>,
+        relocs: &mut Vec<Relocation>,
+    ) -> Result<(), LinkError> {
+        let name = self.kernel_name(pre_name, from, offset)?;
+        resolved.push(Resolved {
+            from: from.to_string(),
+            symbol: symbol.to_string(),
+            how: format!("kernel {name}"),
+        });
+        let (field, kind, addend) = at;
+        relocs.push(Relocation::symbol(field as u32, kind, name, addend));
+        Ok(())
     }
 
     /// Whether post-build object `sym` has relocations in its bytes (holds addresses).
