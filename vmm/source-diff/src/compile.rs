@@ -101,7 +101,7 @@ do {									\
 	unsigned long __hp_ip;						\
 	instrumentation_begin();					\
 	asm volatile("lea 0(%%rip), %0" : "=r" (__hp_ip));		\
-	if (!((flags) & BUGFLAG_ONCE) || __printk_ratelimit(__func__))	\
+	if (!((flags) & BUGFLAG_ONCE) || __printk_ratelimit(__FILE__))	\
 		__warn(__FILE__, __LINE__, (void *)__hp_ip,		\
 		       (unsigned int)((BUGFLAG_WARNING | (flags)) >> 8),	\
 		       NULL, NULL);					\
@@ -214,10 +214,17 @@ fn recover(tree: &SourceTree) -> Result<(), CompileError> {
     std::fs::remove_dir_all(&saved).map_err(io(&saved))
 }
 
-/// The defined function names of an object, to compare two builds' inlining.
+/// The defined function and variable names of an object, to compare two builds' inlining
+/// and their static locals' numbering (GCC numbers `name.N` across the unit: a rewrite that
+/// added one would shift the names the kernel's copies go by).
 fn function_names(obj: &[u8]) -> Option<std::collections::BTreeSet<String>> {
     let u = crate::elf::Unit::parse(obj).ok()?;
-    Some(u.functions().map(|(_, s)| s.name.clone()).collect())
+    Some(
+        u.functions()
+            .chain(u.objects())
+            .map(|(_, s)| s.name.clone())
+            .collect(),
+    )
 }
 
 /// Compiles every unit in `units` (paths of `.c` files relative to the tree) before and

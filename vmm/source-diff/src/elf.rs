@@ -383,12 +383,27 @@ fn is_table(name: &str) -> bool {
 /// `__already_done.12` → `__already_done`), which change when unrelated code in the unit
 /// changes; clone kinds (`.isra`, `.constprop`, `.part`, `.cold`) are kept.
 pub fn normalized_name(name: &str) -> String {
-    name.split('.')
+    let joined = name
+        .split('.')
         .enumerate()
         .filter(|(i, part)| *i == 0 || !part.chars().all(|c| c.is_ascii_digit()))
         .map(|(_, p)| p)
         .collect::<Vec<_>>()
-        .join(".")
+        .join(".");
+    // `__UNIQUE_ID_<what><counter>` (the kernel's `__COUNTER__`-made names, e.g. dynamic
+    // debug descriptors): the counter moves with any code before it.
+    match joined.strip_prefix("__UNIQUE_ID_") {
+        Some(rest) => {
+            let (head, tail) = rest.split_once('.').map_or((rest, ""), |(h, t)| (h, t));
+            let head = head.trim_end_matches(|c: char| c.is_ascii_digit());
+            if tail.is_empty() {
+                format!("__UNIQUE_ID_{head}")
+            } else {
+                format!("__UNIQUE_ID_{head}.{tail}")
+            }
+        }
+        None => joined,
+    }
 }
 
 #[cfg(test)]
@@ -405,5 +420,13 @@ mod tests {
         );
         assert_eq!(normalized_name("foo.cold"), "foo.cold");
         assert_eq!(normalized_name("plain"), "plain");
+        assert_eq!(
+            normalized_name("__UNIQUE_ID_ddebug398.5"),
+            "__UNIQUE_ID_ddebug"
+        );
+        assert_eq!(
+            normalized_name("__UNIQUE_ID___addressable_x421"),
+            "__UNIQUE_ID___addressable_x"
+        );
     }
 }
