@@ -562,12 +562,21 @@ impl<'a> Linker<'a> {
                     offset: r.offset,
                     what: format!("relocation type {} is not supported", r.r_type),
                 })? as usize;
+                // The field must lie inside the member (an object could say otherwise).
+                let member_end = base + u.symbols[m].size as usize;
+                if field + width > member_end.min(code.len()) {
+                    return Err(LinkError::Unsupported {
+                        function: from.clone(),
+                        offset: r.offset,
+                        what: "a relocation runs past the end of the function".into(),
+                    });
+                }
                 let (t, into) = self.landing(&r);
                 let ts = &u.symbols[t];
                 // `call __fentry__` in the prologue: patch code is not traced.
                 if ts.name == "__fentry__" && r.offset <= 16 && r.offset >= 1 {
                     let op = field - 1;
-                    if code.get(op) == Some(&0xe8) {
+                    if code.get(op) == Some(&0xe8) && op + 5 <= member_end {
                         code[op..op + 5].copy_from_slice(&NOP5);
                         continue;
                     }
