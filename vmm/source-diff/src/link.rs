@@ -612,18 +612,12 @@ impl<'a> Linker<'a> {
                 let addend = |into: i128| -> i64 {
                     (into - if r.is_pc_relative() { width as i128 } else { 0 }) as i64
                 };
+                // The kernel symbol the reference binds to, and the addend: (b)–(e), (g).
+                let mut bind: Option<(String, i64)> = None;
                 match (ts.section, sec_class) {
                     // (b) Undefined: a kernel global (or per-CPU) symbol.
                     (None, _) => {
-                        self.bind_kernel(
-                            &ts.name,
-                            &ts.name,
-                            &from,
-                            r.offset,
-                            (field, kind, r.addend),
-                            resolved,
-                            &mut relocs,
-                        )?;
+                        bind = Some((ts.name.clone(), r.addend));
                     }
                     // (c) Code of the unit not carried: the kernel's function (a changed one
                     //     is redirected to its new code by its own site).
@@ -635,15 +629,7 @@ impl<'a> Linker<'a> {
                                 what: format!("refers to {} which only the fix has", ts.name),
                             }
                         })?;
-                        self.bind_kernel(
-                            pre_name,
-                            &ts.name,
-                            &from,
-                            r.offset,
-                            (field, kind, addend(into)),
-                            resolved,
-                            &mut relocs,
-                        )?;
+                        bind = Some((pre_name.clone(), addend(into)));
                     }
                     // (d) Variables: always the running kernel's copy, never a fresh one.
                     (Some(_), Some(SectionClass::Writable)) if named => {
@@ -659,15 +645,7 @@ impl<'a> Linker<'a> {
                                         ts.name
                                     ),
                                 })?;
-                        self.bind_kernel(
-                            &pre_name,
-                            &ts.name,
-                            &from,
-                            r.offset,
-                            (field, kind, addend(into)),
-                            resolved,
-                            &mut relocs,
-                        )?;
+                        bind = Some((pre_name, addend(into)));
                     }
                     // (e) Named read-only objects the kernel has: its copy when it holds
                     //     pointers (a copy would not be relocated) or is global (its address
@@ -680,15 +658,7 @@ impl<'a> Linker<'a> {
                             && (!ts.local || self.holds_addresses(t)) =>
                     {
                         let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
-                        self.bind_kernel(
-                            &pre_name,
-                            &ts.name,
-                            &from,
-                            r.offset,
-                            (field, kind, addend(into)),
-                            resolved,
-                            &mut relocs,
-                        )?;
+                        bind = Some((pre_name, addend(into)));
                     }
                     // (f) Strings and constants: carried as patch data.
                     (Some(sec), Some(SectionClass::Strings | SectionClass::ReadOnly)) => {
@@ -729,15 +699,7 @@ impl<'a> Linker<'a> {
                             && self.pre_variable(&ts.name).is_some() =>
                     {
                         let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
-                        self.bind_kernel(
-                            &pre_name,
-                            &ts.name,
-                            &from,
-                            r.offset,
-                            (field, kind, addend(into)),
-                            resolved,
-                            &mut relocs,
-                        )?;
+                        bind = Some((pre_name, addend(into)));
                     }
                     (Some(sec), _) => {
                         return Err(LinkError::Unsupported {
@@ -750,6 +712,17 @@ impl<'a> Linker<'a> {
                             ),
                         });
                     }
+                }
+                if let Some((pre_name, addend)) = bind {
+                    self.bind_kernel(
+                        &pre_name,
+                        &ts.name,
+                        &from,
+                        r.offset,
+                        (field, kind, addend),
+                        resolved,
+                        &mut relocs,
+                    )?;
                 }
             }
         }
