@@ -851,7 +851,7 @@ fn bench_source_diff(
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let cache = source_cache
-        .or_else(bench::source_diff::default_cache)
+        .or_else(source_diff::tree::default_cache_dir)
         .context("no cache directory: give --source-cache DIR")?;
     let mut report = bench::source_diff::run(
         kernel,

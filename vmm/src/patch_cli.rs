@@ -862,13 +862,12 @@ fn build_kernel_from_diff(
     let source = match (&a.linux_source, &a.source_cache) {
         (Some(dir), _) => source_diff::SourceChoice::Tree(dir.clone()),
         (None, Some(dir)) => source_diff::SourceChoice::Cache(dir.clone()),
-        (None, None) => source_diff::SourceChoice::Cache(
-            linux_guest::image_cache::default_dir()
-                .and_then(|d| d.parent().map(|p| p.join("linux-source")))
-                .context(
-                    "no cache directory for the kernel source (VMM_CACHE_DIR=off, no HOME):                      give --source-cache DIR or --linux-source DIR",
-                )?,
-        ),
+        (None, None) => {
+            source_diff::SourceChoice::Cache(source_diff::tree::default_cache_dir().context(
+                "no cache directory for the kernel source (VMM_CACHE_DIR=off, no HOME): give \
+                 --source-cache DIR or --linux-source DIR",
+            )?)
+        }
     };
     let meta = kernel_meta(a, created)?;
     let (patch, report) = source_diff::build_from_source_diff(

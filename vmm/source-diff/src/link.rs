@@ -178,6 +178,9 @@ pub enum TablePolicy {
     Alternative,
     /// Refused with the location.
     Refuse(&'static str),
+    /// A section this builder does not know: refused as a table where it describes the code;
+    /// a label in it the code refers to (`.BTF_ids`) binds to the kernel's copy.
+    Unknown,
 }
 
 /// The policy for a section of the object that refers to patch code.
@@ -226,20 +229,11 @@ pub fn table_policy(section: &str) -> TablePolicy {
         ),
         "__bug_table" => TablePolicy::Refuse(
             "a WARN()/BUG() (bug-table entry): the kernel finds bug entries only for its own \
-             text and modules, so the `ud2` would oops instead of warning; rewrite the check \
-             without WARN (e.g. pr_warn_once())",
+             text and modules, so the `ud2` would oops instead of warning; this unit could not \
+             be compiled with WARN() as a call (docs/source-patches.md §2)",
         ),
-        _ => TablePolicy::Refuse("an entry of a kernel table this builder does not know"),
+        _ => TablePolicy::Unknown,
     }
-}
-
-/// Whether `section` is one of the tables [`table_policy`] names (code references into
-/// those are never data to bind).
-fn table_policy_known(section: &str) -> bool {
-    !matches!(
-        table_policy(section),
-        TablePolicy::Refuse("an entry of a kernel table this builder does not know")
-    )
 }
 
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
@@ -695,7 +689,8 @@ impl<'a> Linker<'a> {
                     //     BTF ids resolved by resolve_btfids): the kernel's copy.
                     (Some(_), Some(SectionClass::OtherAlloc))
                         if named
-                            && !table_policy_known(&u.sections[ts.section.unwrap_or(0)].name)
+                            && table_policy(&u.sections[ts.section.unwrap_or(0)].name)
+                                == TablePolicy::Unknown
                             && self.pre_variable(&ts.name).is_some() =>
                     {
                         let pre_name = self.pre_variable(&ts.name).unwrap_or_default();
@@ -796,7 +791,11 @@ impl<'a> Linker<'a> {
                         }
                     }
                 }
-                TablePolicy::Refuse(why) => {
+                policy @ (TablePolicy::Refuse(_) | TablePolicy::Unknown) => {
+                    let why = match policy {
+                        TablePolicy::Refuse(why) => why,
+                        _ => "an entry of a kernel table this builder does not know",
+                    };
                     for r in &sec.relocs {
                         if let Some((m, _, inside)) =
                             self.location(r).and_then(|(s, o)| member_at(s, o))

@@ -148,6 +148,13 @@ pub struct SourceTree {
     pub prepared_now: bool,
 }
 
+/// Where fetched kernel sources go by default: `linux-source` beside the image cache
+/// (`$VMM_CACHE_DIR/linux-source`, else `~/.cache/vmm/linux-source`); `None` when the cache
+/// is off or there is no home.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    linux_guest::image_cache::default_dir().and_then(|d| d.parent().map(|p| p.join("linux-source")))
+}
+
 /// `CONFIG_CC_VERSION_TEXT` of a `.config`.
 pub fn config_compiler(config: &str) -> Option<String> {
     config

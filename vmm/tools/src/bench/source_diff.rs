@@ -11,7 +11,7 @@
 //! first build of a fix with an empty cache (fetch, unpack, prepare, compile), with `--cold`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -521,9 +521,4 @@ pub fn table(r: &SourceDiffReport) -> String {
         ));
     }
     t
-}
-
-/// The default cache, as `vmm patch build` uses it.
-pub fn default_cache() -> Option<PathBuf> {
-    linux_guest::image_cache::default_dir().and_then(|d| d.parent().map(|p| p.join("linux-source")))
 }
