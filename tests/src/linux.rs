@@ -698,6 +698,42 @@ pub fn compile_fix_program(name: &str, dir: &Path) -> Vec<u8> {
 }
 
 impl LinuxGuest {
+    /// `vmm patch VERB…` for this guest through the QEMU backend, as an operator types it:
+    /// its gdbstub and QMP socket, the kernel it booted, the arena reserved at `arena`, the
+    /// journal in `state_dir`, patches signed by the public key `trusted_key`.
+    pub fn patch_args(
+        &self,
+        verb: &[&str],
+        vmlinuz: &Path,
+        arena: u64,
+        state_dir: &str,
+        trusted_key: &str,
+    ) -> Vec<String> {
+        let mut v: Vec<String> = ["patch"]
+            .iter()
+            .chain(verb)
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(
+            [
+                "--qemu-gdb",
+                &self.gdb_addr(),
+                "--qmp",
+                self.qmp_path().to_str().expect("utf-8 path"),
+                "--linux-kernel",
+                vmlinuz.to_str().expect("utf-8 path"),
+                "--arena",
+                &format!("{arena:#x}"),
+                "--state-dir",
+                state_dir,
+                "--trusted-key",
+                trusted_key,
+            ]
+            .map(str::to_string),
+        );
+        v
+    }
+
     /// The first workload line after `after_seq` that satisfies `pred`, waiting up to
     /// `within`; panics with the last console lines if none comes.
     pub fn wait_workload(

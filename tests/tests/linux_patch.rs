@@ -83,7 +83,6 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     cli(&["patch", "keygen", "-o", &d("ops")]);
     let object = kernel_patch::compile(kernel_patch::VERSION_PROC_SHOW_C, dir.path())
         .expect("compile the C fix");
-    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
     let build = |extra: &[&str], out: &str| {
         let mut args = kernel_fix_build_args(
             &kit,
@@ -98,29 +97,7 @@ fn a_c_fix_replaces_a_function_of_the_running_stock_kernel_and_reverts() {
     build(&["--name", "version-tag"], &d("fix.hpatch"));
 
     let target = |verb: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["patch"]
-            .iter()
-            .chain(verb)
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(
-            [
-                "--qemu-gdb",
-                &g.gdb_addr(),
-                "--qmp",
-                g.qmp_path().to_str().expect("utf-8"),
-                "--linux-kernel",
-                &vmlinuz,
-                "--arena",
-                &format!("{ARENA_GPA:#x}"),
-                "--state-dir",
-                &d("state"),
-                "--trusted-key",
-                &d("ops.pub"),
-            ]
-            .map(str::to_string),
-        );
-        v
+        g.patch_args(verb, &kit.vmlinuz, ARENA_GPA, &d("state"), &d("ops.pub"))
     };
     let run = |args: Vec<String>| cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
@@ -317,7 +294,6 @@ fn a_c_fix_carrying_a_string_literal_changes_what_the_guest_reads_and_reverts() 
     );
     build.extend(["--name".to_string(), "version-data".to_string()]);
     cli(&build.iter().map(String::as_str).collect::<Vec<_>>());
-    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
     // The file says what it carries: version 2, the literal and the tag as data blocks.
     let shown = stdout(&cli(&[
         "patch",
@@ -334,28 +310,7 @@ fn a_c_fix_carrying_a_string_literal_changes_what_the_guest_reads_and_reverts() 
     assert!(shown.contains("VALID"), "{shown}");
 
     let run = |verb: &[&str]| -> String {
-        let mut args: Vec<String> = ["patch"]
-            .iter()
-            .chain(verb)
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(
-            [
-                "--qemu-gdb",
-                &g.gdb_addr(),
-                "--qmp",
-                g.qmp_path().to_str().expect("utf-8"),
-                "--linux-kernel",
-                &vmlinuz,
-                "--arena",
-                &format!("{ARENA_GPA:#x}"),
-                "--state-dir",
-                &d("state"),
-                "--trusted-key",
-                &d("ops.pub"),
-            ]
-            .map(str::to_string),
-        );
+        let args = g.patch_args(verb, &kit.vmlinuz, ARENA_GPA, &d("state"), &d("ops.pub"));
         stdout(&cli(&args.iter().map(String::as_str).collect::<Vec<_>>()))
     };
     let before = last_seq(&g);
@@ -613,13 +568,13 @@ fn a_kernel_started_without_gdb_is_patched_with_only_its_qmp_socket() {
     let runtime = dir.path().join("runtime");
     std::fs::create_dir(&runtime).expect("runtime dir");
 
-    let vmlinuz = kit.vmlinuz.to_str().expect("utf-8").to_string();
     let run = |verb: &[&str]| -> String {
         let out = std::process::Command::new(integration_tests::vmm_bin())
             .arg("patch")
             .args(verb)
             .args(["--qmp", g.qmp_path().to_str().expect("utf-8")])
-            .args(["--linux-kernel", &vmlinuz])
+            .arg("--linux-kernel")
+            .arg(&kit.vmlinuz)
             .args(["--arena", &format!("{ARENA_GPA:#x}")])
             .args(["--state-dir", &d("state"), "--trusted-key", &d("ops.pub")])
             .env("XDG_RUNTIME_DIR", &runtime)

@@ -180,29 +180,14 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
     assert!(keys.contains("new functions: __keyctl_read_key"), "{keys}");
 
     let first = g.wait_workload(0, "probe line", BOOT_WITHIN, |_| true);
-    let target = |verb: &str, file: Option<&str>| -> Vec<String> {
-        let mut v: Vec<String> = vec!["patch".into(), verb.into()];
-        if let Some(f) = file {
-            v.push(f.into());
-        }
-        v.extend(
-            [
-                "--qemu-gdb",
-                &g.gdb_addr(),
-                "--qmp",
-                &s(g.qmp_path()),
-                "--linux-kernel",
-                &s(&kit.vmlinuz),
-                "--arena",
-                &format!("{ARENA_GPA:#x}"),
-                "--state-dir",
-                &d("state"),
-                "--trusted-key",
-                &d("ops.pub"),
-            ]
-            .map(str::to_string),
-        );
-        v
+    let target = |verb: &str, file: &str| -> Vec<String> {
+        g.patch_args(
+            &[verb, file],
+            &kit.vmlinuz,
+            ARENA_GPA,
+            &d("state"),
+            &d("ops.pub"),
+        )
     };
     let run = |args: Vec<String>| cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let before_all = g.wait_workload(
@@ -217,7 +202,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
     for (f, file) in FIXES.iter().zip(&built) {
         let seq = last_seq(&g);
         let t = Instant::now();
-        let out = stdout(&run(target("apply", Some(file))));
+        let out = stdout(&run(target("apply", file)));
         assert!(out.starts_with("applied "), "{}: {out}", f.name);
         let id = out.split_whitespace().nth(1).expect("id").to_string();
         let fixed = g.wait_workload(seq, &format!("{} fixed", f.name), CHANGE_WITHIN, |l| {
@@ -240,7 +225,7 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
         );
 
         let seq = last_seq(&g);
-        let out = stdout(&run(target("revert", Some(&id))));
+        let out = stdout(&run(target("revert", &id)));
         assert!(out.starts_with("reverted "), "{}: {out}", f.name);
         let back = g.wait_workload(seq, &format!("{} reverted", f.name), CHANGE_WITHIN, |l| {
             FIXES.iter().all(|o| l.version.contains(o.before))
