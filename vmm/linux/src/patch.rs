@@ -265,41 +265,78 @@ pub fn build_kernel_patch_from_code(
     meta: Metadata,
 ) -> Result<Patch, KernelPatchError> {
     let identity = kernel_identity(vmlinux, kallsyms);
+    check_inputs(&identity, functions.len())?;
+    let table = SymbolTable::new(kallsyms.symbols());
+    let mut sites = Vec::with_capacity(functions.len());
+    let mut seen: Vec<String> = Vec::with_capacity(functions.len());
+    for f in functions {
+        if seen.contains(&f.function) {
+            return Err(KernelPatchError::DuplicateFunction {
+                function: f.function,
+            });
+        }
+        seen.push(f.function.clone());
+        let expected = function_bytes(vmlinux, &table, &f.function)?;
+        let fix = KernelFix::new(&f.function, &f.function);
+        sites.push(function_site(
+            &table,
+            &fix,
+            expected,
+            f.code,
+            f.relocations,
+        )?);
+    }
+    finish_patch(meta, identity, sites, data)
+}
+
+/// A patch needs the kernel's build id (its only identity) and at least one function.
+fn check_inputs(identity: &TargetIdentity, functions: usize) -> Result<(), KernelPatchError> {
     if identity.build_id.is_none() {
         return Err(KernelPatchError::NoBuildId);
     }
-    if functions.is_empty() {
+    if functions == 0 {
         return Err(KernelPatchError::NoFixes);
     }
-    let table = SymbolTable::new(kallsyms.symbols());
-    let mut sites = Vec::with_capacity(functions.len());
-    for (i, f) in functions.iter().enumerate() {
-        if functions[..i].iter().any(|g| g.function == f.function) {
-            return Err(KernelPatchError::DuplicateFunction {
-                function: f.function.clone(),
-            });
+    Ok(())
+}
+
+/// The function site replacing `fix.function` (whose whole bytes in the file are `expected`)
+/// with `code`; every relocation symbol checked against the kernel's symbols (data relocations
+/// point into the patch's own blocks, placed by the engine).
+fn function_site(
+    table: &SymbolTable<'_>,
+    fix: &KernelFix,
+    expected: &[u8],
+    code: Vec<u8>,
+    relocations: Vec<patch_format::Relocation>,
+) -> Result<Site, KernelPatchError> {
+    for r in &relocations {
+        if let Some(symbol) = r.symbol_name() {
+            check_relocation_symbol(table, fix, r.offset, symbol, r.kind)?;
         }
-        let expected = function_bytes(vmlinux, &table, &f.function)?;
-        let fix = KernelFix::new(&f.function, &f.function);
-        for r in &f.relocations {
-            if let Some(symbol) = r.symbol_name() {
-                check_relocation_symbol(&table, &fix, r.offset, symbol, r.kind)?;
-            }
-        }
-        sites.push(Site {
-            kind: SiteKind::Function,
-            target: Location::Symbol {
-                name: f.function.clone(),
-                offset: 0,
-            },
-            expected: expected.to_vec(),
-            code: f.code.clone(),
-            relocations: f.relocations.clone(),
-        });
     }
+    Ok(Site {
+        kind: SiteKind::Function,
+        target: Location::Symbol {
+            name: fix.function.clone(),
+            offset: 0,
+        },
+        expected: expected.to_vec(),
+        code,
+        relocations,
+    })
+}
+
+/// The patch of `sites` and `data`, normalized and validated.
+fn finish_patch(
+    meta: Metadata,
+    target: TargetIdentity,
+    sites: Vec<Site>,
+    data: Vec<patch_format::DataBlock>,
+) -> Result<Patch, KernelPatchError> {
     let mut patch = Patch {
         meta,
-        target: identity,
+        target,
         sites,
         data,
     };
@@ -410,12 +447,7 @@ fn build_patch(
     fixes: &[KernelFix],
     meta: Metadata,
 ) -> Result<Patch, KernelPatchError> {
-    if identity.build_id.is_none() {
-        return Err(KernelPatchError::NoBuildId);
-    }
-    if fixes.is_empty() {
-        return Err(KernelPatchError::NoFixes);
-    }
+    check_inputs(&identity, fixes.len())?;
     let mut sites = Vec::with_capacity(fixes.len());
     let mut object = PatchObject::parse(object).map_err(KernelPatchError::Object)?;
     for (i, fix) in fixes.iter().enumerate() {
@@ -433,32 +465,9 @@ fn build_patch(
                     function: function.clone(),
                     source,
                 })?;
-        for r in &relocations {
-            // Data relocations point into the patch's own blocks, placed by the engine.
-            if let Some(symbol) = r.symbol_name() {
-                check_relocation_symbol(table, fix, r.offset, symbol, r.kind)?;
-            }
-        }
-        sites.push(Site {
-            kind: SiteKind::Function,
-            target: Location::Symbol {
-                name: function.clone(),
-                offset: 0,
-            },
-            expected: expected.to_vec(),
-            code,
-            relocations,
-        });
+        sites.push(function_site(table, fix, expected, code, relocations)?);
     }
-    let mut patch = Patch {
-        meta,
-        target: identity,
-        sites,
-        data: object.into_data(),
-    };
-    patch.normalize();
-    patch.validate()?;
-    Ok(patch)
+    finish_patch(meta, identity, sites, object.into_data())
 }
 
 /// The whole function `name` from the file: unique text symbol, extent up to the next symbol.
