@@ -92,8 +92,14 @@ pub fn apply_relocations(
         const U64_RANGE: i128 = 1 << 64;
         match r.kind {
             RelocKind::Rel32 => {
+                // The CPU adds the displacement to RIP modulo 2^64, so a field at the top of
+                // the address space reaches a small value (a kernel's `%gs:var(%rip)` per-CPU
+                // offset) and the other way round: the distance is taken the same way.
                 let p = i128::from(load_address) + i128::from(r.offset);
-                let v = sa - p;
+                let mut v = (sa - p).rem_euclid(U64_RANGE);
+                if v >= U64_RANGE / 2 {
+                    v -= U64_RANGE;
+                }
                 let v32 = i32::try_from(v).map_err(|_| overflow(v))?;
                 field.copy_from_slice(&v32.to_le_bytes());
             }
@@ -180,6 +186,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, RelocError::Overflow { .. }));
+    }
+
+    #[test]
+    fn rel32_wraps_as_the_cpu_does() {
+        // `%gs:var(%rip)` in code at the top of the address space: RIP + disp wraps to the
+        // small per-CPU offset of `var`.
+        let mut code = [0u8; 4];
+        let p = 0xffff_ffff_c000_0000u64;
+        apply_relocations(
+            &mut code,
+            p,
+            &[rel(0, RelocKind::Rel32, "near", -4)],
+            &[],
+            syms,
+        )
+        .unwrap();
+        let v = i32::from_le_bytes(code);
+        assert_eq!((p + 4).wrapping_add_signed(i64::from(v)), 0x10_0000);
+        // And low code reaching the top.
+        apply_relocations(
+            &mut code,
+            0x1000,
+            &[rel(0, RelocKind::Rel32, "high", -4)],
+            &[],
+            syms,
+        )
+        .unwrap();
+        let v = i32::from_le_bytes(code);
+        assert_eq!(
+            0x1004u64.wrapping_add_signed(i64::from(v)),
+            0xffff_ffff_8100_0000
+        );
+        // Wrapping never makes a far target reachable.
+        let e = apply_relocations(
+            &mut code,
+            0xffff_ffff_c000_0000,
+            &[rel(0, RelocKind::Rel32, "far", 0)],
+            &[],
+            syms,
+        )
+        .unwrap_err();
+        assert!(matches!(e, RelocError::Overflow { .. }), "{e}");
     }
 
     #[test]

@@ -312,7 +312,8 @@ fn function_site(
 ) -> Result<Site, KernelPatchError> {
     for r in &relocations {
         if let Some(symbol) = r.symbol_name() {
-            check_relocation_symbol(table, fix, r.offset, symbol, r.kind)?;
+            let gs_relative = gs_rip_relative_at(&code, r.offset);
+            check_relocation_symbol(table, fix, r.offset, symbol, r.kind, gs_relative)?;
         }
     }
     Ok(Site {
@@ -531,13 +532,42 @@ fn function_bytes<'v>(
     })
 }
 
-/// A relocation symbol must be one located kernel symbol.
+/// Whether the 32-bit field at `offset` of `code` is the displacement of a `%gs:`-prefixed
+/// RIP-relative memory operand, as GCC compiles the kernel's `this_cpu_*()` operations
+/// (`decq %gs:nr_unused(%rip)`): the address is gs base + the variable's per-CPU offset, the
+/// displacement reaching that small value from the top of the address space by wrapping
+/// (`patch_format::apply_relocations`). Decoded from the start of the code; anything else, or
+/// code that does not decode to an instruction holding the field, is not.
+fn gs_rip_relative_at(code: &[u8], offset: u32) -> bool {
+    use iced_x86::{Decoder, DecoderOptions, Register};
+    let mut d = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut ins = iced_x86::Instruction::default();
+    while d.can_decode() {
+        d.decode_out(&mut ins);
+        let start = ins.ip() as usize;
+        if start + ins.len() <= offset as usize {
+            continue;
+        }
+        let c = d.get_constant_offsets(&ins);
+        return !ins.is_invalid()
+            && ins.segment_prefix() == Register::GS
+            && ins.memory_base() == Register::RIP
+            && c.has_displacement()
+            && c.displacement_size() == 4
+            && start + c.displacement_offset() == offset as usize;
+    }
+    false
+}
+
+/// A relocation symbol must be one located kernel symbol, or a per-CPU offset referred to
+/// absolutely or `%gs:`-relative (`gs_relative`: see [`gs_rip_relative_at`]).
 fn check_relocation_symbol(
     table: &SymbolTable<'_>,
     fix: &KernelFix,
     offset: u32,
     symbol: &str,
     kind: patch_format::RelocKind,
+    gs_relative: bool,
 ) -> Result<(), KernelPatchError> {
     let function = fix.function.clone();
     let code_symbol = fix.code_symbol.clone();
@@ -553,14 +583,16 @@ fn check_relocation_symbol(
     match named.as_slice() {
         [_] => Ok(()),
         // A per-CPU offset (`%gs:current_task`): an absolute value, which the engine resolves
-        // unslid; only an absolute reference to it means anything.
+        // unslid; only an absolute reference to it means anything, or a `%gs:` RIP-relative
+        // one, whose address is the same value.
         [] if table.absolute(symbol).is_some()
-            && matches!(
-                kind,
-                patch_format::RelocKind::Abs32S
-                    | patch_format::RelocKind::Abs32
-                    | patch_format::RelocKind::Abs64
-            ) =>
+            && (gs_relative && kind == patch_format::RelocKind::Rel32
+                || matches!(
+                    kind,
+                    patch_format::RelocKind::Abs32S
+                        | patch_format::RelocKind::Abs32
+                        | patch_format::RelocKind::Abs64
+                )) =>
         {
             Ok(())
         }
@@ -692,6 +724,12 @@ int fix(int x) { return helper(x) + 1; }
 int calls_missing(int x) { return nothere(x); }
 int calls_dup(int x) { return dup(x); }
 int reads_percpu(void) { return pcpu_hot; }
+int reads_percpu_gs(void)
+{
+	int v;
+	asm(\"movl %%gs:%1, %0\" : \"=r\"(v) : \"m\"(pcpu_hot));
+	return v;
+}
 ";
 
     fn object() -> Vec<u8> {
@@ -886,6 +924,15 @@ int reads_percpu(void) { return pcpu_hot; }
             matches!(&err, KernelPatchError::AbsoluteSymbol { symbol, kind: 'A', .. }
                 if symbol == "pcpu_hot"),
             "{err}"
+        );
+        // `%gs:pcpu_hot(%rip)`, as GCC compiles this_cpu_read(): the per-CPU variable.
+        let p = build(&[("other_fn", "reads_percpu_gs")]).expect("a %gs: RIP-relative read");
+        let r = &p.sites[0].relocations;
+        assert!(
+            r.iter()
+                .any(|r| r.symbol_name() == Some("pcpu_hot")
+                    && r.kind == patch_format::RelocKind::Rel32),
+            "{r:?}"
         );
 
         let syms = symbols();

@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         post: std::fs::read(post)?,
         warn_rewritten: false,
         plain: None,
+        // Unknown flags: the IPA-RA check applies (the safe side).
+        ipa_ra: true,
     }];
     let kernel = source_diff::TargetKernel {
         vmlinux: &image.vmlinux,

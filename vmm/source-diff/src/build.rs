@@ -421,7 +421,15 @@ pub fn analyze_unit(
                     unseen.join(", ")
                 ));
             }
-            (None, false) => {}
+            (None, false) => {
+                // No build without the rewrite to fall back on: comparing these would bind
+                // the new code's static locals by names the kernel's build does not use.
+                out.refusal = Some(SourceBuildError::Inlining {
+                    unit: o.unit.clone(),
+                    functions: unseen,
+                });
+                return Ok(out);
+            }
         }
     }
     out.changed = d.changed.iter().map(|(p, _)| p.clone()).collect();
@@ -457,6 +465,37 @@ pub fn analyze_unit(
         });
         return Ok(out);
     }
+    // Data the fix adds that no new code refers to (new code that did would be refused at
+    // link): said, never dropped silently.
+    for (name, section) in &d.data_added {
+        if section.starts_with(".init") || section.starts_with(".exit") {
+            continue;
+        }
+        if !name.starts_with("__ksymtab") && !name.starts_with("__kstrtab") {
+            report.notes.push(format!(
+                "{}: {name} ({section}) is data the fix adds that no replaced function uses; \
+                 not in the patch",
+                o.unit
+            ));
+        }
+    }
+    // A new EXPORT_SYMBOL is a section `___ksymtab+NAME` (or `___ksymtab_gpl+NAME`) of its own.
+    let sections = |u: &Unit| -> std::collections::BTreeSet<String> {
+        u.sections.iter().map(|s| s.name.clone()).collect()
+    };
+    let base_sections = sections(&base);
+    for sec in sections(&post).difference(&base_sections) {
+        if let Some((_, sym)) = sec
+            .strip_prefix("___ksymtab")
+            .and_then(|rest| rest.split_once('+'))
+        {
+            report.notes.push(format!(
+                "{}: the fix exports {sym}; a live patch cannot add an export, so a module \
+                 that needs it loads only after a reboot into the fixed kernel",
+                o.unit
+            ));
+        }
+    }
     let linker = Linker {
         kernel: Kernel {
             vmlinux: kernel.vmlinux,
@@ -482,7 +521,12 @@ pub fn analyze_unit(
             unit: o.unit.clone(),
             source,
         };
-        let result = check_ipa_ra(&pre, &post, pre_name, post_name, &d.changed)
+        // Only a unit compiled with IPA-RA on has callers that depend on a callee's clobbers.
+        let ipa_ra = match o.ipa_ra {
+            true => check_ipa_ra(&pre, &post, pre_name, post_name, &d.changed),
+            false => Ok(()),
+        };
+        let result = ipa_ra
             .and_then(|()| linker.check_pre(pre_name).map_err(link_err))
             .and_then(|kernel_name| {
                 let linked = linker

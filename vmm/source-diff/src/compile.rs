@@ -66,6 +66,9 @@ pub struct UnitObjects {
     /// With the rewrite, when it changed which functions GCC keeps out of line: `base` and
     /// `post` without it, for the builder to fall back on (`build::build_from_objects`).
     pub plain: Option<(Vec<u8>, Vec<u8>)>,
+    /// GCC's interprocedural register allocation was on for the unit (no `-pg`): callers in
+    /// it may rely on a callee's actual clobbers ([`crate::clobbers`]).
+    pub ipa_ra: bool,
 }
 
 /// The flags added to the kernel's for the diff.
@@ -112,6 +115,34 @@ do {									\
 /// The header [`WARN_REWRITE`] goes into, and the line it goes before.
 const BUG_HEADER: &str = "arch/x86/include/asm/bug.h";
 const BUG_HEADER_ANCHOR: &str = "#include <asm-generic/bug.h>";
+
+/// The architecture's static-branch header, and the jumps its `asm goto` emits. The assembler
+/// picks `jmp rel8` where the target is near, and objtool turns an initially-off site into a
+/// 2-byte NOP: too short for the 5-byte jump to a stub that tests the key, which is how patch
+/// code keeps its jump labels (`link::Linker::jump_labels`). For patch code (the comparison's
+/// builds, never the one compared with the running kernel) the jumps are forced to 32-bit
+/// displacements with `jmp.d32`. The templates keep their lines, and GCC sizes an `asm` by its
+/// lines when deciding what to inline, so the rewrite cannot change the unit's inlining.
+const JUMP_LABEL_HEADER: &str = "arch/x86/include/asm/jump_label.h";
+const JUMP_LABEL_REWRITES: [(&str, &str); 2] = [
+    (
+        "\"jmp %l[l_yes] # objtool NOPs this \\n\\t\"",
+        "\"jmp.d32 %l[l_yes] # objtool NOPs this \\n\\t\"",
+    ),
+    ("\"jmp %l[l_yes]\\n\\t\"", "\"jmp.d32 %l[l_yes]\\n\\t\""),
+];
+
+/// The static-branch header with [`JUMP_LABEL_REWRITES`] made, if it has every one of them.
+fn rewrite_jump_labels(header: &str) -> Option<String> {
+    let mut text = header.to_string();
+    for (from, to) in JUMP_LABEL_REWRITES {
+        if !text.contains(from) {
+            return None;
+        }
+        text = text.replace(from, to);
+    }
+    Some(text)
+}
 
 /// Holds the tree's lock; on drop, puts back every saved file.
 struct Session<'t> {
@@ -276,8 +307,16 @@ pub fn compile_both(
         });
     }
     let mut pre = Vec::new();
+    let mut ipa = Vec::new();
     for u in units {
         pre.push(compile(tree, u, "before", KERNEL_LAYOUT_CFLAGS)?);
+        ipa.push(ipa_ra(command_line(tree, u).as_deref()));
+    }
+    // Every later build is patch code's: 5-byte jump labels from here on (put back on drop).
+    if let Ok((h, mtime)) = session.save(JUMP_LABEL_HEADER)
+        && let Some(r) = rewrite_jump_labels(&String::from_utf8_lossy(&h))
+    {
+        write_with_mtime(&tree.dir.join(JUMP_LABEL_HEADER), r.as_bytes(), mtime)?;
     }
     // The WARN rewrite, when the header has the expected shape.
     let header = session.save(BUG_HEADER).ok();
@@ -340,12 +379,13 @@ pub fn compile_both(
         }
     }
     let mut out = Vec::new();
-    for ((((u, pre), base), post_w), plain_post) in units
+    for (((((u, pre), base), post_w), plain_post), ipa_ra) in units
         .iter()
         .zip(pre)
         .zip(base)
         .zip(post_rewritten)
         .zip(plain_post)
+        .zip(ipa)
     {
         let plain = match plain_post {
             Some(post) => Some((compile(tree, u, "before", DIFF_CFLAGS)?, post)),
@@ -359,6 +399,7 @@ pub fn compile_both(
                 post,
                 warn_rewritten: true,
                 plain,
+                ipa_ra,
             },
             (_, _, Some((base, post))) => UnitObjects {
                 unit: u.clone(),
@@ -367,6 +408,7 @@ pub fn compile_both(
                 post,
                 warn_rewritten: false,
                 plain: None,
+                ipa_ra,
             },
             _ => {
                 return Err(CompileError::Failed {
@@ -423,17 +465,7 @@ fn compile(
         ms = started.elapsed().as_millis() as u64,
         "compiled"
     );
-    let (dir, file) = match obj.rsplit_once('/') {
-        Some((d, f)) => (d.to_string(), f.to_string()),
-        None => (String::new(), obj.clone()),
-    };
-    let cmd = tree.dir.join(&dir).join(format!(".{file}.cmd"));
-    if let Ok(text) = std::fs::read_to_string(&cmd)
-        && text
-            .lines()
-            .next()
-            .is_some_and(|l| l.contains(" -DMODULE "))
-    {
+    if command_line(tree, unit).is_some_and(|l| l.contains(" -DMODULE ")) {
         return Err(CompileError::Module {
             unit: unit.to_string(),
         });
@@ -441,9 +473,55 @@ fn compile(
     std::fs::read(&obj_path).map_err(io(&obj_path))
 }
 
+/// The compiler command kbuild last used for `unit` (the first line of its `.o.cmd` file).
+fn command_line(tree: &SourceTree, unit: &str) -> Option<String> {
+    let obj = object_path(unit);
+    let (dir, file) = obj.rsplit_once('/').unwrap_or(("", &obj));
+    let cmd = tree.dir.join(dir).join(format!(".{file}.cmd"));
+    let text = std::fs::read_to_string(cmd).ok()?;
+    text.lines().next().map(str::to_string)
+}
+
+/// Whether GCC's interprocedural register allocation was on for a unit compiled with this
+/// command: `-O2` turns it on, profiling (`-pg`, ftrace's `__fentry__` calls) turns it off for
+/// the whole unit, `notrace` functions included (GCC's `process_options`; checked with gcc 12).
+/// Unknown counts as on, the safe side for the check that depends on it.
+fn ipa_ra(command: Option<&str>) -> bool {
+    command.is_none_or(|l| !l.contains(" -pg ") && !l.contains(" -fno-ipa-ra "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jump_labels_are_forced_to_five_bytes() {
+        let header = r#"
+	asm goto("1:"
+		"jmp %l[l_yes] # objtool NOPs this \n\t"
+		JUMP_TABLE_ENTRY
+	asm goto("1:"
+		"jmp %l[l_yes]\n\t"
+		JUMP_TABLE_ENTRY
+"#;
+        let r = rewrite_jump_labels(header).expect("both templates found");
+        assert_eq!(r.matches("jmp.d32 %l[l_yes]").count(), 2, "{r}");
+        assert_eq!(r.lines().count(), header.lines().count());
+        // A header of another shape is left alone.
+        assert_eq!(
+            rewrite_jump_labels(&header.replace("jmp %l[l_yes]\\n", "x")),
+            None
+        );
+    }
+
+    #[test]
+    fn profiling_turns_ipa_ra_off() {
+        let cmd = "savedcmd_fs/open.o := gcc -Wp,-MMD -O2 -pg -mrecord-mcount -mfentry -c -o fs/open.o fs/open.c";
+        assert!(!ipa_ra(Some(cmd)));
+        assert!(ipa_ra(Some(&cmd.replace(" -pg", ""))));
+        assert!(!ipa_ra(Some(&cmd.replace(" -pg", " -fno-ipa-ra"))));
+        assert!(ipa_ra(None));
+    }
 
     #[test]
     fn an_interrupted_build_is_undone_by_the_next() {

@@ -18,6 +18,8 @@ use std::process::Command;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use linux_guest::{Kallsyms, KernelSymbol};
 use patch_format::{RelocKind, RelocTarget, Relocation};
+use source_diff::build::{SourceBuildError, SourceReport, TargetKernel, analyze_unit};
+use source_diff::compile::UnitObjects;
 use source_diff::elf::{SymKind, Unit};
 use source_diff::link::{DataSet, Kernel, LinkError, LinkedFunction, Linker, Resolved};
 use source_diff::objdiff::{UnitDiff, diff};
@@ -43,12 +45,18 @@ const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 
 /// Compiles `src` as a kernel unit and parses the object.
 fn compile(src: &str) -> Unit {
+    Unit::parse(&compile_object(src, CFLAGS, &[])).expect("parse object")
+}
+
+/// The object of `src` compiled with `flags` and then `extra`.
+fn compile_object(src: &str, flags: &[&str], extra: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = dir.path().join("unit.c");
     let o = dir.path().join("unit.o");
     std::fs::write(&c, src).expect("write source");
     let out = Command::new("gcc")
-        .args(CFLAGS)
+        .args(flags)
+        .args(extra)
         .arg(&c)
         .arg("-o")
         .arg(&o)
@@ -59,7 +67,16 @@ fn compile(src: &str) -> Unit {
         "gcc failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Unit::parse(&std::fs::read(&o).expect("read object")).expect("parse object")
+    std::fs::read(&o).expect("read object")
+}
+
+/// [`CFLAGS`] without ftrace's profiling (`-pg`): a `notrace` file, where GCC's IPA-RA is on.
+fn cflags_notrace() -> Vec<&'static str> {
+    CFLAGS
+        .iter()
+        .copied()
+        .filter(|f| !matches!(*f, "-pg" | "-mfentry" | "-mrecord-mcount"))
+        .collect()
 }
 
 fn names(v: &[(String, String)]) -> Vec<(&str, &str)> {
@@ -1014,4 +1031,343 @@ fn a_function_the_kernel_inlined_is_carried_never_called_by_its_name() {
         l.kernel_name("helper", "user", 0),
         Err(LinkError::Ambiguous { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A callee GCC compiled before its callers in the same unit: with IPA-RA `caller` keeps `b`
+/// and `c` in caller-saved registers across the calls, because `helper` never writes them;
+/// `plain_caller` keeps nothing across its call.
+const IPA_RA: &str = r#"
+static __attribute__((noinline)) int helper(int x)
+{
+	CLOBBER;
+	return x * 3 + BODY;
+}
+int caller(int a, int b, int c)
+{
+	int r = helper(a);
+	r += helper(r);
+	return r * b + c;
+}
+int plain_caller(int a)
+{
+	return helper(a) + 1;
+}
+"#;
+
+/// A real write of both registers: GCC's own view of an `asm`'s clobbers is not in the code,
+/// and the check reads the code.
+const CLOBBER_RSI_RDX: &str =
+    r#"asm volatile("xor %%esi, %%esi\n\txor %%edx, %%edx" ::: "rsi", "rdx")"#;
+
+fn ipa_ra_unit(flags: &[&str], body: &str, clobber: &str) -> Vec<u8> {
+    compile_object(
+        &IPA_RA.replace("BODY", body).replace("CLOBBER", clobber),
+        flags,
+        &[],
+    )
+}
+
+/// The analysis of a fix whose objects are `pre` (also the kernel's) and `post`.
+fn analyze(pre: &[u8], post: &[u8], ipa_ra: bool) -> source_diff::build::UnitAnalysis {
+    analyze_reporting(pre, post, ipa_ra).0
+}
+
+fn analyze_reporting(
+    pre: &[u8],
+    post: &[u8],
+    ipa_ra: bool,
+) -> (source_diff::build::UnitAnalysis, SourceReport) {
+    let (p, q) = (
+        Unit::parse(pre).expect("parse"),
+        Unit::parse(post).expect("parse"),
+    );
+    let k = fake_kernel(&p, &q);
+    let target = TargetKernel {
+        vmlinux: &k.vmlinux,
+        kallsyms: &k.kallsyms,
+        banner: "",
+    };
+    let objects = UnitObjects {
+        unit: "unit.c".into(),
+        pre: pre.to_vec(),
+        base: pre.to_vec(),
+        post: post.to_vec(),
+        warn_rewritten: false,
+        plain: None,
+        ipa_ra,
+    };
+    let mut report = SourceReport::default();
+    let a =
+        analyze_unit(&target, &objects, 0, &mut DataSet::default(), &mut report).expect("analyze");
+    (a, report)
+}
+
+fn result_of<'a>(
+    a: &'a source_diff::build::UnitAnalysis,
+    name: &str,
+) -> &'a source_diff::build::FunctionResult {
+    &a.functions
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} not among the sites: {:?}", a.changed))
+        .1
+}
+
+fn assert_ipa_ra_refusal(r: &source_diff::build::FunctionResult, unchanged_callers: &[&str]) {
+    match r {
+        Err(SourceBuildError::IpaRa {
+            function,
+            registers,
+            callers,
+        }) => {
+            assert_eq!(function, "helper");
+            assert!(
+                registers.contains(&"%rsi".to_string()) && registers.contains(&"%rdx".to_string()),
+                "{registers:?}"
+            );
+            assert_eq!(callers, unchanged_callers);
+        }
+        other => panic!("not refused for IPA-RA: {other:?}"),
+    }
+}
+
+#[test]
+fn a_callee_that_clobbers_more_is_refused_while_unchanged_callers_remain() {
+    let notrace = cflags_notrace();
+    let pre = ipa_ra_unit(&notrace, "1", "");
+    let post = ipa_ra_unit(&notrace, "2", CLOBBER_RSI_RDX);
+    // The premise: with IPA-RA `caller` reads %esi after a call to helper.
+    let u = Unit::parse(&pre).expect("parse");
+    let code = u
+        .bytes_of(u.defined("caller").expect("caller"))
+        .expect("bytes");
+    let mut d = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut after_call = false;
+    let mut reads_rsi = false;
+    for ins in d.iter() {
+        if ins.mnemonic() == Mnemonic::Call {
+            after_call = true;
+        } else if after_call && (0..ins.op_count()).any(|i| ins.op_register(i) == Register::ESI) {
+            reads_rsi = true;
+        }
+    }
+    assert!(
+        reads_rsi,
+        "caller keeps nothing in %esi across the call: {code:02x?}"
+    );
+
+    let a = analyze(&pre, &post, true);
+    assert!(a.refusal.is_none());
+    // The comparison sees what GCC did: `caller` was compiled again against the new helper
+    // (it now saves b and c), so it is replaced in the same blackout and fine.
+    assert!(
+        result_of(&a, "caller").is_ok(),
+        "{:?}",
+        result_of(&a, "caller")
+    );
+    // `plain_caller` compiled to the same bytes: the check cannot tell from its code whether
+    // it relies on %rsi or %rdx, so the build is refused, naming it (conservative).
+    assert!(
+        !a.changed.contains(&"plain_caller".to_string()),
+        "{:?}",
+        a.changed
+    );
+    assert_ipa_ra_refusal(result_of(&a, "helper"), &["plain_caller"]);
+}
+
+#[test]
+fn a_unit_built_for_ftrace_has_no_ipa_ra_to_protect() {
+    // With -pg GCC allocates as the ABI says: the callers save what they keep in callee-saved
+    // registers, so the new callee may write any caller-saved one.
+    let pre = ipa_ra_unit(CFLAGS, "1", "");
+    let post = ipa_ra_unit(CFLAGS, "2", CLOBBER_RSI_RDX);
+    let a = analyze(&pre, &post, false);
+    assert_eq!(a.changed, ["helper"]);
+    assert!(
+        result_of(&a, "helper").is_ok(),
+        "{:?}",
+        result_of(&a, "helper")
+    );
+    // The check itself does not know the flags: told IPA-RA was on, it refuses.
+    let a = analyze(&pre, &post, true);
+    assert_ipa_ra_refusal(result_of(&a, "helper"), &["caller", "plain_caller"]);
+}
+
+/// Two functions with a static local each, and a third whose macro has one only without the
+/// `REWRITE` (as the WARN rewrite drops `WARN_ONCE`'s `__already_done`). GCC numbers static
+/// locals across the unit, the last defined 0: without the rewrite `first`'s is `n.2` and
+/// `second`'s `n.1`; with it `first`'s is `n.1`, the name of `second`'s in the kernel.
+const RENUMBERED: &str = r#"
+extern int printk(const char *fmt, ...);
+int first(int x)
+{
+	static int n;
+	n += x;
+	return n + CHANGE;
+}
+int second(int x)
+{
+	static int n;
+	n -= x;
+	return n;
+}
+#ifdef REWRITE
+#define ONCE() printk("once\n")
+#else
+#define ONCE() do { static int done; if (!done) { done = 1; printk("once\n"); } } while (0)
+#endif
+int once(int x)
+{
+	ONCE();
+	return x;
+}
+"#;
+
+#[test]
+fn a_rewrite_that_renumbers_static_locals_falls_back_to_the_kernels_numbering() {
+    let build = |change: &str, rewrite: bool| {
+        let extra: &[&str] = if rewrite { &["-DREWRITE"] } else { &[] };
+        compile_object(&RENUMBERED.replace("CHANGE", change), CFLAGS, extra)
+    };
+    let (pre, base_w, post_w) = (build("1", false), build("1", true), build("2", true));
+    let (plain_base, plain_post) = (build("1", false), build("2", false));
+    // The premises: the rewrite renumbers, onto the kernel's name of another variable.
+    let parsed = |b: &[u8]| Unit::parse(b).expect("parse");
+    assert_eq!(local_of(&parsed(&pre), "first", "n"), "n.2");
+    assert_eq!(local_of(&parsed(&pre), "second", "n"), "n.1");
+    assert_eq!(local_of(&parsed(&post_w), "first", "n"), "n.1");
+
+    let (p, q) = (parsed(&pre), parsed(&post_w));
+    let k = fake_kernel(&p, &q);
+    let target = TargetKernel {
+        vmlinux: &k.vmlinux,
+        kallsyms: &k.kallsyms,
+        banner: "",
+    };
+    let mut objects = UnitObjects {
+        unit: "unit.c".into(),
+        pre: pre.clone(),
+        base: base_w,
+        post: post_w,
+        warn_rewritten: true,
+        plain: Some((plain_base, plain_post)),
+        ipa_ra: false,
+    };
+    let mut report = SourceReport::default();
+    let a =
+        analyze_unit(&target, &objects, 0, &mut DataSet::default(), &mut report).expect("analyze");
+    assert!(a.refusal.is_none(), "{:?}", a.refusal);
+    assert!(!report.warn_rewritten, "compared with the rewrite");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("(its static variables)")),
+        "{:?}",
+        report.notes
+    );
+    let (_, first) = a
+        .functions
+        .iter()
+        .find(|(n, _)| n == "first")
+        .expect("first changed");
+    let (_, linked) = first.as_ref().expect("first links");
+    assert!(
+        !symbol_relocs(linked, "n.2").is_empty(),
+        "{:?}",
+        linked.relocations
+    );
+    assert!(
+        symbol_relocs(linked, "n.1").is_empty(),
+        "first's new code uses second's counter: {:?}",
+        linked.relocations
+    );
+
+    // Without a build to fall back on, the unit is refused rather than bound by the
+    // rewritten numbering.
+    objects.plain = None;
+    let mut report = SourceReport::default();
+    let a =
+        analyze_unit(&target, &objects, 0, &mut DataSet::default(), &mut report).expect("analyze");
+    assert!(
+        matches!(a.refusal, Some(SourceBuildError::Inlining { .. })),
+        "{:?}",
+        a.refusal
+    );
+    assert!(a.functions.is_empty());
+}
+
+/// `f` says it is 4 bytes long, but the call in it has its 32-bit field at +3.
+const OVERRUN_PRE: &str = r#"
+asm(".pushsection .text.f,\"ax\",@progbits\n"
+    ".globl f\n.type f,@function\n"
+    "f:\n\tnop\n\tret\n"
+    ".size f, .-f\n.popsection\n");
+"#;
+const OVERRUN_POST: &str = r#"
+extern void ext_fn(void);
+asm(".pushsection .text.f,\"ax\",@progbits\n"
+    ".globl f\n.type f,@function\n"
+    "f:\n\tnop\n\tnop\n\tcall ext_fn\n\tret\n"
+    ".size f, 4\n.popsection\n");
+"#;
+
+#[test]
+fn a_relocation_past_the_end_of_its_function_is_refused() {
+    let (pre, post) = (compile(OVERRUN_PRE), compile(OVERRUN_POST));
+    let f = post.defined("f").expect("f");
+    assert_eq!(post.symbols[f].size, 4);
+    let d = diff(&pre, &post);
+    assert_eq!(names(&d.changed), [("f", "f")]);
+    let k = fake_kernel(&pre, &post);
+    let l = linker(&k, &pre, &post, &d);
+    match check_and_link(&l, "f", "f", &mut DataSet::default()) {
+        Err(LinkError::Unsupported { function, what, .. }) => {
+            assert_eq!(function, "f");
+            assert!(what.contains("past the end"), "{what}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+/// `EXPORT_SYMBOL(f)` as 6.1 emits it: an entry in a section of its own.
+const EXPORTED: &str = r#"
+int f(int x)
+{
+	return x + BODY;
+}
+EXPORT
+"#;
+
+#[test]
+fn an_export_the_fix_adds_is_said_not_dropped() {
+    let build = |body: &str, export: &str| {
+        compile_object(
+            &EXPORTED.replace("BODY", body).replace("EXPORT", export),
+            CFLAGS,
+            &[],
+        )
+    };
+    let export =
+        r#"asm(".section \"___ksymtab+f\", \"a\"\n__ksymtab_f:\n.long f - .\n.previous");"#;
+    let (a, report) = analyze_reporting(&build("1", ""), &build("2", export), false);
+    assert!(a.refusal.is_none());
+    assert!(result_of(&a, "f").is_ok());
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("exports f") && n.contains("reboot")),
+        "{:?}",
+        report.notes
+    );
+    // No note where the export was there before.
+    let (_, report) = analyze_reporting(&build("1", export), &build("2", export), false);
+    assert!(
+        !report.notes.iter().any(|n| n.contains("exports")),
+        "{:?}",
+        report.notes
+    );
 }

@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use linux_guest::attach::KernelImage;
+use linux_guest::patch::{KernelCode, KernelPatchError, build_kernel_patch_from_code};
+use patch_format::Metadata;
 use serde::Serialize;
 use source_diff::build::{SourceBuildError, SourceReport, TargetKernel, analyze_unit, check_diff};
 use source_diff::compile::{CompileError, compile_both};
@@ -97,6 +99,17 @@ fn reason_class(e: &SourceBuildError) -> String {
                     format!("unsupported: {}", w.chars().take(60).collect::<String>())
                 }
             }
+        },
+        SourceBuildError::Patch(e) => match e {
+            KernelPatchError::AbsoluteSymbol { .. } => {
+                "per-CPU variable without %gs (RIP-relative)".into()
+            }
+            KernelPatchError::UnknownSymbol { .. } => "refers to a symbol the kernel lacks".into(),
+            KernelPatchError::AmbiguousSymbol { .. } => "ambiguous kernel symbol".into(),
+            other => format!(
+                "kernel patch: {}",
+                other.to_string().chars().take(60).collect::<String>()
+            ),
         },
         other => format!(
             "other: {}",
@@ -451,7 +464,17 @@ fn one_unit(
                         seen.push(name.clone());
                         let class = match (&unit_refusal, r) {
                             (Some(e), _) => reason_class(e),
-                            (None, Ok(_)) => "patchable".to_string(),
+                            // What `vmm patch build` does last: the kernel patch of that
+                            // function, with its checks of every relocation.
+                            (None, Ok((kernel_name, linked))) => {
+                                match final_patch(target, kernel_name, linked, &data) {
+                                    Ok(()) => "patchable".to_string(),
+                                    Err(e) => {
+                                        result.details.push(chain(&e));
+                                        reason_class(&e)
+                                    }
+                                }
+                            }
                             (None, Err(e)) => {
                                 result.details.push(chain(e));
                                 reason_class(e)
@@ -479,6 +502,33 @@ fn one_unit(
     }
     result.build_s = t.elapsed().as_secs_f64();
     Ok(result)
+}
+
+/// The signed patch's last step for one function: `build_kernel_patch_from_code`, which checks
+/// the site and every relocation against the kernel's symbols.
+fn final_patch(
+    target: &TargetKernel<'_>,
+    kernel_name: &str,
+    linked: &source_diff::link::LinkedFunction,
+    data: &DataSet,
+) -> Result<(), SourceBuildError> {
+    let code = vec![KernelCode {
+        function: kernel_name.to_string(),
+        code: linked.code.clone(),
+        relocations: linked.relocations.clone(),
+    }];
+    let meta = Metadata {
+        name: "bench".into(),
+        ..Metadata::default()
+    };
+    build_kernel_patch_from_code(
+        target.vmlinux,
+        target.kallsyms,
+        code,
+        data.blocks.clone(),
+        meta,
+    )?;
+    Ok(())
 }
 
 pub fn table(r: &SourceDiffReport) -> String {
