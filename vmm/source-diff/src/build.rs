@@ -23,6 +23,7 @@ use thiserror::Error;
 use crate::clobbers::{Clobbers, callers_in_unit};
 use crate::compile::{CompileError, compile_both};
 use crate::elf::Unit;
+use crate::layout::Layouts;
 use crate::link::{DataSet, Kernel, LinkError, Linker, Resolved};
 use crate::objdiff::diff;
 use crate::tree::{KernelBuild, SourceTree, TreeError};
@@ -130,6 +131,18 @@ pub enum SourceBuildError {
         name: String,
         file: String,
         line: u32,
+    },
+    #[error(
+        "{unit}: {}; code the patch does not replace, and data already in memory, use the \
+         old one, so this fix cannot be applied live: reboot into the fixed kernel",
+        .changes.join("; ")
+    )]
+    LayoutChange { unit: String, changes: Vec<String> },
+    #[error("{unit}: its type layouts cannot be compared")]
+    Dwarf {
+        unit: String,
+        #[source]
+        source: crate::layout::DwarfError,
     },
     #[error(
         "the fix changes the initial value of {name} ({section}) in {unit}; a live patch \
@@ -464,6 +477,34 @@ pub fn analyze_unit(
             unit: o.unit.clone(),
         });
         return Ok(out);
+    }
+    // What the compiler laid out, before and after: a layout, enumerator, variable size or
+    // external signature that changed refuses the unit.
+    match (Layouts::of(&base), Layouts::of(&post)) {
+        (Ok(before), Ok(after)) => {
+            if !after.has_debug_info {
+                report.notes.push(format!(
+                    "{}: built without debug information, so type layouts were compared only \
+                     where the diff touches a definition",
+                    o.unit
+                ));
+            }
+            let changes = before.changes(&after);
+            if !changes.is_empty() {
+                out.refusal = Some(SourceBuildError::LayoutChange {
+                    unit: o.unit.clone(),
+                    changes: changes.into_iter().map(|c| c.what).collect(),
+                });
+                return Ok(out);
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            out.refusal = Some(SourceBuildError::Dwarf {
+                unit: o.unit.clone(),
+                source: e,
+            });
+            return Ok(out);
+        }
     }
     // Data the fix adds that no new code refers to (new code that did would be refused at
     // link): said, never dropped silently.

@@ -8,12 +8,14 @@
 //! - [`elf`], [`objdiff`]: the objects, compared per function.
 //! - [`link`]: the changed functions' code, linked against the running kernel.
 //! - [`clobbers`]: what callers the patch keeps may assume about a replaced callee.
+//! - [`layout`]: what the compiler laid out (types, variables, signatures), before and after.
 //! - [`build`]: all of it, into a patch.
 
 pub mod build;
 pub mod clobbers;
 pub mod compile;
 pub mod elf;
+pub mod layout;
 pub mod link;
 pub mod objdiff;
 pub mod tree;

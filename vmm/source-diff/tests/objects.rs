@@ -1371,3 +1371,119 @@ fn an_export_the_fix_adds_is_said_not_dropped() {
         report.notes
     );
 }
+
+// ---------------------------------------------------------------------------------------
+
+/// A struct whose layout a macro decides, an enumerator's value, a variable of another unit
+/// whose size one does, and an external function whose parameters one does: a diff would
+/// touch only the `#define` lines (or a header's `#ifdef`).
+const LAYOUT: &str = r#"
+#define EXTRA_FIELD FIELD
+#define TABLE_SIZE SIZE
+#define MORE_PARAMS PARAMS
+enum mode { MODE_A, EXTRA_MODE MODE_B };
+struct s {
+	int a;
+	EXTRA_FIELD
+	union {
+		int b;
+		long c;
+	};
+	unsigned int flag : 3;
+};
+extern int table[TABLE_SIZE];
+int get_b(struct s *p, enum mode m)
+{
+	return p->b + p->flag + table[1] + (m == MODE_B) + BODY;
+}
+int takes(int x MORE_PARAMS)
+{
+	return x;
+}
+"#;
+
+fn layout_unit(field: &str, size: &str, params: &str, mode: &str, body: &str) -> Vec<u8> {
+    let src = LAYOUT
+        .replace("EXTRA_FIELD FIELD", &format!("EXTRA_FIELD {field}"))
+        .replace("TABLE_SIZE SIZE", &format!("TABLE_SIZE {size}"))
+        .replace("MORE_PARAMS PARAMS", &format!("MORE_PARAMS {params}"))
+        .replace("EXTRA_MODE", mode)
+        .replace("BODY", body);
+    compile_object(&src, CFLAGS, &["-g"])
+}
+
+fn layout_refusal(post: &[u8]) -> Vec<String> {
+    let pre = layout_unit("", "4", "", "", "0");
+    match analyze(&pre, post, false).refusal {
+        Some(SourceBuildError::LayoutChange { changes, .. }) => changes,
+        other => panic!("not refused for a layout change: {other:?}"),
+    }
+}
+
+#[test]
+fn the_compilers_layouts_are_read_from_dwarf() {
+    let u = Unit::parse(&layout_unit("", "4", "", "", "0")).expect("parse");
+    let l = source_diff::layout::Layouts::of(&u).expect("dwarf");
+    assert!(l.has_debug_info);
+    // Names come through .debug_str relocations, offsets from the members, the anonymous
+    // union flattened in, the bit-field with its bit offset.
+    let s = &l.aggregates["struct s"][0];
+    assert!(s.starts_with("size 24: a@0/4 b@8/4 c@8/8 flag@"), "{s}");
+    assert_eq!(l.variables.get("table"), Some(&16));
+    assert_eq!(l.enumerators.get("MODE_B"), Some(&1));
+    assert_eq!(
+        l.functions.get("takes").map(String::as_str),
+        Some("ret 4 (4)")
+    );
+    // Without -g there is nothing to compare, and the object says so.
+    let plain = Unit::parse(&compile_object(
+        &LAYOUT
+            .replace("FIELD", "")
+            .replace("SIZE", "4")
+            .replace("PARAMS", "")
+            .replace("EXTRA_MODE", "")
+            .replace("BODY", "0"),
+        CFLAGS,
+        &[],
+    ))
+    .expect("parse");
+    assert!(
+        !source_diff::layout::Layouts::of(&plain)
+            .expect("no dwarf")
+            .has_debug_info
+    );
+}
+
+#[test]
+fn a_layout_changed_through_a_macro_is_refused() {
+    let pre = layout_unit("", "4", "", "", "0");
+    // The same layouts with a changed body: patchable.
+    let a = analyze(&pre, &layout_unit("", "4", "", "", "1"), false);
+    assert!(a.refusal.is_none(), "{:?}", a.refusal);
+    assert!(
+        result_of(&a, "get_b").is_ok(),
+        "{:?}",
+        result_of(&a, "get_b")
+    );
+
+    let c = layout_refusal(&layout_unit("int x;", "4", "", "", "0"));
+    assert!(c.iter().any(|c| c.contains("layout of struct s")), "{c:?}");
+    let c = layout_refusal(&layout_unit("", "8", "", "", "0"));
+    assert!(
+        c.iter()
+            .any(|c| c.contains("variable table") && c.contains("16 → 32")),
+        "{c:?}"
+    );
+    let c = layout_refusal(&layout_unit("", "4", ", long y", "", "0"));
+    assert!(
+        c.iter()
+            .any(|c| c.contains("signature of external function takes")),
+        "{c:?}"
+    );
+    let c = layout_refusal(&layout_unit("", "4", "", "MODE_NEW,", "0"));
+    assert!(
+        c.iter()
+            .any(|c| c.contains("enumerator MODE_B") && c.contains("1 → 2")),
+        "{c:?}"
+    );
+}
