@@ -618,6 +618,7 @@ impl<G: GuestControl> Engine<G> {
         let engine_us = committed.engine.as_micros() as u64;
         self.apply_engine.push(engine_us);
         self.last_engine_us = Some(engine_us);
+        self.last_phases = Some(committed.phases);
         let total_us = t0.elapsed().as_micros() as u64;
         self.apply_totals.push(total_us);
         info!(patch = %record.id, name = %record.name, sites = record.sites.len(), blackout_us, attempts = committed.attempts, moved_vcpus = committed.moved, total_us, "patch applied");
@@ -699,6 +700,7 @@ impl<G: GuestControl> Engine<G> {
         let engine_us = committed.engine.as_micros() as u64;
         self.revert_engine.push(engine_us);
         self.last_engine_us = Some(engine_us);
+        self.last_phases = Some(committed.phases);
         info!(patch = %r.id, blackout_us, "patch reverted");
         Ok(r)
     }

@@ -54,8 +54,19 @@ pub(crate) struct Committed {
     /// Of the blackout, the engine's own work: from the pause returning (every vCPU parked,
     /// registers in hand) to asking for the resume.
     pub(crate) engine: Duration,
+    pub(crate) phases: BlackoutPhases,
     pub(crate) attempts: u32,
     pub(crate) moved: u32,
+}
+
+/// Where the engine's own blackout work goes (ns), for the benchmark: the re-check of the
+/// guest (page tables, every site's current bytes), the scan of the parked vCPUs (RIPs and
+/// stack words against the ranges that change), and the writes with the vCPU moves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BlackoutPhases {
+    pub recheck_ns: u64,
+    pub scan_ns: u64,
+    pub write_ns: u64,
 }
 
 /// Why a vCPU is in the way of a change: the blackout backs off and tries again.
@@ -118,7 +129,11 @@ impl fmt::Display for Busy {
 
 /// The outcome of one attempt with the guest parked.
 enum Attempt {
-    Written { moved: u32, parked: ParkedView },
+    Written {
+        moved: u32,
+        parked: ParkedView,
+        phases: BlackoutPhases,
+    },
     Busy(Busy),
 }
 
@@ -150,7 +165,11 @@ impl<G: GuestControl> Engine<G> {
             let parked_at = Instant::now();
             // An early return (`?`) below resumes the guest as `paused` drops.
             match self.check_and_write(change, paused.vcpus())? {
-                Attempt::Written { moved, parked } => {
+                Attempt::Written {
+                    moved,
+                    parked,
+                    phases,
+                } => {
                     let engine = parked_at.elapsed();
                     // Everything is written: a resume failure now must not make the caller
                     // free arena code the new jumps point into.
@@ -169,6 +188,7 @@ impl<G: GuestControl> Engine<G> {
                     return Ok(Committed {
                         blackout,
                         engine,
+                        phases,
                         attempts: attempt,
                         moved,
                     });
@@ -203,6 +223,7 @@ impl<G: GuestControl> Engine<G> {
             .rewrites
             .code_view(vcpus.first().ok_or(EngineError::NoVcpu)?);
         self.recheck_guest(change, &first)?;
+        let rechecked = started.elapsed();
         let mut moves: Vec<Move> = Vec::new();
         let mut stacks: Vec<Vec<u64>> = Vec::with_capacity(vcpus.len());
         for v in &vcpus {
@@ -222,7 +243,14 @@ impl<G: GuestControl> Engine<G> {
             }));
         }
         self.write_all(change, &moves)?;
+        let written = started.elapsed();
+        let ns = |d: Duration| d.as_nanos() as u64;
         Ok(Attempt::Written {
+            phases: BlackoutPhases {
+                recheck_ns: ns(rechecked),
+                scan_ns: ns(elapsed.saturating_sub(rechecked)),
+                write_ns: ns(written.saturating_sub(elapsed)),
+            },
             moved: moves.len() as u32,
             parked: ParkedView {
                 rips: vcpus.iter().map(|v| v.rip).collect(),

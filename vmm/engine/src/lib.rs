@@ -37,7 +37,7 @@ use journal::{Journal, JournalError, PatchRecord, PatchState, SiteRecord};
 use plan::PlanError;
 use target::{Target, TargetError};
 
-pub use blackout::{Busy, MAX_CHECK_TIME, MAX_STACK_SCAN};
+pub use blackout::{BlackoutPhases, Busy, MAX_CHECK_TIME, MAX_STACK_SCAN};
 
 /// Why a patch was not applied or reverted. The guest is unchanged whenever one is returned.
 #[derive(Debug, Error)]
@@ -302,6 +302,7 @@ pub struct Engine<G: GuestControl> {
     revert_engine: History,
     /// The engine's share of the last committed blackout (µs).
     last_engine_us: Option<u64>,
+    last_phases: Option<BlackoutPhases>,
     apply_totals: History,
     applies: u64,
     reverts: u64,
@@ -413,6 +414,7 @@ impl<G: GuestControl> Engine<G> {
             apply_engine: History::new(4096),
             revert_engine: History::new(4096),
             last_engine_us: None,
+            last_phases: None,
             apply_totals: History::new(4096),
             applies: 0,
             reverts: 0,
@@ -463,6 +465,11 @@ impl<G: GuestControl> Engine<G> {
     /// (µs): the benchmark's `engine_us`.
     pub fn last_engine_us(&self) -> Option<u64> {
         self.last_engine_us
+    }
+
+    /// The same work by phase, in nanoseconds.
+    pub fn last_phases(&self) -> Option<BlackoutPhases> {
+        self.last_phases
     }
 
     /// Finds a patch by id or unique id prefix (at least 4 hex digits).

@@ -703,6 +703,9 @@ pub struct OpBench {
     /// Of the blackout, the engine's own work with every vCPU parked (µs): checks, writes,
     /// vCPU moves; the rest is the hypervisor's pause and resume.
     pub engine_us: Summary,
+    /// The engine's work by phase, ns p50 each: re-check of the guest, scan of the parked
+    /// vCPUs, writes and moves.
+    pub phases_ns_p50: patch_engine::BlackoutPhases,
     /// Blackouts the engine retried inside a call because a vCPU was in the way (apply only:
     /// a revert does not report them).
     pub retried_blackouts: u64,
@@ -714,6 +717,7 @@ pub struct OpBench {
 struct OpSamples {
     blackout: Vec<u64>,
     engine: Vec<u64>,
+    phases: Vec<patch_engine::BlackoutPhases>,
     call: Vec<u64>,
     retried: u64,
     busy: u64,
@@ -732,6 +736,17 @@ impl OpSamples {
         OpBench {
             blackout_us: summarize(&self.blackout),
             engine_us: summarize(&self.engine),
+            phases_ns_p50: {
+                let p50 = |f: fn(&patch_engine::BlackoutPhases) -> u64| {
+                    let v: Vec<u64> = self.phases.iter().map(f).collect();
+                    summarize(&v).p50
+                };
+                patch_engine::BlackoutPhases {
+                    recheck_ns: p50(|p| p.recheck_ns),
+                    scan_ns: p50(|p| p.scan_ns),
+                    write_ns: p50(|p| p.write_ns),
+                }
+            },
             call_us: summarize(&self.call),
             retried_blackouts: self.retried,
             busy_calls: self.busy,
@@ -791,6 +806,7 @@ fn apply(
         .ok_or_else(|| cycle_error(format!("{op}: the patch record has no apply blackout")))?;
     samples.blackout.push(blackout);
     samples.engine.extend(engine.read().last_engine_us());
+    samples.phases.extend(engine.read().last_phases());
     samples.retried += u64::from(out.attempts.saturating_sub(1));
     Ok(out.patch.id)
 }
@@ -811,6 +827,7 @@ fn revert(
         })?;
     samples.blackout.push(blackout);
     samples.engine.extend(engine.read().last_engine_us());
+    samples.phases.extend(engine.read().last_phases());
     Ok(())
 }
 
@@ -1245,6 +1262,24 @@ pub fn patch_table(report: &PatchReport) -> String {
             op(&r.revert_16, r.revert_16_ratio),
             p50_p99(&r.api_apply_us),
             p50_p99(&r.api_revert_us),
+        ));
+    }
+    out.push_str(
+        "engine's blackout work by phase, ns p50: re-check (page tables, site bytes) / scan of \
+         the parked vCPUs (RIPs, stack words) / writes and vCPU moves\n",
+    );
+    let phases = |o: &OpBench| {
+        let p = &o.phases_ns_p50;
+        format!("{}/{}/{}", p.recheck_ns, p.scan_ns, p.write_ns)
+    };
+    for r in &report.runs {
+        out.push_str(&format!(
+            "{:>5} | apply 1-site {} | revert 1-site {} | apply 16-site {} | revert 16-site {}\n",
+            r.vcpus,
+            phases(&r.apply_1),
+            phases(&r.revert_1),
+            phases(&r.apply_16),
+            phases(&r.revert_16),
         ));
     }
     if let Some(s) = &report.storm {
