@@ -291,6 +291,11 @@ enum BenchCommand {
         /// Compile at most this many units (for a quick look).
         #[arg(long)]
         max_units: Option<usize>,
+        /// A file that compiles only with the update's changes to the headers it includes is
+        /// tried again with them, if they reach at most this many built-in units (each is
+        /// compiled too).
+        #[arg(long, default_value_t = 8)]
+        header_units: usize,
         /// Also time the first build of this fix with an empty cache (fetch, unpack, prepare).
         #[arg(long, value_name = "FIX.patch")]
         cold: Option<PathBuf>,
@@ -841,11 +846,13 @@ fn bench_patch_l1(
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_source_diff(
     kernel: &std::path::Path,
     new_version: &str,
     source_cache: Option<PathBuf>,
     max_units: Option<usize>,
+    header_units: usize,
     cold: Option<&std::path::Path>,
     jobs: usize,
     out: Option<PathBuf>,
@@ -858,6 +865,7 @@ fn bench_source_diff(
         new_version,
         &cache,
         max_units,
+        header_units,
         cold,
         jobs,
         bench::host_info(),
@@ -1072,6 +1080,7 @@ fn main() -> ExitCode {
             new_version,
             source_cache,
             max_units,
+            header_units,
             cold,
             jobs,
             out,
@@ -1080,6 +1089,7 @@ fn main() -> ExitCode {
             &new_version,
             source_cache,
             max_units,
+            header_units,
             cold.as_deref(),
             jobs,
             out,

@@ -235,8 +235,9 @@ pub struct BuildArgs {
     /// A fix as a unified diff (`git diff`, `git format-patch`, `diff -u`, paths a/… b/…):
     /// the kernel's own source is fetched (Debian: linux-source and the headers' .config at the
     /// banner's version, apt; prepared once into --source-cache) or taken from
-    /// --linux-source, every touched .c file compiled before and after, and each changed
-    /// function becomes a site (docs/source-patches.md).
+    /// --linux-source, every touched .c file (and every built-in unit including a touched
+    /// header) compiled before and after, and each changed function becomes a site
+    /// (docs/source-patches.md).
     #[arg(long, value_name = "FIX.patch", requires = "linux_kernel", conflicts_with_all = ["object", "replacements"])]
     pub source_diff: Option<PathBuf>,
     /// The prepared source tree the kernel was built from (.config, `make prepare` done),
@@ -247,6 +248,10 @@ pub struct BuildArgs {
     /// $VMM_CACHE_DIR/linux-source, else ~/.cache/vmm/linux-source.
     #[arg(long, value_name = "DIR", requires = "source_diff")]
     pub source_cache: Option<PathBuf>,
+    /// At most this many units compiled for a --source-diff (a changed header brings in every
+    /// built-in unit that includes it; each is compiled three or four times).
+    #[arg(long, value_name = "N", default_value_t = source_diff::build::DEFAULT_MAX_UNITS, requires = "source_diff")]
+    pub max_units: usize,
     /// The relocatable object with the new code (gcc -c with kernel flags; see
     /// guest-tools/src/kernel_patch.rs). Its string literals and const data (.rodata*) go into
     /// the patch as read-only data blocks; variables (.data, .bss) are refused.
@@ -878,6 +883,7 @@ fn build_kernel_from_diff(
         },
         diff,
         &source,
+        a.max_units,
         meta,
     )?;
     eprintln!("source    {} ({})", report.source, report.files.join(", "));

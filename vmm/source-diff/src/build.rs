@@ -26,6 +26,7 @@ use crate::elf::Unit;
 use crate::layout::Layouts;
 use crate::link::{DataSet, Kernel, LinkError, Linker, Resolved};
 use crate::objdiff::diff;
+use crate::reach::{IncludeIndex, KernelUnits};
 use crate::tree::{KernelBuild, SourceTree, TreeError};
 use crate::unified::{ConstructKind, DiffError, constructs, parse};
 
@@ -112,11 +113,27 @@ pub enum SourceBuildError {
         source: DiffError,
     },
     #[error(
-        "the diff changes {file}, which is not a C translation unit; a function-level live \
-         patch is built from .c files only (a header change reaches every unit that \
-         includes it, and build files or Kconfig change the build itself)"
+        "the diff changes {file}, which is neither C source nor a C header; a function-level \
+         live patch is built from .c and .h changes only (build files and Kconfig change the \
+         build itself, assembly is not compared)"
     )]
     NotCFile { file: String },
+    #[error(
+        "the diff changes {headers}, which {count} units built into the kernel include \
+         ({examples}); a patch compiles each of them before and after, and this is more than \
+         the {max} a build compiles (--max-units)"
+    )]
+    TooManyUnits {
+        headers: String,
+        count: usize,
+        examples: String,
+        max: usize,
+    },
+    #[error(
+        "the diff changes {headers}, which assembly units built into the kernel include \
+         ({units}); the builder compares compiled C only, so this fix cannot be patched live"
+    )]
+    HeaderInAssembly { headers: String, units: String },
     #[error(
         "the diff {what} {file}; a live patch changes existing units only (new files need \
          a new build)"
@@ -220,7 +237,7 @@ pub struct TargetKernel<'a> {
     pub banner: &'a str,
 }
 
-/// The checks of step 1: which units to compile.
+/// The checks of step 1: the files the diff changes (`.c` and `.h`), each checked.
 pub fn check_diff(
     text: &str,
     diff_path: &str,
@@ -238,7 +255,7 @@ pub fn check_diff(
                 file: f.path.clone(),
             });
         }
-        if !f.path.ends_with(".c") {
+        if !f.path.ends_with(".c") && !f.path.ends_with(".h") {
             return Err(SourceBuildError::NotCFile {
                 file: f.path.clone(),
             });
@@ -273,6 +290,7 @@ pub fn build_from_source_diff(
     kernel: &TargetKernel<'_>,
     diff_path: &Path,
     source: &SourceChoice,
+    max_units: usize,
     meta: Metadata,
 ) -> Result<(Patch, SourceReport), SourceBuildError> {
     let text = std::fs::read_to_string(diff_path).map_err(|source| SourceBuildError::Io {
@@ -287,21 +305,104 @@ pub fn build_from_source_diff(
         SourceChoice::Tree(dir) => SourceTree::given(dir, &build)?,
         SourceChoice::Cache(dir) => SourceTree::debian(dir, &build, kernel.banner)?,
     };
-    let units = check_diff(&text, &shown, Some(&tree.dir))?;
+    let touched = check_diff(&text, &shown, Some(&tree.dir))?;
+    let (units, notes) = units_to_compile(&tree, &touched, max_units)?;
     let abs_diff = std::fs::canonicalize(diff_path).map_err(|source| SourceBuildError::Io {
         path: diff_path.to_path_buf(),
         source,
     })?;
-    let objects = compile_both(&tree, &abs_diff, &units, &units)?;
+    let objects = compile_both(&tree, &abs_diff, &touched, &units)?;
 
     let report = SourceReport {
         diff_sha256: hex::encode(Sha256::digest(text.as_bytes())),
         source: tree.describe.clone(),
-        files: units.clone(),
+        files: touched.clone(),
         prepared_now: tree.prepared_now,
+        notes,
         ..SourceReport::default()
     };
     build_from_objects(kernel, &objects, report, meta)
+}
+
+/// How many units a build compiles at most by default (each three or four times).
+pub const DEFAULT_MAX_UNITS: usize = 64;
+
+/// The units to compile for a diff changing `touched`: its `.c` files, and every unit built
+/// into the kernel that includes one of its headers ([`crate::reach`]); notes saying which.
+pub fn units_to_compile(
+    tree: &SourceTree,
+    touched: &[String],
+    max_units: usize,
+) -> Result<(Vec<String>, Vec<String>), SourceBuildError> {
+    let mut units: Vec<String> = touched
+        .iter()
+        .filter(|f| f.ends_with(".c"))
+        .cloned()
+        .collect();
+    let headers: Vec<String> = touched
+        .iter()
+        .filter(|f| f.ends_with(".h"))
+        .cloned()
+        .collect();
+    if headers.is_empty() {
+        return Ok((units, Vec::new()));
+    }
+    let kernel = KernelUnits::of(tree)?;
+    let shown = headers.join(", ");
+    let reached: Vec<String> = if headers
+        .iter()
+        .any(|h| crate::reach::FORCED_INCLUDES.contains(&h.as_str()))
+    {
+        kernel.c.iter().cloned().collect()
+    } else {
+        let index = IncludeIndex::of_tree(&tree.dir);
+        let all = index.includers(&headers);
+        let asm: Vec<&String> = all.iter().filter(|f| kernel.asm.contains(*f)).collect();
+        if !asm.is_empty() {
+            return Err(SourceBuildError::HeaderInAssembly {
+                headers: shown,
+                units: list_some(&asm),
+            });
+        }
+        all.into_iter().filter(|f| kernel.c.contains(f)).collect()
+    };
+    let count = reached.len();
+    if units.is_empty() && reached.is_empty() {
+        return Err(SourceBuildError::NothingChanged {
+            what: format!(
+                "{shown}, which no unit built into the kernel includes (modules, other \
+                 architectures or configurations)"
+            ),
+        });
+    }
+    for u in &reached {
+        if !units.contains(u) {
+            units.push(u.clone());
+        }
+    }
+    if units.len() > max_units {
+        return Err(SourceBuildError::TooManyUnits {
+            headers: shown,
+            count: units.len(),
+            examples: list_some(&units.iter().collect::<Vec<_>>()),
+            max: max_units,
+        });
+    }
+    let notes = vec![format!(
+        "{shown}: included by {count} units built into the kernel, each compiled before and \
+         after: {}",
+        reached.join(", ")
+    )];
+    Ok((units, notes))
+}
+
+/// The first few of a list, and how many more.
+fn list_some(items: &[&String]) -> String {
+    let mut s: Vec<String> = items.iter().take(6).map(|i| i.to_string()).collect();
+    if items.len() > 6 {
+        s.push(format!("{} more", items.len() - 6));
+    }
+    s.join(", ")
 }
 
 /// Steps 3 to 5 on units already compiled both ways; `report` has the diff's and the tree's
@@ -446,6 +547,11 @@ pub fn analyze_unit(
         }
     }
     out.changed = d.changed.iter().map(|(p, _)| p.clone()).collect();
+    if d.changed.is_empty() && d.data_changed.is_empty() && d.data_added.is_empty() {
+        // Nothing of this unit changes (a header it includes changed code it does not use):
+        // whether it is the kernel's does not matter.
+        return Ok(out);
+    }
     let unseen = unseen_of(&d);
     let in_kernel = pre
         .functions()

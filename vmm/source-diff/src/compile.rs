@@ -306,12 +306,15 @@ pub fn compile_both(
             detail: tail(&String::from_utf8_lossy(&dry.stdout)),
         });
     }
-    let mut pre = Vec::new();
-    let mut ipa = Vec::new();
-    for u in units {
-        pre.push(compile(tree, u, "before", KERNEL_LAYOUT_CFLAGS)?);
-        ipa.push(ipa_ra(command_line(tree, u).as_deref()));
-    }
+    let all = vec![true; units.len()];
+    let pre: Vec<Vec<u8>> = compile_some(tree, units, &all, "before", KERNEL_LAYOUT_CFLAGS)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let ipa: Vec<bool> = units
+        .iter()
+        .map(|u| ipa_ra(command_line(tree, u).as_deref()))
+        .collect();
     // Every later build is patch code's: 5-byte jump labels from here on (put back on drop).
     if let Ok((h, mtime)) = session.save(JUMP_LABEL_HEADER)
         && let Some(r) = rewrite_jump_labels(&String::from_utf8_lossy(&h))
@@ -333,11 +336,13 @@ pub fn compile_both(
     if let Some((r, mtime)) = &rewritten {
         let p = tree.dir.join(BUG_HEADER);
         write_with_mtime(&p, r.as_bytes(), *mtime)?;
-        for (u, plain) in units.iter().zip(&pre) {
-            let b = compile(tree, u, "before (WARN rewritten)", DIFF_CFLAGS)?;
-            let same_inlining =
-                function_names(plain).is_some() && function_names(plain) == function_names(&b);
-            base.push(Some((b, same_inlining)));
+        let built = compile_some(tree, units, &all, "before (WARN rewritten)", DIFF_CFLAGS)?;
+        for (plain, b) in pre.iter().zip(built) {
+            base.push(b.map(|b| {
+                let same_inlining =
+                    function_names(plain).is_some() && function_names(plain) == function_names(&b);
+                (b, same_inlining)
+            }));
         }
     } else {
         base.resize(units.len(), None);
@@ -352,13 +357,14 @@ pub fn compile_both(
             detail: tail(&String::from_utf8_lossy(&applied.stdout)),
         });
     }
-    let mut post_rewritten = Vec::new();
-    for (u, b) in units.iter().zip(&base) {
-        post_rewritten.push(match b {
-            Some(_) => Some(compile(tree, u, "after (WARN rewritten)", DIFF_CFLAGS)?),
-            None => None,
-        });
-    }
+    let rewritten_units: Vec<bool> = base.iter().map(Option::is_some).collect();
+    let post_rewritten = compile_some(
+        tree,
+        units,
+        &rewritten_units,
+        "after (WARN rewritten)",
+        DIFF_CFLAGS,
+    )?;
     session.restore(BUG_HEADER)?;
     // Without the rewrite too, where it is missing or changed the unit's inlining: after the
     // fix, then before it (the fix's files put back for that).
@@ -366,31 +372,25 @@ pub fn compile_both(
         .iter()
         .map(|b| b.as_ref().is_none_or(|(_, same)| !same))
         .collect();
-    let mut plain_post = Vec::new();
-    for (u, need) in units.iter().zip(&needs_plain) {
-        plain_post.push(match need {
-            true => Some(compile(tree, u, "after", DIFF_CFLAGS)?),
-            false => None,
-        });
-    }
+    let plain_post = compile_some(tree, units, &needs_plain, "after", DIFF_CFLAGS)?;
+    let mut plain_base = vec![None; units.len()];
     if needs_plain.iter().any(|n| *n) {
         for f in touched_files {
             session.restore(f)?;
         }
+        plain_base = compile_some(tree, units, &needs_plain, "before", DIFF_CFLAGS)?;
     }
     let mut out = Vec::new();
-    for (((((u, pre), base), post_w), plain_post), ipa_ra) in units
+    for ((((((u, pre), base), post_w), plain_post), plain_base), ipa_ra) in units
         .iter()
         .zip(pre)
         .zip(base)
         .zip(post_rewritten)
         .zip(plain_post)
+        .zip(plain_base)
         .zip(ipa)
     {
-        let plain = match plain_post {
-            Some(post) => Some((compile(tree, u, "before", DIFF_CFLAGS)?, post)),
-            None => None,
-        };
+        let plain = plain_base.zip(plain_post);
         out.push(match (base, post_w, plain) {
             (Some((base, _)), Some(post), plain) => UnitObjects {
                 unit: u.clone(),
@@ -431,6 +431,82 @@ pub fn compile_both(
 
 fn object_path(unit: &str) -> String {
     format!("{}.o", unit.strip_suffix(".c").unwrap_or(unit))
+}
+
+/// `make -jN` of the objects of the `units` marked in `which`, in one kbuild run (the tree's
+/// own parallelism); each marked unit's object bytes, `None` for the others. The first unit
+/// that did not compile is the error.
+fn compile_some(
+    tree: &SourceTree,
+    units: &[String],
+    which: &[bool],
+    when: &'static str,
+    cflags: &str,
+) -> Result<Vec<Option<Vec<u8>>>, CompileError> {
+    let chosen: Vec<&String> = units
+        .iter()
+        .zip(which)
+        .filter(|(_, w)| **w)
+        .map(|(u, _)| u)
+        .collect();
+    if chosen.len() <= 1 {
+        return units
+            .iter()
+            .zip(which)
+            .map(|(u, w)| w.then(|| compile(tree, u, when, cflags)).transpose())
+            .collect();
+    }
+    let objs: Vec<String> = chosen.iter().map(|u| object_path(u)).collect();
+    for o in &objs {
+        let _ = std::fs::remove_file(tree.dir.join(o));
+    }
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = std::time::Instant::now();
+    let out = Command::new("make")
+        .args(["-s", "-k", &format!("-j{jobs}")])
+        .arg(format!("CC={}", tree.cc))
+        .arg(format!("KCFLAGS={cflags}"))
+        .args(&objs)
+        .current_dir(&tree.dir)
+        .output()
+        .map_err(io(&tree.dir))?;
+    tracing::info!(
+        units = chosen.len(),
+        when,
+        ms = started.elapsed().as_millis() as u64,
+        "compiled"
+    );
+    let mut result = Vec::with_capacity(units.len());
+    for (u, w) in units.iter().zip(which) {
+        if !*w {
+            result.push(None);
+            continue;
+        }
+        let obj_path = tree.dir.join(object_path(u));
+        if !obj_path.is_file() {
+            return Err(CompileError::Failed {
+                unit: u.clone(),
+                when,
+                detail: tail(&String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        if command_line(tree, u).is_some_and(|l| l.contains(" -DMODULE ")) {
+            return Err(CompileError::Module { unit: u.clone() });
+        }
+        result.push(Some(std::fs::read(&obj_path).map_err(io(&obj_path))?));
+    }
+    if !out.status.success() {
+        return Err(CompileError::Failed {
+            unit: chosen
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            when,
+            detail: tail(&String::from_utf8_lossy(&out.stderr)),
+        });
+    }
+    Ok(result)
 }
 
 /// `make <unit>.o` with the diff's flags; the object's bytes.

@@ -6,6 +6,7 @@
 //! - [`tree`]: the kernel's source, fetched and prepared once.
 //! - [`compile`]: the touched units before and after.
 //! - [`elf`], [`objdiff`]: the objects, compared per function.
+//! - [`reach`]: which of the kernel's units a changed header reaches.
 //! - [`link`]: the changed functions' code, linked against the running kernel.
 //! - [`clobbers`]: what callers the patch keeps may assume about a replaced callee.
 //! - [`layout`]: what the compiler laid out (types, variables, signatures), before and after.
@@ -18,6 +19,7 @@ pub mod elf;
 pub mod layout;
 pub mod link;
 pub mod objdiff;
+pub mod reach;
 pub mod tree;
 pub mod unified;
 

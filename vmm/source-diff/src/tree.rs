@@ -489,8 +489,19 @@ pub(crate) fn sh(dir: &Path, script: &str, what: &str) -> Result<(), TreeError> 
 }
 
 /// The last lines of a tool's output, for an error message.
+/// What to show of a tool's output: its first compiler errors where it has any (make's own
+/// lines after them only repeat that something failed), else its last lines.
 pub(crate) fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("error:") || l.contains("Error:"))
+        .take(4)
+        .collect();
+    if !errors.is_empty() {
+        return errors.join(" | ");
+    }
     let from = lines.len().saturating_sub(8);
     lines[from..].join(" | ")
 }

@@ -20,9 +20,12 @@ use linux_guest::attach::KernelImage;
 use linux_guest::patch::{KernelCode, KernelPatchError, build_kernel_patch_from_code};
 use patch_format::Metadata;
 use serde::Serialize;
-use source_diff::build::{SourceBuildError, SourceReport, TargetKernel, analyze_unit, check_diff};
+use source_diff::build::{
+    SourceBuildError, SourceReport, TargetKernel, analyze_unit, check_diff, units_to_compile,
+};
 use source_diff::compile::{CompileError, compile_both};
 use source_diff::link::{DataSet, LinkError};
+use source_diff::reach::IncludeIndex;
 use source_diff::tree::{KernelBuild, SourceTree, unpack_source};
 use source_diff::unified::{ConstructKind, constructs};
 
@@ -212,6 +215,7 @@ pub fn run(
     new_version: &str,
     cache: &Path,
     max_units: Option<usize>,
+    header_units: usize,
     cold_fix: Option<&Path>,
     jobs: usize,
     host: super::HostInfo,
@@ -288,6 +292,18 @@ pub fn run(
     let scratch = tempfile::Builder::new()
         .prefix("vmm-bench-source-diff-")
         .tempdir()?;
+    // The update's changed headers, and who includes each (for units needing them).
+    let index = IncludeIndex::of_tree(&tree.dir);
+    let headers = Headers {
+        includers: files
+            .iter()
+            .filter(|f| f.ends_with(".h"))
+            .filter(|f| !f.starts_with("arch/") || f.starts_with("arch/x86/"))
+            .map(|h| (h.clone(), index.includers(std::slice::from_ref(h))))
+            .collect(),
+        max_units: header_units,
+    };
+    drop(index);
     // Workers, each with its own copy of the prepared tree (a tree is locked per build).
     let jobs = jobs.max(1);
     let mut trees = vec![tree.clone()];
@@ -316,20 +332,21 @@ pub fn run(
     let done: std::sync::Mutex<Vec<(usize, UnitResult)>> = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for t in &trees {
-            let (next, done, candidates, target, new_tree, scratch) = (
+            let (next, done, candidates, target, new_tree, scratch, headers) = (
                 &next,
                 &done,
                 &candidates,
                 &target,
                 &new_tree,
                 scratch.path(),
+                &headers,
             );
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(rel) = candidates.get(i) else { break };
-                    let r = one_unit(target, t, new_tree, rel, i, scratch).unwrap_or_else(|e| {
-                        UnitResult {
+                    let r = one_unit(target, t, new_tree, rel, i, scratch, headers).unwrap_or_else(
+                        |e| UnitResult {
                             unit: rel.clone(),
                             functions: BTreeMap::from([(
                                 "(unit)".to_string(),
@@ -337,8 +354,8 @@ pub fn run(
                             )]),
                             details: vec![format!("{e:#}")],
                             build_s: 0.0,
-                        }
-                    });
+                        },
+                    );
                     let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
                     eprintln!(
                         "[{}/{}] {rel}: {:.1} s, {:?}",
@@ -393,8 +410,28 @@ pub fn run(
     })
 }
 
+/// The update's changed headers, for a unit that compiles only with them: which of them each
+/// file includes (directly or not).
+pub struct Headers {
+    /// Changed header → every file including it.
+    includers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The most units a header retry may compile.
+    max_units: usize,
+}
+
+impl Headers {
+    fn needed_by(&self, unit: &str) -> Vec<String> {
+        self.includers
+            .iter()
+            .filter(|(_, users)| users.contains(unit))
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+}
+
 /// One changed file as one fix: compiled both ways on `tree` and every changed function
-/// classed.
+/// classed. A file that does not compile alone is tried again with the update's changes to
+/// the headers it includes (and so every built-in unit they reach).
 fn one_unit(
     target: &TargetKernel<'_>,
     tree: &SourceTree,
@@ -402,6 +439,7 @@ fn one_unit(
     rel: &str,
     i: usize,
     scratch: &Path,
+    headers: &Headers,
 ) -> Result<UnitResult> {
     let rel = &rel.to_string();
     let diff_text = file_diff(&tree.dir, new_tree, rel)?;
@@ -415,22 +453,32 @@ fn one_unit(
         build_s: 0.0,
     };
     let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
-    match compile_both(
-        tree,
-        &diff_path,
-        std::slice::from_ref(rel),
-        std::slice::from_ref(rel),
-    ) {
+    let one = std::slice::from_ref(rel);
+    match compile_both(tree, &diff_path, one, one) {
         Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
-            // The file alone does not compile: it needs the update's other changes
-            // (usually its headers). Its changed functions are counted from the diff's
-            // hunks: the functions of the old file they touch.
+            let needed = headers.needed_by(rel);
             result.details.push(chain(&SourceBuildError::Compile(e)));
-            for f in touched_functions(&tree.dir.join(rel), &diff_text) {
-                result.functions.insert(
-                    f,
-                    "needs the update's other changes (does not compile alone)".into(),
-                );
+            let outcome = match needed.is_empty() {
+                true => Err("needs the update's other changes (does not compile alone)".into()),
+                false => with_headers(
+                    target,
+                    tree,
+                    new_tree,
+                    rel,
+                    &diff_text,
+                    &needed,
+                    i,
+                    scratch,
+                    headers.max_units,
+                    &mut result,
+                ),
+            };
+            if let Err(class) = outcome {
+                // Its changed functions are counted from the diff's hunks: the functions of
+                // the old file they touch.
+                for f in touched_functions(&tree.dir.join(rel), &diff_text) {
+                    result.functions.insert(f, class.clone());
+                }
             }
         }
         Err(e) => {
@@ -438,70 +486,145 @@ fn one_unit(
             result.details.push(chain(&e));
             result.functions.insert("(unit)".into(), reason_class(&e));
         }
-        Ok(objects) => {
-            let mut report = SourceReport::default();
-            let mut data = DataSet::default();
-            match analyze_unit(target, &objects[0], 0, &mut data, &mut report) {
-                Err(e) => {
-                    result.details.push(chain(&e));
-                    result.functions.insert("(unit)".into(), reason_class(&e));
-                }
-                Ok(a) if matches!(a.refusal, Some(SourceBuildError::NotBuiltIn { .. })) => {
-                    // Not the kernel's code after all: no function of it counts.
-                    let e = a
-                        .refusal
-                        .unwrap_or(SourceBuildError::NotBuiltIn { unit: rel.clone() });
-                    result.details.push(chain(&e));
-                    result.functions.insert("(unit)".into(), reason_class(&e));
-                }
-                Ok(a) => {
-                    let unit_refusal = type_change.or(a.refusal);
-                    if let Some(e) = &unit_refusal {
-                        result.details.push(chain(e));
-                    }
-                    let mut seen: Vec<String> = Vec::new();
-                    for (name, r) in &a.functions {
-                        seen.push(name.clone());
-                        let class = match (&unit_refusal, r) {
-                            (Some(e), _) => reason_class(e),
-                            // What `vmm patch build` does last: the kernel patch of that
-                            // function, with its checks of every relocation.
-                            (None, Ok((kernel_name, linked))) => {
-                                match final_patch(target, kernel_name, linked, &data) {
-                                    Ok(()) => "patchable".to_string(),
-                                    Err(e) => {
-                                        result.details.push(chain(&e));
-                                        reason_class(&e)
-                                    }
-                                }
+        Ok(objects) => classify(target, &objects[0], type_change, None, &mut result),
+    }
+    result.build_s = t.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+/// The retry with the headers `rel` needs: `Err(class)` for every function of the file when
+/// the combined fix is refused before its units are analysed.
+#[allow(clippy::too_many_arguments)]
+fn with_headers(
+    target: &TargetKernel<'_>,
+    tree: &SourceTree,
+    new_tree: &Path,
+    rel: &str,
+    diff_text: &str,
+    needed: &[String],
+    i: usize,
+    scratch: &Path,
+    max_units: usize,
+    result: &mut UnitResult,
+) -> std::result::Result<(), String> {
+    let mut text = diff_text.to_string();
+    for h in needed {
+        text.push_str(&file_diff(&tree.dir, new_tree, h).map_err(|e| format!("bench error: {e}"))?);
+    }
+    let path = scratch.join(format!("{i}-headers.patch"));
+    std::fs::write(&path, &text).map_err(|e| format!("bench error: {e}"))?;
+    let refused = |e: SourceBuildError, result: &mut UnitResult| {
+        result.details.push(chain(&e));
+        match &e {
+            SourceBuildError::TooManyUnits { .. } => {
+                format!("with its headers: they reach more than {max_units} units")
+            }
+            SourceBuildError::Compile(CompileError::Failed { .. }) => {
+                "needs the update's other changes (does not compile with its headers)".into()
+            }
+            e => format!("with its headers: {}", reason_class(e)),
+        }
+    };
+    let touched = check_diff(&text, rel, Some(&tree.dir)).map_err(|e| refused(e, result))?;
+    let (units, _) = units_to_compile(tree, &touched, max_units).map_err(|e| refused(e, result))?;
+    let objects = compile_both(tree, &path, &touched, &units)
+        .map_err(|e| refused(SourceBuildError::Compile(e), result))?;
+    // Every other unit the headers reach must be patchable too, or the fix is not.
+    let mut other: Option<String> = None;
+    for o in objects.iter().filter(|o| o.unit != rel) {
+        let mut scratch_result = UnitResult {
+            unit: o.unit.clone(),
+            functions: BTreeMap::new(),
+            details: Vec::new(),
+            build_s: 0.0,
+        };
+        classify(target, o, None, None, &mut scratch_result);
+        if let Some(bad) = scratch_result
+            .functions
+            .values()
+            .find(|c| *c != "patchable")
+        {
+            result.details.extend(scratch_result.details);
+            other = Some(format!("a unit its headers reach: {bad}"));
+            break;
+        }
+    }
+    match objects.iter().find(|o| o.unit == rel) {
+        Some(o) => classify(target, o, None, other, result),
+        None => return Err("bench error: the unit was not compiled".into()),
+    }
+    Ok(())
+}
+
+/// Each changed function of one compiled unit, patchable or why not; `unit_refusal` (a type
+/// change seen in the diff) or `imposed` (why the fix as a whole is not) class every one.
+fn classify(
+    target: &TargetKernel<'_>,
+    objects: &source_diff::compile::UnitObjects,
+    unit_refusal: Option<SourceBuildError>,
+    imposed: Option<String>,
+    result: &mut UnitResult,
+) {
+    let rel = &objects.unit;
+    let mut report = SourceReport::default();
+    let mut data = DataSet::default();
+    match analyze_unit(target, objects, 0, &mut data, &mut report) {
+        Err(e) => {
+            result.details.push(chain(&e));
+            result.functions.insert("(unit)".into(), reason_class(&e));
+        }
+        Ok(a) if matches!(a.refusal, Some(SourceBuildError::NotBuiltIn { .. })) => {
+            // Not the kernel's code after all: no function of it counts.
+            let e = a
+                .refusal
+                .unwrap_or(SourceBuildError::NotBuiltIn { unit: rel.clone() });
+            result.details.push(chain(&e));
+            result.functions.insert("(unit)".into(), reason_class(&e));
+        }
+        Ok(a) => {
+            let unit_refusal = unit_refusal.or(a.refusal);
+            if let Some(e) = &unit_refusal {
+                result.details.push(chain(e));
+            }
+            let mut seen: Vec<String> = Vec::new();
+            for (name, r) in &a.functions {
+                seen.push(name.clone());
+                let class = match (&unit_refusal, r) {
+                    (Some(e), _) => reason_class(e),
+                    // What `vmm patch build` does last: the kernel patch of that
+                    // function, with its checks of every relocation.
+                    (None, Ok((kernel_name, linked))) => {
+                        match final_patch(target, kernel_name, linked, &data) {
+                            Ok(()) => imposed.clone().unwrap_or_else(|| "patchable".to_string()),
+                            Err(e) => {
+                                result.details.push(chain(&e));
+                                reason_class(&e)
                             }
-                            (None, Err(e)) => {
-                                result.details.push(chain(e));
-                                reason_class(e)
-                            }
-                        };
-                        result.functions.insert(name.clone(), class);
-                    }
-                    // Refused units list every changed function; `.cold` fragments and
-                    // boot-time code are not functions of their own here.
-                    for name in &a.changed {
-                        if !seen.contains(name)
-                            && !name.ends_with(".cold")
-                            && !a.ignored.iter().any(|g| g.starts_with(&format!("{name} ")))
-                        {
-                            let class = match &unit_refusal {
-                                Some(e) => reason_class(e),
-                                None => continue,
-                            };
-                            result.functions.insert(name.clone(), class);
                         }
                     }
+                    (None, Err(e)) => {
+                        result.details.push(chain(e));
+                        reason_class(e)
+                    }
+                };
+                result.functions.insert(name.clone(), class);
+            }
+            // Refused units list every changed function; `.cold` fragments and
+            // boot-time code are not functions of their own here.
+            for name in &a.changed {
+                if !seen.contains(name)
+                    && !name.ends_with(".cold")
+                    && !a.ignored.iter().any(|g| g.starts_with(&format!("{name} ")))
+                {
+                    let class = match &unit_refusal {
+                        Some(e) => reason_class(e),
+                        None => continue,
+                    };
+                    result.functions.insert(name.clone(), class);
                 }
             }
         }
     }
-    result.build_s = t.elapsed().as_secs_f64();
-    Ok(result)
 }
 
 /// The signed patch's last step for one function: `build_kernel_patch_from_code`, which checks
