@@ -103,6 +103,18 @@ impl KernelUnits {
     }
 }
 
+/// Units `make vmlinux` compiles that are not kernel text a patch could replace: host tools,
+/// the initramfs generator, the 16-bit real-mode blob and the decompressor (built with their
+/// own flags, from their own Makefiles), and the vDSO (user code mapped into processes).
+const NOT_KERNEL_TEXT: [&str; 6] = [
+    "scripts/",
+    "usr/",
+    "arch/x86/realmode/rm/",
+    "arch/x86/boot/",
+    "arch/x86/entry/vdso/",
+    "arch/x86/purgatory/",
+];
+
 /// The sources of the compile commands in `make -n` output: `… -c -o fs/open.o fs/open.c`
 /// (C) and `… -c -o arch/x86/entry/entry_64.o arch/x86/entry/entry_64.S` (assembly).
 pub fn units_in_commands(out: &str) -> BTreeSet<String> {
@@ -122,8 +134,7 @@ pub fn units_in_commands(out: &str) -> BTreeSet<String> {
             if (src.ends_with(".c") || src.ends_with(".S"))
                 && obj.ends_with(".o")
                 && stem(obj) == stem(src)
-                && !src.starts_with("scripts/")
-                && !src.starts_with("usr/")
+                && !NOT_KERNEL_TEXT.iter().any(|d| src.starts_with(d))
             {
                 units.insert(src.to_string());
             }

@@ -635,22 +635,32 @@ fn final_patch(
     linked: &source_diff::link::LinkedFunction,
     data: &DataSet,
 ) -> Result<(), SourceBuildError> {
+    // Only the data blocks this function refers to, renumbered (a patch carries no other).
+    let mut blocks: Vec<patch_format::DataBlock> = Vec::new();
+    let mut renumbered: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut relocations = linked.relocations.clone();
+    for r in &mut relocations {
+        if let patch_format::RelocTarget::Data(b) = &mut r.target {
+            let next = renumbered.len() as u32;
+            let new = *renumbered.entry(*b).or_insert(next);
+            if new == next
+                && let Some(block) = data.blocks.get(*b as usize)
+            {
+                blocks.push(block.clone());
+            }
+            *b = new;
+        }
+    }
     let code = vec![KernelCode {
         function: kernel_name.to_string(),
         code: linked.code.clone(),
-        relocations: linked.relocations.clone(),
+        relocations,
     }];
     let meta = Metadata {
         name: "bench".into(),
         ..Metadata::default()
     };
-    build_kernel_patch_from_code(
-        target.vmlinux,
-        target.kallsyms,
-        code,
-        data.blocks.clone(),
-        meta,
-    )?;
+    build_kernel_patch_from_code(target.vmlinux, target.kallsyms, code, blocks, meta)?;
     Ok(())
 }
 
