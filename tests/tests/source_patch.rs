@@ -1,5 +1,6 @@
 //! Kernel patches built from real upstream source fixes (`docs/source-patches.md`): five fixes of
-//! the 6.1.191 stable update (Debian 6.1.192-1), each taken as its unified diff, built with
+//! the 6.1.191 stable update (Debian 6.1.192-1), and one header change made for the test (an
+//! inline function three units compile in), each taken as its unified diff, built with
 //! `vmm patch build --source-diff` against the *older* stock kernel (6.1.0-54, source 6.1.190-1,
 //! fetched and prepared by the builder itself) and applied live to it under QEMU (TCG, KASLR on)
 //! while a probe in the guest runs a program per fix every ~100 ms. Each program's output
@@ -93,6 +94,23 @@ const FIXES: &[Fix] = &[
         after: "BPF_LSM_CGROUP programs cannot be sleepable",
         functions: &["bpf_check"],
     },
+    // Not upstream: a header change made for this test, with an effect the guest can see.
+    // `ipc_get_maxidx()` (ipc/util.h) is inlined into three units (msg.c, sem.c, shm.c): the
+    // builder compiles every built-in unit including the header and replaces the functions
+    // that changed in each.
+    Fix {
+        name: "ipc-maxidx-header",
+        diff: "ipc-maxidx-header.patch",
+        program: "ipc_info",
+        args: "",
+        before: "ipcinfo: msg=0 sem=0 shm=0",
+        after: "ipcinfo: msg=6 sem=6 shm=6",
+        functions: &[
+            "msgctl_info.constprop.0",
+            "semctl_info.constprop.0",
+            "shmctl_shm_info",
+        ],
+    },
 ];
 
 fn s(p: &Path) -> String {
@@ -178,6 +196,9 @@ fn real_upstream_fixes_built_from_their_diffs_change_what_the_old_kernel_does_an
     // The two-function fix carries the function the running kernel does not have.
     let keys = stdout(&cli(&["patch", "inspect", &built[2]]));
     assert!(keys.contains("new functions: __keyctl_read_key"), "{keys}");
+    // The header change names the header as the diff's file.
+    let header = stdout(&cli(&["patch", "inspect", &built[5]]));
+    assert!(header.contains("files: ipc/util.h"), "{header}");
 
     let first = g.wait_workload(0, "probe line", BOOT_WITHIN, |_| true);
     let target = |verb: &str, file: &str| -> Vec<String> {
