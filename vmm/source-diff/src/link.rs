@@ -324,7 +324,13 @@ impl<'a> Linker<'a> {
                         .map(|(i, _)| i)
                         .collect()
                 } else {
-                    self.data_candidates(sym, &cands)
+                    match self.data_candidates(sym, &cands) {
+                        m if m.len() == 1 => m,
+                        m => {
+                            let by_code = self.code_candidates(sym, &cands);
+                            if by_code.len() == 1 { by_code } else { m }
+                        }
+                    }
                 };
                 match matching.as_slice() {
                     [_] if n == 1 => Ok(pre_name.to_string()),
@@ -384,6 +390,89 @@ impl<'a> Linker<'a> {
             })
             .map(|(i, _)| i)
             .collect()
+    }
+
+    /// Which of `cands` the running kernel's own code says is the kernel's copy of variable
+    /// `sym`: a function of the unit that refers to it and is in the kernel with the unit's
+    /// bytes (relocated fields aside) holds, in the kernel image, the linked value of that
+    /// reference, from which the variable's address follows. For a variable no named
+    /// neighbour places (`WARN_ONCE`'s `__already_done.N`, alone in `.data.once`): the old
+    /// function's own reference says which one it used.
+    fn code_candidates(&self, sym: usize, cands: &[&linux_guest::KernelSymbol]) -> Vec<usize> {
+        let u = self.kernel_pre;
+        let s = &u.symbols[sym];
+        let Some(sec) = s.section else {
+            return Vec::new();
+        };
+        let mut found: Vec<usize> = Vec::new();
+        for (f, fs) in u.functions() {
+            let relocs = u.relocs_of(f);
+            let uses: Vec<&Reloc> = relocs
+                .iter()
+                .filter(|r| {
+                    let t = &u.symbols[r.symbol];
+                    if t.kind == SymKind::Section {
+                        let at = r.pointed(u);
+                        t.section == Some(sec)
+                            && at >= i128::from(s.value)
+                            && at < i128::from(s.value) + i128::from(s.size.max(1))
+                    } else {
+                        r.symbol == sym
+                    }
+                })
+                .collect();
+            if uses.is_empty() {
+                continue;
+            }
+            // The kernel's copy of this function: the one candidate of its name with its bytes.
+            let want = shape(u, f);
+            let copies: Vec<u64> = self
+                .kernel
+                .kallsyms
+                .named(&fs.name)
+                .filter(|k| k.is_text())
+                .filter(|k| {
+                    kernel_matches(self.kernel.vmlinux, k.address, &want.bytes, &relocs).is_ok()
+                })
+                .map(|k| k.address)
+                .collect();
+            let [at] = copies.as_slice() else {
+                continue;
+            };
+            for r in uses {
+                let Some(width) = r.width() else { continue };
+                let field_at = at.wrapping_add(r.offset);
+                let Some(bytes) =
+                    linux_guest::patch::file_bytes(self.kernel.vmlinux, field_at, width as usize)
+                else {
+                    continue;
+                };
+                // The linked field is S + A (- P when PC-relative): S, the symbol's address.
+                let field = match width {
+                    4 => i128::from(i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
+                    _ => {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&bytes[..8]);
+                        i128::from(u64::from_le_bytes(b))
+                    }
+                };
+                let mut target = field - i128::from(r.addend);
+                if r.is_pc_relative() {
+                    target += i128::from(field_at);
+                }
+                let t = &u.symbols[r.symbol];
+                if t.kind == SymKind::Section {
+                    target += i128::from(s.value) - i128::from(t.value);
+                }
+                let target = (target.rem_euclid(1 << 64)) as u64;
+                for (i, c) in cands.iter().enumerate() {
+                    if c.address == target && !found.contains(&i) {
+                        found.push(i);
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// The run-pre check of one changed function: the unit's pre-fix code is the running

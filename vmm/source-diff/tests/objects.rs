@@ -1491,3 +1491,82 @@ fn a_layout_changed_through_a_macro_is_refused() {
         "{c:?}"
     );
 }
+
+/// `WARN_ONCE`'s pattern: a static local alone in `.data.once`, whose name every unit's
+/// copy shares, so no named neighbour says which kernel copy is the unit's.
+const ONCE: &str = r#"
+extern int printk(const char *fmt, ...);
+int noisy(int x)
+{
+	static int done __attribute__((section(".data.once")));
+	if (!done) {
+		done = 1;
+		printk("once\n");
+	}
+	return x + CHANGE;
+}
+"#;
+
+#[test]
+fn a_static_local_no_neighbour_places_is_found_through_the_kernels_own_code() {
+    let (pre, post) = (
+        compile(&ONCE.replace("CHANGE", "1")),
+        compile(&ONCE.replace("CHANGE", "2")),
+    );
+    let local = local_of(&pre, "noisy", "done");
+    let k = fake_kernel(&pre, &post);
+    let real = k
+        .kallsyms
+        .named(&local)
+        .next()
+        .expect("the unit's variable")
+        .address;
+    // Two other units' copies of the same name, at higher addresses.
+    let mut syms = k.kallsyms.symbols().to_vec();
+    for n in 1..=2u64 {
+        syms.push(KernelSymbol {
+            address: EXTERN + 0x1000 * n,
+            kind: 'd',
+            name: local.clone(),
+        });
+    }
+    let mut k = FakeKernel {
+        kallsyms: Kallsyms::from_symbols(syms),
+        ..k
+    };
+    let d = diff(&pre, &post);
+    {
+        // The fake kernel's text has the fields unlinked: nothing says which copy.
+        let l = linker(&k, &pre, &post, &d);
+        let e = check_and_link(&l, "noisy", "noisy", &mut DataSet::default());
+        assert!(matches!(e, Err(LinkError::Ambiguous { .. })), "{e:?}");
+    }
+    // Link noisy's references to the variable as the kernel's build did.
+    let f = pre.defined("noisy").expect("noisy");
+    let var = pre.defined(&local).expect("done");
+    let at = k.text["noisy"];
+    for r in pre.relocs_of(f) {
+        let t = &pre.symbols[r.symbol];
+        let s_addr = if t.kind == SymKind::Section {
+            if t.section != pre.symbols[var].section {
+                continue;
+            }
+            real - pre.symbols[var].value + t.value
+        } else if r.symbol == var {
+            real
+        } else {
+            continue;
+        };
+        let p = at + r.offset;
+        let v = (s_addr as i64)
+            .wrapping_add(r.addend)
+            .wrapping_sub(p as i64) as i32;
+        let file = 0x1000 + (p - TEXT) as usize;
+        k.vmlinux[file..file + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    let l = linker(&k, &pre, &post, &d);
+    let linked = check_and_link(&l, "noisy", "noisy", &mut DataSet::default()).expect("link");
+    // The first of the three by address: the one the kernel's noisy uses.
+    let to_var = symbol_relocs(&linked, &format!("{local},1"));
+    assert!(!to_var.is_empty(), "{:?}", linked.relocations);
+}
