@@ -56,9 +56,20 @@ impl KernelUnits {
     /// The tree's unit list, read from `make -n vmlinux` the first time and kept.
     pub fn of(tree: &SourceTree) -> Result<KernelUnits, CompileError> {
         let path = tree.dir.join(UNITS_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(_) => {
+        // Kept only while the configuration is the one it was read for.
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let fresh = match (mtime(&path), mtime(&tree.dir.join(".config"))) {
+            (Some(kept), Some(config)) => kept >= config,
+            _ => false,
+        };
+        let kept = if fresh {
+            std::fs::read_to_string(&path).ok()
+        } else {
+            None
+        };
+        let text = match kept {
+            Some(t) => t,
+            None => {
                 let out = Command::new("make")
                     .args(["-n", "-k"])
                     .arg(format!("CC={}", tree.cc))
@@ -298,12 +309,20 @@ pub struct IncludeIndex {
 const INDEX_FILE: &str = ".hotpatch-includes";
 
 impl IncludeIndex {
-    /// The tree's index, read from every `.c` and `.h` file the first time and kept.
+    /// The tree's index, read from every `.c` and `.h` file. Kept in a tree this builder
+    /// unpacked and prepared (`.hotpatch-prepared`: its files change only for a build, and are
+    /// put back); a tree the user gives may change between builds, so it is read each time.
     pub fn of_tree(dir: &Path) -> IncludeIndex {
         let cache = dir.join(INDEX_FILE);
-        let (files, raw) = match std::fs::read_to_string(&cache) {
-            Ok(text) => parse_index(&text),
-            Err(_) => {
+        let ours = dir.join(".hotpatch-prepared").is_file();
+        let kept = match ours {
+            true => std::fs::read_to_string(&cache).ok(),
+            false => None,
+        };
+        let (files, raw) = match kept {
+            Some(text) => parse_index(&text),
+            None if !ours => scan_tree(dir),
+            None => {
                 let (files, raw) = scan_tree(dir);
                 let mut text = String::new();
                 for f in &files {
