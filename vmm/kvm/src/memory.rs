@@ -1,9 +1,14 @@
 //! Guest memory: RAM and the patch arena; allocation, the host-capacity check, and the host
 //! mappings KVM's memory slots are cut from.
 
+use std::sync::Arc;
+
 use thiserror::Error;
+use vm_memory::bitmap::{Bitmap, NewBitmap, WithBitmapSlice};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
 };
 
 use crate::layout::{self, MIN_MEMORY};
@@ -13,8 +18,139 @@ use crate::layout::{self, MIN_MEMORY};
 /// It holds every RAM region of [`layout::ram_regions`] and the patch arena
 /// ([`layout::PATCH_ARENA`]) as a region of its own, so reads and writes at arena addresses go
 /// through the same guest-physical accessors as RAM. Which is which is decided by address:
-/// [`is_arena`] (the arena never shares a region with RAM).
-pub type GuestMemory = GuestMemoryMmap;
+/// [`is_arena`] (the arena never shares a region with RAM). Each region's host mapping is
+/// [`HostMapping`]'s.
+pub type GuestMemory = GuestMemoryMmap<OwnedMapping>;
+
+/// Host pages KVM can map whole into the guest's nested page tables (NPT/EPT): 2 MiB.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// One region's host memory: anonymous, at a 2 MiB-aligned address, advised for transparent
+/// huge pages (`MADV_HUGEPAGE`, as QEMU does for guest RAM).
+///
+/// Why not vm-memory's own mapping: it takes whatever address `mmap` returns, and KVM maps a
+/// guest page with one huge nested-page entry only where the host address and the guest
+/// address have the same offset in a 2 MiB page, and the host page is itself huge. With 4 KiB
+/// nested pages every first touch of guest memory is a nested fault; under nested
+/// virtualisation each costs the L1 hypervisor an exit, and a Linux boot writes ~70 MB while
+/// it decompresses itself (`docs/linux-guests.md`).
+#[derive(Debug)]
+pub struct HostMapping {
+    addr: usize,
+    size: usize,
+}
+
+impl HostMapping {
+    fn new(size: usize) -> std::io::Result<HostMapping> {
+        let total = size
+            .checked_add(HUGE_PAGE)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a new anonymous private mapping at an address the kernel picks: it overlaps
+        // nothing of this process.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = p as usize;
+        let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+        let end = aligned + size;
+        // Give back the slack before and after, so exactly [aligned, end) stays mapped.
+        // SAFETY: both ranges lie inside the mapping just made, and nothing refers to them.
+        unsafe {
+            if aligned > start {
+                libc::munmap(start as *mut libc::c_void, aligned - start);
+            }
+            if start + total > end {
+                libc::munmap(end as *mut libc::c_void, start + total - end);
+            }
+        }
+        // Advice only: without transparent huge pages (or with them off) the memory is the
+        // same, in 4 KiB pages.
+        // SAFETY: [aligned, end) is this mapping; madvise changes no contents.
+        if unsafe { libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "no transparent huge pages for guest memory");
+        }
+        Ok(HostMapping {
+            addr: aligned,
+            size,
+        })
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` and is unmapped only here, when the last
+        // region using it (its `OwnedMapping`) is gone.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, self.size);
+        }
+    }
+}
+
+// SAFETY: `HostMapping` is an address range, not a pointer anything dereferences through it;
+// the memory itself is accessed through vm-memory's volatile slices.
+unsafe impl Send for HostMapping {}
+// SAFETY: as above; `HostMapping` has no interior state.
+unsafe impl Sync for HostMapping {}
+
+/// What vm-memory calls a region's bitmap, used here to own the region's [`HostMapping`]: the
+/// region is built over the raw mapping (vm-memory then never unmaps it), and drops its bitmap
+/// with it, which unmaps. No dirty tracking (as `()`).
+#[derive(Debug, Clone, Default)]
+pub struct OwnedMapping {
+    _mapping: Option<Arc<HostMapping>>,
+}
+
+impl WithBitmapSlice<'_> for OwnedMapping {
+    type S = ();
+}
+
+impl Bitmap for OwnedMapping {
+    fn mark_dirty(&self, _offset: usize, _len: usize) {}
+
+    fn dirty_at(&self, _offset: usize) -> bool {
+        false
+    }
+
+    fn slice_at(&self, _offset: usize) {}
+}
+
+/// For regions vm-memory maps itself (`GuestMemory::from_ranges`, tests): it owns those
+/// mappings, so this owns nothing.
+impl NewBitmap for OwnedMapping {
+    fn with_len(_len: usize) -> Self {
+        Self::default()
+    }
+}
+
+/// One guest region over a new [`HostMapping`].
+fn region(gpa: u64, size: usize) -> Result<GuestRegionMmap<OwnedMapping>, String> {
+    let mapping = HostMapping::new(size).map_err(|e| e.to_string())?;
+    let addr = mapping.addr as *mut u8;
+    let owner = OwnedMapping {
+        _mapping: Some(Arc::new(mapping)),
+    };
+    // SAFETY: `addr` and `size` are exactly the mapping `owner` holds, and the region keeps
+    // `owner` (its bitmap) for as long as it lives, so the memory stays mapped.
+    let builder = unsafe {
+        MmapRegionBuilder::new_with_bitmap(size, owner)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .with_raw_mmap_pointer(addr)
+    };
+    let mapped = builder.build().map_err(|e| e.to_string())?;
+    GuestRegionMmap::new(mapped, GuestAddress(gpa))
+        .ok_or_else(|| format!("guest region at {gpa:#x} of {size} bytes overflows"))
+}
 
 /// Whether the region starting at `gpa` is the patch arena rather than RAM.
 pub fn is_arena(gpa: u64) -> bool {
@@ -35,12 +171,10 @@ pub enum MemoryError {
         requested_mib: u64,
         available_mib: u64,
     },
-    #[error("could not allocate {requested_mib} MiB of guest memory; ask for less with --memory")]
-    Allocate {
-        requested_mib: u64,
-        #[source]
-        source: vm_memory::mmap::FromRangesError,
-    },
+    #[error(
+        "could not allocate {requested_mib} MiB of guest memory ({detail}); ask for less with --memory"
+    )]
+    Allocate { requested_mib: u64, detail: String },
     #[error("guest memory at {gpa:#x} has no host mapping")]
     NoHostAddress { gpa: u64 },
 }
@@ -90,10 +224,16 @@ pub fn allocate(mem_size: u64) -> Result<GuestMemory, MemoryError> {
         layout::PATCH_ARENA_SIZE as usize,
     ));
     ranges.sort_by_key(|(addr, _)| *addr);
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+    let allocate = |detail: String| MemoryError::Allocate {
         requested_mib,
-        source,
-    })
+        detail,
+    };
+    let regions = ranges
+        .iter()
+        .map(|(gpa, size)| region(gpa.0, *size))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(allocate)?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| allocate(e.to_string()))
 }
 
 /// One piece of guest memory with its host mapping (a region of the VMM's `GuestMemory`): what
@@ -128,6 +268,50 @@ pub fn backing(mem: &GuestMemory) -> Result<Vec<Backing>, MemoryError> {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    /// Whether any mapping of this process covers `addr` (`/proc/self/maps`).
+    fn mapped(addr: u64) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        maps.lines().any(|l| {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let Some((a, b)) = range.split_once('-') else {
+                return false;
+            };
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap_or(0),
+                u64::from_str_radix(b, 16).unwrap_or(0),
+            );
+            a <= addr && addr < b
+        })
+    }
+
+    #[test]
+    fn regions_are_huge_page_aligned_and_live_as_long_as_the_memory() {
+        let mem = allocate(64 << 20).expect("allocate");
+        let regions = backing(&mem).expect("backing");
+        for r in &regions {
+            // Same offset in a 2 MiB page on both sides: huge nested-page entries possible.
+            assert_eq!(r.host % HUGE_PAGE as u64, r.gpa % HUGE_PAGE as u64, "{r:?}");
+            assert!(mapped(r.host));
+        }
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x20_0000))
+            .expect("write");
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x20_0000)).expect("read"),
+            0x1234_5678
+        );
+        // A clone keeps the mapping (the last one gone unmaps it; not checked here: another
+        // test's mapping may take the freed range at once).
+        let clone = mem.clone();
+        drop(mem);
+        assert!(regions.iter().all(|r| mapped(r.host)));
+        assert_eq!(
+            clone
+                .read_obj::<u32>(GuestAddress(0x20_0000))
+                .expect("read"),
+            0x1234_5678
+        );
+    }
 
     #[test]
     fn refuses_tiny_memory() {
