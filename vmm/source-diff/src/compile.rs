@@ -433,9 +433,10 @@ fn object_path(unit: &str) -> String {
     format!("{}.o", unit.strip_suffix(".c").unwrap_or(unit))
 }
 
-/// `make -jN` of the objects of the `units` marked in `which`, in one kbuild run (the tree's
-/// own parallelism); each marked unit's object bytes, `None` for the others. The first unit
-/// that did not compile is the error.
+/// `make -jN <unit>.o …` with the diff's flags for the `units` marked in `which`, in one kbuild
+/// run (the tree's own parallelism); each marked unit's object bytes, `None` for the others.
+/// The first unit that did not compile is the error; a unit kbuild built as part of a module
+/// is refused.
 fn compile_some(
     tree: &SourceTree,
     units: &[String],
@@ -449,12 +450,8 @@ fn compile_some(
         .filter(|(_, w)| **w)
         .map(|(u, _)| u)
         .collect();
-    if chosen.len() <= 1 {
-        return units
-            .iter()
-            .zip(which)
-            .map(|(u, w)| w.then(|| compile(tree, u, when, cflags)).transpose())
-            .collect();
+    if chosen.is_empty() {
+        return Ok(vec![None; units.len()]);
     }
     let objs: Vec<String> = chosen.iter().map(|u| object_path(u)).collect();
     for o in &objs {
@@ -476,77 +473,35 @@ fn compile_some(
         ms = started.elapsed().as_millis() as u64,
         "compiled"
     );
+    // A failure first (the unit whose object is missing, else all of them), then modules.
+    let failed = |unit: String| CompileError::Failed {
+        unit,
+        when,
+        detail: tail(&String::from_utf8_lossy(&out.stderr)),
+    };
+    if let Some(u) = chosen
+        .iter()
+        .find(|u| !tree.dir.join(object_path(u)).is_file())
+    {
+        return Err(failed(u.to_string()));
+    }
+    if !out.status.success() {
+        let all: Vec<&str> = chosen.iter().map(|u| u.as_str()).collect();
+        return Err(failed(all.join(", ")));
+    }
     let mut result = Vec::with_capacity(units.len());
     for (u, w) in units.iter().zip(which) {
         if !*w {
             result.push(None);
             continue;
         }
-        let obj_path = tree.dir.join(object_path(u));
-        if !obj_path.is_file() {
-            return Err(CompileError::Failed {
-                unit: u.clone(),
-                when,
-                detail: tail(&String::from_utf8_lossy(&out.stderr)),
-            });
-        }
         if command_line(tree, u).is_some_and(|l| l.contains(" -DMODULE ")) {
             return Err(CompileError::Module { unit: u.clone() });
         }
+        let obj_path = tree.dir.join(object_path(u));
         result.push(Some(std::fs::read(&obj_path).map_err(io(&obj_path))?));
     }
-    if !out.status.success() {
-        return Err(CompileError::Failed {
-            unit: chosen
-                .iter()
-                .map(|u| u.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            when,
-            detail: tail(&String::from_utf8_lossy(&out.stderr)),
-        });
-    }
     Ok(result)
-}
-
-/// `make <unit>.o` with the diff's flags; the object's bytes.
-fn compile(
-    tree: &SourceTree,
-    unit: &str,
-    when: &'static str,
-    cflags: &str,
-) -> Result<Vec<u8>, CompileError> {
-    let obj = object_path(unit);
-    let obj_path = tree.dir.join(&obj);
-    let _ = std::fs::remove_file(&obj_path);
-    let started = std::time::Instant::now();
-    let out = Command::new("make")
-        .arg("-s")
-        .arg(format!("CC={}", tree.cc))
-        .arg(format!("KCFLAGS={cflags}"))
-        .arg(&obj)
-        .current_dir(&tree.dir)
-        .output()
-        .map_err(io(&tree.dir))?;
-    if !out.status.success() {
-        return Err(CompileError::Failed {
-            unit: unit.to_string(),
-            when,
-            detail: tail(&String::from_utf8_lossy(&out.stderr)),
-        });
-    }
-    tracing::info!(
-        unit,
-        when,
-        ms = started.elapsed().as_millis() as u64,
-        "compiled"
-    );
-    if command_line(tree, unit).is_some_and(|l| l.contains(" -DMODULE ")) {
-        return Err(CompileError::Module {
-            unit: unit.to_string(),
-        });
-    }
-    std::fs::read(&obj_path).map_err(io(&obj_path))
 }
 
 /// The compiler command kbuild last used for `unit` (the first line of its `.o.cmd` file).
