@@ -93,6 +93,16 @@ pub enum BootError {
     Cmdline(String),
     #[error("could not write the boot structures into guest memory: {0}")]
     BootParams(String),
+    #[error(
+        "the decompressed kernel given for {path} cannot be loaded ({source}); boot the bzImage with its own decompressor (vmm run --guest-decompressor)"
+    )]
+    Decompressed {
+        path: String,
+        #[source]
+        source: crate::kaslr::KaslrError,
+    },
+    #[error("cannot draw KASLR's random numbers from /dev/urandom")]
+    Random(#[source] std::io::Error),
 }
 
 /// How the vCPUs enter the image.
@@ -128,12 +138,21 @@ pub struct BootRequest<'a> {
     pub cmdline: &'a str,
     pub initrd: Option<&'a Image<'a>>,
     pub acpi: crate::acpi::AcpiConfig,
+    /// A bzImage's decompressed kernel (its ELF and relocation table), when the VMM holds it:
+    /// the VMM then places and relocates it as the decompressor would ([`crate::kaslr`]) and the
+    /// guest never runs its decompressor. `None`: the decompressor runs in the guest.
+    pub decompressed: Option<&'a [u8]>,
+    /// The two random numbers KASLR draws (`None`: from `/dev/urandom`); fixed only by tests.
+    pub kaslr_random: Option<[u64; 2]>,
 }
 
 /// Offset of the 64-bit entry (`startup_64`) in a bzImage's protected-mode kernel.
 const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
 /// Setup header `xloadflags` bit: the kernel has a 64-bit entry at +0x200.
 const XLF_KERNEL_64: u16 = 1;
+/// Setup header `loadflags` bit the decompressor sets when it randomised the kernel's place:
+/// the kernel then also randomises its memory regions (`kaslr_enabled()`).
+const KASLR_FLAG: u8 = 1 << 1;
 /// Boot protocol version that added `init_size`/`pref_address` (2.10).
 const BOOT_PROTOCOL_2_10: u16 = 0x20a;
 /// Setup header offset in a bzImage, and its magic.
@@ -151,8 +170,9 @@ pub fn is_linux_image(b: &[u8]) -> bool {
 
 /// An ELF that is a Linux kernel (a vmlinux): it carries `Linux version ` (its banner).
 fn is_linux_elf(b: &[u8]) -> bool {
-    const BANNER: &[u8] = b"Linux version ";
-    b.windows(BANNER.len()).any(|w| w == BANNER)
+    // memmem, not a windowed compare: a vmlinux is ~60 MB, and where the VMM's user space is
+    // emulated (the nested tier) a byte-wise scan of it took 10 s.
+    memchr::memmem::find(b, b"Linux version ").is_some()
 }
 
 /// The image to boot: a path for messages and its bytes.
@@ -442,6 +462,9 @@ fn load_bzimage(
             have_mib: mem_size >> 20,
         });
     }
+    if let Some(blob) = req.decompressed {
+        return load_decompressed(mem, mem_size, req, hdr, blob);
+    }
     let mut cursor = Cursor::new(image.bytes.as_ref());
     let result = BzImage::load(mem, Some(GuestAddress(HIMEM_START)), &mut cursor, None).map_err(
         |source| BootError::Load {
@@ -481,6 +504,143 @@ fn load_bzimage(
     write_gdt(mem, spec.mode)?;
     tracing::debug!(entry = format_args!("{:#x}", spec.entry), init_size, protocol = format_args!("{version:#x}"), initrd = ?initrd, "bzImage loaded");
     Ok(spec)
+}
+
+/// Loads a bzImage's decompressed kernel where KASLR puts it, relocated, and prepares its
+/// 64-bit entry (`startup_64` of the kernel proper) with the zero page built from the bzImage's
+/// setup header: what the decompressor would have left.
+fn load_decompressed(
+    mem: &GuestMemory,
+    mem_size: u64,
+    req: &BootRequest<'_>,
+    mut hdr: linux_loader::loader::bootparam::setup_header,
+    blob: &[u8],
+) -> Result<BootSpec, BootError> {
+    use crate::kaslr;
+    let name = req.image.name.clone();
+    let bad = |source| BootError::Decompressed {
+        path: name.clone(),
+        source,
+    };
+    let kernel = kaslr::Kernel::parse(blob).map_err(bad)?;
+    let pref = hdr.pref_address;
+    if kernel.link_phys != pref {
+        return Err(bad(kaslr::KaslrError::NotElf(
+            "it is linked for another load address than the bzImage's setup header says",
+        )));
+    }
+    let align = u64::from(hdr.kernel_alignment);
+    let needed = kernel.needed(align.max(1));
+    let have_end = high_ram(mem_size).map(|r| r.end()).unwrap_or(0);
+    if pref.saturating_add(needed) > have_end {
+        return Err(BootError::TooLarge {
+            path: name,
+            what: "the decompressed kernel",
+            needed_mib: mib_up(pref.saturating_add(needed)),
+            have_mib: mem_size >> 20,
+        });
+    }
+    write_cmdline(mem, req.cmdline)?;
+    let rsdp = crate::acpi::write(mem, &req.acpi)?;
+    // The initrd goes where it would with the kernel at its link address; the kernel's random
+    // place is then chosen around it.
+    let initrd = match req.initrd {
+        Some(initrd) => Some(place_initrd(
+            mem,
+            mem_size,
+            initrd,
+            pref + needed,
+            u64::from(hdr.initrd_addr_max),
+        )?),
+        None => None,
+    };
+    let mapped = pagetables::MAPPED_GIB << 30;
+    let mut ram: Vec<std::ops::Range<u64>> = layout::e820_map(mem_size)
+        .iter()
+        .filter(|e| e.kind == layout::E820_RAM)
+        .map(|e| e.addr..(e.addr + e.size).min(mapped))
+        .filter(|r| r.start < r.end)
+        .collect();
+    if let Some(i) = initrd {
+        ram = ram
+            .into_iter()
+            .flat_map(|r| {
+                let end = i.addr + i.size;
+                [r.start..r.end.min(i.addr), r.start.max(end)..r.end]
+            })
+            .filter(|r| r.start < r.end)
+            .collect();
+    }
+    let randomize = hdr.relocatable_kernel != 0 && !kaslr::cmdline_says_nokaslr(req.cmdline);
+    let random = match req.kaslr_random {
+        Some(r) => r,
+        None if randomize => kaslr::random_pair().map_err(BootError::Random)?,
+        None => [0, 0],
+    };
+    let place = kaslr::choose(
+        random,
+        &ram,
+        needed,
+        align,
+        pref,
+        randomize,
+        kernel.relocatable(),
+    )
+    .map_err(bad)?;
+    // Straight into guest memory (fresh, so zero where the bss lies): no 60 MB staging copy.
+    kernel
+        .load_into(
+            &mut GuestSink {
+                mem,
+                base: place.phys,
+            },
+            place.virt,
+        )
+        .map_err(bad)?;
+    hdr.type_of_loader = 0xff;
+    if place.randomized {
+        hdr.loadflags |= KASLR_FLAG;
+    }
+    let params = boot_params {
+        hdr,
+        ..Default::default()
+    };
+    write_zero_page(mem, mem_size, params, req.cmdline.len(), Some(rsdp), initrd)?;
+    write_page_tables(mem)?;
+    let spec = BootSpec {
+        mode: EntryMode::Long64,
+        entry: place.phys + kernel.entry_offset,
+        kernel_end: place.phys + needed,
+        linux: true,
+    };
+    write_gdt(mem, spec.mode)?;
+    tracing::debug!(
+        phys = format_args!("{:#x}", place.phys),
+        virt = format_args!("{:#x}", place.virt),
+        randomized = place.randomized,
+        initrd = ?initrd,
+        "decompressed kernel loaded"
+    );
+    Ok(spec)
+}
+
+/// The kernel's bytes in guest memory from `base`.
+struct GuestSink<'a> {
+    mem: &'a GuestMemory,
+    base: u64,
+}
+
+impl crate::kaslr::Sink for GuestSink<'_> {
+    fn write(&mut self, at: u64, bytes: &[u8]) -> Result<(), String> {
+        self.mem
+            .write_slice(bytes, GuestAddress(self.base + at))
+            .map_err(|e| format!("at {:#x}: {e}", self.base + at))
+    }
+    fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.mem
+            .read_slice(buf, GuestAddress(self.base + at))
+            .map_err(|e| format!("at {:#x}: {e}", self.base + at))
+    }
 }
 
 /// Where an initrd was put: guest-physical start and length.
@@ -849,6 +1009,8 @@ mod tests {
             cmdline: "",
             initrd: None,
             acpi: Default::default(),
+            decompressed: None,
+            kaslr_random: None,
         };
         let spec = load(&mem, 16 << 20, &req).map_err(|e| e.to_string());
         assert_eq!(spec.map(|s| s.mode), Ok(EntryMode::Pvh32));
@@ -919,8 +1081,109 @@ mod tests {
                 vcpus: 2,
                 virtio_mmio: Vec::new(),
             },
+            decompressed: None,
+            kaslr_random: None,
         };
         load(&mem, mem_mib << 20, &req).map(|spec| (spec, mem))
+    }
+
+    fn boot_decompressed(
+        kernel: &Image<'_>,
+        initrd: Option<&Image<'_>>,
+        blob: &[u8],
+        cmdline: &str,
+        random: [u64; 2],
+    ) -> Result<(BootSpec, GuestMemory), BootError> {
+        let Ok(mem) = crate::memory::allocate(64 << 20) else {
+            panic!("64 MiB must be allocatable")
+        };
+        let req = BootRequest {
+            image: kernel,
+            cmdline,
+            initrd,
+            acpi: crate::acpi::AcpiConfig {
+                vcpus: 1,
+                virtio_mmio: Vec::new(),
+            },
+            decompressed: Some(blob),
+            kaslr_random: Some(random),
+        };
+        load(&mem, 64 << 20, &req).map(|spec| (spec, mem))
+    }
+
+    #[test]
+    fn a_decompressed_kernel_is_placed_at_random_relocated_and_entered_directly() {
+        use crate::kaslr::fixture::{LINK, VBASE, kernel, va};
+        let bz = image(bzimage(0x20f, XLF_KERNEL_64, 4 << 20, 64 << 10));
+        let blob = kernel(Some((&[va(0x10)], &[], &[])));
+        let initrd = image(vec![0x5a; 3 << 20]);
+        let read_u64 = |mem: &GuestMemory, at: u64| mem.read_obj::<u64>(GuestAddress(at)).ok();
+        let mut places = std::collections::BTreeSet::new();
+        for r in 0..8u64 {
+            let (spec, mem) = match boot_decompressed(
+                &bz,
+                Some(&initrd),
+                &blob,
+                "console=ttyS0",
+                [r * 7 + 1, r * 13 + 2],
+            ) {
+                Ok(v) => v,
+                Err(e) => panic!("boot: {e}"),
+            };
+            let phys = spec.entry - 0x40;
+            assert_eq!(spec.mode, EntryMode::Long64);
+            assert_eq!(phys % (2 << 20), 0);
+            assert!(phys >= LINK && spec.kernel_end <= 64 << 20, "{spec:x?}");
+            let mut text = [0u8; 4];
+            let _ = mem.read_slice(&mut text, GuestAddress(phys));
+            assert_eq!(&text, b"TEXT");
+            // The pointer moved with the virtual offset (a multiple of 2 MiB), never the
+            // physical one.
+            let ptr = read_u64(&mem, phys + 0x10).unwrap_or(0);
+            assert_eq!((ptr - (VBASE + 0x100)) % (2 << 20), 0);
+            let zp: boot_params = mem.read_obj(GuestAddress(BOOT_INFO)).unwrap_or_default();
+            assert_eq!(zp.hdr.loadflags & KASLR_FLAG, KASLR_FLAG);
+            let (initrd_at, initrd_size) = (
+                u64::from(zp.hdr.ramdisk_image),
+                u64::from(zp.hdr.ramdisk_size),
+            );
+            assert!(
+                initrd_at >= spec.kernel_end || initrd_at + initrd_size <= phys,
+                "the kernel at {phys:#x}..{:#x} overlaps the initrd at {initrd_at:#x}",
+                spec.kernel_end
+            );
+            let mut first = [0u8; 4];
+            let _ = mem.read_slice(&mut first, GuestAddress(initrd_at));
+            assert_eq!(first, [0x5a; 4]);
+            // The bzImage itself is not in memory: nothing was loaded at 1 MiB.
+            assert_eq!(read_u64(&mem, HIMEM_START), Some(0));
+            places.insert((phys, ptr));
+        }
+        assert!(places.len() > 1, "KASLR chose one place for eight draws");
+        // nokaslr: at the link address, unrelocated, no KASLR flag.
+        let (spec, mem) = match boot_decompressed(&bz, None, &blob, "nokaslr", [5, 9]) {
+            Ok(v) => v,
+            Err(e) => panic!("boot: {e}"),
+        };
+        assert_eq!(spec.entry, LINK + 0x40);
+        assert_eq!(read_u64(&mem, LINK + 0x10), Some(VBASE + 0x100));
+        let zp: boot_params = mem.read_obj(GuestAddress(BOOT_INFO)).unwrap_or_default();
+        assert_eq!(zp.hdr.loadflags & KASLR_FLAG, 0);
+        // A decompressed kernel linked elsewhere than the bzImage says is not this bzImage's.
+        let mut other = bzimage(0x20f, XLF_KERNEL_64, 4 << 20, 64 << 10);
+        other[0x258..0x260].copy_from_slice(&0x200_0000u64.to_le_bytes());
+        let e = match boot_decompressed(&image(other), None, &blob, "", [1, 1]) {
+            Ok(_) => panic!("must be refused"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, BootError::Decompressed { .. }), "{e}");
+        assert!(e.to_string().contains("--guest-decompressor"), "{e}");
+        // A truncated one.
+        let e = match boot_decompressed(&bz, None, &blob[..100], "", [1, 1]) {
+            Ok(_) => panic!("must be refused"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, BootError::Decompressed { .. }), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod guest;
 pub mod integrity;
+pub mod kaslr;
 pub mod layout;
 pub mod log_limit;
 pub mod memory;

@@ -99,6 +99,9 @@ pub struct VmConfig {
     pub code_ranges: Vec<(u64, u64)>,
     /// Disk images served to the guest as virtio-blk devices (`vmm run --disk`).
     pub disks: Vec<DiskConfig>,
+    /// The bzImage's decompressed kernel, when the VMM holds it: loaded directly, with KASLR
+    /// done by the VMM, so the guest skips its decompressor ([`crate::kaslr`]).
+    pub decompressed: Option<Vec<u8>>,
 }
 
 impl VmConfig {
@@ -119,6 +122,7 @@ impl VmConfig {
             code_integrity: integrity::Mode::Off,
             code_ranges: Vec::new(),
             disks: Vec::new(),
+            decompressed: None,
         }
     }
 }
@@ -236,6 +240,8 @@ impl Vm {
                     vcpus: config.vcpus,
                     virtio_mmio,
                 },
+                decompressed: config.decompressed.as_deref(),
+                kaslr_random: None,
             },
         )?;
         let console_lines = config

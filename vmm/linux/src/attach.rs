@@ -74,6 +74,16 @@ impl KernelImage {
             source,
         })?;
         let (vmlinux, source) = crate::image_cache::vmlinux(&bytes, cache)?;
+        Self::from_vmlinux(path, vmlinux, source == crate::image_cache::Source::Cache)
+    }
+
+    /// From the vmlinux of the image at `path`, already read (the VMM decompressed it to boot
+    /// the kernel, so it is not read and checked twice).
+    pub fn from_vmlinux(
+        path: &Path,
+        vmlinux: Vec<u8>,
+        from_cache: bool,
+    ) -> Result<KernelImage, LinuxAttachError> {
         let kallsyms = Kallsyms::from_vmlinux(&vmlinux)?;
         let banner = super::linux_banner(&vmlinux, &kallsyms)
             .ok_or_else(|| LinuxAttachError::NoBanner(path.display().to_string()))?;
@@ -86,7 +96,7 @@ impl KernelImage {
             kallsyms,
             banner,
             text_sites,
-            from_cache: source == crate::image_cache::Source::Cache,
+            from_cache,
         })
     }
 }
