@@ -275,9 +275,10 @@ enum BenchCommand {
         /// Apply/revert cycles (and floor samples) on each side.
         #[arg(long, default_value_t = 20)]
         cycles: usize,
-        /// Time only the boots (with the first boot's kernel log on each side in the JSON).
-        #[arg(long)]
-        boot_only: bool,
+        /// Run only these parts (repeatable; default all). The first boot's kernel log on each
+        /// side is in the JSON.
+        #[arg(long = "only", value_enum, value_name = "PART")]
+        only: Vec<bench::linux_vmm::Part>,
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -856,7 +857,7 @@ fn bench_linux_vmm(
     kit: vmm_tools::nested::L1Kit,
     rounds: usize,
     cycles: usize,
-    boot_only: bool,
+    only: Vec<bench::linux_vmm::Part>,
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
     eprintln!(
@@ -868,7 +869,11 @@ fn bench_linux_vmm(
         &vmm,
         rounds.max(1),
         cycles.max(1),
-        boot_only,
+        if only.is_empty() {
+            &bench::linux_vmm::Part::ALL
+        } else {
+            &only
+        },
         bench::host_info(),
     )?;
     report.host.loadavg_after = bench::loadavg();
@@ -1098,9 +1103,9 @@ fn main() -> ExitCode {
             l1,
             rounds,
             cycles,
-            boot_only,
+            only,
             out,
-        }) => bench_linux_vmm(l1.into(), rounds, cycles, boot_only, out),
+        }) => bench_linux_vmm(l1.into(), rounds, cycles, only, out),
         Command::Bench(BenchCommand::PatchL1 {
             l1,
             vcpus,

@@ -619,6 +619,7 @@ impl<G: GuestControl> Engine<G> {
         self.apply_engine.push(engine_us);
         self.last_engine_us = Some(engine_us);
         self.last_phases = Some(committed.phases);
+        self.apply_phases.push(committed.phases);
         let total_us = t0.elapsed().as_micros() as u64;
         self.apply_totals.push(total_us);
         info!(patch = %record.id, name = %record.name, sites = record.sites.len(), blackout_us, attempts = committed.attempts, moved_vcpus = committed.moved, total_us, "patch applied");

@@ -249,9 +249,40 @@ pub struct EngineMetrics {
     /// vCPU moves): what is left once the hypervisor's pause/resume floor is taken away.
     pub apply_engine_us: Summary,
     pub revert_engine_us: Summary,
+    /// The applies' engine work by phase (ns): where the in-blackout time goes on this host.
+    pub apply_phases_ns: PhaseSummaries,
     pub apply_total_us: Summary,
     pub arena_free_bytes: u64,
     pub arena_quarantined_bytes: u64,
+}
+
+/// Summaries of [`BlackoutPhases`] over the applies kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseSummaries {
+    pub recheck_ns: Summary,
+    pub scan_ns: Summary,
+    pub write_ns: Summary,
+}
+
+/// Histories of the three phases, pushed together.
+struct PhaseHistory([History; 3]);
+
+impl PhaseHistory {
+    fn new(capacity: usize) -> Self {
+        PhaseHistory(std::array::from_fn(|_| History::new(capacity)))
+    }
+    fn push(&mut self, p: BlackoutPhases) {
+        self.0[0].push(p.recheck_ns);
+        self.0[1].push(p.scan_ns);
+        self.0[2].push(p.write_ns);
+    }
+    fn summaries(&self) -> PhaseSummaries {
+        PhaseSummaries {
+            recheck_ns: self.0[0].summary(),
+            scan_ns: self.0[1].summary(),
+            write_ns: self.0[2].summary(),
+        }
+    }
 }
 
 /// Arena code of an applied patch that replaces several functions: after a revert its new
@@ -303,6 +334,7 @@ pub struct Engine<G: GuestControl> {
     /// The engine's share of the last committed blackout (µs).
     last_engine_us: Option<u64>,
     last_phases: Option<BlackoutPhases>,
+    apply_phases: PhaseHistory,
     apply_totals: History,
     applies: u64,
     reverts: u64,
@@ -415,6 +447,7 @@ impl<G: GuestControl> Engine<G> {
             revert_engine: History::new(4096),
             last_engine_us: None,
             last_phases: None,
+            apply_phases: PhaseHistory::new(4096),
             apply_totals: History::new(4096),
             applies: 0,
             reverts: 0,
@@ -455,6 +488,7 @@ impl<G: GuestControl> Engine<G> {
             revert_blackout_us: self.revert_blackouts.summary(),
             apply_engine_us: self.apply_engine.summary(),
             revert_engine_us: self.revert_engine.summary(),
+            apply_phases_ns: self.apply_phases.summaries(),
             apply_total_us: self.apply_totals.summary(),
             arena_free_bytes: self.arena.free_bytes(),
             arena_quarantined_bytes: self.arena.quarantined_bytes(),

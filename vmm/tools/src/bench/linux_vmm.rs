@@ -88,7 +88,9 @@ booted() {
     echo "BENCH-FAIL boot-$1: no L2-UP within 150 s; its console:"; tail -n 30 "$2"
   fi
 }
-for i in $(seq 1 $ROUNDS); do
+# The parts asked for (PARTS, from --only).
+want() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+want boot && for i in $(seq 1 $ROUNDS); do
   d=dmesg=0; [ "$i" = 1 ] && d=dmesg=1
   t0=$(now)
   "$VMM" run $K --cmdline "$A bench=boot $d" > boot-vmm.log 2>&1 < /dev/null &
@@ -103,9 +105,9 @@ for i in $(seq 1 $ROUNDS); do
   kill $p; wait $p
   rm -f boot-qemu.log
 done
-[ "$BOOT_ONLY" = 1 ] && exit 0
 
 # Blackouts through this VMM's API, interleaved with its pause -> resume floor.
+if want patch; then
 "$VMM" run $K --cmdline "$A bench=patch" --api-sock api.sock --trusted-key ops.pub > patch.log 2>&1 < /dev/null &
 p=$!
 n=0
@@ -120,12 +122,14 @@ for i in $(seq 1 $CYCLES); do
 done
 echo "BENCH-JSON vmm-metrics $("$VMM" metrics --api-sock api.sock | tr -d '\n')"
 kill $p; wait $p
+fi
 
 # Workload rate with code integrity off and enforce (patching on in both, so only that differs).
-for mode in off enforce off enforce; do
+want tput && for mode in off enforce off enforce; do
   "$VMM" run $K --cmdline "$A bench=tput" --trusted-key ops.pub --code-integrity $mode > tput.log 2>&1 < /dev/null
   grep L2-TPUT tput.log | sed "s/^.*L2-TPUT/BENCH tput-$mode/"
 done
+want qemu || exit 0
 # The QEMU backend talks to QEMU's gdbstub over TCP on 127.0.0.1: L1 brings up no network.
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 # The QEMU backend on QEMU -enable-kvm, same kernel and fix (its own run, its own floor), last
@@ -136,6 +140,31 @@ timeout 900 "$VMM" --log info bench linux --kernel l2/bzImage --busybox /bin/bus
 [ -f qemu-linux.json ] || echo "BENCH-FAIL qemu-backend: vmm bench linux --accel kvm wrote no report (exit or 900 s timeout; its lines are above, prefixed QEMU-BACKEND)"
 [ -f qemu-linux.json ] && echo "BENCH-JSON qemu $(tr -d '\n' < qemu-linux.json)"
 "#;
+
+/// The parts of the comparison (`vmm bench linux-vmm --only`), in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Boots of both VMMs to the init workload.
+    Boot,
+    /// Apply/revert blackouts through this VMM's API, with its floor.
+    Patch,
+    /// The workload's rate with code integrity off and enforce.
+    Tput,
+    /// The QEMU backend's blackouts on QEMU -enable-kvm.
+    Qemu,
+}
+
+impl Part {
+    pub const ALL: [Part; 4] = [Part::Boot, Part::Patch, Part::Tput, Part::Qemu];
+    fn name(self) -> &'static str {
+        match self {
+            Part::Boot => "boot",
+            Part::Patch => "patch",
+            Part::Tput => "tput",
+            Part::Qemu => "qemu",
+        }
+    }
+}
 
 /// One side of a comparison, µs or s.
 #[derive(Debug, Clone, Serialize)]
@@ -162,6 +191,8 @@ pub struct LinuxVmmReport {
     /// The engine's own work inside this VMM's blackouts (the API's metrics).
     pub vmm_apply_engine_us: Option<Summary>,
     pub vmm_revert_engine_us: Option<Summary>,
+    /// The applies' engine work by phase (ns): recheck, scan, write.
+    pub vmm_apply_phases_ns: Option<[Summary; 3]>,
     /// `BENCH-FAIL` lines: what the job could not measure, and why.
     pub failures: Vec<String>,
     pub qemu_floor_us: Option<Summary>,
@@ -198,7 +229,7 @@ pub fn run(
     vmm: &Path,
     rounds: usize,
     cycles: usize,
-    boot_only: bool,
+    parts: &[Part],
     host: HostInfo,
 ) -> anyhow::Result<LinuxVmmReport> {
     let tmp = tempfile::Builder::new()
@@ -245,8 +276,8 @@ pub fn run(
     a.file("bin/busybox", 0o755, std::fs::read(&kit.busybox)?)?;
     a.file("init", 0o755, L2_INIT.as_bytes().to_vec())?;
     let script = format!(
-        "ROUNDS={rounds}\nCYCLES={cycles}\nBOOT_ONLY={}\n{JOB}",
-        u8::from(boot_only)
+        "ROUNDS={rounds}\nCYCLES={cycles}\nPARTS=\"{}\"\n{JOB}",
+        parts.iter().map(|p| p.name()).collect::<Vec<_>>().join(" ")
     );
     let mut job = NestedJob::new("bench-linux-vmm", &script, vmm)
         .file("l2/bzImage", &kit.vmlinuz)
@@ -307,13 +338,16 @@ pub fn run(
     }
     let get = |k: &str| nums.get(k).cloned().unwrap_or_default();
     let us = |k: &str| summarize(&get(k).iter().map(|v| *v as u64).collect::<Vec<_>>());
-    if (!boot_only && get("apply-vmm").is_empty()) || get("boot-vmm").is_empty() {
+    let wants = |p: Part| parts.contains(&p);
+    if (wants(Part::Patch) && get("apply-vmm").is_empty())
+        || (wants(Part::Boot) && get("boot-vmm").is_empty())
+    {
         anyhow::bail!(
             "the nested job produced no measurements of this VMM:\n{}",
             outcome.log()
         );
     }
-    if !failures.is_empty() || (!boot_only && qemu.is_null()) {
+    if !failures.is_empty() || (wants(Part::Qemu) && qemu.is_null()) {
         // The numbers that are there are still reported; the log says why the rest is not.
         eprintln!(
             "bench linux-vmm: some measurements are missing ({}); the job's output:\n{}",
@@ -345,6 +379,14 @@ pub fn run(
         qemu_revert_us: summary_of(&qemu["revert_us"]),
         vmm_apply_engine_us: summary_of(&metrics["patches"]["apply_engine_us"]),
         vmm_revert_engine_us: summary_of(&metrics["patches"]["revert_engine_us"]),
+        vmm_apply_phases_ns: (|| {
+            let p = &metrics["patches"]["apply_phases_ns"];
+            Some([
+                summary_of(&p["recheck_ns"])?,
+                summary_of(&p["scan_ns"])?,
+                summary_of(&p["write_ns"])?,
+            ])
+        })(),
         failures,
         tput_off: get("tput-off"),
         tput_enforce: get("tput-enforce"),
@@ -420,6 +462,16 @@ pub fn table(r: &LinuxVmmReport) -> String {
             num(q50(&r.vmm_revert_engine_us), 0)
         )
     ));
+    let phase = |i: usize| {
+        r.vmm_apply_phases_ns
+            .as_ref()
+            .and_then(|p| p50(&p[i]))
+            .map(|ns| ns / 1000.0)
+    };
+    t.push_str(&format!(
+        "| this VMM: apply phases p50 (µs)           | {:>10} |            |         | recheck/scan/write |\n",
+        format!("{}/{}/{}", num(phase(0), 1), num(phase(1), 1), num(phase(2), 1))
+    ));
     let (off, on) = (med(&r.tput_off), med(&r.tput_enforce));
     t.push_str(&format!(
         "| workload reads/s, integrity off / enforce | {:>10} | {:>10} | {:>7} | ≈ 1 (noise)   |\n",
@@ -460,6 +512,7 @@ mod tests {
             vmm_revert_us: s(500),
             vmm_apply_engine_us: Some(s(40)),
             vmm_revert_engine_us: None,
+            vmm_apply_phases_ns: Some([s(30_000), s(2_000), s(8_500)]),
             failures: vec!["BENCH-FAIL boot-qemu: no L2-UP".into()],
             qemu_floor_us: None,
             qemu_apply_us: Some(s(9000)),
@@ -482,6 +535,7 @@ mod tests {
         assert_eq!(row("revert blackout")[2..5], ["500", "-", "-"]);
         assert_eq!(row("its floor")[2], "1.20");
         assert_eq!(row("engine's own")[2], "40/-");
+        assert_eq!(row("apply phases")[2], "30.0/2.0/8.5");
         assert!(t.contains("missing: BENCH-FAIL boot-qemu"), "{t}");
         assert!(!t.contains("NaN"), "{t}");
     }
