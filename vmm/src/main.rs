@@ -101,10 +101,9 @@ struct DemoLinuxArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Guest image: a Linux bzImage (x86 boot protocol, 64-bit entry; decompressed by the VMM,
-    /// from its image cache, and placed at random, KASLR as its own decompressor does) or an
-    /// x86-64 ELF (PVH note → 32-bit PVH entry, otherwise 64-bit entry). Without it, the
-    /// built-in test guest runs.
+    /// Guest image: a Linux bzImage (x86 boot protocol, 64-bit entry, KASLR by its own
+    /// decompressor; see --vmm-decompress) or an x86-64 ELF (PVH note → 32-bit PVH entry,
+    /// otherwise 64-bit entry). Without it, the built-in test guest runs.
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// An initrd (initramfs) for a Linux kernel: placed at the top of RAM below 4 GiB and
@@ -153,10 +152,16 @@ struct RunArgs {
     /// see docs/devices.md.
     #[arg(long = "disk", value_name = "FILE[,ro]", value_parser = parse_disk)]
     disks: Vec<kvm_vmm::devices::virtio::DiskConfig>,
-    /// Boot a bzImage as a PC does: its own decompressor runs in the guest and does KASLR.
-    /// By default the VMM loads the decompressed kernel (about 9 s less of a nested boot).
+    /// Experimental: the VMM decompresses the bzImage (from its image cache) and places and
+    /// relocates the kernel at random itself, KASLR as the decompressor does, so the guest
+    /// skips its decompressor (several seconds of a nested boot). Not the default yet: in the
+    /// nested tier 2 of ~35 such boots triple-faulted early, unexplained (docs/linux-guests.md).
     #[arg(long, requires = "kernel")]
-    guest_decompressor: bool,
+    vmm_decompress: bool,
+    /// With --vmm-decompress: draw KASLR's placement from this seed instead of /dev/urandom
+    /// (reproducing a boot).
+    #[arg(long, value_name = "N", hide = true, requires = "vmm_decompress")]
+    kaslr_seed: Option<u64>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
@@ -463,7 +468,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     // A bzImage's decompressed kernel, from the image cache (decompressed and stored there the
     // first time): the VMM loads it and the guest skips its decompressor (docs/linux-guests.md).
     let started = std::time::Instant::now();
-    let decompressed = if kvm_vmm::boot::is_bzimage(&image_bytes) && !args.guest_decompressor {
+    let decompressed = if kvm_vmm::boot::is_bzimage(&image_bytes) && args.vmm_decompress {
         match linux_guest::image_cache::vmlinux(
             &image_bytes,
             linux_guest::image_cache::default_dir().as_deref(),
@@ -509,6 +514,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         code_ranges: args.code_ranges,
         disks: args.disks,
         decompressed: boot_vmlinux,
+        kaslr_seed: args.kaslr_seed,
     };
     install_terminate_handlers()?;
     let engine_config = patch_engine::EngineConfig {

@@ -96,7 +96,7 @@ pub enum BootError {
     #[error("could not write the boot structures into guest memory: {0}")]
     BootParams(String),
     #[error(
-        "the decompressed kernel given for {path} cannot be loaded ({source}); boot the bzImage with its own decompressor (vmm run --guest-decompressor)"
+        "the decompressed kernel given for {path} cannot be loaded ({source}); boot the bzImage with its own decompressor (vmm run without --vmm-decompress)"
     )]
     Decompressed {
         path: String,
@@ -1176,7 +1176,7 @@ mod tests {
             Err(e) => e,
         };
         assert!(matches!(e, BootError::Decompressed { .. }), "{e}");
-        assert!(e.to_string().contains("--guest-decompressor"), "{e}");
+        assert!(e.to_string().contains("--vmm-decompress"), "{e}");
         // A truncated one.
         let e = match boot_decompressed(&bz, None, &blob[..100], "", [1, 1]) {
             Ok(_) => panic!("must be refused"),

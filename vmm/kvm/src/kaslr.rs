@@ -463,6 +463,17 @@ pub fn random_pair() -> std::io::Result<[u64; 2]> {
     ])
 }
 
+/// The two numbers [`choose`] takes, derived from a seed (splitmix64), to reproduce a placement.
+pub fn from_seed(seed: u64) -> [u64; 2] {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let a = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    [mix(a), mix(a.wrapping_add(0x9e37_79b9_7f4a_7c15))]
+}
+
 /// Whether a kernel command line asks for no KASLR (`nokaslr` as a whole word).
 pub fn cmdline_says_nokaslr(cmdline: &str) -> bool {
     cmdline.split_ascii_whitespace().any(|w| w == "nokaslr")

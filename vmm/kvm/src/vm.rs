@@ -102,6 +102,8 @@ pub struct VmConfig {
     /// The bzImage's decompressed kernel, when the VMM holds it: loaded directly, with KASLR
     /// done by the VMM, so the guest skips its decompressor ([`crate::kaslr`]).
     pub decompressed: Option<Vec<u8>>,
+    /// A fixed seed for KASLR's placement (`vmm run --kaslr-seed`); `None`: `/dev/urandom`.
+    pub kaslr_seed: Option<u64>,
 }
 
 impl VmConfig {
@@ -123,6 +125,7 @@ impl VmConfig {
             code_ranges: Vec::new(),
             disks: Vec::new(),
             decompressed: None,
+            kaslr_seed: None,
         }
     }
 }
@@ -241,7 +244,7 @@ impl Vm {
                     virtio_mmio,
                 },
                 decompressed: config.decompressed.as_deref(),
-                kaslr_random: None,
+                kaslr_random: config.kaslr_seed.map(crate::kaslr::from_seed),
             },
         )?;
         let console_lines = config
