@@ -477,18 +477,7 @@ fn load_bzimage(
     let Some(mut setup) = result.setup_header else {
         return Err(not("the loader returned no setup header"));
     };
-    write_cmdline(mem, req.cmdline)?;
-    let rsdp = crate::acpi::write(mem, &req.acpi)?;
-    let initrd = match req.initrd {
-        Some(initrd) => Some(place_initrd(
-            mem,
-            mem_size,
-            initrd,
-            needed,
-            u64::from(hdr.initrd_addr_max),
-        )?),
-        None => None,
-    };
+    let (rsdp, initrd) = write_linux_inputs(mem, mem_size, req, needed, hdr.initrd_addr_max)?;
     setup.type_of_loader = 0xff;
     setup.code32_start = HIMEM_START as u32;
     let params = boot_params {
@@ -506,6 +495,30 @@ fn load_bzimage(
     write_gdt(mem, spec.mode)?;
     tracing::debug!(entry = format_args!("{:#x}", spec.entry), init_size, protocol = format_args!("{version:#x}"), initrd = ?initrd, "bzImage loaded");
     Ok(spec)
+}
+
+/// What a bzImage boot writes besides the kernel: the command line, the ACPI tables (their
+/// RSDP returned) and the initrd, above `kernel_end` and below the kernel's `initrd_addr_max`.
+fn write_linux_inputs(
+    mem: &GuestMemory,
+    mem_size: u64,
+    req: &BootRequest<'_>,
+    kernel_end: u64,
+    initrd_max: u32,
+) -> Result<(u64, Option<InitrdPlace>), BootError> {
+    write_cmdline(mem, req.cmdline)?;
+    let rsdp = crate::acpi::write(mem, &req.acpi)?;
+    let initrd = match req.initrd {
+        Some(initrd) => Some(place_initrd(
+            mem,
+            mem_size,
+            initrd,
+            kernel_end,
+            u64::from(initrd_max),
+        )?),
+        None => None,
+    };
+    Ok((rsdp, initrd))
 }
 
 /// Loads a bzImage's decompressed kernel where KASLR puts it, relocated, and prepares its
@@ -542,20 +555,10 @@ fn load_decompressed(
             have_mib: mem_size >> 20,
         });
     }
-    write_cmdline(mem, req.cmdline)?;
-    let rsdp = crate::acpi::write(mem, &req.acpi)?;
     // The initrd goes where it would with the kernel at its link address; the kernel's random
     // place is then chosen around it.
-    let initrd = match req.initrd {
-        Some(initrd) => Some(place_initrd(
-            mem,
-            mem_size,
-            initrd,
-            pref + needed,
-            u64::from(hdr.initrd_addr_max),
-        )?),
-        None => None,
-    };
+    let (rsdp, initrd) =
+        write_linux_inputs(mem, mem_size, req, pref + needed, hdr.initrd_addr_max)?;
     let mapped = pagetables::MAPPED_GIB << 30;
     let mut ram: Vec<std::ops::Range<u64>> = layout::e820_map(mem_size)
         .iter()
