@@ -465,8 +465,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let trusted = patch_engine::keys::read_keys(&args.trusted_keys)?;
     let image_name = image.name.clone();
     let image_bytes = image.bytes.clone();
-    // A bzImage's decompressed kernel, from the image cache (decompressed and stored there the
-    // first time): the VMM loads it and the guest skips its decompressor (docs/linux-guests.md).
+    // With --vmm-decompress, a bzImage's decompressed kernel, from the image cache (decompressed
+    // and stored there the first time): the VMM loads it and the guest skips its decompressor
+    // (docs/linux-guests.md).
     let started = std::time::Instant::now();
     let decompressed = if kvm_vmm::boot::is_bzimage(&image_bytes) && args.vmm_decompress {
         match linux_guest::image_cache::vmlinux(
