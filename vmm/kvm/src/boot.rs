@@ -144,7 +144,8 @@ pub struct BootRequest<'a> {
     /// the VMM then places and relocates it as the decompressor would ([`crate::kaslr`]) and the
     /// guest never runs its decompressor. `None`: the decompressor runs in the guest.
     pub decompressed: Option<&'a [u8]>,
-    /// The two random numbers KASLR draws (`None`: from `/dev/urandom`); fixed only by tests.
+    /// The two random numbers KASLR draws (`None`: from `/dev/urandom`); fixed by tests and by
+    /// `vmm run --kaslr-seed`.
     pub kaslr_random: Option<[u64; 2]>,
 }
 

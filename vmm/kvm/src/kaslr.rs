@@ -299,7 +299,8 @@ impl<'a> Kernel<'a> {
         Ok(())
     }
 
-    /// The relocated memory image as a buffer (`span` bytes, bss zero).
+    /// The relocated memory image as a buffer (`span` bytes, bss zero): what the tests read.
+    #[cfg(test)]
     pub fn image(&self, virt: u64) -> Result<Vec<u8>, KaslrError> {
         let mut image = vec![0u8; self.span as usize];
         self.load_into(&mut image, virt)?;
@@ -313,6 +314,7 @@ pub trait Sink {
     fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), String>;
 }
 
+#[cfg(test)]
 impl Sink for Vec<u8> {
     fn write(&mut self, at: u64, bytes: &[u8]) -> Result<(), String> {
         let at = usize::try_from(at).map_err(|e| e.to_string())?;
