@@ -116,7 +116,8 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
-    /// Kernel command line (for Linux e.g. "console=ttyS0"; the test guest understands
+    /// Kernel command line (for Linux e.g. "console=ttyS0"; a Linux kernel also gets
+    /// "pci=off" unless this has a pci= option: there is no PCI bus; the test guest understands
     /// reports=N, batch=N, cpus=N, mode=normal|probe|spin|tamper, spin=N, writes=N; see
     /// docs/guest-protocol.md).
     #[arg(long, default_value = "")]

@@ -318,7 +318,12 @@ pub fn load(
                 source,
             }
         })?;
-    write_cmdline(mem, req.cmdline)?;
+    let cmdline = if linux {
+        linux_cmdline(req.cmdline)
+    } else {
+        req.cmdline.to_string()
+    };
+    write_cmdline(mem, &cmdline)?;
     let rsdp = if linux {
         Some(crate::acpi::write(mem, &req.acpi)?)
     } else {
@@ -355,7 +360,7 @@ pub fn load(
             params.hdr.boot_flag = 0xaa55;
             params.hdr.header = 0x5372_6448; // "HdrS"
             params.hdr.kernel_alignment = 0x0100_0000;
-            write_zero_page(mem, mem_size, params, req.cmdline.len(), rsdp, initrd)?;
+            write_zero_page(mem, mem_size, params, cmdline.len(), rsdp, initrd)?;
             write_page_tables(mem)?;
             BootSpec {
                 mode: EntryMode::Long64,
@@ -368,6 +373,21 @@ pub fn load(
     write_gdt(mem, spec.mode)?;
     tracing::debug!(mode = ?spec.mode, entry = format_args!("{:#x}", spec.entry), kernel_end = spec.kernel_end, linux, "image loaded");
     Ok(spec)
+}
+
+/// The command line a Linux kernel gets: the user's, plus `pci=off` unless it says something
+/// about `pci=` itself. This VMM has no PCI bus (its disks are virtio-MMIO), and without
+/// being told so the kernel probes for one through port I/O: on an AMD family 0xf/0x10 CPU its
+/// GART aperture checks alone read the configuration space of every bus and slot, one exit per
+/// port access, about 4 s of a nested boot (docs/linux-guests.md, "Boot"). Firecracker tells
+/// its guests the same.
+pub fn linux_cmdline(user: &str) -> String {
+    let says_pci = user.split_ascii_whitespace().any(|w| w.starts_with("pci="));
+    match (says_pci, user.trim().is_empty()) {
+        (true, _) => user.to_string(),
+        (false, true) => "pci=off".to_string(),
+        (false, false) => format!("{} pci=off", user.trim_end()),
+    }
 }
 
 fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
@@ -478,14 +498,21 @@ fn load_bzimage(
     let Some(mut setup) = result.setup_header else {
         return Err(not("the loader returned no setup header"));
     };
-    let (rsdp, initrd) = write_linux_inputs(mem, mem_size, req, needed, hdr.initrd_addr_max)?;
+    let inputs = write_linux_inputs(mem, mem_size, req, needed, hdr.initrd_addr_max)?;
     setup.type_of_loader = 0xff;
     setup.code32_start = HIMEM_START as u32;
     let params = boot_params {
         hdr: setup,
         ..Default::default()
     };
-    write_zero_page(mem, mem_size, params, req.cmdline.len(), Some(rsdp), initrd)?;
+    write_zero_page(
+        mem,
+        mem_size,
+        params,
+        inputs.cmdline_len,
+        Some(inputs.rsdp),
+        inputs.initrd,
+    )?;
     write_page_tables(mem)?;
     let spec = BootSpec {
         mode: EntryMode::Long64,
@@ -494,20 +521,22 @@ fn load_bzimage(
         linux: true,
     };
     write_gdt(mem, spec.mode)?;
-    tracing::debug!(entry = format_args!("{:#x}", spec.entry), init_size, protocol = format_args!("{version:#x}"), initrd = ?initrd, "bzImage loaded");
+    tracing::debug!(entry = format_args!("{:#x}", spec.entry), init_size, protocol = format_args!("{version:#x}"), initrd = ?inputs.initrd, "bzImage loaded");
     Ok(spec)
 }
 
-/// What a bzImage boot writes besides the kernel: the command line, the ACPI tables (their
-/// RSDP returned) and the initrd, above `kernel_end` and below the kernel's `initrd_addr_max`.
+/// What a bzImage boot writes besides the kernel: the command line ([`linux_cmdline`]), the
+/// ACPI tables and the initrd, above `kernel_end` and below the kernel's `initrd_addr_max`.
 fn write_linux_inputs(
     mem: &GuestMemory,
     mem_size: u64,
     req: &BootRequest<'_>,
     kernel_end: u64,
     initrd_max: u32,
-) -> Result<(u64, Option<InitrdPlace>), BootError> {
-    write_cmdline(mem, req.cmdline)?;
+) -> Result<LinuxInputs, BootError> {
+    let cmdline = linux_cmdline(req.cmdline);
+    write_cmdline(mem, &cmdline)?;
+    tracing::debug!(%cmdline, "Linux command line");
     let rsdp = crate::acpi::write(mem, &req.acpi)?;
     let initrd = match req.initrd {
         Some(initrd) => Some(place_initrd(
@@ -519,7 +548,18 @@ fn write_linux_inputs(
         )?),
         None => None,
     };
-    Ok((rsdp, initrd))
+    Ok(LinuxInputs {
+        rsdp,
+        initrd,
+        cmdline_len: cmdline.len(),
+    })
+}
+
+/// Where [`write_linux_inputs`] put things, for the zero page.
+struct LinuxInputs {
+    rsdp: u64,
+    initrd: Option<InitrdPlace>,
+    cmdline_len: usize,
 }
 
 /// Loads a bzImage's decompressed kernel where KASLR puts it, relocated, and prepares its
@@ -558,8 +598,8 @@ fn load_decompressed(
     }
     // The initrd goes where it would with the kernel at its link address; the kernel's random
     // place is then chosen around it.
-    let (rsdp, initrd) =
-        write_linux_inputs(mem, mem_size, req, pref + needed, hdr.initrd_addr_max)?;
+    let inputs = write_linux_inputs(mem, mem_size, req, pref + needed, hdr.initrd_addr_max)?;
+    let initrd = inputs.initrd;
     let mapped = pagetables::MAPPED_GIB << 30;
     let mut ram: Vec<std::ops::Range<u64>> = layout::e820_map(mem_size)
         .iter()
@@ -608,7 +648,14 @@ fn load_decompressed(
         hdr,
         ..Default::default()
     };
-    write_zero_page(mem, mem_size, params, req.cmdline.len(), Some(rsdp), initrd)?;
+    write_zero_page(
+        mem,
+        mem_size,
+        params,
+        inputs.cmdline_len,
+        Some(inputs.rsdp),
+        inputs.initrd,
+    )?;
     write_page_tables(mem)?;
     let spec = BootSpec {
         mode: EntryMode::Long64,
@@ -1224,9 +1271,24 @@ mod tests {
             (u64::from(cmd), loader, u64::from(code32)),
             (CMDLINE, 0xff, HIMEM_START)
         );
+        // The kernel is told there is no PCI bus; the size covers what was written.
+        let want = b"console=ttyS0 pci=off\0";
+        let mut line = [0u8; 22];
+        let _ = mem.read_slice(&mut line, GuestAddress(CMDLINE));
+        assert_eq!(&line, want);
+        assert_eq!(zp.hdr.cmdline_size as usize, want.len());
         let mut sig = [0u8; 8];
         let _ = mem.read_slice(&mut sig, GuestAddress(layout::ACPI_START));
         assert_eq!(&sig, b"RSD PTR ");
+    }
+
+    #[test]
+    fn linux_is_told_there_is_no_pci_unless_the_user_says_otherwise() {
+        assert_eq!(linux_cmdline(""), "pci=off");
+        assert_eq!(linux_cmdline("console=ttyS0 "), "console=ttyS0 pci=off");
+        assert_eq!(linux_cmdline("pci=nocrs quiet"), "pci=nocrs quiet");
+        // Only a whole `pci=` word counts.
+        assert_eq!(linux_cmdline("nopci=1"), "nopci=1 pci=off");
     }
 
     #[test]
