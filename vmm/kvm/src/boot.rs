@@ -499,28 +499,15 @@ fn load_bzimage(
         return Err(not("the loader returned no setup header"));
     };
     let inputs = write_linux_inputs(mem, mem_size, req, needed, hdr.initrd_addr_max)?;
-    setup.type_of_loader = 0xff;
     setup.code32_start = HIMEM_START as u32;
-    let params = boot_params {
-        hdr: setup,
-        ..Default::default()
-    };
-    write_zero_page(
+    let spec = enter_linux_64(
         mem,
         mem_size,
-        params,
-        inputs.cmdline_len,
-        Some(inputs.rsdp),
-        inputs.initrd,
+        setup,
+        &inputs,
+        HIMEM_START + BZIMAGE_64BIT_ENTRY,
+        needed,
     )?;
-    write_page_tables(mem)?;
-    let spec = BootSpec {
-        mode: EntryMode::Long64,
-        entry: HIMEM_START + BZIMAGE_64BIT_ENTRY,
-        kernel_end: needed,
-        linux: true,
-    };
-    write_gdt(mem, spec.mode)?;
     tracing::debug!(entry = format_args!("{:#x}", spec.entry), init_size, protocol = format_args!("{version:#x}"), initrd = ?inputs.initrd, "bzImage loaded");
     Ok(spec)
 }
@@ -553,6 +540,40 @@ fn write_linux_inputs(
         initrd,
         cmdline_len: cmdline.len(),
     })
+}
+
+/// The end of both bzImage boots: the zero page from `hdr` (this VMM as its loader) and what
+/// [`write_linux_inputs`] placed, the identity map and the GDT for a 64-bit entry at `entry`.
+fn enter_linux_64(
+    mem: &GuestMemory,
+    mem_size: u64,
+    mut hdr: linux_loader::loader::bootparam::setup_header,
+    inputs: &LinuxInputs,
+    entry: u64,
+    kernel_end: u64,
+) -> Result<BootSpec, BootError> {
+    hdr.type_of_loader = 0xff;
+    let params = boot_params {
+        hdr,
+        ..Default::default()
+    };
+    write_zero_page(
+        mem,
+        mem_size,
+        params,
+        inputs.cmdline_len,
+        Some(inputs.rsdp),
+        inputs.initrd,
+    )?;
+    write_page_tables(mem)?;
+    let spec = BootSpec {
+        mode: EntryMode::Long64,
+        entry,
+        kernel_end,
+        linux: true,
+    };
+    write_gdt(mem, spec.mode)?;
+    Ok(spec)
 }
 
 /// Where [`write_linux_inputs`] put things, for the zero page.
@@ -640,30 +661,17 @@ fn load_decompressed(
     kernel
         .load_into(&mut GuestSink { slice }, place.virt)
         .map_err(bad)?;
-    hdr.type_of_loader = 0xff;
     if place.randomized {
         hdr.loadflags |= KASLR_FLAG;
     }
-    let params = boot_params {
-        hdr,
-        ..Default::default()
-    };
-    write_zero_page(
+    let spec = enter_linux_64(
         mem,
         mem_size,
-        params,
-        inputs.cmdline_len,
-        Some(inputs.rsdp),
-        inputs.initrd,
+        hdr,
+        &inputs,
+        place.phys + kernel.entry_offset,
+        place.phys + needed,
     )?;
-    write_page_tables(mem)?;
-    let spec = BootSpec {
-        mode: EntryMode::Long64,
-        entry: place.phys + kernel.entry_offset,
-        kernel_end: place.phys + needed,
-        linux: true,
-    };
-    write_gdt(mem, spec.mode)?;
     tracing::debug!(
         phys = format_args!("{:#x}", place.phys),
         virt = format_args!("{:#x}", place.virt),
