@@ -28,7 +28,7 @@ use crate::link::{DataSet, Kernel, LinkError, Linker, Resolved};
 use crate::objdiff::diff;
 use crate::reach::{IncludeIndex, KernelUnits};
 use crate::tree::{KernelBuild, SourceTree, TreeError};
-use crate::unified::{ConstructKind, DiffError, constructs, parse};
+use crate::unified::{ConstructKind, DiffError, apply_exactly, code_text, constructs, parse};
 
 /// Where the source comes from.
 #[derive(Debug, Clone)]
@@ -264,11 +264,13 @@ pub fn check_diff(
             && let Ok(src) = std::fs::read_to_string(dir.join(&f.path))
         {
             let cs = constructs(&src);
+            let after = apply_exactly(&src, &f.hunks);
             for h in &f.hunks {
                 for &line in &h.touched {
                     if let Some(c) = cs.iter().find(|c| {
                         c.kind == ConstructKind::Type && c.first_line <= line && line <= c.last_line
-                    }) {
+                    }) && !same_code_after(&src, &cs, c, after.as_deref())
+                    {
                         return Err(SourceBuildError::TypeChange {
                             name: c.name.clone(),
                             file: f.path.clone(),
@@ -283,6 +285,41 @@ pub fn check_diff(
         }
     }
     Ok(units)
+}
+
+/// Whether type definition `c` of `old` (one of its constructs `cs`) reads the same to the
+/// compiler in `new`: only comments or white space changed. A fix that rewords a comment
+/// inside a struct changes no layout and must not be refused for it. When the new text is
+/// unknown (the diff does not apply exactly), the definition counts as changed.
+fn same_code_after(
+    old: &str,
+    cs: &[crate::unified::Construct],
+    c: &crate::unified::Construct,
+    new: Option<&str>,
+) -> bool {
+    let Some(new) = new else { return false };
+    let text_of = |src: &str, c: &crate::unified::Construct| {
+        let lines: Vec<&str> = src.lines().collect();
+        let (a, b) = (
+            (c.first_line as usize).saturating_sub(1),
+            (c.last_line as usize).min(lines.len()),
+        );
+        code_text(&lines.get(a..b).map(|l| l.join("\n")).unwrap_or_default())
+    };
+    // The same definition in the new text: the one of the same kind and name at the same
+    // position among its namesakes.
+    let nth = cs
+        .iter()
+        .filter(|o| o.kind == c.kind && o.name == c.name)
+        .position(|o| o == c);
+    let new_cs = constructs(new);
+    let twin = nth.and_then(|n| {
+        new_cs
+            .iter()
+            .filter(|o| o.kind == c.kind && o.name == c.name)
+            .nth(n)
+    });
+    twin.is_some_and(|t| text_of(old, c) == text_of(new, t))
 }
 
 /// Builds the patch for `diff_path` against `kernel`.
@@ -730,4 +767,55 @@ fn section_of(u: &Unit, name: &str) -> String {
         .and_then(|i| u.symbols[i].section)
         .map(|s| u.sections[s].name.clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "struct s {\n\tint a; /* the count */\n\tlong b;\n};\n\nint f(void)\n{\n\treturn 1;\n}\n";
+
+    fn check(diff: &str) -> Result<Vec<String>, SourceBuildError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("fs")).unwrap();
+        std::fs::write(dir.path().join("fs/x.c"), OLD).unwrap();
+        check_diff(diff, "fix.patch", Some(dir.path()))
+    }
+
+    #[test]
+    fn a_struct_whose_comments_alone_change_is_not_a_type_change() {
+        let comment = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,4 +1,5 @@\n struct s {\n-\tint a; /* the count */\n+\tint a;   /* how many:\n+\t\t    the count */\n \tlong b;\n };\n";
+        assert_eq!(check(comment).unwrap(), vec!["fs/x.c".to_string()]);
+        // A comment-only hunk in a function next to it is fine too, as before.
+        let both = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,9 +1,9 @@\n struct s {\n-\tint a; /* the count */\n+\tint a; // the count\n \tlong b;\n };\n \n int f(void)\n {\n-\treturn 1;\n+\treturn 2;\n }\n";
+        assert!(check(both).is_ok());
+    }
+
+    #[test]
+    fn a_struct_whose_members_change_is_refused_with_its_line() {
+        let member = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,4 +1,4 @@\n struct s {\n \tint a; /* the count */\n-\tlong b;\n+\tint b;\n };\n";
+        match check(member) {
+            Err(SourceBuildError::TypeChange { name, line, .. }) => {
+                assert_eq!((name.as_str(), line), ("struct s", 3));
+            }
+            other => panic!("expected a type change, got {other:?}"),
+        }
+        // A comment turned into code is a change, though the words are the same.
+        let uncommented = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,4 +1,4 @@\n struct s {\n-\tint a; /* the count */\n+\tint a; int count;\n \tlong b;\n };\n";
+        assert!(matches!(
+            check(uncommented),
+            Err(SourceBuildError::TypeChange { .. })
+        ));
+    }
+
+    #[test]
+    fn a_diff_that_does_not_apply_exactly_is_judged_strictly() {
+        // Its context is not what the file says: the new text is unknown, so a touched struct
+        // counts as changed even if the hunk only rewords a comment.
+        let stale = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,4 +1,4 @@\n struct s {\n-\tint a; /* the number */\n+\tint a; /* the count */\n \tlong b;\n };\n";
+        assert!(matches!(
+            check(stale),
+            Err(SourceBuildError::TypeChange { .. })
+        ));
+    }
 }

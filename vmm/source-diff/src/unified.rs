@@ -30,6 +30,8 @@ pub struct Hunk {
     /// Old-file lines the hunk removes or inserts before (1-based; an insertion before line n
     /// records n, an insertion at the end of the file records `old_start + old_len`).
     pub touched: Vec<u32>,
+    /// The hunk's body lines, each with its `' '`, `'-'` or `'+'` (to apply it in memory).
+    pub body: Vec<(u8, String)>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -72,6 +74,7 @@ pub fn parse(text: &str) -> Result<Vec<FileDiff>, DiffError> {
                 i += 1;
                 let (mut old_seen, mut new_seen) = (0u32, 0u32);
                 let mut touched = Vec::new();
+                let mut body_lines = Vec::new();
                 let mut old_line = old_start.max(1);
                 while old_seen < old_len || new_seen < new_len {
                     let Some(body) = lines.get(i) else {
@@ -80,7 +83,13 @@ pub fn parse(text: &str) -> Result<Vec<FileDiff>, DiffError> {
                             what: "the diff ends inside a hunk".into(),
                         });
                     };
-                    match body.as_bytes().first() {
+                    let kind = body.as_bytes().first().copied();
+                    if let Some(k @ (b' ' | b'-' | b'+')) = kind {
+                        body_lines.push((k, body[1..].to_string()));
+                    } else if kind.is_none() {
+                        body_lines.push((b' ', String::new()));
+                    }
+                    match kind {
                         Some(b' ') | None => {
                             old_seen += 1;
                             new_seen += 1;
@@ -113,6 +122,7 @@ pub fn parse(text: &str) -> Result<Vec<FileDiff>, DiffError> {
                     old_start,
                     old_len,
                     touched,
+                    body: body_lines,
                 });
             }
             files.push(FileDiff {
@@ -129,6 +139,108 @@ pub fn parse(text: &str) -> Result<Vec<FileDiff>, DiffError> {
         return Err(DiffError::Empty);
     }
     Ok(files)
+}
+
+/// The file after `hunks`, applied exactly where their headers say (no offset, no fuzz).
+/// `None` when a context or removed line is not what the file has there: then the caller
+/// cannot see the new text and must judge from the old one alone. GNU `patch` still applies
+/// the diff for the build, with its offsets and fuzz.
+pub fn apply_exactly(old: &str, hunks: &[Hunk]) -> Option<String> {
+    let lines: Vec<&str> = old.lines().collect();
+    let mut out: Vec<&str> = Vec::with_capacity(lines.len());
+    let mut next = 0usize; // index of the first old line not yet copied
+    for h in hunks {
+        // `old_start` is 1-based; a pure insertion at the top has old_start 0.
+        let start = if h.old_len == 0 {
+            h.old_start as usize
+        } else {
+            (h.old_start as usize).checked_sub(1)?
+        };
+        if start < next || start > lines.len() {
+            return None;
+        }
+        out.extend_from_slice(&lines[next..start]);
+        let mut at = start;
+        for (kind, text) in &h.body {
+            match kind {
+                b' ' | b'-' => {
+                    if lines.get(at) != Some(&text.as_str()) {
+                        return None;
+                    }
+                    if *kind == b' ' {
+                        out.push(text);
+                    }
+                    at += 1;
+                }
+                _ => out.push(text),
+            }
+        }
+        next = at;
+    }
+    out.extend_from_slice(&lines[next.min(lines.len())..]);
+    let mut text = out.join("\n");
+    text.push('\n');
+    Some(text)
+}
+
+/// C source with its comments removed and every run of white space made one space: what the
+/// compiler reads, to tell a change of a definition from a change of its comments.
+/// String and character literals are kept whole (a `/*` inside one is not a comment).
+pub fn code_text(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let mut space = false;
+    let put = |out: &mut Vec<u8>, c: u8, space: &mut bool| {
+        if *space && !out.is_empty() {
+            out.push(b' ');
+        }
+        *space = false;
+        out.push(c);
+    };
+    while i < b.len() {
+        let c = b[i];
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                i += 1;
+            }
+            i += 2;
+            space = true;
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            space = true;
+            continue;
+        }
+        if c == b'"' || c == b'\'' {
+            put(&mut out, c, &mut space);
+            i += 1;
+            while i < b.len() && b[i] != c {
+                if b[i] == b'\\' && i + 1 < b.len() {
+                    out.push(b[i]);
+                    i += 1;
+                }
+                out.push(b[i]);
+                i += 1;
+            }
+            if i < b.len() {
+                out.push(c);
+            }
+            i += 1;
+            continue;
+        }
+        if c.is_ascii_whitespace() {
+            space = true;
+        } else {
+            put(&mut out, c, &mut space);
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `a/fs/proc/base.c\t2026-…` → `fs/proc/base.c`; `/dev/null` → `None`.
@@ -415,6 +527,36 @@ index 1..2 100644
         assert_eq!(f[0].hunks[1].touched, vec![42]);
         assert_eq!(f[1].path, "fs/proc/new.c");
         assert!(f[1].created);
+    }
+
+    #[test]
+    fn hunks_apply_exactly_or_not_at_all() {
+        let old = "a\nb\nc\nd\n";
+        let f = parse("--- a/x.c\n+++ b/x.c\n@@ -2,2 +2,3 @@\n-b\n+B\n+b2\n c\n@@ -4 +5,2 @@\n d\n+e\n")
+            .unwrap();
+        assert_eq!(
+            apply_exactly(old, &f[0].hunks).as_deref(),
+            Some("a\nB\nb2\nc\nd\ne\n")
+        );
+        let top = parse("--- a/x.c\n+++ b/x.c\n@@ -0,0 +1 @@\n+z\n").unwrap();
+        assert_eq!(
+            apply_exactly(old, &top[0].hunks).as_deref(),
+            Some("z\na\nb\nc\nd\n")
+        );
+        // A removed line that is not there: not applied (GNU patch may still find it).
+        let off = parse("--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-x\n+y\n").unwrap();
+        assert_eq!(apply_exactly(old, &off[0].hunks), None);
+    }
+
+    #[test]
+    fn code_text_drops_comments_and_spacing_but_not_strings() {
+        assert_eq!(
+            code_text("int  a; /* x\n y */ long\tb; // z\n"),
+            "int a; long b;"
+        );
+        assert_eq!(code_text("int a;\n"), code_text("int a;  /* new */\n"));
+        assert_eq!(code_text("s = \"/* no */\";"), "s = \"/* no */\";");
+        assert_ne!(code_text("int a;"), code_text("int b;"));
     }
 
     #[test]
