@@ -773,7 +773,8 @@ fn section_of(u: &Unit, name: &str) -> String {
 mod tests {
     use super::*;
 
-    const OLD: &str = "struct s {\n\tint a; /* the count */\n\tlong b;\n};\n\nint f(void)\n{\n\treturn 1;\n}\n";
+    const OLD: &str =
+        "struct s {\n\tint a; /* the count */\n\tlong b;\n};\n\nint f(void)\n{\n\treturn 1;\n}\n";
 
     fn check(diff: &str) -> Result<Vec<String>, SourceBuildError> {
         let dir = tempfile::tempdir().unwrap();

@@ -532,8 +532,10 @@ index 1..2 100644
     #[test]
     fn hunks_apply_exactly_or_not_at_all() {
         let old = "a\nb\nc\nd\n";
-        let f = parse("--- a/x.c\n+++ b/x.c\n@@ -2,2 +2,3 @@\n-b\n+B\n+b2\n c\n@@ -4 +5,2 @@\n d\n+e\n")
-            .unwrap();
+        let f = parse(
+            "--- a/x.c\n+++ b/x.c\n@@ -2,2 +2,3 @@\n-b\n+B\n+b2\n c\n@@ -4 +5,2 @@\n d\n+e\n",
+        )
+        .unwrap();
         assert_eq!(
             apply_exactly(old, &f[0].hunks).as_deref(),
             Some("a\nB\nb2\nc\nd\ne\n")
