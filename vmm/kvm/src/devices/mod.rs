@@ -26,8 +26,10 @@ pub enum StopReason {
         error_code: u64,
         cr2: u64,
     },
-    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault { vcpu: usize, rip: u64 },
+    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN). `rip` is `None` when KVM had already
+    /// reset the vCPU: AMD's KVM INITs it on a shutdown (its VMCB is undefined after one), so
+    /// its registers then hold the reset state, not the faulting context.
+    TripleFault { vcpu: usize, rip: Option<u64> },
     /// KVM could not run the vCPU.
     VcpuError { vcpu: usize, message: String },
     /// The guest asked to reboot (the i8042 reset command, which the ACPI reset register also
@@ -52,9 +54,16 @@ impl std::fmt::Display for StopReason {
                 "the guest crashed: CPU exception {vector} ({}) on vCPU {vcpu} at rip {rip:#x}, error code {error_code:#x}, cr2 {cr2:#x}",
                 exception_name(*vector)
             ),
-            StopReason::TripleFault { vcpu, rip } => {
-                write!(f, "the guest triple-faulted on vCPU {vcpu} at rip {rip:#x}")
-            }
+            StopReason::TripleFault {
+                vcpu,
+                rip: Some(rip),
+            } => write!(f, "the guest triple-faulted on vCPU {vcpu} at rip {rip:#x}"),
+            StopReason::TripleFault { vcpu, rip: None } => write!(
+                f,
+                "the guest triple-faulted on vCPU {vcpu}; where is unknown: KVM reset the vCPU \
+                 (AMD SVM does on a shutdown). On the host, the kvm:kvm_exit trace event of the \
+                 SHUTDOWN exit records the guest rip"
+            ),
             StopReason::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
             StopReason::Rebooted => write!(
                 f,
@@ -187,4 +196,27 @@ fn le_value(data: &[u8]) -> u64 {
     let n = data.len().min(8);
     v[..n].copy_from_slice(&data[..n]);
     u64::from_le_bytes(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopReason;
+
+    #[test]
+    fn a_triple_fault_names_its_rip_only_when_kvm_kept_it() {
+        let kept = StopReason::TripleFault {
+            vcpu: 1,
+            rip: Some(0xffff_ffff_8100_0000),
+        };
+        assert_eq!(
+            kept.to_string(),
+            "the guest triple-faulted on vCPU 1 at rip 0xffffffff81000000"
+        );
+        let reset = StopReason::TripleFault { vcpu: 0, rip: None }.to_string();
+        assert!(
+            reset.contains("vCPU 0") && !reset.contains("0xfff0"),
+            "{reset}"
+        );
+        assert!(reset.contains("kvm:kvm_exit"), "{reset}");
+    }
 }

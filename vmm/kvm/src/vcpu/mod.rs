@@ -224,6 +224,16 @@ impl VcpuThread {
         }
     }
 
+    /// The RIP of a triple fault, unless the vCPU is in its reset state (CS `0xf000` at base
+    /// `0xffff0000`, RIP `0xfff0`): AMD's KVM INITs the vCPU before it reports the shutdown,
+    /// and a reset vector reported as where the guest failed would send a reader astray.
+    fn shutdown_rip(&self) -> Option<u64> {
+        let rip = self.fd.get_regs().ok()?.rip;
+        let cs = self.fd.get_sregs().ok()?.cs;
+        let reset = rip == 0xfff0 && cs.selector == 0xf000 && cs.base == 0xffff_0000;
+        (!reset).then_some(rip)
+    }
+
     /// The fault the test guest reported through its fault port (vector, RIP, error code and
     /// CR2 in rdi, rsi, r9, rcx).
     fn guest_fault(&self) -> StopReason {
@@ -304,7 +314,7 @@ impl VcpuThread {
                 ExitAction::GuestFault => Some(self.guest_fault()),
                 ExitAction::TripleFault => Some(StopReason::TripleFault {
                     vcpu: id,
-                    rip: self.fd.get_regs().map(|r| r.rip).unwrap_or(0),
+                    rip: self.shutdown_rip(),
                 }),
                 ExitAction::InternalError => Some(StopReason::VcpuError {
                     vcpu: id,
