@@ -418,6 +418,45 @@ fn classify(head: &str) -> ConstructKind {
 
 /// `head` without `__attribute__((…))` and `__aligned(…)`-style annotations, whose
 /// parentheses would make a type definition look like a function.
+/// The length of a balanced parenthesis group's inside and its `)`, `args` starting just
+/// after the `(` (all of it when the group does not close).
+fn group_end(args: &str) -> usize {
+    let mut depth = 1;
+    for (i, c) in args.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    args.len()
+}
+
+/// Whether `s` holds only `__ident` and `__ident(…)` tokens (the kernel's attribute macros).
+fn only_attributes(mut s: &str) -> bool {
+    loop {
+        s = s.trim_start();
+        if s.is_empty() {
+            return true;
+        }
+        if !s.starts_with("__") {
+            return false;
+        }
+        let n = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        s = s[n..].trim_start();
+        if let Some(args) = s.strip_prefix('(') {
+            s = &args[group_end(args)..];
+        }
+    }
+}
+
 fn strip_attributes(head: &str) -> String {
     let mut out = String::with_capacity(head.len());
     let mut rest = head;
@@ -429,23 +468,20 @@ fn strip_attributes(head: &str) -> String {
             .unwrap_or(after.len());
         let tail = after[ident_len..].trim_start();
         if let Some(args) = tail.strip_prefix('(') {
-            // Skip the balanced parenthesis group.
-            let mut depth = 1;
-            let mut end = args.len();
-            for (i, c) in args.char_indices() {
-                match c {
-                    '(' => depth += 1,
-                    ')' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            end = i + 1;
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
+            let end = group_end(args);
+            if only_attributes(&args[end..]) {
+                // Nothing but attributes follows: this is the declarator, a function whose
+                // name starts with `__` (`__blkg_release(…)`, `__cpu_up(…) __must_hold(…)`).
+                out.push_str(&after[..ident_len]);
+                rest = &after[ident_len..];
+            } else {
+                // An attribute with arguments (`__printf(2, 3)`) before the declarator.
+                rest = &args[end..];
             }
-            rest = &args[end..];
+        } else if tail.is_empty() || tail.starts_with(['=', '[']) {
+            // The name itself: `struct __kernel_timespec {`, `… __names[] = {`.
+            out.push_str(&after[..ident_len]);
+            rest = &after[ident_len..];
         } else {
             rest = &after[ident_len..];
         }
@@ -527,6 +563,31 @@ index 1..2 100644
         assert_eq!(f[0].hunks[1].touched, vec![42]);
         assert_eq!(f[1].path, "fs/proc/new.c");
         assert!(f[1].created);
+    }
+
+    #[test]
+    fn names_with_leading_underscores_are_names_not_attributes() {
+        let src = "static void __blkg_release(struct rcu_head *rcu)\n{\n}\n\
+static __printf(2, 3) void __cold __log(int l, const char *f, ...)\n{\n}\n\
+int __init __ref __cpu_up(unsigned int cpu) __must_hold(&lock)\n{\n}\n\
+struct __kernel_timespec {\n\tlong s;\n};\n\
+static const char *const __names[] = {\n\t\"a\",\n};\n\
+static struct ops __initdata fops = {\n};\n";
+        let names: Vec<_> = constructs(src)
+            .iter()
+            .map(|c| (c.kind, c.name.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (ConstructKind::Function, "__blkg_release".to_string()),
+                (ConstructKind::Function, "__log".to_string()),
+                (ConstructKind::Function, "__cpu_up".to_string()),
+                (ConstructKind::Type, "struct __kernel_timespec".to_string()),
+                (ConstructKind::Initializer, "__names".to_string()),
+                (ConstructKind::Initializer, "fops".to_string()),
+            ]
+        );
     }
 
     #[test]
