@@ -307,9 +307,13 @@ enum BenchCommand {
         /// Compile at most this many units (for a quick look).
         #[arg(long)]
         max_units: Option<usize>,
+        /// Build only the changed files listed in FILE (one path per line, as in the JSON's
+        /// `units`), e.g. to measure again the units of one refusal class.
+        #[arg(long, value_name = "FILE")]
+        only_units: Option<PathBuf>,
         /// A file that compiles only with the update's changes to the headers it includes is
-        /// tried again with them, if they reach at most this many built-in units (each is
-        /// compiled too).
+        /// tried again with them (first only those whose diff changes no type definition), if
+        /// they reach at most this many built-in units (each is compiled too).
         #[arg(long, default_value_t = 8)]
         header_units: usize,
         /// Also time the first build of this fix with an empty cache (fetch, unpack, prepare).
@@ -919,6 +923,7 @@ fn bench_source_diff(
     new_version: &str,
     source_cache: Option<PathBuf>,
     max_units: Option<usize>,
+    only_units: Option<PathBuf>,
     header_units: usize,
     cold: Option<&std::path::Path>,
     jobs: usize,
@@ -927,11 +932,24 @@ fn bench_source_diff(
     let cache = source_cache
         .or_else(source_diff::tree::default_cache_dir)
         .context("no cache directory: give --source-cache DIR")?;
+    let only = match only_units {
+        Some(f) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("reading --only-units {}", f.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
     let mut report = bench::source_diff::run(
         kernel,
         new_version,
         &cache,
         max_units,
+        only.as_deref(),
         header_units,
         cold,
         jobs,
@@ -1148,6 +1166,7 @@ fn main() -> ExitCode {
             new_version,
             source_cache,
             max_units,
+            only_units,
             header_units,
             cold,
             jobs,
@@ -1157,6 +1176,7 @@ fn main() -> ExitCode {
             &new_version,
             source_cache,
             max_units,
+            only_units,
             header_units,
             cold.as_deref(),
             jobs,

@@ -215,6 +215,7 @@ pub fn run(
     new_version: &str,
     cache: &Path,
     max_units: Option<usize>,
+    only_units: Option<&[String]>,
     header_units: usize,
     cold_fix: Option<&Path>,
     jobs: usize,
@@ -276,6 +277,9 @@ pub fn run(
         } else {
             candidates.push(f.to_string());
         }
+    }
+    if let Some(only) = only_units {
+        candidates.retain(|c| only.contains(c));
     }
     if let Some(m) = max_units {
         candidates.truncate(m);
@@ -431,7 +435,7 @@ impl Headers {
 
 /// One changed file as one fix: compiled both ways on `tree` and every changed function
 /// classed. A file that does not compile alone is tried again with the update's changes to
-/// the headers it includes (and so every built-in unit they reach).
+/// the headers it includes (and so every built-in unit they reach): the type-free ones first.
 fn one_unit(
     target: &TargetKernel<'_>,
     tree: &SourceTree,
@@ -507,11 +511,88 @@ fn with_headers(
     max_units: usize,
     result: &mut UnitResult,
 ) -> std::result::Result<(), String> {
+    // The smallest retry first: the changed headers whose own diff changes no type
+    // definition. A file often needs only a new prototype or macro from one header while
+    // another it includes changes a struct the fix does not use; adding every changed header
+    // at once would refuse it for that struct (an upper bound of the type-change class).
+    let mut free = Vec::new();
+    for h in needed {
+        let d = file_diff(&tree.dir, new_tree, h).map_err(|e| format!("bench error: {e}"))?;
+        if check_diff(&d, h, Some(&tree.dir)).is_ok() {
+            free.push(h.clone());
+        }
+    }
+    if !free.is_empty() && free.len() < needed.len() {
+        let mut trial = UnitResult {
+            unit: rel.to_string(),
+            functions: BTreeMap::new(),
+            details: Vec::new(),
+            build_s: 0.0,
+        };
+        let tag = format!("{i}-free");
+        if retry_with(
+            target, tree, new_tree, rel, diff_text, &free, &tag, scratch, max_units, &mut trial,
+        )
+        .is_ok()
+        {
+            result.details.push(format!(
+                "built with the update's type-free headers only: {}",
+                free.join(", ")
+            ));
+            result.details.extend(trial.details);
+            result.functions.extend(trial.functions);
+            return Ok(());
+        }
+        result.details.push(format!(
+            "with only the update's type-free headers ({} of {}) the fix does not build or is \
+             refused: {}",
+            free.len(),
+            needed.len(),
+            trial
+                .details
+                .first()
+                .map(String::as_str)
+                .unwrap_or("(no detail)")
+        ));
+    } else if free.is_empty() {
+        result.details.push(format!(
+            "every changed header it includes ({}) changes a type definition",
+            needed.len()
+        ));
+    }
+    retry_with(
+        target,
+        tree,
+        new_tree,
+        rel,
+        diff_text,
+        needed,
+        &i.to_string(),
+        scratch,
+        max_units,
+        result,
+    )
+}
+
+/// One retry of `rel`'s fix with the update's diffs of `headers` added.
+#[allow(clippy::too_many_arguments)]
+fn retry_with(
+    target: &TargetKernel<'_>,
+    tree: &SourceTree,
+    new_tree: &Path,
+    rel: &str,
+    diff_text: &str,
+    needed: &[String],
+    tag: &str,
+    scratch: &Path,
+    max_units: usize,
+    result: &mut UnitResult,
+) -> std::result::Result<(), String> {
     let mut text = diff_text.to_string();
     for h in needed {
         text.push_str(&file_diff(&tree.dir, new_tree, h).map_err(|e| format!("bench error: {e}"))?);
     }
-    let path = scratch.join(format!("{i}-headers.patch"));
+    let path = scratch.join(format!("{tag}-headers.patch"));
     std::fs::write(&path, &text).map_err(|e| format!("bench error: {e}"))?;
     let refused = |e: SourceBuildError, result: &mut UnitResult| {
         result.details.push(chain(&e));
