@@ -156,7 +156,7 @@ struct RunArgs {
     /// Experimental: the VMM decompresses the bzImage (from its image cache) and places and
     /// relocates the kernel at random itself, KASLR as the decompressor does, so the guest
     /// skips its decompressor (several seconds of a nested boot). Not the default yet: in the
-    /// nested tier 8 of ~60 such boots triple-faulted, unexplained; 60 later boots did not
+    /// nested tier 8 of ~60 such boots triple-faulted, unexplained; 66 later boots did not
     /// (docs/linux-guests.md).
     #[arg(long, requires = "kernel")]
     vmm_decompress: bool,
