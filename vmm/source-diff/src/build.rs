@@ -263,13 +263,15 @@ pub fn check_diff(
         if let Some(dir) = tree
             && let Ok(src) = std::fs::read_to_string(dir.join(&f.path))
         {
-            let cs = constructs(&src);
-            let after = apply_exactly(&src, &f.hunks);
+            let before = SourceText::new(&src);
+            // The file with the diff applied, read once for every definition it touches.
+            let after_text = apply_exactly(&src, &f.hunks);
+            let after = after_text.as_deref().map(SourceText::new);
             for h in &f.hunks {
                 for &line in &h.touched {
-                    if let Some(c) = cs.iter().find(|c| {
+                    if let Some(c) = before.constructs.iter().find(|c| {
                         c.kind == ConstructKind::Type && c.first_line <= line && line <= c.last_line
-                    }) && !same_code_after(&src, &cs, c, after.as_deref())
+                    }) && !same_code_after(&before, c, after.as_ref())
                     {
                         return Err(SourceBuildError::TypeChange {
                             name: c.name.clone(),
@@ -287,39 +289,58 @@ pub fn check_diff(
     Ok(units)
 }
 
-/// Whether type definition `c` of `old` (one of its constructs `cs`) reads the same to the
-/// compiler in `new`: only comments or white space changed. A fix that rewords a comment
-/// inside a struct changes no layout and must not be refused for it. When the new text is
-/// unknown (the diff does not apply exactly), the definition counts as changed.
-fn same_code_after(
-    old: &str,
-    cs: &[crate::unified::Construct],
-    c: &crate::unified::Construct,
-    new: Option<&str>,
-) -> bool {
-    let Some(new) = new else { return false };
-    let text_of = |src: &str, c: &crate::unified::Construct| {
-        let lines: Vec<&str> = src.lines().collect();
+/// One version of a C file, split once: its lines and its top-level constructs.
+struct SourceText<'a> {
+    lines: Vec<&'a str>,
+    constructs: Vec<crate::unified::Construct>,
+}
+
+impl<'a> SourceText<'a> {
+    fn new(text: &'a str) -> Self {
+        SourceText {
+            lines: text.lines().collect(),
+            constructs: constructs(text),
+        }
+    }
+
+    /// Construct `c`'s lines as the compiler reads them ([`code_text`]).
+    fn code_of(&self, c: &crate::unified::Construct) -> String {
         let (a, b) = (
             (c.first_line as usize).saturating_sub(1),
-            (c.last_line as usize).min(lines.len()),
+            (c.last_line as usize).min(self.lines.len()),
         );
-        code_text(&lines.get(a..b).map(|l| l.join("\n")).unwrap_or_default())
-    };
+        code_text(
+            &self
+                .lines
+                .get(a..b)
+                .map(|l| l.join("\n"))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Whether type definition `c` of `old` reads the same to the compiler in `new`: only
+/// comments or white space changed. A fix that rewords a comment inside a struct changes no
+/// layout and must not be refused for it. When the new text is unknown (the diff does not
+/// apply exactly), the definition counts as changed.
+fn same_code_after(
+    old: &SourceText<'_>,
+    c: &crate::unified::Construct,
+    new: Option<&SourceText<'_>>,
+) -> bool {
+    let Some(new) = new else { return false };
     // The same definition in the new text: the one of the same kind and name at the same
     // position among its namesakes.
-    let nth = cs
-        .iter()
-        .filter(|o| o.kind == c.kind && o.name == c.name)
-        .position(|o| o == c);
-    let new_cs = constructs(new);
-    let twin = nth.and_then(|n| {
-        new_cs
+    let namesakes = |t: &SourceText<'_>| {
+        t.constructs
             .iter()
             .filter(|o| o.kind == c.kind && o.name == c.name)
-            .nth(n)
-    });
-    twin.is_some_and(|t| text_of(old, c) == text_of(new, t))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let nth = namesakes(old).iter().position(|o| o == c);
+    let twin = nth.and_then(|n| namesakes(new).into_iter().nth(n));
+    twin.is_some_and(|t| old.code_of(c) == new.code_of(&t))
 }
 
 /// Builds the patch for `diff_path` against `kernel`.
