@@ -515,13 +515,16 @@ fn with_headers(
     // definition. A file often needs only a new prototype or macro from one header while
     // another it includes changes a struct the fix does not use; adding every changed header
     // at once would refuse it for that struct (an upper bound of the type-change class).
-    let mut free = Vec::new();
+    // Each header's diff, made once for the type check and both retries.
+    let mut diffs = Vec::with_capacity(needed.len());
     for h in needed {
         let d = file_diff(&tree.dir, new_tree, h).map_err(|e| format!("bench error: {e}"))?;
-        if check_diff(&d, h, Some(&tree.dir)).is_ok() {
-            free.push(h.clone());
-        }
+        let type_free = check_diff(&d, h, Some(&tree.dir)).is_ok();
+        diffs.push((h.clone(), d, type_free));
     }
+    let free: Vec<String> = diffs.iter().filter(|d| d.2).map(|d| d.0.clone()).collect();
+    let free_diffs: Vec<&str> = diffs.iter().filter(|d| d.2).map(|d| d.1.as_str()).collect();
+    let all_diffs: Vec<&str> = diffs.iter().map(|d| d.1.as_str()).collect();
     if !free.is_empty() && free.len() < needed.len() {
         let mut trial = UnitResult {
             unit: rel.to_string(),
@@ -531,7 +534,15 @@ fn with_headers(
         };
         let tag = format!("{i}-free");
         if retry_with(
-            target, tree, new_tree, rel, diff_text, &free, &tag, scratch, max_units, &mut trial,
+            target,
+            tree,
+            rel,
+            diff_text,
+            &free_diffs,
+            &tag,
+            scratch,
+            max_units,
+            &mut trial,
         )
         .is_ok()
         {
@@ -563,10 +574,9 @@ fn with_headers(
     retry_with(
         target,
         tree,
-        new_tree,
         rel,
         diff_text,
-        needed,
+        &all_diffs,
         &i.to_string(),
         scratch,
         max_units,
@@ -574,23 +584,22 @@ fn with_headers(
     )
 }
 
-/// One retry of `rel`'s fix with the update's diffs of `headers` added.
+/// One retry of `rel`'s fix with the update's `header_diffs` added.
 #[allow(clippy::too_many_arguments)]
 fn retry_with(
     target: &TargetKernel<'_>,
     tree: &SourceTree,
-    new_tree: &Path,
     rel: &str,
     diff_text: &str,
-    needed: &[String],
+    header_diffs: &[&str],
     tag: &str,
     scratch: &Path,
     max_units: usize,
     result: &mut UnitResult,
 ) -> std::result::Result<(), String> {
     let mut text = diff_text.to_string();
-    for h in needed {
-        text.push_str(&file_diff(&tree.dir, new_tree, h).map_err(|e| format!("bench error: {e}"))?);
+    for d in header_diffs {
+        text.push_str(d);
     }
     let path = scratch.join(format!("{tag}-headers.patch"));
     std::fs::write(&path, &text).map_err(|e| format!("bench error: {e}"))?;
