@@ -320,8 +320,9 @@ impl<'a> SourceText<'a> {
 }
 
 /// Whether type definition `c` of `old` reads the same to the compiler in `new`: only
-/// comments or white space changed. A fix that rewords a comment inside a struct changes no
-/// layout and must not be refused for it. When the new text is unknown (the diff does not
+/// comments or white space changed, or an enum only gained enumerators and kept every old
+/// value ([`crate::enums`]). A fix that rewords a comment inside a struct, or adds a state to
+/// an enum, changes no layout and must not be refused for it. When the new text is unknown (the diff does not
 /// apply exactly), the definition counts as changed.
 fn same_code_after(
     old: &SourceText<'_>,
@@ -340,7 +341,12 @@ fn same_code_after(
     };
     let nth = namesakes(old).iter().position(|o| o == c);
     let twin = nth.and_then(|n| namesakes(new).into_iter().nth(n));
-    twin.is_some_and(|t| old.code_of(c) == new.code_of(&t))
+    twin.is_some_and(|t| {
+        let (before, after) = (old.code_of(c), new.code_of(&t));
+        before == after
+            || (c.name.split(' ').next() == Some("enum")
+                && crate::enums::keeps_values(&before, &after))
+    })
 }
 
 /// Builds the patch for `diff_path` against `kernel`.
@@ -364,7 +370,7 @@ pub fn build_from_source_diff(
         SourceChoice::Cache(dir) => SourceTree::debian(dir, &build, kernel.banner)?,
     };
     let touched = check_diff(&text, &shown, Some(&tree.dir))?;
-    let (units, notes) = units_to_compile(&tree, &touched, max_units)?;
+    let (units, notes) = units_to_compile(&tree, &text, &touched, max_units)?;
     let abs_diff = std::fs::canonicalize(diff_path).map_err(|source| SourceBuildError::Io {
         path: diff_path.to_path_buf(),
         source,
@@ -389,6 +395,7 @@ pub const DEFAULT_MAX_UNITS: usize = 64;
 /// into the kernel that includes one of its headers ([`crate::reach`]); notes saying which.
 pub fn units_to_compile(
     tree: &SourceTree,
+    text: &str,
     touched: &[String],
     max_units: usize,
 ) -> Result<(Vec<String>, Vec<String>), SourceBuildError> {
@@ -397,13 +404,22 @@ pub fn units_to_compile(
         .filter(|f| f.ends_with(".c"))
         .cloned()
         .collect();
+    let (declaring, mut notes) = declaration_only(tree, text, touched);
     let headers: Vec<String> = touched
         .iter()
-        .filter(|f| f.ends_with(".h"))
+        .filter(|f| f.ends_with(".h") && !declaring.contains(*f))
         .cloned()
         .collect();
     if headers.is_empty() {
-        return Ok((units, Vec::new()));
+        if units.is_empty() {
+            return Err(SourceBuildError::NothingChanged {
+                what: format!(
+                    "declarations in {} of names no file of the kernel uses",
+                    declaring.join(", ")
+                ),
+            });
+        }
+        return Ok((units, notes));
     }
     let kernel = KernelUnits::of(tree)?;
     let shown = headers.join(", ");
@@ -446,12 +462,57 @@ pub fn units_to_compile(
             max: max_units,
         });
     }
-    let notes = vec![format!(
+    notes.push(format!(
         "{shown}: included by {count} units built into the kernel, each compiled before and \
          after: {}",
         reached.join(", ")
-    )];
+    ));
     Ok((units, notes))
+}
+
+/// The diff's headers whose change only declares names no file of the tree mentions
+/// ([`crate::additions`]): they change the code of no unit but the diff's own, so their
+/// includers need not be compiled. With a note for each. When the tree cannot be searched,
+/// none is (every header then reaches its includers, as before).
+fn declaration_only(
+    tree: &SourceTree,
+    text: &str,
+    touched: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let Ok(files) = parse(text) else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
+    for f in files.iter().filter(|f| touched.contains(&f.path)) {
+        if let Ok(old) = std::fs::read_to_string(tree.dir.join(&f.path))
+            && let Some(names) = crate::additions::declared_names(&old, f)
+        {
+            candidates.push((f.path.clone(), names));
+        }
+    }
+    let all: Vec<String> = candidates.iter().flat_map(|c| c.1.clone()).collect();
+    let Ok(used) = crate::additions::mentioned(&tree.dir, &all) else {
+        return (Vec::new(), Vec::new());
+    };
+    let (mut declaring, mut notes) = (Vec::new(), Vec::new());
+    for (header, names) in candidates {
+        if names.iter().any(|n| used.contains(n)) {
+            continue;
+        }
+        notes.push(match names.is_empty() {
+            true => format!(
+                "{header}: its change adds only comments; it changes no unit's code, so its \
+                 includers are not compiled"
+            ),
+            false => format!(
+                "{header}: its change only declares names no file of the kernel uses ({}); it \
+                 changes no other unit's code, so only the diff's own units are compiled",
+                names.join(", ")
+            ),
+        });
+        declaring.push(header);
+    }
+    (declaring, notes)
 }
 
 /// The first few of a list, and how many more.
@@ -831,6 +892,21 @@ mod tests {
     }
 
     #[test]
+    fn an_enum_gaining_a_state_is_no_type_change_unless_a_value_moves() {
+        let old = "enum state {\n\tIDLE,\n\tBUSY,\n\tNR_STATES\n};\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("fs")).unwrap();
+        std::fs::write(dir.path().join("fs/x.c"), old).unwrap();
+        let appended = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,5 +1,6 @@\n enum state {\n \tIDLE,\n \tBUSY,\n-\tNR_STATES\n+\tNR_STATES,\n+\tBROKEN = 9\n };\n";
+        assert!(check_diff(appended, "fix.patch", Some(dir.path())).is_ok());
+        let before_count = "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,5 +1,6 @@\n enum state {\n \tIDLE,\n \tBUSY,\n+\tBROKEN,\n \tNR_STATES\n };\n";
+        assert!(matches!(
+            check_diff(before_count, "fix.patch", Some(dir.path())),
+            Err(SourceBuildError::TypeChange { name, .. }) if name == "enum state"
+        ));
+    }
+
+    #[test]
     fn a_diff_that_does_not_apply_exactly_is_judged_strictly() {
         // Its context is not what the file says: the new text is unknown, so a touched struct
         // counts as changed even if the hunk only rewords a comment.
@@ -839,5 +915,58 @@ mod tests {
             check(stale),
             Err(SourceBuildError::TypeChange { .. })
         ));
+    }
+
+    #[test]
+    fn a_header_declaring_only_new_names_reaches_only_the_diffs_own_units() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("include/linux")).unwrap();
+        std::fs::create_dir_all(dir.path().join("mm")).unwrap();
+        std::fs::write(
+            dir.path().join("include/linux/x.h"),
+            "#ifndef X_H\n#define X_H\nint old_one(void);\n#endif\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("fs")).unwrap();
+        std::fs::write(dir.path().join("fs/x.c"), OLD).unwrap();
+        // mm/b.c includes the header and already calls `taken`, declared elsewhere.
+        std::fs::write(
+            dir.path().join("mm/b.c"),
+            "#include <linux/x.h>\nint g(void) { return taken(); }\n",
+        )
+        .unwrap();
+        // The kernel's unit list, as `make -n vmlinux` would have left it.
+        std::fs::write(dir.path().join(".config"), "").unwrap();
+        std::fs::write(dir.path().join(".hotpatch-units"), "fs/x.c\nmm/b.c\n").unwrap();
+        let tree = SourceTree {
+            dir: dir.path().to_path_buf(),
+            cc: "gcc".into(),
+            describe: "test".into(),
+            prepared_now: false,
+        };
+        let header = |added: &str| {
+            format!(
+                "--- a/include/linux/x.h\n+++ b/include/linux/x.h\n@@ -3,2 +3,3 @@\n int old_one(void);\n+{added}\n #endif\n"
+            )
+        };
+        let c_part =
+            "--- a/fs/x.c\n+++ b/fs/x.c\n@@ -8,1 +8,1 @@\n-\treturn 1;\n+\treturn new_one();\n";
+        let both = format!("{}{c_part}", header("int new_one(void);"));
+        let touched = check_diff(&both, "fix.patch", Some(dir.path())).unwrap();
+        // mm/b.c includes the header but cannot compile differently: only fs/x.c is compiled.
+        let (units, notes) = units_to_compile(&tree, &both, &touched, 64).unwrap();
+        assert_eq!(units, vec!["fs/x.c".to_string()]);
+        assert!(notes[0].contains("only declares names") && notes[0].contains("new_one"));
+        // The header alone changes nothing that could be patched.
+        let alone = header("int new_one(void);");
+        assert!(matches!(
+            units_to_compile(&tree, &alone, &["include/linux/x.h".into()], 64),
+            Err(SourceBuildError::NothingChanged { .. })
+        ));
+        // A name another file already uses is not new: the header reaches its includers.
+        let used = format!("{}{c_part}", header("int taken(void);"));
+        let touched = check_diff(&used, "fix.patch", Some(dir.path())).unwrap();
+        let (units, _) = units_to_compile(&tree, &used, &touched, 64).unwrap();
+        assert_eq!(units, vec!["fs/x.c".to_string(), "mm/b.c".to_string()]);
     }
 }

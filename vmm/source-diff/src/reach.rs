@@ -28,7 +28,7 @@ use crate::tree::SourceTree;
 const UNITS_FILE: &str = ".hotpatch-units";
 
 /// Directories no built-in x86 unit includes from (host tools, other architectures, docs).
-fn skipped(rel: &str) -> bool {
+pub(crate) fn skipped(rel: &str) -> bool {
     const SKIP: [&str; 7] = [
         ".git",
         ".hotpatch-saved",
