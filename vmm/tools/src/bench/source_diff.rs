@@ -511,6 +511,67 @@ fn with_headers(
     max_units: usize,
     result: &mut UnitResult,
 ) -> std::result::Result<(), String> {
+    // First the header lines the file's change names: the update's hunks in those headers
+    // that bring a name the new code uses (a prototype, a macro, a member), and the hunks
+    // those need in turn. This stands in for the upstream commit, which changed the file and
+    // the few header lines it needs; the two trees do not say which lines that was.
+    match named_header_diffs(
+        tree,
+        new_tree,
+        rel,
+        diff_text,
+        needed,
+        &format!("{i}"),
+        scratch,
+    ) {
+        Ok(named) if !named.is_empty() => {
+            let diffs: Vec<&str> = named.iter().map(|n| n.1.as_str()).collect();
+            let shown: Vec<String> = named
+                .iter()
+                .map(|(h, _, kept, all)| format!("{h} ({kept} of {all} hunks)"))
+                .collect();
+            let mut trial = UnitResult {
+                unit: rel.to_string(),
+                functions: BTreeMap::new(),
+                details: Vec::new(),
+                build_s: 0.0,
+            };
+            let outcome = retry_with(
+                target,
+                tree,
+                rel,
+                diff_text,
+                &diffs,
+                &format!("{i}-named"),
+                scratch,
+                max_units,
+                "the header lines it uses",
+                &mut trial,
+            );
+            match outcome {
+                Err(class) if class.starts_with("needs the update's other changes") => {
+                    result.details.push(format!(
+                        "with the header lines it uses ({}) it does not compile: {}",
+                        shown.join(", "),
+                        trial.details.first().map(String::as_str).unwrap_or("")
+                    ));
+                }
+                outcome => {
+                    result.details.push(format!(
+                        "built with the header lines it uses: {}",
+                        shown.join(", ")
+                    ));
+                    result.details.extend(trial.details);
+                    result.functions.extend(trial.functions);
+                    return outcome;
+                }
+            }
+        }
+        Ok(_) => result
+            .details
+            .push("no hunk of its changed headers brings a name its change uses".into()),
+        Err(e) => return Err(format!("bench error: {e:#}")),
+    }
     // The smallest retry first: the changed headers whose own diff changes no type
     // definition. A file often needs only a new prototype or macro from one header while
     // another it includes changes a struct the fix does not use; adding every changed header
@@ -542,6 +603,7 @@ fn with_headers(
             &tag,
             scratch,
             max_units,
+            "its headers",
             &mut trial,
         )
         .is_ok()
@@ -580,8 +642,144 @@ fn with_headers(
         &i.to_string(),
         scratch,
         max_units,
+        "its headers",
         result,
     )
+}
+
+/// The identifiers of C text (comments and strings included: a superset).
+fn idents(text: &str) -> std::collections::BTreeSet<&str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'))
+        .collect()
+}
+
+/// The lines a unified diff adds, joined.
+fn added_lines(diff: &str) -> String {
+    diff.lines()
+        .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+        .map(|l| &l[1..])
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// For each of `needed` (changed headers `rel` includes), a diff of only the hunks that bring
+/// a name the fix of `rel` uses, directly or through another such hunk: (header, diff, hunks
+/// kept, hunks in all). Empty when no hunk brings one. Hunks are taken from `diff -U0`, so two
+/// changes a few lines apart are judged apart.
+fn named_header_diffs(
+    tree: &SourceTree,
+    new_tree: &Path,
+    rel: &str,
+    diff_text: &str,
+    needed: &[String],
+    tag: &str,
+    scratch: &Path,
+) -> Result<Vec<(String, String, usize, usize)>> {
+    let old_c = std::fs::read_to_string(tree.dir.join(rel))?;
+    // Comments are left out: a comment naming a macro does not need it.
+    let added_c = source_diff::unified::code_text(&added_lines(diff_text));
+    let old_c_ids = idents(&old_c);
+    let mut wanted: std::collections::BTreeSet<String> = idents(&added_c)
+        .into_iter()
+        .filter(|w| !old_c_ids.contains(w))
+        .map(str::to_string)
+        .collect();
+    // Per header: its old text, its -U0 hunks, and each hunk's new identifiers.
+    let mut headers = Vec::new();
+    for h in needed {
+        let out = Command::new("diff")
+            .args([
+                "-U0",
+                "--label",
+                &format!("a/{h}"),
+                "--label",
+                &format!("b/{h}"),
+            ])
+            .arg(tree.dir.join(h))
+            .arg(new_tree.join(h))
+            .output()
+            .context("running diff -U0")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let Ok(mut files) = source_diff::unified::parse(&text) else {
+            continue;
+        };
+        let Some(file) = files.pop() else { continue };
+        let old = std::fs::read_to_string(tree.dir.join(h))?;
+        let old_ids = idents(&old);
+        let new_ids: Vec<std::collections::BTreeSet<String>> = file
+            .hunks
+            .iter()
+            .map(|hk| {
+                let plus: Vec<&str> = hk
+                    .body
+                    .iter()
+                    .filter(|(k, _)| *k == b'+')
+                    .map(|(_, t)| t.as_str())
+                    .collect();
+                idents(&source_diff::unified::code_text(&plus.join("\n")))
+                    .into_iter()
+                    .filter(|w| !old_ids.contains(w))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect();
+        let n = file.hunks.len();
+        headers.push((h.clone(), old, file, new_ids, vec![false; n]));
+    }
+    // To a fixed point: a kept hunk's new names are wanted too.
+    loop {
+        let mut more = false;
+        for (_, _, _, ids, kept) in headers.iter_mut() {
+            for (j, set) in ids.iter().enumerate() {
+                if !kept[j] && set.iter().any(|w| wanted.contains(w)) {
+                    kept[j] = true;
+                    more = true;
+                    wanted.extend(set.iter().cloned());
+                }
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for (n, (h, old, file, _, kept)) in headers.into_iter().enumerate() {
+        let hunks: Vec<source_diff::unified::Hunk> = file
+            .hunks
+            .iter()
+            .zip(&kept)
+            .filter(|(_, k)| **k)
+            .map(|(hk, _)| hk.clone())
+            .collect();
+        if hunks.is_empty() {
+            continue;
+        }
+        let Some(partial) = source_diff::unified::apply_exactly(&old, &hunks) else {
+            continue;
+        };
+        let path = scratch.join(format!("{tag}-named-{n}.h"));
+        std::fs::write(&path, partial)?;
+        let d = Command::new("diff")
+            .args([
+                "-u",
+                "--label",
+                &format!("a/{h}"),
+                "--label",
+                &format!("b/{h}"),
+            ])
+            .arg(tree.dir.join(&h))
+            .arg(&path)
+            .output()
+            .context("running diff -u")?;
+        out.push((
+            h,
+            String::from_utf8_lossy(&d.stdout).into_owned(),
+            hunks.len(),
+            file.hunks.len(),
+        ));
+    }
+    Ok(out)
 }
 
 /// One retry of `rel`'s fix with the update's `header_diffs` added.
@@ -595,6 +793,7 @@ fn retry_with(
     tag: &str,
     scratch: &Path,
     max_units: usize,
+    what: &str,
     result: &mut UnitResult,
 ) -> std::result::Result<(), String> {
     let mut text = diff_text.to_string();
@@ -607,16 +806,17 @@ fn retry_with(
         result.details.push(chain(&e));
         match &e {
             SourceBuildError::TooManyUnits { .. } => {
-                format!("with its headers: they reach more than {max_units} units")
+                format!("with {what}: they reach more than {max_units} units")
             }
             SourceBuildError::Compile(CompileError::Failed { .. }) => {
-                "needs the update's other changes (does not compile with its headers)".into()
+                format!("needs the update's other changes (does not compile with {what})")
             }
-            e => format!("with its headers: {}", reason_class(e)),
+            e => format!("with {what}: {}", reason_class(e)),
         }
     };
     let touched = check_diff(&text, rel, Some(&tree.dir)).map_err(|e| refused(e, result))?;
-    let (units, _) = units_to_compile(tree, &touched, max_units).map_err(|e| refused(e, result))?;
+    let (units, _) =
+        units_to_compile(tree, &text, &touched, max_units).map_err(|e| refused(e, result))?;
     let objects = compile_both(tree, &path, &touched, &units)
         .map_err(|e| refused(SourceBuildError::Compile(e), result))?;
     // Every other unit the headers reach must be patchable too, or the fix is not.
