@@ -5,27 +5,27 @@
 //! reaches over 2,000 built-in units. Compiling each of them before and after would make the
 //! fix unbuildable (`--max-units`), yet no existing unit can compile differently because of a
 //! declaration of a name it never mentions: an unused prototype, macro, type or `static inline`
-//! function produces no code. So a header's diff counts as *declarations only*
-//! (`docs/source-patches.md` §2) when
+//! function produces no code. So a header's change counts as *declarations only*
+//! (`docs/source-patches.md` §2) when, comparing the header's top-level items before and after
+//! (comments and spacing ignored):
 //!
-//! - every hunk only adds lines (nothing removed or rewritten), and each run of added lines is
-//!   inserted between two top-level items of the old header (not inside a definition, a
-//!   declaration, a macro's continuation lines or a comment);
-//! - each run is whole top-level items by itself: `#define NAME …`, balanced
-//!   `#if`/`#else`/`#endif`, prototypes, `extern` declarations, `typedef`s, new `struct`/
-//!   `union`/`enum` types and `static inline` functions (no `#include`, `#undef`, `#pragma`,
-//!   no variable definition, no top-level `asm`, no `__used`/`constructor` attribute: those
-//!   emit or change code in every includer);
-//! - no file of the tree the kernel's units are built from mentions any name the run declares
-//!   (a whole-word search, comments included, [`mentioned`]). A name already used elsewhere
-//!   (a helper moved from a `.c` file, a macro redefined) makes the header reach its includers
-//!   as any other change does.
+//! - every item of the old header is still there, in order, except declarations the change
+//!   drops, and the items between are new;
+//! - each run of new (or dropped) items is whole and self-contained: `#define NAME …`, balanced
+//!   `#if`/`#else`/`#endif`, prototypes, `extern` declarations, `typedef`s, `struct`/`union`/
+//!   `enum` types and `static inline` functions. An `#include`, `#undef` or `#pragma`, a
+//!   variable definition, a top-level `asm` or a `__used`/`constructor`/`__section` attribute
+//!   emits or changes code in every includer, so it makes the change an ordinary one;
+//! - no file of the tree the kernel's units are built from mentions a name a new item declares,
+//!   and no file but the header itself mentions a name a dropped one declared (a whole-word
+//!   search, comments included, [`mentioned`]). A helper moved out of a `.c` file, a macro
+//!   defined again, or a prototype dropped while others still call it is an ordinary change.
 //!
 //! What it may change elsewhere is line numbers after the insertion (`__LINE__` in a later
 //! `WARN()`'s message): the running kernel's copy of such a unit behaves the same, so leaving it
 //! unpatched is right.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
@@ -37,47 +37,38 @@ use crate::unified::{FileDiff, apply_exactly};
 struct Item {
     preprocessor: bool,
     text: String,
-    first_line: u32,
-    last_line: u32,
 }
 
-/// The top-level items of `text`, and the lines after which no item or comment goes on (the
-/// places a whole item can be inserted), as `ends[k]` = "between line k and line k+1" (k = 0:
-/// before the first line). `clean` is false when the text ends inside an item or a comment.
+/// The top-level items of `text`; `clean` is false when the text ends inside an item or a
+/// comment.
 struct Scan {
     items: Vec<Item>,
-    ends: Vec<bool>,
     clean: bool,
 }
 
 fn scan(text: &str) -> Scan {
     let b = text.as_bytes();
-    let lines = text.lines().count();
-    let mut ends = vec![true; lines + 1];
     let mut items: Vec<Item> = Vec::new();
-    let (mut i, mut line) = (0usize, 1u32);
-    // The C item being read: its text, first line, brace depth, and whether its head (the part
-    // before the first top-level `{`) has a `(` and no `=` (a function: it ends at its `}`).
-    let mut cur: Option<(String, u32)> = None;
+    let mut i = 0usize;
+    // The C item being read, and its bracket depth. An item ends at a top-level `;`, or at the
+    // `}` closing a function body (its head has a `(` and no `=`).
+    let mut cur: Option<String> = None;
     let mut depth = 0u32;
     let mut at_line_start = true;
     while i < b.len() {
         let c = b[i];
         if c == b'\n' {
-            line += 1;
             at_line_start = true;
-            if let Some((t, _)) = cur.as_mut() {
+            if let Some(t) = cur.as_mut() {
                 t.push(' ');
             }
             i += 1;
             continue;
         }
         if at_line_start && c == b'#' && cur.is_none() {
-            let first = line;
             let mut t = String::new();
             while i < b.len() && b[i] != b'\n' {
                 if b[i] == b'\\' && b.get(i + 1) == Some(&b'\n') {
-                    line += 1;
                     t.push(' ');
                     i += 2;
                     continue;
@@ -86,9 +77,6 @@ fn scan(text: &str) -> Scan {
                     // A comment inside a directive (it may span lines).
                     i += 2;
                     while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
-                        if b[i] == b'\n' {
-                            line += 1;
-                        }
                         i += 1;
                     }
                     i += 2;
@@ -104,12 +92,9 @@ fn scan(text: &str) -> Scan {
                 t.push(b[i] as char);
                 i += 1;
             }
-            spans(first, line, &mut ends);
             items.push(Item {
                 preprocessor: true,
                 text: t.trim().to_string(),
-                first_line: first,
-                last_line: line,
             });
             continue;
         }
@@ -117,24 +102,18 @@ fn scan(text: &str) -> Scan {
             at_line_start = false;
         }
         if c == b'/' && b.get(i + 1) == Some(&b'*') {
-            let first = line;
             i += 2;
             while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
-                if b[i] == b'\n' {
-                    line += 1;
-                }
                 i += 1;
             }
             if i >= b.len() {
                 return Scan {
                     items,
-                    ends,
                     clean: false,
                 };
             }
             i += 2;
-            spans(first, line, &mut ends);
-            if let Some((t, _)) = cur.as_mut() {
+            if let Some(t) = cur.as_mut() {
                 t.push(' ');
             }
             continue;
@@ -146,13 +125,13 @@ fn scan(text: &str) -> Scan {
             continue;
         }
         if c.is_ascii_whitespace() {
-            if let Some((t, _)) = cur.as_mut() {
+            if let Some(t) = cur.as_mut() {
                 t.push(' ');
             }
             i += 1;
             continue;
         }
-        let (t, _) = cur.get_or_insert_with(|| (String::new(), line));
+        let t = cur.get_or_insert_with(String::new);
         if c == b'"' || c == b'\'' {
             t.push(c as char);
             i += 1;
@@ -160,9 +139,6 @@ fn scan(text: &str) -> Scan {
                 if b[i] == b'\\' && i + 1 < b.len() {
                     t.push(b[i] as char);
                     i += 1;
-                }
-                if b[i] == b'\n' {
-                    line += 1;
                 }
                 t.push(b[i] as char);
                 i += 1;
@@ -185,31 +161,16 @@ fn scan(text: &str) -> Scan {
             b';' if depth == 0 => close = true,
             _ => {}
         }
-        if close && let Some((text, first)) = cur.take() {
-            spans(first, line, &mut ends);
+        if close && let Some(text) = cur.take() {
             items.push(Item {
                 preprocessor: false,
                 text: text.trim().to_string(),
-                first_line: first,
-                last_line: line,
             });
         }
         i += 1;
     }
     let clean = cur.is_none() && depth == 0;
-    if let Some((_, first)) = cur {
-        spans(first, line, &mut ends);
-    }
-    Scan { items, ends, clean }
-}
-
-/// Marks the places between `first` and `last` as inside an item or comment.
-fn spans(first: u32, last: u32, ends: &mut [bool]) {
-    for k in first..last {
-        if let Some(e) = ends.get_mut(k as usize) {
-            *e = false;
-        }
-    }
+    Scan { items, clean }
 }
 
 fn words(s: &str) -> impl Iterator<Item = &str> {
@@ -361,77 +322,169 @@ fn directive_names(text: &str, open: &mut i32) -> Option<Vec<String>> {
     }
 }
 
-/// The names a header's diff declares when it is declarations only (module docs), in the
-/// order they appear; `None` otherwise. `old` is the header before the diff.
-pub fn declared_names(old: &str, file: &FileDiff) -> Option<Vec<String>> {
-    if file.created || file.deleted || !file.path.ends_with(".h") {
-        return None;
-    }
-    // The hunks must apply exactly as written, or the places they insert at are unknown.
-    apply_exactly(old, &file.hunks)?;
-    let before = scan(old);
-    if !before.clean {
-        return None;
-    }
-    let mut names = Vec::new();
-    for h in &file.hunks {
-        // The old line after which the next added run goes.
-        let mut after = if h.old_len == 0 {
-            h.old_start
-        } else {
-            h.old_start.saturating_sub(1)
-        };
-        let mut run: Vec<&str> = Vec::new();
-        let mut runs: Vec<(u32, String)> = Vec::new();
-        for (kind, text) in &h.body {
-            match kind {
-                b'+' => run.push(text),
-                b' ' => {
-                    if !run.is_empty() {
-                        runs.push((after, run.join("\n")));
-                        run.clear();
-                    }
-                    after += 1;
+/// What a declarations-only header change declares and drops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declarations {
+    /// Names the new items declare, in the order they appear.
+    pub added: Vec<String>,
+    /// Names the removed items declared (a placeholder renamed, a prototype no longer needed).
+    pub removed: Vec<String>,
+}
+
+/// `s` with every run of white space outside string and character literals made one space.
+fn collapse(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in s.chars() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
                 }
-                _ => return None,
+            }
+            None if c.is_whitespace() => {
+                if !out.ends_with(' ') {
+                    out.push(' ');
+                }
+            }
+            None => {
+                if c == '"' || c == '\'' {
+                    quote = Some(c);
+                }
+                out.push(c);
             }
         }
-        if !run.is_empty() {
-            runs.push((after, run.join("\n")));
+    }
+    out.trim().to_string()
+}
+
+/// An item as the compiler reads it, for comparing two versions: kind and collapsed text.
+fn key(item: &Item) -> (bool, String) {
+    (item.preprocessor, collapse(&item.text))
+}
+
+/// Which items of `a` and `b` are the same, in order (a longest common subsequence, after the
+/// common prefix and suffix): `(in_a, in_b)` flags. `None` when the changed middle is too large
+/// to compare (a header rewritten, not a fix's few lines).
+fn common(a: &[(bool, String)], b: &[(bool, String)]) -> Option<(Vec<bool>, Vec<bool>)> {
+    let (mut in_a, mut in_b) = (vec![false; a.len()], vec![false; b.len()]);
+    let mut pre = 0;
+    while pre < a.len() && pre < b.len() && a[pre] == b[pre] {
+        in_a[pre] = true;
+        in_b[pre] = true;
+        pre += 1;
+    }
+    let mut suf = 0;
+    while suf < a.len() - pre && suf < b.len() - pre && a[a.len() - 1 - suf] == b[b.len() - 1 - suf]
+    {
+        in_a[a.len() - 1 - suf] = true;
+        in_b[b.len() - 1 - suf] = true;
+        suf += 1;
+    }
+    let (ma, mb) = (&a[pre..a.len() - suf], &b[pre..b.len() - suf]);
+    if ma.len().saturating_mul(mb.len()) > 1 << 22 {
+        return None;
+    }
+    // lcs[i][j]: the longest common subsequence of ma[i..] and mb[j..].
+    let w = mb.len() + 1;
+    let mut lcs = vec![0u32; (ma.len() + 1) * w];
+    for i in (0..ma.len()).rev() {
+        for j in (0..mb.len()).rev() {
+            lcs[i * w + j] = if ma[i] == mb[j] {
+                lcs[(i + 1) * w + j + 1] + 1
+            } else {
+                lcs[(i + 1) * w + j].max(lcs[i * w + j + 1])
+            };
         }
-        for (at, text) in runs {
-            if !before.ends.get(at as usize).copied().unwrap_or(false) {
-                return None;
-            }
-            let added = scan(&text);
-            if !added.clean {
-                return None;
-            }
-            let mut open = 0;
-            for item in &added.items {
-                let n = if item.preprocessor {
-                    directive_names(&item.text, &mut open)?
-                } else {
-                    item_names(&item.text)?
-                };
-                names.extend(n);
-            }
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < ma.len() && j < mb.len() {
+        if ma[i] == mb[j] {
+            in_a[pre + i] = true;
+            in_b[pre + j] = true;
+            i += 1;
+            j += 1;
+        } else if lcs[(i + 1) * w + j] >= lcs[i * w + j + 1] {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    Some((in_a, in_b))
+}
+
+/// The names the unmatched items of `items` declare, each contiguous run of them being whole
+/// self-contained items (balanced conditionals); `None` when one is not a declaration.
+fn run_names(items: &[Item], matched: &[bool]) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    let mut open = 0;
+    for (item, m) in items.iter().zip(matched) {
+        if *m {
+            // A run ends: its conditionals must have closed.
             if open != 0 {
                 return None;
             }
+            continue;
         }
+        let n = if item.preprocessor {
+            directive_names(&item.text, &mut open)?
+        } else {
+            item_names(&item.text)?
+        };
+        names.extend(n);
     }
-    let mut seen = BTreeSet::new();
-    names.retain(|n| seen.insert(n.clone()));
-    Some(names)
+    (open == 0).then_some(names)
 }
 
-/// Which of `names` a file the kernel is built from mentions (whole words, comments included):
-/// every C, header and assembly file of the tree outside host tools, documentation and other
-/// architectures.
-pub fn mentioned(tree: &Path, names: &[String]) -> std::io::Result<BTreeSet<String>> {
+/// What a header's diff declares and drops when it is declarations only (module docs);
+/// `None` otherwise. `old` is the header before the diff. The two versions are compared item
+/// by item (comments and spacing ignored), not by where the hunks say lines go: `diff` often
+/// aligns an added function so that its hunk starts inside a comment.
+pub fn declarations(old: &str, file: &FileDiff) -> Option<Declarations> {
+    if file.created || file.deleted || !file.path.ends_with(".h") {
+        return None;
+    }
+    // The hunks must apply exactly as written, or the new text is unknown.
+    let new = apply_exactly(old, &file.hunks)?;
+    let (before, after) = (scan(old), scan(&new));
+    if !before.clean || !after.clean {
+        return None;
+    }
+    let ka: Vec<(bool, String)> = before.items.iter().map(key).collect();
+    let kb: Vec<(bool, String)> = after.items.iter().map(key).collect();
+    let (in_a, in_b) = common(&ka, &kb)?;
+    let mut removed = run_names(&before.items, &in_a)?;
+    let mut added = run_names(&after.items, &in_b)?;
+    let dedup = |v: &mut Vec<String>| {
+        let mut seen = BTreeSet::new();
+        v.retain(|n| seen.insert(n.clone()));
+    };
+    dedup(&mut removed);
+    dedup(&mut added);
+    // A dropped name the new header still uses is not dropped: its meaning changed.
+    let new_words: BTreeSet<&str> = words(&new).collect();
+    if removed.iter().any(|n| new_words.contains(n.as_str())) {
+        return None;
+    }
+    Some(Declarations { added, removed })
+}
+
+/// Which files mention each of `names` (whole words, comments included), paths relative to
+/// `tree`: every C, header and assembly file the kernel is built from, outside host tools,
+/// documentation and other architectures.
+pub fn mentioned(
+    tree: &Path,
+    names: &[String],
+) -> std::io::Result<BTreeMap<String, BTreeSet<String>>> {
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     if names.is_empty() {
-        return Ok(BTreeSet::new());
+        return Ok(found);
     }
     let mut dirs = Vec::new();
     for e in std::fs::read_dir(tree)? {
@@ -442,22 +495,21 @@ pub fn mentioned(tree: &Path, names: &[String]) -> std::io::Result<BTreeSet<Stri
         }
         if name == "arch" {
             if tree.join("arch/x86").is_dir() {
-                dirs.push(tree.join("arch/x86"));
+                dirs.push("arch/x86".to_string());
             }
         } else {
-            dirs.push(e.path());
+            dirs.push(name);
         }
     }
     let mut cmd = Command::new("grep");
-    cmd.args(["-rhowF", "--include=*.c", "--include=*.h", "--include=*.S"]);
+    cmd.args(["-rowF", "--include=*.c", "--include=*.h", "--include=*.S"]);
     cmd.args(["--include=*.lds", "--include=*.asn1", "--include=*.tbl"]);
     for n in names {
         cmd.arg("-e").arg(n);
     }
-    cmd.args(&dirs);
+    cmd.args(&dirs).current_dir(tree);
     let out = cmd.output()?;
-    // 0: found, 1: found nothing, 2: trouble (an unreadable file still lets the rest count,
-    // but then nothing may be concluded from an absence).
+    // 0: found, 1: found nothing, 2: trouble (then nothing may be concluded from an absence).
     match out.status.code() {
         Some(0) | Some(1) => {}
         _ => {
@@ -468,11 +520,31 @@ pub fn mentioned(tree: &Path, names: &[String]) -> std::io::Result<BTreeSet<Stri
             )));
         }
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .filter(|w| names.contains(w))
-        .collect())
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((file, word)) = line.rsplit_once(':')
+            && names.iter().any(|n| n == word)
+        {
+            found
+                .entry(word.to_string())
+                .or_default()
+                .insert(file.to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// Whether header `path`'s change `d` leaves every other unit's code as it was: no file
+/// mentions a name it adds, and only the header itself mentioned a name it drops.
+pub fn reaches_nothing(
+    path: &str,
+    d: &Declarations,
+    used: &BTreeMap<String, BTreeSet<String>>,
+) -> bool {
+    d.added.iter().all(|n| !used.contains_key(n))
+        && d.removed.iter().all(|n| {
+            used.get(n)
+                .is_none_or(|files| files.iter().all(|f| f == path))
+        })
 }
 
 #[cfg(test)]
@@ -492,9 +564,10 @@ mod tests {
         let d = diff(
             "@@ -11,5 +11,16 @@\n }\n \n+#define NEW_LIMIT 16\n+int new_helper(struct page *p);\n+extern unsigned long new_count;\n+struct new_thing {\n+\tint a;\n+};\n+enum { NEW_A, NEW_B = 3 };\n+#ifdef CONFIG_NEW\n+static inline bool new_check(void) { return true; }\n+#endif\n+typedef int (*new_fn_t)(int);\n #define OLD_MACRO(x) \\\n \t((x) * 2)\n \n",
         );
-        let names = declared_names(OLD, &d).expect("declarations only");
+        let names = declarations(OLD, &d).expect("declarations only");
+        assert!(names.removed.is_empty());
         assert_eq!(
-            names,
+            names.added,
             [
                 "NEW_LIMIT",
                 "new_helper",
@@ -509,25 +582,76 @@ mod tests {
     }
 
     #[test]
-    fn a_comment_alone_declares_nothing_and_counts() {
-        let d =
-            diff("@@ -3,2 +3,3 @@\n \n+/* why struct page is forward-declared */\n struct page;\n");
-        assert_eq!(declared_names(OLD, &d), Some(Vec::new()));
+    fn comments_and_spacing_alone_declare_nothing_and_count() {
+        for body in [
+            "@@ -3,2 +3,3 @@\n \n+/* why struct page is forward-declared */\n struct page;\n",
+            // Inside a comment, inside a macro's continuation lines, re-indented.
+            "@@ -6,2 +6,3 @@\n /* a comment\n+ * more words\n  * on two lines */\n",
+            "@@ -13,2 +13,3 @@\n #define OLD_MACRO(x) \\\n+\t/* doubled */ \\\n \t((x) * 2)\n",
+            "@@ -16,2 +16,1 @@\n-int old_proto(struct page *p,\n-\t      int flags);\n+int old_proto(struct page *p, int flags);\n",
+        ] {
+            assert_eq!(
+                declarations(OLD, &diff(body)),
+                Some(Declarations::default()),
+                "{body}"
+            );
+        }
     }
 
     #[test]
-    fn changes_inside_or_of_existing_items_are_not_declarations() {
-        // Inside a function body, inside a macro's continuation, inside a multi-line
-        // prototype, inside a comment.
+    fn a_function_added_where_diff_starts_its_hunk_inside_a_comment_is_a_declaration() {
+        // As `diff` aligns list.h's new list_count_nodes(): the new doc comment's `/**` is
+        // matched with the old one's, so the hunk starts inside a comment.
+        let old =
+            "/**\n * old_fn - the old one\n */\nstatic inline int old_fn(void) { return 0; }\n";
+        let d = diff(
+            "@@ -1,0 +2,5 @@\n+ * new_fn - a new one\n+ */\n+static inline int new_fn(void) { return 1; }\n+\n+/**\n",
+        );
+        let got = declarations(old, &d).expect("declarations only");
+        assert_eq!(got.added, ["new_fn"]);
+    }
+
+    #[test]
+    fn a_placeholder_renamed_drops_one_name_and_adds_another() {
+        // sched.h in 6.1.191: a hole in the PF_ flags gets its name.
+        let old = "#define PF_A 0x1\n#define PF__HOLE__00800000\t0x00800000\n#define PF_B 0x2\n";
+        let d = diff(
+            "@@ -2 +2 @@\n-#define PF__HOLE__00800000\t0x00800000\n+#define PF_NO_NOTIFY_SIGNAL\t0x00800000\n",
+        );
+        let got = declarations(old, &d).expect("declarations only");
+        assert_eq!(got.added, ["PF_NO_NOTIFY_SIGNAL"]);
+        assert_eq!(got.removed, ["PF__HOLE__00800000"]);
+        let only_here = BTreeMap::from([(
+            "PF__HOLE__00800000".to_string(),
+            BTreeSet::from(["include/linux/sched.h".to_string()]),
+        )]);
+        assert!(reaches_nothing("include/linux/sched.h", &got, &only_here));
+        // Used elsewhere, the dropped name changes that file's meaning; a new name used
+        // elsewhere is not new.
+        let mut elsewhere = only_here.clone();
+        elsewhere
+            .get_mut("PF__HOLE__00800000")
+            .unwrap()
+            .insert("kernel/fork.c".into());
+        assert!(!reaches_nothing("include/linux/sched.h", &got, &elsewhere));
+        let taken = BTreeMap::from([(
+            "PF_NO_NOTIFY_SIGNAL".to_string(),
+            BTreeSet::from(["kernel/signal.c".to_string()]),
+        )]);
+        assert!(!reaches_nothing("include/linux/sched.h", &got, &taken));
+    }
+
+    #[test]
+    fn changes_of_existing_items_are_not_declarations() {
         for body in [
+            // Inside a function body, a macro's body, a prototype's parameters.
             "@@ -9,3 +9,4 @@\n {\n+\tif (!a) return 0;\n \treturn a + 1;\n }\n",
-            "@@ -13,2 +13,3 @@\n #define OLD_MACRO(x) \\\n+\t/* doubled */ \\\n \t((x) * 2)\n",
+            "@@ -13,2 +13,3 @@\n #define OLD_MACRO(x) \\\n+\t(x) + \\\n \t((x) * 2)\n",
             "@@ -16,2 +16,3 @@\n int old_proto(struct page *p,\n+\t      int extra,\n \t      int flags);\n",
-            "@@ -6,2 +6,3 @@\n /* a comment\n+ * more words\n  * on two lines */\n",
-            // A removed or rewritten line.
+            // A forward declaration replaced.
             "@@ -4,1 +4,1 @@\n-struct page;\n+struct folio;\n",
         ] {
-            assert_eq!(declared_names(OLD, &diff(body)), None, "{body}");
+            assert_eq!(declarations(OLD, &diff(body)), None, "{body}");
         }
     }
 
@@ -549,7 +673,7 @@ mod tests {
                 "@@ -3,1 +3,{} @@\n \n{added}",
                 1 + added.lines().count()
             ));
-            let names = declared_names(OLD, &d);
+            let names = declarations(OLD, &d).map(|d| d.added);
             // A macro invocation yields the macro's name, which the tree uses: not new.
             assert!(
                 names.is_none() || names == Some(vec!["DECLARE_PER_CPU".to_string()]),
@@ -583,7 +707,16 @@ mod tests {
         let found = mentioned(dir.path(), &names).unwrap();
         assert_eq!(
             found,
-            BTreeSet::from(["used_one".to_string(), "in_x86".to_string()])
+            BTreeMap::from([
+                (
+                    "in_x86".to_string(),
+                    BTreeSet::from(["arch/x86/include/d.h".to_string()])
+                ),
+                (
+                    "used_one".to_string(),
+                    BTreeSet::from(["mm/a.c".to_string()])
+                ),
+            ])
         );
         assert!(mentioned(dir.path(), &[]).unwrap().is_empty());
     }

@@ -482,32 +482,48 @@ fn declaration_only(
     let Ok(files) = parse(text) else {
         return (Vec::new(), Vec::new());
     };
-    let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
+    let mut candidates = Vec::new();
     for f in files.iter().filter(|f| touched.contains(&f.path)) {
         if let Ok(old) = std::fs::read_to_string(tree.dir.join(&f.path))
-            && let Some(names) = crate::additions::declared_names(&old, f)
+            && let Some(d) = crate::additions::declarations(&old, f)
         {
-            candidates.push((f.path.clone(), names));
+            candidates.push((f.path.clone(), d));
         }
     }
-    let all: Vec<String> = candidates.iter().flat_map(|c| c.1.clone()).collect();
+    let all: Vec<String> = candidates
+        .iter()
+        .flat_map(|(_, d)| d.added.iter().chain(&d.removed).cloned())
+        .collect();
     let Ok(used) = crate::additions::mentioned(&tree.dir, &all) else {
         return (Vec::new(), Vec::new());
     };
     let (mut declaring, mut notes) = (Vec::new(), Vec::new());
-    for (header, names) in candidates {
-        if names.iter().any(|n| used.contains(n)) {
+    for (header, d) in candidates {
+        if !crate::additions::reaches_nothing(&header, &d, &used) {
             continue;
         }
-        notes.push(match names.is_empty() {
+        let mut what = Vec::new();
+        if !d.added.is_empty() {
+            what.push(format!(
+                "declares names no file of the kernel uses ({})",
+                d.added.join(", ")
+            ));
+        }
+        if !d.removed.is_empty() {
+            what.push(format!(
+                "drops declarations only it used ({})",
+                d.removed.join(", ")
+            ));
+        }
+        notes.push(match what.is_empty() {
             true => format!(
-                "{header}: its change adds only comments; it changes no unit's code, so its \
-                 includers are not compiled"
+                "{header}: its change is only comments and spacing; it changes no unit's code, \
+                 so its includers are not compiled"
             ),
             false => format!(
-                "{header}: its change only declares names no file of the kernel uses ({}); it \
-                 changes no other unit's code, so only the diff's own units are compiled",
-                names.join(", ")
+                "{header}: its change only {}; it changes no other unit's code, so only the \
+                 diff's own units are compiled",
+                what.join(" and ")
             ),
         });
         declaring.push(header);
