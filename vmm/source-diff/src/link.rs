@@ -258,11 +258,19 @@ impl<'a> Linker<'a> {
     /// the running kernel: the unit's own functions by their bytes (always: a unique name may
     /// be another unit's), its variables by being the only one or by where the unit's other
     /// variables are, other units' symbols by being the only one.
+    ///
+    /// `called`: the reference is a direct call or jump to the function's start. Then, when
+    /// several of the kernel's functions of that name have the unit's bytes (the out-of-line
+    /// copies of one `static inline` function in several units), any of them will do if they
+    /// also reach the same addresses from every relocated field ([`interchangeable`]): calling
+    /// one or another runs the same code on the same data. An address taken is not a call
+    /// (code may compare it), and neither is a patch site.
     pub fn kernel_name(
         &self,
         pre_name: &str,
         from: &str,
         offset: u64,
+        called: bool,
     ) -> Result<String, LinkError> {
         let mut cands: Vec<&linux_guest::KernelSymbol> = self
             .kernel
@@ -314,7 +322,7 @@ impl<'a> Linker<'a> {
                 {
                     let want = shape(self.kernel_pre, sym);
                     let masks = self.kernel_pre.relocs_of(sym);
-                    cands
+                    let mut m: Vec<usize> = cands
                         .iter()
                         .enumerate()
                         .filter(|(_, c)| {
@@ -322,7 +330,12 @@ impl<'a> Linker<'a> {
                                 .is_ok()
                         })
                         .map(|(i, _)| i)
-                        .collect()
+                        .collect();
+                    let addrs: Vec<u64> = m.iter().map(|&i| cands[i].address).collect();
+                    if called && m.len() > 1 && interchangeable(&self.kernel, &addrs, &masks) {
+                        m.truncate(1);
+                    }
+                    m
                 } else {
                     match self.data_candidates(sym, &cands) {
                         m if m.len() == 1 => m,
@@ -490,7 +503,7 @@ impl<'a> Linker<'a> {
         let name = if unique {
             pre_name.to_string()
         } else {
-            self.kernel_name(pre_name, pre_name, 0)
+            self.kernel_name(pre_name, pre_name, 0, false)
                 .map_err(|e| match e {
                     LinkError::Ambiguous { count, .. } => LinkError::PreMismatch {
                         function: pre_name.to_string(),
@@ -798,12 +811,18 @@ impl<'a> Linker<'a> {
                     }
                 }
                 if let Some((pre_name, addend)) = bind {
+                    // `call`/`jmp rel32` (or a `jcc rel32`) to the start of a function.
+                    let called = matches!(r.r_type, crate::elf::r::PC32 | crate::elf::r::PLT32)
+                        && r.addend == -4
+                        && u.symbols[t].kind == SymKind::Function
+                        && direct_branch(&code, field);
                     self.bind_kernel(
                         &pre_name,
                         &ts.name,
                         &from,
                         r.offset,
                         (field, kind, addend),
+                        called,
                         resolved,
                         &mut relocs,
                     )?;
@@ -938,10 +957,11 @@ impl<'a> Linker<'a> {
         from: &str,
         offset: u64,
         at: (usize, RelocKind, i64),
+        called: bool,
         resolved: &mut Vec<Resolved>,
         relocs: &mut Vec<Relocation>,
     ) -> Result<(), LinkError> {
-        let name = self.kernel_name(pre_name, from, offset)?;
+        let name = self.kernel_name(pre_name, from, offset, called)?;
         resolved.push(Resolved {
             from: from.to_string(),
             symbol: symbol.to_string(),
@@ -1055,9 +1075,9 @@ impl<'a> Linker<'a> {
                         offset: off_in,
                         what: format!("a jump label on key {key_name}, which the fix adds"),
                     })?;
-                self.kernel_name(&pre, &from, off_in)?
+                self.kernel_name(&pre, &from, off_in, false)?
             } else {
-                self.kernel_name(&key_name, &from, off_in)?
+                self.kernel_name(&key_name, &from, off_in, false)?
             };
             // Stub: cmpl $0, key(%rip); jg/jle target; jmp back.
             while !code.len().is_multiple_of(2) {
@@ -1105,6 +1125,56 @@ fn reloc_kind(r: &Reloc) -> Option<RelocKind> {
         r::ABS32S => RelocKind::Abs32S,
         _ => return None,
     })
+}
+
+/// Whether the 32-bit field at `field` of `code` is the displacement of a `call`, `jmp` or
+/// `jcc` with a 32-bit displacement.
+fn direct_branch(code: &[u8], field: usize) -> bool {
+    let at = |back: usize| field.checked_sub(back).and_then(|i| code.get(i)).copied();
+    matches!(at(1), Some(0xe8 | 0xe9))
+        || (at(2) == Some(0x0f) && matches!(at(1), Some(0x80..=0x8f)))
+}
+
+/// Whether the kernel's functions at `addrs`, whose bytes are the same but for the fields of
+/// `masks`, reach the same addresses from each of those fields (a PC-relative field from its
+/// own place): then they are the same code on the same data. None may be boot-time code the
+/// kernel has freed (`_sinittext`..`_einittext`).
+fn interchangeable(kernel: &Kernel<'_>, addrs: &[u64], masks: &[Reloc]) -> bool {
+    let bound = |name: &str| kernel.kallsyms.named(name).next().map(|s| s.address);
+    if let (Some(a), Some(b)) = (bound("_sinittext"), bound("_einittext"))
+        && addrs.iter().any(|x| (a..b).contains(x))
+    {
+        return false;
+    }
+    let targets = |base: u64| -> Option<Vec<i128>> {
+        masks
+            .iter()
+            .map(|r| {
+                let w = r.width()? as usize;
+                let at = base + r.offset;
+                let f = linux_guest::patch::file_bytes(kernel.vmlinux, at, w)?;
+                let v: i128 = match w {
+                    4 if r.r_type == crate::elf::r::ABS32 => {
+                        i128::from(u32::from_le_bytes(f.try_into().ok()?))
+                    }
+                    4 => i128::from(i32::from_le_bytes(f.try_into().ok()?)),
+                    8 => i128::from(i64::from_le_bytes(f.try_into().ok()?)),
+                    _ => return None,
+                };
+                Some(if r.is_pc_relative() {
+                    v + i128::from(at)
+                } else {
+                    v
+                })
+            })
+            .collect()
+    };
+    let Some(first) = addrs.first().and_then(|&a| targets(a)) else {
+        return false;
+    };
+    addrs[1..]
+        .iter()
+        .all(|&a| targets(a).as_ref() == Some(&first))
 }
 
 /// Whether the file bytes at `addr` are `want` (the pre-build code, relocated fields zero),

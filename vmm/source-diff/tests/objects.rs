@@ -1028,8 +1028,113 @@ fn a_function_the_kernel_inlined_is_carried_never_called_by_its_name() {
     // And a unit's own function is never named by a unique name alone: the kernel's `helper`
     // here is not this unit's code.
     assert!(matches!(
-        l.kernel_name("helper", "user", 0),
+        l.kernel_name("helper", "user", 0, false),
         Err(LinkError::Ambiguous { .. })
+    ));
+}
+
+/// Out-of-line copies of one function in several units, as the kernel has for a header's
+/// `static inline` helper (`_compound_head`: six): `helper` reaches only globals, `helper2` a
+/// variable each unit has its own of in the kernel built below.
+const COPIES: &str = r#"
+extern int ext_fn(int);
+extern int ext_var;
+int (*fnptr)(int);
+static __attribute__((noinline)) int helper(int x)
+{
+	return ext_fn(x) * 7 + 3;
+}
+static __attribute__((noinline)) int helper2(int x)
+{
+	return x + ext_var;
+}
+int user1(int a)
+{
+	return helper(a) + BODY;
+}
+int user2(int a)
+{
+	return helper2(a) + BODY;
+}
+int taker(int a)
+{
+	fnptr = helper;
+	return a + BODY;
+}
+"#;
+
+#[test]
+fn a_call_may_go_to_any_copy_that_is_the_same_code_on_the_same_data() {
+    let pre = compile(&COPIES.replace("BODY", "1"));
+    let post = compile(&COPIES.replace("BODY", "2"));
+    let k = fake_kernel(&pre, &post);
+    let mut text = k.vmlinux[0x1000..].to_vec();
+    let mut syms = k.kallsyms.symbols().to_vec();
+    // Every relocated field of a copy at `at`: field i reaches `targets[i]` from its place.
+    let fill = |text: &mut Vec<u8>, name: &str, at: u64, targets: &[u64]| {
+        let sym = pre.defined(name).expect("defined");
+        for (r, t) in pre.relocs_of(sym).iter().zip(targets) {
+            let field = at + r.offset;
+            let o = (field - TEXT) as usize;
+            let v = if r.is_pc_relative() {
+                (*t as i64 - field as i64) as i32
+            } else {
+                *t as i32
+            };
+            text[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    for (name, other) in [("helper", EXTERN + 0x200), ("helper2", DATA + 0x900)] {
+        let sym = pre.defined(name).expect("defined");
+        let n = pre.relocs_of(sym).len();
+        let first = k.text[name];
+        // A second copy in another unit, after everything else.
+        while !text.len().is_multiple_of(16) {
+            text.push(0xcc);
+        }
+        let second = TEXT + text.len() as u64;
+        text.extend_from_slice(pre.bytes_of(sym).expect("bytes"));
+        syms.push(KernelSymbol {
+            address: second,
+            kind: 't',
+            name: name.into(),
+        });
+        let same: Vec<u64> = (0..n as u64).map(|i| EXTERN + 0x100 + i).collect();
+        fill(&mut text, name, first, &same);
+        // helper's second copy reaches what the first does; helper2's, its own variable.
+        let mut theirs = same.clone();
+        if name == "helper2" {
+            *theirs.last_mut().expect("a field for ext_var") = other;
+        }
+        fill(&mut text, name, second, &theirs);
+    }
+    let k = FakeKernel {
+        vmlinux: vmlinux(TEXT, &text),
+        kallsyms: Kallsyms::from_symbols(syms),
+        ..k
+    };
+    let d = diff(&pre, &post);
+    let l = linker(&k, &pre, &post, &d);
+    let mut data = DataSet::default();
+    // The call to helper goes to one of its two copies, by the name the patch format takes.
+    let linked = check_and_link(&l, "user1", "user1", &mut data).expect("link user1");
+    assert!(
+        linked
+            .relocations
+            .iter()
+            .any(|r| r.target == RelocTarget::Symbol("helper,1".into())),
+        "{:?}",
+        linked.relocations
+    );
+    // helper2's copies use different variables: which one is this unit's is not known.
+    assert!(matches!(
+        check_and_link(&l, "user2", "user2", &mut data),
+        Err(LinkError::Ambiguous { symbol, .. }) if symbol == "helper2"
+    ));
+    // An address taken is compared, not only called: it must be this unit's own copy.
+    assert!(matches!(
+        check_and_link(&l, "taker", "taker", &mut data),
+        Err(LinkError::Ambiguous { symbol, .. }) if symbol == "helper"
     ));
 }
 
