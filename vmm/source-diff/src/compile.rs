@@ -245,6 +245,15 @@ fn recover(tree: &SourceTree) -> Result<(), CompileError> {
     std::fs::remove_dir_all(&saved).map_err(io(&saved))
 }
 
+/// Puts back what an interrupted build left changed in `tree`, under the tree's lock: for a
+/// caller that reads the tree's files before its first build (a comparison of two trees).
+pub fn recover_tree(tree: &SourceTree) -> Result<(), CompileError> {
+    let lock_path = tree.dir.join(".hotpatch-lock");
+    let lock = File::create(&lock_path).map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    recover(tree)
+}
+
 /// The defined function and variable names of an object, to compare two builds' inlining
 /// and their static locals' numbering (GCC numbers `name.N` across the unit: a rewrite that
 /// added one would shift the names the kernel's copies go by).

@@ -259,6 +259,9 @@ pub fn run(
     let tree = SourceTree::debian(cache, &build, &image.banner)?;
     let series = build.series().context("no series in the release")?;
     let new_tree = unpack_source(cache, &series, new_version)?;
+    // A run killed mid-build may have left a fix applied or a header rewritten in a tree:
+    // put them back before the trees are compared, or those files would count as unchanged.
+    source_diff::compile::recover_tree(&tree)?;
     let files = changed_files(&tree.dir, &new_tree)?;
     let c_files: Vec<&String> = files.iter().filter(|f| f.ends_with(".c")).collect();
     let changed_headers = files.iter().filter(|f| f.ends_with(".h")).count();
@@ -327,10 +330,12 @@ pub fn run(
                 dir.display()
             );
         }
-        trees.push(SourceTree {
+        let copy = SourceTree {
             dir,
             ..tree.clone()
-        });
+        };
+        source_diff::compile::recover_tree(&copy)?;
+        trees.push(copy);
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let done: std::sync::Mutex<Vec<(usize, UnitResult)>> = std::sync::Mutex::new(Vec::new());
