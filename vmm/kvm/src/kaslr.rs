@@ -265,7 +265,7 @@ impl<'a> Kernel<'a> {
     /// Writes the kernel's memory image (from its link address, `span` bytes) into `dst`,
     /// which must be zero (the bss is not written), relocated for `virt`. A relocation table
     /// naming a field outside the image is refused before the first write.
-    pub fn load_into<S: Sink>(&self, dst: &mut S, virt: u64) -> Result<(), KaslrError> {
+    pub fn load_into<S: Sink + ?Sized>(&self, dst: &mut S, virt: u64) -> Result<(), KaslrError> {
         self.check_relocations()?;
         let sink = |e: String| KaslrError::Sink(e);
         for s in &self.segments {
@@ -303,7 +303,7 @@ impl<'a> Kernel<'a> {
     #[cfg(test)]
     pub fn image(&self, virt: u64) -> Result<Vec<u8>, KaslrError> {
         let mut image = vec![0u8; self.span as usize];
-        self.load_into(&mut image, virt)?;
+        self.load_into(image.as_mut_slice(), virt)?;
         Ok(image)
     }
 }
@@ -314,11 +314,13 @@ pub trait Sink {
     fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), String>;
 }
 
-#[cfg(test)]
-impl Sink for Vec<u8> {
+/// The kernel's bytes as one slice (guest memory viewed plainly before the first vCPU runs, or
+/// a test's buffer).
+impl Sink for [u8] {
     fn write(&mut self, at: u64, bytes: &[u8]) -> Result<(), String> {
         let at = usize::try_from(at).map_err(|e| e.to_string())?;
-        self.get_mut(at..at + bytes.len())
+        at.checked_add(bytes.len())
+            .and_then(|end| self.get_mut(at..end))
             .ok_or_else(|| format!("{at:#x} is past the image"))?
             .copy_from_slice(bytes);
         Ok(())
@@ -326,7 +328,8 @@ impl Sink for Vec<u8> {
     fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), String> {
         let at = usize::try_from(at).map_err(|e| e.to_string())?;
         buf.copy_from_slice(
-            self.get(at..at + buf.len())
+            at.checked_add(buf.len())
+                .and_then(|end| self.get(at..end))
                 .ok_or_else(|| format!("{at:#x} is past the image"))?,
         );
         Ok(())
