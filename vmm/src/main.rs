@@ -312,8 +312,10 @@ enum BenchCommand {
         #[arg(long, value_name = "FILE")]
         only_units: Option<PathBuf>,
         /// A file that compiles only with the update's changes to the headers it includes is
-        /// tried again with them (first only those whose diff changes no type definition), if
-        /// they reach at most this many built-in units (each is compiled too).
+        /// tried again with them: first only the header lines bringing names its change uses,
+        /// then the headers whose diff changes no type definition, then all. A header change
+        /// that does more than declare new names must reach at most this many built-in units
+        /// (each is compiled too).
         #[arg(long, default_value_t = 8)]
         header_units: usize,
         /// Also time the first build of this fix with an empty cache (fetch, unpack, prepare).

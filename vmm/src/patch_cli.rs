@@ -249,7 +249,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "DIR", requires = "source_diff")]
     pub source_cache: Option<PathBuf>,
     /// At most this many units compiled for a --source-diff (a changed header brings in every
-    /// built-in unit that includes it; each is compiled three or four times).
+    /// built-in unit that includes it, unless it only declares names no other file uses; each
+    /// is compiled three or four times).
     #[arg(long, value_name = "N", default_value_t = source_diff::build::DEFAULT_MAX_UNITS, requires = "source_diff")]
     pub max_units: usize,
     /// The relocatable object with the new code (gcc -c with kernel flags; see
