@@ -322,8 +322,8 @@ impl<'a> SourceText<'a> {
 /// Whether type definition `c` of `old` reads the same to the compiler in `new`: only
 /// comments or white space changed, or an enum only gained enumerators and kept every old
 /// value ([`crate::enums`]). A fix that rewords a comment inside a struct, or adds a state to
-/// an enum, changes no layout and must not be refused for it. When the new text is unknown (the diff does not
-/// apply exactly), the definition counts as changed.
+/// an enum, changes no layout and must not be refused for it. When the new text is unknown
+/// (the diff does not apply exactly), the definition counts as changed.
 fn same_code_after(
     old: &SourceText<'_>,
     c: &crate::unified::Construct,
@@ -414,7 +414,8 @@ pub fn units_to_compile(
         if units.is_empty() {
             return Err(SourceBuildError::NothingChanged {
                 what: format!(
-                    "declarations in {} of names no file of the kernel uses",
+                    "changes in {} that reach no unit's code: declarations of names no file \
+                     of the kernel uses, comments",
                     declaring.join(", ")
                 ),
             });
