@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use crate::unified::{FileDiff, apply_exactly};
+use crate::unified::{FileDiff, apply_exactly, code_text, words};
 
 /// One top-level item of C source: a preprocessor line (with its continuations) or a C
 /// declaration/definition, with comments removed.
@@ -171,11 +171,6 @@ fn scan(text: &str) -> Scan {
     }
     let clean = cur.is_none() && depth == 0;
     Scan { items, clean }
-}
-
-fn words(s: &str) -> impl Iterator<Item = &str> {
-    s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty())
 }
 
 const KEYWORDS: [&str; 24] = [
@@ -331,42 +326,10 @@ pub struct Declarations {
     pub removed: Vec<String>,
 }
 
-/// `s` with every run of white space outside string and character literals made one space.
-fn collapse(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for c in s.chars() {
-        match quote {
-            Some(q) => {
-                out.push(c);
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == q {
-                    quote = None;
-                }
-            }
-            None if c.is_whitespace() => {
-                if !out.ends_with(' ') {
-                    out.push(' ');
-                }
-            }
-            None => {
-                if c == '"' || c == '\'' {
-                    quote = Some(c);
-                }
-                out.push(c);
-            }
-        }
-    }
-    out.trim().to_string()
-}
-
-/// An item as the compiler reads it, for comparing two versions: kind and collapsed text.
+/// An item as the compiler reads it, for comparing two versions: kind, and its text with every
+/// run of white space outside literals made one space.
 fn key(item: &Item) -> (bool, String) {
-    (item.preprocessor, collapse(&item.text))
+    (item.preprocessor, code_text(&item.text))
 }
 
 /// Which items of `a` and `b` are the same, in order (a longest common subsequence, after the

@@ -125,7 +125,10 @@ pub fn keeps_values(old: &str, new: &str) -> bool {
     let (Some(old), Some(new)) = (enumerators(old), enumerators(new)) else {
         return false;
     };
-    if old.head != new.head || old.tail != new.tail || !words(&old.head).any(|w| w == "enum") {
+    if old.head != new.head
+        || old.tail != new.tail
+        || !crate::unified::words(&old.head).any(|w| w == "enum")
+    {
         return false;
     }
     let (old_items, new_items) = (old.items, new.items);
@@ -148,11 +151,6 @@ pub fn keeps_values(old: &str, new: &str) -> bool {
         .iter()
         .filter(|(n, _)| !old_items.iter().any(|(o, _)| o == n))
         .all(|(_, v)| fits(v))
-}
-
-fn words(s: &str) -> impl Iterator<Item = &str> {
-    s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty())
 }
 
 #[cfg(test)]

@@ -243,6 +243,12 @@ pub fn code_text(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The words of C text: its runs of identifier characters (`[A-Za-z0-9_]`), numbers included.
+pub fn words(s: &str) -> impl Iterator<Item = &str> {
+    s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+}
+
 /// `a/fs/proc/base.c\t2026-…` → `fs/proc/base.c`; `/dev/null` → `None`.
 fn header_path(h: &str) -> Option<String> {
     let p = h.split('\t').next().unwrap_or(h).trim_end();
@@ -406,9 +412,7 @@ fn classify(head: &str) -> ConstructKind {
     if h.contains('(') {
         return ConstructKind::Function;
     }
-    let is_tag = h
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .any(|w| matches!(w, "struct" | "union" | "enum"));
+    let is_tag = words(&h).any(|w| matches!(w, "struct" | "union" | "enum"));
     if is_tag {
         ConstructKind::Type
     } else {
@@ -493,10 +497,7 @@ fn strip_attributes(head: &str) -> String {
 /// `struct x` (or `union x`, `enum x`; the keyword alone when anonymous) of a type's head.
 fn type_name(head: &str) -> String {
     let h = strip_attributes(head.trim());
-    let words: Vec<&str> = h
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = words(&h).collect();
     match words
         .iter()
         .position(|w| matches!(*w, "struct" | "union" | "enum"))
@@ -515,12 +516,10 @@ fn head_name(head: &str) -> String {
     let h = strip_attributes(head.trim());
     let h = h.trim();
     let cut = h.find('(').or_else(|| h.find('=')).unwrap_or(h.len());
-    let ident = |s: &str| -> Option<String> {
-        s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .rfind(|w| !w.is_empty())
-            .map(str::to_string)
-    };
-    ident(&h[..cut]).unwrap_or_default()
+    words(&h[..cut])
+        .last()
+        .map(str::to_string)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -654,7 +654,7 @@ fn with_headers(
 
 /// The identifiers of C text (comments and strings included: a superset).
 fn idents(text: &str) -> std::collections::BTreeSet<&str> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+    source_diff::unified::words(text)
         .filter(|w| w.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'))
         .collect()
 }
