@@ -27,7 +27,7 @@ use patch_format::{ParsedPatch, PublicKey, SignatureBlock};
 use serde::Serialize;
 use sha2::Digest;
 use thiserror::Error;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use arena::{Arena, ArenaWindow, Chunk};
 use guest_control::paging::PagingRegs;
@@ -720,10 +720,23 @@ impl<G: GuestControl> Engine<G> {
     }
 
     /// Paging registers to translate with: learned from the last blackout, or from a short
-    /// one now (the first patch only).
+    /// one now (the first patch, or when the guest freed the tables learned).
+    ///
+    /// The registers learned are those of whatever a vCPU ran then, often a process: once it
+    /// exits, its top-level table is freed and reused, and a walk through it finds nothing
+    /// (every site "not mapped") or garbage. So a cached root is kept only while it still
+    /// maps the arena's first page where the backend reserved it; the blackout re-checks
+    /// every translation before a byte is written in any case ([`Engine::recheck_guest`]).
     pub(crate) fn paging(&mut self) -> Result<PagingRegs, EngineError> {
         if let Some(p) = self.paging {
-            return Ok(p);
+            if self.maps_arena(&p) {
+                return Ok(p);
+            }
+            debug!(
+                cr3 = p.cr3,
+                "the cached page tables no longer map the arena: re-learning them"
+            );
+            self.paging = None;
         }
         let paused = guest_control::Paused::pause(&*self.guest)?;
         let p = paused
@@ -736,6 +749,22 @@ impl<G: GuestControl> Engine<G> {
         let p = p.ok_or(EngineError::NoVcpu)?;
         self.paging = Some(p);
         Ok(p)
+    }
+
+    /// Whether `paging` still maps the arena's first page where the backend reserved it: a
+    /// root that does is a live address space of the OS (the arena is mapped in every one).
+    fn maps_arena(&self, paging: &PagingRegs) -> bool {
+        let window = self.arena.window;
+        let vs = VcpuState {
+            id: 0,
+            rip: 0,
+            rsp: 0,
+            cpl: 0,
+            paging: *paging,
+        };
+        self.guest
+            .translate(&vs, window.gva)
+            .is_ok_and(|t| t.gpa == window.gpa)
     }
 
     /// Translates `[gva, gva+len)` to one contiguous guest-physical range.

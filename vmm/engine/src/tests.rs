@@ -56,6 +56,9 @@ struct Fake {
     held: std::sync::atomic::AtomicBool,
     /// The CR3 and address of every translation asked for.
     translated_with: Mutex<Vec<(u64, u64)>>,
+    /// Top-level tables the guest has freed (a process that exited): nothing is mapped
+    /// through them any more.
+    freed_roots: Mutex<Vec<u64>>,
 }
 
 impl Fake {
@@ -186,6 +189,15 @@ impl GuestControl for Fake {
             .lock()
             .unwrap()
             .push((v.paging.cr3, gva));
+        if self.freed_roots.lock().unwrap().contains(&v.paging.cr3) {
+            return Err(GuestError::Walk(
+                guest_control::paging::WalkError::NotPresent {
+                    gva,
+                    level: 4,
+                    entry_gpa: v.paging.cr3,
+                },
+            ));
+        }
         Ok(Translation {
             gpa: gva,
             page_size: 4096,
@@ -1048,6 +1060,25 @@ fn sites_are_translated_in_the_address_space_the_os_maps_its_code_in() {
         .collect();
     assert!(!code.is_empty());
     assert!(code.iter().all(|&cr3| cr3 == 0x6000), "{code:x?}");
+}
+
+#[test]
+fn page_tables_learned_from_a_process_that_has_exited_are_learned_again() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.vcpus.lock().unwrap()[0].paging.cr3 = 0xa000;
+    let mut e = engine(&g, None);
+    e.apply(&signed(&fix_f())).unwrap();
+    // The process the vCPU ran exits: its table is freed and the vCPU runs another.
+    g.freed_roots.lock().unwrap().push(0xa000);
+    g.vcpus.lock().unwrap()[0].paging.cr3 = 0xb000;
+    let pauses = *g.pauses.lock().unwrap();
+    e.apply(&signed(&fix_g())).unwrap();
+    assert_eq!(g.bytes(G_AT, 1), [0xe9], "g is patched");
+    assert_eq!(
+        *g.pauses.lock().unwrap(),
+        pauses + 2,
+        "one short pause to learn the tables again, one blackout"
+    );
 }
 
 fn fix_g() -> Patch {
