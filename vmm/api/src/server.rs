@@ -470,7 +470,9 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
         EngineError::NoSuchPatch(_) | EngineError::AmbiguousId(_) => ErrorKind::NotFound,
         EngineError::Tampered { .. } => ErrorKind::Tampered,
         EngineError::Guest(g) => match g {
-            GuestError::OutsideMemory { .. } | GuestError::Walk(_) => ErrorKind::Refused,
+            GuestError::OutsideMemory { .. }
+            | GuestError::WrapsAround { .. }
+            | GuestError::Walk(_) => ErrorKind::Refused,
             GuestError::AlreadyPaused => ErrorKind::Busy,
             GuestError::Pause(_)
             | GuestError::Resume(_)

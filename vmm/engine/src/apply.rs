@@ -21,6 +21,12 @@ use crate::{
 };
 
 /// One site made ready to write.
+/// What an apply's staging overwrote in the arena ([`Engine::arena_before`]).
+struct ArenaBefore {
+    saved: Vec<(u64, Vec<u8>)>,
+    ledger_seq: u64,
+}
+
 pub(crate) struct Prepared {
     pub(crate) plan: SitePlan,
     /// For function sites, the old function `[start, end)`.
@@ -214,6 +220,15 @@ impl<G: GuestControl> Engine<G> {
         let chunks = planned.chunks;
         let prepared = planned.sites;
         let data = planned.data;
+        // What staging overwrites, put back if the apply is refused: a refusal leaves the
+        // guest as it was, the arena included.
+        let before = match self.arena_before(&chunks) {
+            Ok(b) => b,
+            Err(e) => {
+                self.abandon(&mut record, &chunks, &e, None)?;
+                return Err(e);
+            }
+        };
         // The ledger claims the new chunks and sites before any jump can lead there.
         let outcome = self
             .stage(&prepared, data.as_ref())
@@ -222,8 +237,7 @@ impl<G: GuestControl> Engine<G> {
         let committed = match outcome {
             Ok(c) => c,
             Err(e) => {
-                self.abandon(&mut record, &chunks, &e)?;
-                self.update_ledger();
+                self.abandon(&mut record, &chunks, &e, Some(&before))?;
                 return Err(e);
             }
         };
@@ -569,20 +583,63 @@ impl<G: GuestControl> Engine<G> {
     /// An apply that did not commit. The blackout either wrote nothing or undid what it wrote,
     /// unless it reports [`EngineError::Stranded`]: then the guest may still jump into this
     /// patch's arena code, which therefore stays allocated and intact.
+    /// The bytes an apply's staging will overwrite: its chunks, and the part of the ledger
+    /// slot the next ledger goes into (with the sequence number it follows).
+    fn arena_before(&self, chunks: &[Chunk]) -> Result<ArenaBefore, EngineError> {
+        let mut saved = Vec::with_capacity(chunks.len() + 1);
+        for c in chunks {
+            let gpa = self.arena.gpa(*c);
+            let mut b = vec![0u8; c.len as usize];
+            self.guest.read_phys(gpa, &mut b)?;
+            saved.push((gpa, b));
+        }
+        let next = self.current_ledger();
+        if let Ok(bytes) = next.encode(self.ledger.slot) {
+            let gpa =
+                self.arena.window.gpa + self.ledger.offset + (next.seq % 2) * self.ledger.slot;
+            let mut b = vec![0u8; bytes.len()];
+            self.guest.read_phys(gpa, &mut b)?;
+            saved.push((gpa, b));
+        }
+        Ok(ArenaBefore {
+            saved,
+            ledger_seq: self.ledger_seq,
+        })
+    }
+
+    /// A refused apply: its chunks are given back, and the arena gets back what staging
+    /// overwrote (`before`). When that cannot be done the chunks are zeroed and the ledger
+    /// rewritten for the state now, as a crash would leave them to recovery. A patch the guest
+    /// may still reach (`Stranded`) keeps its code.
     fn abandon(
         &mut self,
         record: &mut PatchRecord,
         chunks: &[Chunk],
         e: &EngineError,
+        before: Option<&ArenaBefore>,
     ) -> Result<(), EngineError> {
         if matches!(e, EngineError::Stranded { .. }) {
             warn!(patch = %record.id, "keeping the arena code of a patch the guest may still reach");
+            self.update_ledger();
         } else {
+            let put_back = before.is_some_and(|b| {
+                b.saved
+                    .iter()
+                    .all(|(gpa, bytes)| self.guest.write_phys(*gpa, bytes).is_ok())
+            });
             for c in chunks {
-                let _ = self
-                    .guest
-                    .write_phys(self.arena.gpa(*c), &vec![0u8; c.len as usize]);
+                // Nothing was staged without `before`: nothing to take back.
+                if before.is_some() && !put_back {
+                    let _ = self
+                        .guest
+                        .write_phys(self.arena.gpa(*c), &vec![0u8; c.len as usize]);
+                }
                 self.arena.release(*c);
+            }
+            match before {
+                Some(b) if put_back => self.ledger_seq = b.ledger_seq,
+                Some(_) => self.update_ledger(),
+                None => {}
             }
         }
         record.state = PatchState::Failed;

@@ -263,20 +263,39 @@ impl<G: GuestControl> Engine<G> {
     /// The guest still holds what was planned: same page tables, the applied patches' bytes
     /// where they will be restored, the original bytes where jumps will go.
     fn recheck_guest(&mut self, change: &Change<'_>, first: &VcpuState) -> Result<(), EngineError> {
-        // The translations were made with cached paging registers: re-check them if the
-        // guest switched page tables since.
-        if self.paging != Some(first.paging) {
-            for p in change.write {
-                let t = self.guest.translate(first, p.plan.analysis.jump_at);
-                if t.map(|t| t.gpa).ok() != Some(p.gpa) {
-                    self.paging = Some(first.paging);
-                    return Err(EngineError::Raced {
-                        site: p.location.clone(),
-                    });
-                }
+        // The translations were made with cached paging registers: re-check them, every page
+        // of every site, if the guest switched page tables since. A site crossing a page is
+        // re-checked whatever the registers: a guest that remapped one of its pages since
+        // would otherwise get half a jump in a frame it no longer runs.
+        let switched = self.paging != Some(first.paging);
+        let crosses = |gva: u64, len: usize| (gva & 0xfff) + len as u64 > 0x1000;
+        let sites = change
+            .write
+            .iter()
+            .map(|p| {
+                (
+                    p.plan.analysis.jump_at,
+                    p.plan.original.len(),
+                    p.gpa,
+                    &p.location,
+                )
+            })
+            .chain(
+                change
+                    .restore
+                    .iter()
+                    .flat_map(|r| &r.sites)
+                    .map(|s| (s.gva, s.patched.len(), s.gpa, &s.location)),
+            );
+        for (gva, len, gpa, site) in sites {
+            if (switched || crosses(gva, len))
+                && self.gpa_of(&first.paging, site, gva, len).ok() != Some(gpa)
+            {
+                self.paging = Some(first.paging);
+                return Err(EngineError::Raced { site: site.clone() });
             }
-            self.paging = Some(first.paging);
         }
+        self.paging = Some(first.paging);
         // One scratch buffer for every compare: this runs with the guest parked.
         let mut cur = Vec::with_capacity(64);
         for r in change.restore {

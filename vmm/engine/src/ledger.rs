@@ -387,7 +387,7 @@ fn subtract(ranges: &[Chunk], minus: &[Chunk]) -> Vec<Chunk> {
 impl<G: GuestControl> Engine<G> {
     /// The ledger this engine's state says: every chunk not free (whose, where known) and every
     /// site of the applied (or being applied) patches.
-    fn current_ledger(&self) -> Ledger {
+    pub(crate) fn current_ledger(&self) -> Ledger {
         let window = self.arena.window;
         let live = |r: &&PatchRecord| matches!(r.state, PatchState::Applied | PatchState::Applying);
         let mut chunks = Vec::new();

@@ -725,8 +725,9 @@ impl<G: GuestControl> Engine<G> {
     /// The registers learned are those of whatever a vCPU ran then, often a process: once it
     /// exits, its top-level table is freed and reused, and a walk through it finds nothing
     /// (every site "not mapped") or garbage. So a cached root is kept only while it still
-    /// maps the arena's first page where the backend reserved it; the blackout re-checks
-    /// every translation before a byte is written in any case ([`Engine::recheck_guest`]).
+    /// maps the arena's first page where the backend reserved it. The blackout then
+    /// translates every site again through the parked vCPU's root when that differs, and
+    /// every site crossing a page whatever the root (`Engine::recheck_guest`).
     pub(crate) fn paging(&mut self) -> Result<PagingRegs, EngineError> {
         if let Some(p) = self.paging {
             if self.maps_arena(&p) {
@@ -790,10 +791,18 @@ impl<G: GuestControl> Engine<G> {
                 gva,
                 reason: e.to_string(),
             })?;
+        // `gva` may come from a guest-writable ledger: a range past the top of the address
+        // space is not one the guest maps.
+        let end = gva
+            .checked_add(len.max(1) as u64)
+            .ok_or_else(|| EngineError::Unmapped {
+                site: site.into(),
+                gva,
+                reason: format!("{len} bytes there run past the top of the address space"),
+            })?;
         let mut page = gva & !0xfff;
-        let end = gva + len.max(1) as u64;
-        while page + 0x1000 < end {
-            page += 0x1000;
+        while let Some(next) = page.checked_add(0x1000).filter(|&n| n < end) {
+            page = next;
             let t = self
                 .guest
                 .translate(&vs, page)

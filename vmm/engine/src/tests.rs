@@ -59,6 +59,8 @@ struct Fake {
     /// Top-level tables the guest has freed (a process that exited): nothing is mapped
     /// through them any more.
     freed_roots: Mutex<Vec<u64>>,
+    /// Pages the guest mapped elsewhere: guest-virtual page → guest-physical frame.
+    remap: Mutex<HashMap<u64, u64>>,
 }
 
 impl Fake {
@@ -198,8 +200,12 @@ impl GuestControl for Fake {
                 },
             ));
         }
+        let gpa = match self.remap.lock().unwrap().get(&(gva & !0xfff)) {
+            Some(frame) => frame | (gva & 0xfff),
+            None => gva,
+        };
         Ok(Translation {
-            gpa: gva,
+            gpa,
             page_size: 4096,
             writable: true,
             user: true,
@@ -380,6 +386,39 @@ fn a_vcpu_in_displaced_bytes_is_moved_to_the_copy() {
     assert_eq!(g.bytes(moved + 6, 1), [0xe9]);
     let rel = i32::from_le_bytes(g.bytes(moved + 7, 4).try_into().unwrap());
     assert_eq!((moved as i64 + 11 + i64::from(rel)) as u64, F_AT + 7);
+}
+
+#[test]
+fn a_refusal_after_staging_leaves_the_arena_as_it_was() {
+    // The arena holds what earlier patches left there; the apply stages its code and ledger,
+    // then backs off (a vCPU is inside old f).
+    let g = Fake::new(&[(F_AT + 7, 0x8000)]);
+    g.write_phys(ARENA.gpa, &vec![0xab; capacity() as usize])
+        .unwrap();
+    let mut e = engine(&g, None);
+    let arena = |g: &Fake| g.bytes(ARENA.gpa, ARENA.size as usize);
+    let (before, code) = (arena(&g), g.bytes(F_AT, 0x200));
+    let both = patch(
+        "fix-both",
+        vec![function_site("f", &F, &G), function_site("g", &G, &F)],
+        Vec::new(),
+    );
+    assert!(matches!(
+        e.apply(&signed(&both)),
+        Err(EngineError::Busy { .. })
+    ));
+    assert!(arena(&g) == before, "the arena holds what it held");
+    assert_eq!(g.bytes(F_AT, 0x200), code);
+    assert_eq!(e.arena().free_bytes(), capacity(), "arena given back");
+    // The ledger goes on from the one the guest holds: the next apply is recorded there.
+    g.vcpus.lock().unwrap()[0].rip = 0x5000;
+    let id = e.apply(&signed(&both)).unwrap().patch.id;
+    drop(e);
+    let e = engine(&g, None);
+    assert!(
+        e.find(&id).is_ok(),
+        "the next attach finds the patch by its ledger"
+    );
 }
 
 #[test]
@@ -1002,6 +1041,60 @@ fn a_request_that_panicked_holding_the_engine_does_not_stop_the_others() {
 }
 
 #[test]
+fn a_site_across_a_page_the_guest_remapped_since_planning_is_not_written() {
+    // h's first instructions straddle a page boundary.
+    const H_AT: u64 = 0x1ffd;
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(H_AT, &F).unwrap();
+    let target = Target::new(
+        ImageInfo {
+            identity: identity(),
+            symbols: vec![ImageSymbol {
+                name: "h".into(),
+                addr: H_AT,
+                size: 13,
+                function: true,
+            }],
+        },
+        0,
+    );
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        g.clone(),
+        target,
+        ARENA,
+        config,
+        None,
+        Box::new(crate::rewrites::NoRewrites),
+    )
+    .unwrap();
+    let fix = patch("fix-h", vec![function_site("h", &F, &G)], Vec::new());
+    let paging = e.paging().unwrap();
+    let planned = e
+        .plan_apply(e.verifier().check(&signed(&fix)).unwrap(), paging)
+        .unwrap();
+    // The guest moves h's second page to a copy (same bytes, another frame); its page-table
+    // root stays the same.
+    let second = g.bytes(0x2000, 0x1000);
+    g.write_phys(0x9000, &second).unwrap();
+    g.remap.lock().unwrap().insert(0x2000, 0x9000);
+    let code = |g: &Fake| (g.bytes(0x1000, 0x2000), g.bytes(0x9000, 0x1000));
+    let before = code(&g);
+    let r = e.commit_planned(planned);
+    assert!(matches!(r, Err(EngineError::Raced { .. })), "{r:?}");
+    assert!(code(&g) == before, "no byte of h's frames was written");
+    // Planned again, through the new mapping: h is no longer one contiguous range.
+    assert!(matches!(
+        e.apply(&signed(&fix)),
+        Err(EngineError::Discontiguous { .. })
+    ));
+    assert!(code(&g) == before);
+}
+
+#[test]
 fn a_plan_made_before_another_change_is_refused_as_stale() {
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let mut e = engine(&g, None);
@@ -1157,6 +1250,37 @@ fn a_ledger_is_a_claim_to_verify_not_to_believe() {
     let e = engine(&g, None);
     assert!(e.find(&first.id).is_err());
     assert_eq!(e.arena().free_bytes(), capacity());
+}
+
+#[test]
+fn a_ledger_claiming_a_site_at_the_top_of_the_address_space_is_disbelieved_not_a_panic() {
+    // The ledger lives in guest memory: a guest can write one with a self-consistent
+    // checksum that claims a jump in the last bytes of the address space.
+    let layout = ledger::Layout::for_arena(ARENA.size);
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let l = ledger::Ledger {
+        seq: 1,
+        owner: [0; 16],
+        chunks: vec![ledger::Claim {
+            patch: [7; 32],
+            chunk: Chunk { offset: 0, len: 64 },
+            quarantined: false,
+        }],
+        sites: vec![ledger::SiteClaim {
+            patch: [7; 32],
+            gva: 0xffff_ffff_ffff_fff0,
+            len: 16,
+        }],
+    };
+    let bytes = l.encode(layout.slot).unwrap();
+    g.write_phys(ARENA.gpa + layout.offset + layout.slot, &bytes)
+        .unwrap();
+    let e = engine(&g, None);
+    assert!(e.records().is_empty());
+    assert_eq!(
+        e.arena().free_bytes() + e.arena().quarantined_bytes(),
+        capacity()
+    );
 }
 
 #[test]

@@ -60,6 +60,11 @@ pub enum GuestError {
     NotPaused,
     #[error("vCPU {0} does not exist or has stopped")]
     NoSuchVcpu(usize),
+    #[error(
+        "{len} bytes at guest-virtual {gva:#x} run past the top of the address space: not a \
+         range the guest can map"
+    )]
+    WrapsAround { gva: u64, len: usize },
     #[error(transparent)]
     Walk(#[from] WalkError),
 }
@@ -103,7 +108,12 @@ pub trait GuestControl {
             let mut buf = vec![0u8; in_page.min(len - out.len())];
             self.read_phys(t.gpa, &mut buf)?;
             out.extend_from_slice(&buf);
-            at += buf.len() as u64;
+            // A guest-given address (an IDT base, a table pointer) may sit at the very top.
+            at = match at.checked_add(buf.len() as u64) {
+                Some(next) => next,
+                None if out.len() == len => break,
+                None => return Err(GuestError::WrapsAround { gva, len }),
+            };
         }
         Ok(out)
     }

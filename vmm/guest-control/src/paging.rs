@@ -120,7 +120,9 @@ pub fn translate(
         writable &= entry & WRITABLE != 0;
         user &= entry & USER != 0;
         executable &= entry & NO_EXECUTE == 0;
-        let large = entry & PAGE_SIZE != 0;
+        // Bit 7 is the page size only above the last level; in a 4 KiB entry it is PAT (a
+        // memory type), which a guest may set on any page, text included.
+        let large = level > 1 && entry & PAGE_SIZE != 0;
         if large && level >= 4 {
             return Err(WalkError::Reserved {
                 level,
@@ -240,6 +242,16 @@ mod tests {
         assert_eq!(t.gpa, 0x20_0123);
         assert_eq!(t.page_size, 4096);
         assert!(!t.writable && !t.user && !t.executable);
+    }
+
+    #[test]
+    fn the_pat_bit_of_a_4_kib_page_is_no_page_size() {
+        // Bit 7 of a last-level entry selects a memory type: an odd frame stays odd.
+        let mut mem = Mem::new();
+        let gva = 0xffff_ffff_8100_0000u64;
+        four_k(&mut mem, gva, 0x5000, PRESENT | PAGE_SIZE);
+        let t = translate(&mem, &long4(), gva + 0x10).expect("mapped");
+        assert_eq!((t.gpa, t.page_size), (0x5010, 4096));
     }
 
     #[test]

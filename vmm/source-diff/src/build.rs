@@ -399,12 +399,9 @@ pub fn units_to_compile(
     touched: &[String],
     max_units: usize,
 ) -> Result<(Vec<String>, Vec<String>), SourceBuildError> {
-    let mut units: Vec<String> = touched
-        .iter()
-        .filter(|f| f.ends_with(".c"))
-        .cloned()
-        .collect();
-    let (declaring, mut notes) = declaration_only(tree, text, touched);
+    let (mut units, mut notes) = c_file_units(tree, touched)?;
+    let (declaring, declared) = declaration_only(tree, text, touched);
+    notes.extend(declared);
     let headers: Vec<String> = touched
         .iter()
         .filter(|f| f.ends_with(".h") && !declaring.contains(*f))
@@ -468,6 +465,45 @@ pub fn units_to_compile(
          after: {}",
         reached.join(", ")
     ));
+    Ok((units, notes))
+}
+
+/// The units that compile the diff's `.c` files: each file itself, or, when kbuild compiles
+/// it only inside other files of its directory ([`crate::reach::c_includers`]), those of them
+/// built into the kernel, with a note. A file neither built in nor part of a built-in unit
+/// stays (a module's: compiling it tells [`SourceBuildError::NotBuiltIn`]).
+pub fn c_file_units(
+    tree: &SourceTree,
+    touched: &[String],
+) -> Result<(Vec<String>, Vec<String>), SourceBuildError> {
+    let mut units: Vec<String> = Vec::new();
+    let mut notes = Vec::new();
+    let mut kernel: Option<KernelUnits> = None;
+    for f in touched.iter().filter(|f| f.ends_with(".c")) {
+        let includers = crate::reach::c_includers(&tree.dir, f);
+        if includers.is_empty() {
+            units.push(f.clone());
+            continue;
+        }
+        let kernel = match &kernel {
+            Some(k) => k,
+            None => kernel.insert(KernelUnits::of(tree)?),
+        };
+        let built: Vec<&String> = includers.iter().filter(|u| kernel.c.contains(*u)).collect();
+        if kernel.c.contains(f) || built.is_empty() {
+            units.push(f.clone());
+        }
+        if !built.is_empty() {
+            notes.push(format!(
+                "{f}: compiled as part of {}, which include{} it",
+                list_some(&built),
+                if built.len() == 1 { "s" } else { "" }
+            ));
+        }
+        units.extend(built.into_iter().cloned());
+    }
+    let mut seen = std::collections::HashSet::new();
+    units.retain(|u| seen.insert(u.clone()));
     Ok((units, notes))
 }
 

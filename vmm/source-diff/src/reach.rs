@@ -244,6 +244,51 @@ pub fn includes_of(text: &str) -> Vec<Include> {
     out
 }
 
+/// The C files of `file`'s own directory that `#include "<its name>"`, and those including
+/// them in turn: kbuild compiles some C files only inside another (`kernel/sched/psi.c` and
+/// `rt.c` are parts of `build_utility.c` and `build_policy.c`), and compiled alone they do
+/// not build, nor would their functions sit where the kernel's do. Sorted.
+pub fn c_includers(tree_dir: &Path, file: &str) -> Vec<String> {
+    let (dir, _) = file.rsplit_once('/').unwrap_or(("", file));
+    let Ok(entries) = std::fs::read_dir(tree_dir.join(dir)) else {
+        return Vec::new();
+    };
+    let mut texts: Vec<(String, Vec<String>)> = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".c") {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let quoted = includes_of(&String::from_utf8_lossy(&bytes))
+            .into_iter()
+            .filter(|i| i.quoted && !i.name.contains('/'))
+            .map(|i| i.name)
+            .collect();
+        texts.push((name, quoted));
+    }
+    let path = |name: &str| {
+        if dir.is_empty() {
+            name.to_string()
+        } else {
+            format!("{dir}/{name}")
+        }
+    };
+    let mut out = BTreeSet::new();
+    let mut frontier = vec![file.rsplit('/').next().unwrap_or(file).to_string()];
+    while let Some(included) = frontier.pop() {
+        for (name, quoted) in &texts {
+            if quoted.contains(&included) && out.insert(path(name)) {
+                frontier.push(name.clone());
+            }
+        }
+    }
+    out.remove(file);
+    out.into_iter().collect()
+}
+
 /// kbuild's include directories for x86 (`LINUXINCLUDE`), searched in this order after the
 /// including file's own directory for a quoted include.
 const INCLUDE_DIRS: [&str; 7] = [
@@ -516,6 +561,40 @@ mod tests {
         // Not found where the compiler looks first: a Makefile's -I may hold it, so any
         // header of that name counts.
         assert_eq!(list("drivers/w/extra.h"), ["drivers/x/y.c"]);
+    }
+
+    #[test]
+    fn a_c_file_compiled_inside_another_is_found_in_its_includers() {
+        let dir = std::env::temp_dir().join(format!("c-includers-{}", std::process::id()));
+        let sched = dir.join("kernel/sched");
+        std::fs::create_dir_all(&sched).unwrap();
+        for (name, text) in [
+            (
+                "build_utility.c",
+                "#include <linux/psi.h>\n#include \"sched.h\"\n# include \"psi.c\"\n",
+            ),
+            ("build_policy.c", "#include \"rt_all.c\"\n"),
+            ("rt_all.c", "#include \"rt.c\"\n"),
+            ("psi.c", "#include <linux/psi.h>\n"),
+            ("rt.c", ""),
+            ("core.c", "#include \"sched.h\"\n"),
+            ("sched.h", ""),
+        ] {
+            std::fs::write(sched.join(name), text).unwrap();
+        }
+        assert_eq!(
+            c_includers(&dir, "kernel/sched/psi.c"),
+            ["kernel/sched/build_utility.c"]
+        );
+        // Through an intermediate file, to a fixed point.
+        assert_eq!(
+            c_includers(&dir, "kernel/sched/rt.c"),
+            ["kernel/sched/build_policy.c", "kernel/sched/rt_all.c"]
+        );
+        // A unit of its own, and a file of another directory.
+        assert!(c_includers(&dir, "kernel/sched/core.c").is_empty());
+        assert!(c_includers(&dir, "kernel/fork.c").is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -21,7 +21,8 @@ use linux_guest::patch::{KernelCode, KernelPatchError, build_kernel_patch_from_c
 use patch_format::Metadata;
 use serde::Serialize;
 use source_diff::build::{
-    SourceBuildError, SourceReport, TargetKernel, analyze_unit, check_diff, units_to_compile,
+    SourceBuildError, SourceReport, TargetKernel, analyze_unit, c_file_units, check_diff,
+    units_to_compile,
 };
 use source_diff::compile::{CompileError, compile_both};
 use source_diff::link::{DataSet, LinkError};
@@ -463,7 +464,16 @@ fn one_unit(
     };
     let type_change = check_diff(&diff_text, rel, Some(&tree.dir)).err();
     let one = std::slice::from_ref(rel);
-    match compile_both(tree, &diff_path, one, one) {
+    // A file kbuild compiles only inside another (`kernel/sched/psi.c`) is built in it.
+    let units = match c_file_units(tree, one) {
+        Ok((units, _)) => units,
+        Err(e) => {
+            result.details.push(chain(&e));
+            result.functions.insert("(unit)".into(), reason_class(&e));
+            return Ok(result);
+        }
+    };
+    match compile_both(tree, &diff_path, one, &units) {
         Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
             let needed = headers.needed_by(rel);
             result.details.push(chain(&SourceBuildError::Compile(e)));
@@ -824,9 +834,12 @@ fn retry_with(
         units_to_compile(tree, &text, &touched, max_units).map_err(|e| refused(e, result))?;
     let objects = compile_both(tree, &path, &touched, &units)
         .map_err(|e| refused(SourceBuildError::Compile(e), result))?;
+    let own = c_file_units(tree, std::slice::from_ref(&rel.to_string()))
+        .map(|(units, _)| units)
+        .map_err(|e| refused(e, result))?;
     // Every other unit the headers reach must be patchable too, or the fix is not.
     let mut other: Option<String> = None;
-    for o in objects.iter().filter(|o| o.unit != rel) {
+    for o in objects.iter().filter(|o| !own.contains(&o.unit)) {
         let mut scratch_result = UnitResult {
             unit: o.unit.clone(),
             functions: BTreeMap::new(),
@@ -844,7 +857,7 @@ fn retry_with(
             break;
         }
     }
-    match objects.iter().find(|o| o.unit == rel) {
+    match objects.iter().find(|o| own.contains(&o.unit)) {
         Some(o) => classify(target, o, None, other, result),
         None => return Err("bench error: the unit was not compiled".into()),
     }
