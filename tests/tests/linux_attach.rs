@@ -75,13 +75,13 @@ fn an_arena_the_kernel_did_not_reserve_is_refused_and_nothing_is_written() {
 
     let look = || {
         let states = guest.pause_all().expect("pause");
-        let vcpu = *states.iter().flatten().next().expect("a vCPU");
+        // The kernel's view of the vCPU, as attach takes it (arena's functions expect it).
+        let vcpu = linux_guest::address_space::kernel_view(
+            states.iter().flatten().next().expect("a vCPU"),
+            linux_guest::address_space::has_pti(&image.kallsyms),
+        );
         let idt_bytes = guest
-            .read_virtual(
-                &linux_guest::address_space::kernel_view(&vcpu),
-                idt,
-                linux_guest::kaslr::IDT_BYTES,
-            )
+            .read_virtual(&vcpu, idt, linux_guest::kaslr::IDT_BYTES)
             .expect("IDT");
         let slide = linux_guest::kaslr::slide_from_idt(&idt_bytes, &image.kallsyms)
             .expect("slide")

@@ -52,7 +52,14 @@ fn memory_hash(g: &LinuxGuest, image: &linux_guest::attach::KernelImage) -> Stri
     let states = guest.pause_all().expect("pause");
     let vcpu = states.iter().flatten().next().expect("a vCPU");
     let text = guest
-        .read_virtual(&linux_guest::address_space::kernel_view(vcpu), f, 64)
+        .read_virtual(
+            &linux_guest::address_space::kernel_view(
+                vcpu,
+                linux_guest::address_space::has_pti(&image.kallsyms),
+            ),
+            f,
+            64,
+        )
         .expect("read text");
     let mut arena = vec![0u8; 64 << 10];
     guest.read_phys(ARENA_GPA, &mut arena).expect("read arena");
@@ -475,7 +482,14 @@ fn the_fix_applies_and_reverts_on_a_kernel_with_5_level_paging() {
         let states = guest.pause_all().expect("pause");
         let vcpu = *states.iter().flatten().next().expect("a vCPU");
         let bytes = guest
-            .read_virtual(&linux_guest::address_space::kernel_view(&vcpu), at, 64)
+            .read_virtual(
+                &linux_guest::address_space::kernel_view(
+                    &vcpu,
+                    linux_guest::address_space::has_pti(&image.kallsyms),
+                ),
+                at,
+                64,
+            )
             .expect("read ping_close");
         guest.resume_all().expect("resume");
         bytes

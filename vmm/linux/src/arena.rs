@@ -87,14 +87,15 @@ pub struct E820Entry {
 }
 
 /// The running kernel's own memory map (`*e820_table`, the table it allocates from, with
-/// `memmap=` applied), read through the kernel view of `vcpu`.
+/// `memmap=` applied), read through `vcpu`: the kernel's view of a parked vCPU
+/// ([`crate::address_space::kernel_view`]), as every function here takes.
 pub fn read_e820<G: GuestControl + ?Sized>(
     guest: &G,
     vcpu: &VcpuState,
     kallsyms: &Kallsyms,
     slide: u64,
 ) -> Result<Vec<E820Entry>, KernelArenaError> {
-    let view = crate::address_space::kernel_view(vcpu);
+    let view = *vcpu;
     let ptr_at = kallsyms
         .lookup("e820_table")
         .ok_or(KernelArenaError::NoSymbol("e820_table"))?
@@ -207,8 +208,7 @@ pub fn image_phys<G: GuestControl + ?Sized>(
         .lookup("_text")
         .ok_or(KernelArenaError::NoSymbol("_text"))?;
     let end = kallsyms.lookup("_end").ok_or(KernelArenaError::NoEnd)?;
-    let view = crate::address_space::kernel_view(vcpu);
-    let start = guest.translate(&view, text.wrapping_add(slide))?.gpa;
+    let start = guest.translate(vcpu, text.wrapping_add(slide))?.gpa;
     Ok((start, start.saturating_add(end.saturating_sub(text))))
 }
 
@@ -269,7 +269,7 @@ fn page_directory_of<G: GuestControl + ?Sized>(
     vcpu: &VcpuState,
     gva: u64,
 ) -> Result<u64, KernelArenaError> {
-    let regs = crate::address_space::kernel_view(vcpu).paging;
+    let regs = vcpu.paging;
     let top = guest_control::paging::long_mode_levels(&regs).ok_or_else(|| {
         KernelArenaError::Tables(format!(
             "vCPU {} is not in 64-bit paging mode (CR0 {:#x}, CR4 {:#x}, EFER {:#x})",
@@ -321,13 +321,21 @@ pub fn install<G: GuestControl + ?Sized>(
     check_arena_memory(guest, vcpu, kallsyms, slide, gpa)?;
     let gva = arena_gva(kallsyms, slide)?;
     let pd = page_directory_of(guest, vcpu, gva)?;
-    // The slot must be in the page directory that maps the kernel image itself: a walk that
-    // went astray (a wrong paging mode, a hostile table) lands elsewhere and is refused.
-    if let Some(text) = kallsyms.lookup("_text").map(|t| t.wrapping_add(slide)) {
-        let image_pd = page_directory_of(guest, vcpu, text)?;
-        if image_pd != pd {
+    // The slot must be in the kernel's own page directory for its image, `level2_kernel_pgt`
+    // (inside the image, so at its offset from `_text` in physical memory too): a walk that
+    // went astray (a wrong paging mode, a hostile table) lands elsewhere and is refused. The
+    // arena and `_text` share one page directory by construction, so comparing the two walks
+    // would prove nothing.
+    if let (Some(text), Some(l2)) = (
+        kallsyms.lookup("_text"),
+        kallsyms.lookup("level2_kernel_pgt"),
+    ) {
+        let (image_start, _) = image_phys(guest, vcpu, kallsyms, slide)?;
+        let kernel_pd = image_start.wrapping_add(l2.wrapping_sub(text));
+        if kernel_pd != pd {
             return Err(KernelArenaError::Tables(format!(
-                "the arena's page directory {pd:#x} is not the kernel image's ({image_pd:#x})"
+                "the arena's page directory is at {pd:#x}, not the kernel's level2_kernel_pgt \
+                 ({kernel_pd:#x})"
             )));
         }
     }

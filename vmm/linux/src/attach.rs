@@ -115,10 +115,12 @@ pub struct Attached {
 /// every vCPU has stopped), and resumes it whatever `f` returned.
 fn paused_kernel_view<G: GuestControl + ?Sized, T>(
     guest: &G,
+    image: &KernelImage,
     f: impl FnOnce(Option<guest_control::VcpuState>) -> Result<T, LinuxAttachError>,
 ) -> Result<T, LinuxAttachError> {
     let states = guest.pause_all()?;
-    let result = f(states.iter().flatten().next().map(kernel_view));
+    let pti = crate::address_space::has_pti(&image.kallsyms);
+    let result = f(states.iter().flatten().next().map(|v| kernel_view(v, pti)));
     guest.resume_all()?;
     result
 }
@@ -141,7 +143,7 @@ pub fn kernel_running<G: GuestControl + ?Sized>(
         // An image without it cannot be told apart mid-boot: treat it as booted.
         return Ok(true);
     };
-    paused_kernel_view(guest, |vcpu| {
+    paused_kernel_view(guest, image, |vcpu| {
         let Some(vcpu) = vcpu else {
             return Ok(false);
         };
@@ -184,7 +186,7 @@ pub fn kernel_text<G: GuestControl + ?Sized>(
     if end <= start {
         return Ok(None);
     }
-    paused_kernel_view(guest, |vcpu| {
+    paused_kernel_view(guest, image, |vcpu| {
         let vcpu = vcpu.ok_or(LinuxAttachError::NoVcpu)?;
         let first = guest.translate(&vcpu, start.wrapping_add(slide))?;
         let last = guest.translate(&vcpu, (end - 1).wrapping_add(slide))?;
@@ -208,7 +210,7 @@ pub fn attach<G: GuestControl + ?Sized>(
     image: &KernelImage,
     arena_gpa: u64,
 ) -> Result<Attached, LinuxAttachError> {
-    paused_kernel_view(guest, |vcpu| {
+    paused_kernel_view(guest, image, |vcpu| {
         let vcpu = vcpu.ok_or(LinuxAttachError::NoVcpu)?;
         let idt = guest.read_virtual(&vcpu, idt_base, kaslr::IDT_BYTES)?;
         let slide = kaslr::slide_from_idt(&idt, &image.kallsyms)?;

@@ -43,6 +43,8 @@ pub struct LinuxBootRewrites {
     sites: Arc<KernelTextSites>,
     /// The kernel booted on one CPU and keeps its lock prefixes to rewrite when it gains one.
     smp_locks_live: bool,
+    /// Built with page-table isolation ([`crate::address_space::kernel_view`]).
+    pti: bool,
 }
 
 impl LinuxBootRewrites {
@@ -50,13 +52,20 @@ impl LinuxBootRewrites {
         LinuxBootRewrites {
             sites,
             smp_locks_live,
+            pti: false,
         }
+    }
+
+    /// For a kernel built with page-table isolation (`address_space::has_pti`).
+    pub fn with_pti(mut self, pti: bool) -> LinuxBootRewrites {
+        self.pti = pti;
+        self
     }
 }
 
 impl TextRewrites for LinuxBootRewrites {
     fn code_view(&self, vcpu: &guest_control::VcpuState) -> guest_control::VcpuState {
-        crate::address_space::kernel_view(vcpu)
+        crate::address_space::kernel_view(vcpu, self.pti)
     }
 
     fn live_rewrite(&self, start: u64, end: u64, target: &Target) -> Option<LiveRewrite> {

@@ -65,10 +65,10 @@ pub fn engine_and_attachment<G: GuestControl>(
         },
         config,
         state_dir,
-        Box::new(LinuxBootRewrites::new(
-            image.text_sites.clone(),
-            attached.smp_locks_live,
-        )),
+        Box::new(
+            LinuxBootRewrites::new(image.text_sites.clone(), attached.smp_locks_live)
+                .with_pti(crate::address_space::has_pti(&image.kallsyms)),
+        ),
     )?;
     Ok((engine, attached))
 }

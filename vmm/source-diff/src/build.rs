@@ -971,6 +971,41 @@ mod tests {
     }
 
     #[test]
+    fn a_c_file_compiled_inside_another_unit_is_built_in_that_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sched = dir.path().join("kernel/sched");
+        std::fs::create_dir_all(&sched).unwrap();
+        std::fs::write(sched.join("build_policy.c"), "#include \"rt.c\"\n").unwrap();
+        std::fs::write(sched.join("rt.c"), "int rt(void) { return 1; }\n").unwrap();
+        std::fs::write(sched.join("core.c"), "int core(void) { return 1; }\n").unwrap();
+        std::fs::write(dir.path().join(".config"), "").unwrap();
+        std::fs::write(
+            dir.path().join(".hotpatch-units"),
+            "kernel/sched/build_policy.c\nkernel/sched/core.c\n",
+        )
+        .unwrap();
+        let tree = SourceTree {
+            dir: dir.path().to_path_buf(),
+            cc: "gcc".into(),
+            describe: "test".into(),
+            prepared_now: false,
+        };
+        let touched = [
+            "kernel/sched/rt.c".to_string(),
+            "kernel/sched/core.c".to_string(),
+        ];
+        let (units, notes) = units_to_compile(&tree, "", &touched, 64).unwrap();
+        assert_eq!(
+            units,
+            ["kernel/sched/build_policy.c", "kernel/sched/core.c"]
+        );
+        assert!(
+            notes[0].contains("kernel/sched/rt.c: compiled as part of kernel/sched/build_policy.c"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
     fn a_header_declaring_only_new_names_reaches_only_the_diffs_own_units() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("include/linux")).unwrap();

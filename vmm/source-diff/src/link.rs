@@ -178,8 +178,10 @@ pub enum TablePolicy {
     Alternative,
     /// Refused with the location.
     Refuse(&'static str),
-    /// A section this builder does not know: refused as a table where it describes the code;
-    /// a label in it the code refers to (`.BTF_ids`) binds to the kernel's copy.
+    /// A section this builder does not know: refused as a table where it describes the code
+    /// (past a function's start); a pointer to the start of the replaced function is kept
+    /// (an object of the kernel's, `rt_sched_class`), and a label in it the code refers to
+    /// (`.BTF_ids`) binds to the kernel's copy.
     Unknown,
 }
 
@@ -908,6 +910,14 @@ impl<'a> Linker<'a> {
                         if let Some((m, _, inside)) =
                             self.location(r).and_then(|(s, o)| member_at(s, o))
                         {
+                            // A kernel object of its own section (`rt_sched_class` in
+                            // `__rt_sched_class`) pointing at the start of the replaced
+                            // function: as from data, the kernel's copy points at the kernel's
+                            // function, which its site redirects. The object is compared
+                            // before and after like any variable (`objdiff`).
+                            if policy == TablePolicy::Unknown && m == root && inside == 0 {
+                                continue;
+                            }
                             return Err(LinkError::Unsupported {
                                 function: name_of(m),
                                 offset: inside,

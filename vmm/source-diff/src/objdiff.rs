@@ -209,16 +209,20 @@ pub fn diff(pre: &Unit, post: &Unit) -> UnitDiff {
     out.changed.sort();
     out.correlated = pairs;
 
-    // Variables: writable and named read-only data. String literals and unnamed constants are
-    // compared through the functions that use them.
+    // Variables: writable and named read-only data, and the objects of sections no known
+    // table is in (`rt_sched_class` in `__rt_sched_class`: replaced code may be reached through
+    // the kernel's copy, so a changed one must be seen). String literals and unnamed constants
+    // are compared through the functions that use them.
     let data_of = |u: &Unit| -> Vec<(String, usize)> {
         u.objects()
             .filter(|(_, s)| {
-                s.section.is_some_and(|i| {
-                    matches!(
-                        u.sections[i].class,
-                        SectionClass::Writable | SectionClass::ReadOnly
-                    )
+                s.section.is_some_and(|i| match u.sections[i].class {
+                    SectionClass::Writable | SectionClass::ReadOnly => true,
+                    SectionClass::OtherAlloc => {
+                        crate::link::table_policy(&u.sections[i].name)
+                            == crate::link::TablePolicy::Unknown
+                    }
+                    _ => false,
                 })
             })
             .map(|(i, s)| (s.name.clone(), i))

@@ -1675,3 +1675,51 @@ fn a_static_local_no_neighbour_places_is_found_through_the_kernels_own_code() {
     let to_var = symbol_relocs(&linked, &format!("{local},1"));
     assert!(!to_var.is_empty(), "{:?}", linked.relocations);
 }
+
+/// An ops structure the kernel keeps in a section of its own, as `DEFINE_SCHED_CLASS` puts
+/// `rt_sched_class` in `__rt_sched_class`: the kernel's copy points at the kernel's function.
+const CLASS: &str = r#"
+struct ops {
+	int (*pick)(int);
+	int flags;
+};
+int pick_rt(int x)
+{
+	return x + BODY;
+}
+const struct ops rt_class __attribute__((section("__rt_class"), used)) = {
+	.pick = pick_rt,
+	.flags = FLAGS,
+};
+"#;
+
+#[test]
+fn a_pointer_from_a_kernel_objects_own_section_to_a_replaced_function_is_kept() {
+    let build = |body: &str, flags: &str| {
+        compile_object(
+            &CLASS.replace("BODY", body).replace("FLAGS", flags),
+            CFLAGS,
+            &[],
+        )
+    };
+    // The function changes, the structure does not: the kernel's structure reaches the new
+    // code through the replaced function's site.
+    let a = analyze(&build("1", "1"), &build("2", "1"), false);
+    assert!(a.refusal.is_none(), "{:?}", a.refusal);
+    assert!(
+        result_of(&a, "pick_rt").is_ok(),
+        "{:?}",
+        result_of(&a, "pick_rt")
+    );
+    // The structure changes too: the running kernel's copy would not, so the fix is refused.
+    let a = analyze(&build("1", "1"), &build("2", "3"), false);
+    match &a.refusal {
+        Some(SourceBuildError::DataChanged { name, section, .. }) => {
+            assert_eq!(
+                (name.as_str(), section.as_str()),
+                ("rt_class", "__rt_class")
+            );
+        }
+        other => panic!("a changed rt_class not refused: {other:?}"),
+    }
+}

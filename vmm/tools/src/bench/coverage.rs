@@ -1096,7 +1096,10 @@ fn boot_sweep(
             .next()
             .copied()
             .ok_or(CoverageError::NoVcpu)?;
-        let view = linux_guest::address_space::kernel_view(&vcpu);
+        let view = linux_guest::address_space::kernel_view(
+            &vcpu,
+            linux_guest::address_space::has_pti(&image.kallsyms),
+        );
         let smp_locks_live = match image.kallsyms.lookup("uniproc_patched") {
             Some(at) => guest.read_virtual(&view, at.wrapping_add(slide), 1)?[0] != 0,
             None => true,
@@ -1107,7 +1110,8 @@ fn boot_sweep(
             k,
             view,
             slide,
-            rewrites: LinuxBootRewrites::new(image.text_sites.clone(), smp_locks_live),
+            rewrites: LinuxBootRewrites::new(image.text_sites.clone(), smp_locks_live)
+                .with_pti(linux_guest::address_space::has_pti(&image.kallsyms)),
             audit: AuditContext {
                 entries: &k.entries,
                 sites: &image.text_sites,

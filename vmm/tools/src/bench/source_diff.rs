@@ -475,7 +475,15 @@ fn one_unit(
     };
     match compile_both(tree, &diff_path, one, &units) {
         Err(e @ CompileError::Failed { .. }) if type_change.is_none() => {
-            let needed = headers.needed_by(rel);
+            // The headers the units it is compiled in include (psi.c's are build_utility.c's).
+            let mut needed = headers.needed_by(rel);
+            for u in units.iter().filter(|u| *u != rel) {
+                for h in headers.needed_by(u) {
+                    if !needed.contains(&h) {
+                        needed.push(h);
+                    }
+                }
+            }
             result.details.push(chain(&SourceBuildError::Compile(e)));
             let outcome = match needed.is_empty() {
                 true => Err("needs the update's other changes (does not compile alone)".into()),
