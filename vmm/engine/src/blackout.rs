@@ -178,8 +178,13 @@ impl<G: GuestControl> Engine<G> {
                         detail: format!("every site was written; {e}"),
                     })?;
                     // Quarantined arena code no vCPU was running or returning into becomes
-                    // free: decided on the parked state, done with the guest running.
+                    // free: decided on the parked state, done with the guest running. Unless
+                    // the OS may have threads asleep in it (`keep_retired_code`).
+                    let keep = self.config.keep_retired_code;
                     self.arena.sweep(|a, b| {
+                        if keep {
+                            return true;
+                        }
                         let inside = |w: &u64| *w >= a && *w < b;
                         parked.rips.iter().any(inside)
                             || parked.stacks.iter().flatten().any(inside)

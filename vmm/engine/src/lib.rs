@@ -85,7 +85,7 @@ pub enum EngineError {
     )]
     Discontiguous { site: String, gva: u64, len: usize },
     #[error(
-        "the patch arena is full ({needed} bytes needed, {free} free, {quarantined} waiting until no vCPU can be using them); revert patches you no longer need"
+        "the patch arena is full ({needed} bytes needed, {free} free, {quarantined} held by reverted or replaced patches until no vCPU can be using them, or until the guest restarts where its OS may sleep in them); revert patches you no longer need"
     )]
     ArenaFull {
         needed: u64,
@@ -205,6 +205,13 @@ pub struct EngineConfig {
     /// Always the 14-byte absolute jump (`jmp [rip]`), even where `jmp rel32` reaches the arena:
     /// what a far arena costs, measured on a near one (`vmm bench call`). Off by default.
     pub far_jumps: bool,
+    /// Never reuse the arena code and data of reverted or replaced patches in this run. The
+    /// engine frees them once no parked vCPU runs or returns into them, which is all it can
+    /// see; an OS whose threads sleep inside kernel code keeps a return into them on a stack
+    /// no vCPU is running (a Linux task blocked on a mutex inside a replaced function). Such a
+    /// thread would wake into other code. The Linux layer sets it; the arena (2 MiB there)
+    /// then holds them until the guest restarts. Off by default.
+    pub keep_retired_code: bool,
 }
 
 impl Default for EngineConfig {
@@ -216,6 +223,7 @@ impl Default for EngineConfig {
             stack_scan: 1024,
             max_check: MAX_CHECK_TIME,
             far_jumps: false,
+            keep_retired_code: false,
         }
     }
 }

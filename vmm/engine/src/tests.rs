@@ -501,6 +501,50 @@ fn overlap_is_refused_and_replace_swaps_in_one_blackout() {
 }
 
 #[test]
+fn an_os_whose_threads_sleep_in_kernel_code_keeps_reverted_code_for_the_run() {
+    // No vCPU is anywhere near the reverted code: a Linux task asleep in it would still
+    // return into it when it wakes, so none of it is handed out again.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        keep_retired_code: true,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        g.clone(),
+        target(),
+        ARENA,
+        config,
+        None,
+        Box::new(crate::rewrites::NoRewrites),
+    )
+    .unwrap();
+    let first = e.apply(&signed(&fix_f())).unwrap().patch;
+    let code_of = |r: &PatchRecord| g.bytes(r.arena[0].gpa, r.arena[0].len as usize);
+    let kept = code_of(&first);
+    e.revert(&first.id).unwrap();
+    let held = e.arena().quarantined_bytes();
+    assert!(held > 0);
+    for _ in 0..3 {
+        let again = e.apply(&signed(&fix_f())).unwrap().patch;
+        assert!(
+            again
+                .arena
+                .iter()
+                .all(|a| first.arena.iter().all(|b| a.gpa != b.gpa)),
+            "the reverted patch's chunks are not handed out again"
+        );
+        e.revert(&again.id).unwrap();
+    }
+    assert_eq!(
+        code_of(&first),
+        kept,
+        "its code is still there for a sleeper"
+    );
+    assert!(e.arena().quarantined_bytes() >= 4 * held);
+}
+
+#[test]
 fn reverted_arena_code_is_reused_only_once_idle() {
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let mut e = engine(&g, None);

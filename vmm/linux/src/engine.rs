@@ -63,7 +63,11 @@ pub fn engine_and_attachment<G: GuestControl>(
             gva: attached.arena.gva,
             size: attached.arena.size,
         },
-        config,
+        // A task asleep in a reverted patch's code returns into it whenever it wakes.
+        EngineConfig {
+            keep_retired_code: true,
+            ..config
+        },
         state_dir,
         Box::new(
             LinuxBootRewrites::new(image.text_sites.clone(), attached.smp_locks_live)
