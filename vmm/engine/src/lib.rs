@@ -379,6 +379,17 @@ fn overlay_originals<'a>(bytes: &mut [u8], gva: u64, sites: impl Iterator<Item =
     }
 }
 
+/// A vCPU state that only carries `paging`: what a translation through it needs.
+fn through(paging: &PagingRegs) -> VcpuState {
+    VcpuState {
+        id: 0,
+        rip: 0,
+        rsp: 0,
+        cpl: 0,
+        paging: *paging,
+    }
+}
+
 impl<G: GuestControl> Engine<G> {
     /// An engine for `guest`, with the patch arena at `window`. With `state_dir`, patch states
     /// are journaled there and the journal left by an earlier run is reconciled with what the
@@ -764,13 +775,7 @@ impl<G: GuestControl> Engine<G> {
     /// root that does is a live address space of the OS (the arena is mapped in every one).
     fn maps_arena(&self, paging: &PagingRegs) -> bool {
         let window = self.arena.window;
-        let vs = VcpuState {
-            id: 0,
-            rip: 0,
-            rsp: 0,
-            cpl: 0,
-            paging: *paging,
-        };
+        let vs = through(paging);
         self.guest
             .translate(&vs, window.gva)
             .is_ok_and(|t| t.gpa == window.gpa)
@@ -784,13 +789,7 @@ impl<G: GuestControl> Engine<G> {
         gva: u64,
         len: usize,
     ) -> Result<u64, EngineError> {
-        let vs = VcpuState {
-            id: 0,
-            rip: 0,
-            rsp: 0,
-            cpl: 0,
-            paging: *paging,
-        };
+        let vs = through(paging);
         let first = self
             .guest
             .translate(&vs, gva)

@@ -262,6 +262,23 @@ fn engine(g: &Arc<Fake>, dir: Option<&Path>) -> Engine<Fake> {
     .unwrap()
 }
 
+/// An engine on `target` trusting the test key, with `config`'s other settings.
+fn engine_for(g: &Arc<Fake>, target: Target, config: EngineConfig) -> Engine<Fake> {
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        ..config
+    };
+    Engine::new(
+        Arc::clone(g),
+        target,
+        ARENA,
+        config,
+        None,
+        Box::new(crate::rewrites::NoRewrites),
+    )
+    .unwrap()
+}
+
 fn function_site(name: &str, old: &[u8], new: &[u8]) -> Site {
     Site {
         kind: SiteKind::Function,
@@ -506,19 +523,10 @@ fn an_os_whose_threads_sleep_in_kernel_code_keeps_reverted_code_for_the_run() {
     // return into it when it wakes, so none of it is handed out again.
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let config = EngineConfig {
-        trusted_keys: vec![key().public()],
         keep_retired_code: true,
         ..EngineConfig::default()
     };
-    let mut e = Engine::new(
-        g.clone(),
-        target(),
-        ARENA,
-        config,
-        None,
-        Box::new(crate::rewrites::NoRewrites),
-    )
-    .unwrap();
+    let mut e = engine_for(&g, target(), config);
     let first = e.apply(&signed(&fix_f())).unwrap().patch;
     let code_of = |r: &PatchRecord| g.bytes(r.arena[0].gpa, r.arena[0].len as usize);
     let kept = code_of(&first);
@@ -1102,19 +1110,7 @@ fn a_site_across_a_page_the_guest_remapped_since_planning_is_not_written() {
         },
         0,
     );
-    let config = EngineConfig {
-        trusted_keys: vec![key().public()],
-        ..EngineConfig::default()
-    };
-    let mut e = Engine::new(
-        g.clone(),
-        target,
-        ARENA,
-        config,
-        None,
-        Box::new(crate::rewrites::NoRewrites),
-    )
-    .unwrap();
+    let mut e = engine_for(&g, target, EngineConfig::default());
     let fix = patch("fix-h", vec![function_site("h", &F, &G)], Vec::new());
     let paging = e.paging().unwrap();
     let planned = e
