@@ -92,6 +92,19 @@ fn debian_kernel_symbols() {
         let inside = ks.containing(sym.address + 7).expect("containing");
         assert_eq!(inside.address, sym.address, "{name}+7 -> {inside:?}");
     }
+    // Debian builds its kernels with PREEMPT_DYNAMIC: the engine reads the preemption mode
+    // word itself each time it patches (linux_guest::preemption), a data symbol after the text.
+    let mode = ks
+        .lookup_symbol("preempt_dynamic_mode")
+        .expect("preempt_dynamic_mode, the mode word of a PREEMPT_DYNAMIC kernel");
+    assert!(!mode.is_text() && mode.address >= etext, "{mode:?}");
+    assert_eq!(
+        linux_guest::preemption::of_kernel(&ks, 0x2a0_0000),
+        patch_engine::threads::Preemption::Dynamic {
+            mode_at: mode.address + 0x2a0_0000,
+            voluntary: vec![0, 1],
+        }
+    );
     // The banner symbol is data, in .rodata after the text.
     let banner_sym = ks.lookup_symbol("linux_banner").expect("linux_banner");
     assert!(

@@ -45,10 +45,19 @@ fn last_seq(g: &LinuxGuest) -> u64 {
 /// SHA-256 of the kernel text the patch targets and of the arena's first 64 KiB, read through
 /// the gdbstub: what a refused patch must leave exactly as it was.
 fn memory_hash(g: &LinuxGuest, image: &linux_guest::attach::KernelImage) -> String {
+    memory_hash_of(g, image, "version_proc_show")
+}
+
+/// [`memory_hash`] with the text of `function`.
+fn memory_hash_of(
+    g: &LinuxGuest,
+    image: &linux_guest::attach::KernelImage,
+    function: &str,
+) -> String {
     let guest = QemuGuest::attach(&g.gdb_addr(), g.qmp_path()).expect("attach");
     let idt = guest.idt_base().expect("IDT");
     let a = linux_guest::attach::attach(&guest, idt, image, ARENA_GPA).expect("attach kernel");
-    let f = image.kallsyms.lookup("version_proc_show").expect("symbol") + a.slide.slide;
+    let f = image.kallsyms.lookup(function).expect("symbol") + a.slide.slide;
     let states = guest.pause_all().expect("pause");
     let vcpu = states.iter().flatten().next().expect("a vCPU");
     let text = guest
@@ -521,19 +530,28 @@ fn ping_close_replacement(
     image: &linux_guest::attach::KernelImage,
     key: &patch_format::SecretKey,
 ) -> Vec<u8> {
+    ret_replacement(image, key, "ping_close")
+}
+
+/// A signed replacement of `function` by a bare `ret`, built from the vmlinux's bytes.
+fn ret_replacement(
+    image: &linux_guest::attach::KernelImage,
+    key: &patch_format::SecretKey,
+    function: &str,
+) -> Vec<u8> {
     let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
     let sym = info
         .symbols
         .iter()
-        .find(|s| s.name == "ping_close")
-        .expect("ping_close")
+        .find(|s| s.name == function)
+        .unwrap_or_else(|| panic!("{function}"))
         .clone();
     let expected = linux_guest::patch::file_bytes(&image.vmlinux, sym.addr, sym.size as usize)
-        .expect("ping_close in the file")
+        .unwrap_or_else(|| panic!("{function} in the file"))
         .to_vec();
     let mut p = patch_format::Patch {
         meta: patch_format::Metadata {
-            name: "ping-close-ret".into(),
+            name: format!("{function}-ret"),
             created: 1,
             ..Default::default()
         },
@@ -541,7 +559,7 @@ fn ping_close_replacement(
         sites: vec![patch_format::Site {
             kind: patch_format::SiteKind::Function,
             target: patch_format::Location::Symbol {
-                name: "ping_close".into(),
+                name: function.into(),
                 offset: 0,
             },
             expected,
@@ -633,4 +651,74 @@ fn a_kernel_started_without_gdb_is_patched_with_only_its_qmp_socket() {
         l.version == original
     });
     no_gdbstub("after the revert");
+}
+
+#[test]
+fn a_kernel_booted_with_full_preemption_gets_no_jump_over_several_instructions() {
+    // With preempt=full a task preempted inside the instructions a jump displaces would resume
+    // in the middle of it, and no hypervisor can see such a task. cmdline_proc_show's jump
+    // would cover `push rbx` and the `mov` after it: refused, and nothing changes. The fix of
+    // version_proc_show displaces one 9-byte `mov` (nowhere inside to resume): it goes in.
+    let kit = Kit::ensure();
+    let dir = TempDir::new("linux-preempt-full");
+    let d = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_string();
+    let g = LinuxGuest::boot(
+        &kit,
+        &BootOptions {
+            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x} preempt=full"),
+            ..BootOptions::default()
+        },
+    );
+    let first = wait_line_within(&g, 0, "workload line", BOOT_WITHIN, |_| true);
+    let image = linux_guest::attach::KernelImage::from_file(&kit.vmlinuz).expect("image");
+    let key = patch_format::SecretKey::generate().expect("key");
+    let (_, fix) =
+        vmm_tools::demo_linux::version_fix(dir.path(), &image, &key).expect("build the fix");
+    std::fs::write(d("fix.hpatch"), fix).expect("write the fix");
+    std::fs::write(
+        d("cmdline.hpatch"),
+        ret_replacement(&image, &key, "cmdline_proc_show"),
+    )
+    .expect("write the cmdline patch");
+    std::fs::write(d("ops.pub"), key.public().to_file_text()).expect("write the key");
+    let run = |verb: &[&str]| {
+        cli_output(
+            &g.patch_args(verb, &kit.vmlinuz, ARENA_GPA, &d("state"), &d("ops.pub"))
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    let h0 = memory_hash_of(&g, &image, "cmdline_proc_show");
+    let out = run(&["apply", &d("cmdline.hpatch")]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success()
+            && err.contains("preempts kernel code")
+            && err.contains("preempt=voluntary"),
+        "apply over two instructions under preempt=full: {}\n{}{err}",
+        out.status,
+        stdout(&out)
+    );
+    println!("refused as it should be: {}", err.trim());
+    assert_eq!(
+        memory_hash_of(&g, &image, "cmdline_proc_show"),
+        h0,
+        "the refusal changed guest memory"
+    );
+
+    let before = last_seq(&g);
+    let out = run(&["apply", &d("fix.hpatch")]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "apply the version fix: {text}");
+    let id = text.split_whitespace().nth(1).expect("id").to_string();
+    wait_line(&g, before, "patched /proc/version", |l| {
+        l.version.contains(VERSION_PROC_SHOW_TAG)
+    });
+    let before = last_seq(&g);
+    assert!(run(&["revert", &id[..8]]).status.success(), "revert");
+    wait_line(&g, before, "the original /proc/version again", |l| {
+        l.version == first.version
+    });
 }

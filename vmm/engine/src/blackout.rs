@@ -179,8 +179,8 @@ impl<G: GuestControl> Engine<G> {
                     })?;
                     // Quarantined arena code no vCPU was running or returning into becomes
                     // free: decided on the parked state, done with the guest running. Unless
-                    // the OS may have threads asleep in it (`keep_retired_code`).
-                    let keep = self.config.keep_retired_code;
+                    // the OS may have threads asleep in it (`hidden_threads`).
+                    let keep = self.config.hidden_threads != crate::threads::HiddenThreads::None;
                     self.arena.sweep(|a, b| {
                         if keep {
                             return true;
@@ -301,6 +301,19 @@ impl<G: GuestControl> Engine<G> {
             }
         }
         self.paging = Some(first.paging);
+        // The kernel's preemption mode may have been switched since planning (`threads`).
+        let covers_boundaries = change
+            .write
+            .iter()
+            .any(|p| p.plan.analysis.displaced.len() > 1);
+        if let Some(why) = covers_boundaries
+            .then(|| self.preempts_anywhere(&first.paging))
+            .flatten()
+        {
+            for p in change.write {
+                crate::plan::check_hidden_threads(&p.plan.analysis, Some(&why))?;
+            }
+        }
         // One scratch buffer for every compare: this runs with the guest parked.
         let mut cur = Vec::with_capacity(64);
         for r in change.restore {

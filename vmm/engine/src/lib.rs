@@ -16,6 +16,7 @@ pub mod plan;
 pub mod rewrites;
 pub mod shared;
 pub mod target;
+pub mod threads;
 mod vouch;
 
 use std::collections::HashSet;
@@ -205,13 +206,13 @@ pub struct EngineConfig {
     /// Always the 14-byte absolute jump (`jmp [rip]`), even where `jmp rel32` reaches the arena:
     /// what a far arena costs, measured on a near one (`vmm bench call`). Off by default.
     pub far_jumps: bool,
-    /// Never reuse the arena code and data of reverted or replaced patches in this run. The
-    /// engine frees them once no parked vCPU runs or returns into them, which is all it can
-    /// see; an OS whose threads sleep inside kernel code keeps a return into them on a stack
-    /// no vCPU is running (a Linux task blocked on a mutex inside a replaced function). Such a
-    /// thread would wake into other code. The Linux layer sets it; the arena (2 MiB there)
-    /// then holds them until the guest restarts. Off by default.
-    pub keep_retired_code: bool,
+    /// The threads the guest's scheduler keeps where no vCPU runs them ([`threads`]). With
+    /// any, the arena code and data of reverted or replaced patches are never reused in this
+    /// run: the engine frees them once no parked vCPU runs or returns into them, which is all
+    /// it can see, but a Linux task blocked on a mutex inside a replaced function would wake
+    /// into other code. The Linux layer sets it; the arena (2 MiB there) then holds them until
+    /// the guest restarts. None by default.
+    pub hidden_threads: threads::HiddenThreads,
 }
 
 impl Default for EngineConfig {
@@ -223,7 +224,7 @@ impl Default for EngineConfig {
             stack_scan: 1024,
             max_check: MAX_CHECK_TIME,
             far_jumps: false,
-            keep_retired_code: false,
+            hidden_threads: threads::HiddenThreads::None,
         }
     }
 }

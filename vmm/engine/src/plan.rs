@@ -107,6 +107,16 @@ pub enum PlanError {
         end: u64,
     },
     #[error(
+        "site {site}: {why}; a thread stopped at {at:#x}, one of the {count} instructions the jump would displace, would resume in the middle of the jump, and the hypervisor cannot see or move such threads; run the guest kernel without full preemption (Linux: boot with preempt=voluntary, or write voluntary to /sys/kernel/debug/sched/preempt) or choose a site whose first instruction is at least the jump's {jump_len} bytes"
+    )]
+    PreemptedInsideJump {
+        site: String,
+        why: String,
+        at: u64,
+        count: usize,
+        jump_len: usize,
+    },
+    #[error(
         "site {site}: the micropatch expects {have} bytes, but only {max} may be displaced there (the fewest whole instructions that cover the {jump_len}-byte jump, and those after them that branch back into them); rebuild the patch with the shorter site"
     )]
     ExpectedTooLong {
@@ -321,6 +331,25 @@ pub fn check_extent(site: &SiteInput<'_>, a: &Analysis) -> Result<(), PlanError>
         });
     }
     Ok(())
+}
+
+/// A jump covers no place where a thread the hypervisor cannot see may resume
+/// ([`crate::threads`]): called only for a guest whose scheduler hides threads, with why its
+/// kernel preempts kernel code at any instruction if it does. Then every instruction boundary
+/// inside the displaced bytes is such a place. Otherwise only a return address is, after a call
+/// the jump displaces before its last instruction, which rule 7 refuses for every guest. The
+/// jump's own start is never one: a thread resuming there takes the jump.
+pub fn check_hidden_threads(a: &Analysis, preempted: Option<&str>) -> Result<(), PlanError> {
+    match (preempted, a.displaced.get(1)) {
+        (Some(why), Some(second)) => Err(PlanError::PreemptedInsideJump {
+            site: a.name.clone(),
+            why: why.to_string(),
+            at: second.ip(),
+            count: a.displaced.len(),
+            jump_len: a.jump_len,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Whether a rel32 jump at `from` (5 bytes long) reaches `to`.

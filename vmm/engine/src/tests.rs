@@ -3,6 +3,7 @@
 //! tests do the same on the real guest.
 
 use super::*;
+use crate::threads::{HiddenThreads, Preemption};
 use guest_control::paging::Translation;
 use patch_format::{
     ImageInfo, ImageSymbol, Location, Metadata, Patch, PatchId, SecretKey, Site, SiteKind,
@@ -523,7 +524,7 @@ fn an_os_whose_threads_sleep_in_kernel_code_keeps_reverted_code_for_the_run() {
     // return into it when it wakes, so none of it is handed out again.
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let config = EngineConfig {
-        keep_retired_code: true,
+        hidden_threads: HiddenThreads::Scheduled(Preemption::Voluntary),
         ..EngineConfig::default()
     };
     let mut e = engine_for(&g, target(), config);
@@ -1597,4 +1598,79 @@ fn data_that_does_not_fit_is_refused_with_the_guest_untouched() {
     // A dry run places the data too, and writes nothing.
     e.dry_run(&signed(&fix_f_with_data())).unwrap();
     assert_eq!(g.snapshot(), mem);
+}
+
+/// What a refusal must leave as it was: the code and the arena.
+fn code_and_arena(g: &Fake) -> (Vec<u8>, Vec<u8>) {
+    (
+        g.bytes(F_AT, 0x400),
+        g.bytes(ARENA.gpa, ARENA.size as usize),
+    )
+}
+
+fn scheduled(preemption: Preemption) -> EngineConfig {
+    EngineConfig {
+        hidden_threads: HiddenThreads::Scheduled(preemption),
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn a_kernel_that_preempts_anywhere_gets_no_jump_over_several_instructions() {
+    // f's jump displaces three instructions (push rbp; mov rbp,rsp; mov rax,rdi).
+    const MODE: u64 = 0x3000;
+    let dynamic = || {
+        scheduled(Preemption::Dynamic {
+            mode_at: MODE,
+            voluntary: vec![0, 1],
+        })
+    };
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let refused = |e: &mut Engine<Fake>| {
+        let before = code_and_arena(&g);
+        let err = e.apply(&signed(&fix_f())).unwrap_err();
+        assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+        assert!(
+            matches!(
+                &err,
+                EngineError::Plan(PlanError::PreemptedInsideJump { at, count: 3, .. })
+                    if *at == F_AT + 1
+            ),
+            "{err}"
+        );
+        err.to_string()
+    };
+    let full = refused(&mut engine_for(&g, target(), scheduled(Preemption::Full)));
+    assert!(full.contains("full preemption"), "{full}");
+    g.write_phys(MODE, &2u32.to_le_bytes()).unwrap();
+    let mode_full = refused(&mut engine_for(&g, target(), dynamic()));
+    assert!(mode_full.contains("mode is 2"), "{mode_full}");
+    // A mode word that cannot be read counts as full.
+    let unreadable = scheduled(Preemption::Dynamic {
+        mode_at: u64::MAX - 1,
+        voluntary: vec![0, 1],
+    });
+    let why = refused(&mut engine_for(&g, target(), unreadable));
+    assert!(why.contains("could not be read"), "{why}");
+    // Voluntary: it goes in.
+    g.write_phys(MODE, &1u32.to_le_bytes()).unwrap();
+    let mut e = engine_for(&g, target(), dynamic());
+    let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
+    e.revert(&id).unwrap();
+    // Switched to full between planning and the blackout: nothing is written.
+    let paging = e.paging().unwrap();
+    let planned = e
+        .plan_apply(e.verifier().check(&signed(&fix_f())).unwrap(), paging)
+        .unwrap();
+    g.write_phys(MODE, &2u32.to_le_bytes()).unwrap();
+    let before = code_and_arena(&g);
+    let err = e.commit_planned(planned).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Plan(PlanError::PreemptedInsideJump { .. })
+        ),
+        "{err}"
+    );
+    assert!(code_and_arena(&g) == before, "the guest is byte-identical");
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use guest_control::{ArenaWindow, GuestControl};
 use patch_engine::target::Target;
+use patch_engine::threads::HiddenThreads;
 use patch_engine::{Engine, EngineConfig, EngineError};
 use thiserror::Error;
 
@@ -63,9 +64,12 @@ pub fn engine_and_attachment<G: GuestControl>(
             gva: attached.arena.gva,
             size: attached.arena.size,
         },
-        // A task asleep in a reverted patch's code returns into it whenever it wakes.
+        // Tasks asleep or preempted in kernel code are out of the hypervisor's sight.
         EngineConfig {
-            keep_retired_code: true,
+            hidden_threads: HiddenThreads::Scheduled(crate::preemption::of_kernel(
+                &image.kallsyms,
+                attached.slide.slide,
+            )),
             ..config
         },
         state_dir,

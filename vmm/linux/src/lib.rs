@@ -13,6 +13,7 @@ pub mod image_cache;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod patch;
+pub mod preemption;
 pub mod text_sites;
 
 pub use bzimage::{LinuxImageError, MAX_VMLINUX_SIZE, vmlinux_from_bzimage};

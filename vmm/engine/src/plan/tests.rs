@@ -584,6 +584,7 @@ fn error_name(e: &PlanError) -> &'static str {
         PlanError::DisplacedTooShort { .. } => "DisplacedTooShort",
         PlanError::ExpectedTooLong { .. } => "ExpectedTooLong",
         PlanError::LiveRewrite { .. } => "LiveRewrite",
+        PlanError::PreemptedInsideJump { .. } => "PreemptedInsideJump",
         PlanError::RewrittenByOs { .. } => "RewrittenByOs",
         PlanError::ColdPart { .. } => "ColdPart",
         PlanError::BranchIntoRange { .. } => "BranchIntoRange",

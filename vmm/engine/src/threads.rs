@@ -1,0 +1,82 @@
+//! The guest's threads that no vCPU is running, and where they may resume.
+//!
+//! The engine sees only parked vCPUs: their RIPs and the top of their stacks. A guest without
+//! a scheduler (the test guest) has nothing else, so a vCPU at an instruction inside the bytes
+//! a jump displaces is moved to the copy, and the patch is safe. An OS with a scheduler
+//! (Linux) keeps threads in kernel code that no vCPU runs: a task asleep in a function the
+//! displaced bytes call returns to the instruction after the call; in a kernel that preempts
+//! kernel code, a preempted task resumes at any instruction. Neither can be seen or moved, so
+//! the engine must not let a jump cover such a resume point (the first is rule 7, the second
+//! [`crate::plan::check_hidden_threads`]) (`docs/patch-engine.md`, "Threads
+//! the hypervisor cannot see").
+
+use guest_control::GuestControl;
+use guest_control::paging::PagingRegs;
+
+use crate::Engine;
+
+/// What the guest's scheduler keeps out of the hypervisor's sight.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HiddenThreads {
+    /// Every thread of the guest is on a vCPU: parked RIPs and stacks are the whole truth.
+    #[default]
+    None,
+    /// Threads sleep inside kernel code where no vCPU runs them: a reverted patch's arena
+    /// code is never reused (one of them may return into it), and while the kernel preempts
+    /// kernel code at any instruction a jump never displaces more than one. (A call before
+    /// the last displaced instruction, whose return address a sleeper would hold, is refused
+    /// for every guest: rule 7.)
+    Scheduled(Preemption),
+}
+
+/// Where the guest's kernel may stop a thread running kernel code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Preemption {
+    /// Only where it calls (into the scheduler, or a fault handler at an instruction with an
+    /// exception fixup, which the OS layer keeps out of displaced bytes anyway).
+    Voluntary,
+    /// At any instruction (a kernel built with full preemption).
+    Full,
+    /// Chosen at boot or at run time (Linux's `PREEMPT_DYNAMIC`): the 32-bit word at run-time
+    /// address `mode_at` names the mode, and it stops threads only where they call while the
+    /// word holds one of `voluntary`. Any other value, or a word that cannot be read, counts
+    /// as full preemption.
+    Dynamic { mode_at: u64, voluntary: Vec<u32> },
+}
+
+impl<G: GuestControl> Engine<G> {
+    /// Why a thread of this guest may be stopped at any instruction right now (for the
+    /// refusal), or `None` when it may not. Read through `paging`, the address space sites
+    /// are translated in; called when planning and again with the guest parked, since the
+    /// mode can be switched in between.
+    pub(crate) fn preempts_anywhere(&self, paging: &PagingRegs) -> Option<String> {
+        let HiddenThreads::Scheduled(preemption) = &self.config.hidden_threads else {
+            return None;
+        };
+        match preemption {
+            Preemption::Voluntary => None,
+            Preemption::Full => {
+                Some("this kernel preempts kernel code at any instruction (it is built with full preemption)".into())
+            }
+            Preemption::Dynamic { mode_at, voluntary } => {
+                let word = self
+                    .gpa_of(paging, "the kernel's preemption mode", *mode_at, 4)
+                    .ok()
+                    .and_then(|gpa| {
+                        let mut b = [0u8; 4];
+                        self.guest.read_phys(gpa, &mut b).ok()?;
+                        Some(u32::from_le_bytes(b))
+                    });
+                match word {
+                    None => Some(format!(
+                        "the kernel's preemption mode (the word at {mode_at:#x}) could not be read, so it may preempt kernel code at any instruction"
+                    )),
+                    Some(w) if voluntary.contains(&w) => None,
+                    Some(w) => Some(format!(
+                        "this kernel preempts kernel code at any instruction (its preemption mode is {w}, full)"
+                    )),
+                }
+            }
+        }
+    }
+}
