@@ -40,6 +40,16 @@ fn kaslr_slide_is_found_on_several_boots_and_the_arena_is_mapped() {
         );
         assert_eq!(a.slide.slide % (2 << 20), 0);
         assert_eq!(a.slide.anchors.len(), 4);
+        // One IRQ stack per online CPU (one here): its top slot, the last word of a 16 KiB
+        // kernel mapping, is where an interrupt handler leads back to the task it interrupted.
+        assert_eq!(a.irq_stacks.len(), 1, "{:x?}", a.irq_stacks);
+        assert!(
+            a.irq_stacks
+                .iter()
+                .all(|&top| top & 0xfff == 0xff8 && top >= 0xffff_8000_0000_0000),
+            "{:x?}",
+            a.irq_stacks
+        );
         // Attaching again finds the same and accepts its own arena mapping.
         let b = attach::attach(&guest, idt, &image, ARENA_GPA).expect("attach again");
         assert_eq!((b.slide.slide, b.arena), (a.slide.slide, a.arena));
@@ -139,4 +149,70 @@ fn an_arena_the_kernel_did_not_reserve_is_refused_and_nothing_is_written() {
     g.wait_for_line(Duration::from_secs(60), |l| {
         integration_tests::linux::parse_workload_line(l).is_some_and(|w| w.seq > seq + 2)
     });
+}
+
+#[test]
+fn a_vcpu_parked_in_an_interrupt_handler_leads_back_to_the_context_it_interrupted() {
+    // Paused at random moments, the vCPU is now and then in an interrupt handler (under 1% of
+    // pauses here), on its CPU's IRQ stack. The top slot must lead to the task stack holding
+    // the interrupted context's pt_regs (a kernel RIP followed by the kernel's CS), within the
+    // bytes the engine scans there.
+    use guest_control::GuestControl;
+    const KERNEL_CS: u64 = 0x10;
+    let kit = Kit::ensure();
+    let image = KernelImage::from_file(&kit.vmlinuz).expect("read the kernel image");
+    let g = boot(&kit);
+    let guest = QemuGuest::attach(&g.gdb_addr(), g.qmp_path()).expect("attach");
+    let idt = guest.idt_base().expect("IDT base");
+    let a = attach::attach(&guest, idt, &image, ARENA_GPA).expect("attach to the kernel");
+    let text = |s: &str| image.kallsyms.lookup(s).expect(s) + a.slide.slide;
+    let text = text("_stext")..text("_etext");
+    let scan = patch_engine::EngineConfig::default().stack_scan;
+    let (mut pauses, mut handlers) = (0, Vec::new());
+    while handlers.len() < 3 && pauses < 4000 {
+        pauses += 1;
+        let states = guest.pause_all().expect("pause");
+        let v = *states.iter().flatten().next().expect("a vCPU");
+        let read = |gva: u64, len: usize| guest.read_virtual(&v, gva, len).ok();
+        let found = linux_guest::irq_stacks::interrupted(
+            &a.irq_stacks,
+            &v,
+            patch_engine::rewrites::GuestMemory(&read),
+        )
+        .map(|rsp| {
+            // As far as it is mapped, page by page, as the engine reads it.
+            let mut bytes = Vec::new();
+            let mut at = rsp & !7;
+            while bytes.len() < scan {
+                let len = ((at | 0xfff) + 1 - at).min((scan - bytes.len()) as u64) as usize;
+                match guest.read_virtual(&v, at, len) {
+                    Ok(b) => bytes.extend(b),
+                    Err(_) => break,
+                }
+                at += len as u64;
+            }
+            let words: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let regs = words
+                .windows(2)
+                .position(|w| text.contains(&w[0]) && w[1] == KERNEL_CS);
+            (v.rip, rsp, regs.map(|i| words[i]))
+        });
+        guest.resume_all().expect("resume");
+        if let Some(h) = found {
+            println!(
+                "pause {pauses}: in a handler at {:#x}, interrupted stack {:#x}, its RIP {:x?}",
+                h.0, h.1, h.2
+            );
+            assert!(h.2.is_some(), "no pt_regs above {:#x}", h.1);
+            handlers.push(h);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        !handlers.is_empty(),
+        "the vCPU was never in an interrupt handler in {pauses} pauses"
+    );
 }

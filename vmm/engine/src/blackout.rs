@@ -417,11 +417,33 @@ impl<G: GuestControl> Engine<G> {
     /// come back to. RSP is guest-controlled: all arithmetic is checked, and the scan ends at
     /// the top of the address space or the first unmapped page.
     pub(crate) fn stack_words(&self, v: &VcpuState) -> Vec<u64> {
+        let mut words = Vec::with_capacity(self.config.stack_scan.min(MAX_STACK_SCAN) / 8);
+        self.scan_stack(v, v.rsp, &mut words);
+        // The stack of the context the vCPU interrupted, if the OS layer knows it is another.
+        let read = |gva: u64, len: usize| {
+            let t = self.guest.translate(v, gva).ok()?;
+            if (gva & 0xfff) + len as u64 > 0x1000 {
+                return None;
+            }
+            let mut b = vec![0u8; len];
+            self.guest.read_phys(t.gpa, &mut b).ok()?;
+            Some(b)
+        };
+        if let Some(rsp) = self
+            .rewrites
+            .interrupted_stack(v, crate::rewrites::GuestMemory(&read))
+        {
+            self.scan_stack(v, rsp, &mut words);
+        }
+        words
+    }
+
+    /// Appends the `stack_scan` bytes above `rsp` to `words`, as far as they are mapped.
+    fn scan_stack(&self, v: &VcpuState, rsp: u64, words: &mut Vec<u64>) {
         // In 128 bits the top of the address space is an ordinary bound: nothing can wrap.
         const TOP: u128 = 1 << 64;
         let scan = self.config.stack_scan.min(MAX_STACK_SCAN);
-        let mut words = Vec::with_capacity(scan / 8);
-        let mut at = u128::from(v.rsp & !7);
+        let mut at = u128::from(rsp & !7);
         let end = (at + scan as u128).min(TOP);
         let mut page = [0u8; 4096];
         while at < end {
@@ -442,7 +464,6 @@ impl<G: GuestControl> Engine<G> {
             }));
             at = page_end;
         }
-        words
     }
 }
 

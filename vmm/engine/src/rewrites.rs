@@ -86,6 +86,15 @@ pub trait TextRewrites: Send + Sync {
     fn code_view(&self, vcpu: &VcpuState) -> VcpuState {
         *vcpu
     }
+
+    /// Where the context a parked vCPU interrupted keeps its stack, when that is not the stack
+    /// the vCPU runs on: the engine scans it as it scans the vCPU's own (a return address or an
+    /// interrupted RIP inside a range being changed holds the write back). A Linux vCPU in an
+    /// interrupt handler runs on its CPU's IRQ stack, and the RIP it will return to is on the
+    /// task stack it left. `memory` reads through the vCPU's own page tables. None by default.
+    fn interrupted_stack(&self, _vcpu: &VcpuState, _memory: GuestMemory<'_>) -> Option<u64> {
+        None
+    }
 }
 
 impl<G: crate::GuestControl> Engine<G> {

@@ -1674,3 +1674,54 @@ fn a_kernel_that_preempts_anywhere_gets_no_jump_over_several_instructions() {
     );
     assert!(code_and_arena(&g) == before, "the guest is byte-identical");
 }
+
+#[test]
+fn an_interrupted_context_on_another_stack_holds_the_write_back() {
+    /// An OS whose vCPU, parked in an interrupt handler, left the interrupted context's
+    /// stack at `TASK_RSP` (Linux: the IRQ stack's top slot).
+    struct Interrupted;
+    const TASK_RSP: u64 = 0x9000;
+    impl rewrites::TextRewrites for Interrupted {
+        fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
+            Ok(t.expected.to_vec())
+        }
+        fn interrupted_stack(
+            &self,
+            _: &VcpuState,
+            memory: rewrites::GuestMemory<'_>,
+        ) -> Option<u64> {
+            // Read through the vCPU's own tables, like its stack.
+            memory.read(0x8ff8, 8).map(|_| TASK_RSP)
+        }
+    }
+    // The interrupted RIP is f+4, inside the bytes f's jump displaces; the handler's own stack
+    // (at 0x8000) holds nothing of f.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(TASK_RSP + 0x80, &(F_AT + 4).to_le_bytes())
+        .unwrap();
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        max_attempts: 3,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        g.clone(),
+        target(),
+        ARENA,
+        config,
+        None,
+        Box::new(Interrupted),
+    )
+    .unwrap();
+    let before = code_and_arena(&g);
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Busy { .. }) && err.to_string().contains("on its stack"),
+        "{err}"
+    );
+    assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+    // The interrupted context returned: the next apply goes in.
+    g.write_phys(TASK_RSP + 0x80, &0u64.to_le_bytes()).unwrap();
+    e.apply(&signed(&fix_f())).unwrap();
+    assert_eq!(g.bytes(F_AT, 1), [0xe9]);
+}

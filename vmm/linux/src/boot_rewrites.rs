@@ -45,6 +45,8 @@ pub struct LinuxBootRewrites {
     smp_locks_live: bool,
     /// Built with page-table isolation ([`crate::address_space::kernel_view`]).
     pti: bool,
+    /// The CPUs' IRQ stack top slots ([`crate::irq_stacks`]).
+    irq_stacks: Vec<u64>,
 }
 
 impl LinuxBootRewrites {
@@ -53,7 +55,14 @@ impl LinuxBootRewrites {
             sites,
             smp_locks_live,
             pti: false,
+            irq_stacks: Vec::new(),
         }
+    }
+
+    /// With the CPUs' IRQ stack top slots read at attach ([`crate::irq_stacks::tops`]).
+    pub fn with_irq_stacks(mut self, tops: Vec<u64>) -> LinuxBootRewrites {
+        self.irq_stacks = tops;
+        self
     }
 
     /// For a kernel built with page-table isolation (`address_space::has_pti`).
@@ -66,6 +75,14 @@ impl LinuxBootRewrites {
 impl TextRewrites for LinuxBootRewrites {
     fn code_view(&self, vcpu: &guest_control::VcpuState) -> guest_control::VcpuState {
         crate::address_space::kernel_view(vcpu, self.pti)
+    }
+
+    fn interrupted_stack(
+        &self,
+        vcpu: &guest_control::VcpuState,
+        memory: patch_engine::rewrites::GuestMemory<'_>,
+    ) -> Option<u64> {
+        crate::irq_stacks::interrupted(&self.irq_stacks, vcpu, memory)
     }
 
     fn live_rewrite(&self, start: u64, end: u64, target: &Target) -> Option<LiveRewrite> {

@@ -75,7 +75,8 @@ pub fn engine_and_attachment<G: GuestControl>(
         state_dir,
         Box::new(
             LinuxBootRewrites::new(image.text_sites.clone(), attached.smp_locks_live)
-                .with_pti(crate::address_space::has_pti(&image.kallsyms)),
+                .with_pti(crate::address_space::has_pti(&image.kallsyms))
+                .with_irq_stacks(attached.irq_stacks.clone()),
         ),
     )?;
     Ok((engine, attached))
