@@ -42,13 +42,21 @@ fn kaslr_slide_is_found_on_several_boots_and_the_arena_is_mapped() {
         assert_eq!(a.slide.anchors.len(), 4);
         // One IRQ stack per online CPU (one here): its top slot, the last word of a 16 KiB
         // kernel mapping, is where an interrupt handler leads back to the task it interrupted.
-        assert_eq!(a.irq_stacks.len(), 1, "{:x?}", a.irq_stacks);
+        // And the TSS's exception stacks (#DF, NMI, #DB, #MC, and #VC in Debian's SEV-ES-capable
+        // build), whose tops hold the frame.
+        let stacks = &a.interrupt_stacks;
+        assert_eq!(stacks.irq_tops.len(), 1, "{stacks:x?}");
+        assert!((4..=5).contains(&stacks.ist_tops.len()), "{stacks:x?}");
         assert!(
-            a.irq_stacks
+            stacks
+                .irq_tops
                 .iter()
-                .all(|&top| top & 0xfff == 0xff8 && top >= 0xffff_8000_0000_0000),
-            "{:x?}",
-            a.irq_stacks
+                .all(|&top| top & 0xfff == 0xff8 && top >= 0xffff_8000_0000_0000)
+                && stacks
+                    .ist_tops
+                    .iter()
+                    .all(|&top| top & 0xfff == 0 && top >= 0xffff_8000_0000_0000),
+            "{stacks:x?}"
         );
         // Attaching again finds the same and accepts its own arena mapping.
         let b = attach::attach(&guest, idt, &image, ARENA_GPA).expect("attach again");
@@ -174,32 +182,31 @@ fn a_vcpu_parked_in_an_interrupt_handler_leads_back_to_the_context_it_interrupte
         let states = guest.pause_all().expect("pause");
         let v = *states.iter().flatten().next().expect("a vCPU");
         let read = |gva: u64, len: usize| guest.read_virtual(&v, gva, len).ok();
-        let found = linux_guest::irq_stacks::interrupted(
-            &a.irq_stacks,
-            &v,
-            patch_engine::rewrites::GuestMemory(&read),
-        )
-        .map(|rsp| {
-            // As far as it is mapped, page by page, as the engine reads it.
-            let mut bytes = Vec::new();
-            let mut at = rsp & !7;
-            while bytes.len() < scan {
-                let len = ((at | 0xfff) + 1 - at).min((scan - bytes.len()) as u64) as usize;
-                match guest.read_virtual(&v, at, len) {
-                    Ok(b) => bytes.extend(b),
-                    Err(_) => break,
+        let found = a
+            .interrupt_stacks
+            .interrupted(&v, patch_engine::rewrites::GuestMemory(&read))
+            .first()
+            .map(|&rsp| {
+                // As far as it is mapped, page by page, as the engine reads it.
+                let mut bytes = Vec::new();
+                let mut at = rsp & !7;
+                while bytes.len() < scan {
+                    let len = ((at | 0xfff) + 1 - at).min((scan - bytes.len()) as u64) as usize;
+                    match guest.read_virtual(&v, at, len) {
+                        Ok(b) => bytes.extend(b),
+                        Err(_) => break,
+                    }
+                    at += len as u64;
                 }
-                at += len as u64;
-            }
-            let words: Vec<u64> = bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            let regs = words
-                .windows(2)
-                .position(|w| text.contains(&w[0]) && w[1] == KERNEL_CS);
-            (v.rip, rsp, regs.map(|i| words[i]))
-        });
+                let words: Vec<u64> = bytes
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                let regs = words
+                    .windows(2)
+                    .position(|w| text.contains(&w[0]) && w[1] == KERNEL_CS);
+                (v.rip, rsp, regs.map(|i| words[i]))
+            });
         guest.resume_all().expect("resume");
         if let Some(h) = found {
             println!(

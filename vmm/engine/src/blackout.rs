@@ -419,7 +419,7 @@ impl<G: GuestControl> Engine<G> {
     pub(crate) fn stack_words(&self, v: &VcpuState) -> Vec<u64> {
         let mut words = Vec::with_capacity(self.config.stack_scan.min(MAX_STACK_SCAN) / 8);
         self.scan_stack(v, v.rsp, &mut words);
-        // The stack of the context the vCPU interrupted, if the OS layer knows it is another.
+        // The stacks of the contexts the vCPU interrupted, if the OS layer knows they are others.
         let read = |gva: u64, len: usize| {
             let t = self.guest.translate(v, gva).ok()?;
             if (gva & 0xfff) + len as u64 > 0x1000 {
@@ -429,9 +429,12 @@ impl<G: GuestControl> Engine<G> {
             self.guest.read_phys(t.gpa, &mut b).ok()?;
             Some(b)
         };
-        if let Some(rsp) = self
+        let others = self
             .rewrites
-            .interrupted_stack(v, crate::rewrites::GuestMemory(&read))
+            .interrupted_stacks(v, crate::rewrites::GuestMemory(&read));
+        for rsp in others
+            .into_iter()
+            .take(crate::rewrites::MAX_INTERRUPTED_STACKS)
         {
             self.scan_stack(v, rsp, &mut words);
         }

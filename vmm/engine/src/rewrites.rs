@@ -55,6 +55,10 @@ pub struct LiveRewrite {
     pub what: String,
 }
 
+/// The most stacks of interrupted contexts scanned per vCPU
+/// ([`TextRewrites::interrupted_stacks`]).
+pub const MAX_INTERRUPTED_STACKS: usize = 4;
+
 /// An OS's known rewrites of its own text.
 pub trait TextRewrites: Send + Sync {
     /// `text.expected` with the OS's rewrites taken from `text.current` where (and only where)
@@ -87,13 +91,14 @@ pub trait TextRewrites: Send + Sync {
         *vcpu
     }
 
-    /// Where the context a parked vCPU interrupted keeps its stack, when that is not the stack
-    /// the vCPU runs on: the engine scans it as it scans the vCPU's own (a return address or an
-    /// interrupted RIP inside a range being changed holds the write back). A Linux vCPU in an
-    /// interrupt handler runs on its CPU's IRQ stack, and the RIP it will return to is on the
-    /// task stack it left. `memory` reads through the vCPU's own page tables. None by default.
-    fn interrupted_stack(&self, _vcpu: &VcpuState, _memory: GuestMemory<'_>) -> Option<u64> {
-        None
+    /// Where the contexts a parked vCPU interrupted keep their stacks, when those are not the
+    /// stack the vCPU runs on: the engine scans each as it scans the vCPU's own (a return
+    /// address or an interrupted RIP inside a range being changed holds the write back; at most
+    /// [`MAX_INTERRUPTED_STACKS`] are scanned). A Linux vCPU in an interrupt handler runs on its
+    /// CPU's IRQ stack, and the RIP it will return to is on the task stack it left. `memory`
+    /// reads through the vCPU's own page tables. None by default.
+    fn interrupted_stacks(&self, _vcpu: &VcpuState, _memory: GuestMemory<'_>) -> Vec<u64> {
+        Vec::new()
     }
 }
 

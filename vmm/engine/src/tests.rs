@@ -1685,13 +1685,13 @@ fn an_interrupted_context_on_another_stack_holds_the_write_back() {
         fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
             Ok(t.expected.to_vec())
         }
-        fn interrupted_stack(
-            &self,
-            _: &VcpuState,
-            memory: rewrites::GuestMemory<'_>,
-        ) -> Option<u64> {
+        fn interrupted_stacks(&self, _: &VcpuState, memory: rewrites::GuestMemory<'_>) -> Vec<u64> {
             // Read through the vCPU's own tables, like its stack.
-            memory.read(0x8ff8, 8).map(|_| TASK_RSP)
+            memory
+                .read(0x8ff8, 8)
+                .map(|_| TASK_RSP)
+                .into_iter()
+                .collect()
         }
     }
     // The interrupted RIP is f+4, inside the bytes f's jump displaces; the handler's own stack

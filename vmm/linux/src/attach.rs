@@ -109,9 +109,9 @@ pub struct Attached {
     /// The kernel booted on one CPU (`uniproc_patched`): it rewrites its lock prefixes back
     /// when it gains a CPU, so they count as run-time rewrites. True when it cannot be told.
     pub smp_locks_live: bool,
-    /// Each online CPU's IRQ stack top slot (`irq_stacks::tops`), for the engine to find the
-    /// context an interrupt handler interrupted. Empty when the kernel's layout is another.
-    pub irq_stacks: Vec<u64>,
+    /// Each online CPU's interrupt and exception stacks, for the engine to find the context a
+    /// handler interrupted. Empty when the kernel's layout is another.
+    pub interrupt_stacks: crate::interrupt_stacks::InterruptStacks,
 }
 
 /// Runs `f` with the guest paused, on the kernel's view of its first live vCPU (`None` when
@@ -234,18 +234,24 @@ pub fn attach<G: GuestControl + ?Sized>(
             None => true,
         };
         let arena = arena::install(guest, &vcpu, &image.kallsyms, slide.slide, arena_gpa)?;
-        let irq_stacks = crate::irq_stacks::tops(guest, &vcpu, &image.kallsyms, slide.slide);
+        let interrupt_stacks = crate::interrupt_stacks::InterruptStacks::read(
+            guest,
+            &vcpu,
+            &image.kallsyms,
+            slide.slide,
+        );
         tracing::info!(
             slide = format_args!("{:#x}", slide.slide),
             arena = format_args!("{:#x}", arena.gva),
-            irq_stacks = irq_stacks.len(),
+            irq_stacks = interrupt_stacks.irq_tops.len(),
+            exception_stacks = interrupt_stacks.ist_tops.len(),
             "attached to the Linux kernel"
         );
         Ok(Attached {
             slide,
             arena,
             smp_locks_live,
-            irq_stacks,
+            interrupt_stacks,
         })
     })
 }

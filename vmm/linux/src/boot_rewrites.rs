@@ -30,6 +30,8 @@ use iced_x86::{Code, Decoder, DecoderOptions};
 use patch_engine::plan::{NOP5, PlanError};
 use std::sync::Arc;
 
+use crate::interrupt_stacks::InterruptStacks;
+
 use patch_engine::rewrites::{LiveRewrite, SiteText, TextRewrites};
 use patch_engine::target::Target;
 
@@ -45,8 +47,8 @@ pub struct LinuxBootRewrites {
     smp_locks_live: bool,
     /// Built with page-table isolation ([`crate::address_space::kernel_view`]).
     pti: bool,
-    /// The CPUs' IRQ stack top slots ([`crate::irq_stacks`]).
-    irq_stacks: Vec<u64>,
+    /// The CPUs' interrupt and exception stacks ([`crate::interrupt_stacks`]).
+    interrupt_stacks: InterruptStacks,
 }
 
 impl LinuxBootRewrites {
@@ -55,13 +57,13 @@ impl LinuxBootRewrites {
             sites,
             smp_locks_live,
             pti: false,
-            irq_stacks: Vec::new(),
+            interrupt_stacks: InterruptStacks::default(),
         }
     }
 
-    /// With the CPUs' IRQ stack top slots read at attach ([`crate::irq_stacks::tops`]).
-    pub fn with_irq_stacks(mut self, tops: Vec<u64>) -> LinuxBootRewrites {
-        self.irq_stacks = tops;
+    /// With the CPUs' interrupt and exception stacks read at attach.
+    pub fn with_interrupt_stacks(mut self, stacks: InterruptStacks) -> LinuxBootRewrites {
+        self.interrupt_stacks = stacks;
         self
     }
 
@@ -77,12 +79,12 @@ impl TextRewrites for LinuxBootRewrites {
         crate::address_space::kernel_view(vcpu, self.pti)
     }
 
-    fn interrupted_stack(
+    fn interrupted_stacks(
         &self,
         vcpu: &guest_control::VcpuState,
         memory: patch_engine::rewrites::GuestMemory<'_>,
-    ) -> Option<u64> {
-        crate::irq_stacks::interrupted(&self.irq_stacks, vcpu, memory)
+    ) -> Vec<u64> {
+        self.interrupt_stacks.interrupted(vcpu, memory)
     }
 
     fn live_rewrite(&self, start: u64, end: u64, target: &Target) -> Option<LiveRewrite> {

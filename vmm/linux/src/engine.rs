@@ -76,7 +76,7 @@ pub fn engine_and_attachment<G: GuestControl>(
         Box::new(
             LinuxBootRewrites::new(image.text_sites.clone(), attached.smp_locks_live)
                 .with_pti(crate::address_space::has_pti(&image.kallsyms))
-                .with_irq_stacks(attached.irq_stacks.clone()),
+                .with_interrupt_stacks(attached.interrupt_stacks.clone()),
         ),
     )?;
     Ok((engine, attached))

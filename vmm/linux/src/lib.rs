@@ -10,7 +10,7 @@ pub mod boot_rewrites;
 pub mod bzimage;
 pub mod engine;
 pub mod image_cache;
-pub mod irq_stacks;
+pub mod interrupt_stacks;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod patch;
