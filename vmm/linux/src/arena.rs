@@ -292,6 +292,33 @@ fn page_directory_of<G: GuestControl + ?Sized>(
     Ok(table)
 }
 
+/// The arena's slot must be in the kernel's own page directory for its image,
+/// `level2_kernel_pgt` (inside the image, so at its offset from `_text` in physical memory
+/// too, the image starting at guest-physical `image_start`): a walk to `pd` that went astray (a
+/// wrong paging mode, a hostile table) lands elsewhere and is refused. The arena and `_text`
+/// share one page directory by construction, so comparing the two walks would prove nothing.
+/// Not checked for an image without the symbol (there is nothing to compare with).
+fn check_kernel_page_directory(
+    kallsyms: &Kallsyms,
+    image_start: u64,
+    pd: u64,
+) -> Result<(), KernelArenaError> {
+    let (Some(text), Some(l2)) = (
+        kallsyms.lookup("_text"),
+        kallsyms.lookup("level2_kernel_pgt"),
+    ) else {
+        return Ok(());
+    };
+    let kernel_pd = image_start.wrapping_add(l2.wrapping_sub(text));
+    if kernel_pd != pd {
+        return Err(KernelArenaError::Tables(format!(
+            "the arena's page directory is at {pd:#x}, not the kernel's level2_kernel_pgt \
+             ({kernel_pd:#x})"
+        )));
+    }
+    Ok(())
+}
+
 /// The page-directory entry the arena's mapping goes in: its guest-physical address and what it
 /// holds now (0 before the first attach).
 pub fn slot_entry<G: GuestControl + ?Sized>(
@@ -321,24 +348,8 @@ pub fn install<G: GuestControl + ?Sized>(
     check_arena_memory(guest, vcpu, kallsyms, slide, gpa)?;
     let gva = arena_gva(kallsyms, slide)?;
     let pd = page_directory_of(guest, vcpu, gva)?;
-    // The slot must be in the kernel's own page directory for its image, `level2_kernel_pgt`
-    // (inside the image, so at its offset from `_text` in physical memory too): a walk that
-    // went astray (a wrong paging mode, a hostile table) lands elsewhere and is refused. The
-    // arena and `_text` share one page directory by construction, so comparing the two walks
-    // would prove nothing.
-    if let (Some(text), Some(l2)) = (
-        kallsyms.lookup("_text"),
-        kallsyms.lookup("level2_kernel_pgt"),
-    ) {
-        let (image_start, _) = image_phys(guest, vcpu, kallsyms, slide)?;
-        let kernel_pd = image_start.wrapping_add(l2.wrapping_sub(text));
-        if kernel_pd != pd {
-            return Err(KernelArenaError::Tables(format!(
-                "the arena's page directory is at {pd:#x}, not the kernel's level2_kernel_pgt \
-                 ({kernel_pd:#x})"
-            )));
-        }
-    }
+    let (image_start, _) = image_phys(guest, vcpu, kallsyms, slide)?;
+    check_kernel_page_directory(kallsyms, image_start, pd)?;
     let pd_entry_at = pd + ((gva >> 21) & 511) * 8;
     let entry = guest.read_u64(pd_entry_at)?;
     let want = gpa | PRESENT | WRITABLE | ACCESSED | DIRTY | HUGE | GLOBAL;
@@ -464,6 +475,38 @@ mod tests {
         let mut v = vcpu(cr3, false);
         v.paging.efer = 0;
         assert!(page_directory_of(&mem, &v, KERNEL).is_err());
+    }
+
+    #[test]
+    fn the_arena_goes_only_in_the_kernels_own_page_directory() {
+        // The image at 16 MiB physical; level2_kernel_pgt 0x1a0f000 into it.
+        const IMAGE: u64 = 0x100_0000;
+        let kallsyms = Kallsyms::from_symbols(vec![
+            crate::KernelSymbol {
+                address: KERNEL,
+                kind: 'T',
+                name: "_text".into(),
+            },
+            crate::KernelSymbol {
+                address: KERNEL + 0x1a0_f000,
+                kind: 'D',
+                name: "level2_kernel_pgt".into(),
+            },
+        ]);
+        let kernel_pd = IMAGE + 0x1a0_f000;
+        let mem = Mem::default();
+        let cr3 = tables(&mem, false, kernel_pd);
+        let pd = page_directory_of(&mem, &vcpu(cr3, false), KERNEL).unwrap();
+        check_kernel_page_directory(&kallsyms, IMAGE, pd).unwrap();
+        // A hostile PDPT entry leads the walk to a table of the guest's choosing (where the
+        // entry written would map the arena for whatever else that table maps): refused.
+        let elsewhere = tables(&mem, false, 0x7700_0000);
+        let pd = page_directory_of(&mem, &vcpu(elsewhere, false), KERNEL).unwrap();
+        let why = check_kernel_page_directory(&kallsyms, IMAGE, pd).unwrap_err();
+        assert!(why.to_string().contains("level2_kernel_pgt"), "{why}");
+        // No symbol: nothing to compare with.
+        let bare = Kallsyms::from_symbols(Vec::new());
+        check_kernel_page_directory(&bare, IMAGE, pd).unwrap();
     }
 
     #[test]
