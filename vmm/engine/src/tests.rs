@@ -280,6 +280,16 @@ fn engine_for(g: &Arc<Fake>, target: Target, config: EngineConfig) -> Engine<Fak
     .unwrap()
 }
 
+/// An engine trusting the test key, over an OS layer of the test's own.
+fn engine_with_os(g: &Arc<Fake>, os: Box<dyn rewrites::TextRewrites>) -> Engine<Fake> {
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        max_attempts: 3,
+        ..EngineConfig::default()
+    };
+    Engine::new(Arc::clone(g), target(), ARENA, config, None, os).unwrap()
+}
+
 fn function_site(name: &str, old: &[u8], new: &[u8]) -> Site {
     Site {
         kind: SiteKind::Function,
@@ -1167,19 +1177,7 @@ fn sites_are_translated_in_the_address_space_the_os_maps_its_code_in() {
     }
     let g = Fake::new(&[(0x5000, 0x8000)]);
     g.vcpus.lock().unwrap()[0].paging.cr3 = 0x7000 | 0x1000;
-    let config = EngineConfig {
-        trusted_keys: vec![key().public()],
-        ..EngineConfig::default()
-    };
-    let mut e = Engine::new(
-        g.clone(),
-        target(),
-        ARENA,
-        config,
-        None,
-        Box::new(KernelView),
-    )
-    .unwrap();
+    let mut e = engine_with_os(&g, Box::new(KernelView));
     let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
     e.revert(&id).unwrap();
     // The code (sites, functions) through the kernel's view; a vCPU's own stack is read
@@ -1699,20 +1697,7 @@ fn an_interrupted_context_on_another_stack_holds_the_write_back() {
     let g = Fake::new(&[(0x5000, 0x8000)]);
     g.write_phys(TASK_RSP + 0x80, &(F_AT + 4).to_le_bytes())
         .unwrap();
-    let config = EngineConfig {
-        trusted_keys: vec![key().public()],
-        max_attempts: 3,
-        ..EngineConfig::default()
-    };
-    let mut e = Engine::new(
-        g.clone(),
-        target(),
-        ARENA,
-        config,
-        None,
-        Box::new(Interrupted),
-    )
-    .unwrap();
+    let mut e = engine_with_os(&g, Box::new(Interrupted));
     let before = code_and_arena(&g);
     let err = e.apply(&signed(&fix_f())).unwrap_err();
     assert!(
