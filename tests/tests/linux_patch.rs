@@ -653,23 +653,49 @@ fn a_kernel_started_without_gdb_is_patched_with_only_its_qmp_socket() {
     no_gdbstub("after the revert");
 }
 
+/// The probe of [`the_preemption_mode_is_read_from_the_kernel_each_time`]: the kernel's
+/// preemption mode as debugfs prints it (`none voluntary (full)`), then `/proc/version`. The
+/// first run switches the kernel to full preemption at run time; 30 s later it switches it back.
+const PREEMPT_PROBE: &str = r#"bb=/bin/busybox
+mode=/sys/kernel/debug/sched/preempt
+[ -e $mode ] || $bb mount -t debugfs debugfs /sys/kernel/debug
+read -r up _ </proc/uptime
+if [ ! -e /tmp/full-since ]; then echo full >$mode; echo "${up%.*}" >/tmp/full-since; fi
+read -r since </tmp/full-since
+if [ ! -e /tmp/switched ] && [ $((${up%.*} - since)) -ge 30 ]; then
+  echo voluntary >$mode; : >/tmp/switched
+fi
+$bb cat $mode
+$bb cat /proc/version
+"#;
+
 #[test]
-fn a_kernel_booted_with_full_preemption_gets_no_jump_over_several_instructions() {
-    // With preempt=full a task preempted inside the instructions a jump displaces would resume
-    // in the middle of it, and no hypervisor can see such a task. cmdline_proc_show's jump
-    // would cover `push rbx` and the `mov` after it: refused, and nothing changes. The fix of
-    // version_proc_show displaces one 9-byte `mov` (nowhere inside to resume): it goes in.
+fn the_preemption_mode_is_read_from_the_kernel_each_time() {
+    // Switched to full preemption at run time (debugfs, as an operator would), a task
+    // preempted inside the instructions a jump displaces would resume in the middle of it, and
+    // no hypervisor can see such a task. cmdline_proc_show's jump would cover `push rbx` and
+    // the `mov` after it: refused, and nothing changes. The version fix displaces one 9-byte
+    // `mov %gs:...` (nowhere inside to resume): it goes in. Back at voluntary, the
+    // cmdline_proc_show patch goes in too.
     let kit = Kit::ensure();
-    let dir = TempDir::new("linux-preempt-full");
+    let dir = TempDir::new("linux-preempt");
     let d = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_string();
     let g = LinuxGuest::boot(
         &kit,
         &BootOptions {
-            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x} preempt=full"),
+            mode: guest_tools::initramfs::InitMode::Probe,
+            probe: Some((PREEMPT_PROBE.to_string(), Vec::new())),
+            extra_cmdline: format!("memmap=2M${ARENA_GPA:#x}"),
             ..BootOptions::default()
         },
     );
-    let first = wait_line_within(&g, 0, "workload line", BOOT_WITHIN, |_| true);
+    let full = wait_line_within(
+        &g,
+        0,
+        "the kernel switched to full preemption",
+        BOOT_WITHIN,
+        |l| l.version.contains("voluntary (full)"),
+    );
     let image = linux_guest::attach::KernelImage::from_file(&kit.vmlinuz).expect("image");
     let key = patch_format::SecretKey::generate().expect("key");
     let (_, fix) =
@@ -689,6 +715,12 @@ fn a_kernel_booted_with_full_preemption_gets_no_jump_over_several_instructions()
                 .collect::<Vec<_>>(),
         )
     };
+    let mode_now = || {
+        g.workload_lines()
+            .last()
+            .map(|l| l.version.clone())
+            .unwrap_or_default()
+    };
 
     let h0 = memory_hash_of(&g, &image, "cmdline_proc_show");
     let out = run(&["apply", &d("cmdline.hpatch")]);
@@ -697,7 +729,9 @@ fn a_kernel_booted_with_full_preemption_gets_no_jump_over_several_instructions()
         !out.status.success()
             && err.contains("preempts kernel code")
             && err.contains("preempt=voluntary"),
-        "apply over two instructions under preempt=full: {}\n{}{err}",
+        "apply over two instructions under full preemption (switched at {}; now {}): {}\n{}{err}",
+        full.uptime,
+        mode_now(),
         out.status,
         stdout(&out)
     );
@@ -707,7 +741,6 @@ fn a_kernel_booted_with_full_preemption_gets_no_jump_over_several_instructions()
         h0,
         "the refusal changed guest memory"
     );
-
     let before = last_seq(&g);
     let out = run(&["apply", &d("fix.hpatch")]);
     let text = stdout(&out);
@@ -716,9 +749,23 @@ fn a_kernel_booted_with_full_preemption_gets_no_jump_over_several_instructions()
     wait_line(&g, before, "patched /proc/version", |l| {
         l.version.contains(VERSION_PROC_SHOW_TAG)
     });
-    let before = last_seq(&g);
     assert!(run(&["revert", &id[..8]]).status.success(), "revert");
-    wait_line(&g, before, "the original /proc/version again", |l| {
-        l.version == first.version
-    });
+
+    // Back at voluntary, read again: the two-instruction jump goes in, and comes out.
+    wait_line_within(
+        &g,
+        last_seq(&g),
+        "the kernel switched back to voluntary",
+        Duration::from_secs(90),
+        |l| l.version.contains("(voluntary) full"),
+    );
+    let out = run(&["apply", &d("cmdline.hpatch")]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "apply under voluntary: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = text.split_whitespace().nth(1).expect("id").to_string();
+    assert!(run(&["revert", &id[..8]]).status.success(), "revert");
 }
