@@ -540,6 +540,9 @@ fn plan_class(p: &PlanError) -> Class {
             Class::named("a call would be displaced before other instructions")
         }
         P::Unrelocatable { .. } => Class::named("a displaced instruction cannot be relocated"),
+        P::PreemptedInsideJump { .. } => Class::named(
+            "the kernel preempts anywhere (preempt=full) and the jump covers several instructions",
+        ),
         P::Undecodable { .. } => Class::named("bytes do not decode as instructions"),
         P::Verify { .. } => Class::unnamed("the built trampoline does not verify (engine bug)"),
         other => Class::named(format!("site shape: {}", plan_variant(other))),
