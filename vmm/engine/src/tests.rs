@@ -1642,7 +1642,7 @@ fn a_kernel_that_preempts_anywhere_gets_no_jump_over_several_instructions() {
     assert!(full.contains("full preemption"), "{full}");
     g.write_phys(MODE, &2u32.to_le_bytes()).unwrap();
     let mode_full = refused(&mut engine_for(&g, target(), dynamic()));
-    assert!(mode_full.contains("mode is 2"), "{mode_full}");
+    assert!(mode_full.contains("word holds 2"), "{mode_full}");
     // A mode word that cannot be read counts as full.
     let unreadable = scheduled(Preemption::Dynamic {
         mode_at: u64::MAX - 1,

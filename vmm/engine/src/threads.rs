@@ -6,9 +6,9 @@
 //! (Linux) keeps threads in kernel code that no vCPU runs: a task asleep in a function the
 //! displaced bytes call returns to the instruction after the call; in a kernel that preempts
 //! kernel code, a preempted task resumes at any instruction. Neither can be seen or moved, so
-//! the engine must not let a jump cover such a resume point (the first is rule 7, the second
-//! [`crate::plan::check_hidden_threads`]) (`docs/patch-engine.md`, "Threads
-//! the hypervisor cannot see").
+//! the engine must not let a jump cover such a resume point: rule 7 keeps calls last, and
+//! [`crate::plan::check_hidden_threads`] keeps a preemptible kernel's jumps to one
+//! instruction (`docs/patch-engine.md`, "Threads the hypervisor cannot see").
 
 use guest_control::GuestControl;
 use guest_control::paging::PagingRegs;
@@ -73,7 +73,7 @@ impl<G: GuestControl> Engine<G> {
                     )),
                     Some(w) if voluntary.contains(&w) => None,
                     Some(w) => Some(format!(
-                        "this kernel preempts kernel code at any instruction (its preemption mode is {w}, full)"
+                        "this kernel preempts kernel code at any instruction (its preemption mode word holds {w}, not a mode that stops tasks only where they call)"
                     )),
                 }
             }
