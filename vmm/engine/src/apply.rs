@@ -412,9 +412,8 @@ impl<G: GuestControl> Engine<G> {
             e => e,
         })?;
         plan::check_extent(&input, &analysis)?;
-        if self.config.hidden_threads != crate::threads::HiddenThreads::None {
-            plan::check_hidden_threads(&analysis, self.preempts_anywhere(paging).as_deref())?;
-        }
+        // Nothing to check without hidden threads: `preempts_anywhere` is then `None`.
+        plan::check_hidden_threads(&analysis, self.preempts_anywhere(paging).as_deref())?;
         let (start, end) = analysis.range();
         if let Some(live) = self.rewrites.live_rewrite(start, end, &self.target) {
             return Err(PlanError::LiveRewrite {

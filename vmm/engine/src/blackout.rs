@@ -420,15 +420,7 @@ impl<G: GuestControl> Engine<G> {
         let mut words = Vec::with_capacity(self.config.stack_scan.min(MAX_STACK_SCAN) / 8);
         self.scan_stack(v, v.rsp, &mut words);
         // The stacks of the contexts the vCPU interrupted, if the OS layer knows they are others.
-        let read = |gva: u64, len: usize| {
-            let t = self.guest.translate(v, gva).ok()?;
-            if (gva & 0xfff) + len as u64 > 0x1000 {
-                return None;
-            }
-            let mut b = vec![0u8; len];
-            self.guest.read_phys(t.gpa, &mut b).ok()?;
-            Some(b)
-        };
+        let read = |gva: u64, len: usize| self.guest.read_virtual(v, gva, len).ok();
         let others = self
             .rewrites
             .interrupted_stacks(v, crate::rewrites::GuestMemory(&read));
