@@ -91,6 +91,13 @@ fn attach(
     started: Instant,
 ) {
     let arena = vm.arena_window();
+    // This VMM reads guest memory directly: listing the kernel's tasks in each blackout is
+    // cheap here, and it is what lets a multi-function patch wait for a task asleep in one of
+    // its old functions (docs/patch-engine.md, "Threads the hypervisor cannot see").
+    let config = EngineConfig {
+        list_threads: true,
+        ..config
+    };
     match linux_guest::engine::engine_and_attachment(
         vm.clone(),
         idt,

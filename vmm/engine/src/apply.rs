@@ -412,8 +412,11 @@ impl<G: GuestControl> Engine<G> {
             e => e,
         })?;
         plan::check_extent(&input, &analysis)?;
-        // Nothing to check without hidden threads: `preempts_anywhere` is then `None`.
-        plan::check_hidden_threads(&analysis, self.preempts_anywhere(paging).as_deref())?;
+        // Nothing to check without hidden threads: `preempts_anywhere` is then `None`. With the
+        // threads listed, the blackout's scan of their stacks finds a preempted one instead.
+        if !self.threads_listed() {
+            plan::check_hidden_threads(&analysis, self.preempts_anywhere(paging).as_deref())?;
+        }
         let (start, end) = analysis.range();
         if let Some(live) = self.rewrites.live_rewrite(start, end, &self.target) {
             return Err(PlanError::LiveRewrite {
@@ -523,6 +526,7 @@ impl<G: GuestControl> Engine<G> {
                 .iter()
                 .filter(|p| p.function.is_some())
                 .count() as u32,
+            threads_checked: None,
             note: None,
         }
     }
@@ -661,6 +665,7 @@ impl<G: GuestControl> Engine<G> {
         record.applied_at = Some(now_secs());
         record.apply_blackout_us = Some(blackout_us);
         record.moved_vcpus = committed.moved;
+        record.threads_checked = self.threads_listed().then_some(committed.phases.threads);
         self.put(record.clone())?;
         let replaced: Vec<String> = lifting.records.iter().map(|r| r.id.clone()).collect();
         for mut old in lifting.records {

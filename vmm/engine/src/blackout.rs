@@ -67,6 +67,10 @@ pub struct BlackoutPhases {
     pub recheck_ns: u64,
     pub scan_ns: u64,
     pub write_ns: u64,
+    /// Threads of the OS off the vCPUs whose stacks the scan covered (0 when the OS layer
+    /// does not list them, or `EngineConfig::list_threads` is off).
+    #[serde(default)]
+    pub threads: u32,
 }
 
 /// Why a vCPU is in the way of a change: the blackout backs off and tries again.
@@ -90,6 +94,20 @@ pub enum Busy {
     MidInstruction { vcpu: usize, rip: u64, site: String },
     /// The vCPU sits inside a patched site about to be restored.
     InsideSite { vcpu: usize, rip: u64, site: String },
+    /// A thread the OS keeps off the vCPUs would return, or resume, inside a range about to
+    /// change.
+    ThreadResumesInside {
+        thread: String,
+        word: u64,
+        site: String,
+    },
+    /// A thread the OS keeps off the vCPUs is asleep (or preempted) in code that must be
+    /// quiescent.
+    ThreadInside {
+        thread: String,
+        word: u64,
+        code: String,
+    },
     /// The checks alone took longer than the configured cap with the guest parked.
     Slow { elapsed_us: u64, limit_us: u64 },
 }
@@ -116,6 +134,14 @@ impl fmt::Display for Busy {
             Busy::InsideSite { vcpu, rip, site } => {
                 write!(f, "vCPU {vcpu} at {rip:#x} is inside patched site {site}")
             }
+            Busy::ThreadResumesInside { thread, word, site } => write!(
+                f,
+                "{thread}, which no vCPU is running, has {word:#x}, inside {site}, on its stack: it would resume in the middle of the new bytes"
+            ),
+            Busy::ThreadInside { thread, word, code } => write!(
+                f,
+                "{thread}, which no vCPU is running, is inside {code} ({word:#x} on its stack)"
+            ),
             Busy::Slow {
                 elapsed_us,
                 limit_us,
@@ -231,15 +257,23 @@ impl<G: GuestControl> Engine<G> {
         let rechecked = started.elapsed();
         let mut moves: Vec<Move> = Vec::new();
         let mut stacks: Vec<Vec<u64>> = Vec::with_capacity(vcpus.len());
+        // Every stack pointer a parked vCPU runs on or will go back to: the listed threads'
+        // stacks are scanned from the lowest of them that is on each.
+        let mut live_sps: Vec<u64> = Vec::new();
         for v in &vcpus {
-            let words = self.stack_words(v);
+            let (words, sps) = self.stack_words(v);
             match in_the_way(change, v, &words) {
                 Ok(Some(to)) => moves.push((v.id, v.rip, to)),
                 Ok(None) => {}
                 Err(busy) => return Ok(Attempt::Busy(busy)),
             }
             stacks.push(words);
+            live_sps.extend(sps);
         }
+        let threads = match self.check_threads(change, &first, &live_sps, started)? {
+            Threads::Clear(n) => n,
+            Threads::Busy(busy) => return Ok(Attempt::Busy(busy)),
+        };
         let elapsed = started.elapsed();
         if elapsed > self.config.max_check {
             return Ok(Attempt::Busy(Busy::Slow {
@@ -255,6 +289,7 @@ impl<G: GuestControl> Engine<G> {
                 recheck_ns: ns(rechecked),
                 scan_ns: ns(elapsed.saturating_sub(rechecked)),
                 write_ns: ns(written.saturating_sub(elapsed)),
+                threads,
             },
             moved: moves.len() as u32,
             parked: ParkedView {
@@ -306,7 +341,9 @@ impl<G: GuestControl> Engine<G> {
             .write
             .iter()
             .any(|p| p.plan.analysis.displaced.len() > 1);
-        if let Some(why) = covers_boundaries
+        // With the threads listed, their scan sees a preempted task's RIP instead
+        // (`check_threads`).
+        if let Some(why) = (covers_boundaries && !self.threads_listed())
             .then(|| self.preempts_anywhere(&first.paging))
             .flatten()
         {
@@ -414,10 +451,12 @@ impl<G: GuestControl> Engine<G> {
 
     /// Up to `config.stack_scan` bytes (never more than [`MAX_STACK_SCAN`]) from the top of a
     /// parked vCPU's stack, as words: the return addresses (and interrupted contexts) it may
-    /// come back to. RSP is guest-controlled: all arithmetic is checked, and the scan ends at
-    /// the top of the address space or the first unmapped page.
-    pub(crate) fn stack_words(&self, v: &VcpuState) -> Vec<u64> {
+    /// come back to; with the stack pointers they were read from (its RSP first). RSP is
+    /// guest-controlled: all arithmetic is checked, and the scan ends at the top of the
+    /// address space or the first unmapped page.
+    pub(crate) fn stack_words(&self, v: &VcpuState) -> (Vec<u64>, Vec<u64>) {
         let mut words = Vec::with_capacity(self.config.stack_scan.min(MAX_STACK_SCAN) / 8);
+        let mut sps = vec![v.rsp];
         self.scan_stack(v, v.rsp, &mut words);
         // The stacks of the contexts the vCPU interrupted, if the OS layer knows they are others.
         let read = |gva: u64, len: usize| self.guest.read_virtual(v, gva, len).ok();
@@ -429,17 +468,25 @@ impl<G: GuestControl> Engine<G> {
             .take(crate::rewrites::MAX_INTERRUPTED_STACKS)
         {
             self.scan_stack(v, rsp, &mut words);
+            sps.push(rsp);
         }
-        words
+        (words, sps)
     }
 
     /// Appends the `stack_scan` bytes above `rsp` to `words`, as far as they are mapped.
     fn scan_stack(&self, v: &VcpuState, rsp: u64, words: &mut Vec<u64>) {
-        // In 128 bits the top of the address space is an ordinary bound: nothing can wrap.
-        const TOP: u128 = 1 << 64;
         let scan = self.config.stack_scan.min(MAX_STACK_SCAN);
-        let mut at = u128::from(rsp & !7);
-        let end = (at + scan as u128).min(TOP);
+        let from = rsp & !7;
+        self.scan_words(v, from, u128::from(from) + scan as u128, words);
+    }
+
+    /// Appends the words of `[from, end)` to `words`, read through `v`'s page tables, up to
+    /// the first unmapped page. In 128 bits the top of the address space is an ordinary
+    /// bound: nothing can wrap.
+    fn scan_words(&self, v: &VcpuState, from: u64, end: u128, words: &mut Vec<u64>) {
+        const TOP: u128 = 1 << 64;
+        let mut at = u128::from(from);
+        let end = end.min(TOP);
         let mut page = [0u8; 4096];
         while at < end {
             let page_end = ((at | 0xfff) + 1).min(end);
@@ -460,13 +507,105 @@ impl<G: GuestControl> Engine<G> {
             at = page_end;
         }
     }
+
+    /// Whether the OS's threads are listed in each blackout.
+    pub(crate) fn threads_listed(&self) -> bool {
+        self.config.list_threads && self.rewrites.lists_threads()
+    }
+
+    /// The OS's threads off the vCPUs, when they are listed: each one's stack is scanned
+    /// against the ranges about to change, as a vCPU's is. When the list cannot be read, a
+    /// change that relies on it (a multi-function patch, or jumps over several instructions
+    /// in a kernel that preempts anywhere) is refused; any other goes ahead on the vCPUs'
+    /// checks, which are all it ever needed.
+    fn check_threads(
+        &self,
+        change: &Change<'_>,
+        first: &VcpuState,
+        live_sps: &[u64],
+        started: Instant,
+    ) -> Result<Threads, EngineError> {
+        if !self.threads_listed() {
+            return Ok(Threads::Clear(0));
+        }
+        let read = |gva: u64, len: usize| self.guest.read_virtual(first, gva, len).ok();
+        let listed = match self.rewrites.threads(crate::rewrites::GuestMemory(&read)) {
+            Ok(listed) => listed,
+            Err(why) => {
+                let preempts = change
+                    .write
+                    .iter()
+                    .any(|p| p.plan.analysis.displaced.len() > 1)
+                    .then(|| self.preempts_anywhere(&first.paging))
+                    .flatten();
+                let needs = if !change.quiesce.is_empty() {
+                    Some("the change switches several functions at once, which must wait for every task asleep in one of them".to_string())
+                } else {
+                    preempts.map(|p| format!("{p}, so a jump over several instructions must know where every preempted task resumes"))
+                };
+                return match needs {
+                    Some(needs) => Err(EngineError::ThreadsUnlisted { why, needs }),
+                    None => {
+                        tracing::warn!(%why, "the guest's threads could not be listed; this change does not need them");
+                        Ok(Threads::Clear(0))
+                    }
+                };
+            }
+        };
+        let mut words = Vec::new();
+        for (n, t) in listed.iter().enumerate() {
+            // Guest-given lists can be long: the same time cap as the rest of the checks.
+            if n % 64 == 63 && started.elapsed() > self.config.max_check {
+                return Ok(Threads::Busy(Busy::Slow {
+                    elapsed_us: started.elapsed().as_micros() as u64,
+                    limit_us: self.config.max_check.as_micros() as u64,
+                }));
+            }
+            let Some((from, to)) = t.scan_range(live_sps) else {
+                continue;
+            };
+            words.clear();
+            self.scan_words(first, from, u128::from(to), &mut words);
+            match word_in_the_way(change, &words) {
+                Some(Hit::Interior { word, site }) => {
+                    return Ok(Threads::Busy(Busy::ThreadResumesInside {
+                        thread: t.name.clone(),
+                        word,
+                        site: site.to_string(),
+                    }));
+                }
+                Some(Hit::Quiescent { word, code }) => {
+                    return Ok(Threads::Busy(Busy::ThreadInside {
+                        thread: t.name.clone(),
+                        word,
+                        code: code.to_string(),
+                    }));
+                }
+                None => {}
+            }
+        }
+        Ok(Threads::Clear(listed.len() as u32))
+    }
 }
 
-/// Whether `v` is in the way of `change`: `Ok(Some(rip))` when it must be moved to `rip`,
-/// `Ok(None)` when it may stay, `Err` when it blocks this attempt.
-fn in_the_way(change: &Change<'_>, v: &VcpuState, words: &[u64]) -> Result<Option<u64>, Busy> {
-    // Interiors of every range about to change: a return address there would resume in the
-    // middle of new bytes.
+/// What the scan of the OS's listed threads found.
+enum Threads {
+    /// None in the way; this many scanned.
+    Clear(u32),
+    Busy(Busy),
+}
+
+/// A stack word in the way of a change.
+enum Hit<'c> {
+    /// Inside the interior of a range about to change: a return or resume would land in the
+    /// middle of new bytes.
+    Interior { word: u64, site: &'c str },
+    /// Inside code that must be quiescent.
+    Quiescent { word: u64, code: &'c str },
+}
+
+/// The first word of `words` in the way of `change`, interiors first.
+fn word_in_the_way<'c>(change: &'c Change<'_>, words: &[u64]) -> Option<Hit<'c>> {
     let interiors = change
         .write
         .iter()
@@ -480,14 +619,28 @@ fn in_the_way(change: &Change<'_>, v: &VcpuState, words: &[u64]) -> Result<Optio
                 (a, b, s.location.as_str())
             })
         }));
-    for (a, b, loc) in interiors {
-        if let Some(&w) = words.iter().find(|&&w| w > a && w < b) {
-            return Err(Busy::ReturnsInside {
-                vcpu: v.id,
-                word: w,
-                site: loc.to_string(),
-            });
+    for (a, b, site) in interiors {
+        if let Some(&word) = words.iter().find(|&&w| w > a && w < b) {
+            return Some(Hit::Interior { word, site });
         }
+    }
+    words.iter().find_map(|&w| {
+        change
+            .quiesce_hit(w)
+            .map(|code| Hit::Quiescent { word: w, code })
+    })
+}
+
+/// Whether `v` is in the way of `change`: `Ok(Some(rip))` when it must be moved to `rip`,
+/// `Ok(None)` when it may stay, `Err` when it blocks this attempt.
+fn in_the_way(change: &Change<'_>, v: &VcpuState, words: &[u64]) -> Result<Option<u64>, Busy> {
+    let hit = word_in_the_way(change, words);
+    if let Some(Hit::Interior { word, site }) = hit {
+        return Err(Busy::ReturnsInside {
+            vcpu: v.id,
+            word,
+            site: site.to_string(),
+        });
     }
     if let Some(name) = change.quiesce_hit(v.rip) {
         return Err(Busy::Running {
@@ -496,14 +649,11 @@ fn in_the_way(change: &Change<'_>, v: &VcpuState, words: &[u64]) -> Result<Optio
             code: name.to_string(),
         });
     }
-    if let Some((w, name)) = words
-        .iter()
-        .find_map(|&w| change.quiesce_hit(w).map(|n| (w, n)))
-    {
+    if let Some(Hit::Quiescent { word, code }) = hit {
         return Err(Busy::WillReturnInto {
             vcpu: v.id,
-            word: w,
-            code: name.to_string(),
+            word,
+            code: code.to_string(),
         });
     }
     let mut rip = v.rip;

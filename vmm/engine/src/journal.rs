@@ -117,6 +117,10 @@ pub struct PatchRecord {
     /// a guest only when it runs the same build. Absent in records of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// How many threads of the OS off the vCPUs (Linux tasks) the apply's blackout checked,
+    /// when the backend lists them (`EngineConfig::list_threads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads_checked: Option<u32>,
     /// Why it failed, or what recovery did; shown to the operator.
     pub note: Option<String>,
 }
@@ -899,6 +903,7 @@ mod tests {
             apply_blackout_us: Some(42),
             revert_blackout_us: None,
             moved_vcpus: 1,
+            threads_checked: None,
             note: Some("line\nbreak and \"quotes\" — ünïcode".into()),
         }
     }

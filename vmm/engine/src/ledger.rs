@@ -338,6 +338,7 @@ fn ledger_record(
         moved_vcpus: 0,
         function_sites: 0,
         target,
+        threads_checked: None,
         note: Some(note),
     }
 }

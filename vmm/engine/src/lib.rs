@@ -94,9 +94,13 @@ pub enum EngineError {
         quarantined: u64,
     },
     #[error(
-        "busy: after {attempts} attempts a vCPU was still where the patch cannot be written safely ({why}); the guest is unchanged, try again"
+        "busy: after {attempts} attempts a vCPU or a guest thread was still where the patch cannot be written safely ({why}); the guest is unchanged, try again"
     )]
     Busy { attempts: u32, why: String },
+    #[error(
+        "the guest's threads could not be listed ({why}), and {needs}: nothing was written; retry, or if it persists the kernel's task list is not where its type information says"
+    )]
+    ThreadsUnlisted { why: String, needs: String },
     #[error(
         "the guest changed the patched code while the patch was being prepared ({site}); nothing was written, try again"
     )]
@@ -213,6 +217,13 @@ pub struct EngineConfig {
     /// into other code. The Linux layer sets it; the arena (2 MiB there) then holds them until
     /// the guest restarts. None by default.
     pub hidden_threads: threads::HiddenThreads,
+    /// Ask the OS layer for its threads in every blackout and scan their stacks
+    /// ([`threads::ThreadStack`]): what makes a multi-function patch wait for a task asleep
+    /// in one of its old functions, and lets a jump displace several instructions in a kernel
+    /// that preempts anywhere (a preempted task's RIP is on its stack). For backends that read
+    /// guest memory directly (this VMM): through QEMU's gdbstub the walk would not fit the
+    /// blackout bound. Off by default.
+    pub list_threads: bool,
 }
 
 impl Default for EngineConfig {
@@ -225,6 +236,7 @@ impl Default for EngineConfig {
             max_check: MAX_CHECK_TIME,
             far_jumps: false,
             hidden_threads: threads::HiddenThreads::None,
+            list_threads: false,
         }
     }
 }

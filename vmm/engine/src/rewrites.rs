@@ -6,6 +6,7 @@
 use crate::Engine;
 use crate::plan::PlanError;
 use crate::target::Target;
+use crate::threads::ThreadStack;
 use guest_control::VcpuState;
 use guest_control::paging::PagingRegs;
 
@@ -99,6 +100,22 @@ pub trait TextRewrites: Send + Sync {
     /// reads through the vCPU's own page tables. None by default.
     fn interrupted_stacks(&self, _vcpu: &VcpuState, _memory: GuestMemory<'_>) -> Vec<u64> {
         Vec::new()
+    }
+
+    /// Whether [`TextRewrites::threads`] can list the OS's threads (the OS layer knows where
+    /// its scheduler keeps them). False by default.
+    fn lists_threads(&self) -> bool {
+        false
+    }
+
+    /// Every thread the OS keeps off the vCPUs, each with its stack, read with the guest
+    /// parked through `memory` (the kernel's address space): the engine scans each stack as
+    /// it scans a vCPU's, so a task asleep or preempted inside a range being changed holds the
+    /// write back. An error says why the list could not be read; the engine then refuses what
+    /// needed it. Called only when [`TextRewrites::lists_threads`] and
+    /// `EngineConfig::list_threads` are both true.
+    fn threads(&self, _memory: GuestMemory<'_>) -> Result<Vec<ThreadStack>, String> {
+        Ok(Vec::new())
     }
 }
 

@@ -767,14 +767,14 @@ fn a_hostile_stack_pointer_cannot_make_the_scan_wrap_or_grow() {
     let mut e = engine(&g, None);
     e.config.stack_scan = usize::MAX;
     let vcpu = g.vcpus.lock().unwrap()[0];
-    let words = e.stack_words(&vcpu);
+    let (words, _) = e.stack_words(&vcpu);
     assert_eq!(words.len(), 1, "scanned past the top of the address space");
     // A huge configured scan is capped.
     let vcpu = VcpuState {
         rsp: 0x8000,
         ..vcpu
     };
-    assert_eq!(e.stack_words(&vcpu).len(), MAX_STACK_SCAN / 8);
+    assert_eq!(e.stack_words(&vcpu).0.len(), MAX_STACK_SCAN / 8);
     assert!(e.apply(&signed(&fix_f())).is_ok());
 }
 

@@ -80,3 +80,45 @@ impl<G: GuestControl> Engine<G> {
         }
     }
 }
+
+/// A thread the OS keeps off the vCPUs (asleep, preempted, or about to run), listed by the OS
+/// layer in each blackout ([`crate::rewrites::TextRewrites::threads`]) when the backend reads
+/// guest memory fast enough (`EngineConfig::list_threads`). Everything it will return through,
+/// or resume at, is on its stack between `sp` and `top`: saved registers, return addresses, and
+/// for a preempted thread the interrupted RIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadStack {
+    /// For messages, e.g. "task 412 (sleep)".
+    pub name: String,
+    /// Its saved stack pointer (run-time virtual address).
+    pub sp: u64,
+    /// The lowest address of its stack.
+    pub base: u64,
+    /// One past the highest.
+    pub top: u64,
+}
+
+/// The most bytes of one listed thread's stack scanned, whatever the OS layer says its size
+/// is (a Linux kernel stack is 16 KiB, 32 KiB with KASAN).
+pub const MAX_THREAD_STACK: u64 = 64 << 10;
+
+impl ThreadStack {
+    /// The range to scan: from the lowest of its saved `sp` and the stack pointers in
+    /// `live` (parked vCPUs running it, contexts they interrupted) that lie on it, up to its
+    /// top, at most [`MAX_THREAD_STACK`]. A saved `sp` off the stack (never switched out, or
+    /// stale) makes the scan start at the base: more words, never fewer.
+    pub fn scan_range(&self, live: &[u64]) -> Option<(u64, u64)> {
+        if self.top <= self.base {
+            return None;
+        }
+        let on = |sp: u64| sp >= self.base && sp < self.top;
+        let saved = if on(self.sp) { self.sp } else { self.base };
+        let start = live
+            .iter()
+            .copied()
+            .filter(|&sp| on(sp))
+            .fold(saved, u64::min)
+            .max(self.top.saturating_sub(MAX_THREAD_STACK));
+        Some((start & !7, self.top))
+    }
+}

@@ -112,6 +112,10 @@ pub struct Attached {
     /// Each online CPU's interrupt and exception stacks, for the engine to find the context a
     /// handler interrupted. Empty when the kernel's layout is another.
     pub interrupt_stacks: crate::interrupt_stacks::InterruptStacks,
+    /// Where the kernel's task list starts and how its tasks are laid out, for the engine to
+    /// scan the stacks of tasks no vCPU runs (`crate::tasks`). `None` when the vmlinux has no
+    /// type information or the kernel no `init_task`.
+    pub tasks: Option<crate::tasks::KernelTasks>,
 }
 
 /// Runs `f` with the guest paused, on the kernel's view of its first live vCPU (`None` when
@@ -240,11 +244,21 @@ pub fn attach<G: GuestControl + ?Sized>(
             &image.kallsyms,
             slide.slide,
         );
+        let tasks = match crate::tasks::TaskLayout::from_vmlinux(&image.vmlinux) {
+            Ok(layout) => {
+                crate::tasks::KernelTasks::read(guest, &vcpu, &image.kallsyms, slide.slide, layout)
+            }
+            Err(e) => {
+                tracing::info!(why = %e, "the kernel's tasks will not be listed");
+                None
+            }
+        };
         tracing::info!(
             slide = format_args!("{:#x}", slide.slide),
             arena = format_args!("{:#x}", arena.gva),
             irq_stacks = interrupt_stacks.irq_tops.len(),
             exception_stacks = interrupt_stacks.ist_tops.len(),
+            idle_tasks = tasks.as_ref().map(|t| t.idle.len()),
             "attached to the Linux kernel"
         );
         Ok(Attached {
@@ -252,6 +266,7 @@ pub fn attach<G: GuestControl + ?Sized>(
             arena,
             smp_locks_live,
             interrupt_stacks,
+            tasks,
         })
     })
 }

@@ -31,6 +31,7 @@ use patch_engine::plan::{NOP5, PlanError};
 use std::sync::Arc;
 
 use crate::interrupt_stacks::InterruptStacks;
+use crate::tasks::KernelTasks;
 
 use patch_engine::rewrites::{LiveRewrite, SiteText, TextRewrites};
 use patch_engine::target::Target;
@@ -49,6 +50,8 @@ pub struct LinuxBootRewrites {
     pti: bool,
     /// The CPUs' interrupt and exception stacks ([`crate::interrupt_stacks`]).
     interrupt_stacks: InterruptStacks,
+    /// Where its tasks are ([`crate::tasks`]).
+    tasks: Option<KernelTasks>,
 }
 
 impl LinuxBootRewrites {
@@ -58,7 +61,15 @@ impl LinuxBootRewrites {
             smp_locks_live,
             pti: false,
             interrupt_stacks: InterruptStacks::default(),
+            tasks: None,
         }
+    }
+
+    /// With where the kernel's tasks are, read at attach: the engine can then scan the stack
+    /// of every task no vCPU runs (when its configuration asks for it).
+    pub fn with_tasks(mut self, tasks: Option<KernelTasks>) -> LinuxBootRewrites {
+        self.tasks = tasks;
+        self
     }
 
     /// With the CPUs' interrupt and exception stacks read at attach.
@@ -85,6 +96,20 @@ impl TextRewrites for LinuxBootRewrites {
         memory: patch_engine::rewrites::GuestMemory<'_>,
     ) -> Vec<u64> {
         self.interrupt_stacks.interrupted(vcpu, memory)
+    }
+
+    fn lists_threads(&self) -> bool {
+        self.tasks.is_some()
+    }
+
+    fn threads(
+        &self,
+        memory: patch_engine::rewrites::GuestMemory<'_>,
+    ) -> Result<Vec<patch_engine::threads::ThreadStack>, String> {
+        match &self.tasks {
+            Some(tasks) => tasks.stacks(memory),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn live_rewrite(&self, start: u64, end: u64, target: &Target) -> Option<LiveRewrite> {

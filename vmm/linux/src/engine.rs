@@ -76,7 +76,8 @@ pub fn engine_and_attachment<G: GuestControl>(
         Box::new(
             LinuxBootRewrites::new(image.text_sites.clone(), attached.smp_locks_live)
                 .with_pti(crate::address_space::has_pti(&image.kallsyms))
-                .with_interrupt_stacks(attached.interrupt_stacks.clone()),
+                .with_interrupt_stacks(attached.interrupt_stacks.clone())
+                .with_tasks(attached.tasks.clone()),
         ),
     )?;
     Ok((engine, attached))

@@ -44,6 +44,35 @@ const IST_FRAME: u64 = 6 * 8;
 const IST_FRAME_CS: u64 = 4 * 8;
 const IST_FRAME_RSP: u64 = 2 * 8;
 
+/// Where each possible CPU's per-CPU area starts (`__per_cpu_offset[cpu]` for the first
+/// `nr_cpu_ids`, at most [`MAX_CPUS`]): a per-CPU symbol's value is an offset from it. Empty
+/// when the kernel lacks the symbols or they cannot be read.
+pub fn per_cpu_bases<G: GuestControl + ?Sized>(
+    guest: &G,
+    vcpu: &VcpuState,
+    kallsyms: &Kallsyms,
+    slide: u64,
+) -> Vec<u64> {
+    let word = |gva: u64, len: usize| -> Option<u64> {
+        let b = guest.read_virtual(vcpu, gva, len).ok()?;
+        let mut w = [0u8; 8];
+        w[..len].copy_from_slice(b.get(..len)?);
+        Some(u64::from_le_bytes(w))
+    };
+    let (Some(nr), Some(offsets)) = (
+        kallsyms.lookup("nr_cpu_ids"),
+        kallsyms.lookup("__per_cpu_offset"),
+    ) else {
+        return Vec::new();
+    };
+    let Some(cpus) = word(nr.wrapping_add(slide), 4) else {
+        return Vec::new();
+    };
+    (0..u64::from((cpus as u32).min(MAX_CPUS)))
+        .filter_map(|cpu| word(offsets.wrapping_add(slide).wrapping_add(cpu * 8), 8))
+        .collect()
+}
+
 /// Each online CPU's interrupt and exception stacks, read at attach.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InterruptStacks {
@@ -71,18 +100,10 @@ impl InterruptStacks {
             w[..len].copy_from_slice(b.get(..len)?);
             Some(u64::from_le_bytes(w))
         };
-        let (Some(nr), Some(offsets)) = (
-            kallsyms.lookup("nr_cpu_ids"),
-            kallsyms.lookup("__per_cpu_offset"),
-        ) else {
+        let bases = per_cpu_bases(guest, vcpu, kallsyms, slide);
+        if bases.is_empty() {
             return InterruptStacks::default();
-        };
-        let Some(cpus) = word(nr.wrapping_add(slide), 4) else {
-            return InterruptStacks::default();
-        };
-        let bases: Vec<u64> = (0..u64::from((cpus as u32).min(MAX_CPUS)))
-            .filter_map(|cpu| word(offsets.wrapping_add(slide).wrapping_add(cpu * 8), 8))
-            .collect();
+        }
         // Per-CPU symbols are offsets into each CPU's area (type A), not addresses.
         let per_cpu = |name: &str| kallsyms.lookup_symbol(name).filter(|s| s.is_absolute());
         let irq_tops = per_cpu("hardirq_stack_ptr").map_or_else(Vec::new, |ptr| {

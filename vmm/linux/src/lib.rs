@@ -15,6 +15,7 @@ pub mod kallsyms;
 pub mod kaslr;
 pub mod patch;
 pub mod preemption;
+pub mod tasks;
 pub mod text_sites;
 
 pub use bzimage::{LinuxImageError, MAX_VMLINUX_SIZE, vmlinux_from_bzimage};

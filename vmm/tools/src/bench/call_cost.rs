@@ -552,6 +552,7 @@ mod tests {
             moved_vcpus: 0,
             function_sites: 1,
             target: None,
+            threads_checked: None,
             note: None,
         };
         let f = function();

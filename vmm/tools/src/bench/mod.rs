@@ -745,6 +745,7 @@ impl OpSamples {
                     recheck_ns: p50(|p| p.recheck_ns),
                     scan_ns: p50(|p| p.scan_ns),
                     write_ns: p50(|p| p.write_ns),
+                    threads: self.phases.iter().map(|p| p.threads).max().unwrap_or(0),
                 }
             },
             call_us: summarize(&self.call),

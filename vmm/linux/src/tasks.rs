@@ -1,0 +1,521 @@
+//! The kernel's tasks, listed from outside the guest, so that the engine can scan the stack of
+//! every task no vCPU is running (`patch_engine::rewrites::TextRewrites::threads`).
+//!
+//! A task asleep or preempted in kernel code keeps all it will come back to on its own kernel
+//! stack: return addresses, the registers its callees saved, and for a preempted task the
+//! interrupted RIP in `pt_regs`. A hypervisor sees none of it through the vCPUs
+//! (`docs/patch-engine.md`, "Threads the hypervisor cannot see"). The kernel's own structures
+//! say where it is: every thread group leader is on `init_task.tasks`, every thread on its
+//! group's `signal->thread_head` (through `thread_node`; both lists are RCU lists, so a
+//! forward walk is sound at any instant, which is what a pause catches), each task's stack
+//! starts at `task->stack`, and a task switched out saved its stack pointer in
+//! `task->thread.sp`. The CPUs' idle tasks are on no list: each runqueue's `idle`.
+//!
+//! The offsets come from the vmlinux's own type information (its `.BTF` section, which
+//! Debian's kernels carry), never from a table of kernel versions: a kernel whose layout
+//! cannot be read is simply not listed, and the engine keeps its vCPU-only checks.
+
+use std::collections::HashSet;
+
+use btf_rs::{Btf, Type};
+use guest_control::{GuestControl, VcpuState};
+use object::read::elf::{ElfFile64, SectionHeader};
+use object::{Endianness, Object, ObjectSection};
+use patch_engine::rewrites::GuestMemory;
+use patch_engine::threads::ThreadStack;
+use thiserror::Error;
+
+use crate::Kallsyms;
+
+/// `THREAD_SIZE` of x86-64: four pages (`THREAD_SIZE_ORDER` 2), twice that with KASAN.
+pub const THREAD_SIZE: u64 = 16 << 10;
+const THREAD_SIZE_KASAN: u64 = 32 << 10;
+
+/// At most this many tasks are listed in one walk, and at most twice as many list entries
+/// followed: the lists are the guest's, and a loop in one (or a forged one) must end the walk
+/// with an error, not hold the blackout.
+pub const MAX_TASKS: usize = 1 << 17;
+
+/// The lowest address of the kernel half of a 4- or 5-level address space: every task and
+/// stack pointer the walk follows must be at or above it.
+const KERNEL_HALF: u64 = 0xff00_0000_0000_0000;
+
+/// Why the task layout could not be read from the vmlinux.
+#[derive(Debug, Error)]
+pub enum TaskLayoutError {
+    #[error("the vmlinux has no .BTF section (a kernel built without CONFIG_DEBUG_INFO_BTF)")]
+    NoBtf,
+    #[error("the vmlinux's .BTF section cannot be read: {0}")]
+    Btf(String),
+    #[error("the vmlinux's type information has no {0}")]
+    Missing(String),
+}
+
+/// Where the fields the walk reads are, in bytes from the start of their structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// `task_struct.tasks` (the list of thread group leaders).
+    pub tasks: u64,
+    /// `task_struct.signal`.
+    pub signal: u64,
+    /// `task_struct.thread_node`, on `signal_struct.thread_head`.
+    pub thread_node: u64,
+    /// `signal_struct.thread_head`.
+    pub thread_head: u64,
+    /// `task_struct.stack`.
+    pub stack: u64,
+    /// `task_struct.thread.sp`.
+    pub sp: u64,
+    /// `task_struct.pid`.
+    pub pid: u64,
+    /// `task_struct.comm`.
+    pub comm: u64,
+    /// `rq.idle`, for the CPUs' idle tasks.
+    pub rq_idle: u64,
+}
+
+impl TaskLayout {
+    /// From the vmlinux's `.BTF`.
+    pub fn from_vmlinux(vmlinux: &[u8]) -> Result<TaskLayout, TaskLayoutError> {
+        let btf = Btf::from_bytes(btf_section(vmlinux)?)
+            .map_err(|e| TaskLayoutError::Btf(e.to_string()))?;
+        let at = |s: &str, path: &[&str]| offset_of(&btf, s, path);
+        Ok(TaskLayout {
+            tasks: at("task_struct", &["tasks"])?,
+            signal: at("task_struct", &["signal"])?,
+            thread_node: at("task_struct", &["thread_node"])?,
+            thread_head: at("signal_struct", &["thread_head"])?,
+            stack: at("task_struct", &["stack"])?,
+            sp: at("task_struct", &["thread", "sp"])?,
+            pid: at("task_struct", &["pid"])?,
+            comm: at("task_struct", &["comm"])?,
+            rq_idle: at("rq", &["idle"])?,
+        })
+    }
+}
+
+fn btf_section(vmlinux: &[u8]) -> Result<&[u8], TaskLayoutError> {
+    let elf = ElfFile64::<Endianness>::parse(vmlinux)
+        .map_err(|e| TaskLayoutError::Btf(format!("the vmlinux is not a 64-bit ELF: {e}")))?;
+    let section = elf.section_by_name(".BTF").ok_or(TaskLayoutError::NoBtf)?;
+    // A section with no file bytes (SHT_NOBITS) has nothing to parse.
+    if section.elf_section_header().sh_type(elf.endian()) == object::elf::SHT_NOBITS {
+        return Err(TaskLayoutError::NoBtf);
+    }
+    section
+        .data()
+        .map_err(|e| TaskLayoutError::Btf(e.to_string()))
+}
+
+/// The byte offset of `path` (member names, nested) in struct `name`, looking through
+/// anonymous structs and unions as C does.
+fn offset_of(btf: &Btf, name: &str, path: &[&str]) -> Result<u64, TaskLayoutError> {
+    let missing = || TaskLayoutError::Missing(format!("{name}.{}", path.join(".")));
+    let mut ty = btf
+        .resolve_types_by_name(name)
+        .map_err(|_| missing())?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(s) if s.size() > 0))
+        .ok_or_else(missing)?;
+    let mut bits = 0u64;
+    for member in path {
+        let (offset, next) = member_of(btf, &ty, member, 0).ok_or_else(missing)?;
+        bits += offset;
+        ty = next;
+    }
+    if bits % 8 != 0 {
+        return Err(missing());
+    }
+    Ok(bits / 8)
+}
+
+/// Member `name` of struct or union `ty` (through anonymous members, at most a few deep):
+/// its bit offset and its type with typedefs and qualifiers taken off.
+fn member_of(btf: &Btf, ty: &Type, name: &str, depth: u32) -> Option<(u64, Type)> {
+    let (Type::Struct(s) | Type::Union(s)) = ty else {
+        return None;
+    };
+    if depth > 4 {
+        return None;
+    }
+    for m in &s.members {
+        let member_name = btf.resolve_name(m).unwrap_or_default();
+        let member_ty = bare(btf, btf.resolve_chained_type(m).ok()?)?;
+        if member_name == name {
+            return Some((u64::from(m.bit_offset()), member_ty));
+        }
+        if member_name.is_empty() {
+            if let Some((inner, t)) = member_of(btf, &member_ty, name, depth + 1) {
+                return Some((u64::from(m.bit_offset()) + inner, t));
+            }
+        }
+    }
+    None
+}
+
+/// `ty` without typedefs, `const`, `volatile` and the like.
+fn bare(btf: &Btf, mut ty: Type) -> Option<Type> {
+    for _ in 0..16 {
+        ty = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t).ok()?,
+            Type::Const(t) => btf.resolve_chained_type(t).ok()?,
+            Type::Volatile(t) => btf.resolve_chained_type(t).ok()?,
+            Type::Restrict(t) => btf.resolve_chained_type(t).ok()?,
+            Type::TypeTag(t) => btf.resolve_chained_type(t).ok()?,
+            _ => return Some(ty),
+        };
+    }
+    None
+}
+
+/// A running kernel's tasks: where the walk starts, read once at attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelTasks {
+    pub layout: TaskLayout,
+    /// `init_task` at its run-time address: CPU 0's idle task, the head of the task list.
+    pub init_task: u64,
+    /// The other CPUs' idle tasks (run-time addresses).
+    pub idle: Vec<u64>,
+    /// Each task's stack size.
+    pub stack_size: u64,
+}
+
+impl KernelTasks {
+    /// Reads where the walk starts through `vcpu`'s kernel view, with run-time addresses
+    /// `slide` past the link-time ones; `None` when the kernel lacks `init_task` (a kernel
+    /// whose tasks are not listed). The idle tasks come from each possible CPU's runqueue
+    /// (`runqueues` through `__per_cpu_offset`), which the kernel sets up before it runs user
+    /// space and keeps.
+    pub fn read<G: GuestControl + ?Sized>(
+        guest: &G,
+        vcpu: &VcpuState,
+        kallsyms: &Kallsyms,
+        slide: u64,
+        layout: TaskLayout,
+    ) -> Option<KernelTasks> {
+        let init_task = kallsyms.lookup("init_task")?.wrapping_add(slide);
+        let word = |gva: u64| -> Option<u64> {
+            let b = guest.read_virtual(vcpu, gva, 8).ok()?;
+            Some(u64::from_le_bytes(b.try_into().ok()?))
+        };
+        let idle = match kallsyms
+            .lookup_symbol("runqueues")
+            .filter(|s| s.is_absolute())
+        {
+            Some(rq) => crate::interrupt_stacks::per_cpu_bases(guest, vcpu, kallsyms, slide)
+                .into_iter()
+                .filter_map(|base| word(base.wrapping_add(rq.address + layout.rq_idle)))
+                .filter(|&t| t != 0 && t != init_task)
+                .collect(),
+            None => Vec::new(),
+        };
+        let stack_size = if kallsyms.lookup("kasan_init").is_some() {
+            THREAD_SIZE_KASAN
+        } else {
+            THREAD_SIZE
+        };
+        Some(KernelTasks {
+            layout,
+            init_task,
+            idle,
+            stack_size,
+        })
+    }
+
+    /// Every task's stack, read through `memory` with the guest parked: `init_task` and the
+    /// idle tasks, then every thread of every thread group. A task without a stack (it has
+    /// exited and freed it) is left out. An error names what could not be read or did not
+    /// look like a task list.
+    pub fn stacks(&self, memory: GuestMemory<'_>) -> Result<Vec<ThreadStack>, String> {
+        let l = &self.layout;
+        let word = |gva: u64, what: &str| -> Result<u64, String> {
+            memory
+                .read(gva, 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .ok_or_else(|| format!("{what} at {gva:#x} cannot be read"))
+        };
+        let pointer = |gva: u64, what: &str| -> Result<u64, String> {
+            let p = word(gva, what)?;
+            if p < KERNEL_HALF || p % 8 != 0 {
+                return Err(format!(
+                    "{what} at {gva:#x} holds {p:#x}, not a kernel pointer"
+                ));
+            }
+            Ok(p)
+        };
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut out: Vec<ThreadStack> = Vec::new();
+        let mut visit = |task: u64, out: &mut Vec<ThreadStack>| -> Result<(), String> {
+            if !seen.insert(task) {
+                return Ok(());
+            }
+            if seen.len() > MAX_TASKS {
+                return Err(format!(
+                    "more than {MAX_TASKS} tasks: the task list loops or is not one"
+                ));
+            }
+            let base = word(task + l.stack, "a task's stack pointer")?;
+            if base == 0 {
+                return Ok(());
+            }
+            if base < KERNEL_HALF || base % 8 != 0 {
+                return Err(format!(
+                    "task {task:#x} has its stack at {base:#x}, not a kernel address"
+                ));
+            }
+            let sp = word(task + l.sp, "a task's saved stack pointer")?;
+            let pid = memory
+                .read(task + l.pid, 4)
+                .and_then(|b| b.try_into().ok())
+                .map(i32::from_le_bytes);
+            let comm = memory
+                .read(task + l.comm, 16)
+                .map(|b| {
+                    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+                    String::from_utf8_lossy(&b[..end]).into_owned()
+                })
+                .unwrap_or_default();
+            out.push(ThreadStack {
+                name: match pid {
+                    Some(pid) => format!("task {pid} ({comm})"),
+                    None => format!("task at {task:#x}"),
+                },
+                sp,
+                base,
+                top: base.saturating_add(self.stack_size),
+            });
+            Ok(())
+        };
+        visit(self.init_task, &mut out)?;
+        for &idle in &self.idle {
+            visit(idle, &mut out)?;
+        }
+        // Every thread group leader, and each one's threads.
+        let mut steps = 0usize;
+        let mut step = |at: u64, what: &str| -> Result<u64, String> {
+            steps += 1;
+            if steps > 2 * MAX_TASKS {
+                return Err(format!(
+                    "more than {} list entries followed: the task list loops or is not one",
+                    2 * MAX_TASKS
+                ));
+            }
+            pointer(at, what)
+        };
+        let head = self.init_task + l.tasks;
+        let mut node = step(head, "init_task.tasks.next")?;
+        while node != head {
+            let leader = node.wrapping_sub(l.tasks);
+            visit(leader, &mut out)?;
+            let signal = word(leader + l.signal, "a task's signal_struct pointer")?;
+            if signal != 0 {
+                let threads = signal.wrapping_add(l.thread_head);
+                let mut t = step(threads, "a thread group's thread list")?;
+                while t != threads {
+                    visit(t.wrapping_sub(l.thread_node), &mut out)?;
+                    t = step(t, "a thread list entry")?;
+                }
+            }
+            node = step(node, "a task list entry")?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// 6.1.0-57's offsets (read from its BTF), which the synthetic lists below are laid out in.
+    const LAYOUT: TaskLayout = TaskLayout {
+        tasks: 2192,
+        signal: 3072,
+        thread_node: 2608,
+        thread_head: 16,
+        stack: 32,
+        sp: 5376 + 24,
+        pid: 2416,
+        comm: 2976,
+        rq_idle: 2408,
+    };
+
+    /// Guest memory as a map of 8-byte words (unset words read as unreadable).
+    #[derive(Default)]
+    struct Words(HashMap<u64, u64>);
+
+    impl Words {
+        fn set(&mut self, at: u64, v: u64) {
+            self.0.insert(at, v);
+        }
+        fn read(&self, gva: u64, len: usize) -> Option<Vec<u8>> {
+            let mut out = Vec::new();
+            let mut at = gva & !7;
+            while (out.len() as u64) < len as u64 + (gva - (gva & !7)) {
+                out.extend_from_slice(&self.0.get(&at)?.to_le_bytes());
+                at += 8;
+            }
+            let skip = (gva - (gva & !7)) as usize;
+            Some(out[skip..skip + len].to_vec())
+        }
+    }
+
+    const INIT: u64 = 0xffff_ffff_8261_3940;
+    const SIGNAL_INIT: u64 = 0xffff_ffff_8260_0000;
+
+    /// A task at `t` with stack `stack`, saved sp `sp`, pid and comm.
+    fn task(m: &mut Words, t: u64, stack: u64, sp: u64, pid: u32, comm: &str, signal: u64) {
+        m.set(t + LAYOUT.stack, stack);
+        m.set(t + LAYOUT.sp, sp);
+        m.set(t + LAYOUT.pid, u64::from(pid));
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm.as_bytes());
+        m.set(
+            t + LAYOUT.comm,
+            u64::from_le_bytes(c[..8].try_into().unwrap()),
+        );
+        m.set(
+            t + LAYOUT.comm + 8,
+            u64::from_le_bytes(c[8..].try_into().unwrap()),
+        );
+        m.set(t + LAYOUT.signal, signal);
+    }
+
+    /// Circular list through the `off` field of each of `nodes`, headed at `head`.
+    fn link(m: &mut Words, head: u64, nodes: &[u64]) {
+        let mut prev = head;
+        for &n in nodes {
+            m.set(prev, n);
+            prev = n;
+        }
+        m.set(prev, head);
+    }
+
+    fn kernel_tasks() -> KernelTasks {
+        KernelTasks {
+            layout: LAYOUT,
+            init_task: INIT,
+            idle: vec![0xffff_8880_0100_0000],
+            stack_size: THREAD_SIZE,
+        }
+    }
+
+    /// init_task, one idle task, a process with two threads and a single-threaded one.
+    fn guest() -> Words {
+        let mut m = Words::default();
+        let (p1, p1b, p2) = (
+            0xffff_8880_0200_0000u64,
+            0xffff_8880_0200_4000u64,
+            0xffff_8880_0300_0000u64,
+        );
+        let (s1, s2) = (0xffff_8880_0400_0000u64, 0xffff_8880_0400_1000u64);
+        task(
+            &mut m,
+            INIT,
+            0xffff_ffff_8260_4000,
+            0xffff_ffff_8260_7e00,
+            0,
+            "swapper/0",
+            SIGNAL_INIT,
+        );
+        task(
+            &mut m,
+            0xffff_8880_0100_0000,
+            0xffff_c900_0001_0000,
+            0xffff_c900_0001_3e00,
+            0,
+            "swapper/1",
+            0,
+        );
+        task(
+            &mut m,
+            p1,
+            0xffff_c900_0002_0000,
+            0xffff_c900_0002_3d00,
+            1,
+            "init",
+            s1,
+        );
+        task(
+            &mut m,
+            p1b,
+            0xffff_c900_0003_0000,
+            0xffff_c900_0003_3c00,
+            7,
+            "worker",
+            s1,
+        );
+        task(&mut m, p2, 0, 0, 9, "zombie", s2);
+        link(
+            &mut m,
+            INIT + LAYOUT.tasks,
+            &[p1 + LAYOUT.tasks, p2 + LAYOUT.tasks],
+        );
+        link(
+            &mut m,
+            SIGNAL_INIT + LAYOUT.thread_head,
+            &[INIT + LAYOUT.thread_node],
+        );
+        link(
+            &mut m,
+            s1 + LAYOUT.thread_head,
+            &[p1 + LAYOUT.thread_node, p1b + LAYOUT.thread_node],
+        );
+        link(&mut m, s2 + LAYOUT.thread_head, &[p2 + LAYOUT.thread_node]);
+        m
+    }
+
+    #[test]
+    fn every_thread_of_every_group_and_the_idle_tasks_are_listed_once() {
+        let m = guest();
+        let read = |gva: u64, len: usize| m.read(gva, len);
+        let stacks = kernel_tasks().stacks(GuestMemory(&read)).unwrap();
+        let names: Vec<&str> = stacks.iter().map(|s| s.name.as_str()).collect();
+        // The zombie freed its stack: nothing of it can run again.
+        assert_eq!(
+            names,
+            [
+                "task 0 (swapper/0)",
+                "task 0 (swapper/1)",
+                "task 1 (init)",
+                "task 7 (worker)"
+            ]
+        );
+        let worker = &stacks[3];
+        assert_eq!(worker.base, 0xffff_c900_0003_0000);
+        assert_eq!(worker.top, 0xffff_c900_0003_4000);
+        assert_eq!(worker.sp, 0xffff_c900_0003_3c00);
+    }
+
+    #[test]
+    fn a_looping_or_broken_list_is_an_error_not_a_hang() {
+        // A group leader whose next points at itself: the walk ends at MAX_TASKS.
+        let mut m = guest();
+        let p1 = 0xffff_8880_0200_0000u64;
+        m.set(p1 + LAYOUT.tasks, p1 + LAYOUT.tasks);
+        let read = |gva: u64, len: usize| m.read(gva, len);
+        let e = kernel_tasks().stacks(GuestMemory(&read)).unwrap_err();
+        assert!(e.contains("loops"), "{e}");
+
+        // A next pointer into user space.
+        let mut m = guest();
+        m.set(p1 + LAYOUT.tasks, 0x1000);
+        let read = |gva: u64, len: usize| m.read(gva, len);
+        let e = kernel_tasks().stacks(GuestMemory(&read)).unwrap_err();
+        assert!(e.contains("not a kernel pointer"), "{e}");
+
+        // An unreadable task.
+        let mut m = guest();
+        m.0.remove(&(p1 + LAYOUT.stack));
+        let read = |gva: u64, len: usize| m.read(gva, len);
+        let e = kernel_tasks().stacks(GuestMemory(&read)).unwrap_err();
+        assert!(e.contains("cannot be read"), "{e}");
+    }
+
+    #[test]
+    fn a_vmlinux_without_btf_has_no_layout() {
+        let e = TaskLayout::from_vmlinux(b"not an elf").unwrap_err();
+        assert!(matches!(e, TaskLayoutError::Btf(_)), "{e}");
+    }
+}
