@@ -1710,3 +1710,166 @@ fn an_interrupted_context_on_another_stack_holds_the_write_back() {
     e.apply(&signed(&fix_f())).unwrap();
     assert_eq!(g.bytes(F_AT, 1), [0xe9]);
 }
+
+/// An OS that lists one thread off the vCPUs, its stack at `[0x9000, 0xa000)`, saved sp
+/// `0x9e00`; or an error when `fails`.
+struct Sleeper {
+    fails: bool,
+}
+
+const SLEEPER_SP: u64 = 0x9e00;
+
+impl rewrites::TextRewrites for Sleeper {
+    fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
+        Ok(t.expected.to_vec())
+    }
+    fn lists_threads(&self) -> bool {
+        true
+    }
+    fn threads(
+        &self,
+        memory: rewrites::GuestMemory<'_>,
+    ) -> Result<Vec<crate::threads::ThreadStack>, String> {
+        if self.fails {
+            return Err("a task list entry at 0x9000 cannot be read".into());
+        }
+        // Read through the kernel's view, like the Linux walk.
+        memory.read(0x9000, 8).ok_or("unreadable")?;
+        Ok(vec![crate::threads::ThreadStack {
+            name: "task 42 (sleeper)".into(),
+            sp: SLEEPER_SP,
+            base: 0x9000,
+            top: 0xa000,
+        }])
+    }
+}
+
+fn listing(config: EngineConfig, fails: bool, g: &Arc<Fake>) -> Engine<Fake> {
+    let config = EngineConfig {
+        trusted_keys: vec![key().public()],
+        max_attempts: 3,
+        list_threads: true,
+        ..config
+    };
+    Engine::new(
+        Arc::clone(g),
+        target(),
+        ARENA,
+        config,
+        None,
+        Box::new(Sleeper { fails }),
+    )
+    .unwrap()
+}
+
+fn both_functions() -> Patch {
+    patch(
+        "fix-both",
+        vec![function_site("f", &F, &G), function_site("g", &G, &F)],
+        Vec::new(),
+    )
+}
+
+#[test]
+fn a_task_asleep_in_an_old_function_holds_a_multi_function_patch_back() {
+    // The sleeper's stack holds a return address into old f, past its entry, 0x100 above its
+    // saved sp (out of reach of every vCPU's scan).
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(SLEEPER_SP + 0x100, &(F_AT + 11).to_le_bytes())
+        .unwrap();
+    let mut e = listing(scheduled(Preemption::Voluntary), false, &g);
+    let before = code_and_arena(&g);
+    let err = e.apply(&signed(&both_functions())).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Busy { attempts: 3, .. })
+            && err.to_string().contains("task 42 (sleeper)")
+            && err.to_string().contains("inside old f"),
+        "{err}"
+    );
+    assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+    // A word below its saved sp is dead stack, not something it returns through.
+    g.write_phys(SLEEPER_SP + 0x100, &0u64.to_le_bytes())
+        .unwrap();
+    g.write_phys(SLEEPER_SP - 0x10, &(F_AT + 11).to_le_bytes())
+        .unwrap();
+    let out = e.apply(&signed(&both_functions())).unwrap();
+    assert_eq!(out.patch.threads_checked, Some(1));
+    assert_eq!(e.last_phases().unwrap().threads, 1);
+    assert_eq!(g.bytes(F_AT, 1), [0xe9]);
+}
+
+#[test]
+fn without_listing_a_sleeper_is_not_seen() {
+    // The same sleeper, with `list_threads` off (the QEMU backend): the multi-function patch
+    // goes in, which is the documented gap the listing closes.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(SLEEPER_SP + 0x100, &(F_AT + 11).to_le_bytes())
+        .unwrap();
+    let mut e = Engine::new(
+        Arc::clone(&g),
+        target(),
+        ARENA,
+        EngineConfig {
+            trusted_keys: vec![key().public()],
+            ..scheduled(Preemption::Voluntary)
+        },
+        None,
+        Box::new(Sleeper { fails: false }),
+    )
+    .unwrap();
+    let out = e.apply(&signed(&both_functions())).unwrap();
+    assert_eq!(out.patch.threads_checked, None);
+}
+
+#[test]
+fn a_preempted_task_is_seen_so_a_preempting_kernel_keeps_jumps_over_several_instructions() {
+    // Under full preemption, with the tasks listed, f's jump over three instructions is
+    // planned; a task preempted at f+4 (its RIP in pt_regs on its stack) holds it back.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(SLEEPER_SP + 0x98, &(F_AT + 4).to_le_bytes())
+        .unwrap();
+    let mut e = listing(scheduled(Preemption::Full), false, &g);
+    let before = code_and_arena(&g);
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Busy { .. })
+            && err.to_string().contains("task 42 (sleeper)")
+            && err.to_string().contains("resume in the middle"),
+        "{err}"
+    );
+    assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+    // It ran on: the patch goes in, three instructions displaced.
+    g.write_phys(SLEEPER_SP + 0x98, &0u64.to_le_bytes())
+        .unwrap();
+    let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
+    assert_eq!(g.bytes(F_AT, 1), [0xe9]);
+    e.revert(&id).unwrap();
+    assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+#[test]
+fn a_task_list_that_cannot_be_read_refuses_only_what_needs_it() {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let refused = |e: &mut Engine<Fake>, p: &Patch| {
+        let before = code_and_arena(&g);
+        let err = e.apply(&signed(p)).unwrap_err();
+        assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+        assert!(
+            matches!(&err, EngineError::ThreadsUnlisted { why, .. } if why.contains("cannot be read")),
+            "{err}"
+        );
+        err.to_string()
+    };
+    // A multi-function patch must know where every task sleeps.
+    let mut e = listing(scheduled(Preemption::Voluntary), true, &g);
+    let why = refused(&mut e, &both_functions());
+    assert!(why.contains("several functions"), "{why}");
+    // Under full preemption a jump over several instructions must know where they resume.
+    let mut e = listing(scheduled(Preemption::Full), true, &g);
+    let why = refused(&mut e, &fix_f());
+    assert!(why.contains("full preemption"), "{why}");
+    // A single function under voluntary preemption never needed the list.
+    let mut e = listing(scheduled(Preemption::Voluntary), true, &g);
+    let out = e.apply(&signed(&fix_f())).unwrap();
+    assert_eq!(out.patch.threads_checked, Some(0));
+}

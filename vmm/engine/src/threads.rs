@@ -122,3 +122,45 @@ impl ThreadStack {
         Some((start & !7, self.top))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(sp: u64) -> ThreadStack {
+        ThreadStack {
+            name: "t".into(),
+            sp,
+            base: 0x1_0000,
+            top: 0x1_4000,
+        }
+    }
+
+    #[test]
+    fn the_scan_starts_at_the_lowest_stack_pointer_on_the_stack() {
+        // Its saved sp.
+        assert_eq!(stack(0x1_3e08).scan_range(&[]), Some((0x1_3e08, 0x1_4000)));
+        // A vCPU running it deeper than its saved (stale) sp; pointers elsewhere ignored.
+        assert_eq!(
+            stack(0x1_3e08).scan_range(&[0x1_2003, 0x9_0000, 0x1_4000]),
+            Some((0x1_2000, 0x1_4000))
+        );
+        // A saved sp off the stack: the whole stack.
+        assert_eq!(stack(0x5).scan_range(&[]), Some((0x1_0000, 0x1_4000)));
+        // An empty or inverted stack: nothing.
+        let mut s = stack(0x1_3000);
+        s.top = s.base;
+        assert_eq!(s.scan_range(&[]), None);
+        // A huge one: at most MAX_THREAD_STACK below its top.
+        let huge = ThreadStack {
+            name: "t".into(),
+            sp: 0x10,
+            base: 0,
+            top: 1 << 30,
+        };
+        assert_eq!(
+            huge.scan_range(&[]),
+            Some(((1 << 30) - MAX_THREAD_STACK, 1 << 30))
+        );
+    }
+}
