@@ -123,7 +123,7 @@ fn offset_of(btf: &Btf, name: &str, path: &[&str]) -> Result<u64, TaskLayoutErro
         bits += offset;
         ty = next;
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(missing());
     }
     Ok(bits / 8)
@@ -144,10 +144,10 @@ fn member_of(btf: &Btf, ty: &Type, name: &str, depth: u32) -> Option<(u64, Type)
         if member_name == name {
             return Some((u64::from(m.bit_offset()), member_ty));
         }
-        if member_name.is_empty() {
-            if let Some((inner, t)) = member_of(btf, &member_ty, name, depth + 1) {
-                return Some((u64::from(m.bit_offset()) + inner, t));
-            }
+        if member_name.is_empty()
+            && let Some((inner, t)) = member_of(btf, &member_ty, name, depth + 1)
+        {
+            return Some((u64::from(m.bit_offset()) + inner, t));
         }
     }
     None
