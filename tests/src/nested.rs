@@ -87,6 +87,10 @@ pub fn run_with_real_kvm(job: &NestedJob, opts: &L1Options) -> NestedOutcome {
 /// Fails the test, printing the whole log, unless the job exited 0 with every result passed
 /// and each of `expected` reported.
 pub fn expect_passed(outcome: &NestedOutcome, expected: &[&str]) {
+    // What each step measured stays in the test's output, pass or fail.
+    for r in &outcome.results {
+        println!("  {} {} {}", r.name, r.status, r.detail);
+    }
     if let Err(why) = outcome.check(expected) {
         panic!(
             "nested job {} failed: {why}\n{}\n--- whole log ---\n{}",

@@ -566,6 +566,9 @@ fn apply(a: ApplyArgs) -> Result<()> {
         p.moved_vcpus,
         v.total_us,
     );
+    if let Some(n) = p.threads_checked {
+        println!("  the stacks of {n} guest tasks no vCPU was running were checked");
+    }
     for r in &v.replaced {
         println!("  replaced {r}");
     }

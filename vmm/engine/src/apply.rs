@@ -665,7 +665,7 @@ impl<G: GuestControl> Engine<G> {
         record.applied_at = Some(now_secs());
         record.apply_blackout_us = Some(blackout_us);
         record.moved_vcpus = committed.moved;
-        record.threads_checked = self.threads_listed().then_some(committed.phases.threads);
+        record.threads_checked = committed.threads;
         self.put(record.clone())?;
         let replaced: Vec<String> = lifting.records.iter().map(|r| r.id.clone()).collect();
         for mut old in lifting.records {

@@ -57,6 +57,8 @@ pub(crate) struct Committed {
     pub(crate) phases: BlackoutPhases,
     pub(crate) attempts: u32,
     pub(crate) moved: u32,
+    /// The OS's threads scanned, when the change needed them listed.
+    pub(crate) threads: Option<u32>,
 }
 
 /// Where the engine's own blackout work goes (ns), for the benchmark: the re-check of the
@@ -67,8 +69,8 @@ pub struct BlackoutPhases {
     pub recheck_ns: u64,
     pub scan_ns: u64,
     pub write_ns: u64,
-    /// Threads of the OS off the vCPUs whose stacks the scan covered (0 when the OS layer
-    /// does not list them, or `EngineConfig::list_threads` is off).
+    /// Threads of the OS off the vCPUs whose stacks the scan covered (0 when they were not
+    /// listed: the backend does not, or the change could not be in a thread's way).
     #[serde(default)]
     pub threads: u32,
 }
@@ -159,6 +161,8 @@ enum Attempt {
         moved: u32,
         parked: ParkedView,
         phases: BlackoutPhases,
+        /// Threads of the OS listed and scanned, when the change needed them.
+        threads: Option<u32>,
     },
     Busy(Busy),
 }
@@ -195,6 +199,7 @@ impl<G: GuestControl> Engine<G> {
                     moved,
                     parked,
                     phases,
+                    threads,
                 } => {
                     let engine = parked_at.elapsed();
                     // Everything is written: a resume failure now must not make the caller
@@ -222,6 +227,7 @@ impl<G: GuestControl> Engine<G> {
                         phases,
                         attempts: attempt,
                         moved,
+                        threads,
                     });
                 }
                 Attempt::Busy(b) => why = Some(b),
@@ -271,7 +277,8 @@ impl<G: GuestControl> Engine<G> {
             live_sps.extend(sps);
         }
         let threads = match self.check_threads(change, &first, &live_sps, started)? {
-            Threads::Clear(n) => n,
+            Threads::NotNeeded => None,
+            Threads::Clear(n) => Some(n),
             Threads::Busy(busy) => return Ok(Attempt::Busy(busy)),
         };
         let elapsed = started.elapsed();
@@ -289,8 +296,9 @@ impl<G: GuestControl> Engine<G> {
                 recheck_ns: ns(rechecked),
                 scan_ns: ns(elapsed.saturating_sub(rechecked)),
                 write_ns: ns(written.saturating_sub(elapsed)),
-                threads,
+                threads: threads.unwrap_or(0),
             },
+            threads,
             moved: moves.len() as u32,
             parked: ParkedView {
                 rips: vcpus.iter().map(|v| v.rip).collect(),
@@ -525,8 +533,17 @@ impl<G: GuestControl> Engine<G> {
         live_sps: &[u64],
         started: Instant,
     ) -> Result<Threads, EngineError> {
-        if !self.threads_listed() {
-            return Ok(Threads::Clear(0));
+        // A thread resumes at an instruction boundary: after a call (which rule 7 keeps last
+        // in the displaced bytes) or, preempted, anywhere. Inside a single displaced
+        // instruction there is no boundary but its start, so only a change with a jump over
+        // several, or code that must be quiescent, needs the list.
+        let needed = !change.quiesce.is_empty()
+            || change
+                .write
+                .iter()
+                .any(|p| p.plan.analysis.displaced.len() > 1);
+        if !self.threads_listed() || !needed {
+            return Ok(Threads::NotNeeded);
         }
         let read = |gva: u64, len: usize| self.guest.read_virtual(first, gva, len).ok();
         let listed = match self.rewrites.threads(crate::rewrites::GuestMemory(&read)) {
@@ -547,7 +564,7 @@ impl<G: GuestControl> Engine<G> {
                     Some(needs) => Err(EngineError::ThreadsUnlisted { why, needs }),
                     None => {
                         tracing::warn!(%why, "the guest's threads could not be listed; this change does not need them");
-                        Ok(Threads::Clear(0))
+                        Ok(Threads::NotNeeded)
                     }
                 };
             }
@@ -590,6 +607,8 @@ impl<G: GuestControl> Engine<G> {
 
 /// What the scan of the OS's listed threads found.
 enum Threads {
+    /// Not listed: the backend does not, or the change cannot be in a thread's way.
+    NotNeeded,
     /// None in the way; this many scanned.
     Clear(u32),
     Busy(Busy),

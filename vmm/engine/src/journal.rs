@@ -118,7 +118,8 @@ pub struct PatchRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     /// How many threads of the OS off the vCPUs (Linux tasks) the apply's blackout checked,
-    /// when the backend lists them (`EngineConfig::list_threads`).
+    /// when the backend lists them (`EngineConfig::list_threads`) and the patch needed them:
+    /// it replaces several functions, or a jump displaces several instructions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_checked: Option<u32>,
     /// Why it failed, or what recovery did; shown to the operator.

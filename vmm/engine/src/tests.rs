@@ -1868,8 +1868,52 @@ fn a_task_list_that_cannot_be_read_refuses_only_what_needs_it() {
     let mut e = listing(scheduled(Preemption::Full), true, &g);
     let why = refused(&mut e, &fix_f());
     assert!(why.contains("full preemption"), "{why}");
-    // A single function under voluntary preemption never needed the list.
+    // A single function under voluntary preemption does not need the list: a sleeper returns
+    // past the displaced bytes (rule 7).
     let mut e = listing(scheduled(Preemption::Voluntary), true, &g);
     let out = e.apply(&signed(&fix_f())).unwrap();
-    assert_eq!(out.patch.threads_checked, Some(0));
+    assert_eq!(out.patch.threads_checked, None);
+}
+
+#[test]
+fn a_jump_over_one_instruction_lists_no_threads() {
+    // h's first instruction is 5 bytes long (mov eax, imm32): nothing can resume inside it, so
+    // the blackout does not walk the threads, even a list that would fail.
+    const H_AT: u64 = 0x1200;
+    const H: [u8; 6] = [0xb8, 0x01, 0x00, 0x00, 0x00, 0xc3];
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(H_AT, &H).unwrap();
+    let target = Target::new(
+        ImageInfo {
+            identity: identity(),
+            symbols: vec![ImageSymbol {
+                name: "h".into(),
+                addr: H_AT,
+                size: 6,
+                function: true,
+            }],
+        },
+        0,
+    );
+    let mut e = Engine::new(
+        Arc::clone(&g),
+        target,
+        ARENA,
+        EngineConfig {
+            trusted_keys: vec![key().public()],
+            list_threads: true,
+            ..scheduled(Preemption::Full)
+        },
+        None,
+        Box::new(Sleeper { fails: true }),
+    )
+    .unwrap();
+    let p = patch(
+        "fix-h",
+        vec![function_site("h", &H, &[0xb8, 2, 0, 0, 0, 0xc3])],
+        Vec::new(),
+    );
+    let out = e.apply(&signed(&p)).unwrap();
+    assert_eq!(out.patch.threads_checked, None);
+    assert_eq!(g.bytes(H_AT, 1), [0xe9]);
 }

@@ -5,10 +5,15 @@
 //! a jump displaces is moved to the copy, and the patch is safe. An OS with a scheduler
 //! (Linux) keeps threads in kernel code that no vCPU runs: a task asleep in a function the
 //! displaced bytes call returns to the instruction after the call; in a kernel that preempts
-//! kernel code, a preempted task resumes at any instruction. Neither can be seen or moved, so
-//! the engine must not let a jump cover such a resume point: rule 7 keeps calls last, and
+//! kernel code, a preempted task resumes at any instruction. Neither can be moved, so the
+//! engine must not let a jump cover such a resume point: rule 7 keeps calls last, and
 //! [`crate::plan::check_hidden_threads`] keeps a preemptible kernel's jumps to one
-//! instruction (`docs/patch-engine.md`, "Threads the hypervisor cannot see").
+//! instruction. Where the backend reads guest memory directly (this VMM), the OS layer lists
+//! the threads instead ([`ThreadStack`], `EngineConfig::list_threads`) and the blackout scans
+//! their stacks as it scans a vCPU's: then they are seen, a multi-function patch waits for a
+//! task asleep in its old code, and a preempted task's RIP holds a jump back rather than every
+//! jump over several instructions being refused (`docs/patch-engine.md`, "Threads the
+//! hypervisor cannot see").
 
 use guest_control::GuestControl;
 use guest_control::paging::PagingRegs;
