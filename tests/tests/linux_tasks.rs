@@ -26,45 +26,7 @@ fn ret_replacements(
     key: &patch_format::SecretKey,
     functions: &[&str],
 ) -> Vec<u8> {
-    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
-    let sites = functions
-        .iter()
-        .map(|function| {
-            let sym = info
-                .symbols
-                .iter()
-                .find(|s| s.name == *function)
-                .unwrap_or_else(|| panic!("{function}"));
-            patch_format::Site {
-                kind: patch_format::SiteKind::Function,
-                target: patch_format::Location::Symbol {
-                    name: (*function).into(),
-                    offset: 0,
-                },
-                expected: linux_guest::patch::file_bytes(
-                    &image.vmlinux,
-                    sym.addr,
-                    sym.size as usize,
-                )
-                .unwrap_or_else(|| panic!("{function} in the file"))
-                .to_vec(),
-                code: vec![0xc3],
-                relocations: Vec::new(),
-            }
-        })
-        .collect();
-    let mut p = patch_format::Patch {
-        meta: patch_format::Metadata {
-            name: format!("{}-ret", functions.join("+")),
-            created: 1,
-            ..Default::default()
-        },
-        target: info.identity,
-        sites,
-        data: Vec::new(),
-    };
-    p.normalize();
-    p.to_file_signed(key).expect("sign")
+    vmm_tools::demo_linux::ret_replacements(image, key, functions).expect("build the patch")
 }
 
 /// `[start, end)` of `function` at run time.

@@ -545,7 +545,8 @@ impl<G: GuestControl> Engine<G> {
         if !self.threads_listed() || !needed {
             return Ok(Threads::NotNeeded);
         }
-        let read = |gva: u64, len: usize| self.guest.read_virtual(first, gva, len).ok();
+        let pages = Pages::new(&*self.guest, first);
+        let read = |gva: u64, len: usize| pages.read(gva, len);
         let listed = match self.rewrites.threads(crate::rewrites::GuestMemory(&read)) {
             Ok(listed) => listed,
             Err(why) => {
@@ -569,6 +570,9 @@ impl<G: GuestControl> Engine<G> {
                 };
             }
         };
+        // Most of a stack is data: one compare against the span of every range that matters
+        // keeps the full check for the few words inside it.
+        let span = change_span(change);
         let mut words = Vec::new();
         for (n, t) in listed.iter().enumerate() {
             // Guest-given lists can be long: the same time cap as the rest of the checks.
@@ -582,7 +586,10 @@ impl<G: GuestControl> Engine<G> {
                 continue;
             };
             words.clear();
-            self.scan_words(first, from, u128::from(to), &mut words);
+            pages.words(from, to, &mut words);
+            if !words.iter().any(|&w| w > span.0 && w < span.1) {
+                continue;
+            }
             match word_in_the_way(change, &words) {
                 Some(Hit::Interior { word, site }) => {
                     return Ok(Threads::Busy(Busy::ThreadResumesInside {
@@ -605,6 +612,91 @@ impl<G: GuestControl> Engine<G> {
     }
 }
 
+/// Guest memory read through one vCPU's page tables with each page's translation kept: the
+/// guest is parked, so its tables cannot change before it resumes, and the thread walk reads
+/// many words from few pages (task structures in the kernel's direct map, 16 KiB stacks).
+struct Pages<'a, G: GuestControl + ?Sized> {
+    guest: &'a G,
+    vcpu: &'a VcpuState,
+    /// (first guest-virtual address, log2 of the size, guest-physical address) of each page
+    /// translated, searched newest first: the walk reads mostly where it read last, and a
+    /// hash of every lookup costs more than the search.
+    known: std::cell::RefCell<Vec<(u64, u32, u64)>>,
+}
+
+impl<'a, G: GuestControl + ?Sized> Pages<'a, G> {
+    fn new(guest: &'a G, vcpu: &'a VcpuState) -> Self {
+        Pages {
+            guest,
+            vcpu,
+            known: Default::default(),
+        }
+    }
+
+    fn gpa(&self, gva: u64) -> Option<u64> {
+        if let Some(gpa) = self
+            .known
+            .borrow()
+            .iter()
+            .rev()
+            .find(|&&(start, shift, _)| gva >> shift == start >> shift)
+            .map(|&(start, _, gpa)| gpa + (gva - start))
+        {
+            return Some(gpa);
+        }
+        let t = self.guest.translate(self.vcpu, gva).ok()?;
+        if let Some(shift) = [12u32, 21, 30]
+            .into_iter()
+            .find(|&sh| t.page_size == 1u64 << sh)
+        {
+            let offset = gva & ((1u64 << shift) - 1);
+            self.known
+                .borrow_mut()
+                .push((gva - offset, shift, t.gpa.wrapping_sub(offset)));
+        }
+        Some(t.gpa)
+    }
+
+    /// `len` bytes at `gva`, or `None` if any of them is unmapped or unreadable.
+    fn read(&self, gva: u64, len: usize) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let mut done = 0usize;
+        while done < len {
+            let at = gva.checked_add(done as u64)?;
+            let n = (0x1000 - (at & 0xfff) as usize).min(len - done);
+            self.guest
+                .read_phys(self.gpa(at)?, &mut out[done..done + n])
+                .ok()?;
+            done += n;
+        }
+        Some(out)
+    }
+
+    /// Appends the words of `[from, to)` to `words`, up to the first unmapped page.
+    fn words(&self, from: u64, to: u64, words: &mut Vec<u64>) {
+        let mut at = from & !7;
+        let mut page = [0u8; 4096];
+        while at < to {
+            let n = (0x1000 - (at & 0xfff)).min(to - at) as usize & !7;
+            if n == 0 {
+                break;
+            }
+            let Some(gpa) = self.gpa(at) else {
+                break;
+            };
+            if self.guest.read_phys(gpa, &mut page[..n]).is_err() {
+                break;
+            }
+            words.extend(page[..n].chunks_exact(8).map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_le_bytes(w)
+            }));
+            at += n as u64;
+        }
+    }
+}
+
 /// What the scan of the OS's listed threads found.
 enum Threads {
     /// Not listed: the backend does not, or the change cannot be in a thread's way.
@@ -621,6 +713,25 @@ enum Hit<'c> {
     Interior { word: u64, site: &'c str },
     /// Inside code that must be quiescent.
     Quiescent { word: u64, code: &'c str },
+}
+
+/// `(lo, hi)` such that every word [`word_in_the_way`] can object to lies strictly between
+/// them: the span of the interiors and of the code that must be quiescent.
+fn change_span(change: &Change<'_>) -> (u64, u64) {
+    change
+        .write
+        .iter()
+        .map(|p| p.plan.analysis.range())
+        .chain(
+            change
+                .restore
+                .iter()
+                .flat_map(|r| r.sites.iter().map(site_range)),
+        )
+        .chain(change.quiesce.iter().map(|(a, b, _)| (*a, *b)))
+        .fold((u64::MAX, 0), |(lo, hi), (a, b)| {
+            (lo.min(a.saturating_sub(1)), hi.max(b))
+        })
 }
 
 /// The first word of `words` in the way of `change`, interiors first.

@@ -15,8 +15,6 @@
 //! Debian's kernels carry), never from a table of kernel versions: a kernel whose layout
 //! cannot be read is simply not listed, and the engine keeps its vCPU-only checks.
 
-use std::collections::HashSet;
-
 use btf_rs::{Btf, Type};
 use guest_control::{GuestControl, VcpuState};
 use object::read::elf::{ElfFile64, SectionHeader};
@@ -244,13 +242,9 @@ impl KernelTasks {
             }
             Ok(p)
         };
-        let mut seen: HashSet<u64> = HashSet::new();
         let mut out: Vec<ThreadStack> = Vec::new();
-        let mut visit = |task: u64, out: &mut Vec<ThreadStack>| -> Result<(), String> {
-            if !seen.insert(task) {
-                return Ok(());
-            }
-            if seen.len() > MAX_TASKS {
+        let visit = |task: u64, out: &mut Vec<ThreadStack>| -> Result<(), String> {
+            if out.len() >= MAX_TASKS {
                 return Err(format!(
                     "more than {MAX_TASKS} tasks: the task list loops or is not one"
                 ));
@@ -288,7 +282,7 @@ impl KernelTasks {
             Ok(())
         };
         visit(self.init_task, &mut out)?;
-        for &idle in &self.idle {
+        for &idle in self.idle.iter().filter(|&&t| t != self.init_task) {
             visit(idle, &mut out)?;
         }
         // Every thread group leader, and each one's threads.
@@ -313,7 +307,11 @@ impl KernelTasks {
                 let threads = signal.wrapping_add(l.thread_head);
                 let mut t = step(threads, "a thread group's thread list")?;
                 while t != threads {
-                    visit(t.wrapping_sub(l.thread_node), &mut out)?;
+                    // The leader is on its own group's list too: listed once.
+                    let thread = t.wrapping_sub(l.thread_node);
+                    if thread != leader {
+                        visit(thread, &mut out)?;
+                    }
                     t = step(t, "a thread list entry")?;
                 }
             }

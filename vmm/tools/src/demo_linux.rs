@@ -127,6 +127,49 @@ pub fn boot_on(
     })?)
 }
 
+/// One signed patch replacing each of `functions` of `image` with a bare `ret`: what the
+/// benchmarks and tests use for a patch of several functions whose effect the guest does not
+/// need (`/proc/cmdline`'s and `/proc/meminfo`'s show functions print nothing then).
+pub fn ret_replacements(
+    image: &KernelImage,
+    key: &SecretKey,
+    functions: &[&str],
+) -> anyhow::Result<Vec<u8>> {
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let mut sites = Vec::new();
+    for function in functions {
+        let sym = info
+            .symbols
+            .iter()
+            .find(|s| s.name == *function)
+            .ok_or_else(|| anyhow::anyhow!("the kernel has no function {function}"))?;
+        let expected = linux_guest::patch::file_bytes(&image.vmlinux, sym.addr, sym.size as usize)
+            .ok_or_else(|| anyhow::anyhow!("{function}'s bytes are not in the vmlinux"))?;
+        sites.push(patch_format::Site {
+            kind: patch_format::SiteKind::Function,
+            target: patch_format::Location::Symbol {
+                name: (*function).into(),
+                offset: 0,
+            },
+            expected: expected.to_vec(),
+            code: vec![0xc3],
+            relocations: Vec::new(),
+        });
+    }
+    let mut p = patch_format::Patch {
+        meta: Metadata {
+            name: format!("{}-ret", functions.join("+")),
+            created: 1,
+            ..Default::default()
+        },
+        target: info.identity,
+        sites,
+        data: Vec::new(),
+    };
+    p.normalize();
+    Ok(p.to_file_signed(key)?)
+}
+
 /// The `version_proc_show` fix, compiled from C in `dir`, built against `image`, signed.
 pub fn version_fix(
     dir: &Path,
