@@ -546,8 +546,26 @@ impl<G: GuestControl> Engine<G> {
             return Ok(Threads::NotNeeded);
         }
         let pages = Pages::new(&*self.guest, first);
-        let read = |gva: u64, len: usize| pages.read(gva, len);
+        // The list is the guest's and may be long or forged: past the time cap every read
+        // fails, which ends the walk, and the attempt counts as slow.
+        let reads = std::cell::Cell::new(0u32);
+        let late = std::cell::Cell::new(false);
+        let read = |gva: u64, len: usize| {
+            reads.set(reads.get().wrapping_add(1));
+            if late.get() || (reads.get() % 256 == 0 && started.elapsed() > self.config.max_check) {
+                late.set(true);
+                return None;
+            }
+            pages.read(gva, len)
+        };
+        let slow = || {
+            Threads::Busy(Busy::Slow {
+                elapsed_us: started.elapsed().as_micros() as u64,
+                limit_us: self.config.max_check.as_micros() as u64,
+            })
+        };
         let listed = match self.rewrites.threads(crate::rewrites::GuestMemory(&read)) {
+            Ok(_) | Err(_) if late.get() => return Ok(slow()),
             Ok(listed) => listed,
             Err(why) => {
                 let preempts = change
@@ -577,10 +595,7 @@ impl<G: GuestControl> Engine<G> {
         for (n, t) in listed.iter().enumerate() {
             // Guest-given lists can be long: the same time cap as the rest of the checks.
             if n % 64 == 63 && started.elapsed() > self.config.max_check {
-                return Ok(Threads::Busy(Busy::Slow {
-                    elapsed_us: started.elapsed().as_micros() as u64,
-                    limit_us: self.config.max_check.as_micros() as u64,
-                }));
+                return Ok(slow());
             }
             let Some((from, to)) = t.scan_range(live_sps) else {
                 continue;

@@ -1917,3 +1917,47 @@ fn a_jump_over_one_instruction_lists_no_threads() {
     assert_eq!(out.patch.threads_checked, None);
     assert_eq!(g.bytes(H_AT, 1), [0xe9]);
 }
+
+#[test]
+fn a_task_list_that_never_ends_is_cut_at_the_time_cap() {
+    /// An OS whose list goes on for as long as memory can be read (a forged loop).
+    struct Endless;
+    impl rewrites::TextRewrites for Endless {
+        fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
+            Ok(t.expected.to_vec())
+        }
+        fn lists_threads(&self) -> bool {
+            true
+        }
+        fn threads(
+            &self,
+            memory: rewrites::GuestMemory<'_>,
+        ) -> Result<Vec<crate::threads::ThreadStack>, String> {
+            while memory.read(0x9000, 8).is_some() {}
+            Err("a task list entry cannot be read".into())
+        }
+    }
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let mut e = Engine::new(
+        Arc::clone(&g),
+        target(),
+        ARENA,
+        EngineConfig {
+            trusted_keys: vec![key().public()],
+            list_threads: true,
+            max_attempts: 2,
+            max_check: Duration::from_millis(5),
+            ..scheduled(Preemption::Voluntary)
+        },
+        None,
+        Box::new(Endless),
+    )
+    .unwrap();
+    let before = code_and_arena(&g);
+    let err = e.apply(&signed(&both_functions())).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Busy { attempts: 2, why } if why.contains("limit")),
+        "{err}"
+    );
+    assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+}
