@@ -552,7 +552,9 @@ impl<G: GuestControl> Engine<G> {
         let late = std::cell::Cell::new(false);
         let read = |gva: u64, len: usize| {
             reads.set(reads.get().wrapping_add(1));
-            if late.get() || (reads.get() % 256 == 0 && started.elapsed() > self.config.max_check) {
+            if late.get()
+                || (reads.get().is_multiple_of(256) && started.elapsed() > self.config.max_check)
+            {
                 late.set(true);
                 return None;
             }
