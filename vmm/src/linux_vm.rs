@@ -91,11 +91,11 @@ fn attach(
     started: Instant,
 ) {
     let arena = vm.arena_window();
-    // This VMM reads guest memory directly: listing the kernel's tasks in each blackout is
-    // cheap here, and it is what lets a multi-function patch wait for a task asleep in one of
-    // its old functions (docs/patch-engine.md, "Threads the hypervisor cannot see").
+    // This VMM reads guest memory directly: listing the kernel's tasks in a blackout is cheap
+    // here, so it is done for every change a task could be in the way of (docs/patch-engine.md,
+    // "Threads the hypervisor cannot see").
     let config = EngineConfig {
-        list_threads: true,
+        list_threads: patch_engine::threads::ThreadListing::Thorough,
         ..config
     };
     match linux_guest::engine::engine_and_attachment(

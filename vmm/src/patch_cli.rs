@@ -161,7 +161,7 @@ fn qemu_engine(q: &QemuArgs, guest: Arc<QemuGuest>) -> Result<patch_engine::Engi
             idt,
             &image,
             q.arena,
-            config,
+            linux_guest::engine::over_gdbstub(config),
             Some(state_dir),
         )?);
     }

@@ -282,10 +282,15 @@ impl<G: GuestControl> Engine<G> {
             Threads::Busy(busy) => return Ok(Attempt::Busy(busy)),
         };
         let elapsed = started.elapsed();
-        if elapsed > self.config.max_check {
+        // An attempt that walked the threads has their extra time.
+        let cap = match threads {
+            Some(_) => self.config.max_check + self.config.max_walk,
+            None => self.config.max_check,
+        };
+        if elapsed > cap {
             return Ok(Attempt::Busy(Busy::Slow {
                 elapsed_us: elapsed.as_micros() as u64,
-                limit_us: self.config.max_check.as_micros() as u64,
+                limit_us: cap.as_micros() as u64,
             }));
         }
         self.write_all(change, &moves)?;
@@ -518,7 +523,8 @@ impl<G: GuestControl> Engine<G> {
 
     /// Whether the OS's threads are listed in each blackout.
     pub(crate) fn threads_listed(&self) -> bool {
-        self.config.list_threads && self.rewrites.lists_threads()
+        self.config.list_threads != crate::threads::ThreadListing::Off
+            && self.rewrites.lists_threads()
     }
 
     /// The OS's threads off the vCPUs, when they are listed: each one's stack is scanned
@@ -537,14 +543,21 @@ impl<G: GuestControl> Engine<G> {
         // in the displaced bytes) or, preempted, anywhere. Inside a single displaced
         // instruction there is no boundary but its start, so only a change with a jump over
         // several, or code that must be quiescent, needs the list.
-        let needed = !change.quiesce.is_empty()
-            || change
-                .write
-                .iter()
-                .any(|p| p.plan.analysis.displaced.len() > 1);
-        if !self.threads_listed() || !needed {
+        if !self.threads_listed() {
             return Ok(Threads::NotNeeded);
         }
+        let several = change
+            .write
+            .iter()
+            .any(|p| p.plan.analysis.displaced.len() > 1);
+        let needed = !change.quiesce.is_empty()
+            || (several
+                && (self.config.list_threads == crate::threads::ThreadListing::Thorough
+                    || self.preempts_anywhere(&first.paging).is_some()));
+        if !needed {
+            return Ok(Threads::NotNeeded);
+        }
+        let cap = self.config.max_check + self.config.max_walk;
         let pages = Pages::new(&*self.guest, first);
         // The list is the guest's and may be long or forged: past the time cap every read
         // fails, which ends the walk, and the attempt counts as slow.
@@ -552,9 +565,7 @@ impl<G: GuestControl> Engine<G> {
         let late = std::cell::Cell::new(false);
         let read = |gva: u64, len: usize| {
             reads.set(reads.get().wrapping_add(1));
-            if late.get()
-                || (reads.get().is_multiple_of(256) && started.elapsed() > self.config.max_check)
-            {
+            if late.get() || (reads.get().is_multiple_of(256) && started.elapsed() > cap) {
                 late.set(true);
                 return None;
             }
@@ -563,7 +574,7 @@ impl<G: GuestControl> Engine<G> {
         let slow = || {
             Threads::Busy(Busy::Slow {
                 elapsed_us: started.elapsed().as_micros() as u64,
-                limit_us: self.config.max_check.as_micros() as u64,
+                limit_us: cap.as_micros() as u64,
             })
         };
         let listed = match self.rewrites.threads(crate::rewrites::GuestMemory(&read)) {
@@ -596,7 +607,7 @@ impl<G: GuestControl> Engine<G> {
         let mut words = Vec::new();
         for (n, t) in listed.iter().enumerate() {
             // Guest-given lists can be long: the same time cap as the rest of the checks.
-            if n % 64 == 63 && started.elapsed() > self.config.max_check {
+            if n % 64 == 63 && started.elapsed() > cap {
                 return Ok(slow());
             }
             let Some((from, to)) = t.scan_range(live_sps) else {

@@ -217,13 +217,15 @@ pub struct EngineConfig {
     /// into other code. The Linux layer sets it; the arena (2 MiB there) then holds them until
     /// the guest restarts. None by default.
     pub hidden_threads: threads::HiddenThreads,
-    /// Ask the OS layer for its threads in every blackout and scan their stacks
-    /// ([`threads::ThreadStack`]): what makes a multi-function patch wait for a task asleep
+    /// When to ask the OS layer for its threads in a blackout and scan their stacks
+    /// ([`threads::ThreadListing`]): what makes a multi-function patch wait for a task asleep
     /// in one of its old functions, and lets a jump displace several instructions in a kernel
-    /// that preempts anywhere (a preempted task's RIP is on its stack). For backends that read
-    /// guest memory directly (this VMM): through QEMU's gdbstub the walk would not fit the
-    /// blackout bound. Off by default.
-    pub list_threads: bool,
+    /// that preempts anywhere (a preempted task's RIP is on its stack). Off by default.
+    pub list_threads: threads::ThreadListing,
+    /// How much longer than `max_check` an attempt that lists the threads may keep the guest
+    /// parked (default [`MAX_CHECK_TIME`]): a backend whose memory reads are slow (QEMU's
+    /// gdbstub) sets more.
+    pub max_walk: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -236,7 +238,8 @@ impl Default for EngineConfig {
             max_check: MAX_CHECK_TIME,
             far_jumps: false,
             hidden_threads: threads::HiddenThreads::None,
-            list_threads: false,
+            list_threads: threads::ThreadListing::Off,
+            max_walk: MAX_CHECK_TIME,
         }
     }
 }

@@ -1748,7 +1748,7 @@ fn listing(config: EngineConfig, fails: bool, g: &Arc<Fake>) -> Engine<Fake> {
     let config = EngineConfig {
         trusted_keys: vec![key().public()],
         max_attempts: 3,
-        list_threads: true,
+        list_threads: crate::threads::ThreadListing::Thorough,
         ..config
     };
     Engine::new(
@@ -1901,7 +1901,7 @@ fn a_jump_over_one_instruction_lists_no_threads() {
         ARENA,
         EngineConfig {
             trusted_keys: vec![key().public()],
-            list_threads: true,
+            list_threads: crate::threads::ThreadListing::Thorough,
             ..scheduled(Preemption::Full)
         },
         None,
@@ -1944,7 +1944,7 @@ fn a_task_list_that_never_ends_is_cut_at_the_time_cap() {
         ARENA,
         EngineConfig {
             trusted_keys: vec![key().public()],
-            list_threads: true,
+            list_threads: crate::threads::ThreadListing::Thorough,
             max_attempts: 2,
             max_check: Duration::from_millis(5),
             ..scheduled(Preemption::Voluntary)
@@ -1960,4 +1960,43 @@ fn a_task_list_that_never_ends_is_cut_at_the_time_cap() {
         "{err}"
     );
     assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+}
+
+#[test]
+fn essential_listing_walks_only_where_the_change_needs_it() {
+    // Essential (a slow backend): f's jump over three instructions under voluntary preemption
+    // needs no walk, even from an OS whose list would fail; under full preemption it walks,
+    // and the sleeper preempted at f+4 holds it back.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    let essential = |preemption, fails| {
+        Engine::new(
+            Arc::clone(&g),
+            target(),
+            ARENA,
+            EngineConfig {
+                trusted_keys: vec![key().public()],
+                max_attempts: 2,
+                list_threads: crate::threads::ThreadListing::Essential,
+                ..scheduled(preemption)
+            },
+            None,
+            Box::new(Sleeper { fails }),
+        )
+        .unwrap()
+    };
+    let mut e = essential(Preemption::Voluntary, true);
+    let out = e.apply(&signed(&fix_f())).unwrap();
+    assert_eq!(out.patch.threads_checked, None);
+    e.revert(&out.patch.id).unwrap();
+    g.write_phys(SLEEPER_SP + 0x98, &(F_AT + 4).to_le_bytes())
+        .unwrap();
+    let mut e = essential(Preemption::Full, false);
+    let before = code_and_arena(&g);
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(err.to_string().contains("task 42 (sleeper)"), "{err}");
+    assert!(code_and_arena(&g) == before, "the guest is byte-identical");
+    g.write_phys(SLEEPER_SP + 0x98, &0u64.to_le_bytes())
+        .unwrap();
+    let out = e.apply(&signed(&fix_f())).unwrap();
+    assert_eq!(out.patch.threads_checked, Some(1));
 }

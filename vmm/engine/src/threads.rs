@@ -86,6 +86,23 @@ impl<G: GuestControl> Engine<G> {
     }
 }
 
+/// When the blackout lists the OS's threads (`EngineConfig::list_threads`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ThreadListing {
+    /// Never: the vCPUs and the rules are all there is.
+    #[default]
+    Off,
+    /// Where the engine could not otherwise promise the change: a patch replacing several
+    /// functions (a task asleep in one of them), or a jump over several instructions while
+    /// the kernel preempts anywhere (instead of refusing it). For a backend whose reads are
+    /// slow (QEMU's gdbstub: tens of milliseconds for a small guest's walk).
+    Essential,
+    /// Also for every jump over several instructions, whatever the preemption mode says now:
+    /// a task preempted before the mode was switched back is seen too. For a backend that
+    /// reads guest memory directly (this VMM).
+    Thorough,
+}
+
 /// A thread the OS keeps off the vCPUs (asleep, preempted, or about to run), listed by the OS
 /// layer in each blackout ([`crate::rewrites::TextRewrites::threads`]) when the backend reads
 /// guest memory fast enough (`EngineConfig::list_threads`). Everything it will return through,

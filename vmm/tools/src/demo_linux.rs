@@ -211,7 +211,7 @@ pub fn engine(
         idt,
         image,
         ARENA_GPA,
-        config,
+        linux_guest::engine::over_gdbstub(config),
         Some(state_dir),
     )?)
 }
