@@ -1712,9 +1712,12 @@ fn an_interrupted_context_on_another_stack_holds_the_write_back() {
 }
 
 /// An OS that lists one thread off the vCPUs, its stack at `[0x9000, 0xa000)`, saved sp
-/// `0x9e00`; or an error when `fails`.
-struct Sleeper {
-    fails: bool,
+/// `0x9e00`; or whose list cannot be read, or never ends (a forged loop).
+#[derive(Clone, Copy, PartialEq)]
+enum Sleeper {
+    Listed,
+    Unreadable,
+    Endless,
 }
 
 const SLEEPER_SP: u64 = 0x9e00;
@@ -1730,8 +1733,13 @@ impl rewrites::TextRewrites for Sleeper {
         &self,
         memory: rewrites::GuestMemory<'_>,
     ) -> Result<Vec<crate::threads::ThreadStack>, String> {
-        if self.fails {
-            return Err("a task list entry at 0x9000 cannot be read".into());
+        match self {
+            Sleeper::Listed => {}
+            Sleeper::Unreadable => return Err("a task list entry at 0x9000 cannot be read".into()),
+            Sleeper::Endless => {
+                while memory.read(0x9000, 8).is_some() {}
+                return Err("a task list entry cannot be read".into());
+            }
         }
         // Read through the kernel's view, like the Linux walk.
         memory.read(0x9000, 8).ok_or("unreadable")?;
@@ -1757,7 +1765,11 @@ fn listing(config: EngineConfig, fails: bool, g: &Arc<Fake>) -> Engine<Fake> {
         ARENA,
         config,
         None,
-        Box::new(Sleeper { fails }),
+        Box::new(if fails {
+            Sleeper::Unreadable
+        } else {
+            Sleeper::Listed
+        }),
     )
     .unwrap()
 }
@@ -1814,7 +1826,7 @@ fn without_listing_a_sleeper_is_not_seen() {
             ..scheduled(Preemption::Voluntary)
         },
         None,
-        Box::new(Sleeper { fails: false }),
+        Box::new(Sleeper::Listed),
     )
     .unwrap();
     let out = e.apply(&signed(&both_functions())).unwrap();
@@ -1905,7 +1917,7 @@ fn a_jump_over_one_instruction_lists_no_threads() {
             ..scheduled(Preemption::Full)
         },
         None,
-        Box::new(Sleeper { fails: true }),
+        Box::new(Sleeper::Unreadable),
     )
     .unwrap();
     let p = patch(
@@ -1920,23 +1932,6 @@ fn a_jump_over_one_instruction_lists_no_threads() {
 
 #[test]
 fn a_task_list_that_never_ends_is_cut_at_the_time_cap() {
-    /// An OS whose list goes on for as long as memory can be read (a forged loop).
-    struct Endless;
-    impl rewrites::TextRewrites for Endless {
-        fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
-            Ok(t.expected.to_vec())
-        }
-        fn lists_threads(&self) -> bool {
-            true
-        }
-        fn threads(
-            &self,
-            memory: rewrites::GuestMemory<'_>,
-        ) -> Result<Vec<crate::threads::ThreadStack>, String> {
-            while memory.read(0x9000, 8).is_some() {}
-            Err("a task list entry cannot be read".into())
-        }
-    }
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let mut e = Engine::new(
         Arc::clone(&g),
@@ -1950,7 +1945,7 @@ fn a_task_list_that_never_ends_is_cut_at_the_time_cap() {
             ..scheduled(Preemption::Voluntary)
         },
         None,
-        Box::new(Endless),
+        Box::new(Sleeper::Endless),
     )
     .unwrap();
     let before = code_and_arena(&g);
@@ -1980,7 +1975,11 @@ fn essential_listing_walks_only_where_the_change_needs_it() {
                 ..scheduled(preemption)
             },
             None,
-            Box::new(Sleeper { fails }),
+            Box::new(if fails {
+                Sleeper::Unreadable
+            } else {
+                Sleeper::Listed
+            }),
         )
         .unwrap()
     };
