@@ -668,7 +668,7 @@ impl<'a, G: GuestControl + ?Sized> Pages<'a, G> {
             .iter()
             .rev()
             .find(|&&(start, shift, _)| gva >> shift == start >> shift)
-            .map(|&(start, _, gpa)| gpa + (gva - start))
+            .map(|&(start, _, gpa)| gpa.wrapping_add(gva - start))
         {
             return Some(gpa);
         }

@@ -202,7 +202,7 @@ impl KernelTasks {
         {
             Some(rq) => crate::interrupt_stacks::per_cpu_bases(guest, vcpu, kallsyms, slide)
                 .into_iter()
-                .filter_map(|base| word(base.wrapping_add(rq.address + layout.rq_idle)))
+                .filter_map(|base| word(base.wrapping_add(rq.address).wrapping_add(layout.rq_idle)))
                 .filter(|&t| t != 0 && t != init_task)
                 .collect(),
             None => Vec::new(),
@@ -249,7 +249,7 @@ impl KernelTasks {
                     "more than {MAX_TASKS} tasks: the task list loops or is not one"
                 ));
             }
-            let base = word(task + l.stack, "a task's stack pointer")?;
+            let base = word(task.wrapping_add(l.stack), "a task's stack pointer")?;
             if base == 0 {
                 return Ok(());
             }
@@ -258,13 +258,13 @@ impl KernelTasks {
                     "task {task:#x} has its stack at {base:#x}, not a kernel address"
                 ));
             }
-            let sp = word(task + l.sp, "a task's saved stack pointer")?;
+            let sp = word(task.wrapping_add(l.sp), "a task's saved stack pointer")?;
             let pid = memory
-                .read(task + l.pid, 4)
+                .read(task.wrapping_add(l.pid), 4)
                 .and_then(|b| b.try_into().ok())
                 .map(i32::from_le_bytes);
             let comm = memory
-                .read(task + l.comm, 16)
+                .read(task.wrapping_add(l.comm), 16)
                 .map(|b| {
                     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
                     String::from_utf8_lossy(&b[..end]).into_owned()
@@ -297,12 +297,15 @@ impl KernelTasks {
             }
             pointer(at, what)
         };
-        let head = self.init_task + l.tasks;
+        let head = self.init_task.wrapping_add(l.tasks);
         let mut node = step(head, "init_task.tasks.next")?;
         while node != head {
             let leader = node.wrapping_sub(l.tasks);
             visit(leader, &mut out)?;
-            let signal = word(leader + l.signal, "a task's signal_struct pointer")?;
+            let signal = word(
+                leader.wrapping_add(l.signal),
+                "a task's signal_struct pointer",
+            )?;
             if signal != 0 {
                 let threads = signal.wrapping_add(l.thread_head);
                 let mut t = step(threads, "a thread group's thread list")?;
@@ -502,6 +505,14 @@ mod tests {
         let read = |gva: u64, len: usize| m.read(gva, len);
         let e = kernel_tasks().stacks(GuestMemory(&read)).unwrap_err();
         assert!(e.contains("not a kernel pointer"), "{e}");
+
+        // A next pointer at the very top of the address space: fields past it wrap, and read
+        // as unreadable, not as an overflow.
+        let mut m = guest();
+        m.set(p1 + LAYOUT.tasks, u64::MAX - 7);
+        let read = |gva: u64, len: usize| m.read(gva, len);
+        let e = kernel_tasks().stacks(GuestMemory(&read)).unwrap_err();
+        assert!(e.contains("cannot be read"), "{e}");
 
         // An unreadable task.
         let mut m = guest();
