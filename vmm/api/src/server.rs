@@ -464,10 +464,9 @@ pub fn engine_kind(e: &EngineError) -> ErrorKind {
         // Retrying does not help until the operator resumes the VM.
         EngineError::OperatorPaused => ErrorKind::Conflict,
         EngineError::ArenaFull { .. } | EngineError::LedgerFull(_) => ErrorKind::ArenaFull,
-        EngineError::Busy { .. }
-        | EngineError::Raced { .. }
-        | EngineError::Stale
-        | EngineError::ThreadsUnlisted { .. } => ErrorKind::Busy,
+        EngineError::Busy { .. } | EngineError::Raced { .. } | EngineError::Stale => {
+            ErrorKind::Busy
+        }
         EngineError::NoSuchPatch(_) | EngineError::AmbiguousId(_) => ErrorKind::NotFound,
         EngineError::Tampered { .. } => ErrorKind::Tampered,
         EngineError::Guest(g) => match g {

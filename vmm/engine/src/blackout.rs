@@ -110,6 +110,8 @@ pub enum Busy {
         word: u64,
         code: String,
     },
+    /// The OS's threads could not be listed, and the change needs them.
+    Unlisted { why: String, needs: String },
     /// The checks alone took longer than the configured cap with the guest parked.
     Slow { elapsed_us: u64, limit_us: u64 },
 }
@@ -143,6 +145,10 @@ impl fmt::Display for Busy {
             Busy::ThreadInside { thread, word, code } => write!(
                 f,
                 "{thread}, which no vCPU is running, is inside {code} ({word:#x} on its stack)"
+            ),
+            Busy::Unlisted { why, needs } => write!(
+                f,
+                "the guest's threads could not be listed ({why}), and {needs}; if this persists, the kernel's task list is not where its type information says"
             ),
             Busy::Slow {
                 elapsed_us,
@@ -530,8 +536,8 @@ impl<G: GuestControl> Engine<G> {
     /// The OS's threads off the vCPUs, when they are listed: each one's stack is scanned
     /// against the ranges about to change, as a vCPU's is. When the list cannot be read, a
     /// change that relies on it (a multi-function patch, or jumps over several instructions
-    /// in a kernel that preempts anywhere) is refused; any other goes ahead on the vCPUs'
-    /// checks, which are all it ever needed.
+    /// in a kernel that preempts anywhere) waits like one a vCPU is in the way of; any other
+    /// goes ahead on the vCPUs' checks, which are all it ever needed.
     fn check_threads(
         &self,
         change: &Change<'_>,
@@ -592,8 +598,10 @@ impl<G: GuestControl> Engine<G> {
                 } else {
                     preempts.map(|p| format!("{p}, so a jump over several instructions must know where every preempted task resumes"))
                 };
+                // A list caught mid-change (an exiting task's freed memory) may read on the
+                // next attempt: retried like a vCPU in the way.
                 return match needs {
-                    Some(needs) => Err(EngineError::ThreadsUnlisted { why, needs }),
+                    Some(needs) => Ok(Threads::Busy(Busy::Unlisted { why, needs })),
                     None => {
                         tracing::warn!(%why, "the guest's threads could not be listed; this change does not need them");
                         Ok(Threads::NotNeeded)

@@ -98,10 +98,6 @@ pub enum EngineError {
     )]
     Busy { attempts: u32, why: String },
     #[error(
-        "the guest's threads could not be listed ({why}), and {needs}: nothing was written; retry, or if it persists the kernel's task list is not where its type information says"
-    )]
-    ThreadsUnlisted { why: String, needs: String },
-    #[error(
         "the guest changed the patched code while the patch was being prepared ({site}); nothing was written, try again"
     )]
     Raced { site: String },

@@ -1874,7 +1874,7 @@ fn a_task_list_that_cannot_be_read_refuses_only_what_needs_it() {
         let err = e.apply(&signed(p)).unwrap_err();
         assert!(code_and_arena(&g) == before, "the guest is byte-identical");
         assert!(
-            matches!(&err, EngineError::ThreadsUnlisted { why, .. } if why.contains("cannot be read")),
+            matches!(&err, EngineError::Busy { why, .. } if why.contains("could not be listed") && why.contains("cannot be read")),
             "{err}"
         );
         err.to_string()
