@@ -138,6 +138,16 @@ else
   cat refused.out; nested_result refusal pass
 fi
 
+# A patch of two functions, one of them kthreadd, which its task is always asleep in: the
+# blackout sees the task on the kernel's task list, waits, and gives up with nothing written.
+if "$VMM" patch apply --api-sock api.sock sleeper.hpatch > sleeper.out 2>&1; then
+  nested_result sleeper-refused fail "applied: $(cat sleeper.out)"
+elif grep -q 'task 2 (kthreadd)' sleeper.out; then
+  nested_result sleeper-refused pass "$(grep -o 'task 2 (kthreadd)[^;]*' sleeper.out | head -n 1)"
+else
+  nested_result sleeper-refused fail "$(cat sleeper.out)"
+fi
+
 s0=$(last_seq)
 if "$VMM" patch apply --api-sock api.sock fix.hpatch > apply.out 2>&1; then
   cat apply.out; nested_result apply pass
@@ -146,7 +156,8 @@ else
 fi
 wait_for 60 'SEQ .* patched' && nested_result patched-output pass "first patched line after SEQ $s0" || nested_result patched-output fail
 s1=$(last_seq)
-id=$("$VMM" patch list --api-sock api.sock --json | grep -o '"id": *"[0-9a-f]*"' | head -n 1 | grep -o '[0-9a-f]\{64\}')
+# The fix's own id (the list also holds the refused patches' records).
+id=$(awk '/^applied /{print $2; exit}' apply.out)
 "$VMM" patch revert --api-sock api.sock "$id" && nested_result revert pass || nested_result revert fail
 n=0
 while ! grep '^SEQ ' vm.log | awk -v s="$s1" '$2 > s+1 && $4 == "stock"' | grep -q .; do
@@ -283,6 +294,14 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
         wrong.to_file_signed(&key).expect("sign"),
     )
     .expect("write");
+    // Two functions, one of which a task never leaves (kthreadd's loop): held back.
+    let image = linux_guest::attach::KernelImage::from_file(&kit.vmlinuz).expect("L2's image");
+    std::fs::write(
+        d("sleeper.hpatch"),
+        vmm_tools::demo_linux::ret_replacements(&image, &key, &["cmdline_proc_show", "kthreadd"])
+            .expect("build the two-function patch"),
+    )
+    .expect("write");
 
     // Part (e): the real upstream fixes, built from their diffs against L2's kernel (the builder
     // fetches and prepares its source into target/linux-source once), signed with the same key.
@@ -345,6 +364,7 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
         .file("ops.pub", &dir.path().join("ops.pub"))
         .file("fix.hpatch", &dir.path().join("fix.hpatch"))
         .file("wrong-bytes.hpatch", &dir.path().join("wrong-bytes.hpatch"))
+        .file("sleeper.hpatch", &dir.path().join("sleeper.hpatch"))
         .timeout(Duration::from_secs(540));
     for f in SOURCE_FIXES {
         let name = format!("{}.hpatch", f.name);
@@ -364,6 +384,7 @@ fn the_stock_kernel_boots_in_this_vmm_and_is_patched_through_its_api() {
             "disk",
             "attach",
             "refusal",
+            "sleeper-refused",
             "apply",
             "patched-output",
             "revert",
