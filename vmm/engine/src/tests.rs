@@ -1782,6 +1782,14 @@ fn both_functions() -> Patch {
     )
 }
 
+/// A guest whose listed thread ([`Sleeper`]) holds `word` at `SLEEPER_SP + above`.
+fn sleeper_holding(above: u64, word: u64) -> Arc<Fake> {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.write_phys(SLEEPER_SP + above, &word.to_le_bytes())
+        .unwrap();
+    g
+}
+
 /// Applies `p`, which a listed thread must hold back: busy, its message naming each of
 /// `says`, and the guest byte-identical.
 fn held_back(e: &mut Engine<Fake>, g: &Fake, p: &Patch, says: &[&str]) {
@@ -1799,9 +1807,7 @@ fn held_back(e: &mut Engine<Fake>, g: &Fake, p: &Patch, says: &[&str]) {
 fn a_task_asleep_in_an_old_function_holds_a_multi_function_patch_back() {
     // The sleeper's stack holds a return address into old f, past its entry, 0x100 above its
     // saved sp (out of reach of every vCPU's scan).
-    let g = Fake::new(&[(0x5000, 0x8000)]);
-    g.write_phys(SLEEPER_SP + 0x100, &(F_AT + 11).to_le_bytes())
-        .unwrap();
+    let g = sleeper_holding(0x100, F_AT + 11);
     let mut e = listing(scheduled(Preemption::Voluntary), false, &g);
     held_back(
         &mut e,
@@ -1824,9 +1830,7 @@ fn a_task_asleep_in_an_old_function_holds_a_multi_function_patch_back() {
 fn without_listing_a_sleeper_is_not_seen() {
     // The same sleeper, with `list_threads` off (as for a kernel without BTF): the
     // multi-function patch goes in, which is the documented gap the listing closes.
-    let g = Fake::new(&[(0x5000, 0x8000)]);
-    g.write_phys(SLEEPER_SP + 0x100, &(F_AT + 11).to_le_bytes())
-        .unwrap();
+    let g = sleeper_holding(0x100, F_AT + 11);
     let mut e = Engine::new(
         Arc::clone(&g),
         target(),
@@ -1847,9 +1851,7 @@ fn without_listing_a_sleeper_is_not_seen() {
 fn a_preempted_task_is_seen_so_a_preempting_kernel_keeps_jumps_over_several_instructions() {
     // Under full preemption, with the tasks listed, f's jump over three instructions is
     // planned; a task preempted at f+4 (its RIP in pt_regs on its stack) holds it back.
-    let g = Fake::new(&[(0x5000, 0x8000)]);
-    g.write_phys(SLEEPER_SP + 0x98, &(F_AT + 4).to_le_bytes())
-        .unwrap();
+    let g = sleeper_holding(0x98, F_AT + 4);
     let mut e = listing(scheduled(Preemption::Full), false, &g);
     held_back(
         &mut e,
