@@ -527,7 +527,7 @@ impl<G: GuestControl> Engine<G> {
         }
     }
 
-    /// Whether the OS's threads are listed in each blackout.
+    /// Whether the OS's threads can be listed in a blackout that needs them.
     pub(crate) fn threads_listed(&self) -> bool {
         self.config.list_threads != crate::threads::ThreadListing::Off
             && self.rewrites.lists_threads()

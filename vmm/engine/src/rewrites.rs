@@ -111,9 +111,9 @@ pub trait TextRewrites: Send + Sync {
     /// Every thread the OS keeps off the vCPUs, each with its stack, read with the guest
     /// parked through `memory` (the kernel's address space): the engine scans each stack as
     /// it scans a vCPU's, so a task asleep or preempted inside a range being changed holds the
-    /// write back. An error says why the list could not be read; the engine then refuses what
-    /// needed it. Called only when [`TextRewrites::lists_threads`] and
-    /// `EngineConfig::list_threads` are both true.
+    /// write back. An error says why the list could not be read; the engine then holds back
+    /// what needed it (retried, then busy). Called only when [`TextRewrites::lists_threads`]
+    /// is true, `EngineConfig::list_threads` is not `Off`, and the change needs the list.
     fn threads(&self, _memory: GuestMemory<'_>) -> Result<Vec<ThreadStack>, String> {
         Ok(Vec::new())
     }

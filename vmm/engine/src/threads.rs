@@ -8,8 +8,9 @@
 //! kernel code, a preempted task resumes at any instruction. Neither can be moved, so the
 //! engine must not let a jump cover such a resume point: rule 7 keeps calls last, and
 //! [`crate::plan::check_hidden_threads`] keeps a preemptible kernel's jumps to one
-//! instruction. Where the backend reads guest memory directly (this VMM), the OS layer lists
-//! the threads instead ([`ThreadStack`], `EngineConfig::list_threads`) and the blackout scans
+//! instruction. Where the OS layer can list the threads ([`ThreadStack`]), a blackout that
+//! needs them ([`ThreadListing`]: every one a thread could be in the way of where the backend
+//! reads guest memory directly, as this VMM does; fewer through QEMU's slow gdbstub) scans
 //! their stacks as it scans a vCPU's: then they are seen, a multi-function patch waits for a
 //! task asleep in its old code, and a preempted task's RIP holds a jump back rather than every
 //! jump over several instructions being refused (`docs/patch-engine.md`, "Threads the
@@ -104,10 +105,10 @@ pub enum ThreadListing {
 }
 
 /// A thread the OS keeps off the vCPUs (asleep, preempted, or about to run), listed by the OS
-/// layer in each blackout ([`crate::rewrites::TextRewrites::threads`]) when the backend reads
-/// guest memory fast enough (`EngineConfig::list_threads`). Everything it will return through,
-/// or resume at, is on its stack between `sp` and `top`: saved registers, return addresses, and
-/// for a preempted thread the interrupted RIP.
+/// layer in a blackout that needs it ([`crate::rewrites::TextRewrites::threads`],
+/// [`ThreadListing`]). Everything it will return through, or resume at, is on its stack
+/// between `sp` and `top`: saved registers, return addresses, and for a preempted thread the
+/// interrupted RIP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadStack {
     /// For messages, e.g. "task 412 (sleep)".
