@@ -533,43 +533,13 @@ fn ping_close_replacement(
     ret_replacement(image, key, "ping_close")
 }
 
-/// A signed replacement of `function` by a bare `ret`, built from the vmlinux's bytes.
+/// A signed patch replacing `function` with a bare `ret` (`vmm_tools::demo_linux::ret_replacements`).
 fn ret_replacement(
     image: &linux_guest::attach::KernelImage,
     key: &patch_format::SecretKey,
     function: &str,
 ) -> Vec<u8> {
-    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
-    let sym = info
-        .symbols
-        .iter()
-        .find(|s| s.name == function)
-        .unwrap_or_else(|| panic!("{function}"))
-        .clone();
-    let expected = linux_guest::patch::file_bytes(&image.vmlinux, sym.addr, sym.size as usize)
-        .unwrap_or_else(|| panic!("{function} in the file"))
-        .to_vec();
-    let mut p = patch_format::Patch {
-        meta: patch_format::Metadata {
-            name: format!("{function}-ret"),
-            created: 1,
-            ..Default::default()
-        },
-        target: info.identity,
-        sites: vec![patch_format::Site {
-            kind: patch_format::SiteKind::Function,
-            target: patch_format::Location::Symbol {
-                name: function.into(),
-                offset: 0,
-            },
-            expected,
-            code: vec![0xc3],
-            relocations: Vec::new(),
-        }],
-        data: Vec::new(),
-    };
-    p.normalize();
-    p.to_file_signed(key).expect("sign")
+    vmm_tools::demo_linux::ret_replacements(image, key, &[function]).expect("build the patch")
 }
 
 /// A kernel whose QEMU was started without `-gdb`, as operators' VMs are: `vmm patch apply`

@@ -30,9 +30,8 @@ fn ret_replacements(
     vmm_tools::demo_linux::ret_replacements(image, key, functions).expect("build the patch")
 }
 
-/// `[start, end)` of `function` at run time.
-fn range_of(image: &KernelImage, slide: u64, function: &str) -> (u64, u64) {
-    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+/// `[start, end)` of `function` at run time, from the image's sized symbols.
+fn range_of(info: &patch_format::ImageInfo, slide: u64, function: &str) -> (u64, u64) {
     let s = info
         .symbols
         .iter()
@@ -65,9 +64,11 @@ fn the_kernels_tasks_are_listed_and_a_sleeper_holds_a_multi_function_patch_back(
     assert_eq!(tasks.idle.len(), 1, "CPU 1's idle task: {tasks:x?}");
     let pti = linux_guest::address_space::has_pti(&image.kallsyms);
     let slide = a.slide.slide;
-    let do_wait = range_of(&image, slide, "do_wait");
-    let nanosleep = range_of(&image, slide, "do_nanosleep");
-    let kthreadd = range_of(&image, slide, "kthreadd");
+    let info = linux_guest::patch::kernel_image_info(&image.vmlinux, &image.kallsyms);
+    let do_wait = range_of(&info, slide, "do_wait");
+    let nanosleep = range_of(&info, slide, "do_nanosleep");
+    let kthreadd = range_of(&info, slide, "kthreadd");
+    let cmdline = range_of(&info, slide, "cmdline_proc_show");
 
     // PID 1 (the workload's shell) waits for its `usleep` child in do_wait, and the child
     // sleeps in do_nanosleep, most of the time: a few pauses catch both.
@@ -160,7 +161,7 @@ fn the_kernels_tasks_are_listed_and_a_sleeper_holds_a_multi_function_patch_back(
             pti,
         );
         let mut text = Sha256::new();
-        for (lo, hi) in [kthreadd, range_of(&image, slide, "cmdline_proc_show")] {
+        for (lo, hi) in [kthreadd, cmdline] {
             text.update(
                 guest
                     .read_virtual(&v, lo, (hi - lo) as usize)

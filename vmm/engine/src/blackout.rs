@@ -496,35 +496,7 @@ impl<G: GuestControl> Engine<G> {
     fn scan_stack(&self, v: &VcpuState, rsp: u64, words: &mut Vec<u64>) {
         let scan = self.config.stack_scan.min(MAX_STACK_SCAN);
         let from = rsp & !7;
-        self.scan_words(v, from, u128::from(from) + scan as u128, words);
-    }
-
-    /// Appends the words of `[from, end)` to `words`, read through `v`'s page tables, up to
-    /// the first unmapped page. In 128 bits the top of the address space is an ordinary
-    /// bound: nothing can wrap.
-    fn scan_words(&self, v: &VcpuState, from: u64, end: u128, words: &mut Vec<u64>) {
-        const TOP: u128 = 1 << 64;
-        let mut at = u128::from(from);
-        let end = end.min(TOP);
-        let mut page = [0u8; 4096];
-        while at < end {
-            let page_end = ((at | 0xfff) + 1).min(end);
-            // `at` < 2^64 inside the loop, so these conversions are exact.
-            let gva = at as u64;
-            let Ok(t) = self.guest.translate(v, gva) else {
-                break;
-            };
-            let buf = &mut page[..(page_end - at) as usize];
-            if self.guest.read_phys(t.gpa, buf).is_err() {
-                break;
-            }
-            words.extend(buf.chunks_exact(8).map(|c| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(c);
-                u64::from_le_bytes(w)
-            }));
-            at = page_end;
-        }
+        Pages::new(&*self.guest, v).words(from, u128::from(from) + scan as u128, words);
     }
 
     /// Whether the OS's threads can be listed in a blackout that needs them.
@@ -556,10 +528,21 @@ impl<G: GuestControl> Engine<G> {
             .write
             .iter()
             .any(|p| p.plan.analysis.displaced.len() > 1);
+        // Read from the guest at most once, and only if asked.
+        let preempts = std::cell::OnceCell::new();
+        let preempting = || {
+            preempts
+                .get_or_init(|| {
+                    several
+                        .then(|| self.preempts_anywhere(&first.paging))
+                        .flatten()
+                })
+                .clone()
+        };
         let needed = !change.quiesce.is_empty()
             || (several
                 && (self.config.list_threads == crate::threads::ThreadListing::Thorough
-                    || self.preempts_anywhere(&first.paging).is_some()));
+                    || preempting().is_some()));
         if !needed {
             return Ok(Threads::NotNeeded);
         }
@@ -587,16 +570,10 @@ impl<G: GuestControl> Engine<G> {
             Ok(_) | Err(_) if late.get() => return Ok(slow()),
             Ok(listed) => listed,
             Err(why) => {
-                let preempts = change
-                    .write
-                    .iter()
-                    .any(|p| p.plan.analysis.displaced.len() > 1)
-                    .then(|| self.preempts_anywhere(&first.paging))
-                    .flatten();
                 let needs = if !change.quiesce.is_empty() {
                     Some("the change switches several functions at once, which must wait for every task asleep in one of them".to_string())
                 } else {
-                    preempts.map(|p| format!("{p}, so a jump over several instructions must know where every preempted task resumes"))
+                    preempting().map(|p| format!("{p}, so a jump over several instructions must know where every preempted task resumes"))
                 };
                 // A list caught mid-change (an exiting task's freed memory) may read on the
                 // next attempt: retried like a vCPU in the way.
@@ -622,7 +599,7 @@ impl<G: GuestControl> Engine<G> {
                 continue;
             };
             words.clear();
-            pages.words(from, to, &mut words);
+            pages.words(from, u128::from(to), &mut words);
             if !words.iter().any(|&w| w > span.0 && w < span.1) {
                 continue;
             }
@@ -651,6 +628,7 @@ impl<G: GuestControl> Engine<G> {
 /// Guest memory read through one vCPU's page tables with each page's translation kept: the
 /// guest is parked, so its tables cannot change before it resumes, and the thread walk reads
 /// many words from few pages (task structures in the kernel's direct map, 16 KiB stacks).
+/// The vCPU stack scans read through it too, one stack at a time.
 struct Pages<'a, G: GuestControl + ?Sized> {
     guest: &'a G,
     vcpu: &'a VcpuState,
@@ -708,27 +686,29 @@ impl<'a, G: GuestControl + ?Sized> Pages<'a, G> {
         Some(out)
     }
 
-    /// Appends the words of `[from, to)` to `words`, up to the first unmapped page.
-    fn words(&self, from: u64, to: u64, words: &mut Vec<u64>) {
-        let mut at = from & !7;
+    /// Appends the words of `[from, end)` to `words`, up to the first unmapped page. In 128
+    /// bits the top of the address space is an ordinary bound: nothing can wrap.
+    fn words(&self, from: u64, end: u128, words: &mut Vec<u64>) {
+        const TOP: u128 = 1 << 64;
+        let mut at = u128::from(from);
+        let end = end.min(TOP);
         let mut page = [0u8; 4096];
-        while at < to {
-            let n = (0x1000 - (at & 0xfff)).min(to - at) as usize & !7;
-            if n == 0 {
-                break;
-            }
-            let Some(gpa) = self.gpa(at) else {
+        while at < end {
+            let page_end = ((at | 0xfff) + 1).min(end);
+            // `at` < 2^64 inside the loop, so these conversions are exact.
+            let Some(gpa) = self.gpa(at as u64) else {
                 break;
             };
-            if self.guest.read_phys(gpa, &mut page[..n]).is_err() {
+            let buf = &mut page[..(page_end - at) as usize];
+            if self.guest.read_phys(gpa, buf).is_err() {
                 break;
             }
-            words.extend(page[..n].chunks_exact(8).map(|c| {
+            words.extend(buf.chunks_exact(8).map(|c| {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(c);
                 u64::from_le_bytes(w)
             }));
-            at += n as u64;
+            at = page_end;
         }
     }
 }
@@ -754,25 +734,19 @@ enum Hit<'c> {
 /// `(lo, hi)` such that every word [`word_in_the_way`] can object to lies strictly between
 /// them: the span of the interiors and of the code that must be quiescent.
 fn change_span(change: &Change<'_>) -> (u64, u64) {
-    change
-        .write
-        .iter()
-        .map(|p| p.plan.analysis.range())
-        .chain(
-            change
-                .restore
-                .iter()
-                .flat_map(|r| r.sites.iter().map(site_range)),
-        )
+    interiors(change)
+        .map(|(a, b, _)| (a, b))
         .chain(change.quiesce.iter().map(|(a, b, _)| (*a, *b)))
         .fold((u64::MAX, 0), |(lo, hi), (a, b)| {
             (lo.min(a.saturating_sub(1)), hi.max(b))
         })
 }
 
-/// The first word of `words` in the way of `change`, interiors first.
-fn word_in_the_way<'c>(change: &'c Change<'_>, words: &[u64]) -> Option<Hit<'c>> {
-    let interiors = change
+/// Every range about to change, `[start, end)` with its site's name: the jumps' displaced
+/// bytes and the patched sites being restored. A word strictly inside one would resume in the
+/// middle of new bytes.
+fn interiors<'c>(change: &'c Change<'_>) -> impl Iterator<Item = (u64, u64, &'c str)> {
+    change
         .write
         .iter()
         .map(|p| {
@@ -784,8 +758,12 @@ fn word_in_the_way<'c>(change: &'c Change<'_>, words: &[u64]) -> Option<Hit<'c>>
                 let (a, b) = site_range(s);
                 (a, b, s.location.as_str())
             })
-        }));
-    for (a, b, site) in interiors {
+        }))
+}
+
+/// The first word of `words` in the way of `change`, interiors first.
+fn word_in_the_way<'c>(change: &'c Change<'_>, words: &[u64]) -> Option<Hit<'c>> {
+    for (a, b, site) in interiors(change) {
         if let Some(&word) = words.iter().find(|&&w| w > a && w < b) {
             return Some(Hit::Interior { word, site });
         }
