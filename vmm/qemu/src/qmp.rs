@@ -65,13 +65,21 @@ const MAX_STALE_EVENTS: usize = 64;
 /// connection without one is queued behind another client.
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a refused connect is retried. QEMU creates its socket file (`bind`) a moment
+/// before it listens on it, and a connect in between is refused; on a loaded host that moment
+/// has reached CI. A socket file nobody listens on (QEMU gone) fails after this wait.
+pub const LISTEN_SETTLE: Duration = Duration::from_secs(1);
+
+/// Between the retries of a refused connect.
+const LISTEN_POLL: Duration = Duration::from_millis(10);
+
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let busy = |why: String| QmpError::Busy {
             path: path.display().to_string(),
             why,
         };
-        let stream = connect_nonblocking(path).map_err(|source| {
+        let stream = connect_when_listening(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::WouldBlock {
                 busy("its queue of waiting clients is full".into())
             } else {
@@ -231,6 +239,24 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(stream)
 }
 
+/// [`connect_nonblocking`], retried for [`LISTEN_SETTLE`] while the socket file exists and the
+/// connect is refused (bound, not yet listening).
+fn connect_when_listening(path: &Path) -> std::io::Result<UnixStream> {
+    let deadline = std::time::Instant::now() + LISTEN_SETTLE;
+    loop {
+        match connect_nonblocking(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && path.exists()
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(LISTEN_POLL);
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Whether a read failed because its timeout passed (`EAGAIN` on Linux).
 fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
@@ -311,6 +337,64 @@ mod tests {
             .err()
             .expect("no socket");
         assert!(matches!(err, QmpError::Connect { .. }), "{err:?}");
+    }
+
+    /// A socket bound but not yet listening, as QEMU's is for a moment after its file appears.
+    fn bound_only(path: &Path) -> rustix::fd::OwnedFd {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+        let fd =
+            rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).expect("socket");
+        rustix::net::bind(&fd, &SocketAddrUnix::new(path).expect("address")).expect("bind");
+        fd
+    }
+
+    #[test]
+    fn a_socket_that_starts_listening_a_moment_after_its_file_appears_is_connected() {
+        let dir = tempfile::Builder::new()
+            .prefix("qmp-test-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let fd = bound_only(&path);
+        assert_eq!(
+            connect_nonblocking(&path).err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "a bound socket refuses until it listens"
+        );
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            rustix::net::listen(&fd, 1).expect("listen");
+            let listener = UnixListener::from(fd);
+            let (mut s, _) = listener.accept().expect("accept");
+            writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).expect("greet");
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            r.read_line(&mut line).expect("qmp_capabilities");
+            writeln!(s, r#"{{"return": {{}}}}"#).expect("reply");
+        });
+        Qmp::connect(&path, Duration::from_secs(5)).expect("connected once it listens");
+        server.join().expect("server");
+    }
+
+    #[test]
+    fn a_socket_file_nobody_listens_on_is_a_connect_error_after_the_settle_time() {
+        let dir = tempfile::Builder::new()
+            .prefix("qmp-test-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        drop(bound_only(&path));
+        assert!(path.exists(), "the stale file stays");
+        let t = std::time::Instant::now();
+        let err = Qmp::connect(&path, Duration::from_secs(5))
+            .err()
+            .expect("nobody listens");
+        assert!(matches!(err, QmpError::Connect { .. }), "{err:?}");
+        assert!(
+            t.elapsed() >= LISTEN_SETTLE,
+            "retried for {:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
