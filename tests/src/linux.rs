@@ -680,12 +680,26 @@ pub fn source_fix_build_args(kit: &Kit, diff: &Path, key: &str, out: &str) -> Ve
 /// `gcc -static -O2` of a fix's guest test program (`guest-tools/linux/fixes/tests/NAME.c`)
 /// into `dir`; its bytes.
 pub fn compile_fix_program(name: &str, dir: &Path) -> Vec<u8> {
-    let src = fixes_dir().join("tests").join(format!("{name}.c"));
+    compile_guest_program(&fixes_dir().join("tests").join(format!("{name}.c")), dir)
+}
+
+/// `gcc -static -O2` of a guest program (`guest-tools/linux/programs/NAME.c`) into `dir`;
+/// its bytes.
+pub fn compile_program(name: &str, dir: &Path) -> Vec<u8> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-tools/linux/programs")
+        .join(format!("{name}.c"));
+    compile_guest_program(&src, dir)
+}
+
+/// `gcc -static -O2` of the C file `src` into `dir`; the program's bytes.
+fn compile_guest_program(src: &Path, dir: &Path) -> Vec<u8> {
+    let name = src.file_stem().expect("a file name");
     let out = dir.join(name);
     let r = Command::new("gcc")
         .args(["-static", "-O2", "-o"])
         .arg(&out)
-        .arg(&src)
+        .arg(src)
         .output()
         .expect("run gcc");
     assert!(

@@ -272,7 +272,18 @@ impl<G: GuestControl> Engine<G> {
         // Every stack pointer a parked vCPU runs on or will go back to: the listed threads'
         // stacks are scanned from the lowest of them that is on each.
         let mut live_sps: Vec<u64> = Vec::new();
+        // The arena sweep after the writes reads the parked stacks unless the OS keeps
+        // reverted code anyway.
+        let sweeps = self.config.hidden_threads == crate::threads::HiddenThreads::None;
         for v in &vcpus {
+            if self.out_of_user_reach(change, v) {
+                stacks.push(if sweeps {
+                    self.stack_words(v).0
+                } else {
+                    Vec::new()
+                });
+                continue;
+            }
             let (words, sps) = self.stack_words(v);
             match in_the_way(change, v, &words) {
                 Ok(Some(to)) => moves.push((v.id, v.rip, to)),
@@ -466,6 +477,42 @@ impl<G: GuestControl> Engine<G> {
             failed_at: failed_at.to_string(),
             detail: stranded.join("; "),
         })
+    }
+
+    /// Whether `v` runs in user mode (CPL 3) in an address space where every range `change`
+    /// touches is supervisor-only or not mapped. Such a vCPU is not running those bytes, and
+    /// comes back into them only through the kernel's entry points, which switch to a kernel
+    /// stack: nothing on the stack it has now is a return into them. That stack is the user
+    /// process's to write, so it is not read: a local user filling it with kernel addresses
+    /// would otherwise hold every hot patch back. Decided by walking the vCPU's own page
+    /// tables, not by what the OS is: code a guest runs in user mode (the test guest's
+    /// workload, a kernel running in ring 3) is on user pages and keeps the checks. A walk
+    /// that fails for another reason than a missing entry keeps them too.
+    fn out_of_user_reach(&self, change: &Change<'_>, v: &VcpuState) -> bool {
+        if v.cpl != 3 {
+            return false;
+        }
+        let supervisor_only = |(start, end): (u64, u64)| {
+            let mut page = start & !0xfff;
+            while page < end {
+                let step = match self.guest.translate(v, page) {
+                    Ok(t) if !t.user && t.page_size.is_power_of_two() => t.page_size.max(0x1000),
+                    Err(guest_control::GuestError::Walk(
+                        guest_control::paging::WalkError::NotPresent { .. },
+                    )) => 0x1000,
+                    _ => return false,
+                };
+                match (page & !(step - 1)).checked_add(step) {
+                    Some(next) => page = next,
+                    None => return true,
+                }
+            }
+            true
+        };
+        interiors(change)
+            .map(|(a, b, _)| (a, b))
+            .chain(change.quiesce.iter().map(|(a, b, _)| (*a, *b)))
+            .all(supervisor_only)
     }
 
     /// Up to `config.stack_scan` bytes (never more than [`MAX_STACK_SCAN`]) from the top of a

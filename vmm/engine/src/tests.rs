@@ -55,13 +55,19 @@ struct Fake {
     hold_cv: std::sync::Condvar,
     /// A read was held.
     held: std::sync::atomic::AtomicBool,
-    /// The CR3 and address of every translation asked for.
+    /// The CR3 and address of every translation that found a page.
     translated_with: Mutex<Vec<(u64, u64)>>,
     /// Top-level tables the guest has freed (a process that exited): nothing is mapped
     /// through them any more.
     freed_roots: Mutex<Vec<u64>>,
     /// Pages the guest mapped elsewhere: guest-virtual page → guest-physical frame.
     remap: Mutex<HashMap<u64, u64>>,
+    /// Guest-virtual ranges `[start, end)` mapped supervisor-only (a kernel's text); the rest
+    /// is user-accessible, as the test guest's is.
+    supervisor: Mutex<Vec<(u64, u64)>>,
+    /// Top-level tables in which the `supervisor` ranges are not mapped at all: a kernel with
+    /// page-table isolation, whose user tables map the user's pages and not the kernel's.
+    user_roots: Mutex<Vec<u64>>,
 }
 
 impl Fake {
@@ -188,11 +194,14 @@ impl GuestControl for Fake {
         Ok(())
     }
     fn translate(&self, v: &VcpuState, gva: u64) -> Result<Translation, GuestError> {
-        self.translated_with
+        let supervisor = self
+            .supervisor
             .lock()
             .unwrap()
-            .push((v.paging.cr3, gva));
-        if self.freed_roots.lock().unwrap().contains(&v.paging.cr3) {
+            .iter()
+            .any(|&(a, b)| gva >= a && gva < b);
+        let hidden = supervisor && self.user_roots.lock().unwrap().contains(&v.paging.cr3);
+        if hidden || self.freed_roots.lock().unwrap().contains(&v.paging.cr3) {
             return Err(GuestError::Walk(
                 guest_control::paging::WalkError::NotPresent {
                     gva,
@@ -205,11 +214,15 @@ impl GuestControl for Fake {
             Some(frame) => frame | (gva & 0xfff),
             None => gva,
         };
+        self.translated_with
+            .lock()
+            .unwrap()
+            .push((v.paging.cr3, gva));
         Ok(Translation {
             gpa,
             page_size: 4096,
             writable: true,
-            user: true,
+            user: !supervisor,
             executable: true,
         })
     }
@@ -486,6 +499,68 @@ fn a_return_address_into_displaced_bytes_blocks_the_write() {
     let err = e.apply(&signed(&fix_f())).unwrap_err();
     assert!(err.to_string().contains("on its stack"), "{err}");
     assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+/// A vCPU in user mode (CPL 3) whose stack holds words inside the displaced bytes of f and
+/// inside g, as a local user can write them there.
+fn user_stack_holding_kernel_words(cpl: u8) -> Arc<Fake> {
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.vcpus.lock().unwrap()[0].cpl = cpl;
+    g.write_phys(0x8010, &(F_AT + 4).to_le_bytes()).unwrap();
+    g.write_phys(0x8018, &(G_AT + 7).to_le_bytes()).unwrap();
+    g
+}
+
+#[test]
+fn a_user_mode_stack_cannot_hold_back_a_patch_of_supervisor_only_code() {
+    let both = patch(
+        "fix-both",
+        vec![function_site("f", &F, &G), function_site("g", &G, &F)],
+        Vec::new(),
+    );
+    // f, g and the arena on supervisor-only pages (a kernel's text), the vCPU in user mode:
+    // its stack is the user's, and no return into kernel code is on it. Both patches apply
+    // and revert.
+    let kernel = vec![(0x1000, 0x2000), (ARENA.gva, ARENA.gva + ARENA.size)];
+    let g = user_stack_holding_kernel_words(3);
+    *g.supervisor.lock().unwrap() = kernel.clone();
+    let mut e = engine(&g, None);
+    let out = e
+        .apply(&signed(&fix_f()))
+        .expect("a user's stack words are not returns");
+    assert_eq!(out.attempts, 1);
+    e.revert(&out.patch.id).expect("revert");
+    assert_eq!(g.bytes(F_AT, 13), F);
+    let out = e
+        .apply(&signed(&both))
+        .expect("nor do they hold old g busy");
+    assert_eq!(out.attempts, 1);
+    e.revert(&out.patch.id).expect("revert");
+
+    // The same words on the stack of a vCPU in kernel mode are returns: busy, unchanged.
+    let g = user_stack_holding_kernel_words(0);
+    *g.supervisor.lock().unwrap() = kernel;
+    let mut e = engine(&g, None);
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(err.to_string().contains("on its stack"), "{err}");
+    let err = e.apply(&signed(&both)).unwrap_err();
+    assert!(matches!(err, EngineError::Busy { .. }), "{err}");
+    assert_eq!(
+        (g.bytes(F_AT, 13), g.bytes(G_AT, 13)),
+        (F.to_vec(), G.to_vec())
+    );
+
+    // A range user mode can reach keeps the checks for every vCPU: here g, on a user page.
+    let g = user_stack_holding_kernel_words(3);
+    *g.supervisor.lock().unwrap() = vec![(0x1000, 0x1100)];
+    let mut e = engine(&g, None);
+    assert!(
+        e.apply(&signed(&fix_f())).is_ok(),
+        "f alone is out of reach"
+    );
+    let mut e = engine(&user_stack_holding_kernel_words(3), None);
+    let err = e.apply(&signed(&both)).unwrap_err();
+    assert!(err.to_string().contains("on its stack"), "{err}");
 }
 
 #[test]
@@ -1177,6 +1252,9 @@ fn sites_are_translated_in_the_address_space_the_os_maps_its_code_in() {
     }
     let g = Fake::new(&[(0x5000, 0x8000)]);
     g.vcpus.lock().unwrap()[0].paging.cr3 = 0x7000 | 0x1000;
+    // The user tables do not map the kernel's code or the arena.
+    *g.supervisor.lock().unwrap() = vec![(0x1000, 0x2000), (ARENA.gva, ARENA.gva + ARENA.size)];
+    *g.user_roots.lock().unwrap() = vec![0x7000 | 0x1000];
     let mut e = engine_with_os(&g, Box::new(KernelView));
     let id = e.apply(&signed(&fix_f())).unwrap().patch.id;
     e.revert(&id).unwrap();
