@@ -539,11 +539,21 @@ impl<G: GuestControl> Engine<G> {
         (words, sps)
     }
 
-    /// Appends the `stack_scan` bytes above `rsp` to `words`, as far as they are mapped.
+    /// Appends the `stack_scan` bytes above `rsp` to `words`, as far as they are mapped and
+    /// below the registers user mode left there, if the OS layer finds them.
     fn scan_stack(&self, v: &VcpuState, rsp: u64, words: &mut Vec<u64>) {
         let scan = self.config.stack_scan.min(MAX_STACK_SCAN);
         let from = rsp & !7;
-        Pages::new(&*self.guest, v).words(from, u128::from(from) + scan as u128, words);
+        let read = |gva: u64, len: usize| self.guest.read_virtual(v, gva, len).ok();
+        let mut end = u128::from(from) + scan as u128;
+        if let Some(frame) = self
+            .rewrites
+            .user_frame_at(v, rsp, crate::rewrites::GuestMemory(&read))
+            .filter(|&f| f >= from)
+        {
+            end = end.min(u128::from(frame));
+        }
+        Pages::new(&*self.guest, v).words(from, end, words);
     }
 
     /// Whether the OS's threads can be listed in a blackout that needs them.

@@ -102,6 +102,16 @@ pub trait TextRewrites: Send + Sync {
         Vec::new()
     }
 
+    /// Where, above `rsp`, the stack it is on holds the registers user mode saved when it
+    /// entered the kernel (Linux's `pt_regs` at the top of a task stack): the scan of a
+    /// parked vCPU's stack, or of one a context it interrupted left, ends there. Those words
+    /// are the user's (a system call's arguments), never a kernel resume point, and a user
+    /// making system calls with kernel addresses in its registers would otherwise hold a patch
+    /// back. `memory` reads through the vCPU's own page tables. None (scan on) by default.
+    fn user_frame_at(&self, _vcpu: &VcpuState, _rsp: u64, _memory: GuestMemory<'_>) -> Option<u64> {
+        None
+    }
+
     /// Whether [`TextRewrites::threads`] can list the OS's threads (the OS layer knows where
     /// its scheduler keeps them). False by default.
     fn lists_threads(&self) -> bool {

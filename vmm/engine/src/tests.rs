@@ -564,6 +564,42 @@ fn a_user_mode_stack_cannot_hold_back_a_patch_of_supervisor_only_code() {
 }
 
 #[test]
+fn the_scan_of_a_vcpus_stack_ends_where_the_os_finds_the_registers_user_mode_left() {
+    /// User mode's registers from 0x8040 up on the stack a vCPU at 0x8000 is on.
+    struct UserFrame;
+    impl rewrites::TextRewrites for UserFrame {
+        fn reconcile(&self, t: &rewrites::SiteText<'_>, _: &Target) -> Result<Vec<u8>, PlanError> {
+            Ok(t.expected.to_vec())
+        }
+        fn user_frame_at(
+            &self,
+            _: &VcpuState,
+            rsp: u64,
+            _: rewrites::GuestMemory<'_>,
+        ) -> Option<u64> {
+            (rsp == 0x8000).then_some(0x8040)
+        }
+    }
+    // A word inside f's displaced bytes in that frame (a system call's argument) is the
+    // user's: the patch applies.
+    let g = Fake::new(&[(0x5000, 0x8000)]);
+    g.vcpus.lock().unwrap()[0].cpl = 0;
+    g.write_phys(0x8048, &(F_AT + 4).to_le_bytes()).unwrap();
+    let mut e = engine_with_os(&g, Box::new(UserFrame));
+    let id = e
+        .apply(&signed(&fix_f()))
+        .expect("the frame is not scanned")
+        .patch
+        .id;
+    e.revert(&id).expect("revert");
+    // Below it, the same word is the kernel's: busy, unchanged.
+    g.write_phys(0x8038, &(F_AT + 4).to_le_bytes()).unwrap();
+    let err = e.apply(&signed(&fix_f())).unwrap_err();
+    assert!(err.to_string().contains("on its stack"), "{err}");
+    assert_eq!(g.bytes(F_AT, 13), F);
+}
+
+#[test]
 fn the_guest_rewriting_a_patched_site_blocks_revert() {
     let g = Fake::new(&[(0x5000, 0x8000)]);
     let mut e = engine(&g, None);
@@ -1826,6 +1862,7 @@ impl rewrites::TextRewrites for Sleeper {
             sp: SLEEPER_SP,
             base: 0x9000,
             top: 0xa000,
+            user_frame: 0,
         }])
     }
 }

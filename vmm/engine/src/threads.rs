@@ -119,6 +119,12 @@ pub struct ThreadStack {
     pub base: u64,
     /// One past the highest.
     pub top: u64,
+    /// Bytes at its top holding the registers user mode had when the thread entered the
+    /// kernel (Linux's `pt_regs` of a task from user space), 0 if none: what the user put
+    /// there, never a kernel resume point, so not scanned. A user blocking in a system call
+    /// with kernel addresses in its registers would otherwise hold a patch back for as long
+    /// as it sleeps.
+    pub user_frame: u64,
 }
 
 /// The most bytes of one listed thread's stack scanned, whatever the OS layer says its size
@@ -128,12 +134,14 @@ pub const MAX_THREAD_STACK: u64 = 64 << 10;
 impl ThreadStack {
     /// The range to scan: from the lowest of its saved `sp` and the stack pointers in
     /// `live` (parked vCPUs running it, contexts they interrupted) that lie on it, up to its
-    /// top, at most [`MAX_THREAD_STACK`]. A saved `sp` off the stack (never switched out, or
-    /// stale) makes the scan start at the base: more words, never fewer.
+    /// top less its [`user_frame`](Self::user_frame), at most [`MAX_THREAD_STACK`]. A saved
+    /// `sp` off the stack (never switched out, or stale) makes the scan start at the base:
+    /// more words, never fewer.
     pub fn scan_range(&self, live: &[u64]) -> Option<(u64, u64)> {
         if self.top <= self.base {
             return None;
         }
+        let end = self.top.saturating_sub(self.user_frame).max(self.base);
         let on = |sp: u64| sp >= self.base && sp < self.top;
         let saved = if on(self.sp) { self.sp } else { self.base };
         let start = live
@@ -142,7 +150,7 @@ impl ThreadStack {
             .filter(|&sp| on(sp))
             .fold(saved, u64::min)
             .max(self.top.saturating_sub(MAX_THREAD_STACK));
-        Some((start & !7, self.top))
+        Some(((start & !7).min(end), end))
     }
 }
 
@@ -156,6 +164,7 @@ mod tests {
             sp,
             base: 0x1_0000,
             top: 0x1_4000,
+            user_frame: 0,
         }
     }
 
@@ -180,10 +189,35 @@ mod tests {
             sp: 0x10,
             base: 0,
             top: 1 << 30,
+            user_frame: 0,
         };
         assert_eq!(
             huge.scan_range(&[]),
             Some(((1 << 30) - MAX_THREAD_STACK, 1 << 30))
         );
+    }
+
+    #[test]
+    fn the_registers_user_mode_left_at_the_top_are_not_scanned() {
+        let mut s = stack(0x1_3e08);
+        s.user_frame = 168;
+        assert_eq!(s.scan_range(&[]), Some((0x1_3e08, 0x1_4000 - 168)));
+        // A stack pointer inside that frame (the entry code saving it) scans nothing above.
+        assert_eq!(
+            stack(0x1_3ff0).with_user_frame(168).scan_range(&[]),
+            Some((0x1_4000 - 168, 0x1_4000 - 168))
+        );
+        // A frame claimed larger than the stack leaves nothing to scan, never a wrap.
+        assert_eq!(
+            stack(0x1_3e08).with_user_frame(u64::MAX).scan_range(&[]),
+            Some((0x1_0000, 0x1_0000))
+        );
+    }
+
+    impl ThreadStack {
+        fn with_user_frame(mut self, bytes: u64) -> Self {
+            self.user_frame = bytes;
+            self
+        }
     }
 }

@@ -98,6 +98,22 @@ impl TextRewrites for LinuxBootRewrites {
         self.interrupt_stacks.interrupted(vcpu, memory)
     }
 
+    fn user_frame_at(
+        &self,
+        vcpu: &guest_control::VcpuState,
+        rsp: u64,
+        memory: patch_engine::rewrites::GuestMemory<'_>,
+    ) -> Option<u64> {
+        // Only a task stack ends in user mode's registers: the interrupt and exception stacks
+        // end in the kernel's own frames (an IST frame's RIP may be a kernel one), so they
+        // must be known to be ruled out.
+        if vcpu.cpl != 0 || !self.interrupt_stacks.known() || self.interrupt_stacks.holds(rsp) {
+            return None;
+        }
+        let tasks = self.tasks.as_ref()?;
+        tasks.user_frame_below(tasks.task_stack_top(rsp)?, memory)
+    }
+
     fn lists_threads(&self) -> bool {
         self.tasks.is_some()
     }

@@ -126,6 +126,23 @@ impl InterruptStacks {
         InterruptStacks { irq_tops, ist_tops }
     }
 
+    /// Whether both kinds were found (the kernel's symbols had what the read needs).
+    pub fn known(&self) -> bool {
+        !self.irq_tops.is_empty() && !self.ist_tops.is_empty()
+    }
+
+    /// Whether `rsp` is on one of the CPUs' IRQ or exception stacks.
+    pub fn holds(&self, rsp: u64) -> bool {
+        let within = |end: u64, size: u64| rsp < end && rsp >= end.saturating_sub(size);
+        self.ist_tops
+            .iter()
+            .any(|&top| within(top, EXCEPTION_STACK_SIZE))
+            || self
+                .irq_tops
+                .iter()
+                .any(|&top| within(top.saturating_add(8), IRQ_STACK_SIZE))
+    }
+
     /// Where the contexts a vCPU parked in kernel mode interrupted keep their stacks, nearest
     /// first: for a vCPU on an IST stack, the CPU's frame at its top (which holds the
     /// interrupted RIP); for one on an IRQ stack, the task stack its top slot saved. Followed

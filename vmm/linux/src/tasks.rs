@@ -70,6 +70,26 @@ pub struct TaskLayout {
     pub comm: u64,
     /// `rq.idle`, for the CPUs' idle tasks.
     pub rq_idle: u64,
+    /// `struct pt_regs`, which a task entering the kernel from user space saves at the top
+    /// of its stack.
+    pub user_frame: UserFrameLayout,
+}
+
+/// `struct pt_regs` as the walk reads it: the registers of user mode at the top of a task's
+/// stack (x86-64 keeps nothing above them, `TOP_OF_KERNEL_STACK_PADDING` 0; a FRED kernel's
+/// 16 bytes of padding make the read miss the frame, and then nothing is left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserFrameLayout {
+    /// `sizeof(struct pt_regs)`.
+    pub size: u64,
+    /// `pt_regs.ip`.
+    pub ip: u64,
+    /// `pt_regs.cs`.
+    pub cs: u64,
+    /// `pt_regs.sp`.
+    pub sp: u64,
+    /// `pt_regs.ss`.
+    pub ss: u64,
 }
 
 impl TaskLayout {
@@ -88,8 +108,28 @@ impl TaskLayout {
             pid: at("task_struct", &["pid"])?,
             comm: at("task_struct", &["comm"])?,
             rq_idle: at("rq", &["idle"])?,
+            user_frame: UserFrameLayout {
+                size: size_of(&btf, "pt_regs")?,
+                ip: at("pt_regs", &["ip"])?,
+                cs: at("pt_regs", &["cs"])?,
+                sp: at("pt_regs", &["sp"])?,
+                ss: at("pt_regs", &["ss"])?,
+            },
         })
     }
+}
+
+/// The size in bytes of struct `name`.
+fn size_of(btf: &Btf, name: &str) -> Result<u64, TaskLayoutError> {
+    btf.resolve_types_by_name(name)
+        .ok()
+        .into_iter()
+        .flatten()
+        .find_map(|t| match t {
+            Type::Struct(s) if s.size() > 0 => Some(s.size() as u64),
+            _ => None,
+        })
+        .ok_or_else(|| TaskLayoutError::Missing(format!("the size of struct {name}")))
 }
 
 fn btf_section(vmlinux: &[u8]) -> Result<&[u8], TaskLayoutError> {
@@ -220,6 +260,35 @@ impl KernelTasks {
         })
     }
 
+    /// Where the registers of user mode begin on the task stack ending at `top`: at
+    /// `top - sizeof(pt_regs)` when the frame there is one user mode left (CS and SS of
+    /// privilege 3, RIP and RSP in the lower half: the task entered the kernel from user
+    /// space, and what is there is the user's), else `None`. The frame is written only on
+    /// entry from user space: a kernel thread's holds zeroes and kernel selectors, and a
+    /// context the kernel interrupted saves its registers lower down, where the scan reads.
+    pub fn user_frame_below(&self, top: u64, memory: GuestMemory<'_>) -> Option<u64> {
+        let f = self.layout.user_frame;
+        let at = top.checked_sub(f.size)?;
+
+        let word = |off: u64| {
+            memory
+                .read(at.wrapping_add(off), 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let user_selector = |off: u64| word(off).is_some_and(|s| s & 3 == 3);
+        let lower_half = |off: u64| word(off).is_some_and(|a| a < 1 << 63);
+        (user_selector(f.cs) && user_selector(f.ss) && lower_half(f.ip) && lower_half(f.sp))
+            .then_some(at)
+    }
+
+    /// The top of the task stack `rsp` is on, if it is on one: task stacks are `stack_size`
+    /// bytes aligned to their size (`THREAD_ALIGN`), so the top is `rsp` rounded up. The
+    /// caller rules out the interrupt and exception stacks first.
+    pub fn task_stack_top(&self, rsp: u64) -> Option<u64> {
+        (rsp | (self.stack_size - 1)).checked_add(1)
+    }
+
     /// Every task's stack, read through `memory` with the guest parked: `init_task` and the
     /// idle tasks, then every thread of every thread group. A task without a stack (it has
     /// exited and freed it) is left out. An error names what could not be read or did not
@@ -270,6 +339,7 @@ impl KernelTasks {
                     String::from_utf8_lossy(&b[..end]).into_owned()
                 })
                 .unwrap_or_default();
+            let top = base.saturating_add(self.stack_size);
             out.push(ThreadStack {
                 name: match pid {
                     Some(pid) => format!("task {pid} ({comm})"),
@@ -277,7 +347,8 @@ impl KernelTasks {
                 },
                 sp,
                 base,
-                top: base.saturating_add(self.stack_size),
+                top,
+                user_frame: self.user_frame_below(top, memory).map_or(0, |at| top - at),
             });
             Ok(())
         };
@@ -340,6 +411,13 @@ mod tests {
         pid: 2416,
         comm: 2976,
         rq_idle: 2408,
+        user_frame: UserFrameLayout {
+            size: 168,
+            ip: 128,
+            cs: 136,
+            sp: 152,
+            ss: 160,
+        },
     };
 
     /// Guest memory as a map of 8-byte words (unset words read as unreadable).
@@ -487,6 +565,47 @@ mod tests {
         assert_eq!(worker.base, 0xffff_c900_0003_0000);
         assert_eq!(worker.top, 0xffff_c900_0003_4000);
         assert_eq!(worker.sp, 0xffff_c900_0003_3c00);
+        assert!(stacks.iter().all(|s| s.user_frame == 0), "no frame read");
+    }
+
+    #[test]
+    fn the_registers_a_task_from_user_space_left_at_its_top_are_not_scanned() {
+        let mut m = guest();
+        let top = 0xffff_c900_0003_4000u64;
+        let frame = top - 168;
+        // worker entered from user space (CS 0x33, SS 0x2b, user RIP and RSP), with a
+        // kernel address in r12.
+        let user_frame = |m: &mut Words, frame: u64, cs: u64, ip: u64| {
+            m.set(frame + 128, ip);
+            m.set(frame + 136, cs);
+            m.set(frame + 152, 0x7ffd_1234_5670);
+            m.set(frame + 160, 0x2b);
+        };
+        user_frame(&mut m, frame, 0x33, 0x40_1000);
+        m.set(frame + 24, 0xffff_ffff_8110_0007);
+        // init's top holds a kernel CS, the idle task's a kernel RIP: kernel frames, scanned
+        // as they are.
+        let init_top = 0xffff_c900_0002_4000u64;
+        user_frame(&mut m, init_top - 168, 0x10, 0x40_1000);
+        let idle_top = 0xffff_c900_0001_4000u64;
+        user_frame(&mut m, idle_top - 168, 0x33, 0xffff_ffff_8110_0000);
+        let read = |gva: u64, len: usize| m.read(gva, len);
+        let tasks = kernel_tasks();
+        let stacks = tasks.stacks(GuestMemory(&read)).unwrap();
+        let worker = &stacks[3];
+        assert_eq!(worker.user_frame, 168);
+        assert_eq!(worker.scan_range(&[]), Some((0xffff_c900_0003_3c00, frame)));
+        assert_eq!(stacks[2].user_frame, 0, "init's frame is the kernel's");
+        assert_eq!(
+            stacks[1].user_frame, 0,
+            "swapper/1's frame has a kernel RIP"
+        );
+        assert_eq!(tasks.user_frame_below(init_top, GuestMemory(&read)), None);
+        // A top at the bottom of the address space has no room for a frame.
+        assert_eq!(tasks.user_frame_below(100, GuestMemory(&read)), None);
+        // Task stacks are aligned to their size: the top is the rsp rounded up.
+        assert_eq!(tasks.task_stack_top(top - 0x2f8), Some(top));
+        assert_eq!(tasks.task_stack_top(u64::MAX - 8), None);
     }
 
     #[test]
