@@ -544,7 +544,10 @@ impl<G: GuestControl> Engine<G> {
     fn scan_stack(&self, v: &VcpuState, rsp: u64, words: &mut Vec<u64>) {
         let scan = self.config.stack_scan.min(MAX_STACK_SCAN);
         let from = rsp & !7;
-        let read = |gva: u64, len: usize| self.guest.read_virtual(v, gva, len).ok();
+        // One set of translations for the frame's read and the scan: the frame is at the top
+        // of the stack the scan reads.
+        let pages = Pages::new(&*self.guest, v);
+        let read = |gva: u64, len: usize| pages.read(gva, len);
         let mut end = u128::from(from) + scan as u128;
         if let Some(frame) = self
             .rewrites
@@ -553,7 +556,7 @@ impl<G: GuestControl> Engine<G> {
         {
             end = end.min(u128::from(frame));
         }
-        Pages::new(&*self.guest, v).words(from, end, words);
+        pages.words(from, end, words);
     }
 
     /// Whether the OS's threads can be listed in a blackout that needs them.

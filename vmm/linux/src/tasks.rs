@@ -269,10 +269,19 @@ impl KernelTasks {
     pub fn user_frame_below(&self, top: u64, memory: GuestMemory<'_>) -> Option<u64> {
         let f = self.layout.user_frame;
         let at = top.checked_sub(f.size)?;
-
+        // One read of the words from the lowest of them to the highest (they are adjacent
+        // in pt_regs): each read may walk the page tables.
+        let (lo, hi) = [f.ip, f.cs, f.sp, f.ss]
+            .iter()
+            .fold((u64::MAX, 0), |(lo, hi), &o| (lo.min(o), hi.max(o)));
+        if hi.checked_add(8)? > f.size || hi - lo > 256 {
+            return None;
+        }
+        let bytes = memory.read(at.wrapping_add(lo), (hi - lo + 8) as usize)?;
         let word = |off: u64| {
-            memory
-                .read(at.wrapping_add(off), 8)
+            let i = (off - lo) as usize;
+            bytes
+                .get(i..i + 8)
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_le_bytes)
         };
@@ -578,6 +587,7 @@ mod tests {
         let user_frame = |m: &mut Words, frame: u64, cs: u64, ip: u64| {
             m.set(frame + 128, ip);
             m.set(frame + 136, cs);
+            m.set(frame + 144, 0x246);
             m.set(frame + 152, 0x7ffd_1234_5670);
             m.set(frame + 160, 0x2b);
         };
