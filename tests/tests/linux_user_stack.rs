@@ -40,6 +40,22 @@ $bb cat /tmp/spray.out
 echo "cmdline=$($bb wc -c </proc/cmdline)"
 "#;
 
+/// `op`'s result. A loaded host can make one attempt's checks through the gdbstub slow (over
+/// the time cap): that one is tried again, twice at most. Anything else that holds the patch
+/// back (a sprayer's word taken for a return address) fails the test.
+fn slow_tolerant<T>(what: &str, mut op: impl FnMut() -> Result<T, patch_engine::EngineError>) -> T {
+    for _ in 0..2 {
+        match op() {
+            Ok(t) => return t,
+            Err(patch_engine::EngineError::Busy { why, .. }) if why.contains("µs limit") => {
+                println!("{what}: slow, again: {why}");
+            }
+            Err(e) => panic!("{what}: a sprayer held the patch: {e}"),
+        }
+    }
+    op().unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 #[test]
 fn a_user_putting_kernel_addresses_on_its_stacks_cannot_hold_a_patch_back() {
     let kit = Kit::ensure();
@@ -176,9 +192,7 @@ fn a_user_putting_kernel_addresses_on_its_stacks_cannot_hold_a_patch_back() {
         .iter()
         .enumerate()
     {
-        let out = engine
-            .apply(patch)
-            .unwrap_or_else(|e| panic!("round {round}: a sprayer held the patch: {e}"));
+        let out = slow_tolerant(&format!("round {round}: apply"), || engine.apply(patch));
         assert_eq!(out.attempts, 1);
         let site = out
             .patch
@@ -208,7 +222,9 @@ fn a_user_putting_kernel_addresses_on_its_stacks_cannot_hold_a_patch_back() {
             0,
             "round {round}: the patch did not change /proc/cmdline"
         );
-        engine.revert(&out.patch.id).expect("revert");
+        slow_tolerant(&format!("round {round}: revert"), || {
+            engine.revert(&out.patch.id)
+        });
         assert_eq!(
             cmdline_len(),
             original,
